@@ -1,0 +1,1 @@
+//! warren-broker: AMQP 0-9-1 broker (see README).
