@@ -1,0 +1,113 @@
+"""Celery 5 end to end: a real worker process, tasks published with confirms, results over rpc://."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import register_log, stop_process, tail, unregister_log, _STARTED
+
+HERE = Path(__file__).resolve().parent
+
+# "plain": the worker without its broadcast features; "full": as Celery users run it by default
+# (mingle at start, gossip and heartbeat events on the celeryev topic exchange).
+WORKER_MODES = {
+    "plain": ["--without-gossip", "--without-mingle", "--without-heartbeat"],
+    "full": [],
+}
+
+
+class Worker:
+    def __init__(self, proc, log_path, hostname, queue, env):
+        self.proc, self.log_path, self.hostname, self.queue, self.env = proc, log_path, hostname, queue, env
+
+    def log(self):
+        return tail(self.log_path, max_lines=400)
+
+    def assert_healthy(self):
+        text = self.log_path.read_text("utf-8", "replace")
+        assert self.proc.poll() is None, f"celery worker exited with {self.proc.returncode}:\n{self.log()}"
+        for bad in ("Connection to broker lost", "consumer: Cannot connect", "Unrecoverable error"):
+            assert bad not in text, f"worker log says {bad!r}:\n{self.log()}"
+
+
+@pytest.fixture(scope="module", params=sorted(WORKER_MODES))
+def worker(request, _broker_session, tmp_path_factory):
+    broker = _broker_session
+    broker.assert_alive()
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"celery-{mode}")
+    queue = f"interop.celery.{mode}.{uuid.uuid4().hex[:8]}"
+    hostname = f"interop-{mode}-{uuid.uuid4().hex[:8]}@localhost"
+    env = dict(os.environ)
+    env.update(
+        WARREN_CELERY_BROKER_URL=f"pyamqp://guest:guest@{broker.host}:{broker.port}//",
+        WARREN_CELERY_QUEUE=queue,
+        PYTHONPATH=str(HERE) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
+    log_path = tmp / "worker.log"
+    cmd = [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=solo", "--concurrency=1",
+           "-Q", queue, "-n", hostname, "--loglevel=INFO", *WORKER_MODES[mode]]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=tmp, start_new_session=True)
+    _STARTED.append(proc)
+    log_name = f"celery worker ({mode}) log ({log_path})"
+    register_log(log_name, log_path)
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        text = log_path.read_text("utf-8", "replace")
+        if f"{hostname} ready." in text:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    else:
+        text = None
+    if text is None or f"{hostname} ready." not in text:
+        stop_process(proc)
+        unregister_log(log_name)
+        pytest.fail(f"celery worker ({mode}) did not become ready (exit code {proc.returncode}); "
+                    f"command {' '.join(cmd)}\nworker log:\n{tail(log_path)}\n"
+                    f"broker log:\n{tail(broker.log_path, max_lines=60)}", pytrace=False)
+    w = Worker(proc, log_path, hostname, queue, env)
+    yield w
+    code = stop_process(proc, timeout=15)
+    unregister_log(log_name)
+    print(f"celery worker ({mode}) stopped with exit code {code}")
+
+
+@pytest.fixture
+def app(_broker_session):
+    from celery_app import app as celery_app
+
+    celery_app.conf.broker_url = f"pyamqp://guest:guest@{_broker_session.host}:{_broker_session.port}//"
+    return celery_app
+
+
+@pytest.mark.timeout(90)
+def test_celery_worker_runs_tasks_and_returns_results(worker, app):
+    from celery_app import add, fail
+
+    results = [add.apply_async((i, 3), queue=worker.queue) for i in range(20)]
+    assert [r.get(timeout=30) for r in results] == [i + 3 for i in range(20)]
+    assert add.apply_async((2, 3), queue=worker.queue).get(timeout=15) == 5
+    # An exception in the task comes back through the rpc:// backend too.
+    with pytest.raises(ValueError, match="boom"):
+        fail.apply_async(("boom",), queue=worker.queue).get(timeout=15)
+    worker.assert_healthy()
+
+
+@pytest.mark.timeout(90)
+def test_celery_inspect_ping_answered_by_worker(worker):
+    cmd = [sys.executable, "-m", "celery", "-A", "celery_app", "inspect", "ping",
+           "-d", worker.hostname, "--timeout", "10"]
+    out = subprocess.run(cmd, env=worker.env, cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    assert worker.hostname in out.stdout and "pong" in out.stdout, out.stdout
+    worker.assert_healthy()
