@@ -1,0 +1,426 @@
+#!/usr/bin/env bash
+# Load balancer benchmark: warren-lb vs HAProxy (Debian package, TCP mode, nbthread 1) vs no proxy,
+# side by side in one run on this machine, loopback only.
+#
+#   bench/lb-bench.sh                 # full run, about 4 minutes
+#   DURATION=3 bench/lb-bench.sh      # quick check of the script itself
+#
+# Measures for each proxy and for a direct connection (reference): iperf3 bulk throughput with one
+# and with 8 streams, short connections per second, request/response latency on kept-alive
+# connections, and the proxy's resident memory holding ~10,000 idle proxied connections.
+# warren-lb runs twice: with its default runtime (one worker per CPU) and with one worker thread,
+# the fair match for HAProxy's nbthread 1. Prints a table with warren/HAProxy ratios and writes
+# JSON under $RESULTS. Everything it starts is stopped on exit.
+#
+# Environment (all optional):
+#   DURATION=10        seconds of each iperf3, cps and latency test
+#   CPS_CONCURRENCY=32 LATENCY_CONNECTIONS=32 SIZE=64
+#   IDLE_COUNT=10000   idle connections (lowered to fit the open-files limit) IDLE_HOLD=5
+#   TOOL_THREADS=1     worker threads of the load tool and of the echo backend
+#   RESULTS=dir        where JSON goes (default $CARGO_TARGET_DIR/lb-bench/<UTC time>)
+#   CARGO_TARGET_DIR   where the release binaries are built (default target/)
+#   SKIP_BUILD=1       use the binaries already built
+#   LB_VARIANTS="default 1"  warren-lb runtime variants: "default" and/or worker-thread counts
+#   HAPROXY_SPLICE=1   add `option splice-auto` to HAProxy (off by default: stock TCP mode)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-10}
+CPS_CONCURRENCY=${CPS_CONCURRENCY:-32}
+LATENCY_CONNECTIONS=${LATENCY_CONNECTIONS:-32}
+SIZE=${SIZE:-64}
+IDLE_COUNT=${IDLE_COUNT:-10000}
+IDLE_HOLD=${IDLE_HOLD:-5}
+TOOL_THREADS=${TOOL_THREADS:-1}
+LB_VARIANTS=${LB_VARIANTS:-default 1}
+HAPROXY_SPLICE=${HAPROXY_SPLICE:-0}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=${RESULTS:-$TARGET_DIR/lb-bench/$STAMP}
+BIN=$TARGET_DIR/release
+
+log() { printf '[lb-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for tool in iperf3 haproxy jq ss timeout; do
+    command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install iperf3 haproxy jq)"
+done
+
+# ---------------------------------------------------------------- cleanup: stop what we started
+WORK=$(mktemp -d /tmp/lb-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 0.3
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- limits
+# 2 fds per proxied connection: raise the soft limit as far as the hard limit allows.
+HARD=$(ulimit -Hn)
+[[ $HARD == unlimited ]] && HARD=1048576
+WANT=65536
+((HARD < WANT)) && WANT=$HARD
+ulimit -n "$WANT"
+NOFILE=$(ulimit -n)
+# HAProxy needs 2*maxconn+ fds and refuses to start otherwise; keep it (and the idle count) inside.
+HAPROXY_MAXCONN=20000
+(((NOFILE - 40) / 2 < HAPROXY_MAXCONN)) && HAPROXY_MAXCONN=$(((NOFILE - 40) / 2))
+IDLE=$IDLE_COUNT
+((IDLE > HAPROXY_MAXCONN - 30)) && IDLE=$((HAPROXY_MAXCONN - 30))
+if ((IDLE < IDLE_COUNT)); then
+    log "open-files limit $NOFILE (hard $HARD): idle test uses $IDLE connections, HAProxy maxconn $HAPROXY_MAXCONN"
+fi
+
+# ---------------------------------------------------------------- build
+mkdir -p "$RESULTS/raw"
+LB_OK=1
+LB_WHY=""
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building release binaries in $TARGET_DIR"
+    if ! CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p warren-lb -p warren-tcpbench \
+        --manifest-path "$ROOT/Cargo.toml" >"$RESULTS/raw/build.log" 2>&1; then
+        LB_OK=0
+        LB_WHY="warren-lb does not build (see $RESULTS/raw/build.log)"
+        CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p warren-tcpbench \
+            --manifest-path "$ROOT/Cargo.toml" >>"$RESULTS/raw/build.log" 2>&1 ||
+            die "warren-tcpbench does not build (see $RESULTS/raw/build.log)"
+    fi
+fi
+TB=$BIN/warren-tcpbench
+LB=$BIN/warren-lb
+[[ -x $TB ]] || die "no $TB"
+if ((LB_OK)) && [[ ! -x $LB ]]; then
+    LB_OK=0
+    LB_WHY="no $LB binary"
+fi
+
+# ---------------------------------------------------------------- helpers
+port_busy() { [[ -n $(ss -Htan "( sport = :$1 )" 2>/dev/null) ]]; }
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 12000)) # below the ephemeral range
+        port_busy "$p" || { echo "$p"; return 0; }
+    done
+    die "no free port found"
+}
+wait_port() { # wait until something listens on 127.0.0.1:$1
+    local i
+    for i in $(seq 1 100); do
+        [[ -n $(ss -Htln "( sport = :$1 )" 2>/dev/null) ]] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+# wait for a regex in a file and print the first capture group
+wait_line() { # file regex seconds [exclude-regex]
+    local i n=$(($3 * 20)) v
+    for i in $(seq 1 "$n"); do
+        v=$(grep -Ev "${4:-^\$}" "$1" 2>/dev/null | sed -nE "s/.*$2.*/\1/p" | head -n1)
+        [[ -n $v ]] && { echo "$v"; return 0; }
+        sleep 0.05
+    done
+    return 1
+}
+cpu_ticks() { # utime+stime of a whole process, clock ticks
+    [[ -n $1 && -r /proc/$1/stat ]] || { echo ""; return 0; }
+    awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+CLK_TCK=$(getconf CLK_TCK)
+now_s() { date +%s.%N; }
+
+# ---------------------------------------------------------------- backends
+IPERF_PORT=$(free_port)
+iperf3 -s -p "$IPERF_PORT" --bind 127.0.0.1 >"$RESULTS/raw/iperf3-server.log" 2>&1 &
+PIDS+=($!)
+wait_port "$IPERF_PORT" || die "iperf3 -s did not start (see $RESULTS/raw/iperf3-server.log)"
+IPERF_BACKEND=127.0.0.1:$IPERF_PORT
+
+"$TB" --threads "$TOOL_THREADS" echo-server --listen 127.0.0.1:0 --lifetime 20m \
+    >"$WORK/echo.out" 2>"$RESULTS/raw/echo-server.log" &
+PIDS+=($!)
+ECHO_BACKEND=$(wait_line "$WORK/echo.out" 'listening addr=(\S+)' 5) || die "echo-server did not start"
+log "backends: iperf3 $IPERF_BACKEND, echo $ECHO_BACKEND"
+
+# Targets: name -> iperf address, echo address, proxy pids (for CPU and RSS).
+NAMES=(direct)
+declare -A IPERF_ADDR=([direct]=$IPERF_BACKEND) ECHO_ADDR=([direct]=$ECHO_BACKEND)
+declare -A IPERF_PID=([direct]="") ECHO_PID=([direct]="") LABEL=([direct]="direct")
+
+# ---------------------------------------------------------------- HAProxy
+HP_IPERF=$(free_port)
+HP_ECHO=$(free_port)
+while [[ $HP_ECHO == "$HP_IPERF" ]]; do HP_ECHO=$(free_port); done
+SPLICE=""
+[[ $HAPROXY_SPLICE == 1 ]] && SPLICE="  option splice-auto"
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn $HAPROXY_MAXCONN
+
+defaults
+  mode tcp
+  maxconn $HAPROXY_MAXCONN
+  timeout client 60s
+  timeout server 60s
+  timeout connect 5s
+$SPLICE
+
+frontend fe_iperf
+  bind 127.0.0.1:$HP_IPERF
+  default_backend be_iperf
+
+backend be_iperf
+  server iperf $IPERF_BACKEND
+
+frontend fe_echo
+  bind 127.0.0.1:$HP_ECHO
+  default_backend be_echo
+
+backend be_echo
+  server echo $ECHO_BACKEND
+EOF
+cp "$WORK/haproxy.cfg" "$RESULTS/haproxy.cfg"
+haproxy -f "$WORK/haproxy.cfg" -db >"$RESULTS/raw/haproxy.log" 2>&1 &
+HP_PID=$!
+PIDS+=("$HP_PID")
+if wait_port "$HP_IPERF" && wait_port "$HP_ECHO"; then
+    NAMES+=(haproxy)
+    IPERF_ADDR[haproxy]=127.0.0.1:$HP_IPERF
+    ECHO_ADDR[haproxy]=127.0.0.1:$HP_ECHO
+    IPERF_PID[haproxy]=$HP_PID
+    ECHO_PID[haproxy]=$HP_PID
+    LABEL[haproxy]="haproxy"
+    log "haproxy (pid $HP_PID): iperf ${IPERF_ADDR[haproxy]}, echo ${ECHO_ADDR[haproxy]}"
+else
+    log "HAProxy did not start: $(tail -n 3 "$RESULTS/raw/haproxy.log")"
+fi
+
+# ---------------------------------------------------------------- warren-lb
+# One process per listener with the one-listener flags (what every warren-lb build offers); the
+# single-worker variant uses --threads if the binary has it, else the tokio runtime's
+# TOKIO_WORKER_THREADS. The bound address is read from stderr (docs/CONTRACTS.md).
+LB_THREADS_HOW=""
+if ((LB_OK)); then
+    LB_HELP=$("$LB" --help 2>&1 || true)
+    if grep -q -- '--threads' <<<"$LB_HELP"; then LB_THREADS_HOW="--threads"; else LB_THREADS_HOW="TOKIO_WORKER_THREADS"; fi
+fi
+LB_PID=""
+LB_ADDR=""
+start_lb() { # log-name backend threads; sets LB_PID and LB_ADDR
+    local name=$1 backend=$2 threads=$3 args=() envs=()
+    args=(--listen 127.0.0.1:0 --backend "$backend")
+    if [[ $threads != default ]]; then
+        if [[ $LB_THREADS_HOW == --threads ]]; then args+=(--threads "$threads"); else envs=(TOKIO_WORKER_THREADS="$threads"); fi
+    fi
+    env "${envs[@]}" RUST_LOG=info "$LB" "${args[@]}" >/dev/null 2>"$RESULTS/raw/$name.log" &
+    LB_PID=$!
+    PIDS+=("$LB_PID")
+    LB_ADDR=$(wait_line "$RESULTS/raw/$name.log" 'listening listener=[^ ]+ addr=([0-9.:]+)' 5 'listener=admin')
+}
+if ((LB_OK)); then
+    for v in $LB_VARIANTS; do
+        name=warren-lb
+        [[ $v != default ]] && name=warren-lb-${v}t
+        if start_lb "$name-iperf" "$IPERF_BACKEND" "$v" && a="$LB_PID $LB_ADDR" &&
+            start_lb "$name-echo" "$ECHO_BACKEND" "$v" && b="$LB_PID $LB_ADDR"; then
+            NAMES+=("$name")
+            IPERF_PID[$name]=${a%% *}
+            IPERF_ADDR[$name]=${a#* }
+            ECHO_PID[$name]=${b%% *}
+            ECHO_ADDR[$name]=${b#* }
+            LABEL[$name]=$name
+            log "$name (threads $v via ${LB_THREADS_HOW:-default}): iperf ${IPERF_ADDR[$name]} (pid ${IPERF_PID[$name]}), echo ${ECHO_ADDR[$name]} (pid ${ECHO_PID[$name]})"
+        else
+            LB_OK=0
+            LB_WHY="warren-lb did not report a listening address: $(tail -n 3 "$RESULTS/raw/$name-iperf.log" "$RESULTS/raw/$name-echo.log" 2>/dev/null | tr '\n' ' ')"
+            break
+        fi
+    done
+fi
+if ((!LB_OK)); then
+    log "warren-lb UNAVAILABLE: $LB_WHY"
+fi
+
+# ---------------------------------------------------------------- checks: every target echoes
+for n in "${NAMES[@]}"; do
+    if ! timeout 20 "$TB" idle --target "${ECHO_ADDR[$n]}" --count 4 --hold 0s --json >"$WORK/check.json" 2>/dev/null ||
+        [[ $(jq -r '.alive_after_hold' "$WORK/check.json") != 4 ]]; then
+        log "$n does not proxy the echo backend correctly: $(cat "$WORK/check.json" 2>/dev/null)"
+        [[ $n == direct ]] && die "echo backend broken"
+    fi
+done
+
+# ---------------------------------------------------------------- measurements
+declare -A M # "name metric" -> value
+TSV=$RESULTS/metrics.tsv
+: >"$TSV"
+put() { M["$1 $2"]=$3; printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$TSV"; }
+
+# run "$@" while sampling the CPU time of proxy pid $1 (name, metric prefix follow)
+with_cpu() { # pid name key cmd...
+    local pid=$1 name=$2 key=$3 t0 t1 c0 c1
+    shift 3
+    c0=$(cpu_ticks "$pid")
+    t0=$(now_s)
+    "$@"
+    t1=$(now_s)
+    c1=$(cpu_ticks "$pid")
+    if [[ -n $c0 && -n $c1 ]]; then
+        put "$name" "${key}_proxy_cpu_pct" "$(awk -v a="$c0" -v b="$c1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" \
+            'BEGIN { printf "%.0f", (b - a) / hz / (t1 - t0) * 100 }')"
+    fi
+}
+
+iperf_test() { # name streams
+    local n=$1 p=$2 out=$RESULTS/raw/$1-iperf-P$2.json addr=${IPERF_ADDR[$1]}
+    timeout $((DURATION + 30)) iperf3 -c "${addr%:*}" -p "${addr##*:}" -t "$DURATION" -P "$p" -J >"$out" 2>&1 || true
+    local bps
+    bps=$(jq -r '.end.sum_received.bits_per_second // empty' "$out" 2>/dev/null || true)
+    if [[ -n $bps ]]; then
+        put "$n" "iperf_P${p}_gbps" "$(awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }')"
+        log "$n iperf3 -P $p: $(awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }') Gbit/s"
+    else
+        log "$n iperf3 -P $p failed: $(jq -r '.error // empty' "$out" 2>/dev/null | head -c 200)"
+    fi
+}
+
+cps_test() {
+    local n=$1 out=$RESULTS/raw/$1-cps.json
+    timeout $((DURATION + 30)) "$TB" --threads "$TOOL_THREADS" --json cps --target "${ECHO_ADDR[$n]}" \
+        --duration "${DURATION}s" --concurrency "$CPS_CONCURRENCY" --size "$SIZE" >"$out" 2>/dev/null || true
+    if jq -e .conn_per_s "$out" >/dev/null 2>&1; then
+        put "$n" cps "$(jq -r '.conn_per_s | floor' "$out")"
+        put "$n" cps_errors "$(jq -r '.errors.total' "$out")"
+        log "$n cps: $(jq -r '"\(.conn_per_s | floor) conn/s, errors \(.errors.total)"' "$out")"
+    else
+        log "$n cps failed"
+    fi
+}
+
+latency_test() {
+    local n=$1 out=$RESULTS/raw/$1-latency.json
+    timeout $((DURATION + 30)) "$TB" --threads "$TOOL_THREADS" --json latency --target "${ECHO_ADDR[$n]}" \
+        --duration "${DURATION}s" --connections "$LATENCY_CONNECTIONS" --size "$SIZE" >"$out" 2>/dev/null || true
+    if jq -e .latency_us "$out" >/dev/null 2>&1; then
+        put "$n" rps "$(jq -r '.req_per_s | floor' "$out")"
+        put "$n" p50_us "$(jq -r '.latency_us.p50 * 10 | round / 10' "$out")"
+        put "$n" p99_us "$(jq -r '.latency_us.p99 * 10 | round / 10' "$out")"
+        put "$n" p999_us "$(jq -r '.latency_us.p999 * 10 | round / 10' "$out")"
+        put "$n" latency_errors "$(jq -r '.errors.total' "$out")"
+        log "$n latency: $(jq -r '"\(.req_per_s | floor) req/s p50 \(.latency_us.p50)us p99 \(.latency_us.p99)us errors \(.errors.total)"' "$out")"
+    else
+        log "$n latency failed"
+    fi
+}
+
+idle_test() {
+    local n=$1 out=$RESULTS/raw/$1-idle.json pid=${ECHO_PID[$1]}
+    timeout $((IDLE_HOLD + 90)) "$TB" --threads "$TOOL_THREADS" --json idle --target "${ECHO_ADDR[$n]}" \
+        --count "$IDLE" --hold "${IDLE_HOLD}s" --size "$SIZE" --rss-pid "$pid" \
+        >"$out" 2>"$RESULTS/raw/$n-idle.log" || true
+    if jq -e .rss_held_kib "$out" >/dev/null 2>&1; then
+        put "$n" idle_established "$(jq -r .established "$out")"
+        put "$n" idle_alive "$(jq -r .alive_after_hold "$out")"
+        put "$n" rss_before_mib "$(jq -r '.rss_before_kib / 1024 * 10 | round / 10' "$out")"
+        put "$n" rss_idle_mib "$(jq -r '.rss_held_kib / 1024 * 10 | round / 10' "$out")"
+        put "$n" rss_peak_mib "$(jq -r '[.rss_established_kib, .rss_held_kib] | max / 1024 * 10 | round / 10' "$out")"
+        put "$n" kib_per_conn "$(jq -r '.per_conn_kib * 10 | round / 10' "$out")"
+        # linear estimate at exactly 10,000 connections when the fd limit forced fewer
+        put "$n" rss_10k_mib "$(jq -r '(.rss_before_kib + .per_conn_kib * 10000) / 1024 * 10 | round / 10' "$out")"
+        log "$n idle: $(jq -r '"\(.established) established, \(.alive_after_hold) alive after hold, RSS \(.rss_before_kib / 1024 | floor) -> \(.rss_held_kib / 1024 | floor) MiB (\(.per_conn_kib * 10 | round / 10) KiB/conn)"' "$out")"
+    else
+        log "$n idle failed: $(tail -n 2 "$RESULTS/raw/$n-idle.log")"
+    fi
+}
+
+UPTIME_START=$(uptime)
+log "start: $UPTIME_START"
+T_START=$(date +%s)
+# Test-major order: every target runs one test before the next test starts, so a change in the
+# background load hits all targets alike.
+for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
+for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
+for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
+for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n"; done
+for n in "${NAMES[@]}"; do [[ $n != direct ]] && idle_test "$n"; done
+UPTIME_END=$(uptime)
+log "end: $UPTIME_END ($(($(date +%s) - T_START))s of measurements)"
+
+# ---------------------------------------------------------------- report
+ALL=(direct haproxy)
+for v in $LB_VARIANTS; do
+    if [[ $v == default ]]; then ALL+=(warren-lb); else ALL+=("warren-lb-${v}t"); fi
+done
+LBS=("${ALL[@]:2}")
+
+ROWS=(
+    "iperf_P1_gbps|iperf3 1 stream, Gbit/s|>= 1.3x"
+    "iperf_P8_gbps|iperf3 8 streams, Gbit/s|>= 1.3x"
+    "cps|short connections/s|>= 1x"
+    "rps|req/s (${LATENCY_CONNECTIONS} conns, 1 outstanding)|"
+    "p50_us|latency p50, us|<= 1x"
+    "p99_us|latency p99, us|<= 1x"
+    "p999_us|latency p99.9, us|"
+    "rss_before_mib|RSS at start, MiB|"
+    "rss_idle_mib|RSS with $IDLE idle conns, MiB|"
+    "kib_per_conn|RSS per idle conn, KiB|"
+    "rss_10k_mib|RSS est. at 10,000 conns, MiB|< 150 MB"
+    "iperf_P1_proxy_cpu_pct|proxy CPU % (iperf3 1 stream)|"
+    "iperf_P8_proxy_cpu_pct|proxy CPU % (iperf3 8 streams)|"
+    "cps_proxy_cpu_pct|proxy CPU % (cps)|"
+    "latency_proxy_cpu_pct|proxy CPU % (latency)|"
+)
+val() { echo "${M["$1 $2"]:--}"; }
+ratio() { # lb haproxy
+    local a=$1 b=$2
+    if [[ $a == - || $b == - ]]; then echo -; else awk -v a="$a" -v b="$b" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; fi
+}
+{
+    printf '%-34s' "metric"
+    for n in "${ALL[@]}"; do printf '%16s' "$n"; done
+    for n in "${LBS[@]}"; do printf '%16s' "${n#warren-}/hap"; done
+    printf '  %s\n' "target"
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r key title target <<<"$row"
+        printf '%-34s' "$title"
+        for n in "${ALL[@]}"; do printf '%16s' "$(val "$n" "$key")"; done
+        for n in "${LBS[@]}"; do printf '%16s' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
+        printf '  %s\n' "$target"
+    done
+} | tee "$RESULTS/table.txt"
+((LB_OK)) || echo "warren-lb UNAVAILABLE: $LB_WHY" | tee -a "$RESULTS/table.txt"
+
+jq -n -R \
+    --arg date "$STAMP" \
+    --arg nproc "$(nproc)" \
+    --arg cpu "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)" \
+    --arg kernel "$(uname -r)" \
+    --arg haproxy "$(haproxy -v 2>&1 | head -n1)" \
+    --arg iperf3 "$(iperf3 --version 2>&1 | head -n1)" \
+    --arg rev "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --arg uptime_start "$UPTIME_START" --arg uptime_end "$UPTIME_END" \
+    --arg duration "$DURATION" --arg idle "$IDLE" --arg nofile "$NOFILE" \
+    --arg haproxy_maxconn "$HAPROXY_MAXCONN" --arg lb_ok "$LB_OK" --arg lb_why "$LB_WHY" \
+    --arg lb_threads_how "$LB_THREADS_HOW" --arg tool_threads "$TOOL_THREADS" \
+    --arg cps_conc "$CPS_CONCURRENCY" --arg lat_conns "$LATENCY_CONNECTIONS" --arg size "$SIZE" \
+    '{
+      date: $date, nproc: ($nproc | tonumber), cpu: $cpu, kernel: $kernel, haproxy: $haproxy,
+      iperf3: $iperf3, git: $rev, uptime_start: $uptime_start, uptime_end: $uptime_end,
+      settings: { duration_s: ($duration | tonumber), idle_connections: ($idle | tonumber),
+                  nofile: ($nofile | tonumber), haproxy_maxconn: ($haproxy_maxconn | tonumber),
+                  tool_threads: ($tool_threads | tonumber), cps_concurrency: ($cps_conc | tonumber),
+                  latency_connections: ($lat_conns | tonumber), size: ($size | tonumber),
+                  warren_lb_threads_via: $lb_threads_how },
+      warren_lb_available: ($lb_ok == "1"), warren_lb_unavailable_reason: $lb_why,
+      results: ([inputs | split("\t") | {t: .[0], k: .[1], v: (.[2] | tonumber? // .)}]
+                | group_by(.t) | map({key: .[0].t, value: (map({key: .k, value: .v}) | from_entries)})
+                | from_entries)
+    }' <"$TSV" >"$RESULTS/summary.json"
+log "results: $RESULTS (summary.json, table.txt, raw/)"
