@@ -1,1 +1,305 @@
-//! warren-lb
+//! warren-lb: an ELB-equivalent TCP load balancer.
+//!
+//! Entry point for tests and `main.rs` alike: [`Lb::bind`] binds every socket of a [`Config`]
+//! (failing before anything is served), [`Bound::run`] serves until a `CancellationToken` fires and
+//! then drains. [`Handle`] reloads a configuration into a running instance.
+//!
+//! # Layout
+//! - `config`: TOML schema, defaults, humane durations, validation.
+//! - `listener`: one listener's accept loop, connection registry and connection life cycle.
+//! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
+//! - `stream`: plain/TLS stream enums with access to the TCP socket (for RST closes).
+//! - `backend::pool`: backend membership, draining, fail open.
+//! - `backend::select`: the selection trait, round robin / least-conn / random.
+//! - `backend::health`: tcp / http / amqp checks and ELB thresholds.
+//! - `proxy_protocol`: PROXY v1/v2 header encoders (pure).
+//! - `tls`: rustls acceptor (termination) and connector (to backends).
+//! - `admin`: the HTTP/1.1 JSON admin API, `/metrics`, `/events`.
+//! - `events`: the event ring buffer and broadcast.
+//! - `metrics`: metric names and the Prometheus recorder.
+//! - `shutdown`: graceful drain and signal handling.
+
+pub mod admin;
+pub mod backend;
+pub mod config;
+pub mod events;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod proxy_protocol;
+pub mod shutdown;
+pub mod stream;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+use config::ValidationError;
+use events::{Event, EventBus};
+use listener::{ListenerState, Rt, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ValidationError),
+    #[error("listener `{name}`: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener `{name}`: {source}")]
+    Tls { name: String, source: tls::TlsError },
+}
+
+/// State shared by the listeners, the admin API and reload.
+pub struct Shared {
+    pub(crate) rt: Rt,
+    pub(crate) listeners: Mutex<Vec<Arc<ListenerState>>>,
+    pub(crate) prom: Option<PrometheusHandle>,
+    pub(crate) admin_addr: Option<SocketAddr>,
+}
+
+impl Shared {
+    pub fn listeners(&self) -> Vec<Arc<ListenerState>> {
+        self.listeners.lock().clone()
+    }
+
+    pub fn listener(&self, name: &str) -> Option<Arc<ListenerState>> {
+        self.listeners
+            .lock()
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.rt.events
+    }
+}
+
+/// Namespace of the entry point.
+pub struct Lb;
+
+impl Lb {
+    /// Validates `config`, loads TLS material and binds every listener and the admin API.
+    /// Nothing is served until [`Bound::run`].
+    pub async fn bind(config: Config) -> Result<Bound, LbError> {
+        config.validate()?;
+        let prom = metrics::install();
+        let rt = Rt {
+            events: Arc::new(EventBus::new()),
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            hard: CancellationToken::new(),
+            next_conn: Arc::new(AtomicU64::new(0)),
+        };
+        let mut snaps = Vec::new();
+        for l in &config.listeners {
+            let snap = Snapshot::build(l.clone()).map_err(|source| LbError::Tls {
+                name: l.name.clone(),
+                source,
+            })?;
+            snaps.push(snap);
+        }
+        let mut pending = Vec::new();
+        for snap in snaps {
+            let (tcp, addr) = bind_tcp(&snap.cfg.name, snap.cfg.bind)?;
+            tracing::info!(listener = %snap.cfg.name, addr = %addr, "listening");
+            pending.push((ListenerState::new(snap, addr, rt.clone()), tcp));
+        }
+        let admin = match &config.admin {
+            Some(a) => {
+                let (tcp, addr) = bind_tcp("admin", a.listen)?;
+                tracing::info!(listener = %"admin", addr = %addr, "listening");
+                Some((tcp, addr))
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            rt,
+            listeners: Mutex::new(pending.iter().map(|(l, _)| l.clone()).collect()),
+            prom,
+            admin_addr: admin.as_ref().map(|(_, a)| *a),
+        });
+        Ok(Bound {
+            shared,
+            pending,
+            admin: admin.map(|(t, _)| t),
+        })
+    }
+}
+
+fn bind_tcp(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), LbError> {
+    let err = |source| LbError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    sock.set_nodelay(true).map_err(err)?;
+    sock.bind(addr).map_err(err)?;
+    let l = sock.listen(4096).map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
+}
+
+/// Sockets bound, not yet served.
+pub struct Bound {
+    shared: Arc<Shared>,
+    pending: Vec<(Arc<ListenerState>, TcpListener)>,
+    admin: Option<TcpListener>,
+}
+
+impl Bound {
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.listener(name).map(|l| l.addr)
+    }
+
+    /// Every listener's name and bound address.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.shared
+            .listeners()
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.shared.admin_addr
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, drains live connections up to the
+    /// longest `drain_timeout`, closes what is left and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Bound {
+            shared,
+            pending,
+            admin,
+        } = self;
+        for (ls, tcp) in pending {
+            ls.start(tcp);
+        }
+        let admin_task = admin.map(|a| tokio::spawn(admin::serve(a, shared.clone())));
+        if let Some(h) = shared.prom.clone() {
+            let stop = shared.rt.stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => h.run_upkeep(),
+                    }
+                }
+            });
+        }
+        shutdown.cancelled().await;
+        shutdown::drain(&shared).await;
+        if let Some(t) = admin_task {
+            t.abort();
+        }
+    }
+}
+
+/// Control of a running instance (reload, addresses).
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.listener(name).map(|l| l.addr)
+    }
+
+    /// Applies a new configuration without dropping established connections: listeners are added
+    /// and removed (a removed one stops accepting, its connections drain), settings replaced,
+    /// backends replaced (removed ones drain). A listener whose `bind` changed is rebound.
+    /// The admin address cannot change without a restart. On error nothing is applied.
+    pub async fn reload(&self, config: Config) -> Result<(), LbError> {
+        config.validate()?;
+        let mut snaps = Vec::new();
+        for l in &config.listeners {
+            let snap = Snapshot::build(l.clone()).map_err(|source| LbError::Tls {
+                name: l.name.clone(),
+                source,
+            })?;
+            snaps.push(snap);
+        }
+        let current = self.shared.listeners();
+        // Bind new sockets first, so a failed bind leaves the old configuration in place.
+        let mut plan = Vec::new();
+        for snap in snaps {
+            let same = current
+                .iter()
+                .find(|l| l.name == snap.cfg.name && l.snapshot().cfg.bind == snap.cfg.bind)
+                .cloned();
+            match same {
+                Some(ls) => plan.push((snap, Some(ls), None)),
+                None => {
+                    let (tcp, addr) = bind_tcp(&snap.cfg.name, snap.cfg.bind)?;
+                    plan.push((snap, None, Some((tcp, addr))));
+                }
+            }
+        }
+        let mut next = Vec::new();
+        for (snap, existing, bound) in plan {
+            match (existing, bound) {
+                (Some(ls), _) => {
+                    ls.update(snap);
+                    next.push(ls);
+                }
+                (None, Some((tcp, addr))) => {
+                    let name = snap.cfg.name.clone();
+                    tracing::info!(listener = %name, addr = %addr, "listening");
+                    let ls = ListenerState::new(snap, addr, self.shared.rt.clone());
+                    ls.start(tcp);
+                    self.shared
+                        .events()
+                        .emit(Event::new(&name, "listener_added"));
+                    next.push(ls);
+                }
+                (None, None) => {}
+            }
+        }
+        for old in &current {
+            if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                old.retire();
+            }
+        }
+        *self.shared.listeners.lock() = next;
+        if config.admin.as_ref().map(|a| a.listen) != self.shared.admin_addr
+            && config.admin.as_ref().is_some_and(|a| a.listen.port() != 0)
+        {
+            tracing::warn!("the admin address changes only on restart");
+        }
+        tracing::info!(listeners = config.listeners.len(), "configuration reloaded");
+        Ok(())
+    }
+}

@@ -1,1 +1,177 @@
-fn main() {}
+//! warren-lb: parse the CLI, load the configuration, start logging, bind, run; map errors to exit
+//! codes. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use warren_lb::config::{parse_duration, Config};
+use warren_lb::shutdown::{watch_signals, Signal};
+use warren_lb::Lb;
+
+/// ELB-equivalent TCP load balancer.
+#[derive(Parser, Debug)]
+#[command(name = "warren-lb", version)]
+struct Cli {
+    /// Configuration file (TOML); SIGHUP reloads it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate FILE and exit: 0 if valid, 1 with a message if not.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen"])]
+    check_config: Option<PathBuf>,
+    /// One listener without a file: the address to listen on.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "config",
+        requires = "backend"
+    )]
+    listen: Option<SocketAddr>,
+    /// Backend `host:port` for --listen (repeat).
+    #[arg(long, value_name = "HOST:PORT")]
+    backend: Vec<String>,
+    /// Idle timeout for --listen (default 60s).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Reset every live connection of the --listen listener every DUR (RST).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    reset_every: Option<Duration>,
+    /// Admin API address (overrides [admin] listen).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Worker threads (overrides [runtime] threads; default one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the chaos RNG (overrides [chaos] seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax); default RUST_LOG or "info".
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn init_tracing(filter: Option<&str>) {
+    use std::io::IsTerminal;
+    let filter = match filter {
+        Some(f) => tracing_subscriber::EnvFilter::new(f),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = if let Some(path) = &cli.config {
+        Config::load(path)?
+    } else if let Some(listen) = cli.listen {
+        Config::single_listener(
+            listen,
+            cli.backend.clone(),
+            cli.idle_timeout,
+            cli.reset_every,
+            cli.admin,
+        )?
+    } else {
+        anyhow::bail!("nothing to do: give --config FILE, or --listen ADDR --backend HOST:PORT");
+    };
+    apply_overrides(cli, &mut cfg);
+    Ok(cfg)
+}
+
+fn apply_overrides(cli: &Cli, cfg: &mut Config) {
+    if let Some(a) = cli.admin {
+        cfg.admin = Some(warren_lb::config::AdminConfig { listen: a });
+    }
+    if let Some(t) = cli.threads {
+        cfg.runtime.threads = Some(t);
+    }
+    if let Some(s) = cli.seed {
+        cfg.chaos.seed = Some(s);
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} listener{})",
+                    path.display(),
+                    cfg.listeners.len(),
+                    if cfg.listeners.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_tracing(cli.log.as_deref());
+    let cfg = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli, cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(t) = cfg.runtime.threads {
+        builder.worker_threads(t.max(1));
+    }
+    let rt = builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let bound = Lb::bind(cfg).await?;
+        let handle = bound.handle();
+        let shutdown = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let sig = tokio::spawn(watch_signals(shutdown.clone(), tx));
+        let path = cli.config.clone();
+        tokio::spawn(async move {
+            while let Some(Signal::Reload) = rx.recv().await {
+                let Some(path) = &path else {
+                    tracing::warn!("SIGHUP ignored: no --config file to reload");
+                    continue;
+                };
+                match Config::load(path) {
+                    Ok(mut cfg) => {
+                        apply_overrides(&cli, &mut cfg);
+                        if let Err(e) = handle.reload(cfg).await {
+                            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                    }
+                }
+            }
+        });
+        bound.run(shutdown).await;
+        sig.abort();
+        Ok(())
+    })
+}

@@ -1,0 +1,839 @@
+//! Configuration: the TOML schema of `lb.md`, its defaults and its validation.
+//!
+//! Layering is defaults -> TOML file -> CLI flags. Parsing ([`Config::from_toml_str`]) is
+//! separate from reading the file ([`Config::load`]) so tests and the admin API can feed text
+//! directly. Every struct denies unknown keys: a misspelt key is an error naming the key, never a
+//! silently ignored setting.
+//!
+//! Fault rules (`[[listener.fault]]`) and `[chaos] seed` are part of the schema and stored as
+//! structured data; the periodic `reset` rule (`every = DUR`) is acted on by the listener, the other
+//! kinds are kept for the chaos engine.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one warren-lb process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Admin API; absent means no admin API.
+    pub admin: Option<AdminConfig>,
+    /// `[[listener]]` tables.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    pub chaos: ChaosConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChaosConfig {
+    /// Seed of the one RNG every random fault decision comes from.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the tokio runtime; absent = one per CPU.
+    pub threads: Option<usize>,
+}
+
+/// One `[[listener]]`: a bound address in front of a backend pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// `host:port` strings; IP literals are connected to directly, names are resolved per connect.
+    pub backends: Vec<String>,
+    pub balance: Balance,
+    #[serde(with = "dur")]
+    pub idle_timeout: Duration,
+    pub idle_close: CloseStyle,
+    #[serde(with = "dur")]
+    pub connect_timeout: Duration,
+    #[serde(with = "dur")]
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub proxy_protocol: ProxyProtocol,
+    pub tls: Option<TlsServerConfig>,
+    pub backend_tls: Option<TlsClientConfig>,
+    pub health: HealthConfig,
+    #[serde(rename = "fault", skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<FaultRule>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            backends: Vec::new(),
+            balance: Balance::RoundRobin,
+            idle_timeout: Duration::from_secs(60),
+            idle_close: CloseStyle::Fin,
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            proxy_protocol: ProxyProtocol::Off,
+            tls: None,
+            backend_tls: None,
+            health: HealthConfig::default(),
+            faults: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    Random,
+}
+
+/// How a connection is closed (idle expiry, drain, reset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloseStyle {
+    /// Orderly close (FIN) of both sides.
+    #[default]
+    Fin,
+    /// Abortive close (RST, SO_LINGER 0) of both sides.
+    Rst,
+    /// Stop forwarding and hold both sockets open until a peer goes.
+    Drop,
+    /// Close only one side (chaos engine).
+    Half,
+}
+
+impl CloseStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseStyle::Fin => "fin",
+            CloseStyle::Rst => "rst",
+            CloseStyle::Drop => "drop",
+            CloseStyle::Half => "half",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsServerConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientConfig {
+    /// PEM file of the CA(s) that sign the backends' certificates.
+    pub ca: PathBuf,
+    /// Name to verify; absent = the host part of each backend address.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    #[default]
+    Tcp,
+    Http,
+    Amqp,
+}
+
+impl HealthCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthCheck::Tcp => "tcp",
+            HealthCheck::Http => "http",
+            HealthCheck::Amqp => "amqp",
+        }
+    }
+}
+
+/// `[listener.health]`, with the Classic ELB defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    pub path: String,
+    #[serde(with = "dur")]
+    pub interval: Duration,
+    #[serde(with = "dur")]
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            check: HealthCheck::Tcp,
+            path: "/".to_string(),
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            healthy_threshold: 10,
+            unhealthy_threshold: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    Reset,
+    Latency,
+    Bandwidth,
+    Slicer,
+    LimitData,
+    Timeout,
+    SlowClose,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Upstream,
+    Downstream,
+    #[default]
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Client,
+    Backend,
+    #[default]
+    Both,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+            Side::Both => "both",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InFlight {
+    #[default]
+    Drop,
+    Flush,
+}
+
+/// `rate` is "1/min" for `reset` and a number (KB/s) for `bandwidth`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Rate {
+    Number(f64),
+    Text(String),
+}
+
+/// One `[[listener.fault]]` rule, stored as written (see "Chaos engine" in the spec).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRule {
+    pub name: String,
+    pub kind: FaultKind,
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default = "one")]
+    pub toxicity: f64,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub every: Option<Duration>,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<Duration>,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_amqp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nth: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<CloseStyle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<Side>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_variation: Option<u64>,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, with = "opt_dur", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl FaultRule {
+    /// The periodic reset rule that `--reset-every DUR` stands for.
+    pub fn reset_every(every: Duration) -> Self {
+        Self {
+            name: "reset-every".to_string(),
+            kind: FaultKind::Reset,
+            direction: Direction::Both,
+            toxicity: 1.0,
+            enabled: true,
+            every: Some(every),
+            jitter: None,
+            lifetime: None,
+            rate: None,
+            after_bytes: None,
+            on_amqp: None,
+            nth: None,
+            probability: None,
+            style: Some(CloseStyle::Rst),
+            side: None,
+            in_flight: None,
+            latency: None,
+            average_size: None,
+            size_variation: None,
+            delay: None,
+            bytes: None,
+            timeout: None,
+        }
+    }
+}
+
+/// Reading or parsing failed, or the values are inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: {source}")]
+    Invalid {
+        origin: String,
+        source: ValidationError,
+    },
+}
+
+/// A value that parses but makes no sense.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("no [[listener]] configured")]
+    NoListeners,
+    #[error("a listener has an empty name")]
+    EmptyName,
+    #[error("listener name `{0}` is used more than once")]
+    DuplicateListener(String),
+    #[error("listener `{0}` is named `admin`, which is reserved for the admin API")]
+    ReservedName(String),
+    #[error("listener `{0}` has no backends")]
+    NoBackends(String),
+    #[error("listener `{listener}`: backend `{addr}` is not host:port")]
+    BadBackend { listener: String, addr: String },
+    #[error("listener `{listener}`: backend `{addr}` is listed twice")]
+    DuplicateBackend { listener: String, addr: String },
+    #[error("listener `{listener}`: idle_timeout {value} is outside 1s..3600s")]
+    IdleTimeout { listener: String, value: String },
+    #[error("listener `{listener}`: {key} must be greater than zero")]
+    Zero { listener: String, key: &'static str },
+    #[error(
+        "listener `{listener}`: idle_close = \"half\" is not an idle behaviour (fin | rst | drop)"
+    )]
+    HalfIdleClose { listener: String },
+    #[error("listener `{listener}`: health.path must start with `/`")]
+    HealthPath { listener: String },
+    #[error("listener `{listener}`: fault rule name `{rule}` is used more than once")]
+    DuplicateFault { listener: String, rule: String },
+    #[error("listener `{listener}`: fault rule `{rule}`: {problem}")]
+    BadFault {
+        listener: String,
+        rule: String,
+        problem: String,
+    },
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Parses TOML text; `origin` only labels error messages (a path, or "<inline>").
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_named(text, "<config>")
+    }
+
+    fn parse_named(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate().map_err(|source| ConfigError::Invalid {
+            origin: origin.to_string(),
+            source,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_named(&text, &path.display().to_string())
+    }
+
+    /// The one-listener configuration of the `--listen/--backend` command line.
+    pub fn single_listener(
+        bind: SocketAddr,
+        backends: Vec<String>,
+        idle_timeout: Option<Duration>,
+        reset_every: Option<Duration>,
+        admin: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let mut listener = ListenerConfig {
+            name: "default".to_string(),
+            bind,
+            backends,
+            ..ListenerConfig::default()
+        };
+        if let Some(idle) = idle_timeout {
+            listener.idle_timeout = idle;
+        }
+        if let Some(every) = reset_every {
+            listener.faults.push(FaultRule::reset_every(every));
+        }
+        let cfg = Config {
+            admin: admin.map(|listen| AdminConfig { listen }),
+            listeners: vec![listener],
+            ..Config::default()
+        };
+        cfg.validate().map_err(|source| ConfigError::Invalid {
+            origin: "command line".to_string(),
+            source,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges, uniqueness, non-empty lists.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.listeners.is_empty() {
+            return Err(ValidationError::NoListeners);
+        }
+        let mut names = HashSet::new();
+        for l in &self.listeners {
+            if l.name.is_empty() {
+                return Err(ValidationError::EmptyName);
+            }
+            if l.name == "admin" {
+                return Err(ValidationError::ReservedName(l.name.clone()));
+            }
+            if !names.insert(l.name.as_str()) {
+                return Err(ValidationError::DuplicateListener(l.name.clone()));
+            }
+            l.validate()?;
+        }
+        Ok(())
+    }
+}
+
+// === impl ListenerConfig ===
+
+impl ListenerConfig {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let name = || self.name.clone();
+        if self.backends.is_empty() {
+            return Err(ValidationError::NoBackends(name()));
+        }
+        validate_backends(&self.name, &self.backends)?;
+        if self.idle_timeout < Duration::from_secs(1)
+            || self.idle_timeout > Duration::from_secs(3600)
+        {
+            return Err(ValidationError::IdleTimeout {
+                listener: name(),
+                value: humantime::format_duration(self.idle_timeout).to_string(),
+            });
+        }
+        if self.idle_close == CloseStyle::Half {
+            return Err(ValidationError::HalfIdleClose { listener: name() });
+        }
+        let zero = |key| ValidationError::Zero {
+            listener: name(),
+            key,
+        };
+        if self.connect_timeout.is_zero() {
+            return Err(zero("connect_timeout"));
+        }
+        if self.max_connections == 0 {
+            return Err(zero("max_connections"));
+        }
+        let h = &self.health;
+        if h.interval.is_zero() {
+            return Err(zero("health.interval"));
+        }
+        if h.timeout.is_zero() {
+            return Err(zero("health.timeout"));
+        }
+        if h.healthy_threshold == 0 {
+            return Err(zero("health.healthy_threshold"));
+        }
+        if h.unhealthy_threshold == 0 {
+            return Err(zero("health.unhealthy_threshold"));
+        }
+        if !h.path.starts_with('/') {
+            return Err(ValidationError::HealthPath { listener: name() });
+        }
+        let mut rules = HashSet::new();
+        for r in &self.faults {
+            let bad = |problem: &str| ValidationError::BadFault {
+                listener: name(),
+                rule: r.name.clone(),
+                problem: problem.to_string(),
+            };
+            if r.name.is_empty() {
+                return Err(bad("empty name"));
+            }
+            if !rules.insert(r.name.as_str()) {
+                return Err(ValidationError::DuplicateFault {
+                    listener: name(),
+                    rule: r.name.clone(),
+                });
+            }
+            if !(0.0..=1.0).contains(&r.toxicity) {
+                return Err(bad("toxicity must be within 0..1"));
+            }
+            if let Some(p) = r.probability {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(bad("probability must be within 0..1"));
+                }
+            }
+            if r.every.is_some_and(|d| d.is_zero()) {
+                return Err(bad("every must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Backend addresses must be `host:port` and unique within a listener.
+pub fn validate_backends(listener: &str, backends: &[String]) -> Result<(), ValidationError> {
+    let mut seen = HashSet::new();
+    for addr in backends {
+        if !is_host_port(addr) {
+            return Err(ValidationError::BadBackend {
+                listener: listener.to_string(),
+                addr: addr.clone(),
+            });
+        }
+        if !seen.insert(addr.as_str()) {
+            return Err(ValidationError::DuplicateBackend {
+                listener: listener.to_string(),
+                addr: addr.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn is_host_port(s: &str) -> bool {
+    if s.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(':')
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
+/// Serde helper for humane durations (`250ms`, `30s`, `5m`).
+pub mod dur {
+    use super::*;
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(DurVisitor)
+    }
+
+    pub(super) struct DurVisitor;
+
+    impl de::Visitor<'_> for DurVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a duration such as \"250ms\", \"30s\" or \"5m\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            humantime::parse_duration(v.trim())
+                .map_err(|e| E::custom(format!("invalid duration `{v}`: {e}")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            if v == 0 {
+                Ok(Duration::ZERO)
+            } else {
+                Err(E::custom(format!(
+                    "duration {v} has no unit; write it as a string such as \"{v}s\""
+                )))
+            }
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+    }
+}
+
+/// Serde helper for optional humane durations.
+pub mod opt_dur {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => dur::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        d.deserialize_any(dur::DurVisitor).map(Some)
+    }
+}
+
+/// Parses a humane duration for CLI flags.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration `{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[admin]
+listen = "127.0.0.1:9901"
+
+[chaos]
+seed = 42
+
+[[listener]]
+name = "amqp"
+bind = "0.0.0.0:5672"
+backends = ["10.0.0.11:5672", "10.0.0.12:5672", "rabbit3:5672"]
+balance = "least-conn"
+idle_timeout = "60s"
+idle_close = "rst"
+connect_timeout = "250ms"
+drain_timeout = "5m"
+max_connections = 100
+proxy_protocol = "v2"
+
+[listener.health]
+check = "amqp"
+interval = "30s"
+timeout = "5s"
+healthy_threshold = 3
+unhealthy_threshold = 2
+
+[[listener.fault]]
+name = "elb-periodic"
+kind = "reset"
+every = "30s"
+jitter = "1s"
+style = "rst"
+
+[[listener.fault]]
+name = "pub"
+kind = "reset"
+on_amqp = "basic.publish"
+nth = 3
+direction = "upstream"
+in_flight = "drop"
+
+[[listener.fault]]
+name = "slow"
+kind = "bandwidth"
+rate = 100
+toxicity = 0.5
+
+[[listener]]
+name = "mgmt"
+bind = "0.0.0.0:15672"
+backends = ["10.0.0.11:15672"]
+"#;
+
+    #[test]
+    fn full_example_parses_with_values() {
+        let cfg = Config::from_toml_str(FULL).unwrap();
+        assert_eq!(cfg.chaos.seed, Some(42));
+        let l = &cfg.listeners[0];
+        assert_eq!(l.balance, Balance::LeastConn);
+        assert_eq!(l.idle_close, CloseStyle::Rst);
+        assert_eq!(l.connect_timeout, Duration::from_millis(250));
+        assert_eq!(l.drain_timeout, Duration::from_secs(300));
+        assert_eq!(l.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(l.health.check, HealthCheck::Amqp);
+        assert_eq!(l.health.healthy_threshold, 3);
+        assert_eq!(l.faults.len(), 3);
+        assert_eq!(l.faults[0].every, Some(Duration::from_secs(30)));
+        assert_eq!(l.faults[1].nth, Some(3));
+        assert_eq!(l.faults[2].rate, Some(Rate::Number(100.0)));
+        assert_eq!(l.faults[2].toxicity, 0.5);
+        let m = &cfg.listeners[1];
+        assert_eq!(m.idle_timeout, Duration::from_secs(60));
+        assert_eq!(m.health, HealthConfig::default());
+    }
+
+    #[test]
+    fn elb_defaults() {
+        let h = HealthConfig::default();
+        assert_eq!(h.interval, Duration::from_secs(30));
+        assert_eq!(h.timeout, Duration::from_secs(5));
+        assert_eq!(h.healthy_threshold, 10);
+        assert_eq!(h.unhealthy_threshold, 2);
+        let l = ListenerConfig::default();
+        assert_eq!(l.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.drain_timeout, Duration::from_secs(300));
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml_str(text).unwrap_err().to_string()
+    }
+
+    const MIN: &str =
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n";
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{MIN}bogus_key = 1\n"));
+        assert!(e.contains("bogus_key"), "{e}");
+        let e = err(&format!("{MIN}[listener.health]\nintervall = \"1s\"\n"));
+        assert!(e.contains("intervall"), "{e}");
+        let e = err("[admin]\nlisten = \"127.0.0.1:0\"\nport = 3\n");
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let e = err(&format!("{MIN}idle_timeout = \"sixty\"\n"));
+        assert!(e.contains("invalid duration `sixty`"), "{e}");
+        let e = err(&format!("{MIN}idle_timeout = 60\n"));
+        assert!(e.contains("no unit"), "{e}");
+    }
+
+    #[test]
+    fn idle_timeout_range() {
+        let e = Config::from_toml_str(&format!("{MIN}idle_timeout = \"500ms\"\n")).unwrap_err();
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                source: ValidationError::IdleTimeout { .. },
+                ..
+            }
+        ));
+        assert!(Config::from_toml_str(&format!("{MIN}idle_timeout = \"2h\"\n")).is_err());
+        assert!(Config::from_toml_str(&format!("{MIN}idle_timeout = \"1h\"\n")).is_ok());
+    }
+
+    #[test]
+    fn duplicate_listener_names_rejected() {
+        let e = Config::from_toml_str(&format!("{MIN}{MIN}")).unwrap_err();
+        assert!(matches!(
+            e,
+            ConfigError::Invalid {
+                source: ValidationError::DuplicateListener(ref n),
+                ..
+            } if n == "a"
+        ));
+    }
+
+    #[test]
+    fn empty_and_bad_backends_rejected() {
+        let e = err("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = []\n");
+        assert!(e.contains("no backends"), "{e}");
+        let e =
+            err("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [\"nohost\"]\n");
+        assert!(e.contains("not host:port"), "{e}");
+        assert!(err("").contains("no [[listener]]"));
+    }
+
+    #[test]
+    fn bad_enum_value_is_named() {
+        let e = err(&format!("{MIN}balance = \"fastest\"\n"));
+        assert!(e.contains("fastest"), "{e}");
+    }
+
+    #[test]
+    fn single_listener_from_flags() {
+        let cfg = Config::single_listener(
+            "127.0.0.1:0".parse().unwrap(),
+            vec!["127.0.0.1:1".into()],
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(30)),
+            None,
+        )
+        .unwrap();
+        assert_eq!(cfg.listeners[0].idle_timeout, Duration::from_secs(5));
+        assert_eq!(
+            cfg.listeners[0].faults[0].every,
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = Config::from_toml_str(FULL).unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(Config::from_toml_str(&text).unwrap(), cfg);
+    }
+}

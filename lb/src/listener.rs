@@ -1,0 +1,636 @@
+//! One listener: its accept loop, its live-connection registry, and the life of each connection
+//! (TLS accept, backend selection and connect, PROXY header, copy, close).
+//!
+//! The listener's settings live in an `ArcSwap<Snapshot>`: a new connection takes the current
+//! snapshot once; reload and the admin API replace it whole. Live connections are registered with
+//! a control channel so that the admin API and fault rules can act on them at runtime
+//! ([`ListenerState::reset_all`]). The registry lock is taken at open and close only, never per read.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use metrics::Counter;
+use parking_lot::Mutex;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::backend::{health, selector, Backend, Pool, Selector};
+use crate::config::{
+    validate_backends, CloseStyle, FaultKind, ListenerConfig, ProxyProtocol, Side, ValidationError,
+};
+use crate::events::{Event, EventBus};
+use crate::metrics as m;
+use crate::proxy::{self, ByteMetrics, ConnBytes, Duplex, Ended};
+use crate::proxy_protocol;
+use crate::stream::{BackendStream, ClientStream, TcpBacked};
+use crate::tls::{self, BackendTls, TlsError};
+
+/// Process-wide pieces every listener uses.
+#[derive(Clone)]
+pub struct Rt {
+    pub events: Arc<EventBus>,
+    /// Every connection and background task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Stop accepting, stop health checks (first phase of shutdown).
+    pub stop: CancellationToken,
+    /// Close every live connection (end of drain).
+    pub hard: CancellationToken,
+    pub next_conn: Arc<AtomicU64>,
+}
+
+/// A listener's settings, built once per configuration (TLS material loaded).
+pub struct Snapshot {
+    pub cfg: ListenerConfig,
+    pub selector: Arc<dyn Selector>,
+    pub acceptor: Option<TlsAcceptor>,
+    pub backend_tls: Option<BackendTls>,
+}
+
+impl Snapshot {
+    pub fn build(cfg: ListenerConfig) -> Result<Self, TlsError> {
+        let acceptor = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
+        let backend_tls = cfg.backend_tls.as_ref().map(BackendTls::new).transpose()?;
+        Ok(Self {
+            selector: selector(cfg.balance),
+            cfg,
+            acceptor,
+            backend_tls,
+        })
+    }
+}
+
+/// An order to close a live connection.
+#[derive(Debug, Clone)]
+pub struct CloseCmd {
+    pub style: CloseStyle,
+    pub side: Side,
+    /// Event name, e.g. `reset`.
+    pub event: &'static str,
+    pub cause: String,
+    pub rule: Option<String>,
+}
+
+/// A live connection as the registry sees it.
+pub struct ConnInfo {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub backend: String,
+    pub started: Instant,
+    pub bytes: ConnBytes,
+    ctl: watch::Sender<Option<CloseCmd>>,
+}
+
+impl ConnInfo {
+    /// Asks the connection to close; it acts at once.
+    pub fn close(&self, cmd: CloseCmd) {
+        self.ctl.send_replace(Some(cmd));
+    }
+}
+
+pub struct ListenerState {
+    pub name: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+    snap: ArcSwap<Snapshot>,
+    pub pool: Pool,
+    conns: Mutex<HashMap<u64, Arc<ConnInfo>>>,
+    active: AtomicUsize,
+    stop_accept: CancellationToken,
+    /// Wakes the periodic-reset task when rules change.
+    rules_changed: Notify,
+    rt: Rt,
+    refused: Counter,
+    bytes: ByteMetrics,
+}
+
+// === impl ListenerState ===
+
+impl ListenerState {
+    pub fn new(snap: Snapshot, addr: SocketAddr, rt: Rt) -> Arc<Self> {
+        let name = snap.cfg.name.clone();
+        let bytes = ByteMetrics {
+            upstream: metrics::counter!(m::BYTES_TOTAL, m::L_LISTENER => name.clone(), m::L_DIRECTION => m::DIR_UPSTREAM),
+            downstream: metrics::counter!(m::BYTES_TOTAL, m::L_LISTENER => name.clone(), m::L_DIRECTION => m::DIR_DOWNSTREAM),
+        };
+        let pool = Pool::new(&name);
+        pool.replace(&snap.cfg.backends);
+        Arc::new(Self {
+            refused: metrics::counter!(m::REFUSED_TOTAL, m::L_LISTENER => name.clone()),
+            bytes,
+            pool,
+            stop_accept: rt.stop.child_token(),
+            rt,
+            addr,
+            name,
+            snap: ArcSwap::from_pointee(snap),
+            conns: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            rules_changed: Notify::new(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.load_full()
+    }
+
+    /// Cancelled when the listener stops accepting (removed, or shutdown).
+    pub fn stopping(&self) -> CancellationToken {
+        self.stop_accept.clone()
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.rt.events
+    }
+
+    /// Live connections (accepted, not yet closed).
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> Vec<Arc<ConnInfo>> {
+        let mut v: Vec<_> = self.conns.lock().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Starts accepting on `listener`, health checks of the current members, and rule timers.
+    pub fn start(self: &Arc<Self>, listener: TcpListener) {
+        let me = self.clone();
+        self.rt
+            .tracker
+            .spawn(async move { me.accept_loop(listener).await });
+        for b in self.pool.members().iter() {
+            self.spawn_health(b.clone());
+        }
+        let me = self.clone();
+        self.rt
+            .tracker
+            .spawn(async move { me.periodic_resets().await });
+    }
+
+    fn spawn_health(self: &Arc<Self>, b: Arc<Backend>) {
+        let me = self.clone();
+        self.rt.tracker.spawn(health::run(me, b));
+    }
+
+    /// Applies a new configuration of the same listener (reload): settings, backends, rules.
+    pub fn update(self: &Arc<Self>, mut snap: Snapshot) {
+        let old = self.snapshot();
+        if old.cfg.balance == snap.cfg.balance {
+            // Keep the selector's position (round robin continues where it was).
+            snap.selector = old.selector.clone();
+        }
+        let backends = snap.cfg.backends.clone();
+        self.snap.store(Arc::new(snap));
+        self.apply_backends(&backends, "reload");
+        self.rules_changed.notify_one();
+    }
+
+    /// Replaces the backend list (admin API); removed backends drain.
+    pub fn set_backends(self: &Arc<Self>, backends: Vec<String>) -> Result<(), ValidationError> {
+        if backends.is_empty() {
+            return Err(ValidationError::NoBackends(self.name.clone()));
+        }
+        validate_backends(&self.name, &backends)?;
+        self.snap.rcu(|s| Snapshot {
+            cfg: ListenerConfig {
+                backends: backends.clone(),
+                ..s.cfg.clone()
+            },
+            selector: s.selector.clone(),
+            acceptor: s.acceptor.clone(),
+            backend_tls: s.backend_tls.clone(),
+        });
+        self.apply_backends(&backends, "admin");
+        Ok(())
+    }
+
+    fn apply_backends(self: &Arc<Self>, backends: &[String], cause: &str) {
+        let change = self.pool.replace(backends);
+        for b in change.added {
+            self.events().emit(
+                Event::new(&self.name, "backend_registered")
+                    .backend(&b.addr)
+                    .cause(cause),
+            );
+            self.spawn_health(b);
+        }
+        for b in change.removed {
+            self.spawn_drain(b, cause);
+        }
+    }
+
+    /// Deregisters one backend with draining; false if it is not in rotation.
+    pub fn drain_backend(self: &Arc<Self>, addr: &str) -> bool {
+        let Some(b) = self.pool.remove(addr) else {
+            return false;
+        };
+        self.snap.rcu(|s| Snapshot {
+            cfg: ListenerConfig {
+                backends: s
+                    .cfg
+                    .backends
+                    .iter()
+                    .filter(|a| *a != addr)
+                    .cloned()
+                    .collect(),
+                ..s.cfg.clone()
+            },
+            selector: s.selector.clone(),
+            acceptor: s.acceptor.clone(),
+            backend_tls: s.backend_tls.clone(),
+        });
+        self.spawn_drain(b, "admin");
+        true
+    }
+
+    fn spawn_drain(self: &Arc<Self>, b: Arc<Backend>, cause: &str) {
+        b.health_stop.cancel();
+        let me = self.clone();
+        let drain = self.snapshot().cfg.drain_timeout;
+        self.events().emit(
+            Event::new(&self.name, "backend_draining")
+                .backend(&b.addr)
+                .cause(cause),
+        );
+        self.rt.tracker.spawn(async move {
+            let deadline = Instant::now() + drain;
+            let mut expired = false;
+            loop {
+                let idle = b.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if b.active() == 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = &mut idle => {}
+                    _ = tokio::time::sleep_until(deadline), if !expired => {
+                        expired = true;
+                        b.drain_expired.cancel();
+                    }
+                }
+            }
+            me.pool.forget(&b);
+            b.metrics.up.set(0.0);
+            let cause = if expired { "drain_timeout" } else { "drained" };
+            me.events().emit(
+                Event::new(&me.name, "backend_removed")
+                    .backend(&b.addr)
+                    .cause(cause),
+            );
+        });
+    }
+
+    /// Stops accepting and drains every backend (the listener was removed by a reload).
+    pub fn retire(self: &Arc<Self>) {
+        self.stop_accept.cancel();
+        self.rules_changed.notify_one();
+        self.apply_backends(&[], "listener removed");
+        self.events()
+            .emit(Event::new(&self.name, "listener_removed"));
+    }
+
+    /// Closes every live connection now; returns how many were told.
+    pub fn reset_all(&self, cmd: &CloseCmd) -> usize {
+        let conns = self.connections();
+        for c in &conns {
+            c.close(cmd.clone());
+        }
+        conns.len()
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = self.stop_accept.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(listener = %self.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let max = self.snapshot().cfg.max_connections;
+            if self.active.load(Ordering::Relaxed) >= max {
+                self.refused.increment(1);
+                tracing::debug!(listener = %self.name, %peer, max, "refused: max_connections reached");
+                drop(tcp);
+                continue;
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            let id = self.rt.next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+            let span = tracing::debug_span!("conn", listener = %self.name, conn_id = id, peer = %peer, backend = tracing::field::Empty);
+            let me = self.clone();
+            let hard = self.rt.hard.clone();
+            self.rt.tracker.spawn(
+                async move {
+                    let _active = ActiveGuard(&me.active);
+                    tokio::select! {
+                        _ = me.serve(tcp, peer, id) => {}
+                        // End of drain: dropping closes both sockets.
+                        _ = hard.cancelled() => tracing::debug!("closed at end of shutdown drain"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        tracing::debug!(listener = %self.name, "stopped accepting");
+    }
+
+    async fn serve(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+        let snap = self.snapshot();
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().unwrap_or(self.addr);
+        let mut client = match &snap.acceptor {
+            Some(acc) => match tokio::time::timeout(snap.cfg.idle_timeout, acc.accept(tcp)).await {
+                Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake with client failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake with client timed out");
+                    return;
+                }
+            },
+            None => ClientStream::Plain(tcp),
+        };
+        let Some((backend, mut upstream)) = self.connect(&snap, peer, local).await else {
+            tracing::debug!("no backend reachable; closing client");
+            return;
+        };
+        tracing::Span::current().record("backend", backend.addr.as_str());
+        let (ctl, mut ctl_rx) = watch::channel(None);
+        let info = Arc::new(ConnInfo {
+            id,
+            client: peer,
+            backend: backend.addr.clone(),
+            started: Instant::now(),
+            bytes: ConnBytes::default(),
+            ctl,
+        });
+        backend.conn_opened();
+        self.conns.lock().insert(id, info.clone());
+        let _reg = Registered {
+            ls: self,
+            id,
+            backend: &backend,
+        };
+
+        let mut duplex = Duplex::new(
+            &mut client,
+            &mut upstream,
+            snap.cfg.idle_timeout,
+            &info.bytes,
+            &self.bytes,
+        );
+        let cmd = tokio::select! {
+            ended = &mut duplex => match ended {
+                Ended::Done => {
+                    tracing::debug!("closed by peers");
+                    return;
+                }
+                Ended::Idle => CloseCmd {
+                    style: self.snapshot().cfg.idle_close,
+                    side: Side::Both,
+                    event: "idle_timeout",
+                    cause: "idle_timeout".to_string(),
+                    rule: None,
+                },
+                Ended::Error(e) => {
+                    tracing::debug!(error = %e, source = e.source.as_str(), "connection error");
+                    metrics::counter!(m::CONNECTION_ERRORS_TOTAL, m::L_LISTENER => self.name.clone(), m::L_SOURCE => e.source.as_str()).increment(1);
+                    // Pass the failure on: the other side sees a reset, as it would without us.
+                    CloseCmd {
+                        style: CloseStyle::Rst,
+                        side: Side::Both,
+                        event: "error",
+                        cause: e.to_string(),
+                        rule: None,
+                    }
+                }
+            },
+            cmd = next_cmd(&mut ctl_rx) => cmd,
+            _ = backend.drain_expired.cancelled() => CloseCmd {
+                style: CloseStyle::Fin,
+                side: Side::Both,
+                event: "drain_timeout",
+                cause: "drain_timeout".to_string(),
+                rule: None,
+            },
+        };
+        let (mut lost_up, mut lost_down) = duplex.in_flight();
+        drop(duplex);
+        tracing::debug!(cause = %cmd.cause, style = cmd.style.as_str(), "closing");
+        match cmd.style {
+            CloseStyle::Rst => proxy::close_both(&mut client, &mut upstream, true).await,
+            CloseStyle::Fin | CloseStyle::Half => {
+                proxy::close_both(&mut client, &mut upstream, false).await
+            }
+            CloseStyle::Drop => {
+                let (a, b) = tokio::select! {
+                    r = proxy::hold(&mut client, &mut upstream) => r,
+                    _ = backend.drain_expired.cancelled() => (0, 0),
+                    cmd = next_cmd(&mut ctl_rx) => {
+                        if cmd.style == CloseStyle::Rst {
+                            client.set_rst_on_close();
+                            upstream.set_rst_on_close();
+                        }
+                        (0, 0)
+                    }
+                };
+                lost_up += a;
+                lost_down += b;
+            }
+        }
+        if cmd.event == "reset" {
+            let mut ev = Event::new(&self.name, cmd.event)
+                .conn(id)
+                .backend(&backend.addr)
+                .cause(cmd.cause.clone());
+            ev.rule = cmd.rule.clone();
+            ev.style = Some(cmd.style.as_str().to_string());
+            ev.side = Some(cmd.side.as_str().to_string());
+            ev.discarded_upstream = lost_up;
+            ev.discarded_downstream = lost_down;
+            self.events().emit(ev);
+        }
+    }
+
+    /// Picks a backend and connects, trying the next ones in order on failure.
+    async fn connect(
+        &self,
+        snap: &Snapshot,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<(Arc<Backend>, BackendStream)> {
+        let candidates = self.pool.candidates();
+        if candidates.is_empty() {
+            return None;
+        }
+        let n = candidates.len();
+        let first = snap.selector.select(&candidates);
+        for k in 0..n {
+            let b = &candidates[(first + k) % n];
+            let t0 = Instant::now();
+            match tokio::time::timeout(snap.cfg.connect_timeout, connect_one(b, snap, peer, local))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    b.metrics
+                        .connect_duration
+                        .record(t0.elapsed().as_secs_f64());
+                    return Some((b.clone(), s));
+                }
+                Ok(Err(e)) => {
+                    b.metrics.connect_errors.increment(1);
+                    tracing::debug!(backend = %b.addr, error = %e, "connect failed; trying the next backend");
+                }
+                Err(_) => {
+                    b.metrics.connect_errors.increment(1);
+                    tracing::debug!(backend = %b.addr, "connect timed out; trying the next backend");
+                }
+            }
+        }
+        None
+    }
+
+    /// Resets connections on the listener's `every` rules (the ELB periodic reset). Rules are
+    /// re-read whenever they change; a rule's first tick is one period after it appears.
+    async fn periodic_resets(self: Arc<Self>) {
+        let mut next: HashMap<String, Instant> = HashMap::new();
+        loop {
+            let snap = self.snapshot();
+            let now = Instant::now();
+            let rules: Vec<_> = snap
+                .cfg
+                .faults
+                .iter()
+                .filter(|r| r.enabled && r.kind == FaultKind::Reset)
+                .filter_map(|r| r.every.map(|e| (r, e)))
+                .collect();
+            next.retain(|name, _| rules.iter().any(|(r, _)| &r.name == name));
+            for (r, every) in &rules {
+                next.entry(r.name.clone()).or_insert(now + *every);
+            }
+            let soonest = next.values().min().copied();
+            tokio::select! {
+                _ = self.stop_accept.cancelled() => return,
+                _ = self.rules_changed.notified() => continue,
+                _ = sleep_until_opt(soonest) => {}
+            }
+            let now = Instant::now();
+            for (r, every) in &rules {
+                let Some(at) = next.get_mut(&r.name) else {
+                    continue;
+                };
+                if *at > now {
+                    continue;
+                }
+                *at = now + *every;
+                let cmd = CloseCmd {
+                    style: r.style.unwrap_or(CloseStyle::Rst),
+                    side: r.side.unwrap_or(Side::Both),
+                    event: "reset",
+                    cause: "every".to_string(),
+                    rule: Some(r.name.clone()),
+                };
+                for c in self.connections() {
+                    if r.toxicity >= 1.0 || rand::thread_rng().gen_bool(r.toxicity.clamp(0.0, 1.0))
+                    {
+                        c.close(cmd.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_cmd(rx: &mut watch::Receiver<Option<CloseCmd>>) -> CloseCmd {
+    loop {
+        if let Some(cmd) = rx.borrow_and_update().clone() {
+            return cmd;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+async fn connect_one(
+    b: &Backend,
+    snap: &Snapshot,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<BackendStream, ConnectError> {
+    let mut tcp = b.connect_tcp().await?;
+    let header = match snap.cfg.proxy_protocol {
+        ProxyProtocol::Off => None,
+        ProxyProtocol::V1 => Some(proxy_protocol::encode_v1(peer, local)),
+        ProxyProtocol::V2 => Some(proxy_protocol::encode_v2(peer, local)),
+    };
+    if let Some(h) = header {
+        tcp.write_all(&h).await?;
+    }
+    match &snap.backend_tls {
+        None => Ok(BackendStream::Plain(tcp)),
+        Some(t) => {
+            let name = t.name_for(&b.addr)?;
+            let s = t.connector.connect(name, tcp).await?;
+            Ok(BackendStream::Tls(Box::new(s)))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Keeps the listener's live count right however the connection task ends.
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Unregisters a connection however its task ends.
+struct Registered<'a> {
+    ls: &'a ListenerState,
+    id: u64,
+    backend: &'a Backend,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.ls.conns.lock().remove(&self.id);
+        self.backend.conn_closed();
+    }
+}
