@@ -1,0 +1,250 @@
+//! warren-perf: a load generator for AMQP 0-9-1 brokers with RabbitMQ PerfTest's flags.
+//!
+//! The point of the tool is to measure the broker and not itself: on a small machine the client
+//! shares the cores with the broker, so every microsecond the client spends per message is taken
+//! from the broker. It therefore speaks AMQP itself (on `amq-protocol`'s codec) with pipelined,
+//! batched writes, publishes copied from a template encoded once, and a consumer that reads only
+//! the few fields it needs, with no allocation per message.
+//!
+//! # Layout
+//! - [`config`]: command line (PerfTest letters) and validated [`config::Config`].
+//! - [`codec`]: pure framing: raw frame splitting, fast field readers, ack encoder, publish
+//!   template; control frames through `amq-protocol`.
+//! - [`connection`]: connect, handshake, channel 1, queue.declare/confirm.select/qos/consume, close.
+//! - [`producer`]: publisher loop with the confirm window and rate limit.
+//! - [`consumer`]: delivery loop with (multi-)acks and body-stamp latency.
+//! - [`histogram`]: allocation-free log-linear latency histogram.
+//! - [`stats`]: counters and histograms shared with the reporter.
+//! - [`cpu`]: CPU time and RSS from `/proc`.
+//! - [`report`]: progress lines, text and JSON summary.
+//!
+//! [`run`] is the entry point; `main.rs` only parses arguments and prints.
+
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod consumer;
+pub mod cpu;
+pub mod histogram;
+pub mod producer;
+pub mod report;
+pub mod stats;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{task::JoinSet, time::Instant};
+
+use crate::{
+    codec::PublishTemplate,
+    config::Config,
+    connection::{Conn, ConnError, CHANNEL},
+    cpu::Proc,
+    report::{Cpu, Latency, Second, Summary},
+    stats::{Stats, StatsSnapshot},
+};
+
+/// A run that could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SetupError {
+    what: String,
+    #[source]
+    source: ConnError,
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(ConnError) -> SetupError {
+    let what = what.into();
+    move |source| SetupError { what, source }
+}
+
+/// Where progress lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressTo {
+    /// Standard output.
+    Stdout,
+    /// Standard error (when stdout carries JSON).
+    Stderr,
+}
+
+impl ProgressTo {
+    fn print(self, line: &str) {
+        match self {
+            ProgressTo::Stdout => println!("{line}"),
+            ProgressTo::Stderr => eprintln!("{line}"),
+        }
+    }
+}
+
+/// Sets up all connections (consumers first, so nothing is published before it can be consumed),
+/// runs producers and consumers for the configured time while printing a line per second, closes
+/// everything and returns the summary.
+pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupError> {
+    let stats = Arc::new(Stats::default());
+    let hz = cpu::clock_ticks_per_sec();
+
+    let mut consumers = Vec::new();
+    for i in 0..cfg.consumers {
+        let what = format!("consumer {i}");
+        let mut c = connection::connect(&cfg.endpoint, &format!("warren-perf {what}"))
+            .await
+            .map_err(setup(format!("{what}: connect to {}", cfg.echo.broker)))?;
+        c.declare_queue(&cfg.queue)
+            .await
+            .map_err(setup(format!("{what}: queue.declare {}", cfg.queue.name)))?;
+        if cfg.prefetch > 0 {
+            c.qos(cfg.prefetch)
+                .await
+                .map_err(setup(format!("{what}: basic.qos")))?;
+        }
+        c.consume(&cfg.queue.name, cfg.auto_ack)
+            .await
+            .map_err(setup(format!("{what}: basic.consume")))?;
+        consumers.push(c);
+    }
+    let mut producers = Vec::new();
+    for i in 0..cfg.producers {
+        let what = format!("producer {i}");
+        let mut c = connection::connect(&cfg.endpoint, &format!("warren-perf {what}"))
+            .await
+            .map_err(setup(format!("{what}: connect to {}", cfg.echo.broker)))?;
+        c.declare_queue(&cfg.queue)
+            .await
+            .map_err(setup(format!("{what}: queue.declare {}", cfg.queue.name)))?;
+        if cfg.confirms.is_some() {
+            c.confirm_select()
+                .await
+                .map_err(setup(format!("{what}: confirm.select")))?;
+        }
+        let template = PublishTemplate::new(
+            CHANNEL,
+            "",
+            &cfg.queue.name,
+            cfg.size,
+            cfg.persistent,
+            c.frame_max,
+        )
+        .map_err(|e| setup(format!("{what}: encode publish"))(e.into()))?;
+        producers.push((c, template));
+    }
+
+    let start = Instant::now();
+    let deadline = start + cfg.duration;
+    let self0 = cpu::cpu_time_ns(Proc::SelfProc, hz).ok();
+    let broker0 = cfg
+        .broker_pid
+        .and_then(|pid| cpu::cpu_time_ns(Proc::Pid(pid), hz).ok());
+
+    let mut tasks: JoinSet<(String, Result<Conn, ConnError>)> = JoinSet::new();
+    for (i, c) in consumers.into_iter().enumerate() {
+        let ccfg = consumer::ConsumerConfig {
+            auto_ack: cfg.auto_ack,
+            ack_every: cfg.ack_every,
+        };
+        let stats = stats.clone();
+        tasks.spawn(async move {
+            (
+                format!("consumer {i}"),
+                consumer::run(c, ccfg, stats, deadline).await,
+            )
+        });
+    }
+    for (i, (c, template)) in producers.into_iter().enumerate() {
+        let pcfg = producer::ProducerConfig {
+            template,
+            rate: cfg.rate,
+            confirms: cfg.confirms,
+            batch_bytes: cfg.batch_bytes,
+        };
+        let stats = stats.clone();
+        tasks.spawn(async move {
+            (
+                format!("producer {i}"),
+                producer::run(c, pcfg, stats, start, deadline).await,
+            )
+        });
+    }
+
+    // One line per second until the deadline.
+    let mut per_second = Vec::new();
+    let mut prev = StatsSnapshot::default();
+    let mut prev_t = start;
+    let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    loop {
+        let t = tick.tick().await;
+        if t > deadline + Duration::from_millis(100) {
+            break;
+        }
+        let snap = stats.snapshot();
+        let now = Instant::now();
+        let sec = Second::new(
+            (now - start).as_secs_f64(),
+            (now - prev_t).as_secs_f64(),
+            &snap.since(&prev),
+        );
+        progress.print(&sec.line());
+        per_second.push(sec);
+        prev = snap;
+        prev_t = now;
+        if t >= deadline {
+            break;
+        }
+    }
+
+    let mut conns = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(c))) => conns.push(c),
+            Ok((who, Err(e))) => errors.push(format!("{who}: {e}")),
+            Err(e) => errors.push(format!("task failed: {e}")),
+        }
+    }
+    let elapsed = (Instant::now().min(deadline) - start)
+        .as_secs_f64()
+        .max(1e-9);
+    let self1 = cpu::cpu_time_ns(Proc::SelfProc, hz).ok();
+    let broker1 = cfg
+        .broker_pid
+        .and_then(|pid| cpu::cpu_time_ns(Proc::Pid(pid), hz).ok());
+    let broker_rss_kib = cfg.broker_pid.and_then(|pid| cpu::rss_kib(Proc::Pid(pid)));
+    let fin = stats.snapshot();
+
+    let mut closing = JoinSet::new();
+    for c in conns {
+        closing.spawn(c.close());
+    }
+    while closing.join_next().await.is_some() {}
+
+    let messages = fin.sent.max(fin.received);
+    let cpu_of = |a: Option<u64>, b: Option<u64>| {
+        let (a, b) = (a?, b?);
+        let ns = b.saturating_sub(a);
+        Some(Cpu {
+            cpu_s: ns as f64 / 1e9,
+            us_per_msg: (messages > 0).then(|| ns as f64 / 1e3 / messages as f64),
+            core_percent: ns as f64 / 1e9 / elapsed * 100.0,
+        })
+    };
+    Ok(Summary {
+        tool: "warren-perf",
+        config: cfg.echo.clone(),
+        elapsed_s: elapsed,
+        sent: fin.sent,
+        received: fin.received,
+        confirmed: fin.confirmed,
+        nacked: fin.nacked,
+        returned: fin.returned,
+        messages,
+        sent_rate: fin.sent as f64 / elapsed,
+        received_rate: fin.received as f64 / elapsed,
+        confirmed_rate: fin.confirmed as f64 / elapsed,
+        confirm_latency_us: Latency::from_snapshot(&fin.confirm_latency),
+        consumer_latency_us: Latency::from_snapshot(&fin.consumer_latency),
+        perf_cpu: cpu_of(self0, self1),
+        broker_pid: cfg.broker_pid,
+        broker_cpu: cpu_of(broker0, broker1),
+        broker_rss_kib,
+        per_second,
+        errors,
+    })
+}

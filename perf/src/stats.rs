@@ -1,0 +1,96 @@
+//! Counters and histograms shared by the producer and consumer tasks and read by the reporter.
+//!
+//! Tasks add to the counters once per batch, not per message. Latencies are recorded per message
+//! into the lock-free [`Histogram`]s.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::histogram::{Histogram, Snapshot};
+
+/// A counter on its own cache line, so producer and consumer threads do not share lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        if n > 0 {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything the tasks report.
+#[derive(Default)]
+pub struct Stats {
+    /// Messages published.
+    pub sent: Counter,
+    /// Publishes confirmed with basic.ack.
+    pub confirmed: Counter,
+    /// Publishes refused with basic.nack.
+    pub nacked: Counter,
+    /// Messages returned (basic.return).
+    pub returned: Counter,
+    /// Messages delivered to consumers (complete bodies).
+    pub received: Counter,
+    /// Publish to basic.ack, nanoseconds.
+    pub confirm_latency: Histogram,
+    /// Publish (timestamp in the body) to delivery, nanoseconds.
+    pub consumer_latency: Histogram,
+}
+
+/// Copy of [`Stats`] at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`Stats::sent`].
+    pub sent: u64,
+    /// See [`Stats::confirmed`].
+    pub confirmed: u64,
+    /// See [`Stats::nacked`].
+    pub nacked: u64,
+    /// See [`Stats::returned`].
+    pub returned: u64,
+    /// See [`Stats::received`].
+    pub received: u64,
+    /// See [`Stats::confirm_latency`].
+    pub confirm_latency: Snapshot,
+    /// See [`Stats::consumer_latency`].
+    pub consumer_latency: Snapshot,
+}
+
+impl Stats {
+    /// Reads every counter and histogram.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            sent: self.sent.get(),
+            confirmed: self.confirmed.get(),
+            nacked: self.nacked.get(),
+            returned: self.returned.get(),
+            received: self.received.get(),
+            confirm_latency: self.confirm_latency.snapshot(),
+            consumer_latency: self.consumer_latency.snapshot(),
+        }
+    }
+}
+
+impl StatsSnapshot {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            sent: self.sent.saturating_sub(earlier.sent),
+            confirmed: self.confirmed.saturating_sub(earlier.confirmed),
+            nacked: self.nacked.saturating_sub(earlier.nacked),
+            returned: self.returned.saturating_sub(earlier.returned),
+            received: self.received.saturating_sub(earlier.received),
+            confirm_latency: self.confirm_latency.since(&earlier.confirm_latency),
+            consumer_latency: self.consumer_latency.since(&earlier.consumer_latency),
+        }
+    }
+}
