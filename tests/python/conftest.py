@@ -10,7 +10,8 @@ Targets (env WARREN_TEST_TARGET):
             themselves are right.
 
 A failing test's report carries the broker's log (and any registered worker log) written
-while the test ran.
+while the test ran. WARREN_TEST_TRACE=1 also relays the plain AMQP listener through
+amqp_trace.py and adds the decoded frames of the test to that report.
 """
 
 from __future__ import annotations
@@ -297,7 +298,17 @@ def _session_broker(tmp_path_factory, tls_files: TlsFiles, with_tls: bool):
 def _broker_session(tmp_path_factory, tls_files):
     b = _session_broker(tmp_path_factory, tls_files, with_tls=False)
     register_log(f"{b.target} broker log ({b.log_path})", b.log_path)
+    proxy = None
+    if os.environ.get("WARREN_TEST_TRACE", "") not in ("", "0"):
+        from amqp_trace import TraceProxy
+
+        trace_path = b.log_path.with_name("amqp-trace.log")
+        proxy = TraceProxy((b.host, b.port), trace_path)
+        b.port = proxy.port  # every client of the plain listener goes through the tracing relay
+        register_log(f"AMQP frames ({trace_path})", trace_path)
     yield b
+    if proxy is not None:
+        proxy.close()
     # RabbitMQ's own shutdown can hang on open connections; it is only the reference target.
     stop_process(b.proc, timeout=4 if b.target == "rabbitmq" else 10)
 

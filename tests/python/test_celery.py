@@ -77,9 +77,10 @@ def worker(request, _broker_session, tmp_path_factory):
                     f"broker log:\n{tail(broker.log_path, max_lines=60)}", pytrace=False)
     w = Worker(proc, log_path, hostname, queue, env)
     yield w
+    t0 = time.monotonic()
     code = stop_process(proc, timeout=15)
     unregister_log(log_name)
-    print(f"celery worker ({mode}) stopped with exit code {code}")
+    print(f"celery worker ({mode}) stopped with exit code {code} after {time.monotonic() - t0:.1f}s")
 
 
 @pytest.fixture
