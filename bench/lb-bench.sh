@@ -13,7 +13,8 @@
 # JSON under $RESULTS. Everything it starts is stopped on exit.
 #
 # Environment (all optional):
-#   DURATION=10        seconds of each iperf3, cps and latency test
+#   DURATION=10        seconds of each iperf3, cps and latency test (1-connection latency: half)
+#   ROUNDS=1           repeat the whole sequence, report medians (all rounds kept in JSON)
 #   CPS_CONCURRENCY=32 LATENCY_CONNECTIONS=32 SIZE=64
 #   IDLE_COUNT=10000   idle connections (lowered to fit the open-files limit) IDLE_HOLD=5
 #   TOOL_THREADS=1     worker threads of the load tool and of the echo backend
@@ -22,6 +23,10 @@
 #   SKIP_BUILD=1       use the binaries already built
 #   LB_VARIANTS="default 1"  warren-lb runtime variants: "default" and/or worker-thread counts
 #   HAPROXY_SPLICE=1   add `option splice-auto` to HAProxy (off by default: stock TCP mode)
+#   BENCH_NICE=-5      run the benchmark (proxies, backends, tools) at this nice value (root only
+#                      for negative values), to be less disturbed by other work on the machine
+#   PIN=1              proxies on CPU 1, load tools and backends on CPU 0 (default: no pinning;
+#                      proxies, iperf3, the echo backend and the load tool then share both cores)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +38,10 @@ IDLE_COUNT=${IDLE_COUNT:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 TOOL_THREADS=${TOOL_THREADS:-1}
 LB_VARIANTS=${LB_VARIANTS:-default 1}
+ROUNDS=${ROUNDS:-1}
 HAPROXY_SPLICE=${HAPROXY_SPLICE:-0}
+PIN=${PIN:-0}
+LATENCY1_DURATION=$((DURATION / 2 > 3 ? DURATION / 2 : 3))
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$TARGET_DIR/lb-bench/$STAMP}
@@ -60,7 +68,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# ---------------------------------------------------------------- limits
+# ---------------------------------------------------------------- priority, limits
+if [[ -n ${BENCH_NICE:-} ]]; then
+    renice -n "$BENCH_NICE" -p $$ >/dev/null || die "cannot renice to $BENCH_NICE"
+fi
 # 2 fds per proxied connection: raise the soft limit as far as the hard limit allows.
 HARD=$(ulimit -Hn)
 [[ $HARD == unlimited ]] && HARD=1048576
@@ -101,6 +112,13 @@ if ((LB_OK)) && [[ ! -x $LB ]]; then
 fi
 
 # ---------------------------------------------------------------- helpers
+P_PROXY=()
+P_TOOL=()
+if [[ $PIN == 1 ]]; then
+    command -v taskset >/dev/null || die "PIN=1 needs taskset"
+    P_PROXY=(taskset -c 1)
+    P_TOOL=(taskset -c 0)
+fi
 port_busy() { [[ -n $(ss -Htan "( sport = :$1 )" 2>/dev/null) ]]; }
 free_port() {
     local p i
@@ -137,12 +155,12 @@ now_s() { date +%s.%N; }
 
 # ---------------------------------------------------------------- backends
 IPERF_PORT=$(free_port)
-iperf3 -s -p "$IPERF_PORT" --bind 127.0.0.1 >"$RESULTS/raw/iperf3-server.log" 2>&1 &
+"${P_TOOL[@]}" iperf3 -s -p "$IPERF_PORT" --bind 127.0.0.1 >"$RESULTS/raw/iperf3-server.log" 2>&1 &
 PIDS+=($!)
 wait_port "$IPERF_PORT" || die "iperf3 -s did not start (see $RESULTS/raw/iperf3-server.log)"
 IPERF_BACKEND=127.0.0.1:$IPERF_PORT
 
-"$TB" --threads "$TOOL_THREADS" echo-server --listen 127.0.0.1:0 --lifetime 20m \
+"${P_TOOL[@]}" "$TB" --threads "$TOOL_THREADS" echo-server --listen 127.0.0.1:0 --lifetime 20m \
     >"$WORK/echo.out" 2>"$RESULTS/raw/echo-server.log" &
 PIDS+=($!)
 ECHO_BACKEND=$(wait_line "$WORK/echo.out" 'listening addr=(\S+)' 5) || die "echo-server did not start"
@@ -187,7 +205,7 @@ backend be_echo
   server echo $ECHO_BACKEND
 EOF
 cp "$WORK/haproxy.cfg" "$RESULTS/haproxy.cfg"
-haproxy -f "$WORK/haproxy.cfg" -db >"$RESULTS/raw/haproxy.log" 2>&1 &
+"${P_PROXY[@]}" haproxy -f "$WORK/haproxy.cfg" -db >"$RESULTS/raw/haproxy.log" 2>&1 &
 HP_PID=$!
 PIDS+=("$HP_PID")
 if wait_port "$HP_IPERF" && wait_port "$HP_ECHO"; then
@@ -219,7 +237,7 @@ start_lb() { # log-name backend threads; sets LB_PID and LB_ADDR
     if [[ $threads != default ]]; then
         if [[ $LB_THREADS_HOW == --threads ]]; then args+=(--threads "$threads"); else envs=(TOKIO_WORKER_THREADS="$threads"); fi
     fi
-    env "${envs[@]}" RUST_LOG=info "$LB" "${args[@]}" >/dev/null 2>"$RESULTS/raw/$name.log" &
+    "${P_PROXY[@]}" env "${envs[@]}" RUST_LOG=info "$LB" "${args[@]}" >/dev/null 2>"$RESULTS/raw/$name.log" &
     LB_PID=$!
     PIDS+=("$LB_PID")
     LB_ADDR=$(wait_line "$RESULTS/raw/$name.log" 'listening listener=[^ ]+ addr=([0-9.:]+)' 5 'listener=admin')
@@ -258,10 +276,13 @@ for n in "${NAMES[@]}"; do
 done
 
 # ---------------------------------------------------------------- measurements
-declare -A M # "name metric" -> value
-TSV=$RESULTS/metrics.tsv
+declare -A M  # "name metric" -> value reported (median over the rounds)
+declare -A MV # "name metric" -> every round's value
+TSV=$RESULTS/rounds.tsv
 : >"$TSV"
-put() { M["$1 $2"]=$3; printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$TSV"; }
+ROUND=1
+put() { MV["$1 $2"]+="$3 "; printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$2" "$3" >>"$TSV"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # run "$@" while sampling the CPU time of proxy pid $1 (name, metric prefix follow)
 with_cpu() { # pid name key cmd...
@@ -279,8 +300,8 @@ with_cpu() { # pid name key cmd...
 }
 
 iperf_test() { # name streams
-    local n=$1 p=$2 out=$RESULTS/raw/$1-iperf-P$2.json addr=${IPERF_ADDR[$1]}
-    timeout $((DURATION + 30)) iperf3 -c "${addr%:*}" -p "${addr##*:}" -t "$DURATION" -P "$p" -J >"$out" 2>&1 || true
+    local n=$1 p=$2 out=$RESULTS/raw/r$ROUND-$1-iperf-P$2.json addr=${IPERF_ADDR[$1]}
+    timeout $((DURATION + 30)) "${P_TOOL[@]}" iperf3 -c "${addr%:*}" -p "${addr##*:}" -t "$DURATION" -P "$p" -J >"$out" 2>&1 || true
     local bps
     bps=$(jq -r '.end.sum_received.bits_per_second // empty' "$out" 2>/dev/null || true)
     if [[ -n $bps ]]; then
@@ -292,8 +313,8 @@ iperf_test() { # name streams
 }
 
 cps_test() {
-    local n=$1 out=$RESULTS/raw/$1-cps.json
-    timeout $((DURATION + 30)) "$TB" --threads "$TOOL_THREADS" --json cps --target "${ECHO_ADDR[$n]}" \
+    local n=$1 out=$RESULTS/raw/r$ROUND-$1-cps.json
+    timeout $((DURATION + 30)) "${P_TOOL[@]}" "$TB" --threads "$TOOL_THREADS" --json cps --target "${ECHO_ADDR[$n]}" \
         --duration "${DURATION}s" --concurrency "$CPS_CONCURRENCY" --size "$SIZE" >"$out" 2>/dev/null || true
     if jq -e .conn_per_s "$out" >/dev/null 2>&1; then
         put "$n" cps "$(jq -r '.conn_per_s | floor' "$out")"
@@ -304,25 +325,25 @@ cps_test() {
     fi
 }
 
-latency_test() {
-    local n=$1 out=$RESULTS/raw/$1-latency.json
-    timeout $((DURATION + 30)) "$TB" --threads "$TOOL_THREADS" --json latency --target "${ECHO_ADDR[$n]}" \
-        --duration "${DURATION}s" --connections "$LATENCY_CONNECTIONS" --size "$SIZE" >"$out" 2>/dev/null || true
+latency_test() { # name connections seconds key-prefix
+    local n=$1 c=$2 d=$3 k=$4 out=$RESULTS/raw/r$ROUND-$1-latency-c$2.json
+    timeout $((d + 30)) "${P_TOOL[@]}" "$TB" --threads "$TOOL_THREADS" --json latency --target "${ECHO_ADDR[$n]}" \
+        --duration "${d}s" --connections "$c" --size "$SIZE" >"$out" 2>/dev/null || true
     if jq -e .latency_us "$out" >/dev/null 2>&1; then
-        put "$n" rps "$(jq -r '.req_per_s | floor' "$out")"
-        put "$n" p50_us "$(jq -r '.latency_us.p50 * 10 | round / 10' "$out")"
-        put "$n" p99_us "$(jq -r '.latency_us.p99 * 10 | round / 10' "$out")"
-        put "$n" p999_us "$(jq -r '.latency_us.p999 * 10 | round / 10' "$out")"
-        put "$n" latency_errors "$(jq -r '.errors.total' "$out")"
-        log "$n latency: $(jq -r '"\(.req_per_s | floor) req/s p50 \(.latency_us.p50)us p99 \(.latency_us.p99)us errors \(.errors.total)"' "$out")"
+        put "$n" "${k}rps" "$(jq -r '.req_per_s | floor' "$out")"
+        put "$n" "${k}p50_us" "$(jq -r '.latency_us.p50 * 10 | round / 10' "$out")"
+        put "$n" "${k}p99_us" "$(jq -r '.latency_us.p99 * 10 | round / 10' "$out")"
+        put "$n" "${k}p999_us" "$(jq -r '.latency_us.p999 * 10 | round / 10' "$out")"
+        put "$n" "${k}latency_errors" "$(jq -r '.errors.total' "$out")"
+        log "$n latency, $c connections: $(jq -r '"\(.req_per_s | floor) req/s p50 \(.latency_us.p50)us p99 \(.latency_us.p99)us errors \(.errors.total)"' "$out")"
     else
-        log "$n latency failed"
+        log "$n latency ($c connections) failed"
     fi
 }
 
 idle_test() {
-    local n=$1 out=$RESULTS/raw/$1-idle.json pid=${ECHO_PID[$1]}
-    timeout $((IDLE_HOLD + 90)) "$TB" --threads "$TOOL_THREADS" --json idle --target "${ECHO_ADDR[$n]}" \
+    local n=$1 out=$RESULTS/raw/r$ROUND-$1-idle.json pid=${ECHO_PID[$1]}
+    timeout $((IDLE_HOLD + 90)) "${P_TOOL[@]}" "$TB" --threads "$TOOL_THREADS" --json idle --target "${ECHO_ADDR[$n]}" \
         --count "$IDLE" --hold "${IDLE_HOLD}s" --size "$SIZE" --rss-pid "$pid" \
         >"$out" 2>"$RESULTS/raw/$n-idle.log" || true
     if jq -e .rss_held_kib "$out" >/dev/null 2>&1; then
@@ -345,11 +366,21 @@ log "start: $UPTIME_START"
 T_START=$(date +%s)
 # Test-major order: every target runs one test before the next test starts, so a change in the
 # background load hits all targets alike.
-for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
-for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
-for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
-for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n"; done
+# ROUNDS > 1 repeats the sequence and reports each figure's median.
+for ROUND in $(seq 1 "$ROUNDS"); do
+    log "round $ROUND of $ROUNDS, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
+    for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
+    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
+    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency1 latency_test "$n" 1 "$LATENCY1_DURATION" l1_; done
+    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n" "$LATENCY_CONNECTIONS" "$DURATION" ""; done
+done
+ROUND=1
 for n in "${NAMES[@]}"; do [[ $n != direct ]] && idle_test "$n"; done
+for k in "${!MV[@]}"; do
+    # shellcheck disable=SC2086 # word splitting of the value list is intended
+    M[$k]=$(median ${MV[$k]})
+done
 UPTIME_END=$(uptime)
 log "end: $UPTIME_END ($(($(date +%s) - T_START))s of measurements)"
 
@@ -364,10 +395,13 @@ ROWS=(
     "iperf_P1_gbps|iperf3 1 stream, Gbit/s|>= 1.3x"
     "iperf_P8_gbps|iperf3 8 streams, Gbit/s|>= 1.3x"
     "cps|short connections/s|>= 1x"
-    "rps|req/s (${LATENCY_CONNECTIONS} conns, 1 outstanding)|"
-    "p50_us|latency p50, us|<= 1x"
-    "p99_us|latency p99, us|<= 1x"
-    "p999_us|latency p99.9, us|"
+    "l1_rps|req/s, 1 connection|"
+    "l1_p50_us|latency p50, 1 conn, us|<= 1x"
+    "l1_p99_us|latency p99, 1 conn, us|<= 1x"
+    "rps|req/s, ${LATENCY_CONNECTIONS} conns|"
+    "p50_us|latency p50, ${LATENCY_CONNECTIONS} conns, us|<= 1x"
+    "p99_us|latency p99, ${LATENCY_CONNECTIONS} conns, us|<= 1x"
+    "p999_us|latency p99.9, ${LATENCY_CONNECTIONS} conns, us|"
     "rss_before_mib|RSS at start, MiB|"
     "rss_idle_mib|RSS with $IDLE idle conns, MiB|"
     "kib_per_conn|RSS per idle conn, KiB|"
@@ -375,9 +409,14 @@ ROWS=(
     "iperf_P1_proxy_cpu_pct|proxy CPU % (iperf3 1 stream)|"
     "iperf_P8_proxy_cpu_pct|proxy CPU % (iperf3 8 streams)|"
     "cps_proxy_cpu_pct|proxy CPU % (cps)|"
-    "latency_proxy_cpu_pct|proxy CPU % (latency)|"
+    "latency1_proxy_cpu_pct|proxy CPU % (latency, 1 conn)|"
+    "latency_proxy_cpu_pct|proxy CPU % (latency, ${LATENCY_CONNECTIONS} conns)|"
 )
 val() { echo "${M["$1 $2"]:--}"; }
+num() { # readable figure: integers from 100 up, else 3 significant digits
+    [[ $1 == - ]] && { echo -; return; }
+    awk -v v="$1" 'BEGIN { a = v < 0 ? -v : v; if (a >= 100) printf "%.0f", v; else if (a >= 10) printf "%.1f", v; else printf "%.2f", v }'
+}
 ratio() { # lb haproxy
     local a=$1 b=$2
     if [[ $a == - || $b == - ]]; then echo -; else awk -v a="$a" -v b="$b" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'; fi
@@ -390,14 +429,16 @@ ratio() { # lb haproxy
     for row in "${ROWS[@]}"; do
         IFS='|' read -r key title target <<<"$row"
         printf '%-34s' "$title"
-        for n in "${ALL[@]}"; do printf '%16s' "$(val "$n" "$key")"; done
+        for n in "${ALL[@]}"; do printf '%16s' "$(num "$(val "$n" "$key")")"; done
         for n in "${LBS[@]}"; do printf '%16s' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
         printf '  %s\n' "$target"
     done
 } | tee "$RESULTS/table.txt"
 ((LB_OK)) || echo "warren-lb UNAVAILABLE: $LB_WHY" | tee -a "$RESULTS/table.txt"
 
+MEDIANS=$(for k in "${!M[@]}"; do printf '%s\t%s\t%s\n' "${k%% *}" "${k#* }" "${M[$k]}"; done | sort)
 jq -n -R \
+    --arg medians "$MEDIANS" \
     --arg date "$STAMP" \
     --arg nproc "$(nproc)" \
     --arg cpu "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n1)" \
@@ -406,21 +447,26 @@ jq -n -R \
     --arg iperf3 "$(iperf3 --version 2>&1 | head -n1)" \
     --arg rev "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --arg uptime_start "$UPTIME_START" --arg uptime_end "$UPTIME_END" \
-    --arg duration "$DURATION" --arg idle "$IDLE" --arg nofile "$NOFILE" \
+    --arg duration "$DURATION" --arg rounds "$ROUNDS" --arg idle "$IDLE" --arg nofile "$NOFILE" \
     --arg haproxy_maxconn "$HAPROXY_MAXCONN" --arg lb_ok "$LB_OK" --arg lb_why "$LB_WHY" \
-    --arg lb_threads_how "$LB_THREADS_HOW" --arg tool_threads "$TOOL_THREADS" \
+    --arg lb_threads_how "$LB_THREADS_HOW" --arg tool_threads "$TOOL_THREADS" --arg pin "$PIN" --arg nice "${BENCH_NICE:-0}" --arg splice "$HAPROXY_SPLICE" \
     --arg cps_conc "$CPS_CONCURRENCY" --arg lat_conns "$LATENCY_CONNECTIONS" --arg size "$SIZE" \
     '{
       date: $date, nproc: ($nproc | tonumber), cpu: $cpu, kernel: $kernel, haproxy: $haproxy,
       iperf3: $iperf3, git: $rev, uptime_start: $uptime_start, uptime_end: $uptime_end,
-      settings: { duration_s: ($duration | tonumber), idle_connections: ($idle | tonumber),
+      settings: { duration_s: ($duration | tonumber), rounds: ($rounds | tonumber),
+                  idle_connections: ($idle | tonumber),
                   nofile: ($nofile | tonumber), haproxy_maxconn: ($haproxy_maxconn | tonumber),
                   tool_threads: ($tool_threads | tonumber), cps_concurrency: ($cps_conc | tonumber),
                   latency_connections: ($lat_conns | tonumber), size: ($size | tonumber),
-                  warren_lb_threads_via: $lb_threads_how },
+                  warren_lb_threads_via: $lb_threads_how, pinned: ($pin == "1"), nice: ($nice | tonumber),
+                  haproxy_splice: ($splice == "1") },
       warren_lb_available: ($lb_ok == "1"), warren_lb_unavailable_reason: $lb_why,
-      results: ([inputs | split("\t") | {t: .[0], k: .[1], v: (.[2] | tonumber? // .)}]
+      results: ($medians | split("\n") | map(select(length > 0) | split("\t")
+                | {t: .[0], k: .[1], v: (.[2] | tonumber? // .)})
                 | group_by(.t) | map({key: .[0].t, value: (map({key: .k, value: .v}) | from_entries)})
-                | from_entries)
-    }' <"$TSV" >"$RESULTS/summary.json"
+                | from_entries),
+      rounds: ([inputs | split("\t") | {r: (.[0] | tonumber), t: .[1], k: .[2], v: (.[3] | tonumber? // .)}])
+    }' \
+    <"$TSV" >"$RESULTS/summary.json"
 log "results: $RESULTS (summary.json, table.txt, raw/)"
