@@ -283,7 +283,11 @@ def tls_files(tmp_path_factory) -> TlsFiles:
 
 
 def _session_broker(tmp_path_factory, tls_files: TlsFiles, with_tls: bool):
-    tmp = tmp_path_factory.mktemp(f"{TARGET}-broker")
+    return start_target(tmp_path_factory.mktemp(f"{TARGET}-broker"), tls_files, with_tls)
+
+
+def start_target(tmp: Path, tls_files: TlsFiles, with_tls: bool = False) -> Broker:
+    """A new broker of the selected target, in `tmp`. The caller stops it (stop_process)."""
     if TARGET == "rabbitmq":
         b = start_rabbitmq(tmp, (tls_files.cert, tls_files.key, tls_files.ca))
     elif TARGET == "warren":
