@@ -109,16 +109,19 @@ async fn client_half_close_still_gets_the_full_response() {
 #[tokio::test]
 async fn backend_half_close_lets_the_client_keep_sending() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let b = backend_on("127.0.0.1:0".parse().unwrap(), move |mut s: TcpStream| {
-        let tx = tx.clone();
-        async move {
-            s.write_all(b"greeting").await.unwrap();
-            s.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).await.unwrap();
-            tx.send(rest).unwrap();
-        }
-    })
+    let b = backend_on(
+        "127.0.0.1:0".parse().unwrap(),
+        move |mut s: TcpStream, _| {
+            let tx = tx.clone();
+            async move {
+                s.write_all(b"greeting").await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await.unwrap();
+                tx.send(rest).unwrap();
+            }
+        },
+    )
     .await;
     let lb = start(config(vec![listener("bhc", &[b.addr])])).await;
     let mut s = TcpStream::connect(lb.addr("bhc")).await.unwrap();

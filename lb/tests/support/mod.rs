@@ -135,10 +135,12 @@ impl EventWaiter {
 
 // ---------------------------------------------------------------- backends
 
-/// A test backend: counts accepted connections and live ones; `kill` closes everything.
+/// A test backend: counts accepted connections, live ones, and served ones (that carried
+/// payload, unlike health checks); `kill` closes everything.
 pub struct Backend {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    pub served: Arc<AtomicUsize>,
     pub live: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -146,6 +148,11 @@ pub struct Backend {
 impl Backend {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that carried payload (health checks excluded).
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
     }
 
     /// Stops listening and drops every connection; returns the address for a revival.
@@ -156,17 +163,19 @@ impl Backend {
     }
 }
 
-/// Runs `serve` for every connection accepted on `addr`.
+/// Runs `serve` for every connection accepted on `addr`; `serve` counts payload connections on
+/// the counter it is given.
 pub async fn backend_on<F, Fut>(addr: SocketAddr, serve: F) -> Backend
 where
-    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    F: Fn(TcpStream, Arc<AtomicUsize>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let l = TcpListener::bind(addr).await.expect("bind backend");
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let live = Arc::new(AtomicUsize::new(0));
-    let (a, lv) = (accepted.clone(), live.clone());
+    let served = Arc::new(AtomicUsize::new(0));
+    let (a, lv, sv) = (accepted.clone(), live.clone(), served.clone());
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {
@@ -176,7 +185,7 @@ where
                     a.fetch_add(1, Ordering::SeqCst);
                     lv.fetch_add(1, Ordering::SeqCst);
                     let lv = lv.clone();
-                    let f = serve(s);
+                    let f = serve(s, sv.clone());
                     conns.spawn(async move {
                         f.await;
                         lv.fetch_sub(1, Ordering::SeqCst);
@@ -189,18 +198,23 @@ where
     Backend {
         addr,
         accepted,
+        served,
         live,
         task,
     }
 }
 
 /// Echoes until EOF, then shuts down its write side (half-close aware).
-pub async fn echo(mut s: TcpStream) {
+pub async fn echo(mut s: TcpStream, served: Arc<AtomicUsize>) {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut first = true;
     loop {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if std::mem::take(&mut first) {
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
                 if s.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -220,26 +234,34 @@ pub async fn echo_backend_on(addr: SocketAddr) -> Backend {
 
 /// An HTTP backend for health checks: answers `GET /health` with `status`, echoes anything else.
 pub async fn http_backend(status: Arc<AtomicU16>) -> Backend {
-    backend_on("127.0.0.1:0".parse().unwrap(), move |mut s: TcpStream| {
-        let status = status.clone();
-        async move {
-            let mut buf = vec![0u8; 4096];
-            let Ok(n) = s.read(&mut buf).await else {
-                return;
-            };
-            if buf[..n].starts_with(b"GET /health") {
-                let code = status.load(Ordering::SeqCst);
-                let resp =
-                    format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                let _ = s.write_all(resp.as_bytes()).await;
-                return;
+    backend_on(
+        "127.0.0.1:0".parse().unwrap(),
+        move |mut s: TcpStream, served| {
+            let status = status.clone();
+            async move {
+                let mut buf = vec![0u8; 4096];
+                let Ok(n) = s.read(&mut buf).await else {
+                    return;
+                };
+                if buf[..n].starts_with(b"GET /health") {
+                    let code = status.load(Ordering::SeqCst);
+                    let resp = format!(
+                        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    return;
+                }
+                if n == 0 {
+                    return;
+                }
+                served.fetch_add(1, Ordering::SeqCst);
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                echo(s, Arc::new(AtomicUsize::new(0))).await
             }
-            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-            echo(s).await
-        }
-    })
+        },
+    )
     .await
 }
 
@@ -247,7 +269,7 @@ pub async fn http_backend(status: Arc<AtomicU16>) -> Backend {
 pub async fn amqp_backend(reply: &'static [u8]) -> Backend {
     backend_on(
         "127.0.0.1:0".parse().unwrap(),
-        move |mut s: TcpStream| async move {
+        move |mut s: TcpStream, _| async move {
             let mut hdr = [0u8; 8];
             if s.read_exact(&mut hdr).await.is_err() {
                 return;
@@ -269,22 +291,25 @@ pub const CONNECTION_START: &[u8] = &[1, 0, 0, 0, 0, 0, 4, 0, 10, 0, 10, 0xCE];
 /// `marker`, then echoes.
 pub async fn capture_backend(marker: &'static [u8]) -> (Backend, mpsc::UnboundedReceiver<Vec<u8>>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let b = backend_on("127.0.0.1:0".parse().unwrap(), move |mut s: TcpStream| {
-        let tx = tx.clone();
-        async move {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.ends_with(marker) {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
+    let b = backend_on(
+        "127.0.0.1:0".parse().unwrap(),
+        move |mut s: TcpStream, served| {
+            let tx = tx.clone();
+            async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(marker) {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
                 }
+                let _ = tx.send(got);
+                let _ = s.write_all(marker).await;
+                echo(s, served).await
             }
-            let _ = tx.send(got);
-            let _ = s.write_all(marker).await;
-            echo(s).await
-        }
-    })
+        },
+    )
     .await;
     (b, rx)
 }
