@@ -1,5 +1,7 @@
 //! The admin API, one test per endpoint.
 
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Draining: deregistered backends keep live connections until they end or drain_timeout;
 //! in-process graceful shutdown.
 
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
+
 mod support;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! Health checks: thresholds, tcp / http / amqp checks, rotation, fail open.
 
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
+
 mod support;
 
 use std::sync::atomic::{AtomicU16, Ordering};

@@ -1,6 +1,8 @@
 //! Data path: balancing, half-close, idle timeout styles, connect failover, max_connections,
 //! PROXY protocol headers, periodic reset.
 
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
+
 mod support;
 
 use std::time::Duration;

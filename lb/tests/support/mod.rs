@@ -1,6 +1,6 @@
 //! Shared helpers of the lb integration tests: in-process warren-lb, test backends on port 0,
 //! a raw HTTP/1.1 client for the admin API, and event waiting.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // test-only helpers: a failed unwrap is a failed test
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
