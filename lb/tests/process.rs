@@ -316,3 +316,13 @@ async fn a_second_sigterm_exits_at_once() {
     p.signal("-TERM");
     assert_eq!(p.exit_code().await, Some(1));
 }
+
+#[tokio::test]
+async fn the_example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/lb.toml");
+    let (code, out, err) = check_config(&path).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let cfg = warren_lb::Config::load(&path).unwrap();
+    assert_eq!(cfg.listeners.len(), 2);
+    assert_eq!(cfg.listeners[0].faults[0].name, "elb-periodic");
+}
