@@ -105,19 +105,26 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cli.cmd, json))
 }
 
+/// One line on stdout or stderr, flushed; a closed pipe (`| head`) is not an error worth a panic.
+fn line(to_stderr: bool, text: &str) {
+    use std::io::Write;
+    let _ = if to_stderr {
+        writeln!(std::io::stderr().lock(), "{text}")
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}").and_then(|()| out.flush())
+    };
+}
+
 /// Human lines: stdout normally, stderr when stdout carries JSON.
 fn say(json: bool, text: &str) {
-    if json {
-        eprintln!("{text}");
-    } else {
-        println!("{text}");
-    }
+    line(json, text);
 }
 
 fn emit(json: bool, human: String, value: serde_json::Value) {
     say(json, &human);
     if json {
-        println!("{value}");
+        line(false, &value.to_string());
     }
 }
 
@@ -132,10 +139,13 @@ async fn run(cmd: Cmd, json: bool) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr().context("reading the bound address")?;
-            // always on stdout, flushed by println, so a script can read it back
-            println!("listening addr={addr}");
+            // always on stdout, flushed, so a script can read it back
+            line(false, &format!("listening addr={addr}"));
             let accepted = echo::serve(listener, echo::Config { buffer, lifetime }).await?;
-            eprintln!("echo-server: lifetime over after {accepted} connections");
+            line(
+                true,
+                &format!("echo-server: lifetime over after {accepted} connections"),
+            );
         }
         Cmd::Cps {
             target,
