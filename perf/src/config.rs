@@ -58,7 +58,7 @@ pub struct Args {
     /// Bytes of publishes a producer writes per syscall at most.
     #[arg(long, default_value_t = 64 * 1024)]
     pub batch_bytes: usize,
-    /// Worker threads of the runtime (default: number of CPUs).
+    /// Threads driving the connections (default 1: all on the calling thread).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Broker process id: report its CPU time per message and memory (from /proc).

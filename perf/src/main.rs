@@ -30,10 +30,16 @@ fn main() -> ExitCode {
 }
 
 fn real_main(args: &Args, cfg: &Config) -> anyhow::Result<bool> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n.max(1));
-    }
+    // One thread (the default) runs every connection on the calling thread: no cross-thread
+    // wake-ups, and the other core stays with the broker. More threads use tokio's scheduler.
+    let mut rt = match args.threads {
+        None | Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
     let rt = rt.enable_all().build().context("tokio runtime")?;
     let progress = if args.json {
         ProgressTo::Stderr

@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# Broker benchmark: warren-broker vs RabbitMQ (Debian's rabbitmq-server package), side by side in one
+# run on this machine, loopback only, both driven by warren-perf with --broker-pid.
+#
+#   bench/broker-bench.sh                 # full run, about 2 minutes
+#   DURATION=3 bench/broker-bench.sh      # quick check of the script itself
+#
+# Scenarios (1 producer, 1 consumer, one connection each):
+#   transient   16-byte transient messages, no confirms, auto-ack (throughput, broker CPU per message)
+#   confirm100  1 KiB persistent messages to a durable queue, confirms with 100 in flight, manual
+#               acks (prefetch 500, one multiple-ack per 50)
+#   confirm1    1 KiB persistent messages, one confirmed message in flight (py-amqp/Celery pattern),
+#               auto-ack consumer: confirm round trip
+# RabbitMQ runs as a foreground node of our own (temp dirs, free ports, no plugins, so no management
+# plugin); warren-broker runs from the release build. If warren-broker does not build or start, this is
+# reported and RabbitMQ is still measured. Prints a table and writes JSON under $RESULTS. Everything it
+# starts is stopped on exit.
+#
+# Environment (all optional):
+#   DURATION=12           seconds per scenario and broker
+#   SCENARIOS="transient confirm100 confirm1"
+#   BROKERS="rabbitmq warren"
+#   ROUNDS=1              repeat every scenario, brokers alternating (all rounds kept, table = medians)
+#   PERF_THREADS=1        warren-perf threads (1 = everything on one thread, least client CPU)
+#   RESULTS=dir           where JSON goes (default $CARGO_TARGET_DIR/broker-bench/<UTC time>)
+#   CARGO_TARGET_DIR      where the release binaries are built (default target/)
+#   SKIP_BUILD=1          use the binaries already built
+#   WARREN_ARGS="..."     extra warren-broker arguments
+#   STOP_SYSTEM_RABBITMQ=1  stop a running system rabbitmq-server service first (default 1)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-12}
+SCENARIOS=${SCENARIOS:-transient confirm100 confirm1}
+BROKERS=${BROKERS:-rabbitmq warren}
+ROUNDS=${ROUNDS:-1}
+PERF_THREADS=${PERF_THREADS:-1}
+STOP_SYSTEM_RABBITMQ=${STOP_SYSTEM_RABBITMQ:-1}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=${RESULTS:-$TARGET_DIR/broker-bench/$STAMP}
+BIN=$TARGET_DIR/release
+RABBIT_SBIN=${RABBIT_SBIN:-/usr/lib/rabbitmq/bin}
+
+log() { printf '[broker-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for tool in jq ss timeout python3; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+
+# ---------------------------------------------------------------- cleanup: stop what we started
+WORK=$(mktemp -d /tmp/broker-bench.XXXXXX)
+PIDS=()
+RABBIT_NODE=""
+RABBIT_PID=""
+EPMD_BEFORE=$(pgrep -x epmd || true)
+cleanup() {
+    local pid
+    if [[ -n $RABBIT_NODE && -n $RABBIT_PID ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
+        log "stopping RabbitMQ node $RABBIT_NODE"
+        timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+    fi
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # epmd: only if this run started it.
+    if [[ -z $EPMD_BEFORE ]]; then
+        for pid in $(pgrep -x epmd || true); do kill -TERM "$pid" 2>/dev/null || true; done
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+mkdir -p "$RESULTS"
+
+# ---------------------------------------------------------------- build
+WARREN_OK=1
+WARREN_WHY=""
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    log "building warren-broker and warren-perf (release)"
+    if ! (cd "$ROOT" && cargo build --release -p warren-broker -p warren-perf) >"$WORK/build.log" 2>&1; then
+        tail -20 "$WORK/build.log" >&2
+        log "warren-broker does not build: measuring RabbitMQ only"
+        WARREN_OK=0
+        WARREN_WHY="does not build"
+        (cd "$ROOT" && cargo build --release -p warren-perf) >"$WORK/build-perf.log" 2>&1 ||
+            { tail -20 "$WORK/build-perf.log" >&2; die "warren-perf does not build"; }
+    fi
+fi
+PERF=$BIN/warren-perf
+[[ -x $PERF ]] || die "$PERF missing (build it or unset SKIP_BUILD)"
+if [[ $WARREN_OK == 1 && ! -x $BIN/warren-broker ]]; then
+    WARREN_OK=0
+    WARREN_WHY="binary missing"
+fi
+
+# ---------------------------------------------------------------- RabbitMQ
+start_rabbitmq() {
+    if [[ $STOP_SYSTEM_RABBITMQ == 1 ]] && pgrep -f 'beam.*rabbit@' >/dev/null 2>&1; then
+        log "stopping the system rabbitmq-server service"
+        service rabbitmq-server stop >/dev/null 2>&1 || true
+    fi
+    local port dist dir
+    port=$(free_port)
+    dist=$(free_port)
+    dir=$WORK/rabbitmq
+    mkdir -p "$dir/mnesia" "$dir/log"
+    echo '[].' >"$dir/enabled_plugins"
+    RABBIT_NODE="bench-$$@localhost"
+    log "starting RabbitMQ node $RABBIT_NODE on 127.0.0.1:$port (no plugins)"
+    RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$port \
+        RABBITMQ_NODENAME=$RABBIT_NODE RABBITMQ_DIST_PORT=$dist \
+        RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins RABBITMQ_PID_FILE=$dir/pid \
+        RABBITMQ_CONFIG_FILE=$dir/rabbitmq RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+        ERL_EPMD_ADDRESS=127.0.0.1 \
+        "$RABBIT_SBIN/rabbitmq-server" >"$WORK/rabbitmq.out" 2>&1 &
+    PIDS+=($!)
+    local i
+    for ((i = 0; i < 120; i++)); do
+        if ss -ltn "sport = :$port" | grep -q LISTEN && [[ -s $dir/pid ]]; then
+            RABBIT_PID=$(cat "$dir/pid")
+            RABBIT_URI="amqp://guest:guest@127.0.0.1:$port/%2f"
+            RABBIT_VERSION=$(sed -n 's/.*RabbitMQ \([0-9][0-9.]*\).*/\1/p' "$WORK/rabbitmq.out" | head -1)
+            log "RabbitMQ ${RABBIT_VERSION:-?} up, beam pid $RABBIT_PID"
+            return 0
+        fi
+        sleep 0.5
+    done
+    tail -30 "$WORK/rabbitmq.out" >&2
+    die "RabbitMQ did not start"
+}
+
+# ---------------------------------------------------------------- warren-broker
+start_warren() {
+    local args=(--amqp 127.0.0.1:0)
+    local help flag
+    help=$("$BIN/warren-broker" --help 2>&1 || true)
+    # Keep its other listeners off the default ports when it has them.
+    for flag in --mgmt --prometheus --cluster-listen; do
+        grep -q -- "$flag" <<<"$help" && args+=("$flag" 127.0.0.1:0)
+    done
+    grep -q -- "--data-dir" <<<"$help" && args+=(--data-dir "$WORK/warren-data")
+    # shellcheck disable=SC2206
+    args+=(${WARREN_ARGS:-})
+    log "starting warren-broker ${args[*]}"
+    "$BIN/warren-broker" "${args[@]}" 2>"$WORK/warren.log" >/dev/null &
+    WARREN_PID=$!
+    PIDS+=("$WARREN_PID")
+    local i addr
+    for ((i = 0; i < 100; i++)); do
+        addr=$(sed -n 's/.*listening proto=amqp addr=\([^ ]*\).*/\1/p' "$WORK/warren.log" | head -1)
+        if [[ -n $addr ]]; then
+            WARREN_URI="amqp://guest:guest@$addr/%2f"
+            log "warren-broker up on $addr, pid $WARREN_PID"
+            return 0
+        fi
+        if ! kill -0 "$WARREN_PID" 2>/dev/null; then break; fi
+        sleep 0.2
+    done
+    tail -20 "$WORK/warren.log" >&2
+    WARREN_OK=0
+    WARREN_WHY="does not start (no 'listening proto=amqp' line)"
+    log "warren-broker $WARREN_WHY: measuring RabbitMQ only"
+    return 0
+}
+
+[[ " $BROKERS " == *" rabbitmq "* ]] && start_rabbitmq
+if [[ " $BROKERS " == *" warren "* ]]; then
+    [[ $WARREN_OK == 1 ]] && start_warren
+else
+    WARREN_OK=0
+    WARREN_WHY="not selected"
+fi
+
+# ---------------------------------------------------------------- scenarios
+scenario_args() {
+    case $1 in
+        transient) echo "-x 1 -y 1 -s 16 -a" ;;
+        confirm100) echo "-x 1 -y 1 -s 1024 -f persistent -c 100 -q 500 --multi-ack-every 50" ;;
+        confirm1) echo "-x 1 -y 1 -s 1024 -f persistent -c 1 -a" ;;
+        *) die "unknown scenario $1" ;;
+    esac
+}
+
+run_one() { # broker scenario round
+    local broker=$1 sc=$2 round=$3 uri pid out
+    case $broker in
+        rabbitmq) uri=$RABBIT_URI pid=$RABBIT_PID ;;
+        warren)
+            if [[ $WARREN_OK != 1 ]]; then return 0; fi
+            uri=$WARREN_URI pid=$WARREN_PID
+            ;;
+    esac
+    out=$RESULTS/$sc-$broker-r$round.json
+    local args
+    read -r -a args <<<"$(scenario_args "$sc")"
+    local l0 l1
+    l0=$(load)
+    log "$sc on $broker (round $round): warren-perf ${args[*]} -z $DURATION  [load $l0]"
+    if timeout $((DURATION + 60)) "$PERF" --uri "$uri" "${args[@]}" -z "$DURATION" \
+        -u "bench-$sc" --threads "$PERF_THREADS" --broker-pid "$pid" --label "$broker" \
+        --json-out "$out.tmp" | sed 's/^/    /' >&2; then
+        :
+    else
+        log "warren-perf failed on $broker/$sc (exit ${PIPESTATUS[0]})"
+    fi
+    l1=$(load)
+    if [[ -s $out.tmp ]]; then
+        jq --arg sc "$sc" --arg b "$broker" --argjson r "$round" --arg l0 "$l0" --arg l1 "$l1" \
+            '. + {scenario: $sc, broker: $b, round: $r, loadavg_before: $l0, loadavg_after: $l1}' \
+            "$out.tmp" >"$out"
+        rm -f "$out.tmp"
+    fi
+    if [[ $broker == warren ]] && ! kill -0 "$WARREN_PID" 2>/dev/null; then
+        tail -20 "$WORK/warren.log" >&2
+        WARREN_OK=0
+        WARREN_WHY="exited during $sc"
+        log "warren-broker $WARREN_WHY"
+    fi
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    for sc in $SCENARIOS; do
+        for b in $BROKERS; do run_one "$b" "$sc" "$round"; done
+        sleep 1
+    done
+done
+
+# ---------------------------------------------------------------- report
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+MEM_GIB=$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)
+shopt -s nullglob
+runs=("$RESULTS"/*-r*.json)
+jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg nproc "$(nproc)" \
+    --arg mem "$MEM_GIB" --arg rabbit "${RABBIT_VERSION:-}" --arg duration "$DURATION" \
+    --arg warren_ok "$WARREN_OK" --arg warren_why "$WARREN_WHY" \
+    '{date: $date, machine: {cpu: $cpu, nproc: ($nproc | tonumber), mem_gib: ($mem | tonumber)},
+      rabbitmq_version: $rabbit, duration_s: ($duration | tonumber),
+      warren_broker: (if $warren_ok == "1" then "measured" else "not measured: " + $warren_why end),
+      runs: .}' "${runs[@]}" >"$RESULTS/results.json"
+
+# Medians over rounds, one row per scenario and broker.
+TABLE=$(jq -r '
+  def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+  def f(d): if . == null then "-" else (. * pow(10; d) | round / pow(10; d) | tostring) end;
+  .runs | group_by(.scenario, .broker) | map({
+      scenario: .[0].scenario, broker: .[0].broker,
+      sent: (map(.sent_rate) | median), recv: (map(.received_rate) | median),
+      cp50: (map(.confirm_latency_us.p50) | median), cp99: (map(.confirm_latency_us.p99) | median),
+      rp50: (map(.consumer_latency_us.p50) | median), rp99: (map(.consumer_latency_us.p99) | median),
+      bcpu: (map(.broker_cpu.us_per_msg) | median), pcpu: (map(.perf_cpu.us_per_msg) | median),
+      rss: (map(.broker_rss_kib) | median), load: (map(.loadavg_before) | .[0])})
+  | sort_by(.scenario, .broker) | .[]
+  | [.scenario, .broker, (.sent | f(0)), (.recv | f(0)),
+     "\(.cp50 | f(1)) / \(.cp99 | f(1))", "\(.rp50 | f(1)) / \(.rp99 | f(1))",
+     (.bcpu | f(2)), (.pcpu | f(3)), (if .rss == null then "-" else (.rss / 1024 | f(0)) end), .load]
+  | @tsv' "$RESULTS/results.json")
+
+{
+    echo
+    echo "warren-perf, ${DURATION}s per run, $(nproc) CPUs ($CPU_MODEL), RabbitMQ ${RABBIT_VERSION:-?}, warren-broker: $( [[ $WARREN_OK == 1 ]] && echo measured || echo "NOT MEASURED ($WARREN_WHY)")"
+    printf '%s\n' "scenario	broker	sent msg/s	recv msg/s	confirm p50/p99 µs	consumer p50/p99 µs	broker CPU µs/msg	perf CPU µs/msg	broker RSS MiB	load before" \
+        "$TABLE" | column -t -s $'\t'
+    echo
+    echo "JSON: $RESULTS/results.json"
+} | tee "$RESULTS/table.txt"
