@@ -1,1 +1,246 @@
-//! warren-broker: AMQP 0-9-1 broker (see README).
+//! warren-broker: a lightweight AMQP 0-9-1 broker, wire compatible with RabbitMQ clients.
+//!
+//! # Layout
+//! - [`config`]: CLI/TOML configuration (same key names as the flags).
+//! - [`error`]: soft ([`error::ChannelError`]) vs hard ([`error::ConnectionError`]) AMQP errors.
+//! - [`codec`]: pure frame decode/encode on byte slices (amq-protocol underneath).
+//! - [`connection`]: `state.rs` is the sans-io connection state machine, `mod.rs` the async shell
+//!   that owns the socket, `session.rs` the per-connection broker context.
+//! - [`channel`]: per-channel bookkeeping (delivery tags, unacked, confirms, tx).
+//! - [`class`]: one handler file per AMQP class, dispatched from a single `match`.
+//! - [`exchange`]: pure routing (direct, fanout, topic, headers).
+//! - [`queue`]: the queue actor (messages, consumers, acks, TTL, DLX, overflow).
+//! - [`vhost`]: registry of exchanges and queues, the routing snapshot.
+//! - [`auth`]: users, vhosts, permissions.
+//! - [`store`]: the durability hook every queue state change goes through.
+//! - [`tls`]: AMQPS listener configuration.
+//! - [`shutdown`]: signal handling.
+//!
+//! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
+
+pub mod auth;
+pub mod channel;
+pub mod class;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod exchange;
+pub mod queue;
+pub mod shutdown;
+pub mod store;
+pub mod tls;
+pub mod vhost;
+
+use crate::auth::AuthDb;
+use crate::config::Config;
+use crate::vhost::Vhost;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+/// Errors while starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct BrokerShared {
+    pub config: Config,
+    pub auth: Arc<AuthDb>,
+    pub vhosts: HashMap<String, Arc<Vhost>>,
+    pub next_conn_id: AtomicU64,
+    pub connections: AtomicUsize,
+}
+
+/// The broker before binding.
+pub struct Broker;
+
+/// A broker with its sockets bound, not yet serving.
+pub struct Bound {
+    pub amqp_addrs: Vec<SocketAddr>,
+    pub amqps_addrs: Vec<SocketAddr>,
+    pub shared: Arc<BrokerShared>,
+    amqp: Vec<TcpListener>,
+    amqps: Vec<TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Broker {
+    /// Validates the config and binds every listener (port 0 allowed); logs the bound
+    /// addresses (`listening proto=amqp addr=...`).
+    pub async fn bind(cfg: Config) -> Result<Bound, StartError> {
+        cfg.validate()?;
+        for (flag, addrs) in [
+            ("mgmt", &cfg.mgmt),
+            ("prometheus", &cfg.prometheus),
+            ("cluster-listen", &cfg.cluster_listen),
+        ] {
+            if !addrs.is_empty() {
+                warn!(flag, "listener accepted but not implemented yet; not bound");
+            }
+        }
+        if !cfg.join.is_empty() {
+            warn!("--join accepted but clustering is not implemented yet");
+        }
+        let tls = if cfg.amqps.is_empty() {
+            None
+        } else {
+            Some(tls::acceptor(&cfg).map_err(StartError::Tls)?)
+        };
+        let mut amqp = Vec::new();
+        let mut amqp_addrs = Vec::new();
+        for a in &cfg.amqp {
+            let l = TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            let addr = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            info!(proto = %"amqp", addr = %addr, "listening");
+            amqp_addrs.push(addr);
+            amqp.push(l);
+        }
+        let mut amqps = Vec::new();
+        let mut amqps_addrs = Vec::new();
+        for a in &cfg.amqps {
+            let l = TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            let addr = l
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            info!(proto = %"amqps", addr = %addr, "listening");
+            amqps_addrs.push(addr);
+            amqps.push(l);
+        }
+        let auth = Arc::new(AuthDb::from_config(&cfg));
+        let vhosts = auth
+            .vhosts()
+            .iter()
+            .map(|v| (v.clone(), Vhost::new(v)))
+            .collect();
+        let shared = Arc::new(BrokerShared {
+            config: cfg,
+            auth,
+            vhosts,
+            next_conn_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        });
+        Ok(Bound {
+            amqp_addrs,
+            amqps_addrs,
+            shared,
+            amqp,
+            amqps,
+            tls,
+        })
+    }
+}
+
+impl Bound {
+    /// Serves until `shutdown` is cancelled; then every client gets connection.close 320 and
+    /// the call returns once they are gone (or the grace period ends).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        for l in self.amqp {
+            tracker.spawn(accept_loop(
+                l,
+                None,
+                self.shared.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        for l in self.amqps {
+            tracker.spawn(accept_loop(
+                l,
+                self.tls.clone(),
+                self.shared.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        shutdown.cancelled().await;
+        tracker.close();
+        let grace = Duration::from_millis(self.shared.config.shutdown_grace_ms);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!("shutdown grace period over; dropping remaining connections");
+        }
+        info!("broker stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<BrokerShared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let max = shared.config.max_connections as usize;
+        if max > 0 && shared.connections.load(Ordering::Relaxed) >= max {
+            warn!(%peer, "max-connections reached; refusing connection");
+            drop(sock);
+            continue;
+        }
+        let _ = sock.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let span = tracing::info_span!("conn", peer = %peer, vhost = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                shared.connections.fetch_add(1, Ordering::Relaxed);
+                serve_stream(sock, peer, tls, shared.clone(), shutdown).await;
+                shared.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_stream(
+    sock: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<BrokerShared>,
+    shutdown: CancellationToken,
+) {
+    match tls {
+        None => connection::serve(sock, peer, shared, shutdown).await,
+        Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {
+            Ok(Ok(stream)) => connection::serve(stream, peer, shared, shutdown).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
+            Err(_) => tracing::debug!("tls handshake timed out"),
+        },
+    }
+}

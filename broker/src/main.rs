@@ -1,1 +1,132 @@
-fn main() {}
+//! warren-broker binary: parse flags, load config, start logging, bind, run.
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+use warren_broker::config::Config;
+use warren_broker::Broker;
+
+/// Lightweight AMQP 0-9-1 broker, wire compatible with RabbitMQ clients.
+#[derive(Debug, Parser)]
+#[command(name = "warren-broker", version)]
+struct Cli {
+    /// TOML config file; keys have the same names as these flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Node name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// AMQP listener (repeatable; default 127.0.0.1:5672 and [::1]:5672; port 0 allowed).
+    #[arg(long)]
+    amqp: Vec<SocketAddr>,
+    /// AMQPS listener (repeatable; needs --tls-cert and --tls-key).
+    #[arg(long)]
+    amqps: Vec<SocketAddr>,
+    /// PEM certificate chain for AMQPS.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for AMQPS.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Data directory (durability is not implemented yet: accepted, unused).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Management HTTP listener (accepted but NOT served yet).
+    #[arg(long)]
+    mgmt: Vec<SocketAddr>,
+    /// Prometheus listener (accepted but NOT served yet).
+    #[arg(long)]
+    prometheus: Vec<SocketAddr>,
+    /// Inter-node listener (accepted but clustering is NOT implemented yet).
+    #[arg(long)]
+    cluster_listen: Vec<SocketAddr>,
+    /// Node to join (accepted but clustering is NOT implemented yet).
+    #[arg(long)]
+    join: Vec<String>,
+    /// Shared cluster secret file (accepted but clustering is NOT implemented yet).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn merge(cli: Cli, mut cfg: Config) -> Config {
+    if let Some(v) = cli.node_name {
+        cfg.node_name = v;
+    }
+    if !cli.amqp.is_empty() {
+        cfg.amqp = cli.amqp;
+    }
+    if !cli.amqps.is_empty() {
+        cfg.amqps = cli.amqps;
+    }
+    if cli.tls_cert.is_some() {
+        cfg.tls_cert = cli.tls_cert;
+    }
+    if cli.tls_key.is_some() {
+        cfg.tls_key = cli.tls_key;
+    }
+    if let Some(v) = cli.data_dir {
+        cfg.data_dir = v;
+    }
+    if !cli.mgmt.is_empty() {
+        cfg.mgmt = cli.mgmt;
+    }
+    if !cli.prometheus.is_empty() {
+        cfg.prometheus = cli.prometheus;
+    }
+    if !cli.cluster_listen.is_empty() {
+        cfg.cluster_listen = cli.cluster_listen;
+    }
+    if !cli.join.is_empty() {
+        cfg.join = cli.join;
+    }
+    if cli.cluster_secret_file.is_some() {
+        cfg.cluster_secret_file = cli.cluster_secret_file;
+    }
+    if cli.log.is_some() {
+        cfg.log = cli.log;
+    }
+    cfg
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let check = cli.check_config;
+    let base = match &cli.config {
+        Some(p) => Config::from_file(p).with_context(|| format!("loading {}", p.display()))?,
+        None => Config::default(),
+    };
+    let cfg = merge(cli, base);
+    cfg.validate().context("invalid configuration")?;
+    if check {
+        println!("config ok");
+        return Ok(());
+    }
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| cfg.log.clone())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting runtime")?;
+    rt.block_on(async move {
+        let bound = Broker::bind(cfg).await.context("starting broker")?;
+        let token = CancellationToken::new();
+        warren_broker::shutdown::install(token.clone());
+        bound.run(token).await;
+        anyhow::Ok(())
+    })
+}

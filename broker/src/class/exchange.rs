@@ -1,0 +1,121 @@
+//! exchange.declare / delete / bind / unbind.
+
+use super::enc;
+use crate::connection::session::{PermKind, Session};
+use crate::error::{AmqpError, ChannelError};
+use crate::exchange::{Destination, ExchangeKind};
+use amq_protocol::protocol::{exchange, AMQPClass};
+
+fn default_exchange_refused() -> ChannelError {
+    ChannelError::access_refused("operation not permitted on the default exchange")
+}
+
+pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
+    let vhost = s.vhost()?;
+    match m {
+        exchange::AMQPMethod::Declare(d) => {
+            let name = d.exchange.as_str();
+            if d.passive {
+                if vhost.exchange(name).is_none() {
+                    return Err(ChannelError::not_found(format!(
+                        "no exchange '{name}' in vhost '{}'",
+                        vhost.name
+                    ))
+                    .into());
+                }
+            } else {
+                let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
+                    ChannelError::precondition_failed(format!("unknown exchange type '{}'", d.kind))
+                })?;
+                if name.is_empty() {
+                    return Err(default_exchange_refused().into());
+                }
+                s.check_perm(PermKind::Configure, "exchange", name)?;
+                if name.starts_with("amq.") && vhost.exchange(name).is_none() {
+                    return Err(ChannelError::access_refused(format!(
+                        "exchange name '{name}' contains reserved prefix 'amq.*'"
+                    ))
+                    .into());
+                }
+                vhost.declare_exchange(
+                    name,
+                    kind,
+                    d.durable,
+                    d.auto_delete,
+                    d.internal,
+                    d.arguments,
+                )?;
+            }
+            if !d.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                ))?;
+            }
+            Ok(())
+        }
+        exchange::AMQPMethod::Delete(d) => {
+            let name = d.exchange.as_str();
+            if name.is_empty() {
+                return Err(default_exchange_refused().into());
+            }
+            if name.starts_with("amq.") {
+                return Err(ChannelError::access_refused(format!(
+                    "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                    vhost.name
+                ))
+                .into());
+            }
+            s.check_perm(PermKind::Configure, "exchange", name)?;
+            vhost.delete_exchange(name, d.if_unused)?;
+            if !d.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                ))?;
+            }
+            Ok(())
+        }
+        exchange::AMQPMethod::Bind(b) => {
+            if b.source.as_str().is_empty() || b.destination.as_str().is_empty() {
+                return Err(default_exchange_refused().into());
+            }
+            s.check_perm(PermKind::Write, "exchange", b.destination.as_str())?;
+            s.check_perm(PermKind::Read, "exchange", b.source.as_str())?;
+            vhost.bind(
+                b.source.as_str(),
+                Destination::Exchange(b.destination.as_str().into()),
+                b.routing_key.as_str(),
+                b.arguments,
+            )?;
+            if !b.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})),
+                ))?;
+            }
+            Ok(())
+        }
+        exchange::AMQPMethod::Unbind(b) => {
+            if b.source.as_str().is_empty() || b.destination.as_str().is_empty() {
+                return Err(default_exchange_refused().into());
+            }
+            s.check_perm(PermKind::Write, "exchange", b.destination.as_str())?;
+            s.check_perm(PermKind::Read, "exchange", b.source.as_str())?;
+            vhost.unbind(
+                b.source.as_str(),
+                Destination::Exchange(b.destination.as_str().into()),
+                b.routing_key.as_str(),
+                b.arguments,
+            )?;
+            if !b.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                ))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,199 @@
+//! queue.declare / bind / unbind / purge / delete.
+
+use super::enc;
+use crate::connection::session::{PermKind, Session};
+use crate::error::{AmqpError, ChannelError};
+use crate::exchange::Destination;
+use crate::queue::{QueueArgs, QueueCmd};
+use crate::vhost::QueueSpec;
+use amq_protocol::protocol::{queue, AMQPClass};
+use rand::Rng;
+
+/// RabbitMQ's reply-to pseudo queue.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+fn server_name() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..22)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("amq.gen-{suffix}")
+}
+
+/// Resolves "" to the channel's last declared queue.
+pub fn resolve_name(s: &Session, ch: u16, name: &str) -> Result<String, ChannelError> {
+    if !name.is_empty() {
+        return Ok(name.to_owned());
+    }
+    s.channels
+        .get(&ch)
+        .and_then(|c| c.last_queue.clone())
+        .ok_or_else(|| ChannelError::not_found("no previously declared queue"))
+}
+
+fn declare_ok(name: &str, messages: u32, consumers: u32) -> AMQPClass {
+    AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+        queue: name.into(),
+        message_count: messages,
+        consumer_count: consumers,
+    }))
+}
+
+pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<(), AmqpError> {
+    let vhost = s.vhost()?;
+    let no_queue =
+        |n: &str| ChannelError::not_found(format!("no queue '{n}' in vhost '{}'", vhost.name));
+    match m {
+        queue::AMQPMethod::Declare(d) => {
+            if d.queue.as_str() == REPLY_TO && d.passive {
+                if !d.nowait {
+                    enc(s.method(ch, declare_ok(REPLY_TO, 0, 0)))?;
+                }
+                return Ok(());
+            }
+            let name = if d.queue.as_str().is_empty() {
+                if d.passive {
+                    resolve_name(s, ch, "")?
+                } else {
+                    server_name()
+                }
+            } else {
+                d.queue.to_string()
+            };
+            let handle = if d.passive {
+                let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
+                s.check_exclusive(&q)?;
+                q.try_send(QueueCmd::Touch);
+                q
+            } else {
+                s.check_perm(PermKind::Configure, "queue", &name)?;
+                if name.starts_with("amq.") && vhost.queue(&name).is_none() {
+                    return Err(ChannelError::access_refused(format!(
+                        "queue name '{name}' contains reserved prefix 'amq.*'"
+                    ))
+                    .into());
+                }
+                let args = QueueArgs::parse(&d.arguments, &name, &vhost.name)?;
+                let spec = QueueSpec {
+                    name: name.clone(),
+                    durable: d.durable,
+                    exclusive_owner: d.exclusive.then_some(s.conn_id),
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments,
+                    args,
+                };
+                let (q, created) = vhost.declare_queue(spec)?;
+                if created && d.exclusive {
+                    s.exclusive_queues.push(q.clone());
+                }
+                if !created {
+                    s.check_exclusive(&q)?;
+                    q.try_send(QueueCmd::Touch);
+                }
+                q
+            };
+            if let Some(c) = s.channels.get_mut(&ch) {
+                c.last_queue = Some(name.clone());
+            }
+            if !d.nowait {
+                enc(s.method(
+                    ch,
+                    declare_ok(&name, handle.message_count(), handle.consumer_count()),
+                ))?;
+            }
+            Ok(())
+        }
+        queue::AMQPMethod::Bind(b) => {
+            let name = resolve_name(s, ch, b.queue.as_str())?;
+            if b.exchange.as_str().is_empty() {
+                return Err(ChannelError::access_refused(
+                    "operation not permitted on the default exchange",
+                )
+                .into());
+            }
+            let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
+            s.check_exclusive(&q)?;
+            s.check_perm(PermKind::Write, "queue", &name)?;
+            s.check_perm(PermKind::Read, "exchange", b.exchange.as_str())?;
+            vhost.bind(
+                b.exchange.as_str(),
+                Destination::Queue(name.as_str().into()),
+                b.routing_key.as_str(),
+                b.arguments,
+            )?;
+            if !b.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+                ))?;
+            }
+            Ok(())
+        }
+        queue::AMQPMethod::Unbind(b) => {
+            let name = resolve_name(s, ch, b.queue.as_str())?;
+            if b.exchange.as_str().is_empty() {
+                return Err(ChannelError::access_refused(
+                    "operation not permitted on the default exchange",
+                )
+                .into());
+            }
+            let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
+            s.check_exclusive(&q)?;
+            s.check_perm(PermKind::Write, "queue", &name)?;
+            s.check_perm(PermKind::Read, "exchange", b.exchange.as_str())?;
+            vhost.unbind(
+                b.exchange.as_str(),
+                Destination::Queue(name.as_str().into()),
+                b.routing_key.as_str(),
+                b.arguments,
+            )?;
+            enc(s.method(
+                ch,
+                AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
+            ))
+        }
+        queue::AMQPMethod::Purge(p) => {
+            let name = resolve_name(s, ch, p.queue.as_str())?;
+            let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
+            s.check_exclusive(&q)?;
+            s.check_perm(PermKind::Read, "queue", &name)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            q.send(QueueCmd::Purge { reply: tx }).await;
+            let n = rx.await.unwrap_or(0);
+            if !p.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                        message_count: n,
+                    })),
+                ))?;
+            }
+            Ok(())
+        }
+        queue::AMQPMethod::Delete(d) => {
+            let name = resolve_name(s, ch, d.queue.as_str())?;
+            let n = match vhost.queue(&name) {
+                None => 0,
+                Some(q) => {
+                    s.check_exclusive(&q)?;
+                    s.check_perm(PermKind::Configure, "queue", &name)?;
+                    let n = vhost.delete_queue(&q, d.if_unused, d.if_empty).await?;
+                    s.exclusive_queues
+                        .retain(|x| !std::sync::Arc::ptr_eq(x, &q));
+                    n
+                }
+            };
+            if !d.nowait {
+                enc(s.method(
+                    ch,
+                    AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                        message_count: n,
+                    })),
+                ))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

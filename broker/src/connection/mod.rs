@@ -1,0 +1,217 @@
+//! The async I/O shell of a connection: the only code that selects over the socket, the
+//! connection's event channel (deliveries, confirms from queues), the state machine's timer and
+//! shutdown. Everything protocol-related is decided by [`state::ConnectionState`] (sans-io) and
+//! the class handlers in `crate::class`.
+
+pub mod session;
+pub mod state;
+
+use crate::codec::{self, HeaderCheck};
+use crate::error::ConnectionError;
+use crate::BrokerShared;
+use bytes::{Buf, BytesMut};
+use session::Session;
+use state::{ConnectionState, Effect, Output, State, StateConfig};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, field, warn, Span};
+
+/// Stop taking queue events while this much output is waiting for the socket.
+const OUT_HIGH_WATER: usize = 1 << 20;
+/// Events handled per wake-up before going back to the socket.
+const EVENT_BATCH: usize = 512;
+
+/// Serves one client connection until it closes.
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<BrokerShared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let cfg = &shared.config;
+    let now = Instant::now();
+    let mut state = ConnectionState::new(
+        StateConfig {
+            frame_max: cfg.frame_max,
+            channel_max: cfg.channel_max,
+            heartbeat: cfg.heartbeat,
+            max_message_size: cfg.max_message_size,
+            auth: shared.auth.clone(),
+            peer_is_loopback: peer.ip().is_loopback()
+                || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())),
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(3),
+        },
+        now,
+    );
+    let mut s = Session::new(conn_id, shared.clone(), cfg.frame_max);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut header_done = false;
+    let mut closing_for_shutdown = false;
+    let mut stop = false;
+
+    loop {
+        // 1. Drain the state machine: frames to the buffer, effects to the session.
+        while let Some(o) = state.poll_output() {
+            match o {
+                Output::Frame(f) => {
+                    if let Err(e) = s.frame(&f) {
+                        warn!(error = %e, "encode failed");
+                        stop = true;
+                    }
+                }
+                Output::Effect(Effect::Shutdown) => stop = true,
+                Output::Effect(e) => apply_effect(&mut s, &mut state, e).await,
+            }
+        }
+        s.flush_confirms();
+        if stop {
+            break;
+        }
+        // 2. Wait for the next thing to do.
+        let timer = state.poll_timeout();
+        let take_events = s.out.len() < OUT_HIGH_WATER;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !closing_for_shutdown => {
+                closing_for_shutdown = true;
+                state.close_connection(
+                    ConnectionError::forced("broker forced connection closure with reason 'shutdown'"),
+                    Instant::now(),
+                );
+            }
+            r = wr.write(&s.out), if !s.out.is_empty() => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    s.out.drain(..n);
+                    state.note_sent(Instant::now());
+                }
+            },
+            r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await } => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let now = Instant::now();
+                    state.note_received(now);
+                    decode_all(&mut rbuf, &mut header_done, &mut state, now);
+                }
+            },
+            ev = s.events_rx.recv(), if take_events => {
+                if let Some(ev) = ev {
+                    handle_event(&mut s, &mut state, ev).await;
+                    for _ in 0..EVENT_BATCH {
+                        match s.events_rx.try_recv() {
+                            Ok(ev) => handle_event(&mut s, &mut state, ev).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if s.conn_shared.starved.swap(false, Ordering::Relaxed)
+                        && s.conn_shared.pending.load(Ordering::Relaxed) < crate::queue::CONN_PENDING_LIMIT / 2
+                    {
+                        s.kick_consumed_queues();
+                    } else if s.conn_shared.starved.load(Ordering::Relaxed) {
+                        // keep the flag for the next round
+                    }
+                }
+            },
+            _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                state.handle_timeout(Instant::now());
+            }
+        }
+    }
+    // Flush what is left (close, close-ok), bounded in time.
+    if !s.out.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&s.out)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    s.release_all().await;
+    debug!(conn_id, "connection closed");
+}
+
+fn decode_all(
+    rbuf: &mut BytesMut,
+    header_done: &mut bool,
+    state: &mut ConnectionState,
+    now: Instant,
+) {
+    if !*header_done {
+        match codec::check_protocol_header(rbuf) {
+            HeaderCheck::Incomplete => return,
+            HeaderCheck::Ok => {
+                rbuf.advance(8);
+                *header_done = true;
+                state.handle_protocol_header(HeaderCheck::Ok, now);
+            }
+            HeaderCheck::Mismatch => {
+                rbuf.clear();
+                state.handle_protocol_header(HeaderCheck::Mismatch, now);
+                return;
+            }
+        }
+    }
+    loop {
+        if state.state() == State::Closed {
+            rbuf.clear();
+            return;
+        }
+        match codec::decode(rbuf, state.frame_max()) {
+            Ok(Some((frame, n))) => {
+                rbuf.advance(n);
+                state.handle_input(frame, now);
+            }
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "bad frame");
+                rbuf.clear();
+                state.close_connection(e.into(), now);
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_event(s: &mut Session, state: &mut ConnectionState, ev: crate::queue::ClientEvent) {
+    if let Some(e) = s.handle_event(ev).await {
+        state.close_connection(e, Instant::now());
+    }
+}
+
+async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
+    match e {
+        Effect::Opened { user, vhost } => {
+            s.perms = s.shared.auth.permissions(&user, &vhost);
+            s.vhost = s.shared.vhosts.get(&vhost).cloned();
+            Span::current().record("vhost", field::display(&vhost));
+            s.user = user;
+            s.frame_max = state.frame_max();
+        }
+        Effect::ChannelOpened(ch) => s.open_channel(ch),
+        Effect::ChannelClosed(ch) => s.release_channel(ch).await,
+        Effect::Command(ch, cmd) => {
+            if !state.is_channel_open(ch) {
+                return;
+            }
+            match crate::class::dispatch(s, ch, cmd).await {
+                Ok(()) => {}
+                Err(crate::error::AmqpError::Channel(e)) => {
+                    debug!(channel = ch, error = %e, "channel error");
+                    s.release_channel(ch).await;
+                    state.close_channel(ch, &e);
+                }
+                Err(crate::error::AmqpError::Connection(e)) => {
+                    debug!(error = %e, "connection error");
+                    state.close_connection(e, Instant::now());
+                }
+            }
+        }
+        Effect::Shutdown => {}
+    }
+}

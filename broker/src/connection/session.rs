@@ -1,0 +1,373 @@
+//! Broker-side context of one connection: its vhost, user, channels and output buffer.
+//!
+//! The shell in `mod.rs` owns one `Session` and feeds it effects from the state machine and
+//! events from queues. Handlers for each AMQP class live in `crate::class` and work on it.
+
+use crate::auth::Permissions;
+use crate::channel::{group_by_queue, Channel, Settle, UnackedDelivery};
+use crate::codec;
+use crate::error::{ChannelError, CodecError};
+use crate::queue::{ClientEvent, ClientTx, ConnShared, Delivery, QueueCmd, QueueHandle};
+use crate::vhost::Vhost;
+use crate::BrokerShared;
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::{basic, AMQPClass};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Per-connection broker state.
+pub struct Session {
+    pub conn_id: u64,
+    pub shared: Arc<BrokerShared>,
+    pub user: String,
+    pub vhost: Option<Arc<Vhost>>,
+    pub perms: Option<Arc<Permissions>>,
+    pub events_tx: ClientTx,
+    pub events_rx: mpsc::UnboundedReceiver<ClientEvent>,
+    pub conn_shared: Arc<ConnShared>,
+    pub channels: HashMap<u16, Channel>,
+    pub exclusive_queues: Vec<QueueHandle>,
+    next_generation: u64,
+    pub frame_max: u32,
+    /// Encoded output waiting for the socket.
+    pub out: Vec<u8>,
+    /// Channels whose confirms need flushing.
+    confirm_dirty: Vec<u16>,
+}
+
+impl Session {
+    pub fn new(conn_id: u64, shared: Arc<BrokerShared>, frame_max: u32) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            conn_id,
+            shared,
+            user: String::new(),
+            vhost: None,
+            perms: None,
+            events_tx,
+            events_rx,
+            conn_shared: Arc::new(ConnShared::default()),
+            channels: HashMap::new(),
+            exclusive_queues: Vec::new(),
+            next_generation: 1,
+            frame_max,
+            out: Vec::with_capacity(64 * 1024),
+            confirm_dirty: Vec::new(),
+        }
+    }
+
+    pub fn open_channel(&mut self, ch: u16) {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        self.channels.insert(ch, Channel::new(ch, g));
+    }
+
+    pub fn frame(&mut self, f: &AMQPFrame) -> Result<(), CodecError> {
+        codec::encode(f, &mut self.out)
+    }
+
+    pub fn method(&mut self, ch: u16, m: AMQPClass) -> Result<(), CodecError> {
+        codec::encode(&AMQPFrame::Method(ch, m), &mut self.out)
+    }
+
+    /// Writes header and body frames of a message.
+    pub fn content(&mut self, ch: u16, msg: &crate::queue::Message) {
+        codec::encode_content_header(&mut self.out, ch, &msg.header_payload);
+        if !msg.body.is_empty() {
+            codec::encode_body(&mut self.out, ch, &msg.body, self.frame_max);
+        }
+    }
+
+    pub fn vhost(&self) -> Result<Arc<Vhost>, ChannelError> {
+        self.vhost
+            .clone()
+            .ok_or_else(|| ChannelError::access_refused("connection not open"))
+    }
+
+    /// RabbitMQ permission check; `what` is "queue" or "exchange".
+    pub fn check_perm(&self, kind: PermKind, what: &str, name: &str) -> Result<(), ChannelError> {
+        let Some(p) = &self.perms else {
+            return Err(ChannelError::access_refused("no permissions"));
+        };
+        let pat = match kind {
+            PermKind::Configure => &p.configure,
+            PermKind::Write => &p.write,
+            PermKind::Read => &p.read,
+        };
+        // The default exchange is checked under RabbitMQ's name for it.
+        let checked = if name.is_empty() && what == "exchange" {
+            "amq.default"
+        } else {
+            name
+        };
+        if pat.allows(checked) {
+            Ok(())
+        } else {
+            let vh = self
+                .vhost
+                .as_ref()
+                .map(|v| v.name.to_string())
+                .unwrap_or_default();
+            Err(ChannelError::access_refused(format!(
+                "{} access to {what} '{name}' in vhost '{vh}' refused for user '{}'",
+                kind.as_str(),
+                self.user
+            )))
+        }
+    }
+
+    /// Exclusive queues are usable only by their owner.
+    pub fn check_exclusive(&self, q: &QueueHandle) -> Result<(), ChannelError> {
+        match q.exclusive_owner {
+            Some(owner) if owner != self.conn_id => Err(ChannelError::resource_locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be \
+                 originally declared on another connection or the exclusive property value does \
+                 not match that of the original declaration.",
+                q.name, q.vhost
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Settles client deliveries against their queues.
+    pub async fn settle(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<(), ChannelError> {
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Ok(());
+        };
+        let Some(items) = chan.take_unacked(tag, multiple) else {
+            return Err(ChannelError::precondition_failed(format!(
+                "unknown delivery tag {tag}"
+            )));
+        };
+        self.settle_items(ch, items, how).await;
+        Ok(())
+    }
+
+    pub async fn settle_items(&mut self, ch: u16, items: Vec<UnackedDelivery>, how: Settle) {
+        if items.is_empty() {
+            return;
+        }
+        let mut released = 0;
+        for (q, ids, counted) in group_by_queue(items) {
+            released += counted;
+            let cmd = match how {
+                Settle::Ack => QueueCmd::Ack { ids },
+                Settle::Requeue => QueueCmd::Reject { ids, requeue: true },
+                Settle::Discard => QueueCmd::Reject {
+                    ids,
+                    requeue: false,
+                },
+            };
+            q.send(cmd).await;
+        }
+        if released > 0 {
+            if let Some(chan) = self.channels.get(&ch) {
+                let limited = chan.shared.global_limit.load(Ordering::Relaxed) > 0;
+                chan.shared.release_global(released);
+                if limited {
+                    for q in chan.consumer_queues() {
+                        q.try_send(QueueCmd::Kick);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases everything a channel holds: cancels its consumers and requeues its unacked
+    /// deliveries.
+    pub async fn release_channel(&mut self, ch: u16) {
+        let Some(mut chan) = self.channels.remove(&ch) else {
+            return;
+        };
+        for (tag, c) in chan.consumers.drain() {
+            if let Some(q) = c.queue {
+                q.send(QueueCmd::Cancel {
+                    conn_id: self.conn_id,
+                    channel: ch,
+                    generation: chan.generation,
+                    tag,
+                })
+                .await;
+            }
+        }
+        if let (Some(token), Some(v)) = (chan.reply_to.take(), &self.vhost) {
+            v.unregister_reply_to(&token);
+        }
+        let items: Vec<UnackedDelivery> = chan.unacked.drain(..).collect();
+        for (q, ids, _) in group_by_queue(items) {
+            q.send(QueueCmd::Reject { ids, requeue: true }).await;
+        }
+    }
+
+    /// Releases every channel and deletes exclusive queues (connection end).
+    pub async fn release_all(&mut self) {
+        let chans: Vec<u16> = self.channels.keys().copied().collect();
+        for ch in chans {
+            self.release_channel(ch).await;
+        }
+        if let Some(v) = self.vhost.clone() {
+            for q in std::mem::take(&mut self.exclusive_queues) {
+                let _ = v.delete_queue(&q, false, false).await;
+            }
+        }
+    }
+
+    /// Handles one event from a queue.
+    pub async fn handle_event(&mut self, ev: ClientEvent) -> Option<crate::error::ConnectionError> {
+        match ev {
+            ClientEvent::Deliver(d) => self.deliver(d).await,
+            ClientEvent::Confirm {
+                channel,
+                generation,
+                seq,
+                ok,
+            } => {
+                if let Some(chan) = self.channels.get_mut(&channel) {
+                    if chan.generation == generation {
+                        if let Some(c) = chan.confirms.as_mut() {
+                            c.report(seq, ok);
+                            self.confirm_dirty.push(channel);
+                        }
+                    }
+                }
+            }
+            ClientEvent::Cancelled {
+                channel,
+                generation,
+                tag,
+            } => {
+                if let Some(chan) = self.channels.get_mut(&channel) {
+                    if chan.generation == generation && chan.consumers.remove(&tag).is_some() {
+                        let _ = self.method(
+                            channel,
+                            AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                                consumer_tag: tag.as_ref().into(),
+                                nowait: true,
+                            })),
+                        );
+                    }
+                }
+            }
+            ClientEvent::Close(e) => return Some(e),
+        }
+        None
+    }
+
+    async fn deliver(&mut self, d: Delivery) {
+        if d.queue.is_some() {
+            self.conn_shared.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        let live = self.channels.get(&d.channel).is_some_and(|c| {
+            c.generation == d.generation && c.consumers.contains_key(&d.consumer_tag)
+        });
+        if !live {
+            // Consumer or channel gone while this was in flight: give it back.
+            if let (false, Some(q)) = (d.no_ack, &d.queue) {
+                if let Some(chan) = self.channels.get(&d.channel) {
+                    if chan.generation == d.generation {
+                        chan.shared.release_global(1);
+                    }
+                }
+                q.send(QueueCmd::Reject {
+                    ids: vec![d.msg_id],
+                    requeue: true,
+                })
+                .await;
+            }
+            return;
+        }
+        let Some(chan) = self.channels.get_mut(&d.channel) else {
+            return;
+        };
+        let tag = chan.take_tag();
+        if !d.no_ack {
+            if let Some(q) = d.queue.clone() {
+                chan.unacked.push_back(UnackedDelivery {
+                    tag,
+                    queue: q,
+                    msg_id: d.msg_id,
+                    counted: true,
+                });
+            }
+        }
+        codec::encode_deliver(
+            &mut self.out,
+            d.channel,
+            &d.consumer_tag,
+            tag,
+            d.redelivered,
+            d.msg.exchange.as_str(),
+            d.msg.routing_key.as_str(),
+        );
+        self.content(d.channel, &d.msg);
+    }
+
+    /// Sends pending basic.ack / basic.nack frames for publisher confirms.
+    pub fn flush_confirms(&mut self) {
+        if self.confirm_dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.confirm_dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for ch in dirty {
+            let Some(c) = self.channels.get_mut(&ch).and_then(|c| c.confirms.as_mut()) else {
+                continue;
+            };
+            for (seq, multiple, ack) in c.drain() {
+                let m = if ack {
+                    basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: seq,
+                        multiple,
+                    })
+                } else {
+                    basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple,
+                        requeue: false,
+                    })
+                };
+                let _ = self.method(ch, AMQPClass::Basic(m));
+            }
+        }
+    }
+
+    pub fn mark_confirm_dirty(&mut self, ch: u16) {
+        self.confirm_dirty.push(ch);
+    }
+
+    /// Kicks every queue this connection consumes from (back-pressure relieved).
+    pub fn kick_consumed_queues(&self) {
+        for chan in self.channels.values() {
+            for q in chan.consumer_queues() {
+                q.try_send(QueueCmd::Kick);
+            }
+        }
+    }
+}
+
+/// Which permission a method needs.
+#[derive(Debug, Clone, Copy)]
+pub enum PermKind {
+    Configure,
+    Write,
+    Read,
+}
+
+impl PermKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PermKind::Configure => "configure",
+            PermKind::Write => "write",
+            PermKind::Read => "read",
+        }
+    }
+}

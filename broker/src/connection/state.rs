@@ -1,0 +1,966 @@
+//! Sans-io connection state machine (see `LIFECYCLE.md`).
+//!
+//! It owns the handshake (start, tune, open), heartbeats, channel numbering, frame ordering and
+//! content assembly. It never touches a socket or reads the clock: frames and `now` come in
+//! through [`ConnectionState::handle_input`], frames and effects go out through
+//! [`ConnectionState::poll_output`], and the shell asks [`ConnectionState::poll_timeout`] when to
+//! call [`ConnectionState::handle_timeout`].
+
+use crate::auth::{AuthDb, AuthError};
+use crate::codec::HeaderCheck;
+use crate::error::{ChannelError, ConnectionError};
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::basic::{self, AMQPProperties};
+use amq_protocol::protocol::{channel, connection, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Connection lifecycle states, named after the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    AwaitingProtocolHeader,
+    StartSent,
+    TuneSent,
+    Open,
+    Closing,
+    Closed,
+}
+
+/// A complete command for the channel layer.
+// Not boxed: a Box per publish would cost more than the moves it saves.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Command {
+    Method(AMQPClass),
+    Publish {
+        publish: basic::Publish,
+        properties: AMQPProperties,
+        body: Bytes,
+    },
+}
+
+/// Something the shell must do.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Effect {
+    /// connection.open accepted.
+    Opened {
+        user: String,
+        vhost: String,
+    },
+    ChannelOpened(u16),
+    /// The client closed the channel: release its resources (close-ok follows in the output).
+    ChannelClosed(u16),
+    Command(u16, Command),
+    /// Flush what is buffered and close the socket.
+    Shutdown,
+}
+
+/// Output of the state machine, in order.
+#[derive(Debug)]
+pub enum Output {
+    Frame(AMQPFrame),
+    Effect(Effect),
+}
+
+/// Static inputs of a connection.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub max_message_size: u64,
+    pub auth: Arc<AuthDb>,
+    pub peer_is_loopback: bool,
+    pub handshake_timeout: Duration,
+    pub close_timeout: Duration,
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Chan {
+    Open,
+    /// We sent channel.close; waiting for close-ok.
+    Closing,
+    AwaitHeader(basic::Publish),
+    AwaitBody {
+        publish: basic::Publish,
+        properties: AMQPProperties,
+        size: u64,
+        body: BytesMut,
+    },
+}
+
+/// The state machine.
+#[derive(Debug)]
+pub struct ConnectionState {
+    cfg: StateConfig,
+    state: State,
+    out: VecDeque<Output>,
+    channels: HashMap<u16, Chan>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    user: Option<String>,
+    last_recv: Instant,
+    last_sent: Instant,
+    deadline: Option<Instant>,
+}
+
+const MIN_FRAME_MAX: u32 = 4096;
+
+fn close_frame(e: &ConnectionError) -> AMQPFrame {
+    AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: e.reply_code(),
+            reply_text: e.reply_text().into(),
+            class_id: e.class_id,
+            method_id: e.method_id,
+        })),
+    )
+}
+
+/// Server properties sent in connection.start.
+pub fn server_properties() -> FieldTable {
+    let mut caps = FieldTable::default();
+    for c in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "consumer_priorities",
+        "authentication_failure_close",
+        "per_consumer_qos",
+        "direct_reply_to",
+    ] {
+        caps.insert(c.into(), AMQPValue::Boolean(true));
+    }
+    let mut p = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(v.into());
+    p.insert("product".into(), s("warren"));
+    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
+    p.insert("platform".into(), s("Rust"));
+    p.insert("copyright".into(), s("the warren authors"));
+    p.insert(
+        "information".into(),
+        s("Licensed under the Apache License 2.0"),
+    );
+    p.insert("cluster_name".into(), s("warren"));
+    p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    p
+}
+
+fn table_str(t: &FieldTable, k: &str) -> Option<String> {
+    match t.inner().get(k)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Extracts (user, password) from a SASL response.
+fn parse_credentials(mechanism: &str, response: &LongString) -> Option<(String, String)> {
+    let bytes = response.as_bytes();
+    match mechanism {
+        "PLAIN" => {
+            let mut parts = bytes.split(|b| *b == 0);
+            let _authzid = parts.next()?;
+            let user = parts.next()?;
+            let pass = parts.next()?;
+            if parts.next().is_some() {
+                return None;
+            }
+            Some((
+                String::from_utf8(user.to_vec()).ok()?,
+                String::from_utf8(pass.to_vec()).ok()?,
+            ))
+        }
+        "AMQPLAIN" => {
+            let mut buf = Vec::with_capacity(bytes.len() + 4);
+            buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            buf.extend_from_slice(bytes);
+            let (_, table) =
+                amq_protocol::types::parsing::parse_field_table(buf.as_slice()).ok()?;
+            Some((table_str(&table, "LOGIN")?, table_str(&table, "PASSWORD")?))
+        }
+        _ => None,
+    }
+}
+
+// === impl ConnectionState ===
+
+impl ConnectionState {
+    pub fn new(cfg: StateConfig, now: Instant) -> Self {
+        let frame_max = cfg.frame_max;
+        let channel_max = cfg.channel_max;
+        let deadline = Some(now + cfg.handshake_timeout);
+        Self {
+            cfg,
+            state: State::AwaitingProtocolHeader,
+            out: VecDeque::new(),
+            channels: HashMap::new(),
+            frame_max,
+            channel_max,
+            heartbeat: 0,
+            user: None,
+            last_recv: now,
+            last_sent: now,
+            deadline,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Largest frame accepted and sent right now.
+    pub fn frame_max(&self) -> u32 {
+        self.frame_max
+    }
+
+    pub fn heartbeat(&self) -> u16 {
+        self.heartbeat
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn is_channel_open(&self, ch: u16) -> bool {
+        matches!(
+            self.channels.get(&ch),
+            Some(Chan::Open | Chan::AwaitHeader(_) | Chan::AwaitBody { .. })
+        )
+    }
+
+    /// Next output, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.deadline;
+        if self.state == State::Open && self.heartbeat > 0 {
+            let hb = Duration::from_secs(self.heartbeat as u64);
+            let send_at = self.last_sent + hb / 2;
+            let dead_at = self.last_recv + hb * 2;
+            for x in [send_at, dead_at] {
+                t = Some(t.map_or(x, |y: Instant| y.min(x)));
+            }
+        }
+        t
+    }
+
+    /// The shell wrote bytes to the socket.
+    pub fn note_sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    /// The shell read bytes from the socket.
+    pub fn note_received(&mut self, now: Instant) {
+        self.last_recv = now;
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(d) = self.deadline {
+            if now >= d {
+                self.deadline = None;
+                match self.state {
+                    State::Closing | State::Closed => self.shutdown(),
+                    State::Open => {}
+                    _ => {
+                        // Handshake took too long: RabbitMQ just drops the socket.
+                        self.shutdown();
+                    }
+                }
+            }
+        }
+        if self.state == State::Open && self.heartbeat > 0 {
+            let hb = Duration::from_secs(self.heartbeat as u64);
+            if now >= self.last_recv + hb * 2 {
+                // Two missed intervals: the peer is gone; close without a handshake.
+                self.shutdown();
+            } else if now >= self.last_sent + hb / 2 {
+                self.last_sent = now;
+                self.out.push_back(Output::Frame(AMQPFrame::Heartbeat));
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// The first 8 bytes of the connection were checked.
+    pub fn handle_protocol_header(&mut self, check: HeaderCheck, now: Instant) {
+        if self.state != State::AwaitingProtocolHeader {
+            return;
+        }
+        match check {
+            HeaderCheck::Incomplete => {}
+            HeaderCheck::Mismatch => {
+                self.out.push_back(Output::Frame(AMQPFrame::ProtocolHeader(
+                    amq_protocol::frame::ProtocolVersion::amqp_0_9_1(),
+                )));
+                self.shutdown();
+            }
+            HeaderCheck::Ok => {
+                self.last_recv = now;
+                self.state = State::StartSent;
+                self.out.push_back(Output::Frame(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                        version_major: 0,
+                        version_minor: 9,
+                        server_properties: server_properties(),
+                        mechanisms: "PLAIN AMQPLAIN".into(),
+                        locales: "en_US".into(),
+                    })),
+                )));
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn shutdown(&mut self) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.deadline = None;
+            self.out.push_back(Output::Effect(Effect::Shutdown));
+        }
+    }
+
+    /// Closes the connection with a hard error (or 320 on shutdown).
+    pub fn close_connection(&mut self, err: ConnectionError, now: Instant) {
+        match self.state {
+            State::Closing | State::Closed => {}
+            State::AwaitingProtocolHeader => self.shutdown(),
+            _ => {
+                self.out.push_back(Output::Frame(close_frame(&err)));
+                self.state = State::Closing;
+                self.deadline = Some(now + self.cfg.close_timeout);
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// Closes one channel with a soft error; its resources are already released by the caller.
+    pub fn close_channel(&mut self, ch: u16, err: &ChannelError) {
+        if self.state != State::Open || !self.channels.contains_key(&ch) {
+            return;
+        }
+        if matches!(self.channels.get(&ch), Some(Chan::Closing)) {
+            return;
+        }
+        self.channels.insert(ch, Chan::Closing);
+        self.out.push_back(Output::Frame(AMQPFrame::Method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: err.reply_code(),
+                reply_text: err.reply_text().into(),
+                class_id: err.class_id,
+                method_id: err.method_id,
+            })),
+        )));
+        self.check_invariants();
+    }
+
+    /// Feeds one decoded frame.
+    pub fn handle_input(&mut self, frame: AMQPFrame, now: Instant) {
+        self.last_recv = now;
+        let r = match self.state {
+            State::AwaitingProtocolHeader => {
+                Err(ConnectionError::frame_error("expected protocol header"))
+            }
+            State::StartSent => self.on_start_ok(frame, now),
+            State::TuneSent => self.on_tune_or_open(frame, now),
+            State::Open => self.on_open(frame),
+            State::Closing => {
+                if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = frame {
+                    match m {
+                        connection::AMQPMethod::CloseOk(_) => self.shutdown(),
+                        connection::AMQPMethod::Close(_) => {
+                            self.push_method(0, close_ok());
+                            self.shutdown();
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            State::Closed => Ok(()),
+        };
+        if let Err(e) = r {
+            self.close_connection(e, now);
+        }
+        self.check_invariants();
+    }
+
+    fn push_method(&mut self, ch: u16, m: AMQPClass) {
+        self.out.push_back(Output::Frame(AMQPFrame::Method(ch, m)));
+    }
+
+    fn on_start_ok(&mut self, frame: AMQPFrame, now: Instant) -> Result<(), ConnectionError> {
+        let AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(so))) =
+            frame
+        else {
+            return Err(ConnectionError::command_invalid(
+                "expected 'connection.start_ok'",
+            ));
+        };
+        let mech = so.mechanism.as_str();
+        if mech != "PLAIN" && mech != "AMQPLAIN" {
+            return Err(ConnectionError::access_refused(format!(
+                "unsupported authentication mechanism '{mech}', supported: PLAIN AMQPLAIN"
+            ))
+            .with_method(10, 11));
+        }
+        let refused = || {
+            ConnectionError::access_refused(format!(
+                "Login was refused using authentication mechanism {mech}. For details see the \
+                 broker logfile."
+            ))
+            .with_method(10, 11)
+        };
+        let (user, pass) = parse_credentials(mech, &so.response).ok_or_else(refused)?;
+        match self
+            .cfg
+            .auth
+            .authenticate(&user, &pass, self.cfg.peer_is_loopback)
+        {
+            Ok(()) => {}
+            Err(AuthError::BadCredentials) => return Err(refused()),
+            Err(e @ AuthError::LoopbackOnly(_)) => {
+                return Err(ConnectionError::access_refused(e.to_string()).with_method(10, 11))
+            }
+        }
+        self.user = Some(user);
+        self.state = State::TuneSent;
+        self.deadline = Some(now + self.cfg.handshake_timeout);
+        self.push_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: self.cfg.channel_max,
+                frame_max: self.cfg.frame_max,
+                heartbeat: self.cfg.heartbeat,
+            })),
+        );
+        Ok(())
+    }
+
+    fn on_tune_or_open(&mut self, frame: AMQPFrame, now: Instant) -> Result<(), ConnectionError> {
+        match frame {
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(t))) => {
+                let fm = if t.frame_max == 0 {
+                    self.cfg.frame_max
+                } else {
+                    t.frame_max
+                };
+                if fm < MIN_FRAME_MAX {
+                    return Err(ConnectionError::not_allowed(format!(
+                        "frame_max={fm} < {MIN_FRAME_MAX} min size"
+                    ))
+                    .with_method(10, 31));
+                }
+                if fm > self.cfg.frame_max {
+                    return Err(ConnectionError::not_allowed(format!(
+                        "frame_max={fm} > {} max size",
+                        self.cfg.frame_max
+                    ))
+                    .with_method(10, 31));
+                }
+                self.frame_max = fm;
+                self.channel_max = if t.channel_max == 0 {
+                    self.cfg.channel_max
+                } else {
+                    t.channel_max.min(self.cfg.channel_max)
+                };
+                self.heartbeat = t.heartbeat;
+                self.last_sent = now;
+                Ok(())
+            }
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Open(o))) => {
+                let vhost = o.virtual_host.to_string();
+                let user = self.user.clone().unwrap_or_default();
+                if !self.cfg.auth.vhost_exists(&vhost) {
+                    return Err(
+                        ConnectionError::not_allowed(format!("vhost {vhost} not found"))
+                            .with_method(10, 40),
+                    );
+                }
+                if self.cfg.auth.permissions(&user, &vhost).is_none() {
+                    return Err(ConnectionError::not_allowed(format!(
+                        "access to vhost '{vhost}' refused for user '{user}'"
+                    ))
+                    .with_method(10, 40));
+                }
+                self.state = State::Open;
+                self.deadline = None;
+                self.last_sent = now;
+                self.out
+                    .push_back(Output::Effect(Effect::Opened { user, vhost }));
+                self.push_method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+                );
+                Ok(())
+            }
+            AMQPFrame::Heartbeat => Ok(()),
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                self.push_method(0, close_ok());
+                self.shutdown();
+                Ok(())
+            }
+            _ => Err(ConnectionError::command_invalid(
+                "expected 'connection.tune_ok' or 'connection.open'",
+            )),
+        }
+    }
+
+    fn on_open(&mut self, frame: AMQPFrame) -> Result<(), ConnectionError> {
+        match frame {
+            AMQPFrame::Heartbeat => Ok(()),
+            AMQPFrame::ProtocolHeader(_) => Err(ConnectionError::unexpected_frame(
+                "protocol header in an open connection",
+            )),
+            AMQPFrame::InvalidHeartbeat(ch) => Err(ConnectionError::frame_error(format!(
+                "heartbeat frame on channel {ch}"
+            ))),
+            AMQPFrame::Method(0, AMQPClass::Connection(m)) => self.on_connection_method(m),
+            AMQPFrame::Method(0, m) => Err(ConnectionError::command_invalid(format!(
+                "class {} not allowed on channel 0",
+                m.get_amqp_class_id()
+            ))),
+            AMQPFrame::Header(0, _) | AMQPFrame::Body(0, _) => Err(
+                ConnectionError::unexpected_frame("content frame on channel 0"),
+            ),
+            AMQPFrame::Method(ch, m) => self.on_channel_method(ch, m),
+            AMQPFrame::Header(ch, h) => self.on_header(ch, h),
+            AMQPFrame::Body(ch, b) => self.on_body(ch, b),
+        }
+    }
+
+    fn on_connection_method(&mut self, m: connection::AMQPMethod) -> Result<(), ConnectionError> {
+        match m {
+            connection::AMQPMethod::Close(_) => {
+                self.push_method(0, close_ok());
+                self.shutdown();
+                Ok(())
+            }
+            connection::AMQPMethod::UpdateSecret(_) => {
+                self.push_method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                        connection::UpdateSecretOk {},
+                    )),
+                );
+                Ok(())
+            }
+            connection::AMQPMethod::Blocked(_) | connection::AMQPMethod::Unblocked(_) => Ok(()),
+            _ => Err(ConnectionError::command_invalid(
+                "unexpected connection method in an open connection",
+            )),
+        }
+    }
+
+    fn on_channel_method(&mut self, ch: u16, m: AMQPClass) -> Result<(), ConnectionError> {
+        let cid = m.get_amqp_class_id();
+        match self.channels.get(&ch) {
+            None => {
+                if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
+                    if ch > self.channel_max {
+                        return Err(ConnectionError::not_allowed(format!(
+                            "channel number {ch} exceeds negotiated channel_max {}",
+                            self.channel_max
+                        ))
+                        .with_method(20, 10));
+                    }
+                    self.channels.insert(ch, Chan::Open);
+                    self.out
+                        .push_back(Output::Effect(Effect::ChannelOpened(ch)));
+                    self.push_method(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                    );
+                    Ok(())
+                } else {
+                    Err(ConnectionError::channel_error("expected 'channel.open'")
+                        .with_method(cid, 0))
+                }
+            }
+            Some(Chan::Closing) => {
+                match m {
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&ch);
+                    }
+                    AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                        self.channels.remove(&ch);
+                        self.push_method(
+                            ch,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        );
+                    }
+                    _ => {} // discarded until close-ok, per spec
+                }
+                Ok(())
+            }
+            Some(Chan::AwaitHeader(_)) => Err(ConnectionError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead",
+            )),
+            Some(Chan::AwaitBody { .. }) => Err(ConnectionError::unexpected_frame(
+                "expected content body, got non content body frame instead",
+            )),
+            Some(Chan::Open) => match m {
+                AMQPClass::Channel(channel::AMQPMethod::Open(_)) => {
+                    Err(ConnectionError::channel_error("second 'channel.open' seen")
+                        .with_method(20, 10))
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.channels.remove(&ch);
+                    self.out
+                        .push_back(Output::Effect(Effect::ChannelClosed(ch)));
+                    self.push_method(
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    Ok(())
+                }
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Ok(()),
+                AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
+                    self.channels.insert(ch, Chan::AwaitHeader(p));
+                    Ok(())
+                }
+                other => {
+                    self.out
+                        .push_back(Output::Effect(Effect::Command(ch, Command::Method(other))));
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn on_header(
+        &mut self,
+        ch: u16,
+        h: amq_protocol::frame::AMQPContentHeader,
+    ) -> Result<(), ConnectionError> {
+        match self.channels.remove(&ch) {
+            Some(Chan::AwaitHeader(publish)) => {
+                if h.class_id != 60 {
+                    return Err(ConnectionError::unexpected_frame(format!(
+                        "content header for class {} on a basic.publish",
+                        h.class_id
+                    )));
+                }
+                if h.body_size > self.cfg.max_message_size {
+                    self.channels.insert(ch, Chan::Open);
+                    self.emit_soft(
+                        ch,
+                        ChannelError::precondition_failed(format!(
+                            "message size {} is larger than configured max size {}",
+                            h.body_size, self.cfg.max_message_size
+                        ))
+                        .with_method(60, 40),
+                    );
+                    return Ok(());
+                }
+                if h.body_size == 0 {
+                    self.channels.insert(ch, Chan::Open);
+                    self.out.push_back(Output::Effect(Effect::Command(
+                        ch,
+                        Command::Publish {
+                            publish,
+                            properties: h.properties,
+                            body: Bytes::new(),
+                        },
+                    )));
+                } else {
+                    self.channels.insert(
+                        ch,
+                        Chan::AwaitBody {
+                            publish,
+                            properties: h.properties,
+                            size: h.body_size,
+                            body: BytesMut::new(),
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Some(Chan::Closing) => {
+                self.channels.insert(ch, Chan::Closing);
+                Ok(())
+            }
+            None => Err(ConnectionError::channel_error("expected 'channel.open'")),
+            Some(other) => {
+                self.channels.insert(ch, other);
+                Err(ConnectionError::unexpected_frame(
+                    "expected method frame, got non method frame instead",
+                ))
+            }
+        }
+    }
+
+    fn on_body(&mut self, ch: u16, data: Vec<u8>) -> Result<(), ConnectionError> {
+        match self.channels.remove(&ch) {
+            Some(Chan::AwaitBody {
+                publish,
+                properties,
+                size,
+                mut body,
+            }) => {
+                let total = body.len() as u64 + data.len() as u64;
+                if total > size {
+                    return Err(ConnectionError::unexpected_frame(format!(
+                        "received {total} body bytes, header said {size}"
+                    )));
+                }
+                let complete = total == size;
+                let body = if complete && body.is_empty() {
+                    // Single-frame body: no copy.
+                    Bytes::from(data)
+                } else {
+                    body.extend_from_slice(&data);
+                    if !complete {
+                        self.channels.insert(
+                            ch,
+                            Chan::AwaitBody {
+                                publish,
+                                properties,
+                                size,
+                                body,
+                            },
+                        );
+                        return Ok(());
+                    }
+                    body.freeze()
+                };
+                self.channels.insert(ch, Chan::Open);
+                self.out.push_back(Output::Effect(Effect::Command(
+                    ch,
+                    Command::Publish {
+                        publish,
+                        properties,
+                        body,
+                    },
+                )));
+                Ok(())
+            }
+            Some(Chan::Closing) => {
+                self.channels.insert(ch, Chan::Closing);
+                Ok(())
+            }
+            None => Err(ConnectionError::channel_error("expected 'channel.open'")),
+            Some(other) => {
+                self.channels.insert(ch, other);
+                Err(ConnectionError::unexpected_frame(
+                    "expected method frame, got non method frame instead",
+                ))
+            }
+        }
+    }
+
+    /// A soft error detected inside the state machine (oversized message): tell the shell the
+    /// channel is gone, then send channel.close.
+    fn emit_soft(&mut self, ch: u16, err: ChannelError) {
+        self.out
+            .push_back(Output::Effect(Effect::ChannelClosed(ch)));
+        self.close_channel(ch, &err);
+    }
+
+    fn check_invariants(&self) {
+        debug_assert!(
+            self.state == State::Open || self.state == State::Closing || self.channels.is_empty(),
+            "channels exist only once open"
+        );
+        debug_assert!(self.frame_max >= MIN_FRAME_MAX || self.frame_max == self.cfg.frame_max);
+        debug_assert!(
+            self.state != State::Open || self.deadline.is_none(),
+            "no handshake deadline once open"
+        );
+    }
+}
+
+fn close_ok() -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn machine() -> (ConnectionState, Instant) {
+        let now = Instant::now();
+        let cfg = StateConfig {
+            frame_max: 131072,
+            channel_max: 16,
+            heartbeat: 10,
+            max_message_size: 1024,
+            auth: Arc::new(AuthDb::from_config(&Config::default())),
+            peer_is_loopback: true,
+            handshake_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(1),
+        };
+        (ConnectionState::new(cfg, now), now)
+    }
+
+    fn drain(s: &mut ConnectionState) -> Vec<Output> {
+        std::iter::from_fn(|| s.poll_output()).collect()
+    }
+
+    fn open(s: &mut ConnectionState, now: Instant) {
+        s.handle_protocol_header(HeaderCheck::Ok, now);
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                    client_properties: FieldTable::default(),
+                    mechanism: "PLAIN".into(),
+                    response: "\0guest\0guest".into(),
+                    locale: "en_US".into(),
+                })),
+            ),
+            now,
+        );
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                    channel_max: 0,
+                    frame_max: 131072,
+                    heartbeat: 10,
+                })),
+            ),
+            now,
+        );
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                    virtual_host: "/".into(),
+                })),
+            ),
+            now,
+        );
+        assert_eq!(s.state(), State::Open);
+        drain(s);
+    }
+
+    #[test]
+    fn handshake_reaches_open() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+    }
+
+    #[test]
+    fn wrong_password_is_403() {
+        let (mut s, now) = machine();
+        s.handle_protocol_header(HeaderCheck::Ok, now);
+        drain(&mut s);
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                    client_properties: FieldTable::default(),
+                    mechanism: "PLAIN".into(),
+                    response: "\0guest\0nope".into(),
+                    locale: "en_US".into(),
+                })),
+            ),
+            now,
+        );
+        let out = drain(&mut s);
+        assert!(
+            matches!(&out[0], Output::Frame(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) if c.reply_code == 403)
+        );
+        assert_eq!(s.state(), State::Closing);
+    }
+
+    #[test]
+    fn heartbeat_sent_and_missed() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        let t = s.poll_timeout().expect("timer");
+        assert_eq!(t, now + Duration::from_secs(5));
+        s.handle_timeout(t);
+        assert!(matches!(
+            s.poll_output(),
+            Some(Output::Frame(AMQPFrame::Heartbeat))
+        ));
+        s.handle_timeout(now + Duration::from_secs(20));
+        assert!(drain(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Effect(Effect::Shutdown))));
+    }
+
+    #[test]
+    fn method_on_unopened_channel_is_504() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.handle_input(
+            AMQPFrame::Method(
+                3,
+                AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                    prefetch_count: 1,
+                    global: false,
+                })),
+            ),
+            now,
+        );
+        let out = drain(&mut s);
+        assert!(
+            matches!(&out[0], Output::Frame(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) if c.reply_code == 504)
+        );
+    }
+
+    #[test]
+    fn content_assembly() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.handle_input(
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            ),
+            now,
+        );
+        drain(&mut s);
+        s.handle_input(
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: "".into(),
+                    routing_key: "q".into(),
+                    mandatory: false,
+                    immediate: false,
+                })),
+            ),
+            now,
+        );
+        s.handle_input(
+            AMQPFrame::Header(
+                1,
+                amq_protocol::frame::AMQPContentHeader {
+                    class_id: 60,
+                    body_size: 4,
+                    properties: AMQPProperties::default(),
+                },
+            ),
+            now,
+        );
+        s.handle_input(AMQPFrame::Body(1, b"ab".to_vec()), now);
+        assert!(s.poll_output().is_none());
+        s.handle_input(AMQPFrame::Body(1, b"cd".to_vec()), now);
+        match s.poll_output() {
+            Some(Output::Effect(Effect::Command(1, Command::Publish { body, .. }))) => {
+                assert_eq!(&body[..], b"abcd")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

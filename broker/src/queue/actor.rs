@@ -1,0 +1,779 @@
+//! The queue actor: owns the ready list, the unacked set and the consumer list of one queue.
+//!
+//! Invariants worth naming:
+//! - a message id is in exactly one of `ready` or `unacked` (or settled and gone);
+//! - `QueueInfo::message_count` mirrors `ready.len()` after every batch;
+//! - a confirm for a publish is sent exactly once: at enqueue when the log says `Safe`, or when
+//!   the log later reports it synced, or as a nack when the publish is refused (reject-publish).
+
+use super::args::Overflow;
+use super::*;
+use crate::store::{QueueLog, Safety};
+use crate::vhost::Vhost;
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Weak;
+use tokio::time::{sleep_until, Instant};
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    msg: Arc<Message>,
+    redelivered: bool,
+    expires_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    entry: Entry,
+    /// Consumer key, None for basic.get.
+    consumer: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    key: u64,
+    spec: ConsumerSpec,
+    unacked: u32,
+    last_used: u64,
+}
+
+/// Ready messages, one FIFO per priority level (one level for non-priority queues).
+#[derive(Debug)]
+struct Ready {
+    levels: Vec<VecDeque<Entry>>,
+    len: usize,
+    bytes: u64,
+}
+
+impl Ready {
+    fn new(max_priority: Option<u8>) -> Self {
+        let n = max_priority.map(|p| p as usize + 1).unwrap_or(1);
+        Self {
+            levels: (0..n).map(|_| VecDeque::new()).collect(),
+            len: 0,
+            bytes: 0,
+        }
+    }
+    fn level_of(&self, msg: &Message) -> usize {
+        (msg.priority() as usize).min(self.levels.len() - 1)
+    }
+    fn push_back(&mut self, e: Entry) {
+        let l = self.level_of(&e.msg);
+        self.len += 1;
+        self.bytes += e.msg.body.len() as u64;
+        self.levels[l].push_back(e);
+    }
+    /// Puts a requeued entry back at its original position (by id).
+    fn requeue(&mut self, e: Entry) {
+        let l = self.level_of(&e.msg);
+        self.len += 1;
+        self.bytes += e.msg.body.len() as u64;
+        let q = &mut self.levels[l];
+        let pos = q.partition_point(|x| x.id < e.id);
+        q.insert(pos, e);
+    }
+    fn pop_front(&mut self) -> Option<Entry> {
+        for q in self.levels.iter_mut().rev() {
+            if let Some(e) = q.pop_front() {
+                self.len -= 1;
+                self.bytes -= e.msg.body.len() as u64;
+                return Some(e);
+            }
+        }
+        None
+    }
+    /// Oldest message of the lowest level (drop-head victim).
+    fn pop_oldest(&mut self) -> Option<Entry> {
+        for q in self.levels.iter_mut() {
+            if let Some(e) = q.pop_front() {
+                self.len -= 1;
+                self.bytes -= e.msg.body.len() as u64;
+                return Some(e);
+            }
+        }
+        None
+    }
+    fn next_expiry(&self) -> Option<Instant> {
+        self.levels
+            .iter()
+            .filter_map(|q| q.front().and_then(|e| e.expires_at))
+            .min()
+    }
+    fn drain_all(&mut self) -> Vec<Entry> {
+        let mut v = Vec::with_capacity(self.len);
+        for q in self.levels.iter_mut() {
+            v.extend(q.drain(..));
+        }
+        self.len = 0;
+        self.bytes = 0;
+        v
+    }
+}
+
+/// The actor. Created by the vhost, which keeps the [`QueueHandle`].
+pub struct QueueActor {
+    handle: QueueHandle,
+    vhost: Weak<Vhost>,
+    ready: Ready,
+    unacked: HashMap<u64, Unacked>,
+    consumers: Vec<Consumer>,
+    next_consumer_key: u64,
+    use_counter: u64,
+    next_id: u64,
+    log: Box<dyn QueueLog>,
+    /// Publishes waiting for the log to report them safe.
+    unconfirmed: VecDeque<(u64, ConfirmTicket)>,
+    had_consumers: bool,
+    last_activity: Instant,
+    deleted: bool,
+}
+
+impl QueueActor {
+    pub fn new(handle: QueueHandle, vhost: Weak<Vhost>, log: Box<dyn QueueLog>) -> Self {
+        let ready = Ready::new(handle.args.max_priority);
+        Self {
+            handle,
+            vhost,
+            ready,
+            unacked: HashMap::new(),
+            consumers: Vec::new(),
+            next_consumer_key: 1,
+            use_counter: 0,
+            next_id: 1,
+            log,
+            unconfirmed: VecDeque::new(),
+            had_consumers: false,
+            last_activity: Instant::now(),
+            deleted: false,
+        }
+    }
+
+    /// Runs until the queue is deleted or every handle is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let now = Instant::now();
+                    self.handle_cmd(cmd, now);
+                    let mut n = 0;
+                    while !self.deleted && n < 256 {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.handle_cmd(cmd, now),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+            }
+            if self.deleted {
+                break;
+            }
+            let now = Instant::now();
+            self.dispatch(now);
+            self.expire(now);
+            if self.check_idle_expiry(now) {
+                self.delete_now();
+                break;
+            }
+            self.publish_counts();
+        }
+        // Answer what is still queued so nobody waits forever.
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                QueueCmd::Publish {
+                    confirm: Some(t), ..
+                } => t.send(true),
+                QueueCmd::Consume { reply, .. } => {
+                    let _ = reply.send(Err(self.not_found()));
+                }
+                QueueCmd::Delete {
+                    reply: Some(reply), ..
+                } => {
+                    let _ = reply.send(Ok(0));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn not_found(&self) -> ChannelError {
+        ChannelError::not_found(format!(
+            "no queue '{}' in vhost '{}'",
+            self.handle.name, self.handle.vhost
+        ))
+    }
+
+    fn publish_counts(&self) {
+        self.handle
+            .message_count
+            .store(self.ready.len as u32, Ordering::Relaxed);
+        self.handle
+            .consumer_count
+            .store(self.consumers.len() as u32, Ordering::Relaxed);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d = self.ready.next_expiry();
+        if let Some(ms) = self.handle.args.expires {
+            if self.consumers.is_empty() {
+                let t = self.last_activity + std::time::Duration::from_millis(ms);
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+        }
+        d
+    }
+
+    fn check_idle_expiry(&self, now: Instant) -> bool {
+        match self.handle.args.expires {
+            Some(ms) if self.consumers.is_empty() => {
+                now >= self.last_activity + std::time::Duration::from_millis(ms)
+            }
+            _ => false,
+        }
+    }
+
+    fn handle_cmd(&mut self, cmd: QueueCmd, now: Instant) {
+        match cmd {
+            QueueCmd::Publish { msg, confirm } => self.publish(msg, confirm, now),
+            QueueCmd::Consume { spec, reply } => {
+                let r = self.consume(spec, now);
+                let _ = reply.send(r);
+            }
+            QueueCmd::Cancel {
+                conn_id,
+                channel,
+                generation,
+                tag,
+            } => self.cancel(conn_id, channel, generation, &tag, now),
+            QueueCmd::Ack { ids } => self.ack(&ids),
+            QueueCmd::Reject { ids, requeue } => self.reject(&ids, requeue, now),
+            QueueCmd::Get { no_ack, reply } => {
+                self.last_activity = now;
+                let r = self.get(no_ack, now);
+                self.publish_counts();
+                let _ = reply.send(r);
+            }
+            QueueCmd::Purge { reply } => {
+                let entries = self.ready.drain_all();
+                let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+                self.log.settle(&ids);
+                self.publish_counts();
+                let _ = reply.send(ids.len() as u32);
+            }
+            QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply,
+            } => {
+                let r = if if_unused && !self.consumers.is_empty() {
+                    Err(ChannelError::precondition_failed(format!(
+                        "queue '{}' in vhost '{}' in use",
+                        self.handle.name, self.handle.vhost
+                    )))
+                } else if if_empty && self.ready.len > 0 {
+                    Err(ChannelError::precondition_failed(format!(
+                        "queue '{}' in vhost '{}' is not empty",
+                        self.handle.name, self.handle.vhost
+                    )))
+                } else {
+                    let n = self.ready.len as u32;
+                    self.delete_now();
+                    Ok(n)
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            QueueCmd::Touch => self.last_activity = now,
+            QueueCmd::Kick => {}
+            QueueCmd::Synced { up_to } => {
+                while let Some((id, _)) = self.unconfirmed.front() {
+                    if *id > up_to {
+                        break;
+                    }
+                    if let Some((_, t)) = self.unconfirmed.pop_front() {
+                        t.send(true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_full(&self, extra_bytes: u64) -> bool {
+        let a = &self.handle.args;
+        a.max_length.is_some_and(|m| self.ready.len as u64 >= m)
+            || a.max_length_bytes
+                .is_some_and(|m| self.ready.bytes + extra_bytes > m)
+    }
+
+    fn over_limit(&self) -> bool {
+        let a = &self.handle.args;
+        a.max_length.is_some_and(|m| self.ready.len as u64 > m)
+            || a.max_length_bytes.is_some_and(|m| self.ready.bytes > m)
+    }
+
+    fn publish(&mut self, msg: Arc<Message>, confirm: Option<ConfirmTicket>, now: Instant) {
+        let overflow = self.handle.args.overflow;
+        if overflow != Overflow::DropHead && self.is_full(msg.body.len() as u64) {
+            if let Some(t) = confirm {
+                t.send(false);
+            }
+            if overflow == Overflow::RejectPublishDlx {
+                self.dead_letter(&msg, "maxlen");
+            }
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let ttl = match (self.handle.args.message_ttl, msg.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
+        match (self.log.enqueue(id, &msg), confirm) {
+            (Safety::Safe, Some(t)) => t.send(true),
+            (Safety::Pending, Some(t)) => self.unconfirmed.push_back((id, t)),
+            (_, None) => {}
+        }
+        self.ready.push_back(Entry {
+            id,
+            msg,
+            redelivered: false,
+            expires_at,
+        });
+        if overflow == Overflow::DropHead {
+            while self.over_limit() {
+                match self.ready.pop_oldest() {
+                    Some(e) => {
+                        self.dead_letter(&e.msg, "maxlen");
+                        self.log.settle(&[e.id]);
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.dispatch(now);
+    }
+
+    fn consume(&mut self, spec: ConsumerSpec, now: Instant) -> Result<(), ChannelError> {
+        let in_use = || {
+            ChannelError::access_refused(format!(
+                "queue '{}' in vhost '{}' in exclusive use",
+                self.handle.name, self.handle.vhost
+            ))
+        };
+        if self.consumers.iter().any(|c| c.spec.exclusive) {
+            return Err(in_use());
+        }
+        if spec.exclusive && !self.consumers.is_empty() {
+            return Err(in_use());
+        }
+        self.last_activity = now;
+        self.had_consumers = true;
+        let key = self.next_consumer_key;
+        self.next_consumer_key += 1;
+        self.consumers.push(Consumer {
+            key,
+            spec,
+            unacked: 0,
+            last_used: 0,
+        });
+        self.publish_counts();
+        self.dispatch(now);
+        Ok(())
+    }
+
+    fn cancel(&mut self, conn_id: u64, channel: u16, generation: u64, tag: &str, now: Instant) {
+        let before = self.consumers.len();
+        self.consumers.retain(|c| {
+            !(c.spec.conn_id == conn_id
+                && c.spec.channel == channel
+                && c.spec.generation == generation
+                && &*c.spec.tag == tag)
+        });
+        if self.consumers.len() != before {
+            self.last_activity = now;
+            if self.consumers.is_empty() && self.handle.auto_delete && self.had_consumers {
+                self.delete_now();
+            }
+        }
+        self.publish_counts();
+    }
+
+    fn ack(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(u) = self.unacked.remove(id) {
+                self.release_consumer(u.consumer);
+            }
+        }
+        self.log.settle(ids);
+    }
+
+    fn release_consumer(&mut self, key: Option<u64>) {
+        if let Some(key) = key {
+            if let Some(c) = self.consumers.iter_mut().find(|c| c.key == key) {
+                c.unacked = c.unacked.saturating_sub(1);
+            }
+        }
+    }
+
+    fn reject(&mut self, ids: &[u64], requeue: bool, _now: Instant) {
+        let mut requeued = Vec::new();
+        for id in ids {
+            let Some(u) = self.unacked.remove(id) else {
+                continue;
+            };
+            self.release_consumer(u.consumer);
+            let mut e = u.entry;
+            if requeue {
+                e.redelivered = true;
+                requeued.push(e.id);
+                self.ready.requeue(e);
+            } else {
+                self.dead_letter(&e.msg, "rejected");
+                self.log.settle(&[e.id]);
+            }
+        }
+        if !requeued.is_empty() {
+            self.log.requeue(&requeued);
+        }
+    }
+
+    fn get(&mut self, no_ack: bool, now: Instant) -> Option<GetResult> {
+        loop {
+            let e = self.ready.pop_front()?;
+            if e.expires_at.is_some_and(|t| t <= now) {
+                self.dead_letter(&e.msg, "expired");
+                self.log.settle(&[e.id]);
+                continue;
+            }
+            let r = GetResult {
+                msg_id: e.id,
+                msg: e.msg.clone(),
+                redelivered: e.redelivered,
+                remaining: self.ready.len as u32,
+            };
+            if no_ack {
+                self.log.settle(&[e.id]);
+            } else {
+                self.unacked.insert(
+                    e.id,
+                    Unacked {
+                        entry: e,
+                        consumer: None,
+                    },
+                );
+            }
+            return Some(r);
+        }
+    }
+
+    /// Index of the consumer that should get the next message, if any has credit.
+    fn pick_consumer(&mut self) -> Option<usize> {
+        let sac = self.handle.args.single_active_consumer;
+        let mut best: Option<usize> = None;
+        for (i, c) in self.consumers.iter().enumerate() {
+            if sac && i > 0 {
+                break;
+            }
+            if !c.spec.chan.flow_active.load(Ordering::Relaxed) {
+                continue;
+            }
+            if c.spec.conn.pending.load(Ordering::Relaxed) >= CONN_PENDING_LIMIT {
+                c.spec.conn.starved.store(true, Ordering::Relaxed);
+                continue;
+            }
+            if !c.spec.no_ack && c.spec.prefetch > 0 && c.unacked >= c.spec.prefetch as u32 {
+                continue;
+            }
+            if !c.spec.no_ack {
+                let g = &c.spec.chan;
+                let limit = g.global_limit.load(Ordering::Relaxed);
+                if limit > 0 && g.global_unacked.load(Ordering::Relaxed) >= limit {
+                    continue;
+                }
+            }
+            best = match best {
+                None => Some(i),
+                Some(b) => {
+                    let cb = &self.consumers[b];
+                    if c.spec.priority > cb.spec.priority
+                        || (c.spec.priority == cb.spec.priority && c.last_used < cb.last_used)
+                    {
+                        Some(i)
+                    } else {
+                        Some(b)
+                    }
+                }
+            };
+        }
+        best
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        while self.ready.len > 0 && !self.consumers.is_empty() {
+            let Some(ci) = self.pick_consumer() else {
+                break;
+            };
+            if !self.consumers[ci].spec.no_ack && !self.consumers[ci].spec.chan.try_take_global() {
+                // Lost a race with another queue for channel-wide credit.
+                break;
+            }
+            let Some(e) = self.ready.pop_front() else {
+                break;
+            };
+            if e.expires_at.is_some_and(|t| t <= now) {
+                if !self.consumers[ci].spec.no_ack {
+                    self.consumers[ci].spec.chan.release_global(1);
+                }
+                self.dead_letter(&e.msg, "expired");
+                self.log.settle(&[e.id]);
+                continue;
+            }
+            self.use_counter += 1;
+            let c = &mut self.consumers[ci];
+            c.last_used = self.use_counter;
+            let delivery = Delivery {
+                channel: c.spec.channel,
+                generation: c.spec.generation,
+                consumer_tag: c.spec.tag.clone(),
+                queue: Some(self.handle.clone()),
+                msg_id: e.id,
+                msg: e.msg.clone(),
+                redelivered: e.redelivered,
+                no_ack: c.spec.no_ack,
+            };
+            c.spec.conn.pending.fetch_add(1, Ordering::Relaxed);
+            if c.spec.events.send(ClientEvent::Deliver(delivery)).is_err() {
+                // Connection gone: drop the consumer, keep the message.
+                c.spec.conn.pending.fetch_sub(1, Ordering::Relaxed);
+                if !c.spec.no_ack {
+                    c.spec.chan.release_global(1);
+                }
+                let key = c.key;
+                self.consumers.retain(|c| c.key != key);
+                self.ready.requeue(e);
+                continue;
+            }
+            if c.spec.no_ack {
+                self.log.settle(&[e.id]);
+            } else {
+                c.unacked += 1;
+                let key = c.key;
+                self.unacked.insert(
+                    e.id,
+                    Unacked {
+                        entry: e,
+                        consumer: Some(key),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drops expired messages at the head of each level (RabbitMQ expires only at the head).
+    fn expire(&mut self, now: Instant) {
+        for l in 0..self.ready.levels.len() {
+            while let Some(front) = self.ready.levels[l].front() {
+                if front.expires_at.is_none_or(|t| t > now) {
+                    break;
+                }
+                let Some(e) = self.ready.levels[l].pop_front() else {
+                    break;
+                };
+                self.ready.len -= 1;
+                self.ready.bytes -= e.msg.body.len() as u64;
+                self.dead_letter(&e.msg, "expired");
+                self.log.settle(&[e.id]);
+            }
+        }
+    }
+
+    fn delete_now(&mut self) {
+        if self.deleted {
+            return;
+        }
+        self.deleted = true;
+        for c in self.consumers.drain(..) {
+            let _ = c.spec.events.send(ClientEvent::Cancelled {
+                channel: c.spec.channel,
+                generation: c.spec.generation,
+                tag: c.spec.tag.clone(),
+            });
+        }
+        for (_, t) in self.unconfirmed.drain(..) {
+            t.send(true);
+        }
+        self.log.delete();
+        if let Some(v) = self.vhost.upgrade() {
+            v.remove_queue(&self.handle);
+        }
+        self.publish_counts();
+    }
+
+    /// Republishes `msg` to the dead-letter exchange with an x-death record.
+    fn dead_letter(&mut self, msg: &Arc<Message>, reason: &str) {
+        let Some(dlx) = self.handle.args.dead_letter_exchange.clone() else {
+            return;
+        };
+        let Some(vhost) = self.vhost.upgrade() else {
+            return;
+        };
+        let rk = self
+            .handle
+            .args
+            .dead_letter_routing_key
+            .clone()
+            .unwrap_or_else(|| msg.routing_key.to_string());
+        let mut headers = msg.properties.headers().clone().unwrap_or_default();
+        let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+            Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+            _ => Vec::new(),
+        };
+        let qname: &str = &self.handle.name;
+        let same = |t: &FieldTable| {
+            matches!(t.inner().get("queue"), Some(AMQPValue::LongString(q)) if q.as_bytes() == qname.as_bytes())
+                && matches!(t.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == reason.as_bytes())
+        };
+        let existing = deaths
+            .iter()
+            .position(|d| matches!(d, AMQPValue::FieldTable(t) if same(t)));
+        // A cycle without any rejection would loop forever: drop, as RabbitMQ does.
+        if existing.is_some() && reason != "rejected" {
+            let cycle_free = deaths.iter().any(|d| {
+                matches!(d, AMQPValue::FieldTable(t)
+                    if matches!(t.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == b"rejected"))
+            });
+            if !cycle_free {
+                return;
+            }
+        }
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let entry = match existing {
+            Some(i) => {
+                let mut t = match deaths.remove(i) {
+                    AMQPValue::FieldTable(t) => t,
+                    _ => FieldTable::default(),
+                };
+                let count = t.inner().get("count").and_then(args::as_i64).unwrap_or(0);
+                t.insert("count".into(), AMQPValue::LongLongInt(count + 1));
+                t.insert("time".into(), AMQPValue::Timestamp(now_secs));
+                t
+            }
+            None => {
+                let mut t = FieldTable::default();
+                t.insert("count".into(), AMQPValue::LongLongInt(1));
+                t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+                t.insert("queue".into(), AMQPValue::LongString(qname.into()));
+                t.insert("time".into(), AMQPValue::Timestamp(now_secs));
+                t.insert(
+                    "exchange".into(),
+                    AMQPValue::LongString(msg.exchange.as_str().into()),
+                );
+                let mut keys = FieldArray::default();
+                keys.push(AMQPValue::LongString(msg.routing_key.as_str().into()));
+                t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+                if let Some(exp) = msg.properties.expiration() {
+                    t.insert(
+                        "original-expiration".into(),
+                        AMQPValue::LongString(exp.as_str().into()),
+                    );
+                }
+                t
+            }
+        };
+        deaths.insert(0, AMQPValue::FieldTable(entry));
+        headers.insert("x-death".into(), AMQPValue::FieldArray(deaths.into()));
+        for (k, v) in [
+            ("x-first-death-queue", qname),
+            ("x-first-death-reason", reason),
+            ("x-first-death-exchange", msg.exchange.as_str()),
+        ] {
+            if !headers.contains_key(k) {
+                headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+            }
+        }
+        let mut props = msg.properties.clone().with_headers(headers);
+        if props.expiration().is_some() {
+            // Drop the per-message TTL so the dead-lettered copy does not expire again at once.
+            props = strip_expiration(props);
+        }
+        let Ok(new) = Message::new(
+            dlx.as_str().into(),
+            rk.as_str().into(),
+            props,
+            msg.body.clone(),
+        ) else {
+            return;
+        };
+        let new = Arc::new(new);
+        let mut targets = Vec::new();
+        vhost.route(&dlx, &rk, new.properties.headers().as_ref(), &mut targets);
+        for q in targets {
+            let cmd = QueueCmd::Publish {
+                msg: new.clone(),
+                confirm: None,
+            };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = q.tx.try_send(cmd) {
+                // Never block one queue on another: hand the send to a task.
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let _ = q.tx.send(cmd).await;
+                });
+            }
+        }
+    }
+}
+
+fn strip_expiration(p: AMQPProperties) -> AMQPProperties {
+    // AMQPProperties has no setter to clear a field: rebuild without expiration.
+    let mut n = AMQPProperties::default();
+    if let Some(v) = p.content_type() {
+        n = n.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        n = n.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        n = n.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        n = n.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        n = n.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        n = n.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        n = n.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        n = n.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        n = n.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        n = n.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        n = n.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        n = n.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        n = n.with_cluster_id(v.clone());
+    }
+    n
+}

@@ -1,0 +1,294 @@
+//! Queues: each queue is an owned task (actor, see [`actor`]) fed through a bounded mpsc, so a
+//! slow queue only slows its own publishers. Connections hold [`QueueHandle`]s; queues talk back
+//! to connections through [`ClientEvent`]s on the connection's own channel.
+
+pub mod actor;
+pub mod args;
+
+use crate::error::ChannelError;
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::types::ShortString;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+pub use args::QueueArgs;
+
+/// Capacity of a queue's command channel.
+pub const QUEUE_MAILBOX: usize = 8192;
+/// A queue stops delivering to a connection that has this many deliveries not yet encoded.
+pub const CONN_PENDING_LIMIT: usize = 8192;
+
+/// A published message. Shared (`Arc`) by every queue it is routed to; the body is stored once.
+#[derive(Debug)]
+pub struct Message {
+    pub exchange: ShortString,
+    pub routing_key: ShortString,
+    pub properties: AMQPProperties,
+    /// Pre-encoded content header payload (class, weight, size, properties).
+    pub header_payload: Bytes,
+    pub body: Bytes,
+    /// Per-message TTL from the `expiration` property, milliseconds.
+    pub expiration_ms: Option<u64>,
+}
+
+impl Message {
+    pub fn new(
+        exchange: ShortString,
+        routing_key: ShortString,
+        properties: AMQPProperties,
+        body: Bytes,
+    ) -> Result<Self, crate::error::CodecError> {
+        let header_payload =
+            crate::codec::encode_content_header_payload(body.len() as u64, &properties)?.into();
+        let expiration_ms = properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse::<u64>().ok());
+        Ok(Self {
+            exchange,
+            routing_key,
+            properties,
+            header_payload,
+            body,
+            expiration_ms,
+        })
+    }
+
+    /// delivery-mode 2.
+    pub fn persistent(&self) -> bool {
+        *self.properties.delivery_mode() == Some(2)
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.properties.priority().unwrap_or(0)
+    }
+}
+
+/// State a channel shares with the queues its consumers read from.
+#[derive(Debug, Default)]
+pub struct ChannelShared {
+    /// channel.flow: false pauses deliveries.
+    pub flow_active: AtomicBool,
+    /// basic.qos global=true prefetch (0 = unlimited).
+    pub global_limit: AtomicU32,
+    /// Unacked deliveries counted against `global_limit`.
+    pub global_unacked: AtomicU32,
+}
+
+impl ChannelShared {
+    pub fn new() -> Self {
+        Self {
+            flow_active: AtomicBool::new(true),
+            ..Default::default()
+        }
+    }
+
+    /// Takes one unit of channel-wide credit if available.
+    pub fn try_take_global(&self) -> bool {
+        let limit = self.global_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            self.global_unacked.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let mut cur = self.global_unacked.load(Ordering::Relaxed);
+        loop {
+            if cur >= limit {
+                return false;
+            }
+            match self.global_unacked.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    pub fn release_global(&self, n: u32) {
+        let _ = self
+            .global_unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+}
+
+/// State a connection shares with queues delivering to it (output back-pressure).
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    /// Deliveries sent to the connection and not yet encoded into its write buffer.
+    pub pending: AtomicUsize,
+    /// Set by a queue that skipped this connection for back-pressure; the connection kicks its
+    /// queues when it has drained.
+    pub starved: AtomicBool,
+}
+
+/// A delivery on its way to a connection.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: u16,
+    pub generation: u64,
+    pub consumer_tag: Arc<str>,
+    /// None for direct reply-to (no queue).
+    pub queue: Option<QueueHandle>,
+    pub msg_id: u64,
+    pub msg: Arc<Message>,
+    pub redelivered: bool,
+    pub no_ack: bool,
+}
+
+/// Events queues (and other broker parts) send to a connection task.
+#[derive(Debug)]
+pub enum ClientEvent {
+    Deliver(Delivery),
+    /// Publisher confirm outcome for one sequence number.
+    Confirm {
+        channel: u16,
+        generation: u64,
+        seq: u64,
+        ok: bool,
+    },
+    /// Server-side basic.cancel (queue deleted).
+    Cancelled {
+        channel: u16,
+        generation: u64,
+        tag: Arc<str>,
+    },
+    /// Force the connection closed (management, shutdown of one connection).
+    Close(crate::error::ConnectionError),
+}
+
+pub type ClientTx = mpsc::UnboundedSender<ClientEvent>;
+
+/// Where a queue reports the confirm for one publish.
+#[derive(Debug, Clone)]
+pub struct ConfirmTicket {
+    pub events: ClientTx,
+    pub channel: u16,
+    pub generation: u64,
+    pub seq: u64,
+}
+
+impl ConfirmTicket {
+    pub fn send(&self, ok: bool) {
+        let _ = self.events.send(ClientEvent::Confirm {
+            channel: self.channel,
+            generation: self.generation,
+            seq: self.seq,
+            ok,
+        });
+    }
+}
+
+/// A consumer as registered with a queue.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub tag: Arc<str>,
+    pub conn_id: u64,
+    pub channel: u16,
+    pub generation: u64,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    /// basic.qos global=false prefetch at consume time (0 = unlimited).
+    pub prefetch: u16,
+    /// x-priority.
+    pub priority: i64,
+    pub events: ClientTx,
+    pub chan: Arc<ChannelShared>,
+    pub conn: Arc<ConnShared>,
+}
+
+/// Result of basic.get.
+#[derive(Debug)]
+pub struct GetResult {
+    pub msg_id: u64,
+    pub msg: Arc<Message>,
+    pub redelivered: bool,
+    pub remaining: u32,
+}
+
+/// Commands a queue actor understands.
+#[derive(Debug)]
+pub enum QueueCmd {
+    Publish {
+        msg: Arc<Message>,
+        confirm: Option<ConfirmTicket>,
+    },
+    Consume {
+        spec: ConsumerSpec,
+        reply: oneshot::Sender<Result<(), ChannelError>>,
+    },
+    Cancel {
+        conn_id: u64,
+        channel: u16,
+        generation: u64,
+        tag: Arc<str>,
+    },
+    Ack {
+        ids: Vec<u64>,
+    },
+    Reject {
+        ids: Vec<u64>,
+        requeue: bool,
+    },
+    Get {
+        no_ack: bool,
+        reply: oneshot::Sender<Option<GetResult>>,
+    },
+    Purge {
+        reply: oneshot::Sender<u32>,
+    },
+    Delete {
+        if_unused: bool,
+        if_empty: bool,
+        reply: Option<oneshot::Sender<Result<u32, ChannelError>>>,
+    },
+    /// Redeclared: resets the x-expires idle timer.
+    Touch,
+    /// Credit may have become available somewhere: try to deliver.
+    Kick,
+    /// The log made every id up to and including this one safe (durability, later).
+    Synced {
+        up_to: u64,
+    },
+}
+
+/// Static facts about a queue plus its mailbox. Cheap to clone.
+#[derive(Debug)]
+pub struct QueueInfo {
+    pub name: Arc<str>,
+    pub vhost: Arc<str>,
+    pub durable: bool,
+    pub auto_delete: bool,
+    /// Owning connection of an exclusive queue.
+    pub exclusive_owner: Option<u64>,
+    pub args: QueueArgs,
+    pub arguments: amq_protocol::types::FieldTable,
+    pub tx: mpsc::Sender<QueueCmd>,
+    pub message_count: AtomicU32,
+    pub consumer_count: AtomicU32,
+}
+
+pub type QueueHandle = Arc<QueueInfo>;
+
+impl QueueInfo {
+    /// Sends a command, waiting for mailbox space (back-pressure to publishers).
+    pub async fn send(&self, cmd: QueueCmd) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+    /// Sends without waiting; used from queue actors (never block one queue on another).
+    pub fn try_send(&self, cmd: QueueCmd) -> bool {
+        self.tx.try_send(cmd).is_ok()
+    }
+    pub fn message_count(&self) -> u32 {
+        self.message_count.load(Ordering::Relaxed)
+    }
+    pub fn consumer_count(&self) -> u32 {
+        self.consumer_count.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,495 @@
+//! Virtual hosts: the registry of exchanges and queues and the routing snapshot.
+//!
+//! Publishes read an immutable [`Topology`] through `ArcSwap` (no lock on the hot path);
+//! declarations and bindings take a short mutex, copy the topology, change it and swap it in.
+
+use crate::error::ChannelError;
+use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::queue::actor::QueueActor;
+use crate::queue::{ClientTx, QueueArgs, QueueCmd, QueueHandle, QueueInfo, QUEUE_MAILBOX};
+use crate::store::TransientLog;
+use amq_protocol::types::FieldTable;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Weak};
+
+/// Immutable routing snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct Topology {
+    pub exchanges: HashMap<Arc<str>, Arc<Exchange>>,
+    pub queues: HashMap<Arc<str>, QueueHandle>,
+}
+
+/// A direct reply-to consumer.
+#[derive(Debug, Clone)]
+pub struct ReplyTarget {
+    pub events: ClientTx,
+    pub channel: u16,
+    pub generation: u64,
+    pub consumer_tag: Arc<str>,
+}
+
+/// Parameters of queue.declare after validation.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub durable: bool,
+    pub exclusive_owner: Option<u64>,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    pub args: QueueArgs,
+}
+
+/// One virtual host.
+#[derive(Debug)]
+pub struct Vhost {
+    pub name: Arc<str>,
+    topology: ArcSwap<Topology>,
+    write: Mutex<()>,
+    reply_to: Mutex<HashMap<String, ReplyTarget>>,
+    me: Weak<Vhost>,
+}
+
+const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+fn no_exchange(name: &str, vhost: &str) -> ChannelError {
+    ChannelError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
+}
+
+fn no_queue(name: &str, vhost: &str) -> ChannelError {
+    ChannelError::not_found(format!("no queue '{name}' in vhost '{vhost}'"))
+}
+
+impl Vhost {
+    pub fn new(name: &str) -> Arc<Self> {
+        let mut topo = Topology::default();
+        for (n, k) in DEFAULT_EXCHANGES {
+            let ex = Exchange::new(n, *k, true, false, false, FieldTable::default());
+            topo.exchanges.insert((*n).into(), Arc::new(ex));
+        }
+        Arc::new_cyclic(|me| Self {
+            name: name.into(),
+            topology: ArcSwap::from_pointee(topo),
+            write: Mutex::new(()),
+            reply_to: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// The current routing snapshot.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Topology>> {
+        self.topology.load()
+    }
+
+    fn update<R>(
+        &self,
+        f: impl FnOnce(&mut Topology) -> Result<R, ChannelError>,
+    ) -> Result<R, ChannelError> {
+        let _g = self.write.lock();
+        let mut t = Topology::clone(&self.topology.load());
+        let r = f(&mut t)?;
+        self.topology.store(Arc::new(t));
+        Ok(r)
+    }
+
+    pub fn queue(&self, name: &str) -> Option<QueueHandle> {
+        self.snapshot().queues.get(name).cloned()
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.snapshot().exchanges.get(name).cloned()
+    }
+
+    // === exchanges ===
+
+    /// exchange.declare (non-passive). `kind` already validated.
+    pub fn declare_exchange(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: FieldTable,
+    ) -> Result<(), ChannelError> {
+        let vname = self.name.clone();
+        self.update(|t| {
+            if let Some(ex) = t.exchanges.get(name) {
+                let ineq = |arg: &str, recv: String, cur: String| {
+                    ChannelError::precondition_failed(format!(
+                        "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vname}': \
+                         received '{recv}' but current is '{cur}'"
+                    ))
+                };
+                if ex.kind != kind {
+                    return Err(ineq("type", kind.as_str().into(), ex.kind.as_str().into()));
+                }
+                if ex.durable != durable {
+                    return Err(ineq("durable", durable.to_string(), ex.durable.to_string()));
+                }
+                if ex.auto_delete != auto_delete {
+                    return Err(ineq(
+                        "auto_delete",
+                        auto_delete.to_string(),
+                        ex.auto_delete.to_string(),
+                    ));
+                }
+                if ex.internal != internal {
+                    return Err(ineq(
+                        "internal",
+                        internal.to_string(),
+                        ex.internal.to_string(),
+                    ));
+                }
+                return Ok(());
+            }
+            let ex = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
+            t.exchanges.insert(name.into(), Arc::new(ex));
+            Ok(())
+        })
+    }
+
+    /// exchange.delete.
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), ChannelError> {
+        let vname = self.name.clone();
+        self.update(|t| {
+            let Some(ex) = t.exchanges.get(name) else {
+                return Ok(());
+            };
+            if if_unused && !ex.bindings().is_empty() {
+                return Err(ChannelError::precondition_failed(format!(
+                    "exchange '{name}' in vhost '{vname}' in use"
+                )));
+            }
+            t.exchanges.remove(name);
+            let dest = Destination::Exchange(name.into());
+            remove_bindings_to(t, &dest);
+            Ok(())
+        })
+    }
+
+    // === bindings ===
+
+    /// queue.bind / exchange.bind.
+    pub fn bind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), ChannelError> {
+        let vname = self.name.clone();
+        self.update(|t| {
+            match &destination {
+                Destination::Queue(q) if !t.queues.contains_key(q) => {
+                    return Err(no_queue(q, &vname))
+                }
+                Destination::Exchange(e) if !t.exchanges.contains_key(e) => {
+                    return Err(no_exchange(e, &vname))
+                }
+                _ => {}
+            }
+            let Some(ex) = t.exchanges.get(source) else {
+                return Err(no_exchange(source, &vname));
+            };
+            let mut ex = Exchange::clone(ex);
+            ex.bind(Binding {
+                destination,
+                routing_key: routing_key.to_owned(),
+                arguments,
+            });
+            t.exchanges.insert(source.into(), Arc::new(ex));
+            Ok(())
+        })
+    }
+
+    /// queue.unbind / exchange.unbind. Missing bindings are not an error (RabbitMQ).
+    pub fn unbind(
+        &self,
+        source: &str,
+        destination: Destination,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), ChannelError> {
+        let vname = self.name.clone();
+        self.update(|t| {
+            match &destination {
+                Destination::Queue(q) if !t.queues.contains_key(q) => {
+                    return Err(no_queue(q, &vname))
+                }
+                Destination::Exchange(e) if !t.exchanges.contains_key(e) => {
+                    return Err(no_exchange(e, &vname))
+                }
+                _ => {}
+            }
+            let Some(ex) = t.exchanges.get(source) else {
+                return Err(no_exchange(source, &vname));
+            };
+            let mut ex = Exchange::clone(ex);
+            let b = Binding {
+                destination,
+                routing_key: routing_key.to_owned(),
+                arguments,
+            };
+            if ex.unbind(&b) {
+                let auto = ex.auto_delete && ex.bindings().is_empty();
+                if auto {
+                    t.exchanges.remove(source);
+                } else {
+                    t.exchanges.insert(source.into(), Arc::new(ex));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    // === queues ===
+
+    /// queue.declare (non-passive). Returns the handle and whether it was created.
+    pub fn declare_queue(&self, spec: QueueSpec) -> Result<(QueueHandle, bool), ChannelError> {
+        let vname = self.name.clone();
+        let mut spawn = None;
+        let r = self.update(|t| {
+            if let Some(q) = t.queues.get(spec.name.as_str()) {
+                if q.exclusive_owner.is_some() && q.exclusive_owner != spec.exclusive_owner {
+                    return Err(ChannelError::resource_locked(format!(
+                        "cannot obtain exclusive access to locked queue '{}' in vhost '{vname}'. \
+                         It could be originally declared on another connection or the exclusive \
+                         property value does not match that of the original declaration.",
+                        spec.name
+                    )));
+                }
+                let ineq = |arg: &str, recv: String, cur: String| {
+                    ChannelError::precondition_failed(format!(
+                        "inequivalent arg '{arg}' for queue '{}' in vhost '{vname}': \
+                         received '{recv}' but current is '{cur}'",
+                        spec.name
+                    ))
+                };
+                if q.durable != spec.durable {
+                    return Err(ineq(
+                        "durable",
+                        spec.durable.to_string(),
+                        q.durable.to_string(),
+                    ));
+                }
+                if q.auto_delete != spec.auto_delete {
+                    return Err(ineq(
+                        "auto_delete",
+                        spec.auto_delete.to_string(),
+                        q.auto_delete.to_string(),
+                    ));
+                }
+                for key in [
+                    "x-message-ttl",
+                    "x-expires",
+                    "x-max-length",
+                    "x-max-length-bytes",
+                    "x-overflow",
+                    "x-dead-letter-exchange",
+                    "x-dead-letter-routing-key",
+                    "x-max-priority",
+                    "x-single-active-consumer",
+                ] {
+                    let a = spec.arguments.inner().get(key);
+                    let b = q.arguments.inner().get(key);
+                    let same = match (a, b) {
+                        (Some(a), Some(b)) => {
+                            a == b
+                                || crate::queue::args::as_i64(a)
+                                    .zip(crate::queue::args::as_i64(b))
+                                    .is_some_and(|(x, y)| x == y)
+                                || crate::queue::args::as_string(a)
+                                    .zip(crate::queue::args::as_string(b))
+                                    .is_some_and(|(x, y)| x == y)
+                        }
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !same {
+                        let show = |v: Option<&amq_protocol::types::AMQPValue>| match v {
+                            None => "none".to_owned(),
+                            Some(v) => crate::queue::args::as_string(v)
+                                .or_else(|| crate::queue::args::as_i64(v).map(|n| n.to_string()))
+                                .unwrap_or_else(|| format!("{v:?}")),
+                        };
+                        return Err(ineq(key, show(a), show(b)));
+                    }
+                }
+                return Ok((q.clone(), false));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_MAILBOX);
+            let name: Arc<str> = spec.name.as_str().into();
+            let handle = Arc::new(QueueInfo {
+                name: name.clone(),
+                vhost: vname.clone(),
+                durable: spec.durable,
+                auto_delete: spec.auto_delete,
+                exclusive_owner: spec.exclusive_owner,
+                args: spec.args.clone(),
+                arguments: spec.arguments.clone(),
+                tx,
+                message_count: AtomicU32::new(0),
+                consumer_count: AtomicU32::new(0),
+            });
+            t.queues.insert(name, handle.clone());
+            spawn = Some((handle.clone(), rx));
+            Ok((handle, true))
+        })?;
+        if let Some((handle, rx)) = spawn {
+            let actor = QueueActor::new(handle, self.me.clone(), Box::new(TransientLog));
+            tokio::spawn(actor.run(rx));
+        }
+        Ok(r)
+    }
+
+    /// Called by a queue actor when it goes away: forget it and its bindings.
+    pub fn remove_queue(&self, handle: &QueueHandle) {
+        let _ = self.update(|t| {
+            let same = t
+                .queues
+                .get(&*handle.name)
+                .is_some_and(|q| Arc::ptr_eq(q, handle));
+            if same {
+                t.queues.remove(&*handle.name);
+                remove_bindings_to(t, &Destination::Queue(handle.name.clone()));
+            }
+            Ok(())
+        });
+    }
+
+    /// Asks a queue to delete itself (exclusive owner gone, queue.delete).
+    pub async fn delete_queue(
+        &self,
+        handle: &QueueHandle,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, ChannelError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !handle
+            .send(QueueCmd::Delete {
+                if_unused,
+                if_empty,
+                reply: Some(tx),
+            })
+            .await
+        {
+            self.remove_queue(handle);
+            return Ok(0);
+        }
+        rx.await.unwrap_or(Ok(0))
+    }
+
+    // === routing ===
+
+    /// Resolves a publish to the set of queues (deduplicated), following exchange-to-exchange
+    /// bindings and alternate exchanges. Returns false if `exchange` does not exist.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<QueueHandle>,
+    ) -> bool {
+        let topo = self.snapshot();
+        route_in(&topo, exchange, routing_key, headers, out)
+    }
+
+    // === direct reply-to ===
+
+    pub fn register_reply_to(&self, token: String, target: ReplyTarget) {
+        self.reply_to.lock().insert(token, target);
+    }
+
+    pub fn unregister_reply_to(&self, token: &str) {
+        self.reply_to.lock().remove(token);
+    }
+
+    pub fn reply_target(&self, token: &str) -> Option<ReplyTarget> {
+        self.reply_to.lock().get(token).cloned()
+    }
+}
+
+fn remove_bindings_to(t: &mut Topology, dest: &Destination) {
+    let mut changed = Vec::new();
+    for (name, ex) in &t.exchanges {
+        if ex.bindings().iter().any(|b| &b.destination == dest) {
+            let mut e = Exchange::clone(ex);
+            e.unbind_destination(dest);
+            changed.push((name.clone(), e));
+        }
+    }
+    for (name, e) in changed {
+        if e.auto_delete && e.bindings().is_empty() {
+            t.exchanges.remove(&name);
+        } else {
+            t.exchanges.insert(name, Arc::new(e));
+        }
+    }
+}
+
+/// Routing over a snapshot (see [`Vhost::route`]).
+pub fn route_in(
+    topo: &Topology,
+    exchange: &str,
+    routing_key: &str,
+    headers: Option<&FieldTable>,
+    out: &mut Vec<QueueHandle>,
+) -> bool {
+    if exchange.is_empty() {
+        if let Some(q) = topo.queues.get(routing_key) {
+            out.push(q.clone());
+        }
+        return true;
+    }
+    let Some(root) = topo.exchanges.get(exchange) else {
+        return false;
+    };
+    let mut visited: Vec<&str> = vec![&root.name];
+    let mut stack: Vec<&Exchange> = vec![root];
+    let mut dests = Vec::new();
+    while let Some(ex) = stack.pop() {
+        dests.clear();
+        ex.route(routing_key, headers, &mut dests);
+        if dests.is_empty() {
+            if let Some(ae) = ex.alternate.as_deref() {
+                if let Some(a) = topo.exchanges.get(ae) {
+                    if !visited.contains(&&*a.name) {
+                        visited.push(&a.name);
+                        stack.push(a);
+                    }
+                }
+            }
+            continue;
+        }
+        for d in dests.iter() {
+            match d {
+                Destination::Queue(q) => {
+                    if let Some(h) = topo.queues.get(q) {
+                        if !out.iter().any(|x| Arc::ptr_eq(x, h)) {
+                            out.push(h.clone());
+                        }
+                    }
+                }
+                Destination::Exchange(e) => {
+                    if let Some(x) = topo.exchanges.get(e) {
+                        if !visited.contains(&&*x.name) {
+                            visited.push(&x.name);
+                            stack.push(x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    true
+}
