@@ -68,7 +68,8 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                 q
             } else {
                 s.check_perm(PermKind::Configure, "queue", &name)?;
-                if name.starts_with("amq.") && vhost.queue(&name).is_none() {
+                let client_named = !d.queue.as_str().is_empty();
+                if client_named && name.starts_with("amq.") && vhost.queue(&name).is_none() {
                     return Err(ChannelError::access_refused(format!(
                         "queue name '{name}' contains reserved prefix 'amq.*'"
                     ))

@@ -330,6 +330,7 @@ impl ConnectionState {
         if self.state != State::Closed {
             self.state = State::Closed;
             self.deadline = None;
+            self.channels.clear();
             self.out.push_back(Output::Effect(Effect::Shutdown));
         }
     }
