@@ -6,7 +6,8 @@
 //! | GET `/listeners/{name}` | one listener |
 //! | PUT `/listeners/{name}/backends` | replace the backend list (`["host:port", ...]`); removed ones drain |
 //! | POST `/listeners/{name}/backends/{addr}/drain` | deregister one backend with draining |
-//! | GET `/listeners/{name}/faults` | the listener's fault rules |
+//! | GET, PUT `/listeners/{name}/faults` | list / replace the fault rules (JSON, same shape as TOML) |
+//! | POST `/listeners/{name}/faults`, DELETE `/listeners/{name}/faults/{rule}` | add / remove one rule |
 //! | POST `/listeners/{name}/reset` | reset live connections now; body may set `style`, `side` |
 //! | GET `/connections` | live connections |
 //! | GET `/events` | recent events as JSON lines; `?follow=1` streams |
@@ -32,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::config::{CloseStyle, Side};
+use crate::config::{CloseStyle, FaultRule, Side};
 use crate::listener::{CloseCmd, ListenerState};
 use crate::Shared;
 
@@ -184,6 +185,51 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             },
             None => no_listener(name),
         },
+        (&Method::PUT, ["listeners", name, "faults"]) => {
+            let Some(l) = listener(name) else {
+                return no_listener(name);
+            };
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let rules: Vec<FaultRule> = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            faults_result(&l, l.set_faults(rules))
+        }
+        (&Method::POST, ["listeners", name, "faults"]) => {
+            let Some(l) = listener(name) else {
+                return no_listener(name);
+            };
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let rule: FaultRule = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            let mut rules = l.snapshot().cfg.faults.clone();
+            rules.push(rule);
+            faults_result(&l, l.set_faults(rules))
+        }
+        (&Method::DELETE, ["listeners", name, "faults", rule]) => {
+            let Some(l) = listener(name) else {
+                return no_listener(name);
+            };
+            let mut rules = l.snapshot().cfg.faults.clone();
+            let before = rules.len();
+            rules.retain(|r| r.name != *rule);
+            if rules.len() == before {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no fault rule `{rule}` on `{name}`"),
+                );
+            }
+            faults_result(&l, l.set_faults(rules))
+        }
         (&Method::POST, ["listeners", name, "reset"]) => {
             let Some(l) = listener(name) else {
                 return no_listener(name);
@@ -257,6 +303,19 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
+    }
+}
+
+fn faults_result(
+    l: &ListenerState,
+    r: Result<(), crate::config::ValidationError>,
+) -> Response<Body> {
+    match r {
+        Ok(()) => match serde_json::to_value(&l.snapshot().cfg.faults) {
+            Ok(v) => json_resp(StatusCode::OK, &v),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 

@@ -27,7 +27,8 @@ use tracing::Instrument;
 
 use crate::backend::{health, selector, Backend, Pool, Selector};
 use crate::config::{
-    validate_backends, CloseStyle, FaultKind, ListenerConfig, ProxyProtocol, Side, ValidationError,
+    validate_backends, CloseStyle, FaultKind, FaultRule, ListenerConfig, ProxyProtocol, Side,
+    ValidationError,
 };
 use crate::events::{Event, EventBus};
 use crate::metrics as m;
@@ -229,6 +230,26 @@ impl ListenerState {
         for b in change.removed {
             self.spawn_drain(b, cause);
         }
+    }
+
+    /// Replaces the fault rules (admin API); timers pick the change up at once.
+    pub fn set_faults(&self, faults: Vec<FaultRule>) -> Result<(), ValidationError> {
+        let cfg = ListenerConfig {
+            faults,
+            ..self.snapshot().cfg.clone()
+        };
+        cfg.validate()?;
+        self.snap.rcu(|s| Snapshot {
+            cfg: ListenerConfig {
+                faults: cfg.faults.clone(),
+                ..s.cfg.clone()
+            },
+            selector: s.selector.clone(),
+            acceptor: s.acceptor.clone(),
+            backend_tls: s.backend_tls.clone(),
+        });
+        self.rules_changed.notify_one();
+        Ok(())
     }
 
     /// Deregisters one backend with draining; false if it is not in rotation.

@@ -296,3 +296,41 @@ async fn get_faults_lists_the_rules() {
     assert_eq!(v[0]["every"], "30s");
     lb.stop().await;
 }
+
+#[tokio::test]
+async fn fault_rules_can_be_added_replaced_and_removed_at_runtime() {
+    let b = echo_backend().await;
+    let lb = start(config(vec![listener("rt", &[b.addr])])).await;
+    let mut ev = lb.events();
+    let mut live = connect_echo(lb.addr("rt"), b"x").await;
+    // A periodic reset added through the API acts on the live connection.
+    let rule = r#"{"name": "api-reset", "kind": "reset", "every": "200ms", "style": "fin"}"#;
+    let (status, text) = http(lb.admin(), "POST", "/listeners/rt/faults", Some(rule)).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(read_end(&mut live, WAIT).await, Some(ReadEnd::Eof));
+    let e = ev.wait("reset", None).await;
+    assert_eq!(e["rule"], "api-reset");
+    // Duplicate names are refused.
+    let (status, text) = http(lb.admin(), "POST", "/listeners/rt/faults", Some(rule)).await;
+    assert_eq!(status, 400, "{text}");
+    // Replace, then delete.
+    let (status, _) = http(
+        lb.admin(),
+        "PUT",
+        "/listeners/rt/faults",
+        Some(r#"[{"name": "calm", "kind": "latency", "latency": "10ms"}]"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v = get_json(lb.admin(), "/listeners/rt/faults").await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["name"], "calm");
+    let (status, _) = http(lb.admin(), "DELETE", "/listeners/rt/faults/calm", None).await;
+    assert_eq!(status, 200);
+    let (status, _) = http(lb.admin(), "DELETE", "/listeners/rt/faults/calm", None).await;
+    assert_eq!(status, 404);
+    // With the reset rule gone, a new connection lives on.
+    let mut s = connect_echo(lb.addr("rt"), b"y").await;
+    assert_eq!(read_end(&mut s, Duration::from_millis(500)).await, None);
+    lb.stop().await;
+}
