@@ -65,6 +65,8 @@ fn init_tracing(filter: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr must not panic the logging task (and with it signal handling).
+        .log_internal_errors(false)
         .init();
 }
 
@@ -103,7 +105,9 @@ fn main() -> ExitCode {
     if let Some(path) = &cli.check_config {
         return match Config::load(path) {
             Ok(cfg) => {
-                println!(
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stdout(),
                     "{}: ok ({} listener{})",
                     path.display(),
                     cfg.listeners.len(),
@@ -112,7 +116,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                say(&format!("error: {e}"));
                 ExitCode::FAILURE
             }
         };
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
     let cfg = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             return ExitCode::from(2);
         }
     };
@@ -129,10 +133,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a line to stderr, ignoring a closed stderr (`eprintln!` would panic).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {

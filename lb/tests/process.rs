@@ -326,3 +326,42 @@ async fn the_example_config_is_valid() {
     assert_eq!(cfg.listeners.len(), 2);
     assert_eq!(cfg.listeners[0].faults[0].name, "elb-periodic");
 }
+
+#[tokio::test]
+async fn a_closed_stderr_does_not_stop_signal_handling() {
+    let b = echo_backend().await;
+    let backend = b.addr.to_string();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--backend", &backend])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let l = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a listening line");
+        if let Some((_, addr)) = parse_listening(&l) {
+            break addr;
+        }
+    };
+    // Nobody reads the log any more: every later log write fails with EPIPE.
+    drop(lines);
+    drop(connect_echo(addr, b"logs go nowhere").await);
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
