@@ -1,0 +1,365 @@
+//! Error paths driven with raw frames, where a client library would not let us misbehave.
+
+mod support;
+
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::{basic, channel, connection, queue, AMQPClass};
+use amq_protocol::types::FieldTable;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_broker::codec;
+
+struct Raw {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        Raw {
+            sock: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, f: AMQPFrame) {
+        let mut out = Vec::new();
+        codec::encode(&f, &mut out).expect("encode");
+        self.sock.write_all(&out).await.expect("write");
+    }
+
+    async fn send_method(&mut self, ch: u16, m: AMQPClass) {
+        self.send(AMQPFrame::Method(ch, m)).await;
+    }
+
+    /// Next frame, None on EOF. Panics after 5 s.
+    async fn recv(&mut self) -> Option<AMQPFrame> {
+        loop {
+            if let Some((f, n)) = codec::decode(&self.buf, 0).expect("server sent a bad frame") {
+                self.buf.drain(..n);
+                return Some(f);
+            }
+            let mut tmp = [0u8; 65536];
+            let n = tokio::time::timeout(Duration::from_secs(5), self.sock.read(&mut tmp))
+                .await
+                .expect("timed out reading")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Next non-heartbeat frame.
+    async fn recv_method(&mut self) -> Option<AMQPFrame> {
+        loop {
+            match self.recv().await? {
+                AMQPFrame::Heartbeat => continue,
+                f => return Some(f),
+            }
+        }
+    }
+
+    /// Reads until a connection.close; returns its reply code and text.
+    async fn expect_connection_close(&mut self) -> (u16, String) {
+        loop {
+            match self.recv().await {
+                Some(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+                )) => return (c.reply_code, c.reply_text.to_string()),
+                Some(_) => continue,
+                None => panic!("socket closed without connection.close"),
+            }
+        }
+    }
+
+    async fn handshake(&mut self, heartbeat: u16) {
+        self.sock
+            .write_all(codec::PROTOCOL_HEADER)
+            .await
+            .expect("header");
+        match self.recv().await {
+            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(s)))) => {
+                let caps = s.server_properties.inner().get("capabilities").cloned();
+                assert!(caps.is_some(), "capabilities advertised");
+            }
+            other => panic!("expected start, got {other:?}"),
+        }
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: FieldTable::default(),
+                mechanism: "PLAIN".into(),
+                response: "\0guest\0guest".into(),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        match self.recv().await {
+            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(_)))) => {}
+            other => panic!("expected tune, got {other:?}"),
+        }
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 10,
+                frame_max: 131072,
+                heartbeat,
+            })),
+        )
+        .await;
+        self.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: "/".into(),
+            })),
+        )
+        .await;
+        match self.recv().await {
+            Some(AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)),
+            )) => {}
+            other => panic!("expected open-ok, got {other:?}"),
+        }
+    }
+
+    async fn open_channel(&mut self, ch: u16) {
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await;
+        match self.recv_method().await {
+            Some(AMQPFrame::Method(c, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
+                if c == ch => {}
+            other => panic!("expected channel.open-ok, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_protocol_header_gets_our_header_and_close() {
+    let b = support::start().await;
+    let mut s = TcpStream::connect(b.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert_eq!(got, codec::PROTOCOL_HEADER);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn method_before_start_ok_closes() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.sock
+        .write_all(codec::PROTOCOL_HEADER)
+        .await
+        .expect("header");
+    let _start = r.recv().await;
+    r.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    let (code, _) = r.expect_connection_close().await;
+    assert_eq!(code, 503);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn method_on_unopened_channel_is_504() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.send_method(
+        5,
+        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: 1,
+            global: false,
+        })),
+    )
+    .await;
+    let (code, text) = r.expect_connection_close().await;
+    assert_eq!(code, 504, "{text}");
+    assert!(text.contains("expected 'channel.open'"), "{text}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_frame_is_501() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    // A frame header announcing 100 MB: refused from the header alone.
+    r.sock
+        .write_all(&[3, 0, 1, 0x05, 0xf5, 0xe1, 0x00])
+        .await
+        .expect("write");
+    let (code, _) = r.expect_connection_close().await;
+    assert_eq!(code, 501);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn content_header_without_publish_is_505() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    r.send(AMQPFrame::Header(
+        1,
+        amq_protocol::frame::AMQPContentHeader {
+            class_id: 60,
+            body_size: 1,
+            properties: Default::default(),
+        },
+    ))
+    .await;
+    let (code, _) = r.expect_connection_close().await;
+    assert_eq!(code, 505);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn channel_above_channel_max_is_530_and_second_open_504() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.send_method(
+        11,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    let (code, _) = r.expect_connection_close().await;
+    assert_eq!(code, 530);
+
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    let (code, _) = r.expect_connection_close().await;
+    assert_eq!(code, 504);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn prefetch_size_is_540() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    // basic.qos with prefetch_size = 1: class 60, method 10, size u32, count u16, flags u8.
+    let payload = [0u8, 60, 0, 10, 0, 0, 0, 1, 0, 0, 0];
+    let mut frame = vec![1u8, 0, 1];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.push(0xce);
+    r.sock.write_all(&frame).await.expect("write");
+    let (code, text) = r.expect_connection_close().await;
+    assert_eq!(code, 540, "{text}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn double_ack_is_406_unknown_delivery_tag() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "raw".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let _declare_ok = r.recv_method().await;
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 7,
+            multiple: false,
+        })),
+    )
+    .await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 406);
+            assert_eq!(
+                c.reply_text.as_str(),
+                "PRECONDITION_FAILED - unknown delivery tag 7"
+            );
+            assert_eq!((c.class_id, c.method_id), (60, 80));
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    // Frames on the closing channel are discarded; close-ok frees it; it can be reopened.
+    r.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+    )
+    .await;
+    r.open_channel(1).await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn heartbeats_sent_and_silent_client_dropped() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(1).await;
+    let start = tokio::time::Instant::now();
+    // The server heartbeats at half the interval...
+    match r.recv().await {
+        Some(AMQPFrame::Heartbeat) => {}
+        other => panic!("expected heartbeat, got {other:?}"),
+    }
+    // ...and drops us after two silent intervals.
+    loop {
+        match r.recv().await {
+            Some(AMQPFrame::Heartbeat) => continue,
+            None => break,
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_sends_320_connection_forced() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    let stopper = tokio::spawn(b.shutdown());
+    let (code, text) = r.expect_connection_close().await;
+    assert_eq!(code, 320);
+    assert!(text.starts_with("CONNECTION_FORCED"), "{text}");
+    r.send_method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+    )
+    .await;
+    stopper.await.expect("broker stopped");
+}
