@@ -122,3 +122,59 @@ async fn shutdown_stops_accepting_and_waits_for_live_connections() {
         .expect("run returns once drained")
         .unwrap();
 }
+
+#[tokio::test]
+async fn reload_removes_and_adds_listeners_without_dropping_connections() {
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let mut old = listener("old", &[a.addr]);
+    old.drain_timeout = Duration::from_secs(60);
+    let keep = listener("keep", &[a.addr]);
+    let lb = start(config(vec![old, keep.clone()])).await;
+    let mut ev = lb.events();
+    let old_addr = lb.addr("old");
+    let keep_addr = lb.addr("keep");
+    let mut live = connect_echo(old_addr, b"on old").await;
+
+    let mut keep2 = keep.clone();
+    keep2.backends = vec![b.addr.to_string()];
+    let new = listener("new", &[b.addr]);
+    lb.handle.reload(config(vec![keep2, new])).await.unwrap();
+    // New listeners come up before old ones go.
+    ev.wait("listener_added", None).await;
+    ev.wait("listener_removed", None).await;
+
+    // The removed listener no longer accepts, but its live connection goes on.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(old_addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old listener closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    roundtrip(&mut live, b"still on old").await;
+    // The kept listener keeps its address and uses the new backends; the new one serves.
+    assert_eq!(lb.addr("keep"), keep_addr);
+    drop(connect_echo(keep_addr, b"keep").await);
+    drop(connect_echo(lb.addr("new"), b"new").await);
+    assert_eq!(b.served(), 2);
+    assert!(lb.handle.shared().listener("old").is_none());
+    drop(live);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_with_a_bad_certificate_changes_nothing() {
+    let a = echo_backend().await;
+    let lb = start(config(vec![listener("x", &[a.addr])])).await;
+    let mut bad = listener("x", &[a.addr]);
+    bad.tls = Some(warren_lb::config::TlsServerConfig {
+        cert: "/nonexistent.pem".into(),
+        key: "/nonexistent.key".into(),
+    });
+    let extra = listener("y", &[a.addr]);
+    assert!(lb.handle.reload(config(vec![bad, extra])).await.is_err());
+    assert!(lb.handle.shared().listener("y").is_none());
+    drop(connect_echo(lb.addr("x"), b"plain still").await);
+    lb.stop().await;
+}
