@@ -435,6 +435,22 @@ ratio() { # lb haproxy
     done
 } | tee "$RESULTS/table.txt"
 ((LB_OK)) || echo "warren-lb UNAVAILABLE: $LB_WHY" | tee -a "$RESULTS/table.txt"
+# the same table in Markdown, for docs/benchmarks.md
+{
+    printf '| metric |'
+    for n in "${ALL[@]}"; do printf ' %s |' "$n"; done
+    for n in "${LBS[@]}"; do printf ' %s / haproxy |' "$n"; done
+    printf ' target |\n|---|'
+    for n in "${ALL[@]}" "${LBS[@]}"; do printf -- '---:|'; done
+    printf -- '---|\n'
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r key title target <<<"$row"
+        printf '| %s |' "$title"
+        for n in "${ALL[@]}"; do printf ' %s |' "$(num "$(val "$n" "$key")")"; done
+        for n in "${LBS[@]}"; do printf ' %s |' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
+        printf ' %s |\n' "$target"
+    done
+} >"$RESULTS/table.md"
 
 MEDIANS=$(for k in "${!M[@]}"; do printf '%s\t%s\t%s\n' "${k%% *}" "${k#* }" "${M[$k]}"; done | sort)
 jq -n -R \
@@ -469,4 +485,4 @@ jq -n -R \
       rounds: ([inputs | split("\t") | {r: (.[0] | tonumber), t: .[1], k: .[2], v: (.[3] | tonumber? // .)}])
     }' \
     <"$TSV" >"$RESULTS/summary.json"
-log "results: $RESULTS (summary.json, table.txt, raw/)"
+log "results: $RESULTS (summary.json, table.txt, table.md, raw/)"
