@@ -1,0 +1,67 @@
+//! Users, vhosts and permission regexes from the config.
+
+mod support;
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use warren_broker::config::{Config, PermissionConfig, UserConfig};
+
+#[tokio::test]
+async fn configure_permission_regex_is_enforced_per_vhost() {
+    let cfg = Config {
+        users: vec![UserConfig {
+            name: "alice".into(),
+            password: "pw".into(),
+            tags: vec![],
+        }],
+        vhosts: vec!["/".into(), "apps".into()],
+        permissions: vec![PermissionConfig {
+            user: "alice".into(),
+            vhost: "apps".into(),
+            configure: "^alice-".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        }],
+        ..Config::for_tests()
+    };
+    let b = support::start_with(cfg).await;
+    // No permissions on "/": refused at connection.open.
+    let e = Connection::connect(
+        &format!("amqp://alice:pw@{}/%2f", b.addr),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect_err("no access to /");
+    assert_eq!(support::amqp_code(&e), Some(530));
+    // guest is not configured any more.
+    let e = Connection::connect(&b.uri(), ConnectionProperties::default())
+        .await
+        .expect_err("guest removed");
+    assert_eq!(support::amqp_code(&e), Some(403));
+
+    let c = Connection::connect(
+        &format!("amqp://alice:pw@{}/apps", b.addr),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("alice on apps");
+    let ch = c.create_channel().await.expect("ch");
+    ch.queue_declare(
+        "alice-q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("allowed name");
+    let e = ch
+        .queue_declare(
+            "bob-q".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("configure refused");
+    assert_eq!(support::amqp_code(&e), Some(403));
+    b.shutdown().await;
+}
