@@ -153,12 +153,13 @@ start_warren() {
     # shellcheck disable=SC2206
     args+=(${WARREN_ARGS:-})
     log "starting warren-broker ${args[*]}"
-    "$BIN/warren-broker" "${args[@]}" 2>"$WORK/warren.log" >/dev/null &
+    : >"$WORK/warren.log"
+    "$BIN/warren-broker" "${args[@]}" 2>>"$WORK/warren.log" >/dev/null &
     WARREN_PID=$!
     PIDS+=("$WARREN_PID")
     local i addr
     for ((i = 0; i < 100; i++)); do
-        addr=$(sed -n 's/.*listening proto=amqp addr=\([^ ]*\).*/\1/p' "$WORK/warren.log" | head -1)
+        addr=$(sed -n 's/.*listening proto=amqp addr=\([^ ]*\).*/\1/p' "$WORK/warren.log" | head -1 || true)
         if [[ -n $addr ]]; then
             WARREN_URI="amqp://guest:guest@$addr/%2f"
             log "warren-broker up on $addr, pid $WARREN_PID"
@@ -181,6 +182,21 @@ else
     WARREN_OK=0
     WARREN_WHY="not selected"
 fi
+
+# ---------------------------------------------------------------- idle cost
+# Both brokers stay up for the whole run, so what one costs while idle is charged to the machine
+# during the other's runs: measure it (percent of one core over 3 s, both at once).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+HZ=$(getconf CLK_TCK)
+IDLE_RABBIT=null
+IDLE_WARREN=null
+sleep 2
+r0=$([[ -n $RABBIT_PID ]] && cpu_ticks "$RABBIT_PID" || echo 0)
+w0=$([[ $WARREN_OK == 1 ]] && cpu_ticks "$WARREN_PID" || echo 0)
+sleep 3
+[[ -n $RABBIT_PID ]] && IDLE_RABBIT=$(awk -v a="$r0" -v b="$(cpu_ticks "$RABBIT_PID")" -v hz="$HZ" 'BEGIN {printf "%.1f", (b - a) * 100 / hz / 3}')
+[[ $WARREN_OK == 1 ]] && IDLE_WARREN=$(awk -v a="$w0" -v b="$(cpu_ticks "$WARREN_PID")" -v hz="$HZ" 'BEGIN {printf "%.1f", (b - a) * 100 / hz / 3}')
+log "idle CPU (% of a core): RabbitMQ $IDLE_RABBIT, warren-broker $IDLE_WARREN"
 
 # ---------------------------------------------------------------- scenarios
 scenario_args() {
@@ -244,8 +260,11 @@ runs=("$RESULTS"/*-r*.json)
 jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg nproc "$(nproc)" \
     --arg mem "$MEM_GIB" --arg rabbit "${RABBIT_VERSION:-}" --arg duration "$DURATION" \
     --arg warren_ok "$WARREN_OK" --arg warren_why "$WARREN_WHY" \
+    --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --argjson idle_rabbit "$IDLE_RABBIT" --argjson idle_warren "$IDLE_WARREN" \
     '{date: $date, machine: {cpu: $cpu, nproc: ($nproc | tonumber), mem_gib: ($mem | tonumber)},
-      rabbitmq_version: $rabbit, duration_s: ($duration | tonumber),
+      rabbitmq_version: $rabbit, duration_s: ($duration | tonumber), commit: $commit,
+      idle_core_percent: {rabbitmq: $idle_rabbit, warren: $idle_warren},
       warren_broker: (if $warren_ok == "1" then "measured" else "not measured: " + $warren_why end),
       runs: .}' "${runs[@]}" >"$RESULTS/results.json"
 
@@ -269,6 +288,7 @@ TABLE=$(jq -r '
 {
     echo
     echo "warren-perf, ${DURATION}s per run, $(nproc) CPUs ($CPU_MODEL), RabbitMQ ${RABBIT_VERSION:-?}, warren-broker: $( [[ $WARREN_OK == 1 ]] && echo measured || echo "NOT MEASURED ($WARREN_WHY)")"
+    echo "idle CPU while the other broker runs (% of a core): RabbitMQ $IDLE_RABBIT, warren-broker $IDLE_WARREN"
     printf '%s\n' "scenario	broker	sent msg/s	recv msg/s	confirm p50/p99 µs	consumer p50/p99 µs	broker CPU µs/msg	perf CPU µs/msg	broker RSS MiB	load before" \
         "$TABLE" | column -t -s $'\t'
     echo

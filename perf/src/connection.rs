@@ -37,7 +37,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     /// Socket error.
-    #[error("I/O: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// Bad bytes from the server.
     #[error(transparent)]

@@ -45,7 +45,7 @@ use crate::{
 
 /// A run that could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+#[error("{what}")]
 pub struct SetupError {
     what: String,
     #[source]
