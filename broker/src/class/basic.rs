@@ -464,16 +464,7 @@ pub async fn route_and_enqueue(
         _ => None,
     };
     for q in targets {
-        let cmd = QueueCmd::Publish {
-            msg: msg.clone(),
-            confirm: ticket.clone(),
-        };
-        if !q.send(cmd).await {
-            // Queue vanished between routing and sending: it cannot confirm any more.
-            if let Some(t) = &ticket {
-                t.send(true);
-            }
-        }
+        s.queue_publish(q, msg.clone(), ticket.clone());
     }
     Ok(())
 }

@@ -73,6 +73,7 @@ pub async fn serve<S>(
                 Output::Effect(e) => apply_effect(&mut s, &mut state, e).await,
             }
         }
+        s.flush_publishes().await;
         s.flush_confirms();
         if stop {
             break;
@@ -198,6 +199,10 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
         Effect::Command(ch, cmd) => {
             if !state.is_channel_open(ch) {
                 return;
+            }
+            if !matches!(cmd, state::Command::Publish { .. }) {
+                // Anything else may need to observe earlier publishes (get, purge, ...).
+                s.flush_publishes().await;
             }
             match crate::class::dispatch(s, ch, cmd).await {
                 Ok(()) => {}

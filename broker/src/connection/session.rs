@@ -35,6 +35,8 @@ pub struct Session {
     pub out: Vec<u8>,
     /// Channels whose confirms need flushing.
     confirm_dirty: Vec<u16>,
+    /// Routed publishes not yet handed to their queues (see [`Session::flush_publishes`]).
+    pending_publishes: Vec<(QueueHandle, Vec<crate::queue::PublishItem>)>,
 }
 
 impl Session {
@@ -55,6 +57,50 @@ impl Session {
             frame_max,
             out: Vec::with_capacity(64 * 1024),
             confirm_dirty: Vec::new(),
+            pending_publishes: Vec::new(),
+        }
+    }
+
+    /// Queues a routed publish; it is sent with the others from the same read, one mailbox
+    /// message per queue. Callers flush before anything that must observe it.
+    pub fn queue_publish(
+        &mut self,
+        q: QueueHandle,
+        msg: Arc<crate::queue::Message>,
+        confirm: Option<crate::queue::ConfirmTicket>,
+    ) {
+        match self
+            .pending_publishes
+            .iter_mut()
+            .find(|(x, _)| Arc::ptr_eq(x, &q))
+        {
+            Some((_, v)) => v.push((msg, confirm)),
+            None => self.pending_publishes.push((q, vec![(msg, confirm)])),
+        }
+    }
+
+    /// Hands queued publishes to their queues, in publish order per queue.
+    pub async fn flush_publishes(&mut self) {
+        for (q, mut items) in std::mem::take(&mut self.pending_publishes) {
+            let cmd = if items.len() == 1 {
+                match items.pop() {
+                    Some((msg, confirm)) => QueueCmd::Publish { msg, confirm },
+                    None => continue,
+                }
+            } else {
+                QueueCmd::PublishBatch(items)
+            };
+            if let Err(e) = q.tx.send(cmd).await {
+                // Queue vanished between routing and sending: nothing can confirm later.
+                let tickets: Vec<_> = match e.0 {
+                    QueueCmd::Publish { confirm, .. } => confirm.into_iter().collect(),
+                    QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
+                    _ => Vec::new(),
+                };
+                for t in tickets {
+                    t.send(true);
+                }
+            }
         }
     }
 
@@ -184,6 +230,7 @@ impl Session {
     /// Releases everything a channel holds: cancels its consumers and requeues its unacked
     /// deliveries.
     pub async fn release_channel(&mut self, ch: u16) {
+        self.flush_publishes().await;
         let Some(mut chan) = self.channels.remove(&ch) else {
             return;
         };
@@ -224,6 +271,11 @@ impl Session {
     pub async fn handle_event(&mut self, ev: ClientEvent) -> Option<crate::error::ConnectionError> {
         match ev {
             ClientEvent::Deliver(d) => self.deliver(d).await,
+            ClientEvent::Deliveries(v) => {
+                for d in v {
+                    self.deliver(d).await;
+                }
+            }
             ClientEvent::Confirm {
                 channel,
                 generation,

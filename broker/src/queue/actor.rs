@@ -15,6 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Weak;
 use tokio::time::{sleep_until, Instant};
 
+/// Most deliveries per dispatch pass (and per event sent to one connection).
+const DISPATCH_PASS: usize = 256;
+
 #[derive(Debug)]
 struct Entry {
     id: u64,
@@ -188,6 +191,13 @@ impl QueueActor {
                 QueueCmd::Publish {
                     confirm: Some(t), ..
                 } => t.send(true),
+                QueueCmd::PublishBatch(items) => {
+                    for (_, t) in items {
+                        if let Some(t) = t {
+                            t.send(true);
+                        }
+                    }
+                }
                 QueueCmd::Consume { reply, .. } => {
                     let _ = reply.send(Err(self.not_found()));
                 }
@@ -240,6 +250,11 @@ impl QueueActor {
     fn handle_cmd(&mut self, cmd: QueueCmd, now: Instant) {
         match cmd {
             QueueCmd::Publish { msg, confirm } => self.publish(msg, confirm, now),
+            QueueCmd::PublishBatch(items) => {
+                for (msg, confirm) in items {
+                    self.publish(msg, confirm, now);
+                }
+            }
             QueueCmd::Consume { spec, reply } => {
                 let r = self.consume(spec, now);
                 let _ = reply.send(r);
@@ -515,8 +530,21 @@ impl QueueActor {
         best
     }
 
+    /// Delivers ready messages to consumers with credit, in passes of at most
+    /// [`DISPATCH_PASS`] deliveries; each pass sends one event per connection.
     fn dispatch(&mut self, now: Instant) {
-        while self.ready.len > 0 && !self.consumers.is_empty() {
+        loop {
+            let delivered = self.dispatch_pass(now);
+            if delivered < DISPATCH_PASS {
+                break;
+            }
+        }
+    }
+
+    fn dispatch_pass(&mut self, now: Instant) -> usize {
+        let mut outbox: Vec<(usize, Vec<Delivery>)> = Vec::new();
+        let mut delivered = 0;
+        while delivered < DISPATCH_PASS && self.ready.len > 0 && !self.consumers.is_empty() {
             let Some(ci) = self.pick_consumer() else {
                 break;
             };
@@ -548,18 +576,8 @@ impl QueueActor {
                 redelivered: e.redelivered,
                 no_ack: c.spec.no_ack,
             };
+            // Counted now so pick_consumer sees this pass's deliveries too.
             c.spec.conn.pending.fetch_add(1, Ordering::Relaxed);
-            if c.spec.events.send(ClientEvent::Deliver(delivery)).is_err() {
-                // Connection gone: drop the consumer, keep the message.
-                c.spec.conn.pending.fetch_sub(1, Ordering::Relaxed);
-                if !c.spec.no_ack {
-                    c.spec.chan.release_global(1);
-                }
-                let key = c.key;
-                self.consumers.retain(|c| c.key != key);
-                self.ready.requeue(e);
-                continue;
-            }
             if c.spec.no_ack {
                 self.log.settle(&[e.id]);
             } else {
@@ -573,7 +591,53 @@ impl QueueActor {
                     },
                 );
             }
+            delivered += 1;
+            match outbox.iter_mut().find(|(i, _)| {
+                Arc::ptr_eq(&self.consumers[*i].spec.conn, &self.consumers[ci].spec.conn)
+            }) {
+                Some((_, v)) => v.push(delivery),
+                None => outbox.push((ci, vec![delivery])),
+            }
         }
+        let mut dead_conns = Vec::new();
+        for (ci, mut batch) in outbox {
+            let spec = &self.consumers[ci].spec;
+            let ev = if batch.len() == 1 {
+                match batch.pop() {
+                    Some(d) => ClientEvent::Deliver(d),
+                    None => continue,
+                }
+            } else {
+                ClientEvent::Deliveries(batch)
+            };
+            if let Err(mpsc::error::SendError(ev)) = spec.events.send(ev) {
+                // Connection gone: take back what was meant for it.
+                let lost = match ev {
+                    ClientEvent::Deliver(d) => vec![d],
+                    ClientEvent::Deliveries(v) => v,
+                    _ => Vec::new(),
+                };
+                spec.conn.pending.fetch_sub(lost.len(), Ordering::Relaxed);
+                let ids: Vec<u64> = lost
+                    .iter()
+                    .filter(|d| !d.no_ack)
+                    .map(|d| d.msg_id)
+                    .collect();
+                dead_conns.push(spec.conn.clone());
+                for id in ids {
+                    if let Some(u) = self.unacked.remove(&id) {
+                        let mut e = u.entry;
+                        e.redelivered = false;
+                        self.ready.requeue(e);
+                    }
+                }
+            }
+        }
+        if !dead_conns.is_empty() {
+            self.consumers
+                .retain(|c| !dead_conns.iter().any(|d| Arc::ptr_eq(d, &c.spec.conn)));
+        }
+        delivered
     }
 
     /// Drops expired messages at the head of each level (RabbitMQ expires only at the head).

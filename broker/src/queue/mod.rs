@@ -146,6 +146,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub enum ClientEvent {
     Deliver(Delivery),
+    /// Several deliveries from one dispatch pass of one queue (one wake-up for many messages).
+    Deliveries(Vec<Delivery>),
     /// Publisher confirm outcome for one sequence number.
     Confirm {
         channel: u16,
@@ -185,6 +187,9 @@ impl ConfirmTicket {
     }
 }
 
+/// One publish for a queue: the shared message and where to confirm it.
+pub type PublishItem = (Arc<Message>, Option<ConfirmTicket>);
+
 /// A consumer as registered with a queue.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -219,6 +224,8 @@ pub enum QueueCmd {
         msg: Arc<Message>,
         confirm: Option<ConfirmTicket>,
     },
+    /// Publishes decoded from one socket read, in order.
+    PublishBatch(Vec<PublishItem>),
     Consume {
         spec: ConsumerSpec,
         reply: oneshot::Sender<Result<(), ChannelError>>,
