@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod shutdown;
+pub mod splice;
 pub mod stream;
 pub mod tls;
 

@@ -419,6 +419,8 @@ impl ListenerState {
             snap.cfg.idle_timeout,
             &info.bytes,
             &self.bytes,
+            // Nothing here needs to see the bytes; byte-level fault rules will turn this off.
+            true,
         );
         let cmd = tokio::select! {
             ended = &mut duplex => match ended {

@@ -6,6 +6,10 @@
 //! receives the whole response. The copy ends when both directions have seen EOF and propagated it,
 //! on the first I/O error, or when no payload byte moved for `idle_timeout`.
 //!
+//! A direction that has carried [`SPLICE_AFTER`] bytes between two plain TCP sockets switches to
+//! splice(2) through a pipe (see `splice.rs`): bulk transfers skip the copy through user space,
+//! while small exchanges keep the buffered path and never hold a pipe.
+//!
 //! Invariants worth naming:
 //! - only payload bytes reset the idle timer (TLS records, TCP keepalives and handshakes do not);
 //! - a direction's buffer is released whenever it is empty and its reader has nothing to read,
@@ -25,10 +29,14 @@ use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use crate::splice::{self, Pipe, Step};
 use crate::stream::TcpBacked;
 
 /// Size of each direction's copy buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
+/// A direction switches to splice(2) once it has carried this many bytes (plain TCP only):
+/// small exchanges keep the lower-latency buffered path and never hold a pipe.
+pub const SPLICE_AFTER: u64 = 256 * 1024;
 /// Shared byte counters are updated at least every this many bytes.
 const METRIC_BATCH: u64 = 1 << 20;
 
@@ -93,6 +101,42 @@ struct Dir {
     shut: bool,
     need_flush: bool,
     unreported: u64,
+    /// Bytes carried so far (decides the switch to splice).
+    total: u64,
+    /// Present once the direction forwards with splice(2).
+    pipe: Option<Pipe>,
+    /// Creating a pipe failed (e.g. out of descriptors): stay buffered.
+    no_splice: bool,
+}
+
+impl Dir {
+    /// Switches to splice when allowed, big enough, and at a clean point (nothing buffered).
+    fn maybe_splice(&mut self) {
+        if self.pipe.is_some()
+            || self.no_splice
+            || self.total < SPLICE_AFTER
+            || !self.buf.is_empty()
+            || self.read_eof
+            || self.shut
+            || self.need_flush
+        {
+            return;
+        }
+        match Pipe::new() {
+            Ok(p) => {
+                self.buf = BytesMut::new();
+                self.pipe = Some(p);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice; staying buffered");
+                self.no_splice = true;
+            }
+        }
+    }
+
+    fn pending(&self) -> u64 {
+        self.buf.len() as u64 + self.pipe.as_ref().map_or(0, |p| p.pending as u64)
+    }
 }
 
 /// Drives both directions; see the module doc.
@@ -106,24 +150,31 @@ pub struct Duplex<'a, C, B> {
     last_payload: Instant,
     bytes: &'a ConnBytes,
     metrics: &'a ByteMetrics,
+    /// Both sides are plain TCP and nothing needs to see the bytes.
+    splice: bool,
 }
 
 // === impl Duplex ===
 
 impl<'a, C, B> Duplex<'a, C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + TcpBacked + Unpin,
+    B: AsyncRead + AsyncWrite + TcpBacked + Unpin,
 {
+    /// `allow_splice`: the caller needs no byte-level view of the stream (splice is then used for
+    /// bulk directions when both sides are plain TCP).
     pub fn new(
         client: &'a mut C,
         backend: &'a mut B,
         idle_timeout: Duration,
         bytes: &'a ConnBytes,
         metrics: &'a ByteMetrics,
+        allow_splice: bool,
     ) -> Self {
         let now = Instant::now();
+        let splice = allow_splice && client.plain_tcp().is_some() && backend.plain_tcp().is_some();
         Self {
+            splice,
             client,
             backend,
             up: Dir::default(),
@@ -138,7 +189,7 @@ where
 
     /// Bytes read but not yet written: (client->backend, backend->client).
     pub fn in_flight(&self) -> (u64, u64) {
-        (self.up.buf.len() as u64, self.down.buf.len() as u64)
+        (self.up.pending(), self.down.pending())
     }
 
     /// Changes the idle timeout of a live copy (takes effect at the next expiry check).
@@ -237,6 +288,7 @@ where
                 *progressed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 d.unreported += n as u64;
+                d.total += n as u64;
             }
             // A TLS peer that closes without close_notify: treat as EOF.
             Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => d.read_eof = true,
@@ -265,18 +317,102 @@ where
     }
 }
 
+/// The spliced form of [`poll_dir`]: socket -> pipe -> socket.
+fn poll_dir_splice(
+    cx: &mut Context<'_>,
+    d: &mut Dir,
+    r: &tokio::net::TcpStream,
+    w: &tokio::net::TcpStream,
+    counter: &AtomicU64,
+    progressed: &mut bool,
+    (rsrc, wsrc): (ErrorSource, ErrorSource),
+) -> Poll<Result<(), ProxyError>> {
+    let Some(pipe) = d.pipe.as_mut() else {
+        return Poll::Ready(Err(ProxyError {
+            source: ErrorSource::Internal,
+            op: "splice",
+            err: io::Error::other("no pipe"),
+        }));
+    };
+    loop {
+        match splice::poll_flush(cx, pipe, w) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(err)) => {
+                return Poll::Ready(Err(ProxyError {
+                    source: wsrc,
+                    op: "write",
+                    err,
+                }))
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+        if d.shut {
+            return Poll::Ready(Ok(()));
+        }
+        if d.read_eof {
+            match socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(err) => {
+                    return Poll::Ready(Err(ProxyError {
+                        source: wsrc,
+                        op: "shutdown",
+                        err,
+                    }))
+                }
+            }
+            d.shut = true;
+            return Poll::Ready(Ok(()));
+        }
+        match splice::poll_fill(cx, pipe, r) {
+            Poll::Ready(Ok(Step::Read(n))) => {
+                *progressed = true;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                d.unreported += n as u64;
+                d.total += n as u64;
+            }
+            Poll::Ready(Ok(Step::Eof)) => d.read_eof = true,
+            Poll::Ready(Err(err)) => {
+                return Poll::Ready(Err(ProxyError {
+                    source: rsrc,
+                    op: "read",
+                    err,
+                }))
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
 impl<C, B> Future for Duplex<'_, C, B>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + TcpBacked + Unpin,
+    B: AsyncRead + AsyncWrite + TcpBacked + Unpin,
 {
     type Output = Ended;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
         let this = self.get_mut();
         let mut progressed = false;
+        if this.splice {
+            this.up.maybe_splice();
+            this.down.maybe_splice();
+        }
         let up = if this.up.shut {
             Poll::Ready(Ok(()))
+        } else if this.up.pipe.is_some() {
+            match (this.client.plain_tcp(), this.backend.plain_tcp()) {
+                (Some(c), Some(b)) => poll_dir_splice(
+                    cx,
+                    &mut this.up,
+                    c,
+                    b,
+                    &this.bytes.upstream,
+                    &mut progressed,
+                    (ErrorSource::Downstream, ErrorSource::Upstream),
+                ),
+                _ => Poll::Ready(Err(internal_no_tcp())),
+            }
         } else {
             poll_dir(
                 cx,
@@ -293,6 +429,19 @@ where
         }
         let down = if this.down.shut {
             Poll::Ready(Ok(()))
+        } else if this.down.pipe.is_some() {
+            match (this.backend.plain_tcp(), this.client.plain_tcp()) {
+                (Some(b), Some(c)) => poll_dir_splice(
+                    cx,
+                    &mut this.down,
+                    b,
+                    c,
+                    &this.bytes.downstream,
+                    &mut progressed,
+                    (ErrorSource::Upstream, ErrorSource::Downstream),
+                ),
+                _ => Poll::Ready(Err(internal_no_tcp())),
+            }
         } else {
             poll_dir(
                 cx,
@@ -325,6 +474,14 @@ where
             this.idle.as_mut().reset(deadline);
         }
         Poll::Pending
+    }
+}
+
+fn internal_no_tcp() -> ProxyError {
+    ProxyError {
+        source: ErrorSource::Internal,
+        op: "splice",
+        err: io::Error::other("splice on a stream that is not plain TCP"),
     }
 }
 

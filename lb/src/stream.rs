@@ -15,6 +15,10 @@ use tokio::net::TcpStream;
 pub trait TcpBacked {
     fn tcp(&self) -> &TcpStream;
 
+    /// The socket, if the stream is plain TCP (bytes on the wire are the payload), which is what
+    /// zero-copy forwarding needs.
+    fn plain_tcp(&self) -> Option<&TcpStream>;
+
     /// Makes the next close abortive: the kernel sends RST instead of FIN.
     fn set_rst_on_close(&self) {
         let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(Duration::ZERO));
@@ -33,6 +37,13 @@ macro_rules! either_stream {
                 match self {
                     $name::Plain(s) => s,
                     $name::Tls(s) => s.get_ref().0,
+                }
+            }
+
+            fn plain_tcp(&self) -> Option<&TcpStream> {
+                match self {
+                    $name::Plain(s) => Some(s),
+                    $name::Tls(_) => None,
                 }
             }
         }
@@ -79,3 +90,13 @@ macro_rules! either_stream {
 
 either_stream!(ClientStream, tokio_rustls::server::TlsStream<TcpStream>);
 either_stream!(BackendStream, tokio_rustls::client::TlsStream<TcpStream>);
+
+impl TcpBacked for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
