@@ -37,6 +37,8 @@ pub const BUF_SIZE: usize = 64 * 1024;
 /// A direction switches to splice(2) once it has carried this many bytes (plain TCP only):
 /// small exchanges keep the lower-latency buffered path and never hold a pipe.
 pub const SPLICE_AFTER: u64 = 256 * 1024;
+/// Splice chunks moved per poll before yielding to other tasks.
+const SPLICE_ROUNDS: u32 = 16;
 /// Shared byte counters are updated at least every this many bytes.
 const METRIC_BATCH: u64 = 1 << 20;
 
@@ -334,6 +336,9 @@ fn poll_dir_splice(
             err: io::Error::other("no pipe"),
         }));
     };
+    // try_io does not spend tokio's cooperative budget: yield after a bounded amount of work so
+    // a bulk transfer cannot monopolise its worker thread.
+    let mut rounds = 0;
     loop {
         match splice::poll_flush(cx, pipe, w) {
             Poll::Ready(Ok(())) => {}
@@ -370,6 +375,21 @@ fn poll_dir_splice(
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 d.unreported += n as u64;
                 d.total += n as u64;
+                rounds += 1;
+                if rounds >= SPLICE_ROUNDS {
+                    match splice::poll_flush(cx, pipe, w) {
+                        Poll::Ready(Err(err)) => {
+                            return Poll::Ready(Err(ProxyError {
+                                source: wsrc,
+                                op: "write",
+                                err,
+                            }))
+                        }
+                        Poll::Ready(Ok(())) => cx.waker().wake_by_ref(),
+                        Poll::Pending => {}
+                    }
+                    return Poll::Pending;
+                }
             }
             Poll::Ready(Ok(Step::Eof)) => d.read_eof = true,
             Poll::Ready(Err(err)) => {
