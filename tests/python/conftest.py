@@ -27,6 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pika
 import pytest
@@ -103,6 +104,8 @@ class Broker:
     tls_port: int | None = None
     ca_file: Path | None = None
     listeners: dict[str, str] = field(default_factory=dict)
+    # Starts the same broker again on the same data (after this one has stopped); returns the new one.
+    restart: Callable[[], "Broker"] | None = None
 
     @property
     def url(self) -> str:
@@ -164,7 +167,11 @@ def warren_binary() -> Path:
     return target_dir / "debug" / "warren-broker"
 
 
-def start_warren(tmp: Path, tls: tuple[Path, Path] | None = None) -> Broker:
+def _log_name(tmp: Path, gen: int) -> Path:
+    return tmp / ("broker.log" if gen == 1 else f"broker-{gen}.log")
+
+
+def start_warren(tmp: Path, tls: tuple[Path, Path] | None = None, gen: int = 1) -> Broker:
     binary = warren_binary()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(
@@ -183,7 +190,7 @@ def start_warren(tmp: Path, tls: tuple[Path, Path] | None = None) -> Broker:
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     env.setdefault("RUST_BACKTRACE", "1")
-    log_path = tmp / "broker.log"
+    log_path = _log_name(tmp, gen)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -194,6 +201,7 @@ def start_warren(tmp: Path, tls: tuple[Path, Path] | None = None) -> Broker:
     return Broker(
         target="warren", proc=proc, log_path=log_path, port=_addr_port(found["amqp"]),
         tls_port=_addr_port(found["amqps"]) if "amqps" in found else None, listeners=found,
+        restart=lambda: start_warren(tmp, tls, gen + 1),
     )
 
 
@@ -230,7 +238,11 @@ def start_rabbitmq(tmp: Path, tls: tuple[Path, Path, Path]) -> Broker:
         RABBITMQ_CONFIG_FILE=str(conf),
         RABBITMQ_ENABLED_PLUGINS_FILE=str(plugins),
     )
-    log_path = tmp / "broker.log"
+    return _launch_rabbitmq(tmp, env, port, tls_port, 1)
+
+
+def _launch_rabbitmq(tmp: Path, env: dict, port: int, tls_port: int, gen: int) -> Broker:
+    log_path = _log_name(tmp, gen)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [RABBITMQ_SERVER], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -238,7 +250,8 @@ def start_rabbitmq(tmp: Path, tls: tuple[Path, Path, Path]) -> Broker:
         )
     _STARTED.append(proc)
     broker = Broker(target="rabbitmq", proc=proc, log_path=log_path, port=port, tls_port=tls_port,
-                    listeners={"amqp": f"127.0.0.1:{port}", "amqps": f"127.0.0.1:{tls_port}"})
+                    listeners={"amqp": f"127.0.0.1:{port}", "amqps": f"127.0.0.1:{tls_port}"},
+                    restart=lambda: _launch_rabbitmq(tmp, env, port, tls_port, gen + 1))
     deadline = time.monotonic() + 90
     last_err: Exception | None = None
     while time.monotonic() < deadline and proc.poll() is None:

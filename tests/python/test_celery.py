@@ -112,3 +112,22 @@ def test_celery_inspect_ping_answered_by_worker(worker):
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
     assert worker.hostname in out.stdout and "pong" in out.stdout, out.stdout
     worker.assert_healthy()
+
+
+@pytest.mark.timeout(90)
+def test_celery_countdown_tasks_and_group(worker, app):
+    # A countdown task is held by the worker, unacked, while it raises its prefetch (basic.qos) and
+    # keeps consuming; the group's results all come back through the one rpc:// reply queue.
+    from celery import group
+
+    from celery_app import add
+
+    t0 = time.monotonic()
+    delayed = add.apply_async((40, 2), countdown=2, queue=worker.queue)
+    now = [add.apply_async((i, i), queue=worker.queue) for i in range(5)]
+    assert [r.get(timeout=20) for r in now] == [0, 2, 4, 6, 8]  # not stuck behind the held task
+    assert delayed.get(timeout=30) == 42
+    assert time.monotonic() - t0 >= 1.9
+    res = group(add.s(i, 100).set(queue=worker.queue) for i in range(10)).apply_async()
+    assert res.get(timeout=30) == [i + 100 for i in range(10)]
+    worker.assert_healthy()
