@@ -129,3 +129,36 @@ impl AuthDb {
             .cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_only_from_loopback_and_wrong_password_refused() {
+        let db = AuthDb::from_config(&Config::default());
+        assert_eq!(db.authenticate("guest", "guest", true), Ok(()));
+        assert_eq!(
+            db.authenticate("guest", "guest", false),
+            Err(AuthError::LoopbackOnly("guest".into()))
+        );
+        assert_eq!(
+            db.authenticate("guest", "nope", true),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(
+            db.authenticate("nobody", "guest", true),
+            Err(AuthError::BadCredentials)
+        );
+        let p = db.permissions("guest", "/").expect("perms");
+        assert!(p.configure.allows("anything"));
+        assert!(db.permissions("guest", "other").is_none());
+    }
+
+    #[test]
+    fn empty_pattern_grants_nothing() {
+        assert!(!Pattern::new("").allows("x"));
+        assert!(Pattern::new("^a").allows("abc"));
+        assert!(!Pattern::new("^a").allows("bac"));
+    }
+}

@@ -6,7 +6,8 @@
 //! from pre-encoded pieces so that a fan-out does not re-serialize message properties.
 
 use crate::error::CodecError;
-use amq_protocol::frame::{gen_frame, parse_frame, AMQPContentHeader, AMQPFrame, WriteContext};
+use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, WriteContext};
+use amq_protocol::protocol::basic::gen_properties;
 use amq_protocol::protocol::{basic::AMQPProperties, constants};
 
 /// Bytes of the AMQP 0-9-1 protocol header.
@@ -118,20 +119,14 @@ pub fn encode_content_header_payload(
     body_size: u64,
     properties: &AMQPProperties,
 ) -> Result<Vec<u8>, CodecError> {
-    let frame = AMQPFrame::Header(
-        0,
-        AMQPContentHeader {
-            class_id: 60,
-            body_size,
-            properties: properties.clone(),
-        },
-    );
-    let mut out = Vec::with_capacity(64);
-    encode(&frame, &mut out)?;
-    if out.len() < FRAME_OVERHEAD {
-        return Err(CodecError::Encode);
+    let mut out = Vec::with_capacity(48);
+    out.extend_from_slice(&60u16.to_be_bytes()); // class basic
+    out.extend_from_slice(&0u16.to_be_bytes()); // weight
+    out.extend_from_slice(&body_size.to_be_bytes());
+    match gen_properties(properties)(WriteContext::from(out)) {
+        Ok(ctx) => Ok(ctx.into_inner().0),
+        Err(_) => Err(CodecError::Encode),
     }
-    Ok(out[7..out.len() - 1].to_vec())
 }
 
 fn put_frame_header(out: &mut Vec<u8>, kind: u8, channel: u16, size: usize) {
@@ -192,6 +187,7 @@ pub fn encode_deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amq_protocol::frame::AMQPContentHeader;
     use amq_protocol::protocol::{basic, AMQPClass};
 
     fn roundtrip(frame: AMQPFrame) {

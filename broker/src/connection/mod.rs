@@ -58,6 +58,9 @@ pub async fn serve<S>(
     let mut header_done = false;
     let mut closing_for_shutdown = false;
     let mut stop = false;
+    // Bytes of `s.out` already written; the buffer is compacted only when fully written or
+    // when the written prefix is large, so partial writes do not memmove the rest each time.
+    let mut written = 0usize;
 
     loop {
         // 1. Drain the state machine: frames to the buffer, effects to the session.
@@ -80,7 +83,7 @@ pub async fn serve<S>(
         }
         // 2. Wait for the next thing to do.
         let timer = state.poll_timeout();
-        let take_events = s.out.len() < OUT_HIGH_WATER;
+        let take_events = s.out.len() - written < OUT_HIGH_WATER;
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !closing_for_shutdown => {
@@ -90,10 +93,17 @@ pub async fn serve<S>(
                     Instant::now(),
                 );
             }
-            r = wr.write(&s.out), if !s.out.is_empty() => match r {
+            r = wr.write(&s.out[written..]), if written < s.out.len() => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    s.out.drain(..n);
+                    written += n;
+                    if written == s.out.len() {
+                        s.out.clear();
+                        written = 0;
+                    } else if written >= OUT_HIGH_WATER {
+                        s.out.drain(..written);
+                        written = 0;
+                    }
                     state.note_sent(Instant::now());
                 }
             },
@@ -114,12 +124,12 @@ pub async fn serve<S>(
                             Err(_) => break,
                         }
                     }
-                    if s.conn_shared.starved.swap(false, Ordering::Relaxed)
-                        && s.conn_shared.pending.load(Ordering::Relaxed) < crate::queue::CONN_PENDING_LIMIT / 2
+                    // Check the level first: clearing the flag while still above the low-water
+                    // mark would lose the wake-up the starved queue is waiting for.
+                    if s.conn_shared.pending.load(Ordering::Relaxed) < crate::queue::CONN_PENDING_LIMIT / 2
+                        && s.conn_shared.starved.swap(false, Ordering::Relaxed)
                     {
                         s.kick_consumed_queues();
-                    } else if s.conn_shared.starved.load(Ordering::Relaxed) {
-                        // keep the flag for the next round
                     }
                 }
             },
@@ -129,8 +139,8 @@ pub async fn serve<S>(
         }
     }
     // Flush what is left (close, close-ok), bounded in time.
-    if !s.out.is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&s.out)).await;
+    if written < s.out.len() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&s.out[written..])).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     s.release_all().await;

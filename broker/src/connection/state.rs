@@ -920,6 +920,80 @@ mod tests {
     }
 
     #[test]
+    fn oversized_message_closes_channel_406() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.handle_input(
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            ),
+            now,
+        );
+        drain(&mut s);
+        s.handle_input(
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish::default())),
+            ),
+            now,
+        );
+        s.handle_input(
+            AMQPFrame::Header(
+                1,
+                amq_protocol::frame::AMQPContentHeader {
+                    class_id: 60,
+                    body_size: 1025,
+                    properties: AMQPProperties::default(),
+                },
+            ),
+            now,
+        );
+        let out = drain(&mut s);
+        assert!(matches!(out[0], Output::Effect(Effect::ChannelClosed(1))));
+        assert!(
+            matches!(&out[1], Output::Frame(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) if c.reply_code == 406)
+        );
+        assert_eq!(s.state(), State::Open);
+    }
+
+    #[test]
+    fn capabilities_are_advertised() {
+        let p = server_properties();
+        let Some(AMQPValue::FieldTable(caps)) = p.inner().get("capabilities") else {
+            panic!("no capabilities");
+        };
+        for c in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            assert_eq!(caps.inner().get(c), Some(&AMQPValue::Boolean(true)), "{c}");
+        }
+    }
+
+    #[test]
+    fn amqplain_credentials_parse() {
+        let creds = amq_protocol::auth::Credentials::new("guest".into(), "guest".into());
+        let resp = creds.sasl_auth_string(amq_protocol::auth::SASLMechanism::AMQPlain);
+        assert_eq!(
+            parse_credentials("AMQPLAIN", &resp),
+            Some(("guest".into(), "guest".into()))
+        );
+        assert_eq!(
+            parse_credentials("PLAIN", &"\0u\0p".into()),
+            Some(("u".into(), "p".into()))
+        );
+        assert_eq!(parse_credentials("PLAIN", &"garbage".into()), None);
+    }
+
+    #[test]
     fn content_assembly() {
         let (mut s, now) = machine();
         open(&mut s, now);
