@@ -23,8 +23,9 @@
 #   SKIP_BUILD=1       use the binaries already built
 #   LB_VARIANTS="default 1"  warren-lb runtime variants: "default" and/or worker-thread counts
 #   HAPROXY_SPLICE=1   add `option splice-auto` to HAProxy (off by default: stock TCP mode)
-#   BENCH_NICE=-5      run the benchmark (proxies, backends, tools) at this nice value (root only
-#                      for negative values), to be less disturbed by other work on the machine
+#   BENCH_NICE=-10     run the benchmark (proxies, backends, tools) at this nice value, and its
+#                      session's autogroup too (root only for negative values), to be less
+#                      disturbed by other work on the machine; use with `setsid -w bench/lb-bench.sh`
 #   PIN=1              proxies on CPU 1, load tools and backends on CPU 0 (default: no pinning;
 #                      proxies, iperf3, the echo backend and the load tool then share both cores)
 set -euo pipefail
@@ -71,6 +72,12 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- priority, limits
 if [[ -n ${BENCH_NICE:-} ]]; then
     renice -n "$BENCH_NICE" -p $$ >/dev/null || die "cannot renice to $BENCH_NICE"
+    # With autogroup scheduling (kernel.sched_autogroup_enabled=1) nice only ranks tasks inside one
+    # session; between sessions the autogroup's own nice counts. Start the script with `setsid -w`
+    # so that this changes only the benchmark's session.
+    if [[ -w /proc/self/autogroup ]]; then
+        echo "$BENCH_NICE" >/proc/self/autogroup 2>/dev/null || log "could not set the autogroup nice"
+    fi
 fi
 # 2 fds per proxied connection: raise the soft limit as far as the hard limit allows.
 HARD=$(ulimit -Hn)
@@ -285,9 +292,15 @@ put() { MV["$1 $2"]+="$3 "; printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$2" "$3" >>
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # run "$@" while sampling the CPU time of proxy pid $1 (name, metric prefix follow)
+# The proxy's CPU time per unit of work (per GB, per connection, per request) is the figure least
+# disturbed by other load on the machine: waiting for a CPU costs time, not CPU time. Test functions
+# set WORK_DONE (bytes, connections or requests) and WORK_SCALE (the unit: 1e9 for bytes = per GB).
+WORK_DONE=""
+WORK_SCALE=1
 with_cpu() { # pid name key cmd...
     local pid=$1 name=$2 key=$3 t0 t1 c0 c1
     shift 3
+    WORK_DONE=""
     c0=$(cpu_ticks "$pid")
     t0=$(now_s)
     "$@"
@@ -296,6 +309,11 @@ with_cpu() { # pid name key cmd...
     if [[ -n $c0 && -n $c1 ]]; then
         put "$name" "${key}_proxy_cpu_pct" "$(awk -v a="$c0" -v b="$c1" -v t0="$t0" -v t1="$t1" -v hz="$CLK_TCK" \
             'BEGIN { printf "%.0f", (b - a) / hz / (t1 - t0) * 100 }')"
+        if [[ -n $WORK_DONE && $WORK_DONE != 0 ]]; then
+            # microseconds of proxy CPU per unit (per GB: ms are more readable, see the table)
+            put "$name" "${key}_proxy_cpu_us_per" "$(awk -v a="$c0" -v b="$c1" -v hz="$CLK_TCK" -v w="$WORK_DONE" -v u="$WORK_SCALE" \
+                'BEGIN { printf "%.2f", (b - a) / hz * 1e6 / (w / u) }')"
+        fi
     fi
 }
 
@@ -304,6 +322,8 @@ iperf_test() { # name streams
     timeout $((DURATION + 30)) "${P_TOOL[@]}" iperf3 -c "${addr%:*}" -p "${addr##*:}" -t "$DURATION" -P "$p" -J >"$out" 2>&1 || true
     local bps
     bps=$(jq -r '.end.sum_received.bits_per_second // empty' "$out" 2>/dev/null || true)
+    WORK_DONE=$(jq -r '.end.sum_received.bytes // empty' "$out" 2>/dev/null || true)
+    WORK_SCALE=1e9
     if [[ -n $bps ]]; then
         put "$n" "iperf_P${p}_gbps" "$(awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }')"
         log "$n iperf3 -P $p: $(awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }') Gbit/s"
@@ -318,6 +338,8 @@ cps_test() {
         --duration "${DURATION}s" --concurrency "$CPS_CONCURRENCY" --size "$SIZE" >"$out" 2>/dev/null || true
     if jq -e .conn_per_s "$out" >/dev/null 2>&1; then
         put "$n" cps "$(jq -r '.conn_per_s | floor' "$out")"
+        WORK_DONE=$(jq -r '.connections' "$out")
+        WORK_SCALE=1
         put "$n" cps_errors "$(jq -r '.errors.total' "$out")"
         log "$n cps: $(jq -r '"\(.conn_per_s | floor) conn/s, errors \(.errors.total)"' "$out")"
     else
@@ -331,6 +353,9 @@ latency_test() { # name connections seconds key-prefix
         --duration "${d}s" --connections "$c" --size "$SIZE" >"$out" 2>/dev/null || true
     if jq -e .latency_us "$out" >/dev/null 2>&1; then
         put "$n" "${k}rps" "$(jq -r '.req_per_s | floor' "$out")"
+        # requests in the warm-up are not in the histogram but cost CPU too: count them by rate
+        WORK_DONE=$(jq -r '.requests / .elapsed_s * (.elapsed_s + 1) | floor' "$out")
+        WORK_SCALE=1
         put "$n" "${k}p50_us" "$(jq -r '.latency_us.p50 * 10 | round / 10' "$out")"
         put "$n" "${k}p99_us" "$(jq -r '.latency_us.p99 * 10 | round / 10' "$out")"
         put "$n" "${k}p999_us" "$(jq -r '.latency_us.p999 * 10 | round / 10' "$out")"
@@ -381,6 +406,9 @@ for k in "${!MV[@]}"; do
     # shellcheck disable=SC2086 # word splitting of the value list is intended
     M[$k]=$(median ${MV[$k]})
 done
+for k in "${!M[@]}"; do # per GB: microseconds -> milliseconds
+    [[ $k == *iperf_P?_proxy_cpu_us_per ]] && M[${k%_us_per}_ms_per_gb]=$(awk -v v="${M[$k]}" 'BEGIN { printf "%.1f", v / 1000 }')
+done
 UPTIME_END=$(uptime)
 log "end: $UPTIME_END ($(($(date +%s) - T_START))s of measurements)"
 
@@ -411,6 +439,11 @@ ROWS=(
     "cps_proxy_cpu_pct|proxy CPU % (cps)|"
     "latency1_proxy_cpu_pct|proxy CPU % (latency, 1 conn)|"
     "latency_proxy_cpu_pct|proxy CPU % (latency, ${LATENCY_CONNECTIONS} conns)|"
+    "iperf_P1_proxy_cpu_ms_per_gb|proxy CPU ms per GB, 1 stream|"
+    "iperf_P8_proxy_cpu_ms_per_gb|proxy CPU ms per GB, 8 streams|"
+    "cps_proxy_cpu_us_per|proxy CPU us per connection|"
+    "latency1_proxy_cpu_us_per|proxy CPU us per request, 1 conn|"
+    "latency_proxy_cpu_us_per|proxy CPU us per request, ${LATENCY_CONNECTIONS} conns|"
 )
 val() { echo "${M["$1 $2"]:--}"; }
 num() { # readable figure: integers from 100 up, else 3 significant digits
