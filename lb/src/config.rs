@@ -48,6 +48,8 @@ pub struct ChaosConfig {
 pub struct RuntimeConfig {
     /// Worker threads of the tokio runtime; absent = one per CPU.
     pub threads: Option<usize>,
+    /// Zero-copy splice(2) for bulk plain-TCP transfers; absent = on.
+    pub splice: Option<bool>,
 }
 
 /// One `[[listener]]`: a bound address in front of a backend pool.

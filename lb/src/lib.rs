@@ -103,6 +103,7 @@ impl Lb {
             stop: CancellationToken::new(),
             hard: CancellationToken::new(),
             next_conn: Arc::new(AtomicU64::new(0)),
+            splice: config.runtime.splice.unwrap_or(true),
         };
         let mut snaps = Vec::new();
         for l in &config.listeners {

@@ -48,6 +48,8 @@ pub struct Rt {
     /// Close every live connection (end of drain).
     pub hard: CancellationToken,
     pub next_conn: Arc<AtomicU64>,
+    /// `[runtime] splice`.
+    pub splice: bool,
 }
 
 /// A listener's settings, built once per configuration (TLS material loaded).
@@ -420,7 +422,7 @@ impl ListenerState {
             &info.bytes,
             &self.bytes,
             // Nothing here needs to see the bytes; byte-level fault rules will turn this off.
-            true,
+            self.rt.splice,
         );
         let cmd = tokio::select! {
             ended = &mut duplex => match ended {

@@ -46,6 +46,9 @@ struct Cli {
     /// Worker threads (overrides [runtime] threads; default one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Never use splice(2); always copy through buffers (overrides [runtime] splice).
+    #[arg(long)]
+    no_splice: bool,
     /// Seed of the chaos RNG (overrides [chaos] seed).
     #[arg(long)]
     seed: Option<u64>,
@@ -94,6 +97,9 @@ fn apply_overrides(cli: &Cli, cfg: &mut Config) {
     }
     if let Some(t) = cli.threads {
         cfg.runtime.threads = Some(t);
+    }
+    if cli.no_splice {
+        cfg.runtime.splice = Some(false);
     }
     if let Some(s) = cli.seed {
         cfg.chaos.seed = Some(s);

@@ -155,6 +155,9 @@ async fn the_binary_reports_its_bound_addresses_and_proxies() {
         "1h",
         "--threads",
         "2",
+        "--no-splice",
+        "--seed",
+        "7",
     ]);
     let addrs = p.addrs(&["default", "admin"]).await;
     let mut s = connect_echo(addrs["default"], b"through the binary").await;

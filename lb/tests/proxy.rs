@@ -349,3 +349,24 @@ async fn bulk_transfer_switches_to_splice_and_stays_byte_exact() {
     assert!(v.as_array().unwrap().len() <= 1);
     lb.stop().await;
 }
+
+#[tokio::test]
+async fn runtime_splice_false_keeps_the_buffered_path() {
+    let b = echo_backend().await;
+    let mut cfg = config(vec![listener("nosplice", &[b.addr])]);
+    cfg.runtime.splice = Some(false);
+    let lb = start(cfg).await;
+    let before = pipe_fds();
+    let mut s = connect_echo(lb.addr("nosplice"), b"warm up").await;
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+    };
+    let mut got = vec![0u8; payload.len()];
+    let (_, n) = tokio::join!(send, r.read_exact(&mut got));
+    n.unwrap();
+    assert!(got == payload);
+    assert_eq!(pipe_fds(), before);
+    lb.stop().await;
+}
