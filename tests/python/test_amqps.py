@@ -60,3 +60,18 @@ def test_amqps_port_does_not_speak_plain_amqp(tls_broker):
     with pytest.raises(AMQPConnectionError):
         pika.BlockingConnection(params)
     tls_broker.assert_alive()
+
+
+def test_kombu_py_amqp_over_tls(tls_broker, qname):
+    # py-amqp does its own TLS setup (sslopts), unlike pika: check it against the same listener.
+    from kombu import Connection
+
+    ssl_opts = {"ca_certs": str(tls_broker.ca_file), "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "localhost"}
+    with Connection(f"pyamqp://guest:guest@{tls_broker.host}:{tls_broker.tls_port}//", ssl=ssl_opts,
+                    connect_timeout=5, transport_options={"confirm_publish": True}) as c:
+        q = c.SimpleQueue(qname, queue_opts={"exclusive": True, "auto_delete": True})
+        q.put({"over": "tls"}, serializer="json")
+        m = q.get(block=True, timeout=5)
+        assert m.payload == {"over": "tls"}
+        m.ack()
+        q.close()

@@ -131,3 +131,30 @@ def test_celery_countdown_tasks_and_group(worker, app):
     res = group(add.s(i, 100).set(queue=worker.queue) for i in range(10)).apply_async()
     assert res.get(timeout=30) == [i + 100 for i in range(10)]
     worker.assert_healthy()
+
+
+@pytest.mark.timeout(90)
+def test_celery_control_add_and_cancel_consumer(worker, app):
+    # Remote control over the pidbox makes the running worker basic.consume / basic.cancel a queue.
+    from celery_app import add
+
+    extra = worker.queue + ".extra"
+
+    def control(*args):
+        out = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "control", *args,
+                              "-d", worker.hostname, "--timeout", "10"],
+                             env=worker.env, cwd=HERE, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    assert "add consumer" in control("add_consumer", extra)
+    assert add.apply_async((20, 22), queue=extra).get(timeout=20) == 42
+    assert "no longer consuming" in control("cancel_consumer", extra)
+    pending = add.apply_async((1, 1), queue=extra)
+    time.sleep(1.5)
+    assert pending.state == "PENDING"  # nobody consumes the queue any more
+    with app.connection_for_write() as conn:
+        ch = conn.default_channel
+        assert ch.queue_declare(extra, passive=True).message_count == 1
+        ch.queue_delete(extra)
+    worker.assert_healthy()
