@@ -27,6 +27,8 @@
 #   SKIP_BUILD=1          use the binaries already built
 #   WARREN_ARGS="..."     extra warren-broker arguments
 #   STOP_SYSTEM_RABBITMQ=1  stop a running system rabbitmq-server service first (default 1)
+#   BENCH_NICE=-10        run brokers and warren-perf at this nice value (negative: root only), so that
+#                         other work on the machine disturbs the figures less; both brokers get the same
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -100,6 +102,11 @@ PERF=$BIN/warren-perf
 if [[ $WARREN_OK == 1 && ! -x $BIN/warren-broker ]]; then
     WARREN_OK=0
     WARREN_WHY="binary missing"
+fi
+
+# ---------------------------------------------------------------- priority (after the build)
+if [[ -n ${BENCH_NICE:-} ]]; then
+    renice -n "$BENCH_NICE" -p $$ >/dev/null || die "cannot renice to $BENCH_NICE"
 fi
 
 # ---------------------------------------------------------------- RabbitMQ
@@ -260,10 +267,12 @@ runs=("$RESULTS"/*-r*.json)
 jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg nproc "$(nproc)" \
     --arg mem "$MEM_GIB" --arg rabbit "${RABBIT_VERSION:-}" --arg duration "$DURATION" \
     --arg warren_ok "$WARREN_OK" --arg warren_why "$WARREN_WHY" \
+    --arg nice "${BENCH_NICE:-0}" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --argjson idle_rabbit "$IDLE_RABBIT" --argjson idle_warren "$IDLE_WARREN" \
     '{date: $date, machine: {cpu: $cpu, nproc: ($nproc | tonumber), mem_gib: ($mem | tonumber)},
       rabbitmq_version: $rabbit, duration_s: ($duration | tonumber), commit: $commit,
+      nice: $nice,
       idle_core_percent: {rabbitmq: $idle_rabbit, warren: $idle_warren},
       warren_broker: (if $warren_ok == "1" then "measured" else "not measured: " + $warren_why end),
       runs: .}' "${runs[@]}" >"$RESULTS/results.json"
