@@ -311,3 +311,16 @@ async fn immediate_publish_closes_connection_540() {
     assert!(!c.status().connected());
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn amq_default_alias_and_update_secret() {
+    let b = start().await;
+    let (c, ch) = b.channel().await;
+    declare(&ch, "alias", FieldTable::default()).await;
+    publish(&ch, "amq.default", "alias", b"via alias").await;
+    assert_eq!(get_body(&ch, "alias").await, Some(b"via alias".to_vec()));
+    c.update_secret("new-secret".into(), "rotation".into())
+        .await
+        .expect("update-secret-ok");
+    b.shutdown().await;
+}

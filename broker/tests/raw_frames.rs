@@ -363,3 +363,52 @@ async fn shutdown_sends_320_connection_forced() {
     .await;
     stopper.await.expect("broker stopped");
 }
+
+#[tokio::test]
+async fn exclusive_consumer_refuses_a_second_consumer_403() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "xc".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let _declare_ok = r.recv_method().await;
+    let consume = |tag: &str, exclusive: bool| {
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "xc".into(),
+            consumer_tag: tag.into(),
+            no_local: false,
+            no_ack: true,
+            exclusive,
+            nowait: false,
+            arguments: FieldTable::default(),
+        }))
+    };
+    r.send_method(1, consume("first", true)).await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)))) => {
+            assert_eq!(ok.consumer_tag.as_str(), "first")
+        }
+        other => panic!("expected consume-ok, got {other:?}"),
+    }
+    r.send_method(1, consume("second", false)).await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 403, "{}", c.reply_text);
+            assert!(c.reply_text.as_str().contains("in exclusive use"));
+        }
+        other => panic!("expected channel.close 403, got {other:?}"),
+    }
+    b.shutdown().await;
+}

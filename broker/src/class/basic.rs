@@ -367,6 +367,12 @@ pub async fn route_and_enqueue(
     body: Bytes,
 ) -> Result<(), AmqpError> {
     let vhost = s.vhost()?;
+    // RabbitMQ accepts "amq.default" as a name for the default exchange.
+    let exchange = if exchange == "amq.default" {
+        ""
+    } else {
+        exchange
+    };
     // Direct reply-to: the requester publishes with reply_to = the pseudo queue.
     if properties
         .reply_to()
