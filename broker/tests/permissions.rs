@@ -65,3 +65,23 @@ async fn configure_permission_regex_is_enforced_per_vhost() {
     assert_eq!(support::amqp_code(&e), Some(403));
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn max_connections_refuses_extra_clients() {
+    let b = support::start_with(Config {
+        max_connections: 1,
+        ..Config::for_tests()
+    })
+    .await;
+    let first = b.connect().await;
+    assert!(first.status().connected());
+    let second = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        Connection::connect(&b.uri(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("refused promptly");
+    assert!(second.is_err(), "second connection must be refused");
+    drop(first);
+    b.shutdown().await;
+}

@@ -454,3 +454,55 @@ async fn inequivalent_and_invalid_args_are_406() {
     declare(&ch, "qq", table(vec![("x-queue-type", s("quorum"))])).await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn fanout_confirm_is_nack_if_any_queue_refuses() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm");
+    ch.exchange_declare(
+        "fan".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    declare(&ch, "open", FieldTable::default()).await;
+    declare(
+        &ch,
+        "full",
+        table(vec![
+            ("x-max-length", long(0)),
+            ("x-overflow", s("reject-publish")),
+        ]),
+    )
+    .await;
+    for q in ["open", "full"] {
+        ch.queue_bind(
+            q.into(),
+            "fan".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    }
+    let c = ch
+        .basic_publish(
+            "fan".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    assert!(c.await.expect("confirm").is_nack());
+    // The queue that accepted it still has it: one body shared by both routes.
+    assert_eq!(get_body(&ch, "open").await, Some(b"m".to_vec()));
+    b.shutdown().await;
+}
