@@ -294,6 +294,16 @@ TABLE=$(jq -r '
      (.bcpu | f(2)), (.pcpu | f(3)), (if .rss == null then "-" else (.rss / 1024 | f(0)) end), .load]
   | @tsv' "$RESULTS/results.json")
 
+# The same rows as a Markdown table (for docs/benchmarks.md).
+{
+    echo "| scenario | broker | sent msg/s | received msg/s | confirm p50 / p99 µs | consumer p50 / p99 µs | broker CPU µs/msg | warren-perf CPU µs/msg | broker RSS MiB | load avg before |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"
+    while IFS=$'\t' read -r -a row; do
+        [[ ${#row[@]} -gt 0 ]] || continue
+        printf '| %s |\n' "$(printf '%s | ' "${row[@]}" | sed 's/ | $//')"
+    done <<<"$TABLE"
+} >"$RESULTS/table.md"
+
 {
     echo
     echo "warren-perf, ${DURATION}s per run, $(nproc) CPUs ($CPU_MODEL), RabbitMQ ${RABBIT_VERSION:-?}, warren-broker: $( [[ $WARREN_OK == 1 ]] && echo measured || echo "NOT MEASURED ($WARREN_WHY)")"
