@@ -24,7 +24,8 @@ pub struct Event {
     /// Connection id, for events about one connection.
     pub conn: Option<u64>,
     /// What happened: `backend_up`, `backend_down`, `fail_open`, `backend_registered`,
-    /// `backend_draining`, `backend_removed`, `listener_added`, `listener_removed`, `reset`.
+    /// `backend_draining`, `backend_removed`, `listener_added`, `listener_removed`, `reset`,
+    /// `idle_timeout`.
     pub event: String,
     pub rule: Option<String>,
     pub cause: Option<String>,

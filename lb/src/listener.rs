@@ -459,9 +459,22 @@ impl ListenerState {
                 rule: None,
             },
         };
-        let (mut lost_up, mut lost_down) = duplex.in_flight();
+        let (lost_up, lost_down) = duplex.in_flight();
         drop(duplex);
         tracing::debug!(cause = %cmd.cause, style = cmd.style.as_str(), "closing");
+        if cmd.event == "reset" || cmd.event == "idle_timeout" {
+            // Emitted when the close starts (a `drop` close may last as long as the peers stay).
+            let mut ev = Event::new(&self.name, cmd.event)
+                .conn(id)
+                .backend(&backend.addr)
+                .cause(cmd.cause.clone());
+            ev.rule = cmd.rule.clone();
+            ev.style = Some(cmd.style.as_str().to_string());
+            ev.side = Some(cmd.side.as_str().to_string());
+            ev.discarded_upstream = lost_up;
+            ev.discarded_downstream = lost_down;
+            self.events().emit(ev);
+        }
         match cmd.style {
             CloseStyle::Rst => proxy::close_both(&mut client, &mut upstream, true).await,
             CloseStyle::Fin | CloseStyle::Half => {
@@ -479,21 +492,12 @@ impl ListenerState {
                         (0, 0)
                     }
                 };
-                lost_up += a;
-                lost_down += b;
+                tracing::debug!(
+                    discarded_upstream = a,
+                    discarded_downstream = b,
+                    "held connection ended"
+                );
             }
-        }
-        if cmd.event == "reset" {
-            let mut ev = Event::new(&self.name, cmd.event)
-                .conn(id)
-                .backend(&backend.addr)
-                .cause(cmd.cause.clone());
-            ev.rule = cmd.rule.clone();
-            ev.style = Some(cmd.style.as_str().to_string());
-            ev.side = Some(cmd.side.as_str().to_string());
-            ev.discarded_upstream = lost_up;
-            ev.discarded_downstream = lost_down;
-            self.events().emit(ev);
         }
     }
 

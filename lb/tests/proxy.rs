@@ -147,7 +147,7 @@ async fn idle_case(style: CloseStyle) -> (Option<ReadEnd>, TcpStream) {
     cfg.idle_close = style;
     let lb = start(config(vec![cfg])).await;
     let mut s = connect_echo(lb.addr("idle"), b"ping").await;
-    let end = read_end(&mut s, Duration::from_secs(5)).await;
+    let end = read_end(&mut s, WAIT).await;
     std::mem::forget(lb);
     (end, s)
 }
@@ -171,9 +171,11 @@ async fn idle_close_drop_stops_forwarding_but_holds_the_socket() {
     cfg.idle_timeout = Duration::from_secs(1);
     cfg.idle_close = CloseStyle::Drop;
     let lb = start(config(vec![cfg])).await;
+    let mut ev = lb.events();
     let mut s = connect_echo(lb.addr("drop"), b"ping").await;
     // Past the idle timeout the connection is blackholed: bytes vanish, nothing closes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = ev.wait("idle_timeout", None).await;
+    assert_eq!(e["style"], "drop");
     s.write_all(b"anyone?").await.unwrap();
     assert_eq!(read_end(&mut s, Duration::from_millis(500)).await, None);
     assert_eq!(b.live.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -190,12 +192,12 @@ async fn idle_close_drop_stops_forwarding_but_holds_the_socket() {
 async fn payload_resets_the_idle_timer() {
     let b = echo_backend().await;
     let mut cfg = listener("busy", &[b.addr]);
-    cfg.idle_timeout = Duration::from_secs(1);
+    cfg.idle_timeout = Duration::from_secs(2);
     let lb = start(config(vec![cfg])).await;
     let mut s = connect_echo(lb.addr("busy"), b"0").await;
-    // 2.4s of traffic with 300ms gaps: never idle for 1s.
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // 3s of traffic with 250ms gaps: never idle for 2s.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
         roundtrip(&mut s, b"tick").await;
     }
     lb.stop().await;

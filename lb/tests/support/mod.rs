@@ -83,11 +83,12 @@ pub fn listener(name: &str, backends: &[SocketAddr]) -> ListenerConfig {
     }
 }
 
-/// Fast health checks: interval 50ms, timeout 200ms.
+/// Fast health checks: interval 50ms, timeout 1s (generous: a loaded CI machine must not fail a
+/// check of a live backend; dead ones are refused at once on loopback).
 pub fn fast_health(healthy: u32, unhealthy: u32) -> HealthConfig {
     HealthConfig {
         interval: Duration::from_millis(50),
-        timeout: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
         healthy_threshold: healthy,
         unhealthy_threshold: unhealthy,
         ..HealthConfig::default()
