@@ -579,10 +579,13 @@ impl ListenerState {
                     cause: "every".to_string(),
                     rule: Some(r.name.clone()),
                 };
+                let faults = metrics::counter!(m::FAULTS_TOTAL, m::L_LISTENER => self.name.clone(),
+                    m::L_RULE => r.name.clone(), m::L_KIND => "reset");
                 for c in self.connections() {
                     if r.toxicity >= 1.0 || rand::thread_rng().gen_bool(r.toxicity.clamp(0.0, 1.0))
                     {
                         c.close(cmd.clone());
+                        faults.increment(1);
                     }
                 }
             }

@@ -73,6 +73,7 @@ fn describe() {
         Unit::Seconds,
         "Time to connect to a backend"
     );
+    describe_counter!(FAULTS_TOTAL, "Faults injected, by rule and kind");
     describe_counter!(
         CONNECTION_ERRORS_TOTAL,
         "Proxied connections that ended on an I/O error, by source"

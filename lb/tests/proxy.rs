@@ -309,6 +309,17 @@ async fn reset_every_rule_resets_live_connections_with_rst() {
     assert_eq!(e["rule"], "reset-every");
     assert_eq!(e["style"], "rst");
     assert_eq!(e["listener"], "periodic");
+    let (_, text) = http(lb.admin(), "GET", "/metrics", None).await;
+    let n = metric(
+        &text,
+        "warren_lb_faults_total",
+        &[
+            ("listener", "periodic"),
+            ("rule", "reset-every"),
+            ("kind", "reset"),
+        ],
+    );
+    assert!(n.is_some_and(|n| n >= 1.0), "{text}");
     lb.stop().await;
 }
 
@@ -370,5 +381,43 @@ async fn runtime_splice_false_keeps_the_buffered_path() {
     n.unwrap();
     assert!(got == payload);
     assert_eq!(pipe_fds(), before);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn connect_timeout_moves_on_to_the_next_backend() {
+    // A listener with a full accept queue: the kernel drops further SYNs, so connects hang.
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    hole.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(hole_addr)).await
+    {
+        fillers.push(s);
+        assert!(fillers.len() < 64, "accept queue never filled");
+    }
+    let live = echo_backend().await;
+    let mut cfg = listener("cto", &[hole_addr, live.addr]);
+    cfg.connect_timeout = Duration::from_millis(300);
+    let lb = start(config(vec![cfg])).await;
+    // Round robin starts with the black hole: this connection times out there, then succeeds.
+    drop(connect_echo(lb.addr("cto"), b"patience").await);
+    assert_eq!(live.served(), 1);
+    let (_, text) = http(lb.admin(), "GET", "/metrics", None).await;
+    let errors = metric(
+        &text,
+        "warren_lb_connect_errors_total",
+        &[("listener", "cto"), ("backend", &hole_addr.to_string())],
+    );
+    assert_eq!(errors, Some(1.0), "{text}");
+    drop(fillers);
     lb.stop().await;
 }
