@@ -16,13 +16,12 @@ use amq_protocol::protocol::{access, AMQPClass};
 /// Runs one command on channel `ch`.
 pub async fn dispatch(s: &mut Session, ch: u16, cmd: Command) -> Result<(), AmqpError> {
     match cmd {
-        Command::Publish {
-            publish,
-            properties,
-            body,
-        } => basic::publish(s, ch, publish, properties, body)
-            .await
-            .map_err(|e| e.with_method(60, 40)),
+        Command::Publish(p) => {
+            let p = *p;
+            basic::publish(s, ch, p.publish, p.properties, p.body)
+                .await
+                .map_err(|e| e.with_method(60, 40))
+        }
         Command::Method(m) => {
             let (cid, mid) = (m.get_amqp_class_id(), m.get_amqp_method_id());
             let r = match m {

@@ -210,7 +210,7 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
             if !state.is_channel_open(ch) {
                 return;
             }
-            if !matches!(cmd, state::Command::Publish { .. }) {
+            if !matches!(cmd, state::Command::Publish(_)) {
                 // Anything else may need to observe earlier publishes (get, purge, ...).
                 s.flush_publishes().await;
             }

@@ -31,16 +31,23 @@ pub enum State {
 }
 
 /// A complete command for the channel layer.
-// Not boxed: a Box per publish would cost more than the moves it saves.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Method(AMQPClass),
-    Publish {
-        publish: basic::Publish,
-        properties: AMQPProperties,
-        body: Bytes,
-    },
+    /// Boxed once when basic.publish arrives, so header and body frames, the output queue and
+    /// the shell move a pointer instead of ~400 bytes of properties per frame.
+    Publish(Box<PublishCommand>),
+}
+
+/// A basic.publish with its content, assembled from method, header and body frames.
+#[derive(Debug)]
+pub struct PublishCommand {
+    pub publish: basic::Publish,
+    pub properties: AMQPProperties,
+    pub body: Bytes,
+    size: u64,
+    buf: BytesMut,
 }
 
 /// Something the shell must do.
@@ -86,13 +93,8 @@ enum Chan {
     Open,
     /// We sent channel.close; waiting for close-ok.
     Closing,
-    AwaitHeader(basic::Publish),
-    AwaitBody {
-        publish: basic::Publish,
-        properties: AMQPProperties,
-        size: u64,
-        body: BytesMut,
-    },
+    AwaitHeader(Box<PublishCommand>),
+    AwaitBody(Box<PublishCommand>),
 }
 
 /// The state machine.
@@ -235,7 +237,7 @@ impl ConnectionState {
     pub fn is_channel_open(&self, ch: u16) -> bool {
         matches!(
             self.channels.get(&ch),
-            Some(Chan::Open | Chan::AwaitHeader(_) | Chan::AwaitBody { .. })
+            Some(Chan::Open | Chan::AwaitHeader(_) | Chan::AwaitBody(_))
         )
     }
 
@@ -612,7 +614,7 @@ impl ConnectionState {
             Some(Chan::AwaitHeader(_)) => Err(ConnectionError::unexpected_frame(
                 "expected content header for class 60, got non content header frame instead",
             )),
-            Some(Chan::AwaitBody { .. }) => Err(ConnectionError::unexpected_frame(
+            Some(Chan::AwaitBody(_)) => Err(ConnectionError::unexpected_frame(
                 "expected content body, got non content body frame instead",
             )),
             Some(Chan::Open) => match m {
@@ -632,7 +634,16 @@ impl ConnectionState {
                 }
                 AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Ok(()),
                 AMQPClass::Basic(basic::AMQPMethod::Publish(p)) => {
-                    self.channels.insert(ch, Chan::AwaitHeader(p));
+                    self.channels.insert(
+                        ch,
+                        Chan::AwaitHeader(Box::new(PublishCommand {
+                            publish: p,
+                            properties: AMQPProperties::default(),
+                            body: Bytes::new(),
+                            size: 0,
+                            buf: BytesMut::new(),
+                        })),
+                    );
                     Ok(())
                 }
                 other => {
@@ -649,120 +660,86 @@ impl ConnectionState {
         ch: u16,
         h: amq_protocol::frame::AMQPContentHeader,
     ) -> Result<(), ConnectionError> {
-        match self.channels.remove(&ch) {
-            Some(Chan::AwaitHeader(publish)) => {
-                if h.class_id != 60 {
-                    return Err(ConnectionError::unexpected_frame(format!(
-                        "content header for class {} on a basic.publish",
-                        h.class_id
-                    )));
-                }
-                if h.body_size > self.cfg.max_message_size {
-                    self.channels.insert(ch, Chan::Open);
-                    self.emit_soft(
-                        ch,
-                        ChannelError::precondition_failed(format!(
-                            "message size {} is larger than configured max size {}",
-                            h.body_size, self.cfg.max_message_size
-                        ))
-                        .with_method(60, 40),
-                    );
-                    return Ok(());
-                }
-                if h.body_size == 0 {
-                    self.channels.insert(ch, Chan::Open);
-                    self.out.push_back(Output::Effect(Effect::Command(
-                        ch,
-                        Command::Publish {
-                            publish,
-                            properties: h.properties,
-                            body: Bytes::new(),
-                        },
-                    )));
-                } else {
-                    self.channels.insert(
-                        ch,
-                        Chan::AwaitBody {
-                            publish,
-                            properties: h.properties,
-                            size: h.body_size,
-                            body: BytesMut::new(),
-                        },
-                    );
-                }
-                Ok(())
-            }
-            Some(Chan::Closing) => {
-                self.channels.insert(ch, Chan::Closing);
-                Ok(())
-            }
-            None => Err(ConnectionError::channel_error("expected 'channel.open'")),
-            Some(other) => {
-                self.channels.insert(ch, other);
-                Err(ConnectionError::unexpected_frame(
+        let Some(slot) = self.channels.get_mut(&ch) else {
+            return Err(ConnectionError::channel_error("expected 'channel.open'"));
+        };
+        match slot {
+            Chan::AwaitHeader(_) => {}
+            Chan::Closing => return Ok(()),
+            _ => {
+                return Err(ConnectionError::unexpected_frame(
                     "expected method frame, got non method frame instead",
                 ))
             }
         }
+        let Chan::AwaitHeader(mut cmd) = std::mem::replace(slot, Chan::Open) else {
+            return Ok(());
+        };
+        if h.class_id != 60 {
+            return Err(ConnectionError::unexpected_frame(format!(
+                "content header for class {} on a basic.publish",
+                h.class_id
+            )));
+        }
+        if h.body_size > self.cfg.max_message_size {
+            self.emit_soft(
+                ch,
+                ChannelError::precondition_failed(format!(
+                    "message size {} is larger than configured max size {}",
+                    h.body_size, self.cfg.max_message_size
+                ))
+                .with_method(60, 40),
+            );
+            return Ok(());
+        }
+        cmd.properties = h.properties;
+        cmd.size = h.body_size;
+        if h.body_size == 0 {
+            self.out
+                .push_back(Output::Effect(Effect::Command(ch, Command::Publish(cmd))));
+        } else if let Some(slot) = self.channels.get_mut(&ch) {
+            *slot = Chan::AwaitBody(cmd);
+        }
+        Ok(())
     }
 
     fn on_body(&mut self, ch: u16, data: Vec<u8>) -> Result<(), ConnectionError> {
-        match self.channels.remove(&ch) {
-            Some(Chan::AwaitBody {
-                publish,
-                properties,
-                size,
-                mut body,
-            }) => {
-                let total = body.len() as u64 + data.len() as u64;
-                if total > size {
-                    return Err(ConnectionError::unexpected_frame(format!(
-                        "received {total} body bytes, header said {size}"
-                    )));
-                }
-                let complete = total == size;
-                let body = if complete && body.is_empty() {
-                    // Single-frame body: no copy.
-                    Bytes::from(data)
-                } else {
-                    body.extend_from_slice(&data);
-                    if !complete {
-                        self.channels.insert(
-                            ch,
-                            Chan::AwaitBody {
-                                publish,
-                                properties,
-                                size,
-                                body,
-                            },
-                        );
-                        return Ok(());
-                    }
-                    body.freeze()
-                };
-                self.channels.insert(ch, Chan::Open);
-                self.out.push_back(Output::Effect(Effect::Command(
-                    ch,
-                    Command::Publish {
-                        publish,
-                        properties,
-                        body,
-                    },
-                )));
-                Ok(())
-            }
-            Some(Chan::Closing) => {
-                self.channels.insert(ch, Chan::Closing);
-                Ok(())
-            }
-            None => Err(ConnectionError::channel_error("expected 'channel.open'")),
-            Some(other) => {
-                self.channels.insert(ch, other);
-                Err(ConnectionError::unexpected_frame(
+        let Some(slot) = self.channels.get_mut(&ch) else {
+            return Err(ConnectionError::channel_error("expected 'channel.open'"));
+        };
+        let cmd = match slot {
+            Chan::AwaitBody(cmd) => cmd,
+            Chan::Closing => return Ok(()),
+            _ => {
+                return Err(ConnectionError::unexpected_frame(
                     "expected method frame, got non method frame instead",
                 ))
             }
+        };
+        let total = cmd.buf.len() as u64 + data.len() as u64;
+        if total > cmd.size {
+            return Err(ConnectionError::unexpected_frame(format!(
+                "received {total} body bytes, header said {}",
+                cmd.size
+            )));
         }
+        if total < cmd.size {
+            cmd.buf.extend_from_slice(&data);
+            return Ok(());
+        }
+        let Chan::AwaitBody(mut cmd) = std::mem::replace(slot, Chan::Open) else {
+            return Ok(());
+        };
+        cmd.body = if cmd.buf.is_empty() {
+            // Single-frame body: no copy.
+            Bytes::from(data)
+        } else {
+            cmd.buf.extend_from_slice(&data);
+            std::mem::take(&mut cmd.buf).freeze()
+        };
+        self.out
+            .push_back(Output::Effect(Effect::Command(ch, Command::Publish(cmd))));
+        Ok(())
     }
 
     /// A soft error detected inside the state machine (oversized message): tell the shell the
@@ -1032,8 +1009,8 @@ mod tests {
         assert!(s.poll_output().is_none());
         s.handle_input(AMQPFrame::Body(1, b"cd".to_vec()), now);
         match s.poll_output() {
-            Some(Output::Effect(Effect::Command(1, Command::Publish { body, .. }))) => {
-                assert_eq!(&body[..], b"abcd")
+            Some(Output::Effect(Effect::Command(1, Command::Publish(p)))) => {
+                assert_eq!(&p.body[..], b"abcd")
             }
             other => panic!("unexpected {other:?}"),
         }
