@@ -221,3 +221,79 @@ def test_global_qos_limits_the_channel(conn, qname):
     wait_for(conn, lambda: len(got) >= 3)
     conn.process_data_events(time_limit=0.5)
     assert len(got) == 3
+
+
+def test_unicode_and_255_byte_names(ch):
+    uni = "очередь-ü-キュー"
+    long_name = "q" * 255
+    for name in (uni, long_name):
+        ch.queue_declare(name, exclusive=True)
+        ch.basic_publish("", name, name.encode())
+        assert ch.basic_get(name, auto_ack=True)[2] == name.encode()
+
+
+def test_exchange_errors_passive_missing_type_mismatch_and_if_unused(conn, qname):
+    ch = conn.channel()
+    assert_channel_error(lambda: ch.exchange_declare(qname + ".missing", "direct", passive=True), 404, "NOT_FOUND")
+    ch = conn.channel()
+    ch.exchange_declare(qname, "direct")
+    assert_channel_error(lambda: ch.exchange_declare(qname, "fanout"), 406, "PRECONDITION_FAILED")
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, qname, "k")
+    assert_channel_error(lambda: ch.exchange_delete(qname, if_unused=True), 406, "PRECONDITION_FAILED")
+    ch = conn.channel()
+    ch.queue_unbind(q, qname, "k")
+    ch.exchange_delete(qname, if_unused=True)
+    assert_channel_error(lambda: ch.exchange_declare(qname, "direct", passive=True), 404, "NOT_FOUND")
+
+
+def test_requeued_message_keeps_its_place_at_the_head(ch, qname):
+    ch.queue_declare(qname, exclusive=True)
+    for b in (b"1", b"2", b"3"):
+        ch.basic_publish("", qname, b)
+    m1, _, _ = ch.basic_get(qname)
+    m2, _, _ = ch.basic_get(qname)
+    ch.basic_nack(m1.delivery_tag, requeue=True)
+    order = []
+    for _ in range(2):
+        m, _, b = ch.basic_get(qname)
+        order.append((b, m.redelivered))
+    assert order == [(b"1", True), (b"3", False)]
+
+
+def test_consumer_priorities(broker, qname):
+    conn = broker.connect()
+    try:
+        ch = conn.channel()
+        ch.queue_declare(qname, exclusive=True)
+        got = {"low": [], "high": []}
+        ch.basic_qos(prefetch_count=2)
+        ch.basic_consume(qname, lambda c, m, p, b: got["low"].append(m.delivery_tag))
+        ch.basic_consume(qname, lambda c, m, p, b: got["high"].append(m.delivery_tag),
+                         arguments={"x-priority": 10})
+        for i in range(3):
+            ch.basic_publish("", qname, str(i).encode())
+        assert wait_for(conn, lambda: len(got["low"]) + len(got["high"]) == 3)
+        # The high-priority consumer takes what its prefetch allows; only the rest goes to the other.
+        assert (len(got["high"]), len(got["low"])) == (2, 1)
+    finally:
+        conn.close()
+
+
+def test_overflow_dead_letters_dropped_head_with_reason_maxlen(conn, qname):
+    ch = conn.channel()
+    dlq = qname + ".dlq"
+    ch.queue_declare(dlq, exclusive=True)
+    ch.queue_declare(qname, exclusive=True, arguments={
+        "x-max-length": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq})
+    ch.confirm_delivery()
+    ch.basic_publish("", qname, b"old")
+    ch.basic_publish("", qname, b"new")
+    assert ch.basic_get(qname, auto_ack=True)[2] == b"new"
+    deadline = time.monotonic() + 5  # dead-lettering is asynchronous in RabbitMQ
+    while message_count(conn, dlq) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _, props, body = ch.basic_get(dlq, auto_ack=True)
+    assert body == b"old"
+    assert props.headers["x-death"][0]["reason"] == "maxlen"
