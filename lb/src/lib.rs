@@ -8,6 +8,7 @@
 //! - `config`: TOML schema, defaults, humane durations, validation.
 //! - `listener`: one listener's accept loop, connection registry and connection life cycle.
 //! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
+//! - `splice`: zero-copy splice(2) forwarding for bulk plain-TCP directions.
 //! - `stream`: plain/TLS stream enums with access to the TCP socket (for RST closes).
 //! - `backend::pool`: backend membership, draining, fail open.
 //! - `backend::select`: the selection trait, round robin / least-conn / random.

@@ -378,7 +378,11 @@ impl ListenerState {
     async fn serve(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, id: u64) {
         let snap = self.snapshot();
         let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().unwrap_or(self.addr);
+        // Only the PROXY header needs the address the client reached (saves a syscall otherwise).
+        let local = match snap.cfg.proxy_protocol {
+            ProxyProtocol::Off => self.addr,
+            _ => tcp.local_addr().unwrap_or(self.addr),
+        };
         let mut client = match &snap.acceptor {
             Some(acc) => match tokio::time::timeout(snap.cfg.idle_timeout, acc.accept(tcp)).await {
                 Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
