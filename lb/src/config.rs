@@ -382,6 +382,8 @@ pub enum ValidationError {
     DuplicateBackend { listener: String, addr: String },
     #[error("listener `{listener}`: idle_timeout {value} is outside 1s..3600s")]
     IdleTimeout { listener: String, value: String },
+    #[error("listener `{listener}`: {key} must be at most 30 days")]
+    TooLong { listener: String, key: &'static str },
     #[error("listener `{listener}`: {key} must be greater than zero")]
     Zero { listener: String, key: &'static str },
     #[error(
@@ -514,6 +516,20 @@ impl ListenerConfig {
             return Err(zero("max_connections"));
         }
         let h = &self.health;
+        let limit = Duration::from_secs(30 * 24 * 3600);
+        for (key, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("drain_timeout", self.drain_timeout),
+            ("health.interval", h.interval),
+            ("health.timeout", h.timeout),
+        ] {
+            if d > limit {
+                return Err(ValidationError::TooLong {
+                    listener: name(),
+                    key,
+                });
+            }
+        }
         if h.interval.is_zero() {
             return Err(zero("health.interval"));
         }
@@ -555,6 +571,10 @@ impl ListenerConfig {
             }
             if r.every.is_some_and(|d| d.is_zero()) {
                 return Err(bad("every must be greater than zero"));
+            }
+            let durations = [r.every, r.jitter, r.lifetime, r.latency, r.delay, r.timeout];
+            if durations.iter().flatten().any(|d| *d > limit) {
+                return Err(bad("durations must be at most 30 days"));
             }
         }
         Ok(())
@@ -785,6 +805,16 @@ backends = ["10.0.0.11:15672"]
         ));
         assert!(Config::from_toml_str(&format!("{MIN}idle_timeout = \"2h\"\n")).is_err());
         assert!(Config::from_toml_str(&format!("{MIN}idle_timeout = \"1h\"\n")).is_ok());
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_not_overflowed() {
+        let e = err(&format!("{MIN}drain_timeout = \"1000000000years\"\n"));
+        assert!(e.contains("drain_timeout must be at most 30 days"), "{e}");
+        let e = err(&format!(
+            "{MIN}[[listener.fault]]\nname = \"r\"\nkind = \"reset\"\nevery = \"100years\"\n"
+        ));
+        assert!(e.contains("at most 30 days"), "{e}");
     }
 
     #[test]
