@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use crate::connection::{Endpoint, QueueSpec};
 
+/// Largest body accepted with `-s` (RabbitMQ's default max message size).
+pub const MAX_SIZE: usize = 128 * 1024 * 1024;
+
 /// Load generator for AMQP 0-9-1 brokers, with RabbitMQ PerfTest's flags.
 #[derive(Debug, Parser)]
 #[command(name = "warren-perf", version, about)]
@@ -168,6 +171,9 @@ impl Config {
         if !(a.rate >= 0.0 && a.rate.is_finite()) {
             return Err("-r must be >= 0".into());
         }
+        if a.size > MAX_SIZE {
+            return Err(format!("-s: at most {MAX_SIZE} bytes"));
+        }
         if a.confirm == Some(0) {
             return Err("-c must be >= 1".into());
         }
@@ -275,6 +281,7 @@ mod tests {
         assert!(c.auto_ack && !c.persistent && c.confirms.is_none());
         assert_eq!(c.ack_every, 1);
         assert!(parse(&["-f", "mandatory"]).is_err());
+        assert!(parse(&["-s", "200000000"]).is_err());
         assert!(parse(&["-z", "0"]).is_err());
         assert!(parse(&["-c", "0"]).is_err());
         assert!(parse(&["-x", "0", "-y", "0"]).is_err());

@@ -201,7 +201,11 @@ pub async fn run(
                 let room = allowed.saturating_sub(published);
                 if room == 0 {
                     let next = published as f64 / cfg.rate;
-                    rate_wait = Some(start + std::time::Duration::from_secs_f64(next));
+                    let wait = std::time::Duration::try_from_secs_f64(next)
+                        .ok()
+                        .and_then(|d| start.checked_add(d))
+                        .unwrap_or(deadline);
+                    rate_wait = Some(wait.min(deadline));
                 }
                 n = n.min(room);
             }
