@@ -173,3 +173,56 @@ async fn a_missing_certificate_fails_bind_with_a_clear_error() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn http_health_check_speaks_tls_to_tls_backends() {
+    let cert = make_cert("health");
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key.clone())),
+        )
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let st = status.clone();
+    let b = backend_on("127.0.0.1:0".parse().unwrap(), move |s: TcpStream, _| {
+        let acceptor = acceptor.clone();
+        let st = st.clone();
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let Ok(n) = tls.read(&mut buf).await else {
+                return;
+            };
+            if buf[..n].starts_with(b"GET /health") {
+                let code = st.load(std::sync::atomic::Ordering::SeqCst);
+                let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        }
+    })
+    .await;
+    let mut cfg = listener("hc", &[b.addr]);
+    cfg.backend_tls = Some(TlsClientConfig {
+        ca: cert.cert_pem.clone(),
+        server_name: Some("localhost".to_string()),
+    });
+    cfg.health = fast_health(2, 2);
+    cfg.health.check = warren_lb::config::HealthCheck::Http;
+    cfg.health.path = "/health".to_string();
+    let lb = start(config(vec![cfg])).await;
+    let mut ev = lb.events();
+    status.store(503, std::sync::atomic::Ordering::SeqCst);
+    let down = ev.wait("backend_down", Some(b.addr)).await;
+    assert!(down["cause"].as_str().unwrap().contains("503"), "{down}");
+    status.store(200, std::sync::atomic::Ordering::SeqCst);
+    ev.wait("backend_up", Some(b.addr)).await;
+    lb.stop().await;
+}
