@@ -40,6 +40,9 @@ struct Cli {
     /// Reset every live connection of the --listen listener every DUR (RST).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     reset_every: Option<Duration>,
+    /// max_connections of the --listen listener (default 10000).
+    #[arg(long, value_name = "N", requires = "listen")]
+    max_connections: Option<usize>,
     /// Admin API address (overrides [admin] listen).
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -87,6 +90,10 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     } else {
         anyhow::bail!("nothing to do: give --config FILE, or --listen ADDR --backend HOST:PORT");
     };
+    if let (Some(max), Some(l)) = (cli.max_connections, cfg.listeners.first_mut()) {
+        l.max_connections = max;
+        cfg.validate()?;
+    }
     apply_overrides(cli, &mut cfg);
     Ok(cfg)
 }

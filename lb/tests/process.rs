@@ -158,6 +158,8 @@ async fn the_binary_reports_its_bound_addresses_and_proxies() {
         "--no-splice",
         "--seed",
         "7",
+        "--max-connections",
+        "20000",
     ]);
     let addrs = p.addrs(&["default", "admin"]).await;
     let mut s = connect_echo(addrs["default"], b"through the binary").await;
@@ -166,6 +168,9 @@ async fn the_binary_reports_its_bound_addresses_and_proxies() {
     assert_eq!(status, 200);
     let rules = get_json(addrs["admin"], "/listeners/default/faults").await;
     assert_eq!(rules[0]["every"], "1h");
+    let l = get_json(addrs["admin"], "/listeners/default").await;
+    assert_eq!(l["max_connections"], 20000);
+    assert_eq!(l["idle_timeout"], "30s");
     drop(s);
     p.signal("-TERM");
     assert_eq!(p.exit_code().await, Some(0));
