@@ -28,7 +28,9 @@
 #   WARREN_ARGS="..."     extra warren-broker arguments
 #   STOP_SYSTEM_RABBITMQ=1  stop a running system rabbitmq-server service first (default 1)
 #   BENCH_NICE=-10        run brokers and warren-perf at this nice value (negative: root only), so that
-#                         other work on the machine disturbs the figures less; both brokers get the same
+#                         other work on the machine disturbs the figures less; both brokers get the same.
+#                         With scheduler autogroups on, start the script with `setsid --wait` so that the
+#                         value also applies to its session's autogroup
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -107,6 +109,15 @@ fi
 # ---------------------------------------------------------------- priority (after the build)
 if [[ -n ${BENCH_NICE:-} ]]; then
     renice -n "$BENCH_NICE" -p $$ >/dev/null || die "cannot renice to $BENCH_NICE"
+    # With scheduler autogroups (one per session) nice only ranks processes inside a session; a
+    # session of its own (setsid) can carry the nice value against the others.
+    if [[ $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null) == 1 ]]; then
+        if [[ $(ps -o sid= -p $$ | tr -d ' ') == "$$" ]]; then
+            echo "$BENCH_NICE" >"/proc/$$/autogroup" || log "cannot set the autogroup nice value"
+        else
+            log "note: scheduler autogroups are on: start with setsid for BENCH_NICE to count against other sessions"
+        fi
+    fi
 fi
 
 # ---------------------------------------------------------------- RabbitMQ
