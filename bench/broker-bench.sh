@@ -2,7 +2,7 @@
 # Broker benchmark: warren-broker vs RabbitMQ (Debian's rabbitmq-server package), side by side in one
 # run on this machine, loopback only, both driven by warren-perf with --broker-pid.
 #
-#   bench/broker-bench.sh                 # full run, about 2 minutes
+#   bench/broker-bench.sh                 # full run, about 2.5 minutes
 #   DURATION=3 bench/broker-bench.sh      # quick check of the script itself
 #
 # Scenarios (1 producer, 1 consumer, one connection each):
@@ -11,6 +11,8 @@
 #               acks (prefetch 500, one multiple-ack per 50)
 #   confirm1    1 KiB persistent messages, one confirmed message in flight (py-amqp/Celery pattern),
 #               auto-ack consumer: confirm round trip
+#   rate20k     as transient but at 20,000 msg/s, which both brokers sustain: end-to-end latency
+#               without a backlog (unlimited runs build a queue, so their latency is queueing delay)
 # RabbitMQ runs as a foreground node of our own (temp dirs, free ports, no plugins, so no management
 # plugin); warren-broker runs from the release build. If warren-broker does not build or start, this is
 # reported and RabbitMQ is still measured. Prints a table and writes JSON under $RESULTS. Everything it
@@ -18,7 +20,7 @@
 #
 # Environment (all optional):
 #   DURATION=12           seconds per scenario and broker
-#   SCENARIOS="transient confirm100 confirm1"
+#   SCENARIOS="transient rate20k confirm100 confirm1"
 #   BROKERS="rabbitmq warren"
 #   ROUNDS=1              repeat every scenario, brokers alternating (all rounds kept, table = medians)
 #   PERF_THREADS=1        warren-perf threads (1 = everything on one thread, least client CPU)
@@ -35,7 +37,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DURATION=${DURATION:-12}
-SCENARIOS=${SCENARIOS:-transient confirm100 confirm1}
+SCENARIOS=${SCENARIOS:-transient rate20k confirm100 confirm1}
 BROKERS=${BROKERS:-rabbitmq warren}
 ROUNDS=${ROUNDS:-1}
 PERF_THREADS=${PERF_THREADS:-1}
@@ -220,6 +222,7 @@ log "idle CPU (% of a core): RabbitMQ $IDLE_RABBIT, warren-broker $IDLE_WARREN"
 scenario_args() {
     case $1 in
         transient) echo "-x 1 -y 1 -s 16 -a" ;;
+        rate20k) echo "-x 1 -y 1 -s 16 -a -r 20000" ;;
         confirm100) echo "-x 1 -y 1 -s 1024 -f persistent -c 100 -q 500 --multi-ack-every 50" ;;
         confirm1) echo "-x 1 -y 1 -s 1024 -f persistent -c 1 -a" ;;
         *) die "unknown scenario $1" ;;
