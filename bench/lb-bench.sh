@@ -21,7 +21,8 @@
 #   RESULTS=dir        where JSON goes (default $CARGO_TARGET_DIR/lb-bench/<UTC time>)
 #   CARGO_TARGET_DIR   where the release binaries are built (default target/)
 #   SKIP_BUILD=1       use the binaries already built
-#   LB_VARIANTS="default 1"  warren-lb runtime variants: "default" and/or worker-thread counts
+#   LB_VARIANTS="default 1"  warren-lb variants: "default" (one worker per CPU) or a worker-thread
+#                      count, optionally with "-nosplice" (buffered copy only), e.g. "1 1-nosplice"
 #   HAPROXY_SPLICE=1   add `option splice-auto` to HAProxy (off by default: stock TCP mode)
 #   BENCH_NICE=-10     run the benchmark (proxies, backends, tools) at this nice value, and its
 #                      session's autogroup too (root only for negative values), to be less
@@ -238,9 +239,18 @@ if ((LB_OK)); then
 fi
 LB_PID=""
 LB_ADDR=""
-start_lb() { # log-name backend threads; sets LB_PID and LB_ADDR
-    local name=$1 backend=$2 threads=$3 args=() envs=()
+variant_name() { # default -> warren-lb, 1 -> warren-lb-1t, 1-nosplice -> warren-lb-1t-nosplice
+    local t=${1%%-*} rest=""
+    [[ $1 == *-* ]] && rest=-${1#*-}
+    if [[ $t == default ]]; then echo "warren-lb$rest"; else echo "warren-lb-${t}t$rest"; fi
+}
+start_lb() { # log-name backend variant; sets LB_PID and LB_ADDR
+    local name=$1 backend=$2 threads=${3%%-*} args=() envs=()
     args=(--listen 127.0.0.1:0 --backend "$backend")
+    if [[ $3 == *-nosplice ]]; then
+        grep -q -- '--no-splice' <<<"$LB_HELP" || { log "this warren-lb has no --no-splice"; return 1; }
+        args+=(--no-splice)
+    fi
     if [[ $threads != default ]]; then
         if [[ $LB_THREADS_HOW == --threads ]]; then args+=(--threads "$threads"); else envs=(TOKIO_WORKER_THREADS="$threads"); fi
     fi
@@ -251,8 +261,7 @@ start_lb() { # log-name backend threads; sets LB_PID and LB_ADDR
 }
 if ((LB_OK)); then
     for v in $LB_VARIANTS; do
-        name=warren-lb
-        [[ $v != default ]] && name=warren-lb-${v}t
+        name=$(variant_name "$v")
         if start_lb "$name-iperf" "$IPERF_BACKEND" "$v" && a="$LB_PID $LB_ADDR" &&
             start_lb "$name-echo" "$ECHO_BACKEND" "$v" && b="$LB_PID $LB_ADDR"; then
             NAMES+=("$name")
@@ -261,7 +270,7 @@ if ((LB_OK)); then
             ECHO_PID[$name]=${b%% *}
             ECHO_ADDR[$name]=${b#* }
             LABEL[$name]=$name
-            log "$name (threads $v via ${LB_THREADS_HOW:-default}): iperf ${IPERF_ADDR[$name]} (pid ${IPERF_PID[$name]}), echo ${ECHO_ADDR[$name]} (pid ${ECHO_PID[$name]})"
+            log "$name (variant $v, threads via ${LB_THREADS_HOW:-default}): iperf ${IPERF_ADDR[$name]} (pid ${IPERF_PID[$name]}), echo ${ECHO_ADDR[$name]} (pid ${ECHO_PID[$name]})"
         else
             LB_OK=0
             LB_WHY="warren-lb did not report a listening address: $(tail -n 3 "$RESULTS/raw/$name-iperf.log" "$RESULTS/raw/$name-echo.log" 2>/dev/null | tr '\n' ' ')"
@@ -414,9 +423,7 @@ log "end: $UPTIME_END ($(($(date +%s) - T_START))s of measurements)"
 
 # ---------------------------------------------------------------- report
 ALL=(direct haproxy)
-for v in $LB_VARIANTS; do
-    if [[ $v == default ]]; then ALL+=(warren-lb); else ALL+=("warren-lb-${v}t"); fi
-done
+for v in $LB_VARIANTS; do ALL+=("$(variant_name "$v")"); done
 LBS=("${ALL[@]:2}")
 
 ROWS=(
@@ -456,14 +463,14 @@ ratio() { # lb haproxy
 }
 {
     printf '%-34s' "metric"
-    for n in "${ALL[@]}"; do printf '%16s' "$n"; done
-    for n in "${LBS[@]}"; do printf '%16s' "${n#warren-}/hap"; done
+    for n in "${ALL[@]}"; do printf '%22s' "$n"; done
+    for n in "${LBS[@]}"; do printf '%22s' "${n#warren-}/hap"; done
     printf '  %s\n' "target"
     for row in "${ROWS[@]}"; do
         IFS='|' read -r key title target <<<"$row"
         printf '%-34s' "$title"
-        for n in "${ALL[@]}"; do printf '%16s' "$(num "$(val "$n" "$key")")"; done
-        for n in "${LBS[@]}"; do printf '%16s' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
+        for n in "${ALL[@]}"; do printf '%22s' "$(num "$(val "$n" "$key")")"; done
+        for n in "${LBS[@]}"; do printf '%22s' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
         printf '  %s\n' "$target"
     done
 } | tee "$RESULTS/table.txt"
