@@ -323,67 +323,6 @@ async fn reset_every_rule_resets_live_connections_with_rst() {
     lb.stop().await;
 }
 
-fn pipe_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| t.to_string_lossy().starts_with("pipe:"))
-        .count()
-}
-
-#[tokio::test]
-async fn bulk_transfer_switches_to_splice_and_stays_byte_exact() {
-    let b = echo_backend().await;
-    let lb = start(config(vec![listener("bulk", &[b.addr])])).await;
-    let before = pipe_fds();
-    let mut s = connect_echo(lb.addr("bulk"), b"warm up").await;
-    // 4 MiB each way, in a pattern that shows any reordering or loss.
-    let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&payload).await.unwrap();
-    };
-    let mut got = vec![0u8; payload.len()];
-    let recv = r.read_exact(&mut got);
-    let (_, n) = tokio::join!(send, recv);
-    n.unwrap();
-    assert!(got == payload, "bytes differ after the switch to splice");
-    // Both directions now forward through a pipe each (2 descriptors per pipe).
-    assert!(
-        pipe_fds() >= before + 4,
-        "pipes: {} -> {}",
-        before,
-        pipe_fds()
-    );
-    // Half-close still propagates on the spliced path.
-    s.shutdown().await.unwrap();
-    assert_eq!(read_end(&mut s, WAIT).await, Some(ReadEnd::Eof));
-    let v = get_json(lb.admin(), "/connections").await;
-    assert!(v.as_array().unwrap().len() <= 1);
-    lb.stop().await;
-}
-
-#[tokio::test]
-async fn runtime_splice_false_keeps_the_buffered_path() {
-    let b = echo_backend().await;
-    let mut cfg = config(vec![listener("nosplice", &[b.addr])]);
-    cfg.runtime.splice = Some(false);
-    let lb = start(cfg).await;
-    let before = pipe_fds();
-    let mut s = connect_echo(lb.addr("nosplice"), b"warm up").await;
-    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&payload).await.unwrap();
-    };
-    let mut got = vec![0u8; payload.len()];
-    let (_, n) = tokio::join!(send, r.read_exact(&mut got));
-    n.unwrap();
-    assert!(got == payload);
-    assert_eq!(pipe_fds(), before);
-    lb.stop().await;
-}
-
 #[tokio::test]
 async fn connect_timeout_moves_on_to_the_next_backend() {
     // A listener with a full accept queue: the kernel drops further SYNs, so connects hang.
