@@ -15,9 +15,12 @@ HERE = Path(__file__).resolve().parent
 
 # "plain": the worker without its broadcast features; "full": as Celery users run it by default
 # (mingle at start, gossip and heartbeat events on the celeryev topic exchange).
+# "quorum": full, with the task queues declared x-queue-type=quorum (Celery then avoids global QoS and
+# uses its native delayed delivery for countdown tasks: a chain of TTL/dead-letter exchanges and queues).
 WORKER_MODES = {
     "plain": ["--without-gossip", "--without-mingle", "--without-heartbeat"],
     "full": [],
+    "quorum": [],
 }
 
 
@@ -47,6 +50,7 @@ def worker(request, _broker_session, tmp_path_factory):
     env.update(
         WARREN_CELERY_BROKER_URL=f"pyamqp://guest:guest@{broker.host}:{broker.port}//",
         WARREN_CELERY_QUEUE=queue,
+        WARREN_CELERY_QUEUE_TYPE="quorum" if mode == "quorum" else "classic",
         PYTHONPATH=str(HERE) + os.pathsep + env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
     )
@@ -84,23 +88,27 @@ def worker(request, _broker_session, tmp_path_factory):
 
 
 @pytest.fixture
-def app(_broker_session):
-    from celery_app import app as celery_app
+def app(worker):
+    """The producer side: a Celery app in the test process, configured like the worker's."""
+    from celery_app import make_app
 
-    celery_app.conf.broker_url = f"pyamqp://guest:guest@{_broker_session.host}:{_broker_session.port}//"
-    return celery_app
+    a = make_app(worker.env["WARREN_CELERY_BROKER_URL"], worker.queue, worker.env["WARREN_CELERY_QUEUE_TYPE"])
+    yield a
+    a.close()
+
+
+def add_sig(app, *args, queue):
+    return app.signature("celery_app.add", args=args).set(queue=queue)
 
 
 @pytest.mark.timeout(90)
 def test_celery_worker_runs_tasks_and_returns_results(worker, app):
-    from celery_app import add, fail
-
-    results = [add.apply_async((i, 3), queue=worker.queue) for i in range(20)]
+    results = [app.send_task("celery_app.add", (i, 3), queue=worker.queue) for i in range(20)]
     assert [r.get(timeout=30) for r in results] == [i + 3 for i in range(20)]
-    assert add.apply_async((2, 3), queue=worker.queue).get(timeout=15) == 5
+    assert app.send_task("celery_app.add", (2, 3), queue=worker.queue).get(timeout=15) == 5
     # An exception in the task comes back through the rpc:// backend too.
     with pytest.raises(ValueError, match="boom"):
-        fail.apply_async(("boom",), queue=worker.queue).get(timeout=15)
+        app.send_task("celery_app.fail", ("boom",), queue=worker.queue).get(timeout=15)
     worker.assert_healthy()
 
 
@@ -120,15 +128,13 @@ def test_celery_countdown_tasks_and_group(worker, app):
     # keeps consuming; the group's results all come back through the one rpc:// reply queue.
     from celery import group
 
-    from celery_app import add
-
     t0 = time.monotonic()
-    delayed = add.apply_async((40, 2), countdown=2, queue=worker.queue)
-    now = [add.apply_async((i, i), queue=worker.queue) for i in range(5)]
+    delayed = app.send_task("celery_app.add", (40, 2), countdown=2, queue=worker.queue)
+    now = [app.send_task("celery_app.add", (i, i), queue=worker.queue) for i in range(5)]
     assert [r.get(timeout=20) for r in now] == [0, 2, 4, 6, 8]  # not stuck behind the held task
     assert delayed.get(timeout=30) == 42
     assert time.monotonic() - t0 >= 1.9
-    res = group(add.s(i, 100).set(queue=worker.queue) for i in range(10)).apply_async()
+    res = group(add_sig(app, i, 100, queue=worker.queue) for i in range(10)).apply_async()
     assert res.get(timeout=30) == [i + 100 for i in range(10)]
     worker.assert_healthy()
 
@@ -136,25 +142,26 @@ def test_celery_countdown_tasks_and_group(worker, app):
 @pytest.mark.timeout(90)
 def test_celery_control_add_and_cancel_consumer(worker, app):
     # Remote control over the pidbox makes the running worker basic.consume / basic.cancel a queue.
-    from celery_app import add
-
     extra = worker.queue + ".extra"
 
-    def control(*args):
-        out = subprocess.run([sys.executable, "-m", "celery", "-A", "celery_app", "control", *args,
-                              "-d", worker.hostname, "--timeout", "10"],
-                             env=worker.env, cwd=HERE, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
-        return out.stdout
-
-    assert "add consumer" in control("add_consumer", extra)
-    assert add.apply_async((20, 22), queue=extra).get(timeout=20) == 42
-    assert "no longer consuming" in control("cancel_consumer", extra)
-    pending = add.apply_async((1, 1), queue=extra)
-    time.sleep(1.5)
-    assert pending.state == "PENDING"  # nobody consumes the queue any more
+    options = {}
+    if worker.env["WARREN_CELERY_QUEUE_TYPE"] == "quorum":  # declared by the worker like the producer will
+        options = {"durable": True, "queue_arguments": {"x-queue-type": "quorum"}}
+    replies = app.control.add_consumer(extra, destination=[worker.hostname], reply=True, timeout=10, options=options)
+    assert replies and "add consumer" in str(replies[0][worker.hostname].get("ok")), replies
+    assert app.send_task("celery_app.add", (20, 22), queue=extra).get(timeout=20) == 42
+    replies = app.control.cancel_consumer(extra, destination=[worker.hostname], reply=True, timeout=10)
+    assert replies and "no longer consuming" in str(replies[0][worker.hostname].get("ok")), replies
     with app.connection_for_write() as conn:
         ch = conn.default_channel
+        # The worker replies before its consumer loop sends basic.cancel: wait for the cancel to land.
+        deadline = time.monotonic() + 10
+        while ch.queue_declare(extra, passive=True).consumer_count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ch.queue_declare(extra, passive=True).consumer_count == 0
+        pending = app.send_task("celery_app.add", (1, 1), queue=extra)
+        time.sleep(1.0)
+        assert pending.state == "PENDING"  # nobody consumes the queue any more
         assert ch.queue_declare(extra, passive=True).message_count == 1
         ch.queue_delete(extra)
     worker.assert_healthy()
