@@ -15,6 +15,7 @@
 //! - [`store`]: the durability hook every queue state change goes through.
 //! - [`tls`]: AMQPS listener configuration.
 //! - [`shutdown`]: signal handling.
+//! - [`intmap`]: cheap hash map for integer keys on the per-message path.
 //!
 //! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod exchange;
+pub mod intmap;
 pub mod queue;
 pub mod shutdown;
 pub mod store;

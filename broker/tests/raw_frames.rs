@@ -412,3 +412,99 @@ async fn exclusive_consumer_refuses_a_second_consumer_403() {
     }
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn ack_then_close_in_one_write_still_acks() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "ackclose".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let _declare_ok = r.recv_method().await;
+    let mut out = Vec::new();
+    for f in [
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "".into(),
+                routing_key: "ackclose".into(),
+                mandatory: false,
+                immediate: false,
+            })),
+        ),
+        AMQPFrame::Header(
+            1,
+            amq_protocol::frame::AMQPContentHeader {
+                class_id: 60,
+                body_size: 1,
+                properties: Default::default(),
+            },
+        ),
+        AMQPFrame::Body(1, b"x".to_vec()),
+        AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+                queue: "ackclose".into(),
+                no_ack: false,
+            })),
+        ),
+    ] {
+        codec::encode(&f, &mut out).expect("encode");
+    }
+    r.sock.write_all(&out).await.expect("write");
+    let tag = match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok)))) => {
+            ok.delivery_tag
+        }
+        other => panic!("expected get-ok, got {other:?}"),
+    };
+    let _header = r.recv_method().await;
+    let _body = r.recv_method().await;
+    // Ack and channel.close in a single write: both must take effect, in order.
+    let mut out = Vec::new();
+    for m in [
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple: false,
+        })),
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    ] {
+        codec::encode(&AMQPFrame::Method(1, m), &mut out).expect("encode");
+    }
+    r.sock.write_all(&out).await.expect("write");
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected close-ok, got {other:?}"),
+    }
+    r.open_channel(1).await;
+    r.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: "ackclose".into(),
+            no_ack: true,
+        })),
+    )
+    .await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(_)))) => {}
+        other => panic!("the acked message came back: {other:?}"),
+    }
+    b.shutdown().await;
+}

@@ -207,7 +207,11 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
         Effect::ChannelOpened(ch) => s.open_channel(ch),
         Effect::ChannelClosed(ch) => s.release_channel(ch).await,
         Effect::Command(ch, cmd) => {
-            if !state.is_channel_open(ch) {
+            // Judge by the session, not by the state machine's current view: effects run after
+            // every frame of a read went through the state machine, so an ack followed by
+            // channel.close in the same read must still be applied (the ChannelClosed effect
+            // comes after it). Channels released after a soft error are gone from the session.
+            if !s.channels.contains_key(&ch) {
                 return;
             }
             if !matches!(cmd, state::Command::Publish(_)) {

@@ -7,12 +7,12 @@ use crate::auth::Permissions;
 use crate::channel::{group_by_queue, Channel, Settle, UnackedDelivery};
 use crate::codec;
 use crate::error::{ChannelError, CodecError};
+use crate::intmap::IntMap;
 use crate::queue::{ClientEvent, ClientTx, ConnShared, Delivery, QueueCmd, QueueHandle};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, AMQPClass};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ pub struct Session {
     pub events_tx: ClientTx,
     pub events_rx: mpsc::UnboundedReceiver<ClientEvent>,
     pub conn_shared: Arc<ConnShared>,
-    pub channels: HashMap<u16, Channel>,
+    pub channels: IntMap<u16, Channel>,
     pub exclusive_queues: Vec<QueueHandle>,
     next_generation: u64,
     pub frame_max: u32,
@@ -51,7 +51,7 @@ impl Session {
             events_tx,
             events_rx,
             conn_shared: Arc::new(ConnShared::default()),
-            channels: HashMap::new(),
+            channels: IntMap::default(),
             exclusive_queues: Vec::new(),
             next_generation: 1,
             frame_max,

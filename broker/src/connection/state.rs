@@ -9,12 +9,13 @@
 use crate::auth::{AuthDb, AuthError};
 use crate::codec::HeaderCheck;
 use crate::error::{ChannelError, ConnectionError};
+use crate::intmap::IntMap;
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::basic::{self, AMQPProperties};
 use amq_protocol::protocol::{channel, connection, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -103,7 +104,7 @@ pub struct ConnectionState {
     cfg: StateConfig,
     state: State,
     out: VecDeque<Output>,
-    channels: HashMap<u16, Chan>,
+    channels: IntMap<u16, Chan>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -206,7 +207,7 @@ impl ConnectionState {
             cfg,
             state: State::AwaitingProtocolHeader,
             out: VecDeque::new(),
-            channels: HashMap::new(),
+            channels: IntMap::default(),
             frame_max,
             channel_max,
             heartbeat: 0,

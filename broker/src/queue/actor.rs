@@ -8,10 +8,11 @@
 
 use super::args::Overflow;
 use super::*;
+use crate::intmap::IntMap;
 use crate::store::{QueueLog, Safety};
 use crate::vhost::Vhost;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Weak;
 use tokio::time::{sleep_until, Instant};
 
@@ -119,7 +120,7 @@ pub struct QueueActor {
     handle: QueueHandle,
     vhost: Weak<Vhost>,
     ready: Ready,
-    unacked: HashMap<u64, Unacked>,
+    unacked: IntMap<u64, Unacked>,
     consumers: Vec<Consumer>,
     next_consumer_key: u64,
     use_counter: u64,
@@ -139,7 +140,7 @@ impl QueueActor {
             handle,
             vhost,
             ready,
-            unacked: HashMap::new(),
+            unacked: IntMap::default(),
             consumers: Vec::new(),
             next_consumer_key: 1,
             use_counter: 0,
