@@ -247,6 +247,8 @@ variant_name() { # default -> warren-lb, 1 -> warren-lb-1t, 1-nosplice -> warren
 start_lb() { # log-name backend variant; sets LB_PID and LB_ADDR
     local name=$1 backend=$2 threads=${3%%-*} args=() envs=()
     args=(--listen 127.0.0.1:0 --backend "$backend")
+    # room for the idle test beyond the default limit of 10,000 (only if this build has the flag)
+    grep -q -- '--max-connections' <<<"$LB_HELP" && args+=(--max-connections $((IDLE + 1000)))
     if [[ $3 == *-nosplice ]]; then
         grep -q -- '--no-splice' <<<"$LB_HELP" || { log "this warren-lb has no --no-splice"; return 1; }
         args+=(--no-splice)
