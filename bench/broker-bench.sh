@@ -293,7 +293,10 @@ jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg n
 
 # Medians over rounds, one row per scenario and broker.
 TABLE=$(jq -r '
-  def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+  def median: map(select(. != null)) | sort
+    | if length == 0 then null
+      elif length % 2 == 1 then .[length / 2 | floor]
+      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   def f(d): if . == null then "-" else (. * pow(10; d) | round / pow(10; d) | tostring) end;
   .runs | group_by(.scenario, .broker) | map({
       scenario: .[0].scenario, broker: .[0].broker,
