@@ -26,6 +26,10 @@ pub struct ConsumerConfig {
     pub auto_ack: bool,
     /// Deliveries per basic.ack (>= 1).
     pub ack_every: u32,
+    /// Stamps older than this (ns since the Unix epoch) were published before this run started:
+    /// counted as stale, left out of the latency (0 = no check, e.g. when the producers run
+    /// in another process).
+    pub not_before: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +53,7 @@ struct Walker {
     pending: u32,
     ack_every: u32,
     auto_ack: bool,
+    not_before: u64,
 }
 
 /// What one walk over the buffered bytes found.
@@ -56,6 +61,7 @@ struct Walker {
 struct Walked {
     used: usize,
     delivered: u64,
+    stale: u64,
     controls: Vec<(u16, Vec<u8>)>,
 }
 
@@ -130,7 +136,9 @@ impl Walker {
                 self.content = Content::Idle;
                 w.delivered += 1;
                 if let Some(sent) = stamp {
-                    if sent <= now_unix.saturating_add(1_000_000_000)
+                    if sent < self.not_before {
+                        w.stale += 1;
+                    } else if sent <= now_unix.saturating_add(1_000_000_000)
                         && now_unix.saturating_sub(sent) < PLAUSIBLE_NS
                     {
                         lat(now_unix.saturating_sub(sent));
@@ -161,6 +169,7 @@ pub async fn run(
         pending: 0,
         ack_every: cfg.ack_every.max(1),
         auto_ack: cfg.auto_ack,
+        not_before: cfg.not_before,
     };
     let mut acks: Vec<u8> = Vec::with_capacity(64 * 1024);
     let max_payload = conn.max_payload();
@@ -176,6 +185,7 @@ pub async fn run(
             })?;
             conn.inbuf.consume(w.used);
             stats.received.add(w.delivered);
+            stats.stale.add(w.stale);
             if !acks.is_empty() {
                 conn.stream.write_all(&acks).await?;
                 acks.clear();
@@ -237,7 +247,22 @@ mod tests {
             pending: 0,
             ack_every,
             auto_ack,
+            not_before: 0,
         }
+    }
+
+    #[test]
+    fn stamps_from_before_the_run_are_stale() {
+        let mut data = delivery(1, 16, 500, 4096);
+        data.extend(delivery(2, 16, 2_000, 4096));
+        let mut w = walker(true, 1);
+        w.not_before = 1_000;
+        let mut lats = Vec::new();
+        let r = w
+            .walk(&data, 1 << 20, 3_000, &mut Vec::new(), |l| lats.push(l))
+            .unwrap();
+        assert_eq!((r.delivered, r.stale), (2, 1));
+        assert_eq!(lats, vec![1_000]);
     }
 
     #[test]

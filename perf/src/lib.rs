@@ -81,6 +81,12 @@ impl ProgressTo {
 pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupError> {
     let stats = Arc::new(Stats::default());
     let hz = cpu::clock_ticks_per_sec();
+    // Our producers stamp bodies from now on; older stamps reaching our consumers are not ours.
+    let not_before = if cfg.producers > 0 {
+        producer::unix_ns()
+    } else {
+        0
+    };
 
     let mut consumers = Vec::new();
     for i in 0..cfg.consumers {
@@ -139,6 +145,7 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         let ccfg = consumer::ConsumerConfig {
             auto_ack: cfg.auto_ack,
             ack_every: cfg.ack_every,
+            not_before,
         };
         let stats = stats.clone();
         tasks.spawn(async move {
@@ -234,6 +241,7 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         confirmed: fin.confirmed,
         nacked: fin.nacked,
         returned: fin.returned,
+        stale: fin.stale,
         messages,
         sent_rate: fin.sent as f64 / elapsed,
         received_rate: fin.received as f64 / elapsed,

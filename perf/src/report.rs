@@ -134,6 +134,9 @@ pub struct Summary {
     pub nacked: u64,
     /// Messages returned.
     pub returned: u64,
+    /// Deliveries stamped before this run started (not counted in the latency; see
+    /// [`crate::stats::Stats::stale`]).
+    pub stale: u64,
     /// Messages that CPU costs are divided by: max(sent, received), i.e. messages carried end to
     /// end in a 1P/1C run.
     pub messages: u64,
@@ -214,6 +217,13 @@ impl Summary {
         }
         if let Some(kib) = self.broker_rss_kib {
             let _ = writeln!(s, "broker RSS: {:.1} MiB", kib as f64 / 1024.0);
+        }
+        if self.stale > 0 {
+            let _ = writeln!(
+                s,
+                "warning: {} deliveries carried stamps from before this run (left over or misrouted)",
+                self.stale
+            );
         }
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");

@@ -40,6 +40,8 @@ pub struct Stats {
     pub returned: Counter,
     /// Messages delivered to consumers (complete bodies).
     pub received: Counter,
+    /// Deliveries stamped before this run started (left over from an earlier run, or misrouted).
+    pub stale: Counter,
     /// Publish to basic.ack, nanoseconds.
     pub confirm_latency: Histogram,
     /// Publish (timestamp in the body) to delivery, nanoseconds.
@@ -59,6 +61,8 @@ pub struct StatsSnapshot {
     pub returned: u64,
     /// See [`Stats::received`].
     pub received: u64,
+    /// See [`Stats::stale`].
+    pub stale: u64,
     /// See [`Stats::confirm_latency`].
     pub confirm_latency: Snapshot,
     /// See [`Stats::consumer_latency`].
@@ -74,6 +78,7 @@ impl Stats {
             nacked: self.nacked.get(),
             returned: self.returned.get(),
             received: self.received.get(),
+            stale: self.stale.get(),
             confirm_latency: self.confirm_latency.snapshot(),
             consumer_latency: self.consumer_latency.snapshot(),
         }
@@ -89,6 +94,7 @@ impl StatsSnapshot {
             nacked: self.nacked.saturating_sub(earlier.nacked),
             returned: self.returned.saturating_sub(earlier.returned),
             received: self.received.saturating_sub(earlier.received),
+            stale: self.stale.saturating_sub(earlier.stale),
             confirm_latency: self.confirm_latency.since(&earlier.confirm_latency),
             consumer_latency: self.consumer_latency.since(&earlier.consumer_latency),
         }

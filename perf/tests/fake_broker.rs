@@ -272,6 +272,7 @@ async fn full_run_against_fake_broker() {
     let cfg = Config::from_args(&args).unwrap();
     let s = warren_perf::run(&cfg, ProgressTo::Stderr).await.unwrap();
     assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.stale, 0);
     // Rate-limited to 2000 msg/s for one second.
     assert!((1000..=2100).contains(&s.sent), "sent {}", s.sent);
     assert!(
