@@ -108,10 +108,24 @@ impl Broker {
         };
         let mut amqp = Vec::new();
         let mut amqp_addrs = Vec::new();
+        let default_listeners = cfg.amqp == Config::default().amqp;
         for a in &cfg.amqp {
-            let l = TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            let l = match TcpListener::bind(a).await {
+                Ok(l) => l,
+                // A host without IPv6 loopback must still start with the default listeners.
+                Err(e)
+                    if default_listeners
+                        && a.is_ipv6()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+                        ) =>
+                {
+                    warn!(addr = %a, error = %e, "default IPv6 listener unavailable; skipped");
+                    continue;
+                }
+                Err(source) => return Err(StartError::Bind { addr: *a, source }),
+            };
             let addr = l
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr: *a, source })?;
