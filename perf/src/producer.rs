@@ -17,7 +17,7 @@
 
 use std::{
     io,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -44,13 +44,20 @@ pub struct ProducerConfig {
     pub batch_bytes: usize,
 }
 
-/// Wall clock in nanoseconds since the Unix epoch (for stamps read by another process).
+/// Time in nanoseconds since the Unix epoch for body stamps: the wall clock read once, then advanced
+/// by the monotonic clock. A consumer in another process reads its own (wall-clock anchored) value,
+/// while within one process a step of the system clock (NTP) cannot distort the latencies.
 #[inline]
 pub fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    static ANCHOR: OnceLock<(u64, Instant)> = OnceLock::new();
+    let (wall, mono) = ANCHOR.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (wall, Instant::now())
+    });
+    wall + mono.elapsed().as_nanos() as u64
 }
 
 struct Confirms {
