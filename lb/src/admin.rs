@@ -8,7 +8,7 @@
 //! | POST `/listeners/{name}/backends/{addr}/drain` | deregister one backend with draining |
 //! | GET, PUT `/listeners/{name}/faults` | list / replace the fault rules (JSON, same shape as TOML) |
 //! | POST `/listeners/{name}/faults`, DELETE `/listeners/{name}/faults/{rule}` | add / remove one rule |
-//! | POST `/listeners/{name}/reset` | reset live connections now; body may set `style`, `side` |
+//! | POST `/listeners/{name}/reset` | reset live connections now; body may set `style`, `side`, `in_flight` |
 //! | GET `/connections` | live connections |
 //! | GET `/events` | recent events as JSON lines; `?follow=1` streams |
 //! | GET `/metrics` | Prometheus text |
@@ -253,14 +253,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
                 }
             };
-            let _ = rb.in_flight;
-            let cmd = CloseCmd {
-                style: rb.style.unwrap_or(CloseStyle::Rst),
-                side: rb.side.unwrap_or(Side::Both),
-                event: "reset",
-                cause: "admin".to_string(),
-                rule: None,
-            };
+            let mut cmd = CloseCmd::plain(rb.style.unwrap_or(CloseStyle::Rst), "reset", "admin");
+            cmd.side = rb.side.unwrap_or(Side::Both);
+            cmd.in_flight = rb.in_flight.unwrap_or_default();
+            cmd.kind = Some(crate::config::FaultKind::Reset);
             let n = l.reset_all(&cmd);
             json_resp(StatusCode::OK, &json!({ "reset": n }))
         }

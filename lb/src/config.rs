@@ -6,8 +6,7 @@
 //! silently ignored setting.
 //!
 //! Fault rules (`[[listener.fault]]`) and `[chaos] seed` are part of the schema and stored as
-//! structured data; the periodic `reset` rule (`every = DUR`) is acted on by the listener, the other
-//! kinds are kept for the chaos engine.
+//! structured data; `chaos::plan::check_rule` validates their chaos-specific parts.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -572,6 +571,7 @@ impl ListenerConfig {
             if r.every.is_some_and(|d| d.is_zero()) {
                 return Err(bad("every must be greater than zero"));
             }
+            crate::chaos::plan::check_rule(r).map_err(|p| bad(&p))?;
             let durations = [r.every, r.jitter, r.lifetime, r.latency, r.delay, r.timeout];
             if durations.iter().flatten().any(|d| *d > limit) {
                 return Err(bad("durations must be at most 30 days"));

@@ -8,6 +8,9 @@
 //! - `config`: TOML schema, defaults, humane durations, validation.
 //! - `listener`: one listener's accept loop, connection registry and connection life cycle.
 //! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
+//! - `chaos::plan`: pure fault decisions (seeded RNG streams, triggers, cuts, pacing).
+//! - `chaos::amqp`: the pure incremental AMQP frame scanner behind `on_amqp`.
+//! - `chaos::inject`: the I/O side of faults (`every` ticker, close styles, fault events).
 //! - `splice`: zero-copy splice(2) forwarding for bulk plain-TCP directions.
 //! - `stream`: plain/TLS stream enums with access to the TCP socket (for RST closes).
 //! - `backend::pool`: backend membership, draining, fail open.
@@ -22,6 +25,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod chaos;
 pub mod config;
 pub mod events;
 pub mod listener;
@@ -105,7 +109,9 @@ impl Lb {
             hard: CancellationToken::new(),
             next_conn: Arc::new(AtomicU64::new(0)),
             splice: config.runtime.splice.unwrap_or(true),
+            seed: config.chaos.seed.unwrap_or_else(rand::random),
         };
+        tracing::info!(seed = rt.seed, "chaos seed (replay with --seed)");
         let mut snaps = Vec::new();
         for l in &config.listeners {
             let snap = Snapshot::build(l.clone()).map_err(|source| LbError::Tls {

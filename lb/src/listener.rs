@@ -15,7 +15,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use metrics::Counter;
 use parking_lot::Mutex;
-use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -26,15 +25,16 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backend::{health, selector, Backend, Pool, Selector};
+use crate::chaos::{self, plan, plan::ConnPlan};
 use crate::config::{
-    validate_backends, CloseStyle, FaultKind, FaultRule, ListenerConfig, ProxyProtocol, Side,
+    validate_backends, CloseStyle, FaultKind, FaultRule, InFlight, ListenerConfig, ProxyProtocol,
     ValidationError,
 };
 use crate::events::{Event, EventBus};
 use crate::metrics as m;
-use crate::proxy::{self, ByteMetrics, ConnBytes, Duplex, Ended};
+use crate::proxy::{ByteMetrics, ConnBytes, Duplex, Ended};
 use crate::proxy_protocol;
-use crate::stream::{BackendStream, ClientStream, TcpBacked};
+use crate::stream::{BackendStream, ClientStream};
 use crate::tls::{self, BackendTls, TlsError};
 
 /// Process-wide pieces every listener uses.
@@ -50,6 +50,8 @@ pub struct Rt {
     pub next_conn: Arc<AtomicU64>,
     /// `[runtime] splice`.
     pub splice: bool,
+    /// The chaos seed of this run (`[chaos] seed`, `--seed`, or drawn at start and logged).
+    pub seed: u64,
 }
 
 /// A listener's settings, built once per configuration (TLS material loaded).
@@ -73,16 +75,7 @@ impl Snapshot {
     }
 }
 
-/// An order to close a live connection.
-#[derive(Debug, Clone)]
-pub struct CloseCmd {
-    pub style: CloseStyle,
-    pub side: Side,
-    /// Event name, e.g. `reset`.
-    pub event: &'static str,
-    pub cause: String,
-    pub rule: Option<String>,
-}
+pub use crate::chaos::plan::CloseCmd;
 
 /// A live connection as the registry sees it.
 pub struct ConnInfo {
@@ -111,7 +104,11 @@ pub struct ListenerState {
     active: AtomicUsize,
     stop_accept: CancellationToken,
     /// Wakes the periodic-reset task when rules change.
-    rules_changed: Notify,
+    pub(crate) rules_changed: Notify,
+    /// The fault rules, watched by every live connection (changes act at once).
+    rules: watch::Sender<Arc<Vec<FaultRule>>>,
+    /// Connection sequence number within this listener (keys the per-connection RNG streams).
+    seq: AtomicU64,
     rt: Rt,
     refused: Counter,
     bytes: ByteMetrics,
@@ -128,6 +125,7 @@ impl ListenerState {
         };
         let pool = Pool::new(&name);
         pool.replace(&snap.cfg.backends);
+        let snap_faults = snap.cfg.faults.clone();
         Arc::new(Self {
             refused: metrics::counter!(m::REFUSED_TOTAL, m::L_LISTENER => name.clone()),
             bytes,
@@ -140,7 +138,20 @@ impl ListenerState {
             conns: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
             rules_changed: Notify::new(),
+            rules: watch::channel(Arc::new(snap_faults)).0,
+            seq: AtomicU64::new(0),
         })
+    }
+
+    /// The run's chaos seed.
+    pub fn seed(&self) -> u64 {
+        self.rt.seed
+    }
+
+    fn publish_rules(&self) {
+        self.rules
+            .send_replace(Arc::new(self.snapshot().cfg.faults.clone()));
+        self.rules_changed.notify_one();
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -177,9 +188,7 @@ impl ListenerState {
             self.spawn_health(b.clone());
         }
         let me = self.clone();
-        self.rt
-            .tracker
-            .spawn(async move { me.periodic_resets().await });
+        self.rt.tracker.spawn(chaos::inject::every_ticker(me));
     }
 
     fn spawn_health(self: &Arc<Self>, b: Arc<Backend>) {
@@ -197,7 +206,7 @@ impl ListenerState {
         let backends = snap.cfg.backends.clone();
         self.snap.store(Arc::new(snap));
         self.apply_backends(&backends, "reload");
-        self.rules_changed.notify_one();
+        self.publish_rules();
     }
 
     /// Replaces the backend list (admin API); removed backends drain.
@@ -250,7 +259,7 @@ impl ListenerState {
             acceptor: s.acceptor.clone(),
             backend_tls: s.backend_tls.clone(),
         });
-        self.rules_changed.notify_one();
+        self.publish_rules();
         Ok(())
     }
 
@@ -348,7 +357,20 @@ impl ListenerState {
                     }
                 },
             };
-            let max = self.snapshot().cfg.max_connections;
+            let snap = self.snapshot();
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(r) = plan::refusal(self.rt.seed, &self.name, seq, &snap.cfg.faults) {
+                // Backend "down": the client sees its connect reset.
+                self.refused.increment(1);
+                chaos::inject::count_fault(&self.name, &r.name, FaultKind::Refuse);
+                let mut ev = Event::new(&self.name, "refused").cause("refuse");
+                ev.rule = Some(r.name.clone());
+                self.events().emit(ev);
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                drop(tcp);
+                continue;
+            }
+            let max = snap.cfg.max_connections;
             if self.active.load(Ordering::Relaxed) >= max {
                 self.refused.increment(1);
                 tracing::debug!(listener = %self.name, %peer, max, "refused: max_connections reached");
@@ -364,7 +386,7 @@ impl ListenerState {
                 async move {
                     let _active = ActiveGuard(&me.active);
                     tokio::select! {
-                        _ = me.serve(tcp, peer, id) => {}
+                        _ = me.serve(tcp, peer, id, seq) => {}
                         // End of drain: dropping closes both sockets.
                         _ = hard.cancelled() => tracing::debug!("closed at end of shutdown drain"),
                     }
@@ -375,7 +397,7 @@ impl ListenerState {
         tracing::debug!(listener = %self.name, "stopped accepting");
     }
 
-    async fn serve(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+    async fn serve(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, id: u64, seq: u64) {
         let snap = self.snapshot();
         let _ = tcp.set_nodelay(true);
         // Only the PROXY header needs the address the client reached (saves a syscall otherwise).
@@ -419,90 +441,91 @@ impl ListenerState {
             backend: &backend,
         };
 
+        let mut rules_rx = self.rules.subscribe();
+        let (plan, applied) = ConnPlan::new(
+            self.rt.seed,
+            &self.name,
+            seq,
+            &rules_rx.borrow_and_update(),
+            info.started,
+        );
+        chaos::inject::announce(self, id, &backend.addr, applied);
         let mut duplex = Duplex::new(
             &mut client,
             &mut upstream,
             snap.cfg.idle_timeout,
             &info.bytes,
             &self.bytes,
-            // Nothing here needs to see the bytes; byte-level fault rules will turn this off.
+            // Byte-level fault rules keep their directions on the buffered path (see proxy.rs).
             self.rt.splice,
+            plan,
         );
-        let cmd = tokio::select! {
-            ended = &mut duplex => match ended {
-                Ended::Done => {
-                    tracing::debug!("closed by peers");
-                    return;
-                }
-                Ended::Idle => CloseCmd {
-                    style: self.snapshot().cfg.idle_close,
-                    side: Side::Both,
-                    event: "idle_timeout",
-                    cause: "idle_timeout".to_string(),
-                    rule: None,
+        let cmd = loop {
+            let due = duplex.chaos().next_deadline();
+            tokio::select! {
+                ended = &mut duplex => match ended {
+                    Ended::Done => {
+                        tracing::debug!("closed by peers");
+                        return;
+                    }
+                    Ended::Idle => break CloseCmd::plain(self.snapshot().cfg.idle_close, "idle_timeout", "idle_timeout"),
+                    Ended::Error(e) => {
+                        tracing::debug!(error = %e, source = e.source.as_str(), "connection error");
+                        metrics::counter!(m::CONNECTION_ERRORS_TOTAL, m::L_LISTENER => self.name.clone(), m::L_SOURCE => e.source.as_str()).increment(1);
+                        // Pass the failure on: the other side sees a reset, as it would without us.
+                        break CloseCmd::plain(CloseStyle::Rst, "error", e.to_string());
+                    }
+                    Ended::Fault(cmd) => break cmd,
                 },
-                Ended::Error(e) => {
-                    tracing::debug!(error = %e, source = e.source.as_str(), "connection error");
-                    metrics::counter!(m::CONNECTION_ERRORS_TOTAL, m::L_LISTENER => self.name.clone(), m::L_SOURCE => e.source.as_str()).increment(1);
-                    // Pass the failure on: the other side sees a reset, as it would without us.
-                    CloseCmd {
-                        style: CloseStyle::Rst,
-                        side: Side::Both,
-                        event: "error",
-                        cause: e.to_string(),
-                        rule: None,
+                cmd = next_cmd(&mut ctl_rx) => {
+                    if rules_rx.has_changed().unwrap_or(false) {
+                        let applied = duplex.chaos_mut().update(&rules_rx.borrow_and_update(), Instant::now());
+                        chaos::inject::announce(self, id, &backend.addr, applied);
+                    }
+                    // A listener-wide rule tick applies only where the rule applies (toxicity).
+                    match &cmd.rule {
+                        Some(rule) if !duplex.chaos().accepts(rule) => continue,
+                        _ => break cmd,
                     }
                 }
-            },
-            cmd = next_cmd(&mut ctl_rx) => cmd,
-            _ = backend.drain_expired.cancelled() => CloseCmd {
-                style: CloseStyle::Fin,
-                side: Side::Both,
-                event: "drain_timeout",
-                cause: "drain_timeout".to_string(),
-                rule: None,
-            },
+                r = rules_rx.changed() => {
+                    if r.is_err() {
+                        // The listener is gone; its connections live on without rule changes.
+                        rules_rx = watch::channel(Arc::new(Vec::new())).1;
+                        continue;
+                    }
+                    let applied = duplex.chaos_mut().update(&rules_rx.borrow_and_update(), Instant::now());
+                    chaos::inject::announce(self, id, &backend.addr, applied);
+                }
+                _ = chaos::inject::sleep_until_opt(due) => {
+                    if let Some(cmd) = duplex.chaos_mut().on_timer(Instant::now()) {
+                        break cmd;
+                    }
+                }
+                _ = backend.drain_expired.cancelled() => break CloseCmd::plain(CloseStyle::Fin, "drain_timeout", "drain_timeout"),
+            }
         };
-        let (lost_up, lost_down) = duplex.in_flight();
+        if cmd.in_flight == InFlight::Flush && cmd.kind.is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), duplex.flush_in_flight()).await;
+        }
+        let lost = duplex.in_flight();
         drop(duplex);
         tracing::debug!(cause = %cmd.cause, style = cmd.style.as_str(), "closing");
-        if cmd.event == "reset" || cmd.event == "idle_timeout" {
+        if cmd.kind.is_some() || cmd.event == "reset" || cmd.event == "idle_timeout" {
             // Emitted when the close starts (a `drop` close may last as long as the peers stay).
-            let mut ev = Event::new(&self.name, cmd.event)
-                .conn(id)
-                .backend(&backend.addr)
-                .cause(cmd.cause.clone());
-            ev.rule = cmd.rule.clone();
-            ev.style = Some(cmd.style.as_str().to_string());
-            ev.side = Some(cmd.side.as_str().to_string());
-            ev.discarded_upstream = lost_up;
-            ev.discarded_downstream = lost_down;
-            self.events().emit(ev);
+            chaos::inject::close_event(self, id, &backend.addr, &cmd, lost);
         }
-        match cmd.style {
-            CloseStyle::Rst => proxy::close_both(&mut client, &mut upstream, true).await,
-            CloseStyle::Fin | CloseStyle::Half => {
-                proxy::close_both(&mut client, &mut upstream, false).await
+        let drain_expired = backend.drain_expired.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = drain_expired.cancelled() => {}
+                cmd = next_cmd(&mut ctl_rx) => {
+                    // A second order while held: only its end matters.
+                    tracing::debug!(cause = %cmd.cause, "held connection closed by order");
+                }
             }
-            CloseStyle::Drop => {
-                let (a, b) = tokio::select! {
-                    r = proxy::hold(&mut client, &mut upstream) => r,
-                    _ = backend.drain_expired.cancelled() => (0, 0),
-                    cmd = next_cmd(&mut ctl_rx) => {
-                        if cmd.style == CloseStyle::Rst {
-                            client.set_rst_on_close();
-                            upstream.set_rst_on_close();
-                        }
-                        (0, 0)
-                    }
-                };
-                tracing::debug!(
-                    discarded_upstream = a,
-                    discarded_downstream = b,
-                    "held connection ended"
-                );
-            }
-        }
+        };
+        chaos::inject::close(client, upstream, &cmd, stop).await;
     }
 
     /// Picks a backend and connects, trying the next ones in order on failure.
@@ -541,66 +564,6 @@ impl ListenerState {
             }
         }
         None
-    }
-
-    /// Resets connections on the listener's `every` rules (the ELB periodic reset). Rules are
-    /// re-read whenever they change; a rule's first tick is one period after it appears.
-    async fn periodic_resets(self: Arc<Self>) {
-        let mut next: HashMap<String, Instant> = HashMap::new();
-        loop {
-            let snap = self.snapshot();
-            let now = Instant::now();
-            let rules: Vec<_> = snap
-                .cfg
-                .faults
-                .iter()
-                .filter(|r| r.enabled && r.kind == FaultKind::Reset)
-                .filter_map(|r| r.every.map(|e| (r, e)))
-                .collect();
-            next.retain(|name, _| rules.iter().any(|(r, _)| &r.name == name));
-            for (r, every) in &rules {
-                next.entry(r.name.clone()).or_insert(now + *every);
-            }
-            let soonest = next.values().min().copied();
-            tokio::select! {
-                _ = self.stop_accept.cancelled() => return,
-                _ = self.rules_changed.notified() => continue,
-                _ = sleep_until_opt(soonest) => {}
-            }
-            let now = Instant::now();
-            for (r, every) in &rules {
-                let Some(at) = next.get_mut(&r.name) else {
-                    continue;
-                };
-                if *at > now {
-                    continue;
-                }
-                *at = now + *every;
-                let cmd = CloseCmd {
-                    style: r.style.unwrap_or(CloseStyle::Rst),
-                    side: r.side.unwrap_or(Side::Both),
-                    event: "reset",
-                    cause: "every".to_string(),
-                    rule: Some(r.name.clone()),
-                };
-                let faults = metrics::counter!(m::FAULTS_TOTAL, m::L_LISTENER => self.name.clone(),
-                    m::L_RULE => r.name.clone(), m::L_KIND => "reset");
-                for c in self.connections() {
-                    if r.toxicity >= 1.0 || rand::thread_rng().gen_bool(r.toxicity.clamp(0.0, 1.0))
-                    {
-                        c.close(cmd.clone());
-                        faults.increment(1);
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

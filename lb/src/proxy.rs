@@ -10,6 +10,12 @@
 //! splice(2) through a pipe (see `splice.rs`): bulk transfers skip the copy through user space,
 //! while small exchanges keep the buffered path and never hold a pipe.
 //!
+//! Fault rules (see `chaos`): the connection's [`ConnPlan`] is owned by the copy. A direction that
+//! no byte-level rule touches runs exactly as without rules (and may splice); a direction with one
+//! stays buffered and asks the plan after each read (cut, fire) and before each write (latency,
+//! bandwidth, slicer pacing). When a byte trigger fires, the kept bytes are written first and the
+//! copy ends with [`Ended::Fault`].
+//!
 //! Invariants worth naming:
 //! - only payload bytes reset the idle timer (TLS records, TCP keepalives and handshakes do not);
 //! - a direction's buffer is released whenever it is empty and its reader has nothing to read,
@@ -29,6 +35,7 @@ use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use crate::chaos::plan::{CloseCmd, ConnPlan, Flow, Gate};
 use crate::splice::{self, Pipe, Step};
 use crate::stream::TcpBacked;
 
@@ -94,6 +101,8 @@ pub enum Ended {
     Idle,
     /// An I/O error; the other side should see a reset.
     Error(ProxyError),
+    /// A byte-level fault rule fired (its kept bytes are written).
+    Fault(CloseCmd),
 }
 
 #[derive(Default)]
@@ -109,6 +118,14 @@ struct Dir {
     pipe: Option<Pipe>,
     /// Creating a pipe failed (e.g. out of descriptors): stay buffered.
     no_splice: bool,
+    /// Bytes read and then discarded by a fault cut.
+    discarded: u64,
+    /// A fault to fire once the buffer is written.
+    fire: Option<CloseCmd>,
+    /// The fault, written out: the copy ends.
+    fired: Option<CloseCmd>,
+    /// When EOF was read (slow_close).
+    eof_at: Option<Instant>,
 }
 
 impl Dir {
@@ -154,6 +171,10 @@ pub struct Duplex<'a, C, B> {
     metrics: &'a ByteMetrics,
     /// Both sides are plain TCP and nothing needs to see the bytes.
     splice: bool,
+    chaos: ConnPlan,
+    /// Wakes a direction held back by the plan (latency, pacing, slow close).
+    gate: Pin<Box<Sleep>>,
+    gate_armed: Option<Instant>,
 }
 
 // === impl Duplex ===
@@ -172,6 +193,7 @@ where
         bytes: &'a ConnBytes,
         metrics: &'a ByteMetrics,
         allow_splice: bool,
+        chaos: ConnPlan,
     ) -> Self {
         let now = Instant::now();
         let splice = allow_splice && client.plain_tcp().is_some() && backend.plain_tcp().is_some();
@@ -186,12 +208,43 @@ where
             last_payload: now,
             bytes,
             metrics,
+            chaos,
+            gate: Box::pin(tokio::time::sleep_until(now)),
+            gate_armed: None,
         }
     }
 
-    /// Bytes read but not yet written: (client->backend, backend->client).
+    /// Bytes read but not yet written, plus those discarded by a fault cut:
+    /// (client->backend, backend->client).
     pub fn in_flight(&self) -> (u64, u64) {
-        (self.up.pending(), self.down.pending())
+        (
+            self.up.pending() + self.up.discarded,
+            self.down.pending() + self.down.discarded,
+        )
+    }
+
+    pub fn chaos(&self) -> &ConnPlan {
+        &self.chaos
+    }
+
+    /// The plan, to update its rules or fire its timers; the copy sees the change at its next poll.
+    pub fn chaos_mut(&mut self) -> &mut ConnPlan {
+        &mut self.chaos
+    }
+
+    /// Writes what is buffered in both directions (the `in_flight = flush` close), ignoring
+    /// pacing rules. Errors end the flush: the connection is closing anyway.
+    pub async fn flush_in_flight(&mut self) {
+        std::future::poll_fn(|cx| {
+            let up = flush_dir(cx, &mut self.up, &mut *self.client, &mut *self.backend);
+            let down = flush_dir(cx, &mut self.down, &mut *self.backend, &mut *self.client);
+            if up.is_ready() && down.is_ready() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Changes the idle timeout of a live copy (takes effect at the next expiry check).
@@ -224,7 +277,51 @@ impl<C, B> Drop for Duplex<'_, C, B> {
     }
 }
 
+/// Writes out a direction's buffer and pipe (the `flush` close); `Ready` when empty or failed.
+fn flush_dir<R, W>(cx: &mut Context<'_>, d: &mut Dir, r: &mut R, w: &mut W) -> Poll<()>
+where
+    R: TcpBacked,
+    W: AsyncWrite + TcpBacked + Unpin,
+{
+    let _ = r;
+    if let Some(pipe) = d.pipe.as_mut() {
+        let Some(tcp) = w.plain_tcp() else {
+            return Poll::Ready(());
+        };
+        match splice::poll_flush(cx, pipe, tcp) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(_) => {}
+        }
+    }
+    while !d.buf.is_empty() {
+        match Pin::new(&mut *w).poll_write(cx, &d.buf) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(n)) => d.buf.advance(n),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    match Pin::new(&mut *w).poll_flush(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(_) => Poll::Ready(()),
+    }
+}
+
+/// The fault plan as one direction sees it (absent when no byte-level rule touches it).
+struct Hook<'p> {
+    plan: &'p mut ConnPlan,
+    flow: Flow,
+    /// Earliest time the direction wants to be polled again.
+    wake: &'p mut Option<Instant>,
+}
+
+impl Hook<'_> {
+    fn wait_until(&mut self, at: Instant) {
+        *self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+    }
+}
+
 /// Moves bytes from `r` to `w` until it would block; `Ready(Ok)` once EOF has been propagated.
+#[allow(clippy::too_many_arguments)] // one direction's whole context; a struct would only rename it
 fn poll_dir<R, W>(
     cx: &mut Context<'_>,
     d: &mut Dir,
@@ -233,6 +330,7 @@ fn poll_dir<R, W>(
     counter: &AtomicU64,
     progressed: &mut bool,
     (rsrc, wsrc): (ErrorSource, ErrorSource),
+    mut hook: Option<Hook<'_>>,
 ) -> Poll<Result<(), ProxyError>>
 where
     R: AsyncRead + Unpin,
@@ -245,15 +343,39 @@ where
     };
     loop {
         while !d.buf.is_empty() {
-            match Pin::new(&mut *w).poll_write(cx, &d.buf) {
+            let mut allowed = d.buf.len();
+            if let Some(h) = hook.as_mut() {
+                match h.plan.gate(h.flow, Instant::now(), allowed) {
+                    Gate::Go(n) => allowed = n.clamp(1, allowed),
+                    Gate::Wait(at) => {
+                        h.wait_until(at);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            match Pin::new(&mut *w).poll_write(cx, &d.buf[..allowed]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(werr(io::ErrorKind::WriteZero.into())))
                 }
                 Poll::Ready(Ok(n)) => {
                     d.buf.advance(n);
                     d.need_flush = true;
+                    if let Some(h) = hook.as_mut() {
+                        h.plan.wrote(h.flow, n, Instant::now());
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(werr(e))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if d.fire.is_some() {
+            // The bytes up to the trigger are written: make sure they left, then end the copy.
+            match Pin::new(&mut *w).poll_flush(cx) {
+                Poll::Ready(Ok(())) | Poll::Ready(Err(_)) => {
+                    d.need_flush = false;
+                    d.fired = d.fire.take();
+                    return Poll::Ready(Ok(()));
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -261,6 +383,15 @@ where
             return Poll::Ready(Ok(()));
         }
         if d.read_eof {
+            if let Some(h) = hook.as_mut() {
+                if let (Some(delay), Some(eof_at)) = (h.plan.close_delay(h.flow), d.eof_at) {
+                    let at = eof_at + delay;
+                    if at > Instant::now() {
+                        h.wait_until(at);
+                        return Poll::Pending;
+                    }
+                }
+            }
             if d.need_flush {
                 match Pin::new(&mut *w).poll_flush(cx) {
                     Poll::Ready(Ok(())) => d.need_flush = false,
@@ -283,17 +414,43 @@ where
                 Poll::Pending => Poll::Pending,
             };
         }
+        if let Some(h) = hook.as_ref() {
+            if h.plan.paused(h.flow) {
+                // A `timeout` rule: read nothing (the serve loop re-polls when rules change).
+                if d.buf.is_empty() {
+                    d.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
+        }
         d.buf.reserve(BUF_SIZE);
+        let before = d.buf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, &mut d.buf) {
-            Poll::Ready(Ok(0)) => d.read_eof = true,
+            Poll::Ready(Ok(0)) => {
+                d.read_eof = true;
+                d.eof_at = Some(Instant::now());
+            }
             Poll::Ready(Ok(n)) => {
                 *progressed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 d.unreported += n as u64;
                 d.total += n as u64;
+                if let Some(h) = hook.as_mut() {
+                    let v = h.plan.on_read(h.flow, &d.buf[before..], Instant::now());
+                    if v.keep < n {
+                        d.buf.truncate(before + v.keep);
+                        d.discarded += (n - v.keep) as u64;
+                    }
+                    if v.fire.is_some() {
+                        d.fire = v.fire;
+                    }
+                }
             }
             // A TLS peer that closes without close_notify: treat as EOF.
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => d.read_eof = true,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                d.read_eof = true;
+                d.eof_at = Some(Instant::now());
+            }
             Poll::Ready(Err(err)) => {
                 return Poll::Ready(Err(ProxyError {
                     source: rsrc,
@@ -414,26 +571,53 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
         let this = self.get_mut();
         let mut progressed = false;
+        let mut wake: Option<Instant> = None;
+        let byte_up = this.chaos.byte_level(Flow::Up);
+        let byte_down = this.chaos.byte_level(Flow::Down);
         if this.splice {
-            this.up.maybe_splice();
-            this.down.maybe_splice();
+            if !byte_up {
+                this.up.maybe_splice();
+            }
+            if !byte_down {
+                this.down.maybe_splice();
+            }
+        }
+        // A byte-level rule arrived on a spliced direction: empty the pipe, then go buffered.
+        if byte_up {
+            if let Poll::Ready(Err(e)) = leave_splice(cx, &mut this.up, &*this.backend) {
+                return Poll::Ready(Ended::Error(e));
+            }
+        }
+        if byte_down {
+            if let Poll::Ready(Err(e)) = leave_splice(cx, &mut this.down, &*this.client) {
+                return Poll::Ready(Ended::Error(e));
+            }
         }
         let up = if this.up.shut {
             Poll::Ready(Ok(()))
         } else if this.up.pipe.is_some() {
-            match (this.client.plain_tcp(), this.backend.plain_tcp()) {
-                (Some(c), Some(b)) => poll_dir_splice(
-                    cx,
-                    &mut this.up,
-                    c,
-                    b,
-                    &this.bytes.upstream,
-                    &mut progressed,
-                    (ErrorSource::Downstream, ErrorSource::Upstream),
-                ),
-                _ => Poll::Ready(Err(internal_no_tcp())),
+            if byte_up {
+                Poll::Pending
+            } else {
+                match (this.client.plain_tcp(), this.backend.plain_tcp()) {
+                    (Some(c), Some(b)) => poll_dir_splice(
+                        cx,
+                        &mut this.up,
+                        c,
+                        b,
+                        &this.bytes.upstream,
+                        &mut progressed,
+                        (ErrorSource::Downstream, ErrorSource::Upstream),
+                    ),
+                    _ => Poll::Ready(Err(internal_no_tcp())),
+                }
             }
         } else {
+            let hook = byte_up.then_some(Hook {
+                plan: &mut this.chaos,
+                flow: Flow::Up,
+                wake: &mut wake,
+            });
             poll_dir(
                 cx,
                 &mut this.up,
@@ -442,27 +626,40 @@ where
                 &this.bytes.upstream,
                 &mut progressed,
                 (ErrorSource::Downstream, ErrorSource::Upstream),
+                hook,
             )
         };
         if let Poll::Ready(Err(e)) = up {
             return Poll::Ready(Ended::Error(e));
         }
+        if let Some(cmd) = this.up.fired.take() {
+            return Poll::Ready(Ended::Fault(cmd));
+        }
         let down = if this.down.shut {
             Poll::Ready(Ok(()))
         } else if this.down.pipe.is_some() {
-            match (this.backend.plain_tcp(), this.client.plain_tcp()) {
-                (Some(b), Some(c)) => poll_dir_splice(
-                    cx,
-                    &mut this.down,
-                    b,
-                    c,
-                    &this.bytes.downstream,
-                    &mut progressed,
-                    (ErrorSource::Upstream, ErrorSource::Downstream),
-                ),
-                _ => Poll::Ready(Err(internal_no_tcp())),
+            if byte_down {
+                Poll::Pending
+            } else {
+                match (this.backend.plain_tcp(), this.client.plain_tcp()) {
+                    (Some(b), Some(c)) => poll_dir_splice(
+                        cx,
+                        &mut this.down,
+                        b,
+                        c,
+                        &this.bytes.downstream,
+                        &mut progressed,
+                        (ErrorSource::Upstream, ErrorSource::Downstream),
+                    ),
+                    _ => Poll::Ready(Err(internal_no_tcp())),
+                }
             }
         } else {
+            let hook = byte_down.then_some(Hook {
+                plan: &mut this.chaos,
+                flow: Flow::Down,
+                wake: &mut wake,
+            });
             poll_dir(
                 cx,
                 &mut this.down,
@@ -471,16 +668,30 @@ where
                 &this.bytes.downstream,
                 &mut progressed,
                 (ErrorSource::Upstream, ErrorSource::Downstream),
+                hook,
             )
         };
         if let Poll::Ready(Err(e)) = down {
             return Poll::Ready(Ended::Error(e));
+        }
+        if let Some(cmd) = this.down.fired.take() {
+            return Poll::Ready(Ended::Fault(cmd));
         }
         if this.up.unreported + this.down.unreported >= METRIC_BATCH {
             this.flush_metrics();
         }
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Ended::Done);
+        }
+        if let Some(at) = wake {
+            if this.gate_armed != Some(at) {
+                this.gate.as_mut().reset(at);
+                this.gate_armed = Some(at);
+            }
+            if this.gate.as_mut().poll(cx).is_ready() {
+                this.gate_armed = None;
+                cx.waker().wake_by_ref();
+            }
         }
         if progressed {
             // The timer is re-armed lazily when it fires: no timer-wheel work per read.
@@ -494,6 +705,32 @@ where
             this.idle.as_mut().reset(deadline);
         }
         Poll::Pending
+    }
+}
+
+/// Empties a direction's pipe and drops it, so the direction continues on the buffered path.
+fn leave_splice<W: TcpBacked>(
+    cx: &mut Context<'_>,
+    d: &mut Dir,
+    w: &W,
+) -> Poll<Result<(), ProxyError>> {
+    let Some(pipe) = d.pipe.as_mut() else {
+        return Poll::Ready(Ok(()));
+    };
+    let Some(tcp) = w.plain_tcp() else {
+        return Poll::Ready(Err(internal_no_tcp()));
+    };
+    match splice::poll_flush(cx, pipe, tcp) {
+        Poll::Ready(Ok(())) => {
+            d.pipe = None;
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Err(err)) => Poll::Ready(Err(ProxyError {
+            source: ErrorSource::Internal,
+            op: "write",
+            err,
+        })),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -519,6 +756,11 @@ where
         let _ = tokio::time::timeout(grace, client.shutdown()).await;
         let _ = tokio::time::timeout(grace, backend.shutdown()).await;
     }
+}
+
+/// Orderly close (FIN) of one stream, bounded by a grace period. Never fails.
+pub async fn close_one<S: AsyncWrite + Unpin>(s: &mut S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.shutdown()).await;
 }
 
 /// The `drop` style: forward nothing, hold both sockets open until one peer goes (EOF or error).
