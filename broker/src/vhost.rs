@@ -260,7 +260,9 @@ impl Vhost {
         let mut spawn = None;
         let r = self.update(|t| {
             if let Some(q) = t.queues.get(spec.name.as_str()) {
-                if q.exclusive_owner.is_some() && q.exclusive_owner != spec.exclusive_owner {
+                // Strict, as RabbitMQ on a non-passive declare: the exclusive flag must match
+                // too, not only the owner.
+                if q.exclusive_owner != spec.exclusive_owner {
                     return Err(ChannelError::resource_locked(format!(
                         "cannot obtain exclusive access to locked queue '{}' in vhost '{vname}'. \
                          It could be originally declared on another connection or the exclusive \
