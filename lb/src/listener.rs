@@ -567,13 +567,15 @@ impl ListenerState {
     }
 }
 
+/// The next order sent to this connection (each order is returned once).
 async fn next_cmd(rx: &mut watch::Receiver<Option<CloseCmd>>) -> CloseCmd {
     loop {
-        if let Some(cmd) = rx.borrow_and_update().clone() {
-            return cmd;
-        }
+        // `changed` marks the value seen: read it right after.
         if rx.changed().await.is_err() {
             return std::future::pending().await;
+        }
+        if let Some(cmd) = rx.borrow_and_update().clone() {
+            return cmd;
         }
     }
 }

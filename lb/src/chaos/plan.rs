@@ -372,7 +372,16 @@ impl ConnPlan {
                 continue;
             }
             let st = self.build(r, now, opening);
-            if st.applies && !matches!(r.kind, FaultKind::Reset) {
+            // Shaping kinds have no moment of firing: their event is when they start to apply.
+            // The others are counted when they fire.
+            let shaping = matches!(
+                r.kind,
+                FaultKind::Latency
+                    | FaultKind::Bandwidth
+                    | FaultKind::Slicer
+                    | FaultKind::SlowClose
+            );
+            if st.applies && shaping {
                 applied.push(Applied {
                     rule: r.name.clone(),
                     kind: r.kind,
@@ -754,7 +763,7 @@ mod tests {
         let t = at0();
         let r = rule("name='x'\nkind='limit_data'\nbytes=3\nin_flight='flush'");
         let (mut p, applied) = ConnPlan::new(1, "l", 1, &[r], t);
-        assert_eq!(applied.len(), 1);
+        assert!(applied.is_empty());
         let v = p.on_read(Flow::Down, b"hello", t);
         assert_eq!(v.keep, 3);
         assert_eq!(v.fire.unwrap().style, CloseStyle::Fin);
