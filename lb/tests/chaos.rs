@@ -535,6 +535,106 @@ async fn the_same_seed_replays_the_same_faults() {
     assert_ne!(a, c);
 }
 
+/// An AMQP-shaped stream: protocol header, then `n` publishes (method, header, body frames).
+fn publishes(n: usize) -> Vec<u8> {
+    let mut s = b"AMQP\x00\x00\x09\x01".to_vec();
+    for _ in 0..n {
+        s.extend([1, 0, 1, 0, 0, 0, 4, 0, 60, 0, 40, 0xCE]);
+        s.extend([
+            2, 0, 1, 0, 0, 0, 14, 0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0xCE,
+        ]);
+        s.extend([3, 0, 1, 0, 0, 0, 3, b'a', b'b', b'c', 0xCE]);
+    }
+    s
+}
+
+/// For each of `n` sequential connections sending 20 publishes, how many bytes reached the
+/// backend before an `on_amqp` rule with probability 0.2 reset it (all of them if none fired).
+async fn replay_amqp(seed: u64, n: usize) -> Vec<usize> {
+    let (baddr, mut brx) = socket_backend().await;
+    let l = with_rules(
+        "pp",
+        &[baddr],
+        &["name='p'\nkind='reset'\non_amqp='basic.publish'\nprobability=0.2\ndirection='upstream'"],
+    );
+    let mut cfg = config(vec![l]);
+    cfg.chaos.seed = Some(seed);
+    let lb = start(cfg).await;
+    let data = publishes(20);
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let mut c = TcpStream::connect(lb.addr("pp")).await.unwrap();
+        c.write_all(&data).await.unwrap();
+        let mut b = next_backend(&mut brx).await;
+        let mut acc = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Ends at the reset, or once everything arrived (no fault on this connection).
+        while acc.len() < data.len() {
+            match tokio::time::timeout(WAIT, b.read(&mut buf)).await.unwrap() {
+                Ok(0) | Err(_) => break,
+                Ok(k) => acc.extend_from_slice(&buf[..k]),
+            }
+        }
+        assert!(data.starts_with(&acc));
+        got.push(acc.len());
+        drop(c);
+        drop(b);
+        until("closed", || {
+            lb.handle.shared().listener("pp").unwrap().active() == 0
+        })
+        .await;
+    }
+    lb.stop().await;
+    got
+}
+
+#[tokio::test]
+async fn on_amqp_probability_replays_with_the_seed() {
+    let a = replay_amqp(5, 12).await;
+    assert_eq!(a, replay_amqp(5, 12).await);
+    assert_ne!(a, replay_amqp(6, 12).await);
+    // Every cut is right after a basic.publish method frame (8 + k*45 + 12 bytes).
+    let all = publishes(20).len();
+    for &n in &a {
+        assert!(n == all || (n - 8) % 45 == 12, "{n}: {a:?}");
+    }
+    assert!(a.iter().any(|n| *n < all), "{a:?}");
+}
+
+#[tokio::test]
+async fn rate_resets_each_connection_at_a_random_time() {
+    let b = echo_backend().await;
+    let cfg = with_rules(
+        "rate",
+        &[b.addr],
+        &["name='poisson'\nkind='reset'\nrate='20/s'\nstyle='fin'"],
+    );
+    let lb = start(config(vec![cfg])).await;
+    let mut ev = lb.events();
+    let mut c = connect_echo(lb.addr("rate"), b"x").await;
+    assert_eq!(read_end(&mut c, WAIT).await, Some(ReadEnd::Eof));
+    let e = ev.wait("reset", None).await;
+    assert_eq!(e["rule"], "poisson");
+    assert_eq!(e["cause"], "rate");
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn every_with_toxicity_zero_spares_every_connection() {
+    let b = echo_backend().await;
+    let cfg = with_rules(
+        "ev0",
+        &[b.addr],
+        &["name='tick'\nkind='reset'\nevery='50ms'\ntoxicity=0.0"],
+    );
+    let lb = start(config(vec![cfg])).await;
+    let mut c = connect_echo(lb.addr("ev0"), b"x").await;
+    assert_eq!(read_end(&mut c, Duration::from_millis(400)).await, None);
+    roundtrip(&mut c, b"still").await;
+    assert_eq!(faults_metric(&lb, "ev0", "tick", "reset").await, 0.0);
+    lb.stop().await;
+}
+
 #[test]
 fn the_chaos_examples_are_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/chaos");
