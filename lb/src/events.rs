@@ -1,4 +1,4 @@
-//! Events: health transitions, backend (de)registration, resets.
+//! Events: health transitions, backend (de)registration, injected faults.
 //!
 //! Each event is one JSON object (see [`Event`]). The bus keeps the most recent ones in a ring
 //! buffer for `GET /events` and broadcasts new ones for `?follow=1`; every event is also logged.
@@ -24,8 +24,9 @@ pub struct Event {
     /// Connection id, for events about one connection.
     pub conn: Option<u64>,
     /// What happened: `backend_up`, `backend_down`, `fail_open`, `backend_registered`,
-    /// `backend_draining`, `backend_removed`, `listener_added`, `listener_removed`, `reset`,
-    /// `idle_timeout`.
+    /// `backend_draining`, `backend_removed`, `listener_added`, `listener_removed`, `idle_timeout`,
+    /// and the faults: `reset`, `limit_data`, `timeout`, `refused`, and `latency` / `bandwidth` /
+    /// `slicer` / `slow_close` (cause `applied`: the rule starts to shape a connection).
     pub event: String,
     pub rule: Option<String>,
     pub cause: Option<String>,

@@ -5,6 +5,11 @@
 //! snapshot once; reload and the admin API replace it whole. Live connections are registered with
 //! a control channel so that the admin API and fault rules can act on them at runtime
 //! ([`ListenerState::reset_all`]). The registry lock is taken at open and close only, never per read.
+//!
+//! Fault rules: each connection owns a `chaos::plan::ConnPlan` (inside its `Duplex`), built from
+//! the rules at open with the connection's sequence number in the listener, and updated through a
+//! `watch` of the rules whenever they change. The connection task's select loop fires the plan's
+//! time triggers; the copy loop handles its byte triggers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -67,13 +67,19 @@ fn describe() {
     describe_gauge!(BACKEND_UP, "1 if the backend is healthy, else 0");
     describe_counter!(HEALTH_CHECKS_TOTAL, "Health checks run, by result");
     describe_counter!(CONNECT_ERRORS_TOTAL, "Failed connects to a backend");
-    describe_counter!(REFUSED_TOTAL, "Connections refused (max_connections)");
+    describe_counter!(
+        REFUSED_TOTAL,
+        "Connections refused (max_connections or a refuse rule)"
+    );
     describe_histogram!(
         CONNECT_DURATION_SECONDS,
         Unit::Seconds,
         "Time to connect to a backend"
     );
-    describe_counter!(FAULTS_TOTAL, "Faults injected, by rule and kind");
+    describe_counter!(
+        FAULTS_TOTAL,
+        "Faults injected, by rule and kind (admin resets: rule=\"admin\")"
+    );
     describe_counter!(
         CONNECTION_ERRORS_TOTAL,
         "Proxied connections that ended on an I/O error, by source"
