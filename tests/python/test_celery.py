@@ -15,8 +15,8 @@ HERE = Path(__file__).resolve().parent
 
 # "plain": the worker without its broadcast features; "full": as Celery users run it by default
 # (mingle at start, gossip and heartbeat events on the celeryev topic exchange).
-# "quorum": full, with the task queues declared x-queue-type=quorum (Celery then avoids global QoS and
-# uses its native delayed delivery for countdown tasks: a chain of TTL/dead-letter exchanges and queues).
+# "quorum": full, with the task queues declared x-queue-type=quorum (Celery then turns global QoS off and
+# keeps a static prefetch; with a direct task exchange countdowns are still held by the worker).
 WORKER_MODES = {
     "plain": ["--without-gossip", "--without-mingle", "--without-heartbeat"],
     "full": [],
