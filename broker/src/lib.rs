@@ -222,11 +222,19 @@ async fn accept_loop(
                 }
             },
         };
-        let max = shared.config.max_connections as usize;
-        if max > 0 && shared.connections.load(Ordering::Relaxed) >= max {
-            warn!(%peer, "max-connections reached; refusing connection");
-            drop(sock);
-            continue;
+        // Over the limit, a client still gets the handshake and a 530 at connection.open (a
+        // reason it can log). Past twice the limit it is dropped unanswered, so refusals
+        // cannot pile up without bound.
+        let max = shared.config.max_connections;
+        let live = shared.connections.load(Ordering::Relaxed);
+        let over_limit = (max > 0 && live >= max as usize).then_some(max);
+        if over_limit.is_some() {
+            if live >= 2 * max as usize {
+                warn!(%peer, "max-connections reached twice over; dropping connection");
+                drop(sock);
+                continue;
+            }
+            warn!(%peer, "max-connections reached; refusing connection.open with 530");
         }
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
@@ -236,7 +244,7 @@ async fn accept_loop(
         tracker.spawn(
             async move {
                 shared.connections.fetch_add(1, Ordering::Relaxed);
-                serve_stream(sock, peer, tls, shared.clone(), shutdown).await;
+                serve_stream(sock, peer, tls, shared.clone(), shutdown, over_limit).await;
                 shared.connections.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
@@ -250,11 +258,12 @@ async fn serve_stream(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<BrokerShared>,
     shutdown: CancellationToken,
+    over_limit: Option<u32>,
 ) {
     match tls {
-        None => connection::serve(sock, peer, shared, shutdown).await,
+        None => connection::serve(sock, peer, shared, shutdown, over_limit).await,
         Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {
-            Ok(Ok(stream)) => connection::serve(stream, peer, shared, shutdown).await,
+            Ok(Ok(stream)) => connection::serve(stream, peer, shared, shutdown, over_limit).await,
             Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
             Err(_) => tracing::debug!("tls handshake timed out"),
         },

@@ -81,7 +81,31 @@ async fn max_connections_refuses_extra_clients() {
     )
     .await
     .expect("refused promptly");
-    assert!(second.is_err(), "second connection must be refused");
+    let err = second.expect_err("second connection must be refused");
+    assert_eq!(
+        support::amqp_code(&err),
+        Some(530),
+        "refused with NOT_ALLOWED at connection.open: {err}"
+    );
+    assert!(
+        err.to_string().contains("connection limit (1) is reached"),
+        "{err}"
+    );
+    // Once the first client leaves, a new one is admitted.
     drop(first);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Connection::connect(&b.uri(), ConnectionProperties::default()).await {
+            Ok(c) => {
+                assert!(c.status().connected());
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(support::amqp_code(&e), Some(530), "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
     b.shutdown().await;
 }

@@ -137,6 +137,7 @@ proptest! {
             peer_is_loopback: true,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
+            over_connection_limit: None,
         }, now);
         let mut buf = Vec::new();
         if with_header || with_handshake {

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
             peer_is_loopback: true,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
+            over_connection_limit: None,
         },
         now,
     );

@@ -32,6 +32,7 @@ pub async fn serve<S>(
     peer: SocketAddr,
     shared: Arc<BrokerShared>,
     shutdown: CancellationToken,
+    over_connection_limit: Option<u32>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -49,6 +50,7 @@ pub async fn serve<S>(
                 || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(3),
+            over_connection_limit,
         },
         now,
     );

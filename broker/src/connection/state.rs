@@ -86,6 +86,9 @@ pub struct StateConfig {
     pub peer_is_loopback: bool,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
+    /// Set when the node was at its connection limit as this client arrived: the handshake
+    /// runs so the client gets a readable reason, and connection.open is refused with 530.
+    pub over_connection_limit: Option<u32>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -502,6 +505,13 @@ impl ConnectionState {
                     ))
                     .with_method(10, 40));
                 }
+                if let Some(limit) = self.cfg.over_connection_limit {
+                    return Err(ConnectionError::not_allowed(format!(
+                        "access to vhost '{vhost}' refused for user '{user}': \
+                         connection limit ({limit}) is reached"
+                    ))
+                    .with_method(10, 40));
+                }
                 self.state = State::Open;
                 self.deadline = None;
                 self.last_sent = now;
@@ -784,6 +794,7 @@ mod tests {
             peer_is_loopback: true,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
+            over_connection_limit: None,
         };
         (ConnectionState::new(cfg, now), now)
     }
