@@ -13,7 +13,6 @@ import threading
 import time
 
 from pika import frame as pika_frame
-from pika import spec
 
 
 def _short(value, limit=120):

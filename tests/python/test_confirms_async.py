@@ -2,7 +2,6 @@
 exactly once, `multiple` never covering a nacked or unconfirmed number, basic.return before the ack."""
 
 import pika
-import pytest
 
 
 def run_pipelined(broker, queue, queue_args, bodies, mandatory_keys, timeout=20):

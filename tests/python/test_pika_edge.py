@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import amqp
 import pika
 import pytest
-from pika.exceptions import ChannelClosedByBroker, ConnectionClosedByBroker, ProbableAccessDeniedError
+from pika.exceptions import ConnectionClosedByBroker, ProbableAccessDeniedError
 
 from test_pika import message_count
 from test_pika_semantics import assert_channel_error, wait_for
