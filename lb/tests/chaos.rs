@@ -186,6 +186,33 @@ async fn half_closes_only_the_chosen_side() {
 }
 
 #[tokio::test]
+async fn rst_on_one_side_gives_the_other_an_orderly_close() {
+    let (baddr, mut brx) = socket_backend().await;
+    let lb = start(config(vec![listener("rs", &[baddr])])).await;
+    for (side, client_end, backend_end) in [
+        ("client", ReadEnd::Reset, ReadEnd::Eof),
+        ("backend", ReadEnd::Eof, ReadEnd::Reset),
+    ] {
+        let mut c = TcpStream::connect(lb.addr("rs")).await.unwrap();
+        let mut b = next_backend(&mut brx).await;
+        until("registered", || {
+            lb.handle.shared().listener("rs").unwrap().active() == 1
+        })
+        .await;
+        let body = format!(r#"{{"style":"rst","side":"{side}"}}"#);
+        let (status, _) = http(lb.admin(), "POST", "/listeners/rs/reset", Some(&body)).await;
+        assert_eq!(status, 200);
+        assert_eq!(read_end(&mut c, WAIT).await, Some(client_end), "{side}");
+        assert_eq!(read_end(&mut b, WAIT).await, Some(backend_end), "{side}");
+        until("closed", || {
+            lb.handle.shared().listener("rs").unwrap().active() == 0
+        })
+        .await;
+    }
+    lb.stop().await;
+}
+
+#[tokio::test]
 async fn after_bytes_with_in_flight_drop_discards_what_the_proxy_holds() {
     let (baddr, mut brx) = socket_backend().await;
     let cfg = with_rules(

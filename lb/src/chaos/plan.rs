@@ -618,7 +618,7 @@ impl ConnPlan {
                     let avg = r.rule.average_size.unwrap_or(1).max(1);
                     let var = r.rule.size_variation.unwrap_or(0).min(avg - 1);
                     let size = match r.flows[fi].rng.as_mut() {
-                        Some(g) if var > 0 => g.gen_range(avg - var..=avg + var),
+                        Some(g) if var > 0 => g.gen_range(avg - var..=avg.saturating_add(var)),
                         _ => avg,
                     };
                     n = n.min(usize::try_from(size).unwrap_or(usize::MAX).max(1));
