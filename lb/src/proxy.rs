@@ -44,6 +44,9 @@ pub const BUF_SIZE: usize = 64 * 1024;
 /// A direction switches to splice(2) once it has carried this many bytes (plain TCP only):
 /// small exchanges keep the lower-latency buffered path and never hold a pipe.
 pub const SPLICE_AFTER: u64 = 256 * 1024;
+/// Bytes a direction may hold while the plan delays their writing (latency, bandwidth, slicer):
+/// beyond it, the proxy stops reading, and TCP flow control pushes back on the sender.
+const HELD_WINDOW: usize = 1 << 20;
 /// Splice chunks moved per poll before yielding to other tasks.
 const SPLICE_ROUNDS: u32 = 16;
 /// Shared byte counters are updated at least every this many bytes.
@@ -342,6 +345,8 @@ where
         err,
     };
     loop {
+        // Held back by the plan (latency, pacing): reading goes on up to a window.
+        let mut held = false;
         while !d.buf.is_empty() {
             let mut allowed = d.buf.len();
             if let Some(h) = hook.as_mut() {
@@ -349,7 +354,8 @@ where
                     Gate::Go(n) => allowed = n.clamp(1, allowed),
                     Gate::Wait(at) => {
                         h.wait_until(at);
-                        return Poll::Pending;
+                        held = true;
+                        break;
                     }
                 }
             }
@@ -368,7 +374,16 @@ where
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if d.fire.is_some() {
+        if held {
+            if d.buf.len() >= HELD_WINDOW || d.fire.is_some() || d.read_eof {
+                if d.need_flush {
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut *w).poll_flush(cx) {
+                        return Poll::Ready(Err(werr(e)));
+                    }
+                }
+                return Poll::Pending;
+            }
+        } else if d.fire.is_some() {
             // The bytes up to the trigger are written: make sure they left, then end the copy.
             match Pin::new(&mut *w).poll_flush(cx) {
                 Poll::Ready(Ok(())) | Poll::Ready(Err(_)) => {
@@ -379,10 +394,10 @@ where
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if d.shut {
+        if d.shut && !held {
             return Poll::Ready(Ok(()));
         }
-        if d.read_eof {
+        if d.read_eof && !held {
             if let Some(h) = hook.as_mut() {
                 if let (Some(delay), Some(eof_at)) = (h.plan.close_delay(h.flow), d.eof_at) {
                     let at = eof_at + delay;

@@ -305,6 +305,32 @@ async fn latency_delays_each_response() {
 }
 
 #[tokio::test]
+async fn latency_delays_bytes_without_capping_the_throughput() {
+    let b = echo_backend().await;
+    let cfg = with_rules(
+        "latbulk",
+        &[b.addr],
+        &["name='far'\nkind='latency'\nlatency='200ms'\ndirection='downstream'"],
+    );
+    let lb = start(config(vec![cfg])).await;
+    let mut c = connect_echo(lb.addr("latbulk"), b"x").await;
+    // 2 MiB: one 64 KiB buffer per 200 ms would take 6.4 s; chunks in flight together take ~0.2 s.
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 241) as u8).collect();
+    let t = Instant::now();
+    let (mut r, mut w) = c.split();
+    let (_, got) = tokio::join!(w.write_all(&data), async {
+        let mut got = vec![0u8; data.len()];
+        r.read_exact(&mut got).await.unwrap();
+        got
+    });
+    let took = t.elapsed();
+    assert!(got == data, "bytes differ");
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    lb.stop().await;
+}
+
+#[tokio::test]
 async fn bandwidth_caps_the_rate() {
     let b = echo_backend().await;
     // 100 KB/s downstream: 60 KiB take at least ~0.59 s (the first 10 ms slice goes at once).

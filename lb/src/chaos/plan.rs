@@ -14,6 +14,7 @@
 //! - a byte trigger cuts the read buffer at the exact byte where it fires (`in_flight = drop`);
 //!   what follows the cut is counted as discarded, never forwarded.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -323,8 +324,15 @@ pub struct ConnPlan {
     opened: Instant,
     rules: Vec<RuleState>,
     byte: [bool; 2],
-    /// Earliest time each flow may write again (latency, bandwidth, slicer).
-    hold: [Option<Instant>; 2],
+    /// Earliest time each flow may write again (bandwidth, slicer pacing).
+    pace: [Option<Instant>; 2],
+    /// Latency: (release time, flow offset where the chunk ends), oldest first. Chunks are
+    /// released in order, so reads go on while earlier chunks wait (the delay does not cap the
+    /// throughput, up to the proxy's window).
+    marks: [VecDeque<(Instant, u64)>; 2],
+    /// Bytes kept after reads / written, per flow, since the plan began to see the flow.
+    read_off: [u64; 2],
+    written_off: [u64; 2],
 }
 
 impl ConnPlan {
@@ -343,7 +351,10 @@ impl ConnPlan {
             opened: now,
             rules: Vec::new(),
             byte: [false; 2],
-            hold: [None; 2],
+            pace: [None; 2],
+            marks: [VecDeque::new(), VecDeque::new()],
+            read_off: [0; 2],
+            written_off: [0; 2],
         };
         let applied = p.set_rules(rules, now, true);
         (p, applied)
@@ -577,11 +588,7 @@ impl ConnPlan {
                 }
             }
         }
-        if !latency.is_zero() {
-            let at = now + latency;
-            self.hold[fi] = Some(self.hold[fi].map_or(at, |h| h.max(at)));
-        }
-        match best {
+        let v = match best {
             Some((keep, cmd)) => Verdict {
                 keep,
                 fire: Some(cmd),
@@ -590,19 +597,37 @@ impl ConnPlan {
                 keep: data.len(),
                 fire: None,
             },
+        };
+        self.read_off[fi] += v.keep as u64;
+        if !latency.is_zero() {
+            self.marks[fi].push_back((now + latency, self.read_off[fi]));
         }
+        v
     }
 
     /// May `pending` buffered bytes of `flow` be written at `now`, and how many?
     pub fn gate(&mut self, flow: Flow, now: Instant, pending: usize) -> Gate {
         let fi = flow.index();
-        if let Some(h) = self.hold[fi] {
-            if h > now {
-                return Gate::Wait(h);
+        let written = self.written_off[fi];
+        while self.marks[fi]
+            .front()
+            .is_some_and(|(_, end)| *end <= written)
+        {
+            self.marks[fi].pop_front();
+        }
+        if let Some(p) = self.pace[fi] {
+            if p > now {
+                return Gate::Wait(p);
             }
-            self.hold[fi] = None;
+            self.pace[fi] = None;
         }
         let mut n = pending;
+        if let Some((at, end)) = self.marks[fi].front() {
+            if *at > now {
+                return Gate::Wait(*at);
+            }
+            n = n.min(usize::try_from(end - written).unwrap_or(usize::MAX));
+        }
         for r in self.rules.iter_mut() {
             if !r.applies || !covers(r.rule.direction, flow) {
                 continue;
@@ -632,6 +657,7 @@ impl ConnPlan {
     /// `n` bytes of `flow` were written at `now` (bandwidth and slicer pacing).
     pub fn wrote(&mut self, flow: Flow, n: usize, now: Instant) {
         let fi = flow.index();
+        self.written_off[fi] += n as u64;
         let mut wait = Duration::ZERO;
         for r in self.rules.iter() {
             if !r.applies || !covers(r.rule.direction, flow) {
@@ -647,7 +673,7 @@ impl ConnPlan {
             }
         }
         if !wait.is_zero() {
-            self.hold[fi] = Some(now + wait);
+            self.pace[fi] = Some(now + wait);
         }
     }
 }
@@ -851,6 +877,22 @@ mod tests {
         );
         p.on_read(Flow::Up, b"x", t);
         assert_eq!(p.gate(Flow::Up, t, 1), Gate::Go(1));
+    }
+
+    #[test]
+    fn latency_releases_chunks_in_order_while_reading_on() {
+        let t = at0();
+        let ms = Duration::from_millis;
+        let r = rule("name='l'\nkind='latency'\nlatency='50ms'");
+        let (mut p, _) = ConnPlan::new(1, "l", 1, &[r], t);
+        p.on_read(Flow::Up, b"aaa", t);
+        p.on_read(Flow::Up, b"bb", t + ms(20));
+        assert_eq!(p.gate(Flow::Up, t + ms(10), 5), Gate::Wait(t + ms(50)));
+        // The first chunk only, then the second when its time comes.
+        assert_eq!(p.gate(Flow::Up, t + ms(50), 5), Gate::Go(3));
+        p.wrote(Flow::Up, 3, t + ms(50));
+        assert_eq!(p.gate(Flow::Up, t + ms(60), 2), Gate::Wait(t + ms(70)));
+        assert_eq!(p.gate(Flow::Up, t + ms(70), 2), Gate::Go(2));
     }
 
     #[test]
