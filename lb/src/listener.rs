@@ -523,10 +523,11 @@ impl ListenerState {
         let drain_expired = backend.drain_expired.clone();
         let stop = async move {
             tokio::select! {
-                _ = drain_expired.cancelled() => {}
+                _ = drain_expired.cancelled() => None,
                 cmd = next_cmd(&mut ctl_rx) => {
-                    // A second order while held: only its end matters.
+                    // A second order while held ends the hold, in its style.
                     tracing::debug!(cause = %cmd.cause, "held connection closed by order");
+                    Some(cmd.style)
                 }
             }
         };

@@ -146,6 +146,11 @@ async fn drop_style_is_silence_with_the_sockets_open() {
     let quiet = Duration::from_millis(300);
     assert_eq!(read_end(&mut b, quiet).await, None, "backend hears nothing");
     assert_eq!(read_end(&mut c, quiet).await, None, "client hears nothing");
+    // A second order ends the hold in its style.
+    let (status, _) = http(lb.admin(), "POST", "/listeners/blackhole/reset", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(read_end(&mut c, WAIT).await, Some(ReadEnd::Reset));
+    assert_eq!(read_end(&mut b, WAIT).await, Some(ReadEnd::Reset));
     lb.stop().await;
 }
 

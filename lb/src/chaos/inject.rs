@@ -56,12 +56,13 @@ pub fn close_event(ls: &ListenerState, conn: u64, backend: &str, cmd: &CloseCmd,
 
 /// Closes a connection in the command's style. `rst` and `fin` end both sides (`side` picks who
 /// gets the style; the other side is closed orderly); `half` closes only `side` and holds the other
-/// open until its peer goes or `stop` fires; `drop` forwards nothing and holds both.
+/// open until its peer goes or `stop` fires; `drop` forwards nothing and holds both. `stop` yields
+/// the style of a second order, if one ended the hold (`rst` then resets what is held).
 pub async fn close<C, B>(
     mut client: C,
     mut backend: B,
     cmd: &CloseCmd,
-    stop: impl Future<Output = ()>,
+    stop: impl Future<Output = Option<CloseStyle>>,
 ) where
     C: AsyncRead + AsyncWrite + TcpBacked + Unpin,
     B: AsyncRead + AsyncWrite + TcpBacked + Unpin,
@@ -86,7 +87,9 @@ pub async fn close<C, B>(
             drop(client);
             tokio::select! {
                 _ = drain(&mut backend) => {}
-                _ = stop => {}
+                s = stop => if s == Some(CloseStyle::Rst) {
+                    backend.set_rst_on_close();
+                },
             }
         }
         (CloseStyle::Half, Side::Backend) => {
@@ -94,13 +97,21 @@ pub async fn close<C, B>(
             drop(backend);
             tokio::select! {
                 _ = drain(&mut client) => {}
-                _ = stop => {}
+                s = stop => if s == Some(CloseStyle::Rst) {
+                    client.set_rst_on_close();
+                },
             }
         }
         (CloseStyle::Drop, _) => {
             let (a, b) = tokio::select! {
                 r = proxy::hold(&mut client, &mut backend) => r,
-                _ = stop => (0, 0),
+                s = stop => {
+                    if s == Some(CloseStyle::Rst) {
+                        client.set_rst_on_close();
+                        backend.set_rst_on_close();
+                    }
+                    (0, 0)
+                }
             };
             tracing::debug!(
                 discarded_upstream = a,
