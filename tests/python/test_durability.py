@@ -12,6 +12,15 @@ from conftest import register_log, start_target, stop_process, unregister_log
 
 PERSISTENT = pika.BasicProperties(delivery_mode=2)
 
+# warren-broker keeps durable queues and persistent messages in memory until the durability work
+# (message store, definitions on disk) lands. Strict: once it passes, the marker must go.
+NOT_YET_DURABLE = pytest.mark.xfail(
+    os.environ.get("WARREN_TEST_TARGET", "warren") != "rabbitmq",
+    reason="warren-broker has no disk store yet (durability issue)",
+    raises=ChannelClosedByBroker,  # the 404 for the queue after the restart; anything else fails
+    strict=True,
+)
+
 
 @pytest.fixture
 def own_broker(tmp_path, tls_files):
@@ -40,6 +49,7 @@ def drain(ch, queue):
         out.append((body.decode(), method.redelivered))
 
 
+@NOT_YET_DURABLE
 @pytest.mark.timeout(90)
 def test_durable_entities_and_persistent_messages_survive_clean_restart(own_broker):
     b = own_broker()
@@ -74,6 +84,7 @@ def test_durable_entities_and_persistent_messages_survive_clean_restart(own_brok
     conn.close()
 
 
+@NOT_YET_DURABLE
 @pytest.mark.timeout(90)
 def test_confirmed_messages_survive_kill_9_exactly_once(own_broker):
     b = own_broker()
