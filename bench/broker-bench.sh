@@ -239,13 +239,14 @@ run_one() { # broker scenario round
             ;;
     esac
     out=$RESULTS/$sc-$broker-r$round.json
+    # A queue of its own per run: nothing left over by an earlier run can reach this one.
     local args
     read -r -a args <<<"$(scenario_args "$sc")"
     local l0 l1
     l0=$(load)
     log "$sc on $broker (round $round): warren-perf ${args[*]} -z $DURATION  [load $l0]"
     if timeout $((DURATION + 60)) "$PERF" --uri "$uri" "${args[@]}" -z "$DURATION" \
-        -u "bench-$sc" --threads "$PERF_THREADS" --broker-pid "$pid" --label "$broker" \
+        -u "bench-$sc-r$round" --threads "$PERF_THREADS" --broker-pid "$pid" --label "$broker" \
         --json-out "$out.tmp" | sed 's/^/    /' >&2; then
         :
     else
