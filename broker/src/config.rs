@@ -10,13 +10,12 @@ use std::path::PathBuf;
 /// Errors while loading or validating configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The inner errors are part of the message, not `source()`, so a printed chain says each
+    // thing once.
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("invalid config: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -122,15 +121,15 @@ impl Default for Config {
 impl Config {
     /// Parses TOML text (no file access, so tests can feed strings).
     pub fn from_toml_str(s: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(s)?;
+        let cfg: Config = toml::from_str(s).map_err(ConfigError::Parse)?;
         Ok(cfg)
     }
 
     /// Reads and parses a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::from_toml_str(&text)
     }

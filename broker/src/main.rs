@@ -96,7 +96,18 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     cfg
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line per cause, without a backtrace: this is an operator's message.
+            eprintln!("warren-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let check = cli.check_config;
     let base = match &cli.config {
