@@ -13,7 +13,10 @@ pub enum ConfigError {
     // The inner errors are part of the message, not `source()`, so a printed chain says each
     // thing once.
     #[error("cannot read config file {path}: {error}")]
-    Read { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Parse(toml::de::Error),
     #[error("invalid config: {0}")]
