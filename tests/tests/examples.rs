@@ -35,7 +35,10 @@ fn the_broker_example_config_is_valid() {
 fn every_load_balancer_example_config_is_valid() {
     let mut files = vec![examples().join("lb.toml")];
     files.extend(toml_files(&examples().join("chaos")));
-    assert!(files.len() >= 6, "lb.toml and the five chaos recipes: {files:?}");
+    assert!(
+        files.len() >= 6,
+        "lb.toml and the five chaos recipes: {files:?}"
+    );
     for path in files {
         let text = std::fs::read_to_string(&path).expect("example file");
         let cfg = warren_lb::Config::from_toml_str(&text)
