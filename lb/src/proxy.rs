@@ -6,9 +6,12 @@
 //! receives the whole response. The copy ends when both directions have seen EOF and propagated it,
 //! on the first I/O error, or when no payload byte moved for `idle_timeout`.
 //!
-//! A direction that has carried [`SPLICE_AFTER`] bytes between two plain TCP sockets switches to
-//! splice(2) through a pipe (see `splice.rs`): bulk transfers skip the copy through user space,
-//! while small exchanges keep the buffered path and never hold a pipe.
+//! A direction between two plain TCP sockets whose last [`SPLICE_AFTER_BULK_READS`] reads each
+//! carried at least [`BULK_READ`] bytes switches to splice(2) through a pipe (see `splice.rs`): bulk transfers
+//! skip the copy through user space, while small exchanges keep the buffered path (4 syscalls per
+//! round trip instead of 6) and never hold a pipe, however many bytes the connection carries.
+//! After [`UNSPLICE_AFTER_SMALL`] small spliced chunks in a row the direction empties its pipe,
+//! drops it and goes back to the buffered path.
 //!
 //! Fault rules (see `chaos`): the connection's [`ConnPlan`] is owned by the copy. A direction that
 //! no byte-level rule touches runs exactly as without rules (and may splice); a direction with one
@@ -41,9 +44,18 @@ use crate::stream::TcpBacked;
 
 /// Size of each direction's copy buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
-/// A direction switches to splice(2) once it has carried this many bytes (plain TCP only):
-/// small exchanges keep the lower-latency buffered path and never hold a pipe.
-pub const SPLICE_AFTER: u64 = 256 * 1024;
+/// A direction switches to splice(2) after this many consecutive bulk reads (plain TCP only):
+/// small exchanges, however long the connection, keep the lower-latency buffered path (one read
+/// + one write per message) and never hold a pipe.
+pub const SPLICE_AFTER_BULK_READS: u32 = 3;
+/// A read of at least this many bytes counts as a bulk read: a quarter of the copy buffer, as
+/// senders that write in 16 KiB pieces (TLS-record-sized application writes) rarely fill 64 KiB
+/// on a proxy that keeps up.
+pub const BULK_READ: usize = BUF_SIZE / 4;
+/// A spliced direction goes back to the buffered path after this many consecutive small chunks.
+pub const UNSPLICE_AFTER_SMALL: u32 = 3;
+/// A spliced chunk below this size counts as small.
+pub const SMALL_CHUNK: usize = 4 * 1024;
 /// Bytes a direction may hold while the plan delays their writing (latency, bandwidth, slicer):
 /// beyond it, the proxy stops reading, and TCP flow control pushes back on the sender.
 const HELD_WINDOW: usize = 1 << 20;
@@ -115,12 +127,16 @@ struct Dir {
     shut: bool,
     need_flush: bool,
     unreported: u64,
-    /// Bytes carried so far (decides the switch to splice).
-    total: u64,
+    /// Consecutive bulk reads (decides the switch to splice).
+    bulk_reads: u32,
+    /// Consecutive small spliced chunks (decides the switch back to the buffered path).
+    small_chunks: u32,
     /// Present once the direction forwards with splice(2).
     pipe: Option<Pipe>,
     /// Creating a pipe failed (e.g. out of descriptors): stay buffered.
     no_splice: bool,
+    /// The spliced direction carries small chunks again: empty the pipe and go buffered.
+    unsplice: bool,
     /// Bytes read and then discarded by a fault cut.
     discarded: u64,
     /// A fault to fire once the buffer is written.
@@ -136,7 +152,7 @@ impl Dir {
     fn maybe_splice(&mut self) {
         if self.pipe.is_some()
             || self.no_splice
-            || self.total < SPLICE_AFTER
+            || self.bulk_reads < SPLICE_AFTER_BULK_READS
             || !self.buf.is_empty()
             || self.read_eof
             || self.shut
@@ -148,6 +164,7 @@ impl Dir {
             Ok(p) => {
                 self.buf = BytesMut::new();
                 self.pipe = Some(p);
+                self.small_chunks = 0;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "no pipe for splice; staying buffered");
@@ -449,7 +466,11 @@ where
                 *progressed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 d.unreported += n as u64;
-                d.total += n as u64;
+                if n >= BULK_READ {
+                    d.bulk_reads = d.bulk_reads.saturating_add(1);
+                } else {
+                    d.bulk_reads = 0;
+                }
                 if let Some(h) = hook.as_mut() {
                     let v = h.plan.on_read(h.flow, &d.buf[before..], Instant::now());
                     if v.keep < n {
@@ -546,7 +567,18 @@ fn poll_dir_splice(
                 *progressed = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 d.unreported += n as u64;
-                d.total += n as u64;
+                if n < SMALL_CHUNK {
+                    d.small_chunks += 1;
+                    if d.small_chunks >= UNSPLICE_AFTER_SMALL {
+                        // Small messages again: back to the buffered path once the pipe is empty.
+                        d.bulk_reads = 0;
+                        d.unsplice = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                } else {
+                    d.small_chunks = 0;
+                }
                 rounds += 1;
                 if rounds >= SPLICE_ROUNDS {
                     match splice::poll_flush(cx, pipe, w) {
@@ -598,12 +630,13 @@ where
             }
         }
         // A byte-level rule arrived on a spliced direction: empty the pipe, then go buffered.
-        if byte_up {
+        // So does a direction that carries small chunks again.
+        if byte_up || this.up.unsplice {
             if let Poll::Ready(Err(e)) = leave_splice(cx, &mut this.up, &*this.backend) {
                 return Poll::Ready(Ended::Error(e));
             }
         }
-        if byte_down {
+        if byte_down || this.down.unsplice {
             if let Poll::Ready(Err(e)) = leave_splice(cx, &mut this.down, &*this.client) {
                 return Poll::Ready(Ended::Error(e));
             }
@@ -611,7 +644,7 @@ where
         let up = if this.up.shut {
             Poll::Ready(Ok(()))
         } else if this.up.pipe.is_some() {
-            if byte_up {
+            if byte_up || this.up.unsplice {
                 Poll::Pending
             } else {
                 match (this.client.plain_tcp(), this.backend.plain_tcp()) {
@@ -653,7 +686,7 @@ where
         let down = if this.down.shut {
             Poll::Ready(Ok(()))
         } else if this.down.pipe.is_some() {
-            if byte_down {
+            if byte_down || this.down.unsplice {
                 Poll::Pending
             } else {
                 match (this.backend.plain_tcp(), this.client.plain_tcp()) {
@@ -738,6 +771,7 @@ fn leave_splice<W: TcpBacked>(
     match splice::poll_flush(cx, pipe, tcp) {
         Poll::Ready(Ok(())) => {
             d.pipe = None;
+            d.unsplice = false;
             Poll::Ready(Ok(()))
         }
         Poll::Ready(Err(err)) => Poll::Ready(Err(ProxyError {

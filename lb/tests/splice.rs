@@ -31,6 +31,17 @@ async fn bulk_echo(s: &mut TcpStream, len: u32) {
     assert!(got == payload, "bytes differ");
 }
 
+/// `count` request/response round trips of `len` bytes each.
+async fn small_exchanges(s: &mut TcpStream, count: usize, len: usize) {
+    let mut got = vec![0u8; len];
+    for i in 0..count {
+        let msg = vec![(i % 251) as u8; len];
+        s.write_all(&msg).await.unwrap();
+        s.read_exact(&mut got).await.unwrap();
+        assert!(got == msg, "exchange {i}: bytes differ");
+    }
+}
+
 #[tokio::test]
 async fn bulk_transfers_use_splice_only_when_allowed_and_stay_byte_exact() {
     let b = echo_backend().await;
@@ -46,10 +57,14 @@ async fn bulk_transfers_use_splice_only_when_allowed_and_stay_byte_exact() {
     drop(s);
     lb.stop().await;
 
-    // Splice on (default): 4 MiB each way switches both directions to a pipe each.
+    // Splice on (default). Many small request/response exchanges (well over 256 KiB each way on
+    // one connection) stay on the buffered path: no pipe.
     let lb = start(config(vec![listener("bulk", &[b.addr])])).await;
     let before = pipe_fds();
     let mut s = connect_echo(lb.addr("bulk"), b"warm up").await;
+    small_exchanges(&mut s, 600, 1024).await;
+    assert_eq!(pipe_fds(), before, "small exchanges must not splice");
+    // 4 MiB each way switches both directions to a pipe each.
     bulk_echo(&mut s, 4 << 20).await;
     assert!(
         pipe_fds() >= before + 4,
@@ -57,6 +72,15 @@ async fn bulk_transfers_use_splice_only_when_allowed_and_stay_byte_exact() {
         before,
         pipe_fds()
     );
+    // Small exchanges again: both directions leave splice and drop their pipes.
+    small_exchanges(&mut s, 20, 512).await;
+    assert_eq!(
+        pipe_fds(),
+        before,
+        "small chunks go back to the buffered path"
+    );
+    bulk_echo(&mut s, 4 << 20).await;
+    assert!(pipe_fds() >= before + 4, "bulk splices again");
     // Half-close still propagates on the spliced path.
     s.shutdown().await.unwrap();
     assert_eq!(read_end(&mut s, WAIT).await, Some(ReadEnd::Eof));
