@@ -14,24 +14,39 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::task::{Context, Poll};
 
-use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes moved per splice call (the default pipe capacity).
-const CHUNK: usize = 64 * 1024;
+/// The default pipe capacity (and bytes per splice call when the pipe cannot grow).
+const DEFAULT_CAP: usize = 64 * 1024;
+/// Pipe capacity asked for with F_SETPIPE_SZ: fewer splice calls per MiB on bulk directions.
+const WANT_CAP: usize = 1 << 20;
 
 pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
     /// Bytes in the pipe, read from the source, not yet written to the destination.
     pub pending: usize,
+    /// Pipe capacity: the most bytes moved per splice call.
+    cap: usize,
 }
 
 impl Pipe {
+    /// A pipe of 1 MiB if the kernel allows it (pipe-max-size, per-user pipe limits), else of the
+    /// default size.
     pub fn new() -> io::Result<Self> {
         let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        Ok(Self { r, w, pending: 0 })
+        let cap = match fcntl(&w, FcntlArg::F_SETPIPE_SZ(WANT_CAP as nix::libc::c_int)) {
+            Ok(n) if n > 0 => n as usize,
+            _ => DEFAULT_CAP,
+        };
+        Ok(Self {
+            r,
+            w,
+            pending: 0,
+            cap,
+        })
     }
 }
 
@@ -72,7 +87,7 @@ pub fn poll_fill(cx: &mut Context<'_>, p: &mut Pipe, src: &TcpStream) -> Poll<io
     debug_assert_eq!(p.pending, 0);
     loop {
         let r = src.try_io(Interest::READABLE, || {
-            splice(src, None, &p.w, None, CHUNK, flags()).map_err(io::Error::from)
+            splice(src, None, &p.w, None, p.cap, flags()).map_err(io::Error::from)
         });
         match r {
             Ok(0) => return Poll::Ready(Ok(Step::Eof)),
