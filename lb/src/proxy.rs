@@ -19,6 +19,9 @@
 //! bandwidth, slicer pacing). When a byte trigger fires, the kept bytes are written first and the
 //! copy ends with [`Ended::Fault`].
 //!
+//! The direction that finishes last skips its shutdown(2) on plain TCP: the copy ends right after
+//! it, and closing the socket (whose receive side was read to EOF) sends the FIN.
+//!
 //! Invariants worth naming:
 //! - only payload bytes reset the idle timer (TLS records, TCP keepalives and handshakes do not);
 //! - a direction's buffer is released whenever it is empty and its reader has nothing to read,
@@ -351,6 +354,7 @@ fn poll_dir<R, W>(
     progressed: &mut bool,
     (rsrc, wsrc): (ErrorSource, ErrorSource),
     mut hook: Option<Hook<'_>>,
+    fin_on_close: bool,
 ) -> Poll<Result<(), ProxyError>>
 where
     R: AsyncRead + Unpin,
@@ -430,6 +434,13 @@ where
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(werr(e))),
                     Poll::Pending => return Poll::Pending,
                 }
+            }
+            if fin_on_close {
+                // The other direction is done too: the copy ends now, and closing the plain TCP
+                // socket sends the FIN (its receive side was read to EOF, so no RST).
+                d.shut = true;
+                d.buf = BytesMut::new();
+                return Poll::Ready(Ok(()));
             }
             return match Pin::new(&mut *w).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => {
@@ -521,6 +532,7 @@ fn poll_dir_splice(
     counter: &AtomicU64,
     progressed: &mut bool,
     (rsrc, wsrc): (ErrorSource, ErrorSource),
+    fin_on_close: bool,
 ) -> Poll<Result<(), ProxyError>> {
     let Some(pipe) = d.pipe.as_mut() else {
         return Poll::Ready(Err(ProxyError {
@@ -545,6 +557,11 @@ fn poll_dir_splice(
             Poll::Pending => return Poll::Pending,
         }
         if d.shut {
+            return Poll::Ready(Ok(()));
+        }
+        if d.read_eof && fin_on_close {
+            // See poll_dir: closing the socket sends the FIN.
+            d.shut = true;
             return Poll::Ready(Ok(()));
         }
         if d.read_eof {
@@ -656,11 +673,13 @@ where
                         &this.bytes.upstream,
                         &mut progressed,
                         (ErrorSource::Downstream, ErrorSource::Upstream),
+                        this.down.shut,
                     ),
                     _ => Poll::Ready(Err(internal_no_tcp())),
                 }
             }
         } else {
+            let fin_on_close = this.down.shut && this.backend.plain_tcp().is_some();
             let hook = byte_up.then_some(Hook {
                 plan: &mut this.chaos,
                 flow: Flow::Up,
@@ -675,6 +694,7 @@ where
                 &mut progressed,
                 (ErrorSource::Downstream, ErrorSource::Upstream),
                 hook,
+                fin_on_close,
             )
         };
         if let Poll::Ready(Err(e)) = up {
@@ -698,11 +718,13 @@ where
                         &this.bytes.downstream,
                         &mut progressed,
                         (ErrorSource::Upstream, ErrorSource::Downstream),
+                        this.up.shut,
                     ),
                     _ => Poll::Ready(Err(internal_no_tcp())),
                 }
             }
         } else {
+            let fin_on_close = this.up.shut && this.client.plain_tcp().is_some();
             let hook = byte_down.then_some(Hook {
                 plan: &mut this.chaos,
                 flow: Flow::Down,
@@ -717,6 +739,7 @@ where
                 &mut progressed,
                 (ErrorSource::Upstream, ErrorSource::Downstream),
                 hook,
+                fin_on_close,
             )
         };
         if let Poll::Ready(Err(e)) = down {
