@@ -21,8 +21,11 @@
 #   RESULTS=dir        where JSON goes (default $CARGO_TARGET_DIR/lb-bench/<UTC time>)
 #   CARGO_TARGET_DIR   where the release binaries are built (default target/)
 #   SKIP_BUILD=1       use the binaries already built
-#   LB_VARIANTS="default 1"  warren-lb variants: "default" (one worker per CPU) or a worker-thread
-#                      count, optionally with "-nosplice" (buffered copy only), e.g. "1 1-nosplice"
+#   LB_VARIANTS="default 1 rules"  warren-lb variants: "default" (one worker per CPU) or a
+#                      worker-thread count, optionally with "-nosplice" (buffered copy only), e.g.
+#                      "1 1-nosplice"; "rules" is the default runtime with fault rules configured
+#                      that never fire (a generated config), measured with iperf3 only and
+#                      reported against the no-rules warren-lb (cost of idle chaos rules)
 #   HAPROXY_SPLICE=1   add `option splice-auto` to HAProxy (off by default: stock TCP mode)
 #   BENCH_NICE=-10     run the benchmark (proxies, backends, tools) at this nice value, and its
 #                      session's autogroup too (root only for negative values), to be less
@@ -39,7 +42,7 @@ SIZE=${SIZE:-64}
 IDLE_COUNT=${IDLE_COUNT:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 TOOL_THREADS=${TOOL_THREADS:-1}
-LB_VARIANTS=${LB_VARIANTS:-default 1}
+LB_VARIANTS=${LB_VARIANTS:-default 1 rules}
 ROUNDS=${ROUNDS:-1}
 HAPROXY_SPLICE=${HAPROXY_SPLICE:-0}
 PIN=${PIN:-0}
@@ -240,15 +243,59 @@ fi
 LB_PID=""
 LB_ADDR=""
 variant_name() { # default -> warren-lb, 1 -> warren-lb-1t, 1-nosplice -> warren-lb-1t-nosplice
+    [[ $1 == rules ]] && { echo warren-lb-rules; return; }
     local t=${1%%-*} rest=""
     [[ $1 == *-* ]] && rest=-${1#*-}
     if [[ $t == default ]]; then echo "warren-lb$rest"; else echo "warren-lb-${t}t$rest"; fi
 }
+rules_config() { # file backend: one listener with fault rules that are configured but never fire
+    cat >"$1" <<EOF
+[[listener]]
+name = "bench"
+bind = "127.0.0.1:0"
+backends = ["$2"]
+max_connections = $((IDLE + 1000))
+
+[[listener.fault]]
+name = "periodic"
+kind = "reset"
+every = "1h"
+
+[[listener.fault]]
+name = "old"
+kind = "reset"
+lifetime = "1h"
+
+[[listener.fault]]
+name = "rare"
+kind = "reset"
+rate = "1/day"
+
+[[listener.fault]]
+name = "publish"
+kind = "reset"
+on_amqp = "basic.publish"
+toxicity = 0
+
+[[listener.fault]]
+name = "slow"
+kind = "latency"
+latency = "50ms"
+enabled = false
+EOF
+}
 start_lb() { # log-name backend variant; sets LB_PID and LB_ADDR
     local name=$1 backend=$2 threads=${3%%-*} args=() envs=()
     args=(--listen 127.0.0.1:0 --backend "$backend")
+    if [[ $3 == rules ]]; then
+        threads=default
+        rules_config "$RESULTS/raw/$name.toml" "$backend"
+        "$LB" --check-config "$RESULTS/raw/$name.toml" >"$RESULTS/raw/$name.check" 2>&1 ||
+            { log "rules config rejected: $(cat "$RESULTS/raw/$name.check")"; return 1; }
+        args=(--config "$RESULTS/raw/$name.toml")
+    fi
     # room for the idle test beyond the default limit of 10,000 (only if this build has the flag)
-    grep -q -- '--max-connections' <<<"$LB_HELP" && args+=(--max-connections $((IDLE + 1000)))
+    [[ $3 != rules ]] && grep -q -- '--max-connections' <<<"$LB_HELP" && args+=(--max-connections $((IDLE + 1000)))
     if [[ $3 == *-nosplice ]]; then
         grep -q -- '--no-splice' <<<"$LB_HELP" || { log "this warren-lb has no --no-splice"; return 1; }
         args+=(--no-splice)
@@ -407,12 +454,13 @@ for ROUND in $(seq 1 "$ROUNDS"); do
     log "round $ROUND of $ROUNDS, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
     for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
-    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
-    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency1 latency_test "$n" 1 "$LATENCY1_DURATION" l1_; done
-    for n in "${NAMES[@]}"; do with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n" "$LATENCY_CONNECTIONS" "$DURATION" ""; done
+    # the rules variant is measured with iperf3 only (its cost on the copy path)
+    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
+    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency1 latency_test "$n" 1 "$LATENCY1_DURATION" l1_; done
+    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n" "$LATENCY_CONNECTIONS" "$DURATION" ""; done
 done
 ROUND=1
-for n in "${NAMES[@]}"; do [[ $n != direct ]] && idle_test "$n"; done
+for n in "${NAMES[@]}"; do [[ $n == direct || $n == warren-lb-rules ]] || idle_test "$n"; done
 for k in "${!MV[@]}"; do
     # shellcheck disable=SC2086 # word splitting of the value list is intended
     M[$k]=$(median ${MV[$k]})
@@ -475,6 +523,12 @@ ratio() { # lb haproxy
         for n in "${LBS[@]}"; do printf '%22s' "$(ratio "$(val "$n" "$key")" "$(val haproxy "$key")")"; done
         printf '  %s\n' "$target"
     done
+    if [[ " ${LBS[*]} " == *" warren-lb-rules "* ]]; then
+        for p in 1 8; do
+            printf 'iperf3 %s stream(s): warren-lb-rules / warren-lb = %s  (target: within 5%%)\n' "$p" \
+                "$(ratio "$(val warren-lb-rules "iperf_P${p}_gbps")" "$(val warren-lb "iperf_P${p}_gbps")")"
+        done
+    fi
 } | tee "$RESULTS/table.txt"
 ((LB_OK)) || echo "warren-lb UNAVAILABLE: $LB_WHY" | tee -a "$RESULTS/table.txt"
 # the same table in Markdown, for docs/benchmarks.md
