@@ -524,6 +524,7 @@ where
 }
 
 /// The spliced form of [`poll_dir`]: socket -> pipe -> socket.
+#[allow(clippy::too_many_arguments)] // as poll_dir
 fn poll_dir_splice(
     cx: &mut Context<'_>,
     d: &mut Dir,
