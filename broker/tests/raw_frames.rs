@@ -508,3 +508,105 @@ async fn ack_then_close_in_one_write_still_acks() {
     }
     b.shutdown().await;
 }
+
+/// The last consumer (no-ack) of an auto-delete queue leaves by closing its connection while a
+/// raw producer floods the queue: the queue must go, whatever backlog it holds. The queue used to
+/// drop the consumer on a failed delivery to the closed connection, before the cancel queued
+/// behind the publishes arrived, so the cancel found nothing and the queue stayed forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_delete_queue_with_backlog_goes_when_consumer_connection_closes() {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    let b = support::start().await;
+    for round in 0..3 {
+        let name = format!("ad-backlog-{round}");
+        let (_ac, admin) = b.channel().await;
+        let opts = QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        };
+        admin
+            .queue_declare(name.as_str().into(), opts, FieldTable::default())
+            .await
+            .expect("declare");
+        let cc = b.connect().await;
+        let cch = cc.create_channel().await.expect("ch");
+        let _cons = cch
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        // A producer much faster than the consumer: publishes written in bulk.
+        let mut r = Raw::connect(b.addr).await;
+        r.handshake(0).await;
+        r.open_channel(1).await;
+        let mut out = Vec::new();
+        for _ in 0..200_000 {
+            for f in [
+                AMQPFrame::Method(
+                    1,
+                    AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                        exchange: "".into(),
+                        routing_key: name.as_str().into(),
+                        mandatory: false,
+                        immediate: false,
+                    })),
+                ),
+                AMQPFrame::Header(
+                    1,
+                    amq_protocol::frame::AMQPContentHeader {
+                        class_id: 60,
+                        body_size: 16,
+                        properties: Default::default(),
+                    },
+                ),
+                AMQPFrame::Body(1, b"0123456789abcdef".to_vec()),
+            ] {
+                codec::encode(&f, &mut out).expect("encode");
+            }
+        }
+        let producer = tokio::spawn(async move {
+            let _ = r.sock.write_all(&out).await;
+            r
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cc.close(200, "bye".into()).await.expect("close consumer");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        producer.abort();
+        let _ = producer.await;
+        // The cancel may wait behind the publishes still in the queue's mailbox.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let e = loop {
+            let r = admin
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match r {
+                Err(e) => break e,
+                Ok(q) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "round {round}: queue still there with {} messages, {} consumers",
+                        q.message_count(),
+                        q.consumer_count()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(support::amqp_code(&e), Some(404), "round {round}");
+    }
+    b.shutdown().await;
+}

@@ -178,6 +178,9 @@ impl QueueActor {
             }
             let now = Instant::now();
             self.dispatch(now);
+            if self.deleted {
+                break;
+            }
             self.expire(now);
             if self.check_idle_expiry(now) {
                 self.delete_now();
@@ -334,6 +337,13 @@ impl QueueActor {
     }
 
     fn publish(&mut self, msg: Arc<Message>, confirm: Option<ConfirmTicket>, now: Instant) {
+        if self.deleted {
+            // Deleted earlier in this batch: dropped like any publish to a deleted queue.
+            if let Some(t) = confirm {
+                t.send(true);
+            }
+            return;
+        }
         let overflow = self.handle.args.overflow;
         if overflow != Overflow::DropHead && self.is_full(msg.body.len() as u64) {
             if let Some(t) = confirm {
@@ -413,12 +423,18 @@ impl QueueActor {
                 && &*c.spec.tag == tag)
         });
         if self.consumers.len() != before {
-            self.last_activity = now;
-            if self.consumers.is_empty() && self.handle.auto_delete && self.had_consumers {
-                self.delete_now();
-            }
+            self.consumers_left(now);
         }
         self.publish_counts();
+    }
+
+    /// Consumers went away (cancelled, or their connection is gone): an auto-delete queue goes
+    /// with its last consumer, whatever it holds (RabbitMQ semantics).
+    fn consumers_left(&mut self, now: Instant) {
+        self.last_activity = now;
+        if self.consumers.is_empty() && self.handle.auto_delete && self.had_consumers {
+            self.delete_now();
+        }
     }
 
     fn ack(&mut self, ids: &[u64]) {
@@ -635,8 +651,14 @@ impl QueueActor {
             }
         }
         if !dead_conns.is_empty() {
+            // The connection ended before its cancel reached us: the cancel will find nothing
+            // to remove, so the auto-delete check must happen here.
             self.consumers
                 .retain(|c| !dead_conns.iter().any(|d| Arc::ptr_eq(d, &c.spec.conn)));
+            self.consumers_left(now);
+            if self.deleted {
+                return 0;
+            }
         }
         delivered
     }
