@@ -65,7 +65,7 @@ fn no_exchange(name: &str, vhost: &str) -> ChannelError {
     ChannelError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
 }
 
-fn no_queue(name: &str, vhost: &str) -> ChannelError {
+pub(crate) fn no_queue(name: &str, vhost: &str) -> ChannelError {
     ChannelError::not_found(format!("no queue '{name}' in vhost '{vhost}'"))
 }
 

@@ -6,8 +6,18 @@ use crate::error::{AmqpError, ChannelError};
 use crate::exchange::{Destination, ExchangeKind};
 use amq_protocol::protocol::{exchange, AMQPClass};
 
-fn default_exchange_refused() -> ChannelError {
+pub(super) fn default_exchange_refused() -> ChannelError {
     ChannelError::access_refused("operation not permitted on the default exchange")
+}
+
+/// The checks exchange.bind and exchange.unbind share: no default exchange on either end, write
+/// on the destination, read on the source (RabbitMQ's rules).
+fn check_e2e(s: &Session, source: &str, destination: &str) -> Result<(), ChannelError> {
+    if source.is_empty() || destination.is_empty() {
+        return Err(default_exchange_refused());
+    }
+    s.check_perm(PermKind::Write, "exchange", destination)?;
+    s.check_perm(PermKind::Read, "exchange", source)
 }
 
 pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
@@ -77,11 +87,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
             Ok(())
         }
         exchange::AMQPMethod::Bind(b) => {
-            if b.source.as_str().is_empty() || b.destination.as_str().is_empty() {
-                return Err(default_exchange_refused().into());
-            }
-            s.check_perm(PermKind::Write, "exchange", b.destination.as_str())?;
-            s.check_perm(PermKind::Read, "exchange", b.source.as_str())?;
+            check_e2e(s, b.source.as_str(), b.destination.as_str())?;
             vhost.bind(
                 b.source.as_str(),
                 Destination::Exchange(b.destination.as_str().into()),
@@ -97,11 +103,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
             Ok(())
         }
         exchange::AMQPMethod::Unbind(b) => {
-            if b.source.as_str().is_empty() || b.destination.as_str().is_empty() {
-                return Err(default_exchange_refused().into());
-            }
-            s.check_perm(PermKind::Write, "exchange", b.destination.as_str())?;
-            s.check_perm(PermKind::Read, "exchange", b.source.as_str())?;
+            check_e2e(s, b.source.as_str(), b.destination.as_str())?;
             vhost.unbind(
                 b.source.as_str(),
                 Destination::Exchange(b.destination.as_str().into()),

@@ -1,11 +1,12 @@
 //! queue.declare / bind / unbind / purge / delete.
 
 use super::enc;
+use super::exchange::default_exchange_refused;
 use crate::connection::session::{PermKind, Session};
 use crate::error::{AmqpError, ChannelError};
 use crate::exchange::Destination;
 use crate::queue::{QueueArgs, QueueCmd};
-use crate::vhost::QueueSpec;
+use crate::vhost::{no_queue, QueueSpec, Vhost};
 use amq_protocol::protocol::{queue, AMQPClass};
 use rand::Rng;
 
@@ -40,10 +41,30 @@ fn declare_ok(name: &str, messages: u32, consumers: u32) -> AMQPClass {
     }))
 }
 
+/// The checks queue.bind and queue.unbind share; returns the resolved queue name.
+fn binding_queue(
+    s: &Session,
+    ch: u16,
+    vhost: &Vhost,
+    queue: &str,
+    exchange: &str,
+) -> Result<String, ChannelError> {
+    let name = resolve_name(s, ch, queue)?;
+    if exchange.is_empty() {
+        return Err(default_exchange_refused());
+    }
+    let q = vhost
+        .queue(&name)
+        .ok_or_else(|| no_queue(&name, &vhost.name))?;
+    s.check_exclusive(&q)?;
+    s.check_perm(PermKind::Write, "queue", &name)?;
+    s.check_perm(PermKind::Read, "exchange", exchange)?;
+    Ok(name)
+}
+
 pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<(), AmqpError> {
     let vhost = s.vhost()?;
-    let no_queue =
-        |n: &str| ChannelError::not_found(format!("no queue '{n}' in vhost '{}'", vhost.name));
+    let no_queue = |n: &str| no_queue(n, &vhost.name);
     match m {
         queue::AMQPMethod::Declare(d) => {
             if d.queue.as_str() == REPLY_TO && d.passive {
@@ -106,17 +127,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             Ok(())
         }
         queue::AMQPMethod::Bind(b) => {
-            let name = resolve_name(s, ch, b.queue.as_str())?;
-            if b.exchange.as_str().is_empty() {
-                return Err(ChannelError::access_refused(
-                    "operation not permitted on the default exchange",
-                )
-                .into());
-            }
-            let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
-            s.check_exclusive(&q)?;
-            s.check_perm(PermKind::Write, "queue", &name)?;
-            s.check_perm(PermKind::Read, "exchange", b.exchange.as_str())?;
+            let name = binding_queue(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
             vhost.bind(
                 b.exchange.as_str(),
                 Destination::Queue(name.as_str().into()),
@@ -132,17 +143,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             Ok(())
         }
         queue::AMQPMethod::Unbind(b) => {
-            let name = resolve_name(s, ch, b.queue.as_str())?;
-            if b.exchange.as_str().is_empty() {
-                return Err(ChannelError::access_refused(
-                    "operation not permitted on the default exchange",
-                )
-                .into());
-            }
-            let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
-            s.check_exclusive(&q)?;
-            s.check_perm(PermKind::Write, "queue", &name)?;
-            s.check_perm(PermKind::Read, "exchange", b.exchange.as_str())?;
+            let name = binding_queue(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
             vhost.unbind(
                 b.exchange.as_str(),
                 Destination::Queue(name.as_str().into()),
