@@ -22,6 +22,31 @@ pub struct Topology {
     pub queues: HashMap<Arc<str>, QueueHandle>,
 }
 
+impl Topology {
+    /// For bind and unbind: both ends must exist (404 otherwise); returns a copy of the source
+    /// exchange to change and put back (the topology is copy-on-write).
+    fn binding_source(
+        &self,
+        source: &str,
+        destination: &Destination,
+        vhost: &str,
+    ) -> Result<Exchange, ChannelError> {
+        match destination {
+            Destination::Queue(q) if !self.queues.contains_key(q) => {
+                return Err(no_queue(q, vhost))
+            }
+            Destination::Exchange(e) if !self.exchanges.contains_key(e) => {
+                return Err(no_exchange(e, vhost))
+            }
+            _ => {}
+        }
+        self.exchanges
+            .get(source)
+            .map(|ex| Exchange::clone(ex))
+            .ok_or_else(|| no_exchange(source, vhost))
+    }
+}
+
 /// A direct reply-to consumer.
 #[derive(Debug, Clone)]
 pub struct ReplyTarget {
@@ -189,19 +214,7 @@ impl Vhost {
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
         self.update(|t| {
-            match &destination {
-                Destination::Queue(q) if !t.queues.contains_key(q) => {
-                    return Err(no_queue(q, &vname))
-                }
-                Destination::Exchange(e) if !t.exchanges.contains_key(e) => {
-                    return Err(no_exchange(e, &vname))
-                }
-                _ => {}
-            }
-            let Some(ex) = t.exchanges.get(source) else {
-                return Err(no_exchange(source, &vname));
-            };
-            let mut ex = Exchange::clone(ex);
+            let mut ex = t.binding_source(source, &destination, &vname)?;
             ex.bind(Binding {
                 destination,
                 routing_key: routing_key.to_owned(),
@@ -222,19 +235,7 @@ impl Vhost {
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
         self.update(|t| {
-            match &destination {
-                Destination::Queue(q) if !t.queues.contains_key(q) => {
-                    return Err(no_queue(q, &vname))
-                }
-                Destination::Exchange(e) if !t.exchanges.contains_key(e) => {
-                    return Err(no_exchange(e, &vname))
-                }
-                _ => {}
-            }
-            let Some(ex) = t.exchanges.get(source) else {
-                return Err(no_exchange(source, &vname));
-            };
-            let mut ex = Exchange::clone(ex);
+            let mut ex = t.binding_source(source, &destination, &vname)?;
             let b = Binding {
                 destination,
                 routing_key: routing_key.to_owned(),
