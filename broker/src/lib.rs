@@ -15,6 +15,7 @@
 //! - [`store`]: the durability hook every queue state change goes through.
 //! - [`tls`]: AMQPS listener configuration.
 //! - [`shutdown`]: signal handling.
+//! - [`memory`]: node-wide accounting of message memory (alarms, paging).
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
 //!
 //! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
@@ -28,6 +29,7 @@ pub mod connection;
 pub mod error;
 pub mod exchange;
 pub mod intmap;
+pub mod memory;
 pub mod queue;
 pub mod shutdown;
 pub mod store;

@@ -46,6 +46,7 @@ impl Message {
             .expiration()
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok());
+        crate::memory::charge(Self::accounted(&header_payload, &body));
         Ok(Self {
             exchange,
             routing_key,
@@ -56,6 +57,11 @@ impl Message {
         })
     }
 
+    /// Bytes this message counts for in [`crate::memory`].
+    fn accounted(header_payload: &Bytes, body: &Bytes) -> u64 {
+        (header_payload.len() + body.len() + std::mem::size_of::<Self>()) as u64
+    }
+
     /// delivery-mode 2.
     pub fn persistent(&self) -> bool {
         *self.properties.delivery_mode() == Some(2)
@@ -63,6 +69,12 @@ impl Message {
 
     pub fn priority(&self) -> u8 {
         self.properties.priority().unwrap_or(0)
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        crate::memory::release(Self::accounted(&self.header_payload, &self.body));
     }
 }
 

@@ -1,0 +1,1 @@
+// warren management UI (plain JS, no build step).
