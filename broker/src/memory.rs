@@ -44,7 +44,7 @@ mod tests {
             AMQPProperties::default(),
             Bytes::from(vec![0u8; 10_000]),
         )
-        .unwrap();
+        .expect("valid message");
         assert!(super::used() >= before + 10_000, "body not charged");
         drop(msg);
         assert_eq!(super::used(), before, "not released on drop");
