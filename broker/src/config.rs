@@ -88,6 +88,14 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     pub vhosts: Vec<String>,
     pub permissions: Vec<PermissionConfig>,
+    /// Memory alarm threshold for message memory: a fraction of total memory (`0.4`) or an
+    /// absolute size (`"200MiB"`, `"1GB"`).
+    pub vm_memory_high_watermark: MemoryWatermark,
+    /// Queues page transient messages to disk above this fraction of the watermark.
+    pub vm_memory_high_watermark_paging_ratio: f64,
+    /// Disk alarm threshold for free space on the data directory's file system: a size
+    /// (`"50MB"`, or a bare integer of bytes) or `"mem_relative:1.0"` (times total memory).
+    pub disk_free_limit: DiskFreeLimit,
 }
 
 impl Default for Config {
@@ -117,6 +125,9 @@ impl Default for Config {
             users: Vec::new(),
             vhosts: Vec::new(),
             permissions: Vec::new(),
+            vm_memory_high_watermark: MemoryWatermark::Relative(0.4),
+            vm_memory_high_watermark_paging_ratio: 0.5,
+            disk_free_limit: DiskFreeLimit::Absolute(50_000_000),
         }
     }
 }
@@ -194,6 +205,13 @@ impl Config {
         if self.frame_max < 4096 {
             return Err(ConfigError::Invalid("frame-max must be >= 4096".into()));
         }
+        let ratio = self.vm_memory_high_watermark_paging_ratio;
+        if !ratio.is_finite() || ratio <= 0.0 {
+            return Err(ConfigError::Invalid(format!(
+                "vm-memory-high-watermark-paging-ratio must be a number above 0 (got {ratio}); \
+                 a value above 1 disables paging before the memory alarm"
+            )));
+        }
         if self.amqp.is_empty() && self.amqps.is_empty() {
             return Err(ConfigError::Invalid("no amqp or amqps listener".into()));
         }
@@ -221,6 +239,172 @@ impl Config {
     }
 }
 
+// === alarm thresholds ===
+
+/// `vm-memory-high-watermark`: when message memory reaches it, the memory alarm is raised.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "RawLimit")]
+pub enum MemoryWatermark {
+    /// Fraction of the node's total memory (the cgroup limit when lower), 0..=1.
+    Relative(f64),
+    /// Bytes.
+    Absolute(u64),
+}
+
+/// `disk-free-limit`: when free space on the data directory's file system falls below it, the
+/// disk alarm is raised.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "RawLimit")]
+pub enum DiskFreeLimit {
+    /// Bytes.
+    Absolute(u64),
+    /// Multiple of the node's total memory (RabbitMQ's `disk_free_limit.relative`).
+    MemRelative(f64),
+}
+
+/// A threshold as written in TOML: a number or a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLimit {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+const WATERMARK_HELP: &str =
+    "write a fraction of total memory such as 0.4, or a size with a unit such as \"200MiB\" or \"1GB\"";
+const DISK_LIMIT_HELP: &str =
+    "write a size such as \"50MB\" or \"2GiB\" (a bare integer is bytes), or \"mem_relative:1.0\"";
+
+impl MemoryWatermark {
+    fn fraction(f: f64, shown: &str) -> Result<Self, String> {
+        if f.is_finite() && (0.0..=1.0).contains(&f) {
+            Ok(Self::Relative(f))
+        } else {
+            Err(format!(
+                "vm-memory-high-watermark {shown}: a fraction of total memory must be between 0 \
+                 and 1; {WATERMARK_HELP}"
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for MemoryWatermark {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(f) = t.parse::<f64>() {
+            return Self::fraction(f, t);
+        }
+        parse_size(t)
+            .map(Self::Absolute)
+            .map_err(|e| format!("vm-memory-high-watermark '{t}': {e}; {WATERMARK_HELP}"))
+    }
+}
+
+impl TryFrom<RawLimit> for MemoryWatermark {
+    type Error = String;
+    fn try_from(v: RawLimit) -> Result<Self, String> {
+        match v {
+            RawLimit::Int(i) => Self::fraction(i as f64, &i.to_string()),
+            RawLimit::Float(f) => Self::fraction(f, &f.to_string()),
+            RawLimit::Str(s) => s.parse(),
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryWatermark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Relative(x) => write!(f, "{x}"),
+            Self::Absolute(b) => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFreeLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Some(rest) = t.strip_prefix("mem_relative") {
+            let num = rest.trim_start_matches([':', '=', ' ']).trim();
+            return match num.parse::<f64>() {
+                Ok(f) if f.is_finite() && f >= 0.0 => Ok(Self::MemRelative(f)),
+                _ => Err(format!(
+                    "disk-free-limit '{t}': mem_relative needs a number >= 0 such as \
+                     \"mem_relative:1.0\""
+                )),
+            };
+        }
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            return t
+                .parse::<u64>()
+                .map(Self::Absolute)
+                .map_err(|e| format!("disk-free-limit '{t}': {e}"));
+        }
+        parse_size(t)
+            .map(Self::Absolute)
+            .map_err(|e| format!("disk-free-limit '{t}': {e}; {DISK_LIMIT_HELP}"))
+    }
+}
+
+impl TryFrom<RawLimit> for DiskFreeLimit {
+    type Error = String;
+    fn try_from(v: RawLimit) -> Result<Self, String> {
+        match v {
+            RawLimit::Int(i) => u64::try_from(i)
+                .map(Self::Absolute)
+                .map_err(|_| format!("disk-free-limit {i}: must not be negative")),
+            RawLimit::Float(f) => Err(format!(
+                "disk-free-limit {f}: a bare number is ambiguous; {DISK_LIMIT_HELP}"
+            )),
+            RawLimit::Str(s) => s.parse(),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFreeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Absolute(b) => write!(f, "{b}B"),
+            Self::MemRelative(x) => write!(f, "mem_relative:{x}"),
+        }
+    }
+}
+
+/// Parses a size with a unit, RabbitMQ style: `kB`/`MB`/`GB`/`TB` are powers of 1000,
+/// `KiB`/`MiB`/`GiB`/`TiB` (and the one-letter `k`/`M`/`G`/`T`) powers of 1024, `B` bytes.
+/// Units are case-insensitive; the number may have a fraction (`1.5GiB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = (&s[..split], s[split..].trim());
+    if num.is_empty() {
+        return Err("not a size".into());
+    }
+    let n: f64 = num.parse().map_err(|_| format!("bad number '{num}'"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mi" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gi" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "ti" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        "" => return Err("a size needs a unit (B, kB, KiB, MB, MiB, GB, GiB, TB, TiB)".into()),
+        other => return Err(format!("unknown unit '{other}'")),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err("size too large".into());
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +425,75 @@ mod tests {
         assert_eq!(cfg.node_name, "a@b");
         assert_eq!(cfg.max_message_size, 10);
         cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn alarm_thresholds_parse_rabbitmq_style() {
+        let cfg = Config::from_toml_str(
+            "vm-memory-high-watermark = 0.6\nvm-memory-high-watermark-paging-ratio = 0.75\n\
+             disk-free-limit = \"1GB\"\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.vm_memory_high_watermark, MemoryWatermark::Relative(0.6));
+        assert_eq!(cfg.vm_memory_high_watermark_paging_ratio, 0.75);
+        assert_eq!(cfg.disk_free_limit, DiskFreeLimit::Absolute(1_000_000_000));
+        cfg.validate().expect("valid");
+
+        let cfg = Config::from_toml_str(
+            "vm-memory-high-watermark = \"200MiB\"\ndisk-free-limit = 1000\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            cfg.vm_memory_high_watermark,
+            MemoryWatermark::Absolute(200 << 20)
+        );
+        assert_eq!(cfg.disk_free_limit, DiskFreeLimit::Absolute(1000));
+
+        let cfg = Config::from_toml_str("disk-free-limit = \"mem_relative:1.5\"\n").expect("parse");
+        assert_eq!(cfg.disk_free_limit, DiskFreeLimit::MemRelative(1.5));
+        assert_eq!(
+            Config::default().disk_free_limit,
+            DiskFreeLimit::Absolute(50_000_000)
+        );
+        assert_eq!(
+            Config::default().vm_memory_high_watermark,
+            MemoryWatermark::Relative(0.4)
+        );
+    }
+
+    #[test]
+    fn alarm_thresholds_reject_nonsense_with_a_reason() {
+        for (toml, want) in [
+            ("vm-memory-high-watermark = 1.5\n", "between 0 and 1"),
+            ("vm-memory-high-watermark = -0.1\n", "between 0 and 1"),
+            ("vm-memory-high-watermark = \"200\"\n", "between 0 and 1"),
+            ("vm-memory-high-watermark = \"200XB\"\n", "unknown unit"),
+            ("vm-memory-high-watermark = \"lots\"\n", "not a size"),
+            ("disk-free-limit = -5\n", "negative"),
+            ("disk-free-limit = 0.5\n", "ambiguous"),
+            ("disk-free-limit = \"mem_relative:x\"\n", "mem_relative"),
+            ("disk-free-limit = \"50 parsecs\"\n", "unknown unit"),
+        ] {
+            let e = Config::from_toml_str(toml).expect_err(toml).to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+        }
+        let cfg =
+            Config::from_toml_str("vm-memory-high-watermark-paging-ratio = 0.0\n").expect("parse");
+        let e = cfg.validate().expect_err("ratio 0").to_string();
+        assert!(e.contains("paging-ratio"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("50MB"), Ok(50_000_000));
+        assert_eq!(parse_size("50mb"), Ok(50_000_000));
+        assert_eq!(parse_size("64 KiB"), Ok(65_536));
+        assert_eq!(parse_size("10k"), Ok(10_240));
+        assert_eq!(parse_size("1000TB"), Ok(1_000_000_000_000_000));
+        assert_eq!(parse_size("7B"), Ok(7));
+        assert!(parse_size("7").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+        assert!(parse_size("").is_err());
     }
 }

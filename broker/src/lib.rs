@@ -91,6 +91,13 @@ impl Broker {
     /// addresses (`listening proto=amqp addr=...`).
     pub async fn bind(cfg: Config) -> Result<Bound, StartError> {
         cfg.validate()?;
+        let limits = memory::configure(&cfg);
+        info!(
+            high_watermark = limits.high_watermark,
+            paging_threshold = limits.paging_threshold,
+            total_memory = limits.total_memory.unwrap_or(0),
+            "memory limits"
+        );
         for (flag, addrs) in [
             ("mgmt", &cfg.mgmt),
             ("prometheus", &cfg.prometheus),

@@ -5,7 +5,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
-use warren_broker::config::Config;
+use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
 use warren_broker::Broker;
 
 /// Lightweight AMQP 0-9-1 broker, wire compatible with RabbitMQ clients.
@@ -54,6 +54,15 @@ struct Cli {
     /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
     #[arg(long)]
     log: Option<String>,
+    /// Memory alarm threshold: fraction of total memory (0.4) or a size ("200MiB", "1GB").
+    #[arg(long, value_name = "FRACTION|SIZE")]
+    vm_memory_high_watermark: Option<MemoryWatermark>,
+    /// Page transient messages to disk above this fraction of the memory watermark.
+    #[arg(long, value_name = "RATIO")]
+    vm_memory_high_watermark_paging_ratio: Option<f64>,
+    /// Disk alarm threshold on the data directory: a size ("50MB") or "mem_relative:1.0".
+    #[arg(long, value_name = "SIZE")]
+    disk_free_limit: Option<DiskFreeLimit>,
 }
 
 fn merge(cli: Cli, mut cfg: Config) -> Config {
@@ -92,6 +101,15 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if cli.log.is_some() {
         cfg.log = cli.log;
+    }
+    if let Some(v) = cli.vm_memory_high_watermark {
+        cfg.vm_memory_high_watermark = v;
+    }
+    if let Some(v) = cli.vm_memory_high_watermark_paging_ratio {
+        cfg.vm_memory_high_watermark_paging_ratio = v;
+    }
+    if let Some(v) = cli.disk_free_limit {
+        cfg.disk_free_limit = v;
     }
     cfg
 }
