@@ -16,10 +16,12 @@
 //! - [`tls`]: AMQPS listener configuration.
 //! - [`shutdown`]: signal handling.
 //! - [`memory`]: node-wide accounting of message memory (alarms, paging).
+//! - [`alarm`]: memory and disk alarms that block publishing connections.
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
 //!
 //! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
 
+pub mod alarm;
 pub mod auth;
 pub mod channel;
 pub mod class;
@@ -84,6 +86,7 @@ pub struct Bound {
     amqp: Vec<TcpListener>,
     amqps: Vec<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    monitor: alarm::Monitor,
 }
 
 impl Broker {
@@ -98,6 +101,7 @@ impl Broker {
             total_memory = limits.total_memory.unwrap_or(0),
             "memory limits"
         );
+        let monitor = alarm::configure(&cfg);
         for (flag, addrs) in [
             ("mgmt", &cfg.mgmt),
             ("prometheus", &cfg.prometheus),
@@ -175,6 +179,7 @@ impl Broker {
             amqp,
             amqps,
             tls,
+            monitor,
         })
     }
 }
@@ -184,6 +189,8 @@ impl Bound {
     /// the call returns once they are gone (or the grace period ends).
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        let monitor_stop = CancellationToken::new();
+        let monitor = tokio::spawn(self.monitor.run(monitor_stop.clone()));
         for l in self.amqp {
             tracker.spawn(accept_loop(
                 l,
@@ -208,6 +215,8 @@ impl Bound {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("shutdown grace period over; dropping remaining connections");
         }
+        monitor_stop.cancel();
+        let _ = monitor.await;
         info!("broker stopped");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod session;
 pub mod state;
+pub mod throttle;
 
 use crate::codec::{self, HeaderCheck};
 use crate::error::ConnectionError;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use throttle::Throttle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -63,8 +65,37 @@ pub async fn serve<S>(
     // Bytes of `s.out` already written; the buffer is compacted only when fully written or
     // when the written prefix is large, so partial writes do not memmove the rest each time.
     let mut written = 0usize;
+    let mut alarm_rx = crate::alarm::subscribe();
+    let mut alarms_live = true;
+    let mut throttle = Throttle::new(*alarm_rx.borrow_and_update());
+    // Bytes read but left undecoded because a publish blocked the connection.
+    let mut stalled = false;
 
     loop {
+        // 0. Reads are paused only for an open connection blocked by an alarm; a closing one
+        //    must still see close-ok.
+        let paused = throttle.is_blocked() && state.state() == State::Open;
+        if paused != state.recv_monitor_paused() {
+            if paused {
+                state.pause_recv_monitor();
+            } else {
+                state.resume_recv_monitor(Instant::now());
+            }
+        }
+        if stalled && !paused {
+            stalled = decode_all(
+                &mut rbuf,
+                &mut header_done,
+                &mut state,
+                &mut throttle,
+                Instant::now(),
+            );
+        }
+        if let Some(m) = throttle.poll_output() {
+            if let Err(e) = s.method(0, m) {
+                warn!(error = %e, "encode failed");
+            }
+        }
         // 1. Drain the state machine: frames to the buffer, effects to the session.
         while let Some(o) = state.poll_output() {
             match o {
@@ -75,7 +106,12 @@ pub async fn serve<S>(
                     }
                 }
                 Output::Effect(Effect::Shutdown) => stop = true,
-                Output::Effect(e) => apply_effect(&mut s, &mut state, e).await,
+                Output::Effect(e) => {
+                    if matches!(e, Effect::Opened { .. }) {
+                        throttle.set_notify(state.client_wants_blocked());
+                    }
+                    apply_effect(&mut s, &mut state, e).await
+                }
             }
         }
         s.flush_publishes().await;
@@ -109,13 +145,17 @@ pub async fn serve<S>(
                     state.note_sent(Instant::now());
                 }
             },
-            r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await } => match r {
+            r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await }, if !paused && !stalled => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     let now = Instant::now();
                     state.note_received(now);
-                    decode_all(&mut rbuf, &mut header_done, &mut state, now);
+                    stalled = decode_all(&mut rbuf, &mut header_done, &mut state, &mut throttle, now);
                 }
+            },
+            r = alarm_rx.changed(), if alarms_live => match r {
+                Ok(()) => throttle.on_alarms(*alarm_rx.borrow_and_update()),
+                Err(_) => alarms_live = false,
             },
             ev = s.events_rx.recv(), if take_events => {
                 if let Some(ev) = ev {
@@ -149,15 +189,18 @@ pub async fn serve<S>(
     debug!(conn_id, "connection closed");
 }
 
+/// Feeds every complete frame in `rbuf` to the state machine. Returns true when it stopped
+/// early because a publish blocked the connection (the rest stays in `rbuf` until unblocked).
 fn decode_all(
     rbuf: &mut BytesMut,
     header_done: &mut bool,
     state: &mut ConnectionState,
+    throttle: &mut Throttle,
     now: Instant,
-) {
+) -> bool {
     if !*header_done {
         match codec::check_protocol_header(rbuf) {
-            HeaderCheck::Incomplete => return,
+            HeaderCheck::Incomplete => return false,
             HeaderCheck::Ok => {
                 rbuf.advance(8);
                 *header_done = true;
@@ -166,26 +209,34 @@ fn decode_all(
             HeaderCheck::Mismatch => {
                 rbuf.clear();
                 state.handle_protocol_header(HeaderCheck::Mismatch, now);
-                return;
+                return false;
             }
         }
     }
     loop {
         if state.state() == State::Closed {
             rbuf.clear();
-            return;
+            return false;
         }
         match codec::decode(rbuf, state.frame_max()) {
             Ok(Some((frame, n))) => {
                 rbuf.advance(n);
+                let content = matches!(
+                    frame,
+                    amq_protocol::frame::AMQPFrame::Header(..)
+                        | amq_protocol::frame::AMQPFrame::Body(..)
+                );
                 state.handle_input(frame, now);
+                if content && state.state() == State::Open && throttle.on_publish() {
+                    return true;
+                }
             }
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 debug!(error = %e, "bad frame");
                 rbuf.clear();
                 state.close_connection(e.into(), now);
-                return;
+                return false;
             }
         }
     }

@@ -115,6 +115,11 @@ pub struct ConnectionState {
     last_recv: Instant,
     last_sent: Instant,
     deadline: Option<Instant>,
+    /// The client advertised the `connection.blocked` capability in start-ok.
+    blocked_capability: bool,
+    /// Reads are paused (publisher blocked by an alarm): missing heartbeats from the client
+    /// are not its fault, so they do not close the connection.
+    recv_monitor_paused: bool,
 }
 
 const MIN_FRAME_MAX: u32 = 4096;
@@ -218,7 +223,32 @@ impl ConnectionState {
             last_recv: now,
             last_sent: now,
             deadline,
+            blocked_capability: false,
+            recv_monitor_paused: false,
         }
+    }
+
+    /// The client asked for connection.blocked / unblocked notifications.
+    pub fn client_wants_blocked(&self) -> bool {
+        self.blocked_capability
+    }
+
+    /// The shell stopped reading the socket (publisher blocked by an alarm): stop expecting
+    /// client heartbeats.
+    pub fn pause_recv_monitor(&mut self) {
+        self.recv_monitor_paused = true;
+    }
+
+    /// The shell reads again: client heartbeats are expected from `now` on.
+    pub fn resume_recv_monitor(&mut self, now: Instant) {
+        if self.recv_monitor_paused {
+            self.recv_monitor_paused = false;
+            self.last_recv = now;
+        }
+    }
+
+    pub fn recv_monitor_paused(&self) -> bool {
+        self.recv_monitor_paused
     }
 
     pub fn state(&self) -> State {
@@ -256,8 +286,8 @@ impl ConnectionState {
         if self.state == State::Open && self.heartbeat > 0 {
             let hb = Duration::from_secs(self.heartbeat as u64);
             let send_at = self.last_sent + hb / 2;
-            let dead_at = self.last_recv + hb * 2;
-            for x in [send_at, dead_at] {
+            let dead_at = (!self.recv_monitor_paused).then(|| self.last_recv + hb * 2);
+            for x in std::iter::once(send_at).chain(dead_at) {
                 t = Some(t.map_or(x, |y: Instant| y.min(x)));
             }
         }
@@ -290,7 +320,7 @@ impl ConnectionState {
         }
         if self.state == State::Open && self.heartbeat > 0 {
             let hb = Duration::from_secs(self.heartbeat as u64);
-            if now >= self.last_recv + hb * 2 {
+            if !self.recv_monitor_paused && now >= self.last_recv + hb * 2 {
                 // Two missed intervals: the peer is gone; close without a handshake.
                 self.shutdown();
             } else if now >= self.last_sent + hb / 2 {
@@ -433,6 +463,11 @@ impl ConnectionState {
             ))
             .with_method(10, 11)
         };
+        self.blocked_capability = matches!(
+            so.client_properties.inner().get("capabilities"),
+            Some(AMQPValue::FieldTable(caps))
+                if caps.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
+        );
         let (user, pass) = parse_credentials(mech, &so.response).ok_or_else(refused)?;
         match self
             .cfg
@@ -886,6 +921,64 @@ mod tests {
         assert!(drain(&mut s)
             .iter()
             .any(|o| matches!(o, Output::Effect(Effect::Shutdown))));
+    }
+
+    #[test]
+    fn paused_receive_monitor_keeps_a_silent_client_and_restarts_on_resume() {
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.pause_recv_monitor();
+        // Only heartbeats to send: no deadline for the client's.
+        for i in 1..=10u64 {
+            let t = s.poll_timeout().expect("send timer");
+            assert_eq!(t, now + Duration::from_secs(5 * i));
+            s.handle_timeout(t);
+            assert!(matches!(
+                drain(&mut s).as_slice(),
+                [Output::Frame(AMQPFrame::Heartbeat)]
+            ));
+        }
+        let later = now + Duration::from_secs(50);
+        s.resume_recv_monitor(later);
+        s.handle_timeout(later + Duration::from_secs(19));
+        assert!(!drain(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Effect(Effect::Shutdown))));
+        s.handle_timeout(later + Duration::from_secs(20));
+        assert!(drain(&mut s)
+            .iter()
+            .any(|o| matches!(o, Output::Effect(Effect::Shutdown))));
+    }
+
+    #[test]
+    fn blocked_capability_is_read_from_start_ok() {
+        for (caps, want) in [
+            (Some(AMQPValue::Boolean(true)), true),
+            (Some(AMQPValue::Boolean(false)), false),
+            (None, false),
+        ] {
+            let (mut s, now) = machine();
+            s.handle_protocol_header(HeaderCheck::Ok, now);
+            let mut props = FieldTable::default();
+            if let Some(v) = caps {
+                let mut t = FieldTable::default();
+                t.insert("connection.blocked".into(), v);
+                props.insert("capabilities".into(), AMQPValue::FieldTable(t));
+            }
+            s.handle_input(
+                AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                        client_properties: props,
+                        mechanism: "PLAIN".into(),
+                        response: "\0guest\0guest".into(),
+                        locale: "en_US".into(),
+                    })),
+                ),
+                now,
+            );
+            assert_eq!(s.client_wants_blocked(), want);
+        }
     }
 
     #[test]

@@ -1,0 +1,333 @@
+//! Resource alarms: memory high watermark and disk free limit, as in RabbitMQ.
+//!
+//! - **Memory**: raised when message memory ([`crate::memory::used`]) reaches
+//!   [`crate::memory::high_watermark`], cleared when it falls below. The monitor is woken the
+//!   moment the counter crosses the watermark and also polls it every second.
+//! - **Disk**: raised when free space on the file system of the data directory (statvfs, for
+//!   the unprivileged user) falls below `disk-free-limit`, cleared when it is back at or above.
+//!   Checked every 10 s when far from the limit and down to every 100 ms when close to it.
+//!
+//! Raising and clearing are logged (`alarm set resource=memory ...`, `alarm cleared ...`) and
+//! published to every connection through [`subscribe`]. Connections then block publishers:
+//! see `connection/throttle.rs` and `connection/LIFECYCLE.md`.
+//!
+//! The state is process-wide, like [`crate::memory`]: one broker per process. [`configure`]
+//! (from `Broker::bind`) takes the first readings synchronously, so a broker that starts with
+//! too little disk refuses publishes from its very first connection.
+//!
+//! For the management API: [`state`] returns a snapshot of both alarms and their inputs;
+//! [`set_disk_free_limit`] and [`crate::memory::set_high_watermark`] change the thresholds at
+//! run time (RabbitMQ's `set_disk_free_limit` / `set_vm_memory_high_watermark`).
+
+use crate::config::{Config, DiskFreeLimit};
+use crate::memory;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Which alarms are set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Alarms {
+    pub memory: bool,
+    pub disk: bool,
+}
+
+impl Alarms {
+    pub fn any(self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason sent in connection.blocked (RabbitMQ's wording).
+    pub fn reason(self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory & disk",
+            (true, false) => "low on memory",
+            (false, true) => "low on disk",
+            (false, false) => "",
+        }
+    }
+}
+
+/// A snapshot of the alarms and what they are computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlarmState {
+    /// Memory alarm set.
+    pub memory: bool,
+    /// Disk alarm set.
+    pub disk: bool,
+    /// Bytes held by messages.
+    pub mem_used: u64,
+    /// The memory high watermark, bytes (`u64::MAX` when unlimited).
+    pub mem_limit: u64,
+    /// Free bytes on the data directory's file system at the last check (None: not known).
+    pub disk_free: Option<u64>,
+    /// The disk free limit, bytes.
+    pub disk_free_limit: u64,
+}
+
+static ALARMS: LazyLock<watch::Sender<Alarms>> =
+    LazyLock::new(|| watch::Sender::new(Alarms::default()));
+static DISK_FREE: AtomicU64 = AtomicU64::new(u64::MAX);
+static DISK_FREE_LIMIT: AtomicU64 = AtomicU64::new(0);
+/// Wakes the monitor for an immediate disk check (limit changed at run time).
+static RECHECK: Notify = Notify::const_new();
+
+/// Current alarms and their inputs.
+pub fn state() -> AlarmState {
+    let a = *ALARMS.borrow();
+    let free = DISK_FREE.load(Ordering::Relaxed);
+    AlarmState {
+        memory: a.memory,
+        disk: a.disk,
+        mem_used: memory::used(),
+        mem_limit: memory::high_watermark(),
+        disk_free: (free != u64::MAX).then_some(free),
+        disk_free_limit: DISK_FREE_LIMIT.load(Ordering::Relaxed),
+    }
+}
+
+/// Current alarms.
+pub fn alarms() -> Alarms {
+    *ALARMS.borrow()
+}
+
+/// A receiver that sees every change of the alarms.
+pub fn subscribe() -> watch::Receiver<Alarms> {
+    ALARMS.subscribe()
+}
+
+/// The disk free limit in bytes.
+pub fn disk_free_limit() -> u64 {
+    DISK_FREE_LIMIT.load(Ordering::Relaxed)
+}
+
+/// Changes the disk free limit; the monitor re-checks at once.
+pub fn set_disk_free_limit(bytes: u64) {
+    DISK_FREE_LIMIT.store(bytes, Ordering::Relaxed);
+    RECHECK.notify_one();
+}
+
+/// Resolves the disk free limit (after [`memory::configure`]) and takes the first readings,
+/// so alarms that hold at start are set before any client connects.
+pub fn configure(cfg: &Config) -> Monitor {
+    let limit = match cfg.disk_free_limit {
+        DiskFreeLimit::Absolute(b) => b,
+        DiskFreeLimit::MemRelative(f) => {
+            let total = memory::total_memory().unwrap_or(memory::ASSUMED_TOTAL_MEMORY);
+            (total as f64 * f).min(u64::MAX as f64) as u64
+        }
+    };
+    DISK_FREE_LIMIT.store(limit, Ordering::Relaxed);
+    info!(
+        disk_free_limit = limit,
+        data_dir = %cfg.data_dir.display(),
+        "disk free limit"
+    );
+    let mut m = Monitor {
+        data_dir: cfg.data_dir.clone(),
+        logic: AlarmLogic::default(),
+        disk_error_logged: false,
+    };
+    m.check_memory();
+    m.check_disk();
+    m
+}
+
+/// Owns the checks; [`Monitor::run`] is the periodic task.
+#[derive(Debug)]
+pub struct Monitor {
+    data_dir: PathBuf,
+    logic: AlarmLogic,
+    disk_error_logged: bool,
+}
+
+const MEMORY_POLL: Duration = Duration::from_secs(1);
+
+impl Monitor {
+    /// Checks until `shutdown`; then clears the alarms it set (a stopped broker has none).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut next_disk = self.check_disk();
+        loop {
+            let disk_at = tokio::time::Instant::now() + next_disk;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = memory::crossed() => self.check_memory(),
+                _ = RECHECK.notified() => next_disk = self.check_disk(),
+                _ = tokio::time::sleep(MEMORY_POLL.min(next_disk)) => {
+                    self.check_memory();
+                    if tokio::time::Instant::now() >= disk_at {
+                        next_disk = self.check_disk();
+                    } else {
+                        next_disk = disk_at - tokio::time::Instant::now();
+                    }
+                }
+            }
+        }
+        ALARMS.send_replace(Alarms::default());
+    }
+
+    fn check_memory(&mut self) {
+        let (used, limit) = (memory::used(), memory::high_watermark());
+        if let Some(change) = self.logic.memory(used, limit) {
+            match change {
+                Change::Set => warn!(resource = %"memory", used, limit, "alarm set"),
+                Change::Cleared => info!(resource = %"memory", used, limit, "alarm cleared"),
+            }
+            self.publish();
+        }
+    }
+
+    /// Returns when to check the disk next.
+    fn check_disk(&mut self) -> Duration {
+        let limit = disk_free_limit();
+        let free = match free_bytes(&self.data_dir) {
+            Ok(f) => {
+                self.disk_error_logged = false;
+                f
+            }
+            Err(e) => {
+                if !self.disk_error_logged {
+                    warn!(error = %e, data_dir = %self.data_dir.display(), "cannot read free disk space");
+                    self.disk_error_logged = true;
+                }
+                DISK_FREE.store(u64::MAX, Ordering::Relaxed);
+                return Duration::from_secs(10);
+            }
+        };
+        DISK_FREE.store(free, Ordering::Relaxed);
+        if let Some(change) = self.logic.disk(free, limit) {
+            match change {
+                Change::Set => warn!(resource = %"disk", free, limit, "alarm set"),
+                Change::Cleared => info!(resource = %"disk", free, limit, "alarm cleared"),
+            }
+            self.publish();
+        }
+        disk_check_interval(free, limit)
+    }
+
+    fn publish(&self) {
+        ALARMS.send_replace(self.logic.alarms);
+    }
+}
+
+/// Free bytes for unprivileged users on the file system holding `dir` (or its nearest
+/// existing ancestor: the data directory may not exist yet).
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let existing = dir
+        .ancestors()
+        .find(|p| !p.as_os_str().is_empty() && p.exists())
+        .unwrap_or(Path::new("."));
+    let st = nix::sys::statvfs::statvfs(existing).map_err(std::io::Error::from)?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Next disk check: the time the gap to the limit takes to close at a fast disk's write rate
+/// (250 MB/s), between 100 ms and 10 s.
+pub fn disk_check_interval(free: u64, limit: u64) -> Duration {
+    const RATE: u64 = 250_000_000;
+    let gap = free.abs_diff(limit);
+    Duration::from_millis((gap.saturating_mul(1000) / RATE).clamp(100, 10_000))
+}
+
+/// A transition of one alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Set,
+    Cleared,
+}
+
+/// The pure part: thresholds to transitions.
+#[derive(Debug, Default)]
+pub struct AlarmLogic {
+    pub alarms: Alarms,
+}
+
+impl AlarmLogic {
+    /// Memory alarm while `used >= limit` (a watermark of 0 blocks every publish, as in
+    /// RabbitMQ).
+    pub fn memory(&mut self, used: u64, limit: u64) -> Option<Change> {
+        Self::update(&mut self.alarms.memory, used >= limit)
+    }
+
+    /// Disk alarm while `free < limit`.
+    pub fn disk(&mut self, free: u64, limit: u64) -> Option<Change> {
+        Self::update(&mut self.alarms.disk, free < limit)
+    }
+
+    fn update(flag: &mut bool, now: bool) -> Option<Change> {
+        if *flag == now {
+            return None;
+        }
+        *flag = now;
+        Some(if now { Change::Set } else { Change::Cleared })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_alarm_follows_the_watermark() {
+        let mut l = AlarmLogic::default();
+        assert_eq!(l.memory(99, 100), None);
+        assert_eq!(l.memory(100, 100), Some(Change::Set));
+        assert_eq!(l.memory(150, 100), None);
+        assert!(l.alarms.memory && l.alarms.any());
+        assert_eq!(l.alarms.reason(), "low on memory");
+        assert_eq!(l.memory(99, 100), Some(Change::Cleared));
+        assert!(!l.alarms.any());
+        assert_eq!(l.memory(0, u64::MAX), None, "unlimited never alarms");
+        assert_eq!(
+            l.memory(0, 0),
+            Some(Change::Set),
+            "watermark 0 blocks publishing"
+        );
+    }
+
+    #[test]
+    fn disk_alarm_follows_the_limit() {
+        let mut l = AlarmLogic::default();
+        assert_eq!(l.disk(100, 100), None);
+        assert_eq!(l.disk(99, 100), Some(Change::Set));
+        assert_eq!(l.alarms.reason(), "low on disk");
+        l.memory(1, 1);
+        assert_eq!(l.alarms.reason(), "low on memory & disk");
+        assert_eq!(l.disk(100, 100), Some(Change::Cleared));
+        assert_eq!(l.disk(0, 0), None, "limit 0 never alarms");
+    }
+
+    #[test]
+    fn disk_checks_speed_up_near_the_limit() {
+        assert_eq!(
+            disk_check_interval(100 << 30, 50_000_000),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            disk_check_interval(1_050_000_000, 50_000_000),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            disk_check_interval(50_000_001, 50_000_000),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            disk_check_interval(0, 1_000_000_000),
+            Duration::from_secs(4),
+            "in alarm: as fast as free space could come back"
+        );
+    }
+
+    #[test]
+    fn free_bytes_of_a_missing_dir_uses_its_parent() {
+        let base = std::env::temp_dir();
+        let missing = base.join("warren-alarm-test-missing/a/b");
+        let f = free_bytes(&missing).expect("statvfs");
+        assert!(f > 0);
+        assert!(free_bytes(Path::new("relative/missing")).is_ok());
+    }
+}

@@ -1,0 +1,431 @@
+//! Resource alarms: a memory watermark or disk free limit blocks publishing connections
+//! (connection.blocked to those that asked for it, their socket no longer read) until the
+//! alarm clears.
+//!
+//! Alarm state is process-wide (one broker per process); nextest runs each test in its own
+//! process.
+
+mod support;
+
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{basic, channel, connection, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use futures_lite::StreamExt;
+use lapin::options::{BasicAckOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_broker::alarm;
+use warren_broker::codec;
+use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
+
+const WATERMARK: u64 = 100 * 1024;
+const BODY: usize = 10 * 1024;
+
+/// A broker whose memory alarm goes off at 100 KiB of messages. Paging is pushed beyond the
+/// watermark so that only the alarm acts on memory here.
+fn low_watermark() -> Config {
+    Config {
+        vm_memory_high_watermark: MemoryWatermark::Absolute(WATERMARK),
+        vm_memory_high_watermark_paging_ratio: 10.0,
+        ..Config::for_tests()
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next_event(
+    events: &mut (impl futures_lite::Stream<Item = lapin::Event> + Unpin),
+) -> lapin::Event {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("timed out waiting for a connection event")
+            .expect("event stream ended");
+        match ev {
+            lapin::Event::Connected => continue,
+            ev => return ev,
+        }
+    }
+}
+
+async fn message_count(ch: &lapin::Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
+#[tokio::test]
+async fn memory_alarm_blocks_a_publisher_until_a_consumer_drains() {
+    let b = support::start_with(low_watermark()).await;
+    assert_eq!(alarm::state().mem_limit, WATERMARK);
+    let publisher = b.connect().await;
+    let mut events = Box::pin(publisher.events_listener());
+    let pch = publisher.create_channel().await.expect("channel");
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    support::declare(&pch, "q", Default::default()).await;
+
+    // Ten 10 KiB messages reach the watermark.
+    for _ in 0..10 {
+        let confirm = pch
+            .basic_publish(
+                "".into(),
+                "q".into(),
+                Default::default(),
+                &[7u8; BODY],
+                Default::default(),
+            )
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+    wait_until("the memory alarm", || alarm::alarms().memory).await;
+    let st = alarm::state();
+    assert!(st.memory && !st.disk, "{st:?}");
+    assert!(st.mem_used >= WATERMARK, "{st:?}");
+
+    // The next publish blocks the connection; it is not routed while blocked.
+    let held = pch
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            Default::default(),
+            b"held back",
+            Default::default(),
+        )
+        .await
+        .expect("publish");
+    match next_event(&mut events).await {
+        lapin::Event::ConnectionBlocked(reason) => assert_eq!(reason, "low on memory"),
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    assert!(publisher.status().blocked());
+
+    // A connection that does not publish keeps working, and drains the queue.
+    let (_cc, cch) = b.channel().await;
+    assert_eq!(
+        message_count(&cch, "q").await,
+        10,
+        "held publish was routed"
+    );
+    let mut consumer = support::consume(&cch, "q", false).await;
+    for _ in 0..10 {
+        let d = support::next(&mut consumer).await;
+        assert_eq!(d.data.len(), BODY);
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    match next_event(&mut events).await {
+        lapin::Event::ConnectionUnblocked => {}
+        other => panic!("expected connection.unblocked, got {other:?}"),
+    }
+    assert!(!alarm::alarms().any());
+    // The held publish goes through once the socket is read again.
+    assert!(held.await.expect("confirm").is_ack());
+    let d = support::next(&mut consumer).await;
+    assert_eq!(&d.data[..], b"held back");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn disk_alarm_blocks_from_the_start_and_clears_with_a_lower_limit() {
+    let cfg = Config {
+        disk_free_limit: DiskFreeLimit::Absolute(1_000_000_000_000_000), // 1000 TB
+        ..Config::for_tests()
+    };
+    let b = support::start_with(cfg).await;
+    let st = alarm::state();
+    assert!(
+        st.disk && !st.memory,
+        "disk alarm set before any client: {st:?}"
+    );
+    assert_eq!(st.disk_free_limit, 1_000_000_000_000_000);
+    assert!(
+        st.disk_free.is_some_and(|f| f < st.disk_free_limit),
+        "{st:?}"
+    );
+
+    let (_oc, och) = b.channel().await;
+    support::declare(&och, "d", Default::default()).await;
+
+    // A lapin publisher asked for notifications...
+    let publisher = b.connect().await;
+    let mut events = Box::pin(publisher.events_listener());
+    let pch = publisher.create_channel().await.expect("channel");
+    support::publish(&pch, "", "d", b"from lapin").await;
+    match next_event(&mut events).await {
+        lapin::Event::ConnectionBlocked(reason) => assert_eq!(reason, "low on disk"),
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    // ...a raw one did not: it is blocked all the same, without being told.
+    let mut raw = Raw::connect(b.addr, false, 0).await;
+    raw.open_channel(1).await;
+    raw.publish(1, "d", b"from raw").await;
+
+    // Neither publish is routed while the alarm holds (the other connection still works).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(message_count(&och, "d").await, 0);
+
+    alarm::set_disk_free_limit(0);
+    match next_event(&mut events).await {
+        lapin::Event::ConnectionUnblocked => {}
+        other => panic!("expected connection.unblocked, got {other:?}"),
+    }
+    assert!(!alarm::alarms().any());
+    // The raw client gets no blocked/unblocked: its next frame answers its own close.
+    raw.send_method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )
+    .await;
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected channel.close-ok, got {other:?}"),
+    }
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while bodies.len() < 2 && tokio::time::Instant::now() < deadline {
+        match support::get_body(&och, "d").await {
+            Some(body) => bodies.push(body),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    bodies.sort();
+    assert_eq!(bodies, vec![b"from lapin".to_vec(), b"from raw".to_vec()]);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn blocked_publisher_is_not_read_but_kept_alive_with_heartbeats() {
+    let b = support::start_with(low_watermark()).await;
+    let (_cc, cch) = b.channel().await;
+    support::declare(&cch, "q", Default::default()).await;
+
+    // Heartbeat 1 s, and this client never sends one: unblocked, it would be dropped after 2 s.
+    let mut raw = Raw::connect(b.addr, true, 1).await;
+    raw.open_channel(1).await;
+    for _ in 0..10 {
+        raw.publish(1, "q", &[1u8; BODY]).await;
+    }
+    wait_until("the memory alarm", || alarm::alarms().memory).await;
+    assert_eq!(message_count(&cch, "q").await, 10);
+
+    // Five more publishes: the first one's header blocks the connection.
+    for i in 0..5u8 {
+        raw.publish(1, "q", &[100 + i; BODY]).await;
+    }
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(bl)))) => {
+            assert_eq!(bl.reason.as_str(), "low on memory")
+        }
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    // Three silent seconds: the broker keeps heartbeating and does not hang up, and routes
+    // none of the five.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut heartbeats = 0;
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout_at(until, raw.recv()).await {
+            Err(_) => break,
+            Ok(Some(AMQPFrame::Heartbeat)) => heartbeats += 1,
+            Ok(other) => panic!("blocked connection got {other:?}"),
+        }
+    }
+    assert!(heartbeats >= 4, "only {heartbeats} heartbeats in 3 s");
+    assert_eq!(
+        message_count(&cch, "q").await,
+        10,
+        "a publish was routed while blocked"
+    );
+
+    // Draining clears the alarm; the client is unblocked and its five publishes arrive.
+    let mut consumer = support::consume(&cch, "q", false).await;
+    for _ in 0..10 {
+        let d = support::next(&mut consumer).await;
+        assert_eq!(d.data[0], 1);
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)))) => {
+        }
+        other => panic!("expected connection.unblocked, got {other:?}"),
+    }
+    for i in 0..5u8 {
+        let d = support::next(&mut consumer).await;
+        assert_eq!(d.data[0], 100 + i, "publish order kept");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    b.shutdown().await;
+}
+
+/// A minimal raw AMQP client: it never sends heartbeats, so it shows what the broker does
+/// when it stops reading.
+struct Raw {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(addr: std::net::SocketAddr, wants_blocked: bool, heartbeat: u16) -> Self {
+        let mut r = Raw {
+            sock: TcpStream::connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        };
+        r.sock
+            .write_all(codec::PROTOCOL_HEADER)
+            .await
+            .expect("header");
+        match r.recv().await {
+            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(_)))) => {
+            }
+            other => panic!("expected start, got {other:?}"),
+        }
+        let mut props = FieldTable::default();
+        if wants_blocked {
+            let mut caps = FieldTable::default();
+            caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+            props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        }
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: "\0guest\0guest".into(),
+                locale: "en_US".into(),
+            })),
+        )
+        .await;
+        match r.recv().await {
+            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(_)))) => {}
+            other => panic!("expected tune, got {other:?}"),
+        }
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: 10,
+                frame_max: 131072,
+                heartbeat,
+            })),
+        )
+        .await;
+        r.send_method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: "/".into(),
+            })),
+        )
+        .await;
+        match r.recv().await {
+            Some(AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)),
+            )) => {}
+            other => panic!("expected open-ok, got {other:?}"),
+        }
+        r
+    }
+
+    async fn send_all(&mut self, frames: &[AMQPFrame]) {
+        let mut out = Vec::new();
+        for f in frames {
+            codec::encode(f, &mut out).expect("encode");
+        }
+        self.sock.write_all(&out).await.expect("write");
+    }
+
+    async fn send_method(&mut self, ch: u16, m: AMQPClass) {
+        self.send_all(&[AMQPFrame::Method(ch, m)]).await;
+    }
+
+    /// basic.publish to the default exchange, method + header + body in one write.
+    async fn publish(&mut self, ch: u16, queue: &str, body: &[u8]) {
+        self.send_all(&[
+            AMQPFrame::Method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: "".into(),
+                    routing_key: queue.into(),
+                    mandatory: false,
+                    immediate: false,
+                })),
+            ),
+            AMQPFrame::Header(
+                ch,
+                amq_protocol::frame::AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties: AMQPProperties::default(),
+                },
+            ),
+            AMQPFrame::Body(ch, body.to_vec()),
+        ])
+        .await;
+    }
+
+    async fn open_channel(&mut self, ch: u16) {
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await;
+        match self.recv_method().await {
+            Some(AMQPFrame::Method(c, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
+                if c == ch => {}
+            other => panic!("expected channel.open-ok, got {other:?}"),
+        }
+    }
+
+    /// Next frame, None on EOF. Panics after 5 s.
+    async fn recv(&mut self) -> Option<AMQPFrame> {
+        loop {
+            if let Some((f, n)) = codec::decode(&self.buf, 0).expect("server sent a bad frame") {
+                self.buf.drain(..n);
+                return Some(f);
+            }
+            let mut tmp = [0u8; 65536];
+            let n = tokio::time::timeout(Duration::from_secs(5), self.sock.read(&mut tmp))
+                .await
+                .expect("timed out reading")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Next non-heartbeat frame.
+    async fn recv_method(&mut self) -> Option<AMQPFrame> {
+        loop {
+            match self.recv().await? {
+                AMQPFrame::Heartbeat => continue,
+                f => return Some(f),
+            }
+        }
+    }
+}
