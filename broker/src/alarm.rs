@@ -150,19 +150,19 @@ const MEMORY_POLL: Duration = Duration::from_secs(1);
 impl Monitor {
     /// Checks until `shutdown`; then clears the alarms it set (a stopped broker has none).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut next_disk = self.check_disk();
+        use tokio::time::Instant;
+        // Absolute, so that frequent watermark crossings cannot postpone the disk check.
+        let mut disk_at = Instant::now() + self.check_disk();
         loop {
-            let disk_at = tokio::time::Instant::now() + next_disk;
+            let wake = (Instant::now() + MEMORY_POLL).min(disk_at);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = memory::crossed() => self.check_memory(),
-                _ = RECHECK.notified() => next_disk = self.check_disk(),
-                _ = tokio::time::sleep(MEMORY_POLL.min(next_disk)) => {
+                _ = RECHECK.notified() => disk_at = Instant::now() + self.check_disk(),
+                _ = tokio::time::sleep_until(wake) => {
                     self.check_memory();
-                    if tokio::time::Instant::now() >= disk_at {
-                        next_disk = self.check_disk();
-                    } else {
-                        next_disk = disk_at - tokio::time::Instant::now();
+                    if Instant::now() >= disk_at {
+                        disk_at = Instant::now() + self.check_disk();
                     }
                 }
             }
