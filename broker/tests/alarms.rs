@@ -429,3 +429,83 @@ impl Raw {
         }
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_publishes_and_consumes_is_blocked_whole_acks_included() {
+    let b = support::start_with(low_watermark()).await;
+    let (_oc, och) = b.channel().await;
+    support::declare(&och, "m", Default::default()).await;
+    let mut raw = Raw::connect(b.addr, true, 0).await;
+    raw.open_channel(1).await;
+    for _ in 0..10 {
+        raw.publish(1, "m", &[3u8; BODY]).await;
+    }
+    wait_until("the memory alarm", || alarm::alarms().memory).await;
+    // Deliveries still reach a connection during an alarm...
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "m".into(),
+            consumer_tag: "c".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let (mut delivered, mut bodies) = (0u64, 0);
+    while bodies < 10 {
+        match raw.recv_method().await {
+            Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d)))) => {
+                delivered = d.delivery_tag
+            }
+            Some(AMQPFrame::Body(1, _)) => bodies += 1,
+            Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))))
+            | Some(AMQPFrame::Header(1, _)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(delivered, 10);
+    // ...but once it publishes, nothing more it sends is read: its acks wait too, as in
+    // RabbitMQ, so the memory they would free stays held.
+    raw.publish(1, "m", b"blocker").await;
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(_)))) => {}
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 10,
+            multiple: true,
+        })),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        alarm::alarms().memory,
+        "acks of a blocked connection were processed"
+    );
+    assert!(alarm::state().mem_used >= WATERMARK);
+
+    // Raising the watermark at run time clears the alarm; the ack and the publish go through.
+    warren_broker::memory::set_high_watermark(u64::MAX, 0.5);
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)))) => {
+        }
+        other => panic!("expected connection.unblocked, got {other:?}"),
+    }
+    wait_until("the ack to free the messages", || {
+        alarm::state().mem_used < 1024
+    })
+    .await;
+    match raw.recv_method().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d)))) => {
+            assert_eq!(d.delivery_tag, 11)
+        }
+        other => panic!("expected the blocker's delivery, got {other:?}"),
+    }
+    b.shutdown().await;
+}
