@@ -77,8 +77,13 @@ pub async fn serve<S>(
         let paused = throttle.is_blocked() && state.state() == State::Open;
         if paused != state.recv_monitor_paused() {
             if paused {
+                debug!(
+                    conn_id,
+                    "publisher blocked by a resource alarm; socket no longer read"
+                );
                 state.pause_recv_monitor();
             } else {
+                debug!(conn_id, "socket read again (alarm cleared or closing)");
                 state.resume_recv_monitor(Instant::now());
             }
         }
