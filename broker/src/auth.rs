@@ -24,6 +24,15 @@ impl Pattern {
             _ => Pattern::Nothing,
         }
     }
+    /// The pattern as configured ("" for one that grants nothing).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Pattern::All => ".*",
+            Pattern::Nothing => "",
+            Pattern::Re(r) => r.as_str(),
+        }
+    }
+
     pub fn allows(&self, name: &str) -> bool {
         match self {
             Pattern::All => true,
@@ -121,6 +130,28 @@ impl AuthDb {
 
     pub fn vhosts(&self) -> &[String] {
         &self.vhosts
+    }
+
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.get(name)
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Vec<&User> {
+        let mut v: Vec<_> = self.users.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Every (user, vhost, permissions), ordered.
+    pub fn permission_entries(&self) -> Vec<(&str, &str, &Permissions)> {
+        let mut v: Vec<_> = self
+            .perms
+            .iter()
+            .map(|((u, vh), p)| (u.as_str(), vh.as_str(), &**p))
+            .collect();
+        v.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        v
     }
 
     pub fn permissions(&self, user: &str, vhost: &str) -> Option<Arc<Permissions>> {

@@ -18,6 +18,8 @@
 //! - [`memory`]: node-wide accounting of message memory (alarms, paging).
 //! - [`alarm`]: memory and disk alarms that block publishing connections.
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
+//! - [`mgmt`]: the management HTTP API (RabbitMQ compatible), web UI and Prometheus metrics.
+//! - [`stats`]: message counters, sampled rates and the registry of live connections.
 //!
 //! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
 
@@ -32,8 +34,10 @@ pub mod error;
 pub mod exchange;
 pub mod intmap;
 pub mod memory;
+pub mod mgmt;
 pub mod queue;
 pub mod shutdown;
+pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod vhost;
@@ -73,6 +77,14 @@ pub struct BrokerShared {
     pub vhosts: HashMap<String, Arc<Vhost>>,
     pub next_conn_id: AtomicU64,
     pub connections: AtomicUsize,
+    /// Live connections and the stop_app / start_app switch.
+    pub registry: stats::Registry,
+    /// Message rates for the management API.
+    pub sampler: Arc<stats::Sampler>,
+    /// When the broker started.
+    pub started_at: tokio::time::Instant,
+    /// Bound listeners: (protocol, address), for /api/overview.
+    pub listeners: Vec<(&'static str, SocketAddr)>,
 }
 
 /// The broker before binding.
@@ -82,7 +94,11 @@ pub struct Broker;
 pub struct Bound {
     pub amqp_addrs: Vec<SocketAddr>,
     pub amqps_addrs: Vec<SocketAddr>,
+    pub mgmt_addrs: Vec<SocketAddr>,
+    pub prometheus_addrs: Vec<SocketAddr>,
     pub shared: Arc<BrokerShared>,
+    mgmt: Vec<TcpListener>,
+    prometheus: Vec<TcpListener>,
     amqp: Vec<TcpListener>,
     amqps: Vec<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -102,14 +118,11 @@ impl Broker {
             "memory limits"
         );
         let monitor = alarm::configure(&cfg);
-        for (flag, addrs) in [
-            ("mgmt", &cfg.mgmt),
-            ("prometheus", &cfg.prometheus),
-            ("cluster-listen", &cfg.cluster_listen),
-        ] {
-            if !addrs.is_empty() {
-                warn!(flag, "listener accepted but not implemented yet; not bound");
-            }
+        if !cfg.cluster_listen.is_empty() {
+            warn!(
+                flag = "cluster-listen",
+                "listener accepted but not implemented yet; not bound"
+            );
         }
         if !cfg.join.is_empty() {
             warn!("--join accepted but clustering is not implemented yet");
@@ -159,6 +172,8 @@ impl Broker {
             amqps_addrs.push(addr);
             amqps.push(l);
         }
+        let (mgmt, mgmt_addrs) = bind_all(&cfg.mgmt, "mgmt").await?;
+        let (prometheus, prometheus_addrs) = bind_all(&cfg.prometheus, "prometheus").await?;
         let auth = Arc::new(AuthDb::from_config(&cfg));
         let vhosts = auth
             .vhosts()
@@ -171,11 +186,27 @@ impl Broker {
             vhosts,
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            registry: stats::Registry::default(),
+            sampler: Arc::default(),
+            started_at: tokio::time::Instant::now(),
+            listeners: [
+                ("amqp", &amqp_addrs),
+                ("amqp/ssl", &amqps_addrs),
+                ("http", &mgmt_addrs),
+                ("http/prometheus", &prometheus_addrs),
+            ]
+            .into_iter()
+            .flat_map(|(p, v)| v.iter().map(move |a| (p, *a)))
+            .collect(),
         });
         Ok(Bound {
             amqp_addrs,
             amqps_addrs,
+            mgmt_addrs,
+            prometheus_addrs,
             shared,
+            mgmt,
+            prometheus,
             amqp,
             amqps,
             tls,
@@ -191,6 +222,31 @@ impl Bound {
         let tracker = TaskTracker::new();
         let monitor_stop = CancellationToken::new();
         let monitor = tokio::spawn(self.monitor.run(monitor_stop.clone()));
+        // HTTP listeners stop with the broker; they are not waited for.
+        let http_stop = CancellationToken::new();
+        tokio::spawn(
+            self.shared
+                .sampler
+                .clone()
+                .run(Arc::downgrade(&self.shared), http_stop.clone()),
+        );
+        for l in self.mgmt {
+            tokio::spawn(mgmt::serve(
+                l,
+                mgmt::Kind::Api,
+                self.shared.clone(),
+                http_stop.clone(),
+            ));
+        }
+        for l in self.prometheus {
+            tokio::spawn(mgmt::serve(
+                l,
+                mgmt::Kind::Prometheus,
+                self.shared.clone(),
+                http_stop.clone(),
+            ));
+        }
+        let _stop_http = http_stop.drop_guard();
         for l in self.amqp {
             tracker.spawn(accept_loop(
                 l,
@@ -254,6 +310,11 @@ async fn accept_loop(
             }
             warn!(%peer, "max-connections reached; refusing connection.open with 530");
         }
+        if !shared.registry.running() {
+            // stop_app: AMQP is not served until start_app.
+            drop(sock);
+            continue;
+        }
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
@@ -278,12 +339,36 @@ async fn serve_stream(
     shutdown: CancellationToken,
     over_limit: Option<u32>,
 ) {
+    let local = sock.local_addr().unwrap_or(peer);
     match tls {
-        None => connection::serve(sock, peer, shared, shutdown, over_limit).await,
+        None => connection::serve(sock, peer, local, false, shared, shutdown, over_limit).await,
         Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {
-            Ok(Ok(stream)) => connection::serve(stream, peer, shared, shutdown, over_limit).await,
+            Ok(Ok(stream)) => {
+                connection::serve(stream, peer, local, true, shared, shutdown, over_limit).await
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "tls handshake failed"),
             Err(_) => tracing::debug!("tls handshake timed out"),
         },
     }
+}
+
+/// Binds HTTP listeners (management, Prometheus) and logs `listening proto=<proto> addr=...`.
+async fn bind_all(
+    addrs: &[SocketAddr],
+    proto: &'static str,
+) -> Result<(Vec<TcpListener>, Vec<SocketAddr>), StartError> {
+    let mut ls = Vec::new();
+    let mut bound = Vec::new();
+    for a in addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|source| StartError::Bind { addr: *a, source })?;
+        let addr = l
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: *a, source })?;
+        info!(proto = %proto, addr = %addr, "listening");
+        bound.push(addr);
+        ls.push(l);
+    }
+    Ok((ls, bound))
 }

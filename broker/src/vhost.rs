@@ -343,12 +343,15 @@ impl Vhost {
                 tx,
                 message_count: AtomicU32::new(0),
                 consumer_count: AtomicU32::new(0),
+                stats: Default::default(),
             });
             t.queues.insert(name, handle.clone());
             spawn = Some((handle.clone(), rx));
             Ok((handle, true))
         })?;
+        crate::stats::churn(&crate::stats::CHURN.queue_declared);
         if let Some((handle, rx)) = spawn {
+            crate::stats::churn(&crate::stats::CHURN.queue_created);
             let actor = QueueActor::new(handle, self.me.clone(), Box::new(TransientLog));
             tokio::spawn(actor.run(rx));
         }

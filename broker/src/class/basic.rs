@@ -485,6 +485,15 @@ fn confirm_now(s: &mut Session, ch: u16, seq: Option<u64>) {
 }
 
 fn unroutable(s: &mut Session, ch: u16, mandatory: bool, msg: &Message) -> Result<(), AmqpError> {
+    let st = &s.stats;
+    crate::stats::bump(
+        if mandatory {
+            &st.return_unroutable
+        } else {
+            &st.drop_unroutable
+        },
+        1,
+    );
     if mandatory {
         enc(s.method(
             ch,

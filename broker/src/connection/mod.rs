@@ -32,6 +32,8 @@ const EVENT_BATCH: usize = 512;
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
     shared: Arc<BrokerShared>,
     shutdown: CancellationToken,
     over_connection_limit: Option<u32>,
@@ -57,6 +59,23 @@ pub async fn serve<S>(
         now,
     );
     let mut s = Session::new(conn_id, shared.clone(), cfg.frame_max);
+    let entry = Arc::new(crate::stats::ConnEntry {
+        id: conn_id,
+        name: format!("{peer} -> {local}"),
+        peer,
+        local,
+        tls,
+        connected_at: crate::stats::epoch_ms(),
+        stats: s.stats.clone(),
+        opened: Default::default(),
+        events: s.events_tx.clone(),
+    });
+    shared.registry.add(entry.clone());
+    if !shared.registry.running() {
+        // stop_app raced with this accept: do not serve.
+        shared.registry.remove(conn_id);
+        return;
+    }
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut header_done = false;
@@ -112,8 +131,18 @@ pub async fn serve<S>(
                 }
                 Output::Effect(Effect::Shutdown) => stop = true,
                 Output::Effect(e) => {
-                    if matches!(e, Effect::Opened { .. }) {
+                    if let Effect::Opened { user, vhost } = &e {
                         throttle.set_notify(state.client_wants_blocked());
+                        let (props, mech) = state.client_info();
+                        *entry.opened.lock() = Some(crate::stats::ConnOpened {
+                            user: user.clone(),
+                            vhost: vhost.clone(),
+                            client_properties: crate::mgmt::json::table(props),
+                            frame_max: state.frame_max(),
+                            channel_max: state.channel_max(),
+                            heartbeat: state.heartbeat(),
+                            auth_mechanism: mech.to_owned(),
+                        });
                     }
                     apply_effect(&mut s, &mut state, e).await
                 }
@@ -139,6 +168,8 @@ pub async fn serve<S>(
             r = wr.write(&s.out[written..]), if written < s.out.len() => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    crate::stats::bump(&s.stats.send_oct, n as u64);
+                    crate::stats::bump(&s.stats.send_cnt, 1);
                     written += n;
                     if written == s.out.len() {
                         s.out.clear();
@@ -152,7 +183,9 @@ pub async fn serve<S>(
             },
             r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await }, if !paused && !stalled => match r {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {
+                Ok(n) => {
+                    crate::stats::bump(&s.stats.recv_oct, n as u64);
+                    crate::stats::bump(&s.stats.recv_cnt, 1);
                     let now = Instant::now();
                     state.note_received(now);
                     stalled = decode_all(&mut rbuf, &mut header_done, &mut state, &mut throttle, now);
@@ -191,6 +224,7 @@ pub async fn serve<S>(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     s.release_all().await;
+    shared.registry.remove(conn_id);
     debug!(conn_id, "connection closed");
 }
 
@@ -272,7 +306,9 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
             if !s.channels.contains_key(&ch) {
                 return;
             }
-            if !matches!(cmd, state::Command::Publish(_)) {
+            if matches!(cmd, state::Command::Publish(_)) {
+                crate::stats::bump(&s.stats.publish, 1);
+            } else {
                 // Anything else may need to observe earlier publishes (get, purge, ...).
                 s.flush_publishes().await;
             }

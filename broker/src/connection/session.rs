@@ -37,6 +37,8 @@ pub struct Session {
     confirm_dirty: Vec<u16>,
     /// Routed publishes not yet handed to their queues (see [`Session::flush_publishes`]).
     pending_publishes: Vec<(QueueHandle, Vec<crate::queue::PublishItem>)>,
+    /// Counters read by the management API.
+    pub stats: Arc<crate::stats::ConnStats>,
 }
 
 impl Session {
@@ -58,6 +60,7 @@ impl Session {
             out: Vec::with_capacity(64 * 1024),
             confirm_dirty: Vec::new(),
             pending_publishes: Vec::new(),
+            stats: Arc::default(),
         }
     }
 
@@ -108,6 +111,46 @@ impl Session {
         let g = self.next_generation;
         self.next_generation += 1;
         self.channels.insert(ch, Channel::new(ch, g));
+        self.count_channels();
+        crate::stats::churn(&crate::stats::CHURN.channel_created);
+    }
+
+    fn count_channels(&self) {
+        self.stats
+            .channels
+            .store(self.channels.len() as u32, Ordering::Relaxed);
+    }
+
+    /// Describes the open channels (management API).
+    pub fn snapshot(&self) -> Vec<crate::stats::ChannelSnapshot> {
+        let mut v: Vec<_> = self
+            .channels
+            .values()
+            .map(|c| crate::stats::ChannelSnapshot {
+                number: c.id,
+                prefetch: c.prefetch,
+                global_prefetch: c.shared.global_limit.load(Ordering::Relaxed),
+                confirm: c.confirms.is_some(),
+                transactional: c.tx.is_some(),
+                unacked: c.unacked.len(),
+                unconfirmed: c.confirms.as_ref().map_or(0, |x| x.pending.len()),
+                consumers: c
+                    .consumers
+                    .iter()
+                    .filter_map(|(tag, k)| {
+                        Some(crate::stats::ConsumerSnapshot {
+                            tag: tag.to_string(),
+                            queue: k.queue.as_ref()?.name.to_string(),
+                            no_ack: k.no_ack,
+                            exclusive: false,
+                            prefetch: c.prefetch,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        v.sort_by_key(|c| c.number);
+        v
     }
 
     pub fn frame(&mut self, f: &AMQPFrame) -> Result<(), CodecError> {
@@ -234,6 +277,8 @@ impl Session {
         let Some(mut chan) = self.channels.remove(&ch) else {
             return;
         };
+        self.count_channels();
+        crate::stats::churn(&crate::stats::CHURN.channel_closed);
         for (tag, c) in chan.consumers.drain() {
             if let Some(q) = c.queue {
                 q.send(QueueCmd::Cancel {
@@ -309,6 +354,9 @@ impl Session {
                 }
             }
             ClientEvent::Close(e) => return Some(e),
+            ClientEvent::Inspect(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
         }
         None
     }
@@ -374,6 +422,10 @@ impl Session {
             let Some(c) = self.channels.get_mut(&ch).and_then(|c| c.confirms.as_mut()) else {
                 continue;
             };
+            crate::stats::bump(
+                &self.stats.confirm,
+                (c.done_acks.len() + c.done_nacks.len()) as u64,
+            );
             for (seq, multiple, ack) in c.drain() {
                 let m = if ack {
                     basic::AMQPMethod::Ack(basic::Ack {

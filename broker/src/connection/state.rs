@@ -112,6 +112,9 @@ pub struct ConnectionState {
     channel_max: u16,
     heartbeat: u16,
     user: Option<String>,
+    /// From connection.start-ok, for the management API.
+    client_properties: FieldTable,
+    mechanism: String,
     last_recv: Instant,
     last_sent: Instant,
     deadline: Option<Instant>,
@@ -220,6 +223,8 @@ impl ConnectionState {
             channel_max,
             heartbeat: 0,
             user: None,
+            client_properties: FieldTable::default(),
+            mechanism: String::new(),
             last_recv: now,
             last_sent: now,
             deadline,
@@ -264,8 +269,17 @@ impl ConnectionState {
         self.heartbeat
     }
 
+    pub fn channel_max(&self) -> u16 {
+        self.channel_max
+    }
+
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
+    }
+
+    /// Client properties and SASL mechanism from connection.start-ok.
+    pub fn client_info(&self) -> (&FieldTable, &str) {
+        (&self.client_properties, &self.mechanism)
     }
 
     pub fn is_channel_open(&self, ch: u16) -> bool {
@@ -481,6 +495,8 @@ impl ConnectionState {
             }
         }
         self.user = Some(user);
+        self.mechanism = mech.to_owned();
+        self.client_properties = so.client_properties;
         self.state = State::TuneSent;
         self.deadline = Some(now + self.cfg.handshake_timeout);
         self.push_method(

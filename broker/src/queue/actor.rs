@@ -9,6 +9,7 @@
 use super::args::Overflow;
 use super::*;
 use crate::intmap::IntMap;
+use crate::stats;
 use crate::store::{QueueLog, Safety};
 use crate::vhost::Vhost;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
@@ -213,6 +214,8 @@ impl QueueActor {
                 _ => {}
             }
         }
+        stats::queue_gone(&self.handle.stats);
+        stats::churn(&stats::CHURN.queue_deleted);
     }
 
     fn not_found(&self) -> ChannelError {
@@ -226,6 +229,10 @@ impl QueueActor {
         self.handle
             .message_count
             .store(self.ready.len as u32, Ordering::Relaxed);
+        let st = &self.handle.stats;
+        st.unacked
+            .store(self.unacked.len() as u64, Ordering::Relaxed);
+        st.ready_bytes.store(self.ready.bytes, Ordering::Relaxed);
         self.handle
             .consumer_count
             .store(self.consumers.len() as u32, Ordering::Relaxed);
@@ -372,6 +379,7 @@ impl QueueActor {
             redelivered: false,
             expires_at,
         });
+        stats::bump(&self.handle.stats.publish, 1);
         if overflow == Overflow::DropHead {
             while self.over_limit() {
                 match self.ready.pop_oldest() {
@@ -438,11 +446,14 @@ impl QueueActor {
     }
 
     fn ack(&mut self, ids: &[u64]) {
+        let mut n = 0;
         for id in ids {
             if let Some(u) = self.unacked.remove(id) {
                 self.release_consumer(u.consumer);
+                n += 1;
             }
         }
+        stats::bump(&self.handle.stats.ack, n);
         self.log.settle(ids);
     }
 
@@ -477,8 +488,13 @@ impl QueueActor {
     }
 
     fn get(&mut self, no_ack: bool, now: Instant) -> Option<GetResult> {
+        let h = self.handle.clone();
+        let st = &h.stats;
         loop {
-            let e = self.ready.pop_front()?;
+            let Some(e) = self.ready.pop_front() else {
+                stats::bump(&st.get_empty, 1);
+                return None;
+            };
             if e.expires_at.is_some_and(|t| t <= now) {
                 self.dead_letter(&e.msg, "expired");
                 self.log.settle(&[e.id]);
@@ -490,6 +506,8 @@ impl QueueActor {
                 redelivered: e.redelivered,
                 remaining: self.ready.len as u32,
             };
+            stats::bump(if no_ack { &st.get_no_ack } else { &st.get }, 1);
+            stats::bump(&st.redeliver, u64::from(e.redelivered));
             if no_ack {
                 self.log.settle(&[e.id]);
             } else {
@@ -595,6 +613,16 @@ impl QueueActor {
             };
             // Counted now so pick_consumer sees this pass's deliveries too.
             c.spec.conn.pending.fetch_add(1, Ordering::Relaxed);
+            let st = &self.handle.stats;
+            stats::bump(
+                if c.spec.no_ack {
+                    &st.deliver_no_ack
+                } else {
+                    &st.deliver
+                },
+                1,
+            );
+            stats::bump(&st.redeliver, u64::from(e.redelivered));
             if c.spec.no_ack {
                 self.log.settle(&[e.id]);
             } else {

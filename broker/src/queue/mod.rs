@@ -175,6 +175,8 @@ pub enum ClientEvent {
     },
     /// Force the connection closed (management, shutdown of one connection).
     Close(crate::error::ConnectionError),
+    /// Management: describe the connection's channels.
+    Inspect(oneshot::Sender<Vec<crate::stats::ChannelSnapshot>>),
 }
 
 pub type ClientTx = mpsc::UnboundedSender<ClientEvent>;
@@ -291,6 +293,8 @@ pub struct QueueInfo {
     pub tx: mpsc::Sender<QueueCmd>,
     pub message_count: AtomicU32,
     pub consumer_count: AtomicU32,
+    /// Message counters for the management API (written by the actor).
+    pub stats: crate::stats::QueueStats,
 }
 
 pub type QueueHandle = Arc<QueueInfo>;

@@ -1,0 +1,556 @@
+//! Message counters, sampled rates and the registry of live connections, for the management
+//! API and Prometheus.
+//!
+//! Counters live next to their single writer (a queue actor, a connection task) as atomics
+//! updated with a plain load + store: no lock and no locked instruction on the message path.
+//! Node totals are the sum over live objects plus what finished objects left behind; a sampler
+//! task ([`Sampler::run`]) turns them into per-second rates every [`SAMPLE_INTERVAL`].
+
+use crate::queue::ClientTx;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often counters are sampled into rates.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Rates are averaged over this many samples (5 s at the default interval, like RabbitMQ's
+/// statistics interval).
+const RATE_WINDOW: usize = 5;
+
+/// Adds `n` to a counter that has a single writer (cheaper than `fetch_add`).
+#[inline]
+pub fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+#[inline]
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Counters of one queue, written only by its actor.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Messages enqueued.
+    pub publish: AtomicU64,
+    /// Deliveries to consumers in manual-ack mode.
+    pub deliver: AtomicU64,
+    pub deliver_no_ack: AtomicU64,
+    pub get: AtomicU64,
+    pub get_no_ack: AtomicU64,
+    pub get_empty: AtomicU64,
+    pub ack: AtomicU64,
+    pub redeliver: AtomicU64,
+    /// Gauges refreshed by the actor after each batch of commands.
+    pub unacked: AtomicU64,
+    pub ready_bytes: AtomicU64,
+}
+
+/// A copy of the message counters (queue, connection or node).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Counts {
+    pub publish: u64,
+    pub confirm: u64,
+    pub deliver: u64,
+    pub deliver_no_ack: u64,
+    pub get: u64,
+    pub get_no_ack: u64,
+    pub get_empty: u64,
+    pub ack: u64,
+    pub redeliver: u64,
+    pub return_unroutable: u64,
+    pub drop_unroutable: u64,
+    pub recv_oct: u64,
+    pub send_oct: u64,
+}
+
+impl Counts {
+    pub fn deliver_get(&self) -> u64 {
+        self.deliver + self.deliver_no_ack + self.get + self.get_no_ack
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.publish += o.publish;
+        self.confirm += o.confirm;
+        self.deliver += o.deliver;
+        self.deliver_no_ack += o.deliver_no_ack;
+        self.get += o.get;
+        self.get_no_ack += o.get_no_ack;
+        self.get_empty += o.get_empty;
+        self.ack += o.ack;
+        self.redeliver += o.redeliver;
+        self.return_unroutable += o.return_unroutable;
+        self.drop_unroutable += o.drop_unroutable;
+        self.recv_oct += o.recv_oct;
+        self.send_oct += o.send_oct;
+    }
+
+    fn max(&mut self, o: &Counts) {
+        macro_rules! m {
+            ($($f:ident),*) => { $( self.$f = self.$f.max(o.$f); )* };
+        }
+        m!(
+            publish,
+            confirm,
+            deliver,
+            deliver_no_ack,
+            get,
+            get_no_ack,
+            get_empty,
+            ack,
+            redeliver,
+            return_unroutable,
+            drop_unroutable,
+            recv_oct,
+            send_oct
+        );
+    }
+
+    /// Per-second rates between two samples.
+    pub fn rate(&self, earlier: &Counts, secs: f64) -> Rates {
+        let r = |a: u64, b: u64| {
+            if secs <= 0.0 {
+                0.0
+            } else {
+                ((a.saturating_sub(b)) as f64 / secs * 10.0).round() / 10.0
+            }
+        };
+        Rates {
+            publish: r(self.publish, earlier.publish),
+            confirm: r(self.confirm, earlier.confirm),
+            deliver: r(self.deliver, earlier.deliver),
+            deliver_no_ack: r(self.deliver_no_ack, earlier.deliver_no_ack),
+            get: r(self.get, earlier.get),
+            get_no_ack: r(self.get_no_ack, earlier.get_no_ack),
+            get_empty: r(self.get_empty, earlier.get_empty),
+            deliver_get: r(self.deliver_get(), earlier.deliver_get()),
+            ack: r(self.ack, earlier.ack),
+            redeliver: r(self.redeliver, earlier.redeliver),
+            return_unroutable: r(self.return_unroutable, earlier.return_unroutable),
+            drop_unroutable: r(self.drop_unroutable, earlier.drop_unroutable),
+            recv_oct: r(self.recv_oct, earlier.recv_oct),
+            send_oct: r(self.send_oct, earlier.send_oct),
+        }
+    }
+}
+
+/// Per-second rates matching [`Counts`].
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub publish: f64,
+    pub confirm: f64,
+    pub deliver: f64,
+    pub deliver_no_ack: f64,
+    pub get: f64,
+    pub get_no_ack: f64,
+    pub get_empty: f64,
+    pub deliver_get: f64,
+    pub ack: f64,
+    pub redeliver: f64,
+    pub return_unroutable: f64,
+    pub drop_unroutable: f64,
+    pub recv_oct: f64,
+    pub send_oct: f64,
+}
+
+impl QueueStats {
+    /// What this queue adds to node totals: deliveries and acks (the node's `publish` counts
+    /// messages received from clients, once, not once per queue).
+    pub fn node_share(&self) -> Counts {
+        Counts {
+            publish: 0,
+            ..self.counts()
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            publish: get(&self.publish),
+            deliver: get(&self.deliver),
+            deliver_no_ack: get(&self.deliver_no_ack),
+            get: get(&self.get),
+            get_no_ack: get(&self.get_no_ack),
+            get_empty: get(&self.get_empty),
+            ack: get(&self.ack),
+            redeliver: get(&self.redeliver),
+            ..Counts::default()
+        }
+    }
+}
+
+/// Counters of one connection, written only by its task.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Messages received from the client (basic.publish).
+    pub publish: AtomicU64,
+    /// Publisher confirms sent (ack or nack).
+    pub confirm: AtomicU64,
+    pub return_unroutable: AtomicU64,
+    pub drop_unroutable: AtomicU64,
+    pub recv_oct: AtomicU64,
+    pub recv_cnt: AtomicU64,
+    pub send_oct: AtomicU64,
+    pub send_cnt: AtomicU64,
+    /// Open channels (gauge).
+    pub channels: AtomicU32,
+}
+
+impl ConnStats {
+    pub fn counts(&self) -> Counts {
+        Counts {
+            publish: get(&self.publish),
+            confirm: get(&self.confirm),
+            return_unroutable: get(&self.return_unroutable),
+            drop_unroutable: get(&self.drop_unroutable),
+            recv_oct: get(&self.recv_oct),
+            send_oct: get(&self.send_oct),
+            ..Counts::default()
+        }
+    }
+}
+
+/// What finished queues and connections left behind (node totals stay monotonic).
+static GONE: Mutex<Counts> = Mutex::new(Counts {
+    publish: 0,
+    confirm: 0,
+    deliver: 0,
+    deliver_no_ack: 0,
+    get: 0,
+    get_no_ack: 0,
+    get_empty: 0,
+    ack: 0,
+    redeliver: 0,
+    return_unroutable: 0,
+    drop_unroutable: 0,
+    recv_oct: 0,
+    send_oct: 0,
+});
+
+/// Called once when a queue actor ends.
+pub fn queue_gone(s: &QueueStats) {
+    GONE.lock().add(&s.node_share());
+}
+
+/// Called once when a connection ends.
+pub fn conn_gone(s: &ConnStats) {
+    GONE.lock().add(&s.counts());
+}
+
+/// Churn counters (node-wide, rare events).
+#[derive(Debug, Default)]
+pub struct Churn {
+    pub connection_created: AtomicU64,
+    pub connection_closed: AtomicU64,
+    pub channel_created: AtomicU64,
+    pub channel_closed: AtomicU64,
+    pub queue_declared: AtomicU64,
+    pub queue_created: AtomicU64,
+    pub queue_deleted: AtomicU64,
+}
+
+/// Node-wide churn counters.
+pub static CHURN: Churn = Churn {
+    connection_created: AtomicU64::new(0),
+    connection_closed: AtomicU64::new(0),
+    channel_created: AtomicU64::new(0),
+    channel_closed: AtomicU64::new(0),
+    queue_declared: AtomicU64::new(0),
+    queue_created: AtomicU64::new(0),
+    queue_deleted: AtomicU64::new(0),
+};
+
+/// Increments a churn counter (several writers).
+pub fn churn(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Facts about a connection set once it is open.
+#[derive(Debug, Clone, Default)]
+pub struct ConnOpened {
+    pub user: String,
+    pub vhost: String,
+    pub client_properties: serde_json::Value,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub auth_mechanism: String,
+}
+
+/// One live connection as the management API sees it.
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    /// RabbitMQ's connection name: "peer -> local".
+    pub name: String,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    pub stats: Arc<ConnStats>,
+    /// Set at connection.open; None during the handshake.
+    pub opened: Mutex<Option<ConnOpened>>,
+    /// The connection's event channel (forced close, inspection).
+    pub events: ClientTx,
+}
+
+/// Snapshot of one channel, answered by the connection task.
+#[derive(Debug, Clone)]
+pub struct ChannelSnapshot {
+    pub number: u16,
+    pub prefetch: u16,
+    pub global_prefetch: u32,
+    pub confirm: bool,
+    pub transactional: bool,
+    pub unacked: usize,
+    pub unconfirmed: usize,
+    pub consumers: Vec<ConsumerSnapshot>,
+}
+
+/// One consumer of a channel.
+#[derive(Debug, Clone)]
+pub struct ConsumerSnapshot {
+    pub tag: String,
+    pub queue: String,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub prefetch: u16,
+}
+
+/// Live connections and the application switch (stop_app / start_app).
+#[derive(Debug)]
+pub struct Registry {
+    conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    running: AtomicBool,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            running: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Registry {
+    pub fn add(&self, e: Arc<ConnEntry>) {
+        churn(&CHURN.connection_created);
+        self.conns.lock().insert(e.id, e);
+    }
+
+    pub fn remove(&self, id: u64) {
+        if let Some(e) = self.conns.lock().remove(&id) {
+            churn(&CHURN.connection_closed);
+            conn_gone(&e.stats);
+        }
+    }
+
+    /// Live connections, ordered by id.
+    pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
+        let mut v: Vec<_> = self.conns.lock().values().cloned().collect();
+        v.sort_by_key(|e| e.id);
+        v
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<ConnEntry>> {
+        self.conns.lock().values().find(|e| e.name == name).cloned()
+    }
+
+    /// AMQP accepted and served (false after stop_app).
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn set_running(&self, on: bool) {
+        self.running.store(on, Ordering::Relaxed);
+    }
+}
+
+/// Now as milliseconds since the Unix epoch.
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Node totals now: live queues and connections plus what finished ones left.
+pub fn node_counts(shared: &crate::BrokerShared) -> Counts {
+    let mut c = *GONE.lock();
+    for v in shared.vhosts.values() {
+        for q in v.snapshot().queues.values() {
+            c.add(&q.stats.node_share());
+        }
+    }
+    for e in shared.registry.connections() {
+        c.add(&e.stats.counts());
+    }
+    c
+}
+
+/// Sampled rates, read by the management API.
+#[derive(Debug, Default)]
+pub struct Sampler {
+    inner: Mutex<SamplerState>,
+}
+
+#[derive(Debug, Default)]
+struct SamplerState {
+    /// Recent node samples, oldest first.
+    node: VecDeque<(Instant, Counts)>,
+    /// Highest totals seen (a queue counted in neither place for an instant must not make
+    /// a counter go down).
+    high: Counts,
+    node_rates: Rates,
+    /// Per queue (vhost, name): last sample and rate.
+    queues: HashMap<(String, String), (Instant, Counts, Rates)>,
+    /// Per connection id: last sample and rate.
+    conns: HashMap<u64, (Instant, Counts, Rates)>,
+    samples: u64,
+}
+
+impl Sampler {
+    /// Samples counters every [`SAMPLE_INTERVAL`] until the broker stops.
+    pub async fn run(
+        self: Arc<Self>,
+        shared: std::sync::Weak<crate::BrokerShared>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            self.sample(&shared, Instant::now());
+        }
+    }
+
+    /// Takes one sample.
+    pub fn sample(&self, shared: &crate::BrokerShared, now: Instant) {
+        let total = self.totals(shared);
+        let mut st = self.inner.lock();
+        st.samples += 1;
+        st.node.push_back((now, total));
+        while st.node.len() > RATE_WINDOW + 1 {
+            st.node.pop_front();
+        }
+        if let (Some((t0, c0)), Some((t1, c1))) = (st.node.front(), st.node.back()) {
+            st.node_rates = c1.rate(c0, (*t1 - *t0).as_secs_f64());
+        }
+        let mut queues = HashMap::new();
+        for v in shared.vhosts.values() {
+            for q in v.snapshot().queues.values() {
+                let key = (q.vhost.to_string(), q.name.to_string());
+                let c = q.stats.counts();
+                let r = match st.queues.get(&key) {
+                    Some((t, prev, _)) => c.rate(prev, (now - *t).as_secs_f64()),
+                    None => Rates::default(),
+                };
+                queues.insert(key, (now, c, r));
+            }
+        }
+        st.queues = queues;
+        let mut conns = HashMap::new();
+        for e in shared.registry.connections() {
+            let c = e.stats.counts();
+            let r = match st.conns.get(&e.id) {
+                Some((t, prev, _)) => c.rate(prev, (now - *t).as_secs_f64()),
+                None => Rates::default(),
+            };
+            conns.insert(e.id, (now, c, r));
+        }
+        st.conns = conns;
+    }
+
+    /// Node totals, never lower than an earlier answer.
+    pub fn totals(&self, shared: &crate::BrokerShared) -> Counts {
+        let now = node_counts(shared);
+        let mut st = self.inner.lock();
+        st.high.max(&now);
+        st.high
+    }
+
+    pub fn node_rates(&self) -> Rates {
+        self.inner.lock().node_rates
+    }
+
+    pub fn queue_rates(&self, vhost: &str, name: &str) -> Rates {
+        self.inner
+            .lock()
+            .queues
+            .get(&(vhost.to_owned(), name.to_owned()))
+            .map(|x| x.2)
+            .unwrap_or_default()
+    }
+
+    pub fn conn_rates(&self, id: u64) -> Rates {
+        self.inner
+            .lock()
+            .conns
+            .get(&id)
+            .map(|x| x.2)
+            .unwrap_or_default()
+    }
+
+    /// Number of samples taken so far (tests wait for the next one).
+    pub fn samples(&self) -> u64 {
+        self.inner.lock().samples
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_per_second_and_never_negative() {
+        let a = Counts {
+            publish: 10,
+            ack: 5,
+            ..Counts::default()
+        };
+        let b = Counts {
+            publish: 30,
+            ack: 4,
+            get: 4,
+            ..Counts::default()
+        };
+        let r = b.rate(&a, 2.0);
+        assert_eq!(r.publish, 10.0);
+        assert_eq!(r.ack, 0.0);
+        assert_eq!(r.deliver_get, 2.0);
+        assert_eq!(b.rate(&a, 0.0).publish, 0.0);
+    }
+
+    #[test]
+    fn max_keeps_the_highest_of_each_counter() {
+        let mut a = Counts {
+            publish: 10,
+            ack: 1,
+            ..Counts::default()
+        };
+        a.max(&Counts {
+            publish: 3,
+            ack: 7,
+            ..Counts::default()
+        });
+        assert_eq!((a.publish, a.ack), (10, 7));
+    }
+
+    #[test]
+    fn bump_adds() {
+        let c = AtomicU64::new(2);
+        bump(&c, 3);
+        assert_eq!(c.load(Ordering::Relaxed), 5);
+    }
+}
