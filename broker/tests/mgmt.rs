@@ -349,7 +349,10 @@ async fn overview_nodes_and_small_endpoints() {
     let nodes = n.get("/api/nodes").await;
     assert_eq!(nodes[0]["name"], "warren@127.0.0.1");
     assert_eq!(nodes[0]["running"], true);
-    assert!(nodes[0]["mem_used"].as_u64().expect("mem_used") > 0);
+    assert!(nodes[0]["mem_rss"].as_u64().expect("mem_rss") > 1_000_000);
+    assert!(nodes[0]["mem_limit"].as_u64().expect("mem_limit") > 0);
+    assert_eq!(nodes[0]["mem_alarm"], false);
+    assert_eq!(nodes[0]["disk_free_alarm"], false);
     assert!(nodes[0]["fd_used"].as_u64().expect("fd_used") > 0);
     let one = n.get("/api/nodes/warren@127.0.0.1").await;
     assert_eq!(one["name"], "warren@127.0.0.1");
@@ -1358,5 +1361,88 @@ async fn prometheus_metrics_carry_rabbitmq_names_and_values() {
         http(n.prom, "POST", "/metrics", None, None).await.status,
         405
     );
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn alarms_show_in_health_check_nodes_and_metrics() {
+    use warren_broker::config::MemoryWatermark;
+    let mut cfg = config();
+    cfg.vm_memory_high_watermark = MemoryWatermark::Absolute(100 * 1024);
+    cfg.vm_memory_high_watermark_paging_ratio = 10.0;
+    let bound = Broker::bind(cfg).await.expect("bind");
+    let n = Node {
+        amqp: bound.amqp_addrs[0],
+        mgmt: bound.mgmt_addrs[0],
+        prom: bound.prometheus_addrs[0],
+        token: CancellationToken::new(),
+        join: tokio::spawn(async {}),
+    };
+    let token = n.token.clone();
+    let n = Node {
+        join: tokio::spawn(bound.run(token)),
+        ..n
+    };
+    assert_eq!(
+        n.get("/api/health/checks/alarms").await,
+        json!({"status": "ok"})
+    );
+    n.req("PUT", "/api/queues/%2F/big", Some(json!({}))).await;
+    let body = "x".repeat(10 * 1024);
+    for _ in 0..20 {
+        let r = n
+            .req(
+                "POST",
+                "/api/exchanges/%2F/amq.default/publish",
+                Some(json!({"properties": {}, "routing_key": "big", "payload": body, "payload_encoding": "string"})),
+            )
+            .await;
+        assert_eq!(r.json(), json!({"routed": true}));
+    }
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = n.req("GET", "/api/health/checks/alarms", None).await;
+            if r.status != 200 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("memory alarm within 5 s");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"status": "failed", "reason": "resource alarm(s) in effect in the cluster",
+               "alarms": [{"node": "warren@127.0.0.1", "resource": "memory"}]})
+    );
+    let node = n.get("/api/nodes/warren@127.0.0.1").await;
+    assert_eq!(node["mem_alarm"], true);
+    assert_eq!(node["mem_limit"], 100 * 1024);
+    assert!(node["mem_used"].as_u64().expect("mem_used") > 100 * 1024);
+    let m = http(n.prom, "GET", "/metrics", None, None).await.text();
+    assert!(
+        m.contains("\nrabbitmq_alarms_memory_used_watermark 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("\nrabbitmq_resident_memory_limit_bytes 102400\n"),
+        "{m}"
+    );
+    // Purging clears it.
+    assert_eq!(
+        n.req("DELETE", "/api/queues/%2F/big/contents", None)
+            .await
+            .status,
+        204
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while n.req("GET", "/api/health/checks/alarms", None).await.status != 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("alarm cleared within 5 s");
+    assert_eq!(n.get("/api/nodes").await[0]["mem_alarm"], false);
     n.stop().await;
 }

@@ -220,7 +220,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
             vhost(shared, r, vh)?;
             ok(json!([]))
         }
-        ["health", "checks", "alarms"] if get => ok(json!({"status": "ok"})),
+        ["health", "checks", "alarms"] if get => health_alarms(shared),
         ["health", "checks", "node-is-quorum-critical"] if get => {
             ok(json!({"status": "ok", "reason": "single node cluster"}))
         }
@@ -541,6 +541,7 @@ pub fn fds() -> (u64, u64) {
 fn node(shared: &BrokerShared) -> Value {
     let (fd_used, fd_total) = fds();
     let uptime = shared.started_at.elapsed().as_millis() as u64;
+    let alarms = crate::alarm::state();
     json!({
         "name": shared.config.node_name,
         "type": "disc",
@@ -549,14 +550,18 @@ fn node(shared: &BrokerShared) -> Value {
         "uptime": uptime,
         "os_pid": std::process::id().to_string(),
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "mem_used": rss_bytes(),
+        // mem_used is what the memory alarm compares with mem_limit (message memory);
+        // mem_rss is the process's resident set.
+        "mem_used": alarms.mem_used,
         "mem_used_details": {"rate": 0.0},
-        "mem_limit": 0,
-        "mem_alarm": false,
-        "mem_calculation_strategy": "rss",
-        "disk_free_alarm": false,
-        "disk_free": 0,
-        "disk_free_limit": 0,
+        "mem_rss": rss_bytes(),
+        "mem_limit": alarms.mem_limit,
+        "mem_alarm": alarms.memory,
+        "mem_calculation_strategy": "allocated",
+        "disk_free_alarm": alarms.disk,
+        "disk_free": alarms.disk_free.unwrap_or(0),
+        "disk_free_details": {"rate": 0.0},
+        "disk_free_limit": alarms.disk_free_limit,
         "fd_used": fd_used,
         "fd_total": fd_total,
         "sockets_used": shared.registry.connections().len(),
@@ -1376,6 +1381,30 @@ async fn binding_one(
 }
 
 // === health ===
+
+/// RabbitMQ's alarms health check: 200 without alarms, 503 listing them.
+fn health_alarms(shared: &BrokerShared) -> R {
+    let a = crate::alarm::state();
+    if !a.memory && !a.disk {
+        return ok(json!({"status": "ok"}));
+    }
+    let node = &shared.config.node_name;
+    let mut list = Vec::new();
+    if a.memory {
+        list.push(json!({"node": node, "resource": "memory"}));
+    }
+    if a.disk {
+        list.push(json!({"node": node, "resource": "disk"}));
+    }
+    Ok(json_resp(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({
+            "status": "failed",
+            "reason": "resource alarm(s) in effect in the cluster",
+            "alarms": list,
+        }),
+    ))
+}
 
 async fn aliveness(shared: &BrokerShared, r: &Req, vh: &str) -> R {
     let v = vhost(shared, r, vh)?;

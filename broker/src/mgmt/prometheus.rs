@@ -144,6 +144,44 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
         "",
         format!("{:.3}", shared.started_at.elapsed().as_secs_f64()),
     );
+    let alarms = crate::alarm::state();
+    o.one(
+        "rabbitmq_alarms_memory_used_watermark",
+        "gauge",
+        "is 1 if VM memory watermark alarm is in effect",
+        "",
+        u8::from(alarms.memory),
+    );
+    o.one(
+        "rabbitmq_alarms_free_disk_space_watermark",
+        "gauge",
+        "is 1 if free disk space watermark alarm is in effect",
+        "",
+        u8::from(alarms.disk),
+    );
+    o.one(
+        "rabbitmq_resident_memory_limit_bytes",
+        "gauge",
+        "Memory high watermark in bytes",
+        "",
+        alarms.mem_limit,
+    );
+    if let Some(free) = alarms.disk_free {
+        o.one(
+            "rabbitmq_disk_space_available_bytes",
+            "gauge",
+            "Disk space available in bytes",
+            "",
+            free,
+        );
+    }
+    o.one(
+        "rabbitmq_disk_space_available_limit_bytes",
+        "gauge",
+        "Free disk space low watermark in bytes",
+        "",
+        alarms.disk_free_limit,
+    );
     o.one(
         "warren_message_memory_bytes",
         "gauge",
