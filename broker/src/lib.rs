@@ -30,6 +30,7 @@ pub mod class;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub mod error;
 pub mod exchange;
 pub mod intmap;
