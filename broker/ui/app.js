@@ -102,7 +102,9 @@
     }
     let resp;
     try {
-      resp = await fetch("api" + path, { method: opts.method || "GET", headers, body, cache: "no-store" });
+      // credentials "omit": the Authorization header is set here, and without this a 401's
+      // WWW-Authenticate challenge would make the browser pop up its own login dialog.
+      resp = await fetch("api" + path, { method: opts.method || "GET", headers, body, cache: "no-store", credentials: "omit" });
     } catch (e) {
       throw new ApiError(0, "the node did not answer (" + e.message + ")");
     }

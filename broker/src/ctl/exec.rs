@@ -246,7 +246,11 @@ impl Ctx<'_> {
                     Ok(_) => Ok(()),
                     Err(f) if f.status == 404 => Err(CtlError::new(
                         exit::SOFTWARE,
-                        format!("Virtual host \"{vhost}\" does not exist"),
+                        format!(
+                            "PUT {path} answered 404: virtual host \"{vhost}\" does not exist, \
+                             or node {} does not manage policies",
+                            self.node()
+                        ),
                     )),
                     Err(f) => Err(CtlError::new(
                         exit::SOFTWARE,
