@@ -148,10 +148,14 @@ impl Config {
         Self::from_toml_str(&text)
     }
 
-    /// A config for in-process tests: one loopback listener on port 0, fast shutdown.
+    /// A config for in-process tests: one loopback listener on port 0, fast shutdown, and a
+    /// data directory of its own under the system temp dir (created only when written to).
     pub fn for_tests() -> Self {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             amqp: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            data_dir: std::env::temp_dir().join(format!("warren-test-{}-{n}", std::process::id())),
             shutdown_grace_ms: 1000,
             ..Self::default()
         }

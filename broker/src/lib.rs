@@ -68,6 +68,11 @@ pub enum StartError {
     },
     #[error("tls: {0}")]
     Tls(String),
+    #[error("message store in {dir}: {source}")]
+    Store {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by every connection.
@@ -86,6 +91,8 @@ pub struct BrokerShared {
     pub started_at: tokio::time::Instant,
     /// Bound listeners: (protocol, address), for /api/overview.
     pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// The message store of durable queues (under `data_dir`).
+    pub store: Arc<store::Store>,
 }
 
 /// The broker before binding.
@@ -175,11 +182,15 @@ impl Broker {
         }
         let (mgmt, mgmt_addrs) = bind_all(&cfg.mgmt, "mgmt").await?;
         let (prometheus, prometheus_addrs) = bind_all(&cfg.prometheus, "prometheus").await?;
+        let store = store::Store::open(&cfg.data_dir).map_err(|source| StartError::Store {
+            dir: cfg.data_dir.clone(),
+            source,
+        })?;
         let auth = Arc::new(AuthDb::from_config(&cfg));
         let vhosts = auth
             .vhosts()
             .iter()
-            .map(|v| (v.clone(), Vhost::new(v)))
+            .map(|v| (v.clone(), Vhost::with_store(v, store.clone())))
             .collect();
         let shared = Arc::new(BrokerShared {
             config: cfg,
@@ -199,6 +210,7 @@ impl Broker {
             .into_iter()
             .flat_map(|(p, v)| v.iter().map(move |a| (p, *a)))
             .collect(),
+            store,
         });
         Ok(Bound {
             amqp_addrs,
@@ -274,6 +286,9 @@ impl Bound {
         }
         monitor_stop.cancel();
         let _ = monitor.await;
+        // Settles and deliveries still pending reach the disk before the process exits.
+        let store = self.shared.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
         info!("broker stopped");
     }
 }

@@ -7,7 +7,7 @@ use crate::error::ChannelError;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::queue::actor::QueueActor;
 use crate::queue::{ClientTx, QueueArgs, QueueCmd, QueueHandle, QueueInfo, QUEUE_MAILBOX};
-use crate::store::TransientLog;
+use crate::store::{Store, TransientLog};
 use amq_protocol::types::FieldTable;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -74,6 +74,8 @@ pub struct Vhost {
     topology: ArcSwap<Topology>,
     write: Mutex<()>,
     reply_to: Mutex<HashMap<String, ReplyTarget>>,
+    /// Message store for durable queues (None: everything stays in memory).
+    store: Option<Arc<Store>>,
     me: Weak<Vhost>,
 }
 
@@ -96,6 +98,15 @@ pub(crate) fn no_queue(name: &str, vhost: &str) -> ChannelError {
 
 impl Vhost {
     pub fn new(name: &str) -> Arc<Self> {
+        Self::build(name, None)
+    }
+
+    /// A vhost whose durable queues keep persistent messages in `store`.
+    pub fn with_store(name: &str, store: Arc<Store>) -> Arc<Self> {
+        Self::build(name, Some(store))
+    }
+
+    fn build(name: &str, store: Option<Arc<Store>>) -> Arc<Self> {
         let mut topo = Topology::default();
         for (n, k) in DEFAULT_EXCHANGES {
             let ex = Exchange::new(n, *k, true, false, false, FieldTable::default());
@@ -106,6 +117,7 @@ impl Vhost {
             topology: ArcSwap::from_pointee(topo),
             write: Mutex::new(()),
             reply_to: Mutex::new(HashMap::new()),
+            store,
             me: me.clone(),
         })
     }
@@ -353,6 +365,16 @@ impl Vhost {
         if let Some((handle, rx)) = spawn {
             crate::stats::churn(&crate::stats::CHURN.queue_created);
             let actor = QueueActor::new(handle, self.me.clone(), Box::new(TransientLog));
+            // Durable, non-exclusive queues keep persistent messages on disk and get back what
+            // the store recovered for them (also when a client redeclares after a restart).
+            let actor = match &self.store {
+                Some(store) if handle.durable && handle.exclusive_owner.is_none() => {
+                    let (log, recovered, events) = store.attach(&self.name, &handle.name);
+                    QueueActor::new(handle, self.me.clone(), Box::new(log))
+                        .recover(events, recovered)
+                }
+                _ => QueueActor::new(handle, self.me.clone(), Box::new(TransientLog)),
+            };
             tokio::spawn(actor.run(rx));
         }
         Ok(r)

@@ -105,6 +105,19 @@ impl Ready {
             .filter_map(|q| q.front().and_then(|e| e.expires_at))
             .min()
     }
+    /// Removes the entry with this id, wherever it is.
+    fn remove_id(&mut self, id: u64) -> Option<Entry> {
+        for q in self.levels.iter_mut() {
+            let pos = q.partition_point(|x| x.id < id);
+            if q.get(pos).is_some_and(|e| e.id == id) {
+                let e = q.remove(pos)?;
+                self.len -= 1;
+                self.bytes -= e.msg.body.len() as u64;
+                return Some(e);
+            }
+        }
+        None
+    }
     fn drain_all(&mut self) -> Vec<Entry> {
         let mut v = Vec::with_capacity(self.len);
         for q in self.levels.iter_mut() {
@@ -129,6 +142,8 @@ pub struct QueueActor {
     log: Box<dyn QueueLog>,
     /// Publishes waiting for the log to report them safe.
     unconfirmed: VecDeque<(u64, ConfirmTicket)>,
+    /// Store events (`Synced`, `WriteFailed`) for a durable queue.
+    store_rx: Option<mpsc::UnboundedReceiver<QueueCmd>>,
     had_consumers: bool,
     last_activity: Instant,
     deleted: bool,
@@ -148,17 +163,59 @@ impl QueueActor {
             next_id: 1,
             log,
             unconfirmed: VecDeque::new(),
+            store_rx: None,
             had_consumers: false,
             last_activity: Instant::now(),
             deleted: false,
         }
     }
 
+    /// Takes the store's events for this queue and the messages recovered from disk (queue
+    /// order; unacked ones before the restart come back redelivered).
+    pub fn recover(
+        mut self,
+        events: mpsc::UnboundedReceiver<QueueCmd>,
+        recovered: Vec<crate::store::Recovered>,
+    ) -> Self {
+        self.store_rx = Some(events);
+        let now = Instant::now();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for r in recovered {
+            self.next_id = self.next_id.max(r.id + 1);
+            let expires_at = r
+                .expires_at_ms
+                .map(|t| now + std::time::Duration::from_millis(t.saturating_sub(now_ms)));
+            self.ready.requeue(Entry {
+                id: r.id,
+                msg: r.msg,
+                redelivered: r.redelivered,
+                expires_at,
+            });
+        }
+        self.publish_counts();
+        self
+    }
+
     /// Runs until the queue is deleted or every handle is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+        let mut store_rx = self.store_rx.take();
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
+                ev = async {
+                    match store_rx.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match ev {
+                        Some(cmd) => self.handle_cmd(cmd, Instant::now()),
+                        None => store_rx = None,
+                    }
+                }
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     let now = Instant::now();
@@ -327,6 +384,22 @@ impl QueueActor {
                     }
                 }
             }
+            QueueCmd::WriteFailed { ids } => {
+                let failed: std::collections::HashSet<u64> = ids.iter().copied().collect();
+                self.unconfirmed.retain(|(id, t)| {
+                    let hit = failed.contains(id);
+                    if hit {
+                        t.send(false);
+                    }
+                    !hit
+                });
+                // Nacked: the publisher keeps responsibility, so the copy here goes unless a
+                // consumer already has it.
+                for id in ids {
+                    self.ready.remove_id(id);
+                }
+                self.publish_counts();
+            }
         }
     }
 
@@ -368,7 +441,7 @@ impl QueueActor {
             (a, b) => a.or(b),
         };
         let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
-        match (self.log.enqueue(id, &msg), confirm) {
+        match (self.log.enqueue(id, &msg, ttl), confirm) {
             (Safety::Safe, Some(t)) => t.send(true),
             (Safety::Pending, Some(t)) => self.unconfirmed.push_back((id, t)),
             (_, None) => {}
@@ -511,6 +584,7 @@ impl QueueActor {
             if no_ack {
                 self.log.settle(&[e.id]);
             } else {
+                self.log.delivered(&[e.id]);
                 self.unacked.insert(
                     e.id,
                     Unacked {
@@ -579,6 +653,7 @@ impl QueueActor {
     fn dispatch_pass(&mut self, now: Instant) -> usize {
         let mut outbox: Vec<(usize, Vec<Delivery>)> = Vec::new();
         let mut delivered = 0;
+        let mut to_ack: Vec<u64> = Vec::new();
         while delivered < DISPATCH_PASS && self.ready.len > 0 && !self.consumers.is_empty() {
             let Some(ci) = self.pick_consumer() else {
                 break;
@@ -627,6 +702,7 @@ impl QueueActor {
                 self.log.settle(&[e.id]);
             } else {
                 c.unacked += 1;
+                to_ack.push(e.id);
                 let key = c.key;
                 self.unacked.insert(
                     e.id,
@@ -643,6 +719,9 @@ impl QueueActor {
                 Some((_, v)) => v.push(delivery),
                 None => outbox.push((ci, vec![delivery])),
             }
+        }
+        if !to_ack.is_empty() {
+            self.log.delivered(&to_ack);
         }
         let mut dead_conns = Vec::new();
         for (ci, mut batch) in outbox {

@@ -273,9 +273,14 @@ pub enum QueueCmd {
     Touch,
     /// Credit may have become available somewhere: try to deliver.
     Kick,
-    /// The log made every id up to and including this one safe (durability, later).
+    /// The log made every id up to and including this one safe (on disk).
     Synced {
         up_to: u64,
+    },
+    /// The log could not write these enqueues (disk full, I/O error): their publishes get
+    /// basic.nack and the messages leave the queue if not yet delivered.
+    WriteFailed {
+        ids: Vec<u64>,
     },
 }
 

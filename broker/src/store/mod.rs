@@ -2,10 +2,16 @@
 //!
 //! Every state change of a queue's message list goes through a [`QueueLog`]: enqueue, settle
 //! (ack, drop, expire, dead-letter), requeue, purge and delete. Publisher confirms are sent only
-//! once the log reports a message [`Safety::Safe`]. The transient log below is what the broker
-//! uses today; a disk log (group commit + fsync) and a mirror log (replicate to in-sync mirrors)
-//! implement the same trait later and report `Pending`, then tell the queue actor which ids became
-//! safe through `QueueCmd::Synced`.
+//! once the log reports a message [`Safety::Safe`]. Non-durable queues use the transient log
+//! below; durable queues use [`DiskLog`] (the node's [`Store`]: segment files, group commit,
+//! fdatasync), which reports persistent messages `Pending` and later tells the queue actor which
+//! ids became safe (`QueueCmd::Synced`) or could not be written (`QueueCmd::WriteFailed`).
+
+pub mod disk;
+pub mod record;
+pub mod replay;
+
+pub use disk::{DiskLog, Recovered, Store};
 
 use crate::queue::Message;
 
@@ -21,10 +27,13 @@ pub enum Safety {
 /// Per-queue message log. Called only from the queue's own task, so implementations need no
 /// locking of their own.
 pub trait QueueLog: Send + 'static {
-    /// A message entered the queue with queue-local id `id`.
-    fn enqueue(&mut self, id: u64, msg: &Message) -> Safety;
+    /// A message entered the queue with queue-local id `id`; `ttl_ms` is its time to live
+    /// from now, if any.
+    fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety;
     /// Messages left the queue for good (acked, auto-acked, dropped, expired, dead-lettered).
     fn settle(&mut self, ids: &[u64]);
+    /// Messages were handed to a consumer that must ack them (redelivered after a restart).
+    fn delivered(&mut self, ids: &[u64]);
     /// Delivered messages went back to ready (redelivered).
     fn requeue(&mut self, ids: &[u64]);
     /// The queue was deleted.
@@ -36,9 +45,10 @@ pub trait QueueLog: Send + 'static {
 pub struct TransientLog;
 
 impl QueueLog for TransientLog {
-    fn enqueue(&mut self, _id: u64, _msg: &Message) -> Safety {
+    fn enqueue(&mut self, _id: u64, _msg: &Message, _ttl_ms: Option<u64>) -> Safety {
         Safety::Safe
     }
+    fn delivered(&mut self, _ids: &[u64]) {}
     fn settle(&mut self, _ids: &[u64]) {}
     fn requeue(&mut self, _ids: &[u64]) {}
     fn delete(&mut self) {}

@@ -1,0 +1,693 @@
+//! Durability with the real binary: persistent messages on durable queues survive kill -9
+//! exactly once and in order once confirmed; damaged segment tails are cut; disk use stays
+//! bounded in a long run; transient things do not survive; a failed write nacks.
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use warren_broker::store::record;
+
+/// A broker process on a data directory.
+struct Proc {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+async fn start(data: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args(["--amqp", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let re = regex::Regex::new(r"listening proto=amqp addr=(\S+)").expect("re");
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            log.lock().push(line.clone());
+            if let Some(c) = re.captures(&line) {
+                return c[1].to_string();
+            }
+        }
+        panic!("broker exited before logging its address: {:?}", log.lock());
+    })
+    .await
+    .expect("address logged in time");
+    let l2 = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            l2.lock().push(line);
+        }
+    });
+    Proc { child, addr, log }
+}
+
+impl Proc {
+    async fn connect(&self) -> (Connection, Channel) {
+        let c = Connection::connect(
+            &format!("amqp://guest:guest@{}/%2f", self.addr),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("connect");
+        let ch = c.create_channel().await.expect("channel");
+        (c, ch)
+    }
+
+    async fn kill9(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+
+    async fn term(mut self) {
+        let pid = self.child.id().expect("pid");
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("exit in time")
+            .expect("wait");
+        assert!(status.success(), "broker exit status {status}");
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log.lock().iter().any(|l| l.contains(needle))
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+async fn declare_durable(ch: &Channel, name: &str) -> u32 {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare")
+    .message_count()
+}
+
+/// Reads `n` messages with a consumer (no ack: they stay in the queue); bodies and
+/// redelivered flags in delivery order.
+async fn peek(ch: &Channel, queue: &str, n: u32) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    if n == 0 {
+        return out;
+    }
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "peek".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    while out.len() < n as usize {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("consumer open")
+            .expect("delivery");
+        out.push((String::from_utf8_lossy(&d.data).into_owned(), d.redelivered));
+    }
+    ch.basic_cancel("peek".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    out
+}
+
+/// Gets and acks everything in the queue (basic.get); bodies and redelivered flags.
+async fn drain(ch: &Channel, queue: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+    {
+        out.push((
+            String::from_utf8_lossy(&m.delivery.data).into_owned(),
+            m.delivery.redelivered,
+        ));
+    }
+    out
+}
+
+async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) -> Confirmation {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        persistent(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm")
+}
+
+fn segments(data: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("msgs"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9_at_random_moments_exactly_once_in_order() {
+    let seed: u64 = std::env::var("WARREN_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0005);
+    eprintln!("crash test seed {seed} (set WARREN_CRASH_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data = tempfile::tempdir().expect("tempdir");
+    let confirmed: Arc<Mutex<Vec<(u32, u32)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut published: HashSet<(u32, u32)> = HashSet::new();
+    const ROUNDS: u32 = 30;
+    let parse = |s: &str| -> (u32, u32) {
+        let (r, i) = s.split_once('-').expect("body format");
+        (
+            r.trim_start_matches('r').parse().expect("round"),
+            i.parse().expect("index"),
+        )
+    };
+    for round in 0..=ROUNDS {
+        let b = start(data.path()).await;
+        let (conn, ch) = b.connect().await;
+        let n = declare_durable(&ch, "crash").await;
+        let got: Vec<(u32, u32)> = peek(&ch, "crash", n)
+            .await
+            .iter()
+            .map(|(s, _)| parse(s))
+            .collect();
+        let set: HashSet<_> = got.iter().copied().collect();
+        assert_eq!(
+            set.len(),
+            got.len(),
+            "round {round}: a message is duplicated"
+        );
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(got, sorted, "round {round}: queue order lost");
+        for m in confirmed.lock().iter() {
+            assert!(set.contains(m), "round {round}: confirmed {m:?} lost");
+        }
+        for m in &got {
+            assert!(
+                published.contains(m),
+                "round {round}: {m:?} never published"
+            );
+        }
+        // Unconfirmed publishes that did not make it are gone for good.
+        published.retain(|m| set.contains(m));
+        eprintln!(
+            "round {round}: {} in the queue, {} confirmed so far",
+            got.len(),
+            confirmed.lock().len()
+        );
+        if round == ROUNDS {
+            assert!(
+                confirmed.lock().len() > 500,
+                "too few confirms to mean anything: {}",
+                confirmed.lock().len()
+            );
+            b.term().await;
+            break;
+        }
+        let pch = conn.create_channel().await.expect("channel");
+        pch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        let window: u32 = rng.gen_range(1..=64);
+        let count: u32 = rng.gen_range(100..3000);
+        for i in 0..count {
+            published.insert((round, i));
+        }
+        let conf = confirmed.clone();
+        let publisher = tokio::spawn(async move {
+            let mut i = 0;
+            while i < count {
+                let mut waits = Vec::new();
+                for j in i..(i + window).min(count) {
+                    let body = format!("r{round:03}-{j:06}");
+                    match pch
+                        .basic_publish(
+                            "".into(),
+                            "crash".into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            persistent(),
+                        )
+                        .await
+                    {
+                        Ok(c) => waits.push((j, c)),
+                        Err(_) => return,
+                    }
+                }
+                i = (i + window).min(count);
+                for (j, c) in waits {
+                    match c.await {
+                        Ok(Confirmation::Ack(_)) => conf.lock().push((round, j)),
+                        _ => return,
+                    }
+                }
+            }
+        });
+        let delay = rng.gen_range(20..250);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        b.kill9().await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+        drop(conn);
+    }
+}
+
+/// Publishes `n` confirmed persistent messages "m0".."m{n-1}" and stops the broker hard.
+async fn fill(data: &Path, queue: &str, n: u32, body_len: usize) {
+    let b = start(data).await;
+    let (_c, ch) = b.connect().await;
+    declare_durable(&ch, queue).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    for i in 0..n {
+        let mut body = format!("m{i}-").into_bytes();
+        body.resize(body_len.max(body.len()), b'x');
+        assert!(matches!(
+            publish_confirmed(&ch, queue, &body).await,
+            Confirmation::Ack(_)
+        ));
+    }
+    b.kill9().await;
+}
+
+fn names(msgs: &[(String, bool)]) -> Vec<String> {
+    msgs.iter()
+        .map(|(b, _)| b.split('-').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn expect_names(range: impl Iterator<Item = u32>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_and_the_rest_is_served() {
+    let data = tempfile::tempdir().expect("tempdir");
+    fill(data.path(), "torn", 50, 100).await;
+    let seg = segments(data.path()).pop().expect("a segment");
+    let bytes = std::fs::read(&seg).expect("read");
+    let scan = record::scan(&bytes);
+    let (off, size, _) = scan.records.last().expect("records");
+    // Cut the last record in its middle, as a write interrupted by a crash would.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open");
+    f.set_len((off + size / 2) as u64).expect("truncate");
+    drop(f);
+
+    let b = start(data.path()).await;
+    let (_c, ch) = b.connect().await;
+    assert_eq!(declare_durable(&ch, "torn").await, 49);
+    assert_eq!(names(&drain(&ch, "torn").await), expect_names(0..49));
+    assert!(
+        b.logged("damaged segment tail cut"),
+        "the cut is not logged"
+    );
+    b.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_drop_only_the_damaged_records() {
+    let data = tempfile::tempdir().expect("tempdir");
+    fill(data.path(), "flip", 50, 100).await;
+    let seg = segments(data.path()).pop().expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    let scan = record::scan(&bytes);
+    let enqueues: Vec<(usize, usize)> = scan
+        .records
+        .iter()
+        .filter(|(_, _, r)| matches!(r, record::Record::Enqueue(_)))
+        .map(|(o, s, _)| (*o, *s))
+        .collect();
+    assert_eq!(enqueues.len(), 50);
+    // A bit flip inside message 20's body: that record fails its checksum.
+    let (off20, size20) = enqueues[20];
+    bytes[off20 + size20 - 10] ^= 0x01;
+    // A flip in message 40's length field: the scan cannot trust anything after it.
+    let (off40, _) = enqueues[40];
+    bytes[off40 + 2] ^= 0x10;
+    std::fs::write(&seg, &bytes).expect("write");
+
+    let b = start(data.path()).await;
+    let (_c, ch) = b.connect().await;
+    assert_eq!(declare_durable(&ch, "flip").await, 39);
+    let got = drain(&ch, "flip").await;
+    let mut want = expect_names(0..20);
+    want.extend(expect_names(21..40));
+    assert_eq!(names(&got), want);
+    assert!(b.logged("skipped a damaged record"), "skip not logged");
+    assert!(b.logged("damaged segment tail cut"), "cut not logged");
+    // Still serving and writing after the repair.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    assert!(matches!(
+        publish_confirmed(&ch, "flip", b"after").await,
+        Confirmation::Ack(_)
+    ));
+    b.term().await;
+    let b = start(data.path()).await;
+    let (_c, ch) = b.connect().await;
+    declare_durable(&ch, "flip").await;
+    assert_eq!(names(&drain(&ch, "flip").await), vec!["after".to_owned()]);
+    b.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_queues_and_messages_are_gone_after_restart_and_unacked_come_back_redelivered() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let b = start(data.path()).await;
+    let (c, ch) = b.connect().await;
+    declare_durable(&ch, "keep").await;
+    ch.queue_declare(
+        "gone".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    for i in 0..6 {
+        publish_confirmed(&ch, "keep", format!("p{i}").as_bytes()).await;
+        // A transient message in the durable queue: not kept.
+        ch.basic_publish(
+            "".into(),
+            "keep".into(),
+            BasicPublishOptions::default(),
+            format!("t{i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        publish_confirmed(&ch, "gone", b"x").await;
+    }
+    // Take p0, t0, p1, t1 without acking, then ack p2 (fifth) for good.
+    let gch = c.create_channel().await.expect("channel");
+    let mut tags = Vec::new();
+    for want in ["p0", "t0", "p1", "t1", "p2"] {
+        let m = gch
+            .basic_get("keep".into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("message");
+        assert_eq!(m.delivery.data, want.as_bytes());
+        tags.push(m.delivery.delivery_tag);
+    }
+    gch.basic_ack(tags[4], BasicAckOptions::default())
+        .await
+        .expect("ack");
+    // The ack must have reached the broker before the crash: a round trip on that channel.
+    gch.queue_declare(
+        "keep".into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.kill9().await;
+
+    let b = start(data.path()).await;
+    let (c, ch) = b.connect().await;
+    declare_durable(&ch, "keep").await;
+    let got = drain(&ch, "keep").await;
+    assert_eq!(
+        got,
+        vec![
+            ("p0".to_owned(), true),
+            ("p1".to_owned(), true),
+            ("p3".to_owned(), false),
+            ("p4".to_owned(), false),
+            ("p5".to_owned(), false),
+        ]
+    );
+    let err = c
+        .create_channel()
+        .await
+        .expect("channel")
+        .queue_declare(
+            "gone".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(err.is_err(), "a non-durable queue survived the restart");
+    b.term().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_use_stays_bounded_while_gigabytes_flow_through() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let b = start(data.path()).await;
+    let (c, pch) = b.connect().await;
+    declare_durable(&pch, "flow").await;
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let cch = c.create_channel().await.expect("channel");
+    cch.basic_qos(64, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = cch
+        .basic_consume(
+            "flow".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    const BODY: usize = 256 * 1024;
+    let total_bytes: u64 = std::env::var("WARREN_LONG_RUN_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2 << 30);
+    let n = total_bytes / BODY as u64;
+    let consumed = tokio::spawn(async move {
+        let mut k = 0u64;
+        while k < n {
+            let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                .await
+                .expect("delivery in time")
+                .expect("open")
+                .expect("delivery");
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            k += 1;
+        }
+        k
+    });
+    let msgs = data.path().join("msgs");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, msgs2) = (stop.clone(), msgs.clone());
+    let sampler = tokio::spawn(async move {
+        let mut max = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            max = max.max(dir_bytes(&msgs2));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        max
+    });
+    let body = vec![7u8; BODY];
+    let started = tokio::time::Instant::now();
+    let mut waits = std::collections::VecDeque::new();
+    for _ in 0..n {
+        let c = pch
+            .basic_publish(
+                "".into(),
+                "flow".into(),
+                BasicPublishOptions::default(),
+                &body,
+                persistent(),
+            )
+            .await
+            .expect("publish");
+        waits.push_back(c);
+        if waits.len() >= 32 {
+            let c = waits.pop_front().expect("wait");
+            assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(_)));
+        }
+    }
+    for c in waits {
+        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(_)));
+    }
+    assert_eq!(consumed.await.expect("consumer"), n);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let max = sampler.await.expect("sampler");
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "long run: {} MiB through the store in {secs:.1} s, data dir peak {} MiB",
+        total_bytes >> 20,
+        max >> 20
+    );
+    // Live data is at most the consumer's prefetch plus the confirm window (~25 MiB); the
+    // rest is segments waiting for their last settle or for compaction.
+    let bound = 8 * warren_broker::store::disk::SEGMENT_BYTES;
+    assert!(
+        max <= bound,
+        "data dir peaked at {max} bytes, bound {bound} (wrote {total_bytes})"
+    );
+    assert!(max > 0, "nothing was written to disk");
+    b.term().await;
+}
+
+/// Mounts a small tmpfs (needs root); None when that is not possible here.
+fn small_tmpfs(at: &Path, size: &str) -> Option<()> {
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(())
+}
+
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_nacks_the_affected_publishes_and_the_broker_recovers_when_space_returns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("disk");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    if small_tmpfs(&mnt, "4m").is_none() {
+        // Without root there is no way to make a small real file system here.
+        eprintln!("SKIPPED: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let data = mnt.join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    // Space to give back later.
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; 2 << 20]).expect("filler");
+
+    let b = start(&data).await;
+    let (_c, ch) = b.connect().await;
+    declare_durable(&ch, "full").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let body = vec![b'z'; 64 * 1024];
+    let mut acked = 0u32;
+    let mut nacked = 0u32;
+    let mut first_nack = None;
+    for i in 0..100u32 {
+        let mut b2 = format!("m{i}-").into_bytes();
+        b2.extend_from_slice(&body);
+        match publish_confirmed(&ch, "full", &b2).await {
+            Confirmation::Ack(_) => {
+                assert!(
+                    first_nack.is_none(),
+                    "ack after a nack while the disk is full"
+                );
+                acked += 1;
+            }
+            Confirmation::Nack(_) => {
+                nacked += 1;
+                first_nack.get_or_insert(i);
+            }
+            Confirmation::NotRequested => panic!("confirms not on"),
+        }
+    }
+    eprintln!("disk full: {acked} acked, then {nacked} nacked");
+    assert!(acked > 0 && nacked > 0, "acked {acked} nacked {nacked}");
+    assert!(b.logged("write failed"), "failure not logged");
+    // Nacked messages are not in the queue; the acked ones are.
+    let n = declare_durable(&ch, "full").await;
+    assert_eq!(n, acked);
+
+    // Space comes back: publishing works again.
+    std::fs::remove_file(&filler).expect("free space");
+    for i in 100..110u32 {
+        let mut b2 = format!("m{i}-").into_bytes();
+        b2.extend_from_slice(&body);
+        assert!(
+            matches!(
+                publish_confirmed(&ch, "full", &b2).await,
+                Confirmation::Ack(_)
+            ),
+            "publish {i} not acked after space returned"
+        );
+    }
+    b.kill9().await;
+    let b = start(&data).await;
+    let (_c, ch) = b.connect().await;
+    declare_durable(&ch, "full").await;
+    let mut want = expect_names(0..acked);
+    want.extend(expect_names(100..110));
+    assert_eq!(names(&drain(&ch, "full").await), want);
+    b.term().await;
+}
