@@ -364,7 +364,6 @@ impl Vhost {
         crate::stats::churn(&crate::stats::CHURN.queue_declared);
         if let Some((handle, rx)) = spawn {
             crate::stats::churn(&crate::stats::CHURN.queue_created);
-            let actor = QueueActor::new(handle, self.me.clone(), Box::new(TransientLog));
             // Durable, non-exclusive queues keep persistent messages on disk and get back what
             // the store recovered for them (also when a client redeclares after a restart).
             let actor = match &self.store {
