@@ -512,6 +512,10 @@ Started {html.escape(report['started'])}. Command: <code>{html.escape(report['co
 # ---------------------------------------------------------------- main
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000, help="tasks per run (default 1000)")
@@ -527,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep logs and configs here (default: a temporary directory, removed)")
     p.add_argument("--drain-timeout", type=float, default=120, help="seconds to wait for the worker to catch up")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the finally blocks stop the broker, balancer and worker.
+    signal.signal(signal.SIGTERM, _interrupt)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
         p.error(f"--modes: choose from {', '.join(MODES)}")
@@ -604,4 +610,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: broker, balancer and worker stopped", file=sys.stderr)
+        sys.exit(130)

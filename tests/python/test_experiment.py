@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RABBITMQ_SERVER, start_rabbitmq, stop_process, warren_binary
+from conftest import REPO, RABBITMQ_SERVER, TARGET, start_rabbitmq, stop_process, warren_binary
 
 RUNNER = REPO / "examples" / "celery" / "run_experiment.py"
 N = 300
-NTH = 25  # a reset after every 25th publish of a connection: a dozen per run
+NTH = 20  # a reset after every 20th publish of a connection: about fifteen per run
+# Periodic resets, rarer than the cuts even on a slow machine: a connection that a periodic reset
+# kills before its 20th publish is never cut.
+EVERY = "2s"
 
 
 def run_experiment(tmp: Path, *extra: str, timeout: float = 90) -> dict:
@@ -31,10 +34,18 @@ def run_experiment(tmp: Path, *extra: str, timeout: float = 90) -> dict:
     for b in ("warren-broker", "warren-lb"):
         if not (bin_dir / b).is_file():
             pytest.fail(f"{bin_dir / b} is missing: build the binaries first (`cargo build --bins`)", pytrace=False)
-    cmd = [sys.executable, str(RUNNER), "--n", str(N), "--nth", str(NTH), "--reset-every", "500ms",
+    cmd = [sys.executable, str(RUNNER), "--n", str(N), "--nth", str(NTH), "--reset-every", EVERY,
            "--rate", "600", "--bin-dir", str(bin_dir), "--workdir", str(tmp / "work"),
            "--report", str(report), "--chart", str(chart), *extra]
-    out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the runner stops its broker, balancer and worker on SIGTERM
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"the experiment did not finish within {timeout}s\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                    pytrace=False)
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     logs = "\n".join(f"--- {p.name}\n{p.read_text('utf-8', 'replace')[-3000:]}"
                      for p in sorted((tmp / "work").glob("*.log")) if p.name != "executions.log")
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}\n{logs}"
@@ -53,7 +64,7 @@ def by_mode(report: dict) -> dict[str, dict]:
 def check_faults_fired(run: dict) -> list[dict]:
     """The balancer did reset connections right after a publish, as its events and metrics agree."""
     cuts = [e for e in run["timeline"]["resets"] if e["rule"] == "publish-window"]
-    assert len(cuts) >= N // NTH // 2, f"too few publish-window resets: {run['resets_by_rule']}"
+    assert len(cuts) >= 3, f"too few publish-window resets: {run['resets_by_rule']}"
     assert run["faults_metric"].get("publish-window") == len(cuts), (run["faults_metric"], len(cuts))
     assert all(e["cause"] == "on_amqp basic.publish" for e in cuts), cuts
     return cuts
@@ -61,6 +72,9 @@ def check_faults_fired(run: dict) -> list[dict]:
 
 @pytest.mark.timeout(120)
 def test_celery_tasks_are_lost_without_confirm_publish_and_not_with_it(tmp_path):
+    if TARGET != "warren":
+        pytest.skip(f"WARREN_TEST_TARGET={TARGET}: this run is about warren-broker "
+                    f"(the RabbitMQ run is test_rabbitmq_behind_warren_lb_loses_nothing_with_confirm_publish)")
     runs = by_mode(run_experiment(tmp_path))
     plain, confirm = runs["plain"], runs["confirm"]
 
@@ -70,6 +84,8 @@ def test_celery_tasks_are_lost_without_confirm_publish_and_not_with_it(tmp_path)
     assert plain["failed"] == 0, plain["retry_errors"]
     assert plain["accepted"] == N
     assert plain["lost"] > 0, plain
+    # Each cut swallowed at least the publish it cut, whose send_task had returned.
+    assert plain["lost"] >= len(cuts), (plain["lost"], len(cuts))
     assert plain["executed"] == N - plain["lost"]
 
     # With confirms: every send_task returned after the broker's ack, and every task ran.
