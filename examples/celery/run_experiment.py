@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "started": started,
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": redact(" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))),
         "config": {"n": args.n, "broker": broker_label, "nth": args.nth, "reset_every": args.reset_every,
                    "rate": args.rate, "seed": args.seed, "queue": queue},
         "runs": runs,
