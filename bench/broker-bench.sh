@@ -13,6 +13,12 @@
 #               auto-ack consumer: confirm round trip
 #   rate20k     as transient but at 20,000 msg/s, which both brokers sustain: end-to-end latency
 #               without a backlog (unlimited runs build a queue, so their latency is queueing delay)
+#   persist-cC-xP  1 KiB persistent messages to a durable queue, C confirms in flight per producer
+#               (1, 10, 100), P producers (1, 4), one consumer with manual acks (prefetch 500, one
+#               multiple-ack per 50): the disk path. Also reports fsyncs per second: warren-broker's
+#               own sync counter (debug log line "store: sync count"); RabbitMQ's only with
+#               FSYNC_STRACE=1 (strace -c on the beam process for the run, which slows it down), else
+#               "not measured".
 # RabbitMQ runs as a foreground node of our own (temp dirs, free ports, no plugins, so no management
 # plugin); warren-broker runs from the release build. If warren-broker does not build or start, this is
 # reported and RabbitMQ is still measured. Prints a table and writes JSON under $RESULTS. Everything it
@@ -21,6 +27,8 @@
 # Environment (all optional):
 #   DURATION=12           seconds per scenario and broker
 #   SCENARIOS="transient rate20k confirm100 confirm1"
+#             (persistent set: SCENARIOS="persist-c1-x1 persist-c10-x1 persist-c100-x1 persist-c1-x4
+#             persist-c10-x4 persist-c100-x4", or SCENARIOS=persist for all six)
 #   BROKERS="rabbitmq warren"
 #   ROUNDS=1              repeat every scenario, brokers alternating (all rounds kept, table = medians)
 #   PERF_THREADS=1        warren-perf threads (1 = everything on one thread, least client CPU)
@@ -38,6 +46,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DURATION=${DURATION:-12}
 SCENARIOS=${SCENARIOS:-transient rate20k confirm100 confirm1}
+if [[ $SCENARIOS == persist ]]; then
+    SCENARIOS="persist-c1-x1 persist-c10-x1 persist-c100-x1 persist-c1-x4 persist-c10-x4 persist-c100-x4"
+fi
+FSYNC_STRACE=${FSYNC_STRACE:-0}
 BROKERS=${BROKERS:-rabbitmq warren}
 ROUNDS=${ROUNDS:-1}
 PERF_THREADS=${PERF_THREADS:-1}
@@ -174,7 +186,9 @@ start_warren() {
     args+=(${WARREN_ARGS:-})
     log "starting warren-broker ${args[*]}"
     : >"$WORK/warren.log"
-    "$BIN/warren-broker" "${args[@]}" 2>>"$WORK/warren.log" >/dev/null &
+    # The store's sync counter is a debug line; everything else stays at info.
+    RUST_LOG=${RUST_LOG:-info,warren_broker::store=debug} \
+        "$BIN/warren-broker" "${args[@]}" 2>>"$WORK/warren.log" >/dev/null &
     WARREN_PID=$!
     PIDS+=("$WARREN_PID")
     local i addr
@@ -225,8 +239,20 @@ scenario_args() {
         rate20k) echo "-x 1 -y 1 -s 16 -a -r 20000" ;;
         confirm100) echo "-x 1 -y 1 -s 1024 -f persistent -c 100 -q 500 --multi-ack-every 50" ;;
         confirm1) echo "-x 1 -y 1 -s 1024 -f persistent -c 1 -a" ;;
+        persist-c*-x*)
+            local c=${1#persist-c} x
+            x=${c#*-x}
+            c=${c%-x*}
+            echo "-x $x -y 1 -s 1024 -f persistent -c $c -q 500 --multi-ack-every 50"
+            ;;
         *) die "unknown scenario $1" ;;
     esac
+}
+
+# Latest value of warren-broker's store sync counter (0 before the first sync).
+warren_syncs() {
+    sed -n 's/.*syncs=\([0-9]*\).*store: sync count.*/\1/p; s/.*store: sync count.*syncs=\([0-9]*\).*/\1/p' \
+        "$WORK/warren.log" | tail -1 | grep . || echo 0
 }
 
 run_one() { # broker scenario round
@@ -242,8 +268,19 @@ run_one() { # broker scenario round
     # A queue of its own per run: nothing left over by an earlier run can reach this one.
     local args
     read -r -a args <<<"$(scenario_args "$sc")"
-    local l0 l1
+    local l0 l1 s0="" s1="" strace_pid=""
     l0=$(load)
+    if [[ $sc == persist-* ]]; then
+        if [[ $broker == warren ]]; then
+            sleep 1.5 # the writer reports its count once idle for a second
+            s0=$(warren_syncs)
+        elif [[ $FSYNC_STRACE == 1 ]] && command -v strace >/dev/null; then
+            timeout $((DURATION + 5)) strace -f -c -e trace=fsync,fdatasync -p "$pid" \
+                -o "$WORK/strace-$sc-$round.txt" 2>/dev/null &
+            strace_pid=$!
+            sleep 1
+        fi
+    fi
     log "$sc on $broker (round $round): warren-perf ${args[*]} -z $DURATION  [load $l0]"
     if timeout $((DURATION + 60)) "$PERF" --uri "$uri" "${args[@]}" -z "$DURATION" \
         -u "bench-$sc-r$round" --threads "$PERF_THREADS" --broker-pid "$pid" --label "$broker" \
@@ -253,9 +290,23 @@ run_one() { # broker scenario round
         log "warren-perf failed on $broker/$sc (exit ${PIPESTATUS[0]})"
     fi
     l1=$(load)
+    local fsyncs=null
+    if [[ -n $s0 ]]; then
+        sleep 1.5
+        s1=$(warren_syncs)
+        fsyncs=$(awk -v a="$s0" -v b="$s1" -v d="$DURATION" 'BEGIN {printf "%.0f", (b - a) / d}')
+    elif [[ -n $strace_pid ]]; then
+        kill -INT "$strace_pid" 2>/dev/null || true
+        wait "$strace_pid" 2>/dev/null || true
+        fsyncs=$(awk -v d="$DURATION" '$NF == "fsync" || $NF == "fdatasync" {n += $4} END {printf "%.0f", n / d}' \
+            "$WORK/strace-$sc-$round.txt" 2>/dev/null || echo null)
+        [[ -n $fsyncs ]] || fsyncs=null
+    fi
     if [[ -s $out.tmp ]]; then
         jq --arg sc "$sc" --arg b "$broker" --argjson r "$round" --arg l0 "$l0" --arg l1 "$l1" \
-            '. + {scenario: $sc, broker: $b, round: $r, loadavg_before: $l0, loadavg_after: $l1}' \
+            --argjson fsyncs "$fsyncs" \
+            '. + {scenario: $sc, broker: $b, round: $r, loadavg_before: $l0, loadavg_after: $l1,
+                  fsyncs_per_s: $fsyncs}' \
             "$out.tmp" >"$out"
         rm -f "$out.tmp"
     fi
@@ -305,17 +356,19 @@ TABLE=$(jq -r '
       cp50: (map(.confirm_latency_us.p50) | median), cp99: (map(.confirm_latency_us.p99) | median),
       rp50: (map(.consumer_latency_us.p50) | median), rp99: (map(.consumer_latency_us.p99) | median),
       bcpu: (map(.broker_cpu.us_per_msg) | median), pcpu: (map(.perf_cpu.us_per_msg) | median),
-      rss: (map(.broker_rss_kib) | median), load: (map(.loadavg_before) | .[0])})
+      rss: (map(.broker_rss_kib) | median), load: (map(.loadavg_before) | .[0]),
+      fsy: (map(.fsyncs_per_s) | median)})
   | sort_by(.scenario, .broker) | .[]
   | [.scenario, .broker, (.sent | f(0)), (.recv | f(0)),
      "\(.cp50 | f(1)) / \(.cp99 | f(1))", "\(.rp50 | f(1)) / \(.rp99 | f(1))",
-     (.bcpu | f(2)), (.pcpu | f(3)), (if .rss == null then "-" else (.rss / 1024 | f(0)) end), .load]
+     (.bcpu | f(2)), (.pcpu | f(3)), (if .rss == null then "-" else (.rss / 1024 | f(0)) end),
+     (if .fsy == null then "-" else (.fsy | f(0)) end), .load]
   | @tsv' "$RESULTS/results.json")
 
 # The same rows as a Markdown table (for docs/benchmarks.md).
 {
-    echo "| scenario | broker | sent msg/s | received msg/s | confirm p50 / p99 µs | consumer p50 / p99 µs | broker CPU µs/msg | warren-perf CPU µs/msg | broker RSS MiB | load avg before |"
-    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"
+    echo "| scenario | broker | sent msg/s | received msg/s | confirm p50 / p99 µs | consumer p50 / p99 µs | broker CPU µs/msg | warren-perf CPU µs/msg | broker RSS MiB | fsyncs/s | load avg before |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
     while IFS=$'\t' read -r -a row; do
         [[ ${#row[@]} -gt 0 ]] || continue
         printf '| %s |\n' "$(printf '%s | ' "${row[@]}" | sed 's/ | $//')"
@@ -326,7 +379,7 @@ TABLE=$(jq -r '
     echo
     echo "warren-perf, ${DURATION}s per run, $(nproc) CPUs ($CPU_MODEL), RabbitMQ ${RABBIT_VERSION:-?}, warren-broker: $( [[ $WARREN_OK == 1 ]] && echo measured || echo "NOT MEASURED ($WARREN_WHY)")"
     echo "idle CPU while the other broker runs (% of a core): RabbitMQ $IDLE_RABBIT, warren-broker $IDLE_WARREN"
-    printf '%s\n' "scenario	broker	sent msg/s	recv msg/s	confirm p50/p99 µs	consumer p50/p99 µs	broker CPU µs/msg	perf CPU µs/msg	broker RSS MiB	load before" \
+    printf '%s\n' "scenario	broker	sent msg/s	recv msg/s	confirm p50/p99 µs	consumer p50/p99 µs	broker CPU µs/msg	perf CPU µs/msg	broker RSS MiB	fsyncs/s	load before" \
         "$TABLE" | column -t -s $'\t'
     echo
     echo "JSON: $RESULTS/results.json"

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A segment rolls over past this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -518,6 +518,7 @@ fn writer_loop(sh: &Shared) {
     let mut open: Option<OpenSeg> = None;
     // A segment whose compaction moved nothing (its live records unreadable): not retried.
     let mut stuck: Option<u64> = None;
+    let mut reported = 0;
     loop {
         // Reclaim: unlink dead segments, pick one to compact.
         let (dead, candidate) = {
@@ -542,7 +543,19 @@ fn writer_loop(sh: &Shared) {
         let (chunks, moved) = {
             let mut st = sh.state.lock();
             while st.pending.is_empty() && !st.shutdown && compact.is_none() {
-                sh.wake.wait(&mut st);
+                // Wakes at least once a second to report the sync count when it moved
+                // (debug level; the benchmark reads it).
+                if sh
+                    .wake
+                    .wait_for(&mut st, std::time::Duration::from_secs(1))
+                    .timed_out()
+                {
+                    let n = syncs();
+                    if n != reported {
+                        reported = n;
+                        debug!(syncs = n, "store: sync count");
+                    }
+                }
             }
             if st.pending.is_empty() && compact.is_none() {
                 break;
