@@ -149,7 +149,7 @@ impl Config {
     }
 
     /// A config for in-process tests: one loopback listener on port 0, fast shutdown, and a
-    /// data directory of its own under the system temp dir (created only when written to).
+    /// data directory of its own under the system temp dir (never the working directory).
     pub fn for_tests() -> Self {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -11,7 +11,10 @@
 //! - [`exchange`]: pure routing (direct, fanout, topic, headers).
 //! - [`queue`]: the queue actor (messages, consumers, acks, TTL, DLX, overflow).
 //! - [`vhost`]: registry of exchanges and queues, the routing snapshot.
-//! - [`auth`]: users, vhosts, permissions.
+//! - [`auth`]: users, vhosts, permissions, RabbitMQ password hashes.
+//! - [`definitions`]: the mutable definitions API (vhosts, users, permissions, policies),
+//!   RabbitMQ definitions JSON import/export, persistence in `<data-dir>/definitions.json`.
+//! - [`policy`]: policy validation and storage.
 //! - [`store`]: the durability hook every queue state change goes through.
 //! - [`tls`]: AMQPS listener configuration.
 //! - [`shutdown`]: signal handling.
@@ -31,11 +34,13 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod ctl;
+pub mod definitions;
 pub mod error;
 pub mod exchange;
 pub mod intmap;
 pub mod memory;
 pub mod mgmt;
+pub mod policy;
 pub mod queue;
 pub mod shutdown;
 pub mod stats;
@@ -49,7 +54,7 @@ use crate::vhost::Vhost;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -73,6 +78,8 @@ pub enum StartError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("definitions: {0}")]
+    Definitions(String),
 }
 
 /// State shared by every connection.
@@ -80,7 +87,12 @@ pub enum StartError {
 pub struct BrokerShared {
     pub config: Config,
     pub auth: Arc<AuthDb>,
-    pub vhosts: HashMap<String, Arc<Vhost>>,
+    /// Vhost registry; read with [`BrokerShared::vhost`] / [`BrokerShared::vhost_list`],
+    /// changed through the [`definitions`] API.
+    vhosts: parking_lot::RwLock<HashMap<String, Arc<Vhost>>>,
+    pub policies: policy::PolicyStore,
+    persister: definitions::persist::Persister,
+    me: Weak<BrokerShared>,
     pub next_conn_id: AtomicU64,
     pub connections: AtomicUsize,
     /// Live connections and the stop_app / start_app switch.
@@ -186,16 +198,14 @@ impl Broker {
             dir: cfg.data_dir.clone(),
             source,
         })?;
-        let auth = Arc::new(AuthDb::from_config(&cfg));
-        let vhosts = auth
-            .vhosts()
-            .iter()
-            .map(|v| (v.clone(), Vhost::with_store(v, store.clone())))
-            .collect();
-        let shared = Arc::new(BrokerShared {
+        let persister = definitions::persist::Persister::new(Some(&cfg.data_dir));
+        let shared = Arc::new_cyclic(|me| BrokerShared {
             config: cfg,
-            auth,
-            vhosts,
+            auth: Arc::new(AuthDb::new()),
+            vhosts: parking_lot::RwLock::new(HashMap::new()),
+            policies: policy::PolicyStore::default(),
+            persister,
+            me: me.clone(),
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             registry: stats::Registry::default(),
@@ -212,6 +222,9 @@ impl Broker {
             .collect(),
             store,
         });
+        // Stored definitions (and the durable queues' contents) come back before any listener
+        // accepts a client (listeners are bound, but nothing accepts before `run`).
+        definitions::boot(&shared).map_err(StartError::Definitions)?;
         Ok(Bound {
             amqp_addrs,
             amqps_addrs,

@@ -382,7 +382,7 @@ pub fn epoch_ms() -> u64 {
 /// Node totals now: live queues and connections plus what finished ones left.
 pub fn node_counts(shared: &crate::BrokerShared) -> Counts {
     let mut c = *GONE.lock();
-    for v in shared.vhosts.values() {
+    for v in shared.vhost_list() {
         for q in v.snapshot().queues.values() {
             c.add(&q.stats.node_share());
         }
@@ -448,7 +448,7 @@ impl Sampler {
             st.node_rates = c1.rate(c0, (*t1 - *t0).as_secs_f64());
         }
         let mut queues = HashMap::new();
-        for v in shared.vhosts.values() {
+        for v in shared.vhost_list() {
             for q in v.snapshot().queues.values() {
                 let key = (q.vhost.to_string(), q.name.to_string());
                 let c = q.stats.counts();

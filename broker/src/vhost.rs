@@ -13,7 +13,8 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+use tokio_util::sync::CancellationToken;
 
 /// Immutable routing snapshot.
 #[derive(Debug, Default, Clone)]
@@ -77,6 +78,19 @@ pub struct Vhost {
     /// Message store for durable queues (None: everything stays in memory).
     store: Option<Arc<Store>>,
     me: Weak<Vhost>,
+    /// Called after a change that may touch durable definitions (persists them).
+    durable_hook: OnceLock<DurableHook>,
+    /// Cancelled when the vhost is deleted: its connections close.
+    deleted: CancellationToken,
+}
+
+/// See [`Vhost::set_durable_hook`].
+pub struct DurableHook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for DurableHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DurableHook")
+    }
 }
 
 const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -119,7 +133,31 @@ impl Vhost {
             reply_to: Mutex::new(HashMap::new()),
             store,
             me: me.clone(),
+            durable_hook: OnceLock::new(),
+            deleted: CancellationToken::new(),
         })
+    }
+
+    /// Sets the function called after each change of a durable exchange, queue or binding
+    /// (the definitions layer persists them). Set once, when the vhost is created.
+    pub fn set_durable_hook(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.durable_hook.set(DurableHook(f));
+    }
+
+    fn durable_changed(&self) {
+        if let Some(h) = self.durable_hook.get() {
+            (h.0)();
+        }
+    }
+
+    /// Closes every connection to this vhost (it is being deleted).
+    pub fn close_connections(&self) {
+        self.deleted.cancel();
+    }
+
+    /// Cancelled once the vhost is deleted; connections select on it and close.
+    pub fn deleted(&self) -> &CancellationToken {
+        &self.deleted
     }
 
     /// The current routing snapshot.
@@ -159,7 +197,7 @@ impl Vhost {
         arguments: FieldTable,
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
-        self.update(|t| {
+        let created = self.update(|t| {
             if let Some(ex) = t.exchanges.get(name) {
                 let ineq = |arg: &str, recv: String, cur: String| {
                     ChannelError::precondition_failed(format!(
@@ -187,21 +225,26 @@ impl Vhost {
                         ex.internal.to_string(),
                     ));
                 }
-                return Ok(());
+                return Ok(false);
             }
             let ex = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
             t.exchanges.insert(name.into(), Arc::new(ex));
-            Ok(())
-        })
+            Ok(true)
+        })?;
+        if created && durable {
+            self.durable_changed();
+        }
+        Ok(())
     }
 
     /// exchange.delete.
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), ChannelError> {
         let vname = self.name.clone();
-        self.update(|t| {
+        let removed_durable = self.update(|t| {
             let Some(ex) = t.exchanges.get(name) else {
-                return Ok(());
+                return Ok(false);
             };
+            let durable = ex.durable;
             if if_unused && !ex.bindings().is_empty() {
                 return Err(ChannelError::precondition_failed(format!(
                     "exchange '{name}' in vhost '{vname}' in use"
@@ -210,8 +253,12 @@ impl Vhost {
             t.exchanges.remove(name);
             let dest = Destination::Exchange(name.into());
             remove_bindings_to(t, &dest);
-            Ok(())
-        })
+            Ok(durable)
+        })?;
+        if removed_durable {
+            self.durable_changed();
+        }
+        Ok(())
     }
 
     // === bindings ===
@@ -225,16 +272,21 @@ impl Vhost {
         arguments: FieldTable,
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
-        self.update(|t| {
+        let changed = self.update(|t| {
             let mut ex = t.binding_source(source, &destination, &vname)?;
-            ex.bind(Binding {
+            let added = ex.bind(Binding {
                 destination,
                 routing_key: routing_key.to_owned(),
                 arguments,
             });
+            let durable = ex.durable;
             t.exchanges.insert(source.into(), Arc::new(ex));
-            Ok(())
-        })
+            Ok(added && durable)
+        })?;
+        if changed {
+            self.durable_changed();
+        }
+        Ok(())
     }
 
     /// queue.unbind / exchange.unbind. Missing bindings are not an error (RabbitMQ).
@@ -246,8 +298,9 @@ impl Vhost {
         arguments: FieldTable,
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
-        self.update(|t| {
+        let changed = self.update(|t| {
             let mut ex = t.binding_source(source, &destination, &vname)?;
+            let durable = ex.durable;
             let b = Binding {
                 destination,
                 routing_key: routing_key.to_owned(),
@@ -260,9 +313,14 @@ impl Vhost {
                 } else {
                     t.exchanges.insert(source.into(), Arc::new(ex));
                 }
+                return Ok(durable);
             }
-            Ok(())
-        })
+            Ok(false)
+        })?;
+        if changed {
+            self.durable_changed();
+        }
+        Ok(())
     }
 
     // === queues ===
@@ -364,6 +422,7 @@ impl Vhost {
         crate::stats::churn(&crate::stats::CHURN.queue_declared);
         if let Some((handle, rx)) = spawn {
             crate::stats::churn(&crate::stats::CHURN.queue_created);
+            let durable = handle.durable && handle.exclusive_owner.is_none();
             // Durable, non-exclusive queues keep persistent messages on disk and get back what
             // the store recovered for them (also when a client redeclares after a restart).
             let actor = match &self.store {
@@ -375,13 +434,16 @@ impl Vhost {
                 _ => QueueActor::new(handle, self.me.clone(), Box::new(TransientLog)),
             };
             tokio::spawn(actor.run(rx));
+            if durable {
+                self.durable_changed();
+            }
         }
         Ok(r)
     }
 
     /// Called by a queue actor when it goes away: forget it and its bindings.
     pub fn remove_queue(&self, handle: &QueueHandle) {
-        let _ = self.update(|t| {
+        let removed = self.update(|t| {
             let same = t
                 .queues
                 .get(&*handle.name)
@@ -390,8 +452,11 @@ impl Vhost {
                 t.queues.remove(&*handle.name);
                 remove_bindings_to(t, &Destination::Queue(handle.name.clone()));
             }
-            Ok(())
+            Ok(same)
         });
+        if removed.unwrap_or(false) && handle.durable {
+            self.durable_changed();
+        }
     }
 
     /// Asks a queue to delete itself (exclusive owner gone, queue.delete).

@@ -11,8 +11,10 @@ use tokio::process::Command;
 
 #[tokio::test]
 async fn binary_binds_port_zero_serves_and_exits_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
-        .args(["--amqp", "127.0.0.1:0"])
+        .args(["--amqp", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

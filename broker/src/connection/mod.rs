@@ -80,6 +80,8 @@ pub async fn serve<S>(
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut header_done = false;
     let mut closing_for_shutdown = false;
+    // The open vhost's deletion token, once the connection is open (see Vhost::deleted).
+    let mut vhost_deleted: Option<CancellationToken> = None;
     let mut stop = false;
     // Bytes of `s.out` already written; the buffer is compacted only when fully written or
     // when the written prefix is large, so partial writes do not memmove the rest each time.
@@ -153,6 +155,9 @@ pub async fn serve<S>(
         if stop {
             break;
         }
+        if vhost_deleted.is_none() {
+            vhost_deleted = s.vhost.as_ref().map(|v| v.deleted().clone());
+        }
         // 2. Wait for the next thing to do.
         let timer = state.poll_timeout();
         let take_events = s.out.len() - written < OUT_HIGH_WATER;
@@ -162,6 +167,15 @@ pub async fn serve<S>(
                 closing_for_shutdown = true;
                 state.close_connection(
                     ConnectionError::forced("broker forced connection closure with reason 'shutdown'"),
+                    Instant::now(),
+                );
+            }
+            _ = async { if let Some(t) = &vhost_deleted { t.cancelled().await } },
+                if vhost_deleted.is_some() && !closing_for_shutdown => {
+                closing_for_shutdown = true;
+                let name = s.vhost.as_ref().map(|v| v.name.to_string()).unwrap_or_default();
+                state.close_connection(
+                    ConnectionError::forced(format!("vhost '{name}' is deleted")),
                     Instant::now(),
                 );
             }
@@ -291,7 +305,7 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
     match e {
         Effect::Opened { user, vhost } => {
             s.perms = s.shared.auth.permissions(&user, &vhost);
-            s.vhost = s.shared.vhosts.get(&vhost).cloned();
+            s.vhost = s.shared.vhost(&vhost);
             Span::current().record("vhost", field::display(&vhost));
             s.user = user;
             s.frame_max = state.frame_max();

@@ -194,7 +194,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["users"] if get => {
             admin(r)?;
             ok(Value::Array(
-                shared.auth.users().iter().map(|u| user_json(u)).collect(),
+                shared.auth.users().iter().map(user_json).collect(),
             ))
         }
         ["users", name] if get => {
@@ -202,7 +202,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
             shared
                 .auth
                 .user(name)
-                .map_or(Err(ApiError::NotFound), |u| ok(user_json(u)))
+                .map_or(Err(ApiError::NotFound), |u| ok(user_json(&u)))
         }
         ["permissions"] if get => {
             admin(r)?;
@@ -211,7 +211,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
                     .auth
                     .permission_entries()
                     .into_iter()
-                    .map(|(u, v, p)| perm_json(u, v, p))
+                    .map(|(u, v, p)| perm_json(&u, &v, &p))
                     .collect(),
             ))
         }
@@ -290,19 +290,16 @@ fn can_see(shared: &BrokerShared, r: &Req, vhost: &str) -> bool {
 }
 
 fn visible_vhosts(shared: &BrokerShared, r: &Req) -> Vec<Arc<Vhost>> {
-    let mut v: Vec<_> = shared
-        .vhosts
-        .values()
+    shared
+        .vhost_list()
+        .into_iter()
         .filter(|v| can_see(shared, r, &v.name))
-        .cloned()
-        .collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    v
+        .collect()
 }
 
 /// A vhost the caller may see, or 404.
 fn vhost(shared: &BrokerShared, r: &Req, name: &str) -> Result<Arc<Vhost>, ApiError> {
-    let v = shared.vhosts.get(name).cloned().ok_or(ApiError::NotFound)?;
+    let v = shared.vhost(name).ok_or(ApiError::NotFound)?;
     if !can_see(shared, r, name) {
         return Err(ApiError::Forbidden(format!(
             "access to vhost '{name}' refused for user '{}'",
@@ -430,8 +427,8 @@ fn exchange_types() -> Value {
 
 fn all_queues(shared: &BrokerShared) -> Vec<QueueHandle> {
     shared
-        .vhosts
-        .values()
+        .vhost_list()
+        .iter()
         .flat_map(|v| v.snapshot().queues.values().cloned().collect::<Vec<_>>())
         .collect()
 }
@@ -452,8 +449,8 @@ fn overview(shared: &BrokerShared) -> Value {
         .map(|e| u64::from(e.stats.channels.load(std::sync::atomic::Ordering::Relaxed)))
         .sum();
     let exchanges: usize = shared
-        .vhosts
-        .values()
+        .vhost_list()
+        .iter()
         .map(|v| v.snapshot().exchanges.len() + 1)
         .sum();
     let churn = &crate::stats::CHURN;

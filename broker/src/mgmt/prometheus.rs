@@ -62,8 +62,8 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
     let conns = shared.registry.connections();
     let queues: Vec<_> = {
         let mut v: Vec<_> = shared
-            .vhosts
-            .values()
+            .vhost_list()
+            .iter()
             .flat_map(|v| v.snapshot().queues.values().cloned().collect::<Vec<_>>())
             .collect();
         v.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));

@@ -16,18 +16,32 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     token: CancellationToken,
     join: JoinHandle<()>,
+    /// The broker's data directory, removed when the test ends.
+    pub data: tempfile::TempDir,
+    /// The broker's shared state (definitions API).
+    pub shared: std::sync::Arc<warren_broker::BrokerShared>,
 }
 
 pub async fn start() -> TestBroker {
     start_with(Config::for_tests()).await
 }
 
-pub async fn start_with(cfg: Config) -> TestBroker {
+/// Starts a broker with `cfg`; its data directory is a fresh temp dir (whatever `cfg` says).
+pub async fn start_with(mut cfg: Config) -> TestBroker {
+    let data = tempfile::tempdir().expect("tempdir");
+    cfg.data_dir = data.path().to_owned();
     let bound = Broker::bind(cfg).await.expect("bind");
     let addr = bound.amqp_addrs[0];
+    let shared = bound.shared.clone();
     let token = CancellationToken::new();
     let join = tokio::spawn(bound.run(token.clone()));
-    TestBroker { addr, token, join }
+    TestBroker {
+        addr,
+        token,
+        join,
+        data,
+        shared,
+    }
 }
 
 impl TestBroker {
@@ -50,6 +64,7 @@ impl TestBroker {
     /// Stops the broker and re-raises a panic from its task.
     pub async fn shutdown(self) {
         self.token.cancel();
+        let _data = self.data;
         if let Err(e) = self.join.await {
             if e.is_panic() {
                 std::panic::resume_unwind(e.into_panic());

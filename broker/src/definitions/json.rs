@@ -1,0 +1,537 @@
+//! RabbitMQ's definitions JSON (as `rabbitmqctl export_definitions` and
+//! `GET /api/definitions` write it in 3.10), and the pure mapping between it and warren's types.
+//! No I/O here: parsing, validation and AMQP field table <-> JSON conversion only.
+
+use crate::auth::{HashAlgorithm, PasswordHash, PermissionSpec};
+use crate::exchange::ExchangeKind;
+use crate::policy::{ApplyTo, Policy};
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Number, Value};
+
+/// A whole definitions document. Unknown fields are ignored (newer RabbitMQ versions add some);
+/// missing sections are empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Definitions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbit_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_version: Option<String>,
+    #[serde(default)]
+    pub users: Vec<UserDef>,
+    #[serde(default)]
+    pub vhosts: Vec<VhostDef>,
+    #[serde(default)]
+    pub permissions: Vec<PermissionDef>,
+    #[serde(default)]
+    pub topic_permissions: Vec<Value>,
+    #[serde(default)]
+    pub parameters: Vec<Value>,
+    #[serde(default)]
+    pub global_parameters: Vec<Value>,
+    #[serde(default)]
+    pub policies: Vec<PolicyDef>,
+    #[serde(default)]
+    pub queues: Vec<QueueDef>,
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeDef>,
+    #[serde(default)]
+    pub bindings: Vec<BindingDef>,
+}
+
+/// `tags`: RabbitMQ 3.10 writes a list, older versions a comma-separated string; both accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Tags(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Tags {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            List(Vec<String>),
+            Null(()),
+        }
+        Ok(Tags(match Raw::deserialize(d)? {
+            Raw::Text(s) => split_tags(&s),
+            Raw::List(v) => v.into_iter().filter(|t| !t.is_empty()).collect(),
+            Raw::Null(()) => Vec::new(),
+        }))
+    }
+}
+
+/// "a, b,c" -> ["a", "b", "c"].
+pub fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn default_hashing() -> String {
+    HashAlgorithm::SHA256.to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_apply_to() -> String {
+    "all".to_owned()
+}
+fn default_match_all() -> String {
+    ".*".to_owned()
+}
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserDef {
+    pub name: String,
+    #[serde(default)]
+    pub password_hash: String,
+    #[serde(default = "default_hashing")]
+    pub hashing_algorithm: String,
+    /// A clear-text password (accepted on import, as RabbitMQ does; never exported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub tags: Tags,
+    #[serde(default = "empty_object")]
+    pub limits: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VhostMetadata {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VhostDef {
+    pub name: String,
+    #[serde(default)]
+    pub limits: Value,
+    #[serde(default)]
+    pub metadata: VhostMetadata,
+    /// Older exports put these at top level.
+    #[serde(default, skip_serializing)]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub tags: Option<Tags>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PermissionDef {
+    pub user: String,
+    pub vhost: String,
+    #[serde(default = "default_match_all")]
+    pub configure: String,
+    #[serde(default = "default_match_all")]
+    pub write: String,
+    #[serde(default = "default_match_all")]
+    pub read: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyDef {
+    pub vhost: String,
+    pub name: String,
+    pub pattern: String,
+    #[serde(rename = "apply-to", default = "default_apply_to")]
+    pub apply_to: String,
+    pub definition: Value,
+    #[serde(default)]
+    pub priority: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueDef {
+    pub name: String,
+    pub vhost: String,
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub arguments: Map<String, Value>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeDef {
+    pub name: String,
+    pub vhost: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindingDef {
+    pub source: String,
+    pub vhost: String,
+    pub destination: String,
+    pub destination_type: String,
+    #[serde(default)]
+    pub routing_key: String,
+    #[serde(default)]
+    pub arguments: Map<String, Value>,
+}
+
+/// Parses a definitions document. Each entry is read on its own so that an error names the
+/// section, the index and (when present) the name of the entry at fault.
+pub fn parse(bytes: &[u8]) -> Result<Definitions, String> {
+    let root: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(mut root) = root else {
+        return Err("definitions must be a JSON object".into());
+    };
+    fn section<T: serde::de::DeserializeOwned>(
+        root: &mut Map<String, Value>,
+        key: &str,
+    ) -> Result<Vec<T>, String> {
+        match root.remove(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let label = entry_label(key, i, &v);
+                    serde_json::from_value(v).map_err(|e| format!("{label}: {e}"))
+                })
+                .collect(),
+            Some(other) => Err(format!("{key}: expected a list, got {other}")),
+        }
+    }
+    fn text(root: &mut Map<String, Value>, key: &str) -> Option<String> {
+        match root.remove(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+    Ok(Definitions {
+        rabbit_version: text(&mut root, "rabbit_version"),
+        rabbitmq_version: text(&mut root, "rabbitmq_version"),
+        product_name: text(&mut root, "product_name"),
+        product_version: text(&mut root, "product_version"),
+        users: section(&mut root, "users")?,
+        vhosts: section(&mut root, "vhosts")?,
+        permissions: section(&mut root, "permissions")?,
+        topic_permissions: section(&mut root, "topic_permissions")?,
+        parameters: section(&mut root, "parameters")?,
+        global_parameters: section(&mut root, "global_parameters")?,
+        policies: section(&mut root, "policies")?,
+        queues: section(&mut root, "queues")?,
+        exchanges: section(&mut root, "exchanges")?,
+        bindings: section(&mut root, "bindings")?,
+    })
+}
+
+/// `queues[2] 'orders' in vhost '/'` style label of a raw entry.
+fn entry_label(section: &str, i: usize, v: &Value) -> String {
+    let field = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let mut s = format!("{section}[{i}]");
+    let name = match section {
+        "bindings" => field("source")
+            .zip(field("destination"))
+            .map(|(a, b)| format!("{a} -> {b}")),
+        "permissions" | "topic_permissions" => field("user"),
+        _ => field("name"),
+    };
+    if let Some(n) = name {
+        s.push_str(&format!(" '{n}'"));
+    }
+    if section != "vhosts" && section != "users" {
+        if let Some(vh) = field("vhost") {
+            s.push_str(&format!(" in vhost '{vh}'"));
+        }
+    }
+    s
+}
+
+impl UserDef {
+    pub fn label(&self, i: usize) -> String {
+        format!("users[{i}] '{}'", self.name)
+    }
+    /// The stored credential: a clear-text `password` is hashed, else `password_hash` is
+    /// checked and kept.
+    pub fn credential(&self) -> Result<PasswordHash, String> {
+        if let Some(p) = &self.password {
+            return Ok(PasswordHash::new(p));
+        }
+        let algo = HashAlgorithm::parse(&self.hashing_algorithm).ok_or_else(|| {
+            format!(
+                "unsupported hashing_algorithm '{}' (supported: {}, {})",
+                self.hashing_algorithm,
+                HashAlgorithm::SHA256,
+                HashAlgorithm::SHA512
+            )
+        })?;
+        PasswordHash::from_stored(algo, &self.password_hash)
+    }
+}
+
+impl VhostDef {
+    pub fn description(&self) -> String {
+        self.description
+            .clone()
+            .unwrap_or_else(|| self.metadata.description.clone())
+    }
+    pub fn tags(&self) -> Vec<String> {
+        match &self.tags {
+            Some(t) => t.0.clone(),
+            None => self.metadata.tags.0.clone(),
+        }
+    }
+}
+
+impl PermissionDef {
+    pub fn spec(&self) -> PermissionSpec {
+        PermissionSpec {
+            configure: self.configure.clone(),
+            write: self.write.clone(),
+            read: self.read.clone(),
+        }
+    }
+}
+
+impl PolicyDef {
+    /// Converts and validates (pattern, apply-to, definition keys).
+    pub fn to_policy(&self) -> Result<Policy, String> {
+        let apply_to = ApplyTo::parse(&self.apply_to).ok_or_else(|| {
+            format!(
+                "apply-to '{}' is not one of queues, exchanges, all",
+                self.apply_to
+            )
+        })?;
+        let Value::Object(definition) = &self.definition else {
+            return Err(format!(
+                "definition must be a JSON object, got {}",
+                self.definition
+            ));
+        };
+        let p = Policy {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            pattern: self.pattern.clone(),
+            apply_to,
+            priority: self.priority,
+            definition: definition.clone(),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn from_policy(p: &Policy) -> Self {
+        Self {
+            vhost: p.vhost.clone(),
+            name: p.name.clone(),
+            pattern: p.pattern.clone(),
+            apply_to: p.apply_to.as_str().to_owned(),
+            definition: Value::Object(p.definition.clone()),
+            priority: p.priority,
+        }
+    }
+}
+
+impl ExchangeDef {
+    pub fn exchange_kind(&self) -> Result<ExchangeKind, String> {
+        ExchangeKind::parse(&self.kind).ok_or_else(|| {
+            format!(
+                "unknown exchange type '{}' (supported: direct, fanout, topic, headers)",
+                self.kind
+            )
+        })
+    }
+}
+
+// === AMQP field tables <-> JSON ===
+
+/// A field table as JSON, the way RabbitMQ shows arguments: strings, numbers, booleans,
+/// nested objects and arrays.
+pub fn table_to_json(t: &FieldTable) -> Map<String, Value> {
+    t.inner()
+        .iter()
+        .map(|(k, v)| (k.to_string(), value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(x) => Value::from(*x),
+        AMQPValue::ShortShortUInt(x) => Value::from(*x),
+        AMQPValue::ShortInt(x) => Value::from(*x),
+        AMQPValue::ShortUInt(x) => Value::from(*x),
+        AMQPValue::LongInt(x) => Value::from(*x),
+        AMQPValue::LongUInt(x) => Value::from(*x),
+        AMQPValue::LongLongInt(x) => Value::from(*x),
+        AMQPValue::Timestamp(x) => Value::from(*x),
+        AMQPValue::Float(x) => Number::from_f64(f64::from(*x)).map_or(Value::Null, Value::Number),
+        AMQPValue::Double(x) => Number::from_f64(*x).map_or(Value::Null, Value::Number),
+        AMQPValue::DecimalValue(d) => {
+            Number::from_f64(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+                .map_or(Value::Null, Value::Number)
+        }
+        AMQPValue::ShortString(s) => Value::String(s.to_string()),
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
+        AMQPValue::ByteArray(b) => {
+            Value::String(String::from_utf8_lossy(b.as_slice()).into_owned())
+        }
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
+        AMQPValue::FieldTable(t) => Value::Object(table_to_json(t)),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// JSON arguments as a field table: integers become signed 64-bit (`l`), other numbers
+/// doubles, strings long strings.
+pub fn json_to_table(m: &Map<String, Value>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in m {
+        t.insert(ShortString::from(k.clone()), json_to_value(v));
+    }
+    t
+}
+
+fn json_to_value(v: &Value) -> AMQPValue {
+    match v {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => AMQPValue::LongLongInt(i),
+            (None, Some(f)) => AMQPValue::Double(f),
+            (None, None) => AMQPValue::Void,
+        },
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.clone())),
+        Value::Array(a) => {
+            let mut arr = FieldArray::default();
+            for x in a {
+                arr.push(json_to_value(x));
+            }
+            AMQPValue::FieldArray(arr)
+        }
+        Value::Object(o) => AMQPValue::FieldTable(json_to_table(o)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/rabbitmq-3.10-export.json");
+
+    #[test]
+    fn rabbitmq_export_parses() {
+        let d = parse(FIXTURE.as_bytes()).expect("parse");
+        assert_eq!(d.rabbit_version.as_deref(), Some("3.10.8"));
+        let alice = d.users.iter().find(|u| u.name == "alice").expect("alice");
+        assert_eq!(alice.tags.0, vec!["management", "monitoring"]);
+        assert!(alice.credential().expect("hash").verify("s3cret-pass"));
+        assert_eq!(d.vhosts.len(), 2);
+        let ha = d
+            .policies
+            .iter()
+            .find(|p| p.name == "ha-all")
+            .expect("ha-all");
+        let p = ha.to_policy().expect("valid");
+        assert_eq!(p.apply_to, ApplyTo::Queues);
+        assert_eq!(p.priority, 1);
+        assert_eq!(d.queues.len(), 3);
+        assert_eq!(d.exchanges.len(), 2);
+        assert_eq!(d.bindings.len(), 3);
+    }
+
+    #[test]
+    fn tags_as_string_or_list() {
+        let u: UserDef = serde_json::from_value(
+            json!({"name": "a", "password_hash": "", "tags": "administrator, management"}),
+        )
+        .expect("string tags");
+        assert_eq!(u.tags.0, vec!["administrator", "management"]);
+        let u: UserDef =
+            serde_json::from_value(json!({"name": "a", "tags": ["monitoring"]})).expect("list");
+        assert_eq!(u.tags.0, vec!["monitoring"]);
+        let u: UserDef = serde_json::from_value(json!({"name": "a", "tags": ""})).expect("empty");
+        assert!(u.tags.0.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let e = parse(br#"{"queues": [{"name": "ok", "vhost": "/"}, {"name": "q2"}]}"#)
+            .expect_err("missing vhost");
+        assert!(e.starts_with("queues[1] 'q2'"), "{e}");
+        assert!(e.contains("vhost"), "{e}");
+        let e = parse(br#"{"users": {"name": "x"}}"#).expect_err("not a list");
+        assert!(e.contains("users: expected a list"), "{e}");
+        let e = parse(b"[1]").expect_err("not an object");
+        assert!(e.contains("JSON object"), "{e}");
+        let e = parse(b"{").expect_err("bad json");
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = parse(
+            br#"{"bindings": [{"source": "a", "destination": "b", "vhost": "/", "destination_type": 3}]}"#,
+        )
+        .expect_err("bad type");
+        assert!(e.starts_with("bindings[0] 'a -> b' in vhost '/'"), "{e}");
+    }
+
+    #[test]
+    fn bad_user_hash_and_policy_are_explained() {
+        let u: UserDef = serde_json::from_value(
+            json!({"name": "a", "password_hash": "abc", "hashing_algorithm": "rabbit_password_hashing_md5"}),
+        )
+        .expect("parse");
+        assert!(u
+            .credential()
+            .expect_err("md5")
+            .contains("hashing_algorithm"));
+        let p: PolicyDef = serde_json::from_value(
+            json!({"vhost": "/", "name": "p", "pattern": "", "apply-to": "everything", "definition": {"ha-mode": "all"}}),
+        )
+        .expect("parse");
+        assert!(p.to_policy().expect_err("apply-to").contains("apply-to"));
+    }
+
+    #[test]
+    fn arguments_round_trip_through_json() {
+        let m = json!({"x-message-ttl": 60000, "x-dead-letter-exchange": "dlx", "flag": true,
+                       "ratio": 0.5, "nested": {"a": [1, "b"]}, "none": null});
+        let m = m.as_object().cloned().expect("object");
+        let t = json_to_table(&m);
+        assert_eq!(
+            crate::queue::args::as_i64(t.inner().get("x-message-ttl").expect("ttl")),
+            Some(60000)
+        );
+        assert_eq!(table_to_json(&t), m);
+    }
+
+    #[test]
+    fn definitions_serialize_with_rabbitmq_field_names() {
+        let d = parse(FIXTURE.as_bytes()).expect("parse");
+        let v = serde_json::to_value(&d).expect("serialize");
+        assert_eq!(v["policies"][0]["apply-to"], "queues");
+        assert_eq!(v["queues"][0]["type"], "classic");
+        assert_eq!(v["exchanges"][0]["type"], "fanout");
+        assert!(v["users"][0].get("password").is_none());
+        let again = parse(&serde_json::to_vec(&v).expect("bytes")).expect("reparse");
+        assert_eq!(again.users, d.users);
+        assert_eq!(again.queues, d.queues);
+        assert_eq!(again.bindings, d.bindings);
+    }
+}
