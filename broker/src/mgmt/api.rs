@@ -1005,7 +1005,6 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("exclusive_consumer_tag", Value::Null);
     put("single_active_consumer_tag", Value::Null);
     put("consumers", json!(q.consumer_count()));
-    put("consumer_utilisation", Value::Null);
     put("message_bytes", json!(bytes));
     put("message_bytes_ready", json!(bytes));
     put("message_bytes_unacknowledged", json!(0));
@@ -1315,7 +1314,7 @@ async fn binding_pair(
                 quote(&v.name),
                 quote(src),
                 quote(dst),
-                key
+                quote(&key)
             );
             if let Ok(h) = hyper::header::HeaderValue::from_str(&loc) {
                 resp.headers_mut().insert(hyper::header::LOCATION, h);
@@ -1353,9 +1352,11 @@ async fn binding_one(
     let b = pair_bindings(&v, src, kind, dst)
         .into_iter()
         .find(|b| {
+            // The key as listed (clients quote it once more in the URL, as for RabbitMQ),
+            // or the key's own unquoted form.
             b["properties_key"]
                 .as_str()
-                .is_some_and(|k| super::percent_decode(k) == props)
+                .is_some_and(|k| k == props || super::percent_decode(k) == props)
         })
         .ok_or(ApiError::NotFound)?;
     match r.method {

@@ -331,11 +331,14 @@ async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incom
     let Some(rest) = path.strip_prefix("/api") else {
         return ApiError::NotFound.into_response();
     };
-    let segs: Vec<String> = rest
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(percent_decode)
-        .collect();
+    // Empty segments are kept: "/api/exchanges/%2F//publish" names the default exchange.
+    let rest = rest.strip_prefix('/').unwrap_or(rest);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let segs: Vec<String> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.split('/').map(percent_decode).collect()
+    };
     let query = parse_query(req.uri().query().unwrap_or(""));
     let headers = req.headers().clone();
     let caller = match authenticate(shared, peer, &headers) {
