@@ -22,6 +22,8 @@ struct Node {
     prom: SocketAddr,
     token: CancellationToken,
     join: JoinHandle<()>,
+    /// The broker's data directory, removed when the test ends.
+    _data: tempfile::TempDir,
 }
 
 fn user(name: &str, tags: &[&str]) -> UserConfig {
@@ -66,7 +68,13 @@ fn config() -> Config {
 }
 
 async fn start() -> Node {
-    let bound = Broker::bind(config()).await.expect("bind");
+    start_with(config()).await
+}
+
+async fn start_with(mut cfg: Config) -> Node {
+    let data = tempfile::tempdir().expect("tempdir");
+    cfg.data_dir = data.path().to_owned();
+    let bound = Broker::bind(cfg).await.expect("bind");
     let amqp = bound.amqp_addrs[0];
     let mgmt = bound.mgmt_addrs[0];
     let prom = bound.prometheus_addrs[0];
@@ -78,6 +86,7 @@ async fn start() -> Node {
         prom,
         token,
         join,
+        _data: data,
     }
 }
 
@@ -1370,19 +1379,7 @@ async fn alarms_show_in_health_check_nodes_and_metrics() {
     let mut cfg = config();
     cfg.vm_memory_high_watermark = MemoryWatermark::Absolute(100 * 1024);
     cfg.vm_memory_high_watermark_paging_ratio = 10.0;
-    let bound = Broker::bind(cfg).await.expect("bind");
-    let n = Node {
-        amqp: bound.amqp_addrs[0],
-        mgmt: bound.mgmt_addrs[0],
-        prom: bound.prometheus_addrs[0],
-        token: CancellationToken::new(),
-        join: tokio::spawn(async {}),
-    };
-    let token = n.token.clone();
-    let n = Node {
-        join: tokio::spawn(bound.run(token)),
-        ..n
-    };
+    let n = start_with(cfg).await;
     assert_eq!(
         n.get("/api/health/checks/alarms").await,
         json!({"status": "ok"})
@@ -1444,5 +1441,199 @@ async fn alarms_show_in_health_check_nodes_and_metrics() {
     .await
     .expect("alarm cleared within 5 s");
     assert_eq!(n.get("/api/nodes").await[0]["mem_alarm"], false);
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn vhosts_users_permissions_policies_and_definitions() {
+    let n = start().await;
+    // vhosts
+    let r = n
+        .req(
+            "PUT",
+            "/api/vhosts/v1",
+            Some(json!({"description": "first", "tags": "a,b"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        n.req("PUT", "/api/vhosts/v1", Some(json!({}))).await.status,
+        204
+    );
+    n.req("PUT", "/api/vhosts/v2", Some(json!({"tags": 5})))
+        .await
+        .bad_request("tags");
+    assert_eq!(n.get("/api/vhosts/v1").await["name"], "v1");
+    // users: plain password, then a RabbitMQ hash
+    let r = n
+        .req(
+            "PUT",
+            "/api/users/u1",
+            Some(json!({"password": "pw1", "tags": "management"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    n.req("PUT", "/api/users/u2", Some(json!({"tags": ""})))
+        .await
+        .bad_request("password");
+    n.req(
+        "PUT",
+        "/api/users/u2",
+        Some(json!({"password_hash": "x", "hashing_algorithm": "md5"})),
+    )
+    .await
+    .bad_request("md5");
+    let u = n.get("/api/users/u1").await;
+    assert_eq!(u["tags"], json!(["management"]));
+    assert_eq!(u["hashing_algorithm"], "rabbit_password_hashing_sha256");
+    assert!(!u["password_hash"].as_str().expect("hash").is_empty());
+    // u1 logs in with its password; without permissions it sees no vhost.
+    let r = http(n.mgmt, "GET", "/api/vhosts", Some(("u1", "pw1")), None).await;
+    assert_eq!(r.json(), json!([]));
+    // permissions
+    n.req(
+        "PUT",
+        "/api/permissions/v1/u1",
+        Some(json!({"configure": ".*", "write": ".*"})),
+    )
+    .await
+    .bad_request("read");
+    let r = n
+        .req(
+            "PUT",
+            "/api/permissions/v1/u1",
+            Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(n.get("/api/permissions/v1/u1").await["read"], ".*");
+    assert_eq!(
+        n.req(
+            "PUT",
+            "/api/permissions/nope/u1",
+            Some(json!({"configure": "", "write": "", "read": ""}))
+        )
+        .await
+        .status,
+        404
+    );
+    let r = http(n.mgmt, "GET", "/api/vhosts", Some(("u1", "pw1")), None).await;
+    assert_eq!(r.json().as_array().expect("list").len(), 1);
+    // policies
+    let pol = json!({"pattern": "^ha\\.", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}, "priority": 1, "apply-to": "queues"});
+    let r = n.req("PUT", "/api/policies/%2F/ha-all", Some(pol)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let p = n.get("/api/policies/%2F/ha-all").await;
+    assert_eq!(p["apply-to"], "queues");
+    assert_eq!(p["definition"]["ha-mode"], "all");
+    assert_eq!(
+        n.get("/api/policies").await.as_array().expect("list").len(),
+        1
+    );
+    assert_eq!(
+        n.get("/api/policies/%2F")
+            .await
+            .as_array()
+            .expect("list")
+            .len(),
+        1
+    );
+    n.req(
+        "PUT",
+        "/api/policies/%2F/bad",
+        Some(json!({"definition": {}})),
+    )
+    .await
+    .bad_request("pattern");
+    n.req(
+        "PUT",
+        "/api/policies/%2F/bad",
+        Some(json!({"pattern": ".*", "definition": {}, "apply-to": "nothing"})),
+    )
+    .await
+    .bad_request("apply-to");
+    // definitions export / import round trip
+    // Administrators need permissions on a vhost to declare in it, as in RabbitMQ.
+    let r = n
+        .req("PUT", "/api/queues/v1/dq", Some(json!({"durable": true})))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    n.req(
+        "PUT",
+        "/api/permissions/v1/guest",
+        Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    let r = n
+        .req("PUT", "/api/queues/v1/dq", Some(json!({"durable": true})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let defs = n.get("/api/definitions").await;
+    assert!(defs["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .any(|u| u["name"] == "u1"));
+    assert!(defs["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .any(|q| q["name"] == "dq" && q["vhost"] == "v1"));
+    assert!(defs["policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .any(|p| p["name"] == "ha-all"));
+    assert_eq!(
+        n.req("DELETE", "/api/policies/%2F/ha-all", None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        n.req("DELETE", "/api/policies/%2F/ha-all", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(n.req("DELETE", "/api/users/u1", None).await.status, 204);
+    assert_eq!(n.req("GET", "/api/users/u1", None).await.status, 404);
+    assert_eq!(n.req("DELETE", "/api/vhosts/v1", None).await.status, 204);
+    assert_eq!(n.req("DELETE", "/api/vhosts/v1", None).await.status, 404);
+    let r = n.req("POST", "/api/definitions", Some(defs)).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(n.get("/api/users/u1").await["tags"], json!(["management"]));
+    assert_eq!(n.get("/api/queues/v1/dq").await["durable"], true);
+    assert_eq!(n.get("/api/policies/%2F/ha-all").await["priority"], 1);
+    let r = http(n.mgmt, "GET", "/api/vhosts", Some(("u1", "pw1")), None).await;
+    assert_eq!(r.status, 200, "imported password hash must still verify");
+    let r = raw_http(
+        n.mgmt,
+        "POST",
+        "/api/definitions",
+        Some(("guest", "guest")),
+        Some("{bad".into()),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Non-administrators cannot change definitions.
+    let r = http(
+        n.mgmt,
+        "PUT",
+        "/api/vhosts/v9",
+        Some(("mgr", "mgr-pw")),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = http(
+        n.mgmt,
+        "GET",
+        "/api/definitions",
+        Some(("mon", "mon-pw")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 403);
     n.stop().await;
 }

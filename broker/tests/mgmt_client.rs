@@ -14,6 +14,8 @@ use warren_broker::Broker;
 async fn rabbitmq_http_client_drives_the_api() {
     let mut cfg = Config::for_tests();
     cfg.mgmt = vec![SocketAddr::from(([127, 0, 0, 1], 0))];
+    let data = tempfile::tempdir().expect("tempdir");
+    cfg.data_dir = data.path().to_owned();
     let bound = Broker::bind(cfg).await.expect("bind");
     let endpoint = format!("http://{}/api", bound.mgmt_addrs[0]);
     let token = CancellationToken::new();

@@ -215,11 +215,44 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
                     .collect(),
             ))
         }
-        ["policies"] if get => ok(json!([])),
+        ["vhosts", name] => vhost_ep(shared, r, name).await,
+        ["users", name] => user_ep(shared, r, name),
+        ["permissions", vh, user] => permission_ep(shared, r, vh, user),
+        ["policies"] if get => ok(Value::Array(
+            shared
+                .policies
+                .list(None)
+                .iter()
+                .filter(|p| can_see(shared, r, &p.vhost))
+                .map(policy_json)
+                .collect(),
+        )),
         ["policies", vh] if get => {
-            vhost(shared, r, vh)?;
-            ok(json!([]))
+            let v = vhost(shared, r, vh)?;
+            ok(Value::Array(
+                shared
+                    .policies
+                    .list(Some(&v.name))
+                    .iter()
+                    .map(policy_json)
+                    .collect(),
+            ))
         }
+        ["policies", vh, name] => policy_ep(shared, r, vh, name),
+        ["definitions"] => match r.method {
+            Method::GET => {
+                admin(r)?;
+                let d = shared.export_definitions(crate::definitions::ExportScope::All);
+                ok(serde_json::to_value(&d).map_err(|e| ApiError::bad(e.to_string()))?)
+            }
+            Method::POST => {
+                admin(r)?;
+                let d = crate::definitions::parse_definitions(&r.body).map_err(def_err)?;
+                shared.import_definitions(&d).map_err(def_err)?;
+                Ok(no_content())
+            }
+            _ => Err(ApiError::MethodNotAllowed),
+        },
         ["health", "checks", "alarms"] if get => health_alarms(shared),
         ["health", "checks", "node-is-quorum-critical"] if get => {
             ok(json!({"status": "ok", "reason": "single node cluster"}))
@@ -753,9 +786,217 @@ fn vhost_json(shared: &BrokerShared, v: &Vhost) -> Value {
 fn user_json(u: &crate::auth::User) -> Value {
     json!({
         "name": u.name,
+        "password_hash": u.password.hash,
+        "hashing_algorithm": u.password.algorithm.as_str(),
         "tags": u.tags,
         "limits": {},
     })
+}
+
+fn def_err(e: crate::definitions::DefError) -> ApiError {
+    match e {
+        crate::definitions::DefError::NotFound(_) => ApiError::NotFound,
+        crate::definitions::DefError::Invalid(m) => ApiError::BadRequest(m),
+        crate::definitions::DefError::Io(m) => ApiError::Internal(m),
+    }
+}
+
+/// Tags as RabbitMQ accepts them: a list or a comma-separated string.
+fn tags_of(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::bad("tags must be strings"))
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad("'tags' must be a string or a list")),
+    }
+}
+
+async fn vhost_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
+    match r.method {
+        Method::PUT => {
+            admin(r)?;
+            let body = r.json()?;
+            let description = match body.get("description") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return Err(ApiError::bad("'description' must be a string")),
+            };
+            let tags = tags_of(body.get("tags"))?;
+            let is_new = shared
+                .add_vhost(name, crate::auth::VhostMeta { description, tags })
+                .map_err(def_err)?;
+            Ok(if is_new { created() } else { no_content() })
+        }
+        Method::DELETE => {
+            admin(r)?;
+            shared.delete_vhost(name).await.map_err(def_err)?;
+            Ok(no_content())
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+fn user_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
+    admin(r)?;
+    match r.method {
+        Method::PUT => {
+            let body = r.json()?;
+            if !body.is_object() {
+                return Err(ApiError::bad("not_json"));
+            }
+            let tags = tags_of(body.get("tags"))?;
+            let cred = match (body.get("password"), body.get("password_hash")) {
+                (Some(Value::String(p)), _) => Some(crate::auth::PasswordHash::new(p)),
+                (Some(_), _) => return Err(ApiError::bad("'password' must be a string")),
+                (None, Some(Value::String(h))) => {
+                    let alg = match body.get("hashing_algorithm").and_then(Value::as_str) {
+                        None => crate::auth::HashAlgorithm::default(),
+                        Some(a) => crate::auth::HashAlgorithm::parse(a).ok_or_else(|| {
+                            ApiError::bad(format!("unsupported hashing_algorithm '{a}'"))
+                        })?,
+                    };
+                    if h.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            crate::auth::PasswordHash::from_stored(alg, h)
+                                .map_err(ApiError::BadRequest)?,
+                        )
+                    }
+                }
+                (None, Some(_)) => return Err(ApiError::bad("'password_hash' must be a string")),
+                (None, None) => {
+                    if shared.auth.user(name).is_none() {
+                        return Err(ApiError::bad(
+                            "Must specify either password or password_hash",
+                        ));
+                    }
+                    None
+                }
+            };
+            let is_new = shared.put_user(name, cred, tags).map_err(def_err)?;
+            Ok(if is_new { created() } else { no_content() })
+        }
+        Method::DELETE => {
+            shared.delete_user(name).map_err(def_err)?;
+            Ok(no_content())
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+fn permission_ep(shared: &BrokerShared, r: &Req, vh: &str, user: &str) -> R {
+    admin(r)?;
+    match r.method {
+        Method::GET => shared
+            .auth
+            .permissions(user, vh)
+            .map_or(Err(ApiError::NotFound), |p| ok(perm_json(user, vh, &p))),
+        Method::PUT => {
+            let body = r.json()?;
+            let field = |k: &str| -> Result<String, ApiError> {
+                match body.get(k) {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    None => Err(ApiError::bad(format!("Missing key: {k}"))),
+                    Some(_) => Err(ApiError::bad(format!("'{k}' must be a string"))),
+                }
+            };
+            let spec = crate::auth::PermissionSpec {
+                configure: field("configure")?,
+                write: field("write")?,
+                read: field("read")?,
+            };
+            let existed = shared.auth.permissions(user, vh).is_some();
+            shared.set_permissions(user, vh, spec).map_err(def_err)?;
+            Ok(if existed { no_content() } else { created() })
+        }
+        Method::DELETE => {
+            shared.clear_permissions(user, vh).map_err(def_err)?;
+            Ok(no_content())
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+fn policy_json(p: &crate::policy::Policy) -> Value {
+    json!({
+        "vhost": p.vhost,
+        "name": p.name,
+        "pattern": p.pattern,
+        "apply-to": p.apply_to.as_str(),
+        "definition": p.definition,
+        "priority": p.priority,
+    })
+}
+
+fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    match r.method {
+        Method::GET => shared
+            .policies
+            .get(&v.name, name)
+            .map_or(Err(ApiError::NotFound), |p| ok(policy_json(&p))),
+        Method::PUT => {
+            if !r.caller.is_admin() && !r.caller.has("policymaker") {
+                return Err(forbidden());
+            }
+            let body = r.json()?;
+            let pattern = match body.get("pattern") {
+                Some(Value::String(s)) => s.clone(),
+                None => return Err(ApiError::bad("Missing key: pattern")),
+                Some(_) => return Err(ApiError::bad("'pattern' must be a string")),
+            };
+            let definition = match body.get("definition") {
+                Some(Value::Object(m)) => m.clone(),
+                None => return Err(ApiError::bad("Missing key: definition")),
+                Some(_) => return Err(ApiError::bad("'definition' must be an object")),
+            };
+            let priority = match body.get("priority") {
+                None | Some(Value::Null) => 0,
+                Some(p) => p
+                    .as_i64()
+                    .or_else(|| p.as_str().and_then(|s| s.parse().ok()))
+                    .ok_or_else(|| ApiError::bad("'priority' must be an integer"))?,
+            };
+            let apply_to = match body.get("apply-to").and_then(Value::as_str) {
+                None => crate::policy::ApplyTo::All,
+                Some(a) => crate::policy::ApplyTo::parse(a)
+                    .ok_or_else(|| ApiError::bad(format!("invalid apply-to '{a}'")))?,
+            };
+            let existed = shared.policies.get(&v.name, name).is_some();
+            shared
+                .set_policy(crate::policy::Policy {
+                    vhost: v.name.to_string(),
+                    name: name.to_owned(),
+                    pattern,
+                    apply_to,
+                    priority,
+                    definition,
+                })
+                .map_err(def_err)?;
+            Ok(if existed { no_content() } else { created() })
+        }
+        Method::DELETE => {
+            if !r.caller.is_admin() && !r.caller.has("policymaker") {
+                return Err(forbidden());
+            }
+            shared.clear_policy(&v.name, name).map_err(def_err)?;
+            Ok(no_content())
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
 }
 
 fn perm_json(user: &str, vhost: &str, p: &crate::auth::Permissions) -> Value {

@@ -102,6 +102,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 503 (for example the app is stopped for an aliveness test).
     Unavailable(String),
+    /// 500 (definitions could not be written).
+    Internal(String),
 }
 
 impl ApiError {
@@ -137,6 +139,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => json_resp(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &json!({"error": "Method Not Allowed", "reason": "method not allowed"}),
+            ),
+            ApiError::Internal(reason) => json_resp(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "internal_error", "reason": reason}),
             ),
             ApiError::Unavailable(reason) => json_resp(
                 StatusCode::SERVICE_UNAVAILABLE,
