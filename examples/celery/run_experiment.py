@@ -278,6 +278,7 @@ class Run:
     failed: list[str] = field(default_factory=list)
     retries: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # the first few, with their messages
 
 
 def publish_run(mode: str, args, lb: LoadBalancer, queue: str, tag: str) -> Run:
@@ -314,10 +315,12 @@ def publish_run(mode: str, args, lb: LoadBalancer, queue: str, tag: str) -> Run:
             app.send_task("tasks.record", args=(i,), task_id=task_id, queue=queue)
             run.accepted.append(task_id)
             run.publishes.append(time.time())
-        except Exception as exc:  # retries exhausted: the caller is told
+        except Exception as exc:  # retries exhausted, or an error not worth retrying: the caller is told
             run.failed.append(task_id)
             name = type(exc).__name__
             run.errors[name] = run.errors.get(name, 0) + 1
+            if len(run.failures) < 10:
+                run.failures.append(f"{task_id}: {name}: {exc}")
         progress.maybe(status)
     run.finished = time.time()
     progress.maybe(status, force=True)
@@ -378,6 +381,7 @@ def summarize(run: Run, lb: LoadBalancer, metric: dict[str, float], executions: 
         "failed": len(run.failed),
         "publish_retries": run.retries,
         "retry_errors": run.errors,
+        "failures": run.failures,
         "duration_s": round(run.finished - run.started, 3),
         "resets": len(resets),
         "resets_by_rule": by_rule,
