@@ -505,9 +505,14 @@ fn sync(f: &File) -> io::Result<()> {
     f.sync_data()
 }
 
-/// Writes the chunks in order and syncs; on error the failing file is cut back to where the
-/// batch's write to it started.
-fn write_batch(dir: &Path, open: &mut Option<OpenSeg>, chunks: &[Chunk]) -> io::Result<()> {
+/// Writes the chunks in order and, if `durable`, syncs; on error the failing file is cut back to
+/// where the batch's write to it started.
+fn write_batch(
+    dir: &Path,
+    open: &mut Option<OpenSeg>,
+    chunks: &[Chunk],
+    durable: bool,
+) -> io::Result<()> {
     for c in chunks {
         if open.as_ref().is_none_or(|o| o.seg != c.seg) {
             if let Some(o) = open.take() {
@@ -524,7 +529,7 @@ fn write_batch(dir: &Path, open: &mut Option<OpenSeg>, chunks: &[Chunk]) -> io::
         }
         o.len += c.buf.len() as u64;
     }
-    if let Some(o) = open.as_ref() {
+    if let Some(o) = open.as_ref().filter(|_| durable) {
         sync(&o.file)?;
     }
     Ok(())
@@ -585,7 +590,10 @@ fn writer_loop(sh: &Shared) {
             }
             (std::mem::take(&mut st.pending), moved)
         };
-        let result = write_batch(&sh.dir, &mut open, &chunks);
+        // Only enqueues (confirms wait for them) and compaction copies (the old segment is
+        // deleted next) need the sync; acks and deliveries ride along with the next one.
+        let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
+        let result = write_batch(&sh.dir, &mut open, &chunks, durable);
         // Tell each queue about its enqueues in this batch.
         let mut per_queue: HashMap<Arc<str>, (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)> =
             HashMap::new();
