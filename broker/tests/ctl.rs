@@ -135,7 +135,6 @@ fn ctl(args: &[&str]) -> Out {
 }
 
 #[test]
-#[ignore = "needs the write side of the definitions registry (PUT policies, users, vhosts, permissions; POST /api/definitions), not on main yet"]
 fn seed_set_policy_command_is_stored_and_listed() {
     let node = Node::start();
     let out = node.ctl(&["set_policy", "ha-all", "", SEED_POLICY]).ok();
@@ -340,7 +339,7 @@ async fn lists_show_what_an_amqp_client_made() {
 }
 
 #[test]
-#[ignore = "needs the write side of the definitions registry (PUT policies, users, vhosts, permissions; POST /api/definitions), not on main yet"]
+#[ignore = "fails against the current API: list_vhosts as the new user bob answers 404 (under investigation)"]
 fn users_vhosts_and_permissions() {
     let node = Node::start();
     let out = node.ctl(&["add_user", "bob", "pw1"]).ok();
@@ -404,7 +403,6 @@ fn users_vhosts_and_permissions() {
 }
 
 #[test]
-#[ignore = "needs the write side of the definitions registry (PUT policies, users, vhosts, permissions; POST /api/definitions), not on main yet"]
 fn definitions_export_and_import() {
     let node = Node::start();
     node.ctl(&["set_policy", "ha-all", "", SEED_POLICY]).ok();
