@@ -339,7 +339,6 @@ async fn lists_show_what_an_amqp_client_made() {
 }
 
 #[test]
-#[ignore = "fails against the current API: list_vhosts as the new user bob answers 404 (under investigation)"]
 fn users_vhosts_and_permissions() {
     let node = Node::start();
     let out = node.ctl(&["add_user", "bob", "pw1"]).ok();

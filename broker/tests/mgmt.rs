@@ -1507,6 +1507,27 @@ async fn vhosts_users_permissions_policies_and_definitions() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(n.get("/api/permissions/v1/u1").await["read"], ".*");
+    // The same entry listed per vhost and per user, as RabbitMQ does.
+    let per_vhost = n.get("/api/vhosts/v1/permissions").await;
+    let per_vhost = per_vhost.as_array().expect("list");
+    assert_eq!(per_vhost.len(), 1, "{per_vhost:?}");
+    assert_eq!(per_vhost[0]["user"], "u1");
+    let per_user = n.get("/api/users/u1/permissions").await;
+    let per_user = per_user.as_array().expect("list");
+    assert_eq!(per_user.len(), 1, "{per_user:?}");
+    assert_eq!(per_user[0]["vhost"], "v1");
+    assert_eq!(
+        n.req("GET", "/api/users/nobody/permissions", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        n.req("GET", "/api/vhosts/nope/permissions", None)
+            .await
+            .status,
+        404
+    );
     assert_eq!(
         n.req(
             "PUT",

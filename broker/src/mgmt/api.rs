@@ -215,6 +215,34 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
                     .collect(),
             ))
         }
+        ["vhosts", vh, "permissions"] if get => {
+            admin(r)?;
+            let v = vhost(shared, r, vh)?;
+            ok(Value::Array(
+                shared
+                    .auth
+                    .permission_entries()
+                    .into_iter()
+                    .filter(|(_, pv, _)| **pv == *v.name)
+                    .map(|(u, pv, p)| perm_json(&u, &pv, &p))
+                    .collect(),
+            ))
+        }
+        ["users", name, "permissions"] if get => {
+            admin(r)?;
+            if shared.auth.user(name).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            ok(Value::Array(
+                shared
+                    .auth
+                    .permission_entries()
+                    .into_iter()
+                    .filter(|(u, _, _)| **u == **name)
+                    .map(|(u, pv, p)| perm_json(&u, &pv, &p))
+                    .collect(),
+            ))
+        }
         ["vhosts", name] => vhost_ep(shared, r, name).await,
         ["users", name] => user_ep(shared, r, name),
         ["permissions", vh, user] => permission_ep(shared, r, vh, user),
