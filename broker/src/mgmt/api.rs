@@ -206,42 +206,19 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         }
         ["permissions"] if get => {
             admin(r)?;
-            ok(Value::Array(
-                shared
-                    .auth
-                    .permission_entries()
-                    .into_iter()
-                    .map(|(u, v, p)| perm_json(&u, &v, &p))
-                    .collect(),
-            ))
+            ok(permission_list(shared, |_, _| true))
         }
         ["vhosts", vh, "permissions"] if get => {
             admin(r)?;
             let v = vhost(shared, r, vh)?;
-            ok(Value::Array(
-                shared
-                    .auth
-                    .permission_entries()
-                    .into_iter()
-                    .filter(|(_, pv, _)| **pv == *v.name)
-                    .map(|(u, pv, p)| perm_json(&u, &pv, &p))
-                    .collect(),
-            ))
+            ok(permission_list(shared, |_, pv| pv == &*v.name))
         }
         ["users", name, "permissions"] if get => {
             admin(r)?;
             if shared.auth.user(name).is_none() {
                 return Err(ApiError::NotFound);
             }
-            ok(Value::Array(
-                shared
-                    .auth
-                    .permission_entries()
-                    .into_iter()
-                    .filter(|(u, _, _)| **u == **name)
-                    .map(|(u, pv, p)| perm_json(&u, &pv, &p))
-                    .collect(),
-            ))
+            ok(permission_list(shared, |u, _| u == *name))
         }
         ["vhosts", name] => vhost_ep(shared, r, name).await,
         ["users", name] => user_ep(shared, r, name),
@@ -1025,6 +1002,19 @@ fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
         }
         _ => Err(ApiError::MethodNotAllowed),
     }
+}
+
+/// Permission entries `(user, vhost)` accepted by `keep`, as RabbitMQ lists them.
+fn permission_list(shared: &BrokerShared, keep: impl Fn(&str, &str) -> bool) -> Value {
+    Value::Array(
+        shared
+            .auth
+            .permission_entries()
+            .into_iter()
+            .filter(|(u, v, _)| keep(u, v))
+            .map(|(u, v, p)| perm_json(&u, &v, &p))
+            .collect(),
+    )
 }
 
 fn perm_json(user: &str, vhost: &str, p: &crate::auth::Permissions) -> Value {
