@@ -833,11 +833,7 @@ async fn vhost_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
         Method::PUT => {
             admin(r)?;
             let body = r.json()?;
-            let description = match body.get("description") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(ApiError::bad("'description' must be a string")),
-            };
+            let description = optional_str(&body, "description")?;
             let tags = tags_of(body.get("tags"))?;
             let is_new = shared
                 .add_vhost(name, crate::auth::VhostMeta { description, tags })
@@ -911,13 +907,7 @@ fn permission_ep(shared: &BrokerShared, r: &Req, vh: &str, user: &str) -> R {
             .map_or(Err(ApiError::NotFound), |p| ok(perm_json(user, vh, &p))),
         Method::PUT => {
             let body = r.json()?;
-            let field = |k: &str| -> Result<String, ApiError> {
-                match body.get(k) {
-                    Some(Value::String(s)) => Ok(s.clone()),
-                    None => Err(ApiError::bad(format!("Missing key: {k}"))),
-                    Some(_) => Err(ApiError::bad(format!("'{k}' must be a string"))),
-                }
-            };
+            let field = |k: &str| required_str(&body, k);
             let spec = crate::auth::PermissionSpec {
                 configure: field("configure")?,
                 write: field("write")?,
@@ -958,11 +948,7 @@ fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
                 return Err(forbidden());
             }
             let body = r.json()?;
-            let pattern = match body.get("pattern") {
-                Some(Value::String(s)) => s.clone(),
-                None => return Err(ApiError::bad("Missing key: pattern")),
-                Some(_) => return Err(ApiError::bad("'pattern' must be a string")),
-            };
+            let pattern = required_str(&body, "pattern")?;
             let definition = match body.get("definition") {
                 Some(Value::Object(m)) => m.clone(),
                 None => return Err(ApiError::bad("Missing key: definition")),
@@ -1001,6 +987,24 @@ fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// A string field of a request body that must be there (400 naming the key otherwise).
+fn required_str(body: &Value, key: &str) -> Result<String, ApiError> {
+    match body.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None => Err(ApiError::bad(format!("Missing key: {key}"))),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a string"))),
+    }
+}
+
+/// A string field of a request body that may be absent or null (empty then).
+fn optional_str(body: &Value, key: &str) -> Result<String, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a string"))),
     }
 }
 
@@ -1113,12 +1117,9 @@ async fn exchange_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R 
                 ));
             }
             check_perm(shared, r, &v, Perm::Configure, name)?;
-            let kind = match body.get("type") {
-                Some(Value::String(t)) => ExchangeKind::parse(t)
-                    .ok_or_else(|| ApiError::bad(format!("invalid exchange type '{t}'")))?,
-                Some(_) => return Err(ApiError::bad("'type' must be a string")),
-                None => return Err(ApiError::bad("Missing key: type")),
-            };
+            let t = required_str(&body, "type")?;
+            let kind = ExchangeKind::parse(&t)
+                .ok_or_else(|| ApiError::bad(format!("invalid exchange type '{t}'")))?;
             if name.starts_with("amq.") && v.exchange(name).is_none() {
                 return Err(ApiError::Forbidden(format!(
                     "exchange name '{name}' contains reserved prefix 'amq.*'"
@@ -1163,16 +1164,8 @@ async fn publish(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
         if name.is_empty() { "amq.default" } else { name },
     )?;
     let body = r.json()?;
-    let rk = match body.get("routing_key") {
-        Some(Value::String(s)) => s.clone(),
-        None => return Err(ApiError::bad("Missing key: routing_key")),
-        Some(_) => return Err(ApiError::bad("'routing_key' must be a string")),
-    };
-    let payload = match body.get("payload") {
-        Some(Value::String(s)) => s.clone(),
-        None => return Err(ApiError::bad("Missing key: payload")),
-        Some(_) => return Err(ApiError::bad("'payload' must be a string")),
-    };
+    let rk = required_str(&body, "routing_key")?;
+    let payload = required_str(&body, "payload")?;
     let bytes = match body.get("payload_encoding").and_then(Value::as_str) {
         None | Some("string") => payload.into_bytes(),
         Some("base64") => {
@@ -1557,11 +1550,7 @@ async fn binding_pair(
             if !body.is_object() {
                 return Err(ApiError::bad("not_json"));
             }
-            let rk = match body.get("routing_key") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(ApiError::bad("'routing_key' must be a string")),
-            };
+            let rk = optional_str(&body, "routing_key")?;
             let args = body_arguments(&body)?;
             check_perm(shared, r, &v, Perm::Write, dst)?;
             check_perm(shared, r, &v, Perm::Read, src)?;
