@@ -7,17 +7,15 @@
 
 mod support;
 
+use support::raw::Raw;
+
 use amq_protocol::frame::AMQPFrame;
-use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{basic, channel, connection, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use warren_broker::alarm;
-use warren_broker::codec;
 use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
 
 const WATERMARK: u64 = 100 * 1024;
@@ -177,7 +175,7 @@ async fn disk_alarm_blocks_from_the_start_and_clears_with_a_lower_limit() {
         other => panic!("expected connection.blocked, got {other:?}"),
     }
     // ...a raw one did not: it is blocked all the same, without being told.
-    let mut raw = Raw::connect(b.addr, false, 0).await;
+    let mut raw = raw_client(b.addr, false, 0).await;
     raw.open_channel(1).await;
     raw.publish(1, "d", b"from raw").await;
 
@@ -226,7 +224,7 @@ async fn blocked_publisher_is_not_read_but_kept_alive_with_heartbeats() {
     support::declare(&cch, "q", Default::default()).await;
 
     // Heartbeat 1 s, and this client never sends one: unblocked, it would be dropped after 2 s.
-    let mut raw = Raw::connect(b.addr, true, 1).await;
+    let mut raw = raw_client(b.addr, true, 1).await;
     raw.open_channel(1).await;
     for _ in 0..10 {
         raw.publish(1, "q", &[1u8; BODY]).await;
@@ -282,152 +280,18 @@ async fn blocked_publisher_is_not_read_but_kept_alive_with_heartbeats() {
     b.shutdown().await;
 }
 
-/// A minimal raw AMQP client: it never sends heartbeats, so it shows what the broker does
-/// when it stops reading.
-struct Raw {
-    sock: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    async fn connect(addr: std::net::SocketAddr, wants_blocked: bool, heartbeat: u16) -> Self {
-        let mut r = Raw {
-            sock: TcpStream::connect(addr).await.expect("connect"),
-            buf: Vec::new(),
-        };
-        r.sock
-            .write_all(codec::PROTOCOL_HEADER)
-            .await
-            .expect("header");
-        match r.recv().await {
-            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(_)))) => {
-            }
-            other => panic!("expected start, got {other:?}"),
-        }
-        let mut props = FieldTable::default();
-        if wants_blocked {
-            let mut caps = FieldTable::default();
-            caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
-            props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
-        }
-        r.send_method(
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: props,
-                mechanism: "PLAIN".into(),
-                response: "\0guest\0guest".into(),
-                locale: "en_US".into(),
-            })),
-        )
-        .await;
-        match r.recv().await {
-            Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Tune(_)))) => {}
-            other => panic!("expected tune, got {other:?}"),
-        }
-        r.send_method(
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
-                channel_max: 10,
-                frame_max: 131072,
-                heartbeat,
-            })),
-        )
-        .await;
-        r.send_method(
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: "/".into(),
-            })),
-        )
-        .await;
-        match r.recv().await {
-            Some(AMQPFrame::Method(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)),
-            )) => {}
-            other => panic!("expected open-ok, got {other:?}"),
-        }
-        r
+/// A raw client (it never sends heartbeats, so it shows what the broker does when it stops
+/// reading) that asks for connection.blocked notifications if `wants_blocked`.
+async fn raw_client(addr: std::net::SocketAddr, wants_blocked: bool, heartbeat: u16) -> Raw {
+    let mut props = FieldTable::default();
+    if wants_blocked {
+        let mut caps = FieldTable::default();
+        caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
     }
-
-    async fn send_all(&mut self, frames: &[AMQPFrame]) {
-        let mut out = Vec::new();
-        for f in frames {
-            codec::encode(f, &mut out).expect("encode");
-        }
-        self.sock.write_all(&out).await.expect("write");
-    }
-
-    async fn send_method(&mut self, ch: u16, m: AMQPClass) {
-        self.send_all(&[AMQPFrame::Method(ch, m)]).await;
-    }
-
-    /// basic.publish to the default exchange, method + header + body in one write.
-    async fn publish(&mut self, ch: u16, queue: &str, body: &[u8]) {
-        self.send_all(&[
-            AMQPFrame::Method(
-                ch,
-                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                    exchange: "".into(),
-                    routing_key: queue.into(),
-                    mandatory: false,
-                    immediate: false,
-                })),
-            ),
-            AMQPFrame::Header(
-                ch,
-                amq_protocol::frame::AMQPContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties: AMQPProperties::default(),
-                },
-            ),
-            AMQPFrame::Body(ch, body.to_vec()),
-        ])
-        .await;
-    }
-
-    async fn open_channel(&mut self, ch: u16) {
-        self.send_method(
-            ch,
-            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-        )
-        .await;
-        match self.recv_method().await {
-            Some(AMQPFrame::Method(c, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
-                if c == ch => {}
-            other => panic!("expected channel.open-ok, got {other:?}"),
-        }
-    }
-
-    /// Next frame, None on EOF. Panics after 5 s.
-    async fn recv(&mut self) -> Option<AMQPFrame> {
-        loop {
-            if let Some((f, n)) = codec::decode(&self.buf, 0).expect("server sent a bad frame") {
-                self.buf.drain(..n);
-                return Some(f);
-            }
-            let mut tmp = [0u8; 65536];
-            let n = tokio::time::timeout(Duration::from_secs(5), self.sock.read(&mut tmp))
-                .await
-                .expect("timed out reading")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
-        }
-    }
-
-    /// Next non-heartbeat frame.
-    async fn recv_method(&mut self) -> Option<AMQPFrame> {
-        loop {
-            match self.recv().await? {
-                AMQPFrame::Heartbeat => continue,
-                f => return Some(f),
-            }
-        }
-    }
+    let mut r = Raw::connect(addr).await;
+    r.handshake_with(props, heartbeat).await;
+    r
 }
 
 #[tokio::test]
@@ -435,7 +299,7 @@ async fn a_connection_that_publishes_and_consumes_is_blocked_whole_acks_included
     let b = support::start_with(low_watermark()).await;
     let (_oc, och) = b.channel().await;
     support::declare(&och, "m", Default::default()).await;
-    let mut raw = Raw::connect(b.addr, true, 0).await;
+    let mut raw = raw_client(b.addr, true, 0).await;
     raw.open_channel(1).await;
     for _ in 0..10 {
         raw.publish(1, "m", &[3u8; BODY]).await;
