@@ -171,6 +171,8 @@ impl Monitor {
     }
 
     fn check_memory(&mut self) {
+        // Also keeps the paging state (and its log lines) current when queues are idle.
+        crate::paging::pressure();
         let (used, limit) = (memory::used(), memory::high_watermark());
         if let Some(change) = self.logic.memory(used, limit) {
             match change {

@@ -40,6 +40,7 @@ pub mod exchange;
 pub mod intmap;
 pub mod memory;
 pub mod mgmt;
+pub mod paging;
 pub mod policy;
 pub mod queue;
 pub mod shutdown;
@@ -194,6 +195,7 @@ impl Broker {
         }
         let (mgmt, mgmt_addrs) = bind_all(&cfg.mgmt, "mgmt").await?;
         let (prometheus, prometheus_addrs) = bind_all(&cfg.prometheus, "prometheus").await?;
+        paging::configure(&cfg.data_dir);
         let store = store::Store::open(&cfg.data_dir).map_err(|source| StartError::Store {
             dir: cfg.data_dir.clone(),
             source,

@@ -48,6 +48,9 @@ pub struct QueueStats {
     /// Gauges refreshed by the actor after each batch of commands.
     pub unacked: AtomicU64,
     pub ready_bytes: AtomicU64,
+    /// Ready messages paged out to disk and their body bytes (the rest are in memory).
+    pub paged_out: AtomicU64,
+    pub paged_out_bytes: AtomicU64,
 }
 
 /// A copy of the message counters (queue, connection or node).

@@ -1237,6 +1237,8 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     let ready = u64::from(q.message_count());
     let unacked = q.stats.unacked.load(ld);
     let bytes = q.stats.ready_bytes.load(ld);
+    let paged = q.stats.paged_out.load(ld).min(ready);
+    let paged_bytes = q.stats.paged_out_bytes.load(ld).min(bytes);
     let rates = shared.sampler.queue_rates(&q.vhost, &q.name);
     let mut m = Map::new();
     let mut put = |k: &str, v: Value| {
@@ -1260,14 +1262,14 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("message_bytes", json!(bytes));
     put("message_bytes_ready", json!(bytes));
     put("message_bytes_unacknowledged", json!(0));
-    put("message_bytes_ram", json!(bytes));
+    put("message_bytes_ram", json!(bytes - paged_bytes));
     put("message_bytes_persistent", json!(0));
-    put("message_bytes_paged_out", json!(0));
-    put("messages_ram", json!(ready + unacked));
-    put("messages_ready_ram", json!(ready));
+    put("message_bytes_paged_out", json!(paged_bytes));
+    put("messages_ram", json!(ready - paged + unacked));
+    put("messages_ready_ram", json!(ready - paged));
     put("messages_unacknowledged_ram", json!(unacked));
     put("messages_persistent", json!(0));
-    put("messages_paged_out", json!(0));
+    put("messages_paged_out", json!(paged));
     put("memory", json!(bytes));
     put("head_message_timestamp", Value::Null);
     put(

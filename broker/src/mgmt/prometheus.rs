@@ -329,7 +329,24 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
     let bytes_ready: Getter = |q| q.stats.ready_bytes.load(Ordering::Relaxed);
     let published: Getter = |q| q.stats.publish.load(Ordering::Relaxed);
     let cons: Getter = |q| u64::from(q.consumer_count());
-    let families: [(&str, &str, &str, Getter); 6] = [
+    let paged: Getter = |q| {
+        let ready = u64::from(q.message_count());
+        q.stats.paged_out.load(Ordering::Relaxed).min(ready)
+    };
+    let paged_bytes: Getter = |q| {
+        let bytes = q.stats.ready_bytes.load(Ordering::Relaxed);
+        q.stats.paged_out_bytes.load(Ordering::Relaxed).min(bytes)
+    };
+    let ram: Getter = |q| {
+        let ready = u64::from(q.message_count());
+        let paged = q.stats.paged_out.load(Ordering::Relaxed).min(ready);
+        ready - paged + q.stats.unacked.load(Ordering::Relaxed)
+    };
+    let ram_bytes: Getter = |q| {
+        let bytes = q.stats.ready_bytes.load(Ordering::Relaxed);
+        bytes - q.stats.paged_out_bytes.load(Ordering::Relaxed).min(bytes)
+    };
+    let families: [(&str, &str, &str, Getter); 10] = [
         (
             "rabbitmq_queue_messages_ready",
             "gauge",
@@ -353,6 +370,30 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
             "gauge",
             "Size in bytes of ready messages",
             bytes_ready,
+        ),
+        (
+            "rabbitmq_queue_messages_paged_out",
+            "gauge",
+            "Messages paged out to disk",
+            paged,
+        ),
+        (
+            "rabbitmq_queue_messages_paged_out_bytes",
+            "gauge",
+            "Size in bytes of messages paged out to disk",
+            paged_bytes,
+        ),
+        (
+            "rabbitmq_queue_messages_ram",
+            "gauge",
+            "Ready and unacknowledged messages stored in memory",
+            ram,
+        ),
+        (
+            "rabbitmq_queue_messages_ram_bytes",
+            "gauge",
+            "Size in bytes of ready messages stored in memory",
+            ram_bytes,
         ),
         (
             "rabbitmq_queue_messages_published_total",

@@ -7,6 +7,7 @@
 //!   the log later reports it synced, or as a nack when the publish is refused (reject-publish).
 
 use super::args::Overflow;
+use super::ready::{Entry, Ready};
 use super::*;
 use crate::intmap::IntMap;
 use crate::stats;
@@ -19,14 +20,8 @@ use tokio::time::{sleep_until, Instant};
 
 /// Most deliveries per dispatch pass (and per event sent to one connection).
 const DISPATCH_PASS: usize = 256;
-
-#[derive(Debug)]
-struct Entry {
-    id: u64,
-    msg: Arc<Message>,
-    redelivered: bool,
-    expires_at: Option<Instant>,
-}
+/// Most bytes paged out per turn of the actor loop (more is paged in the next turns).
+const PAGE_OUT_TURN: u64 = 16 << 20;
 
 #[derive(Debug)]
 struct Unacked {
@@ -41,92 +36,6 @@ struct Consumer {
     spec: ConsumerSpec,
     unacked: u32,
     last_used: u64,
-}
-
-/// Ready messages, one FIFO per priority level (one level for non-priority queues).
-#[derive(Debug)]
-struct Ready {
-    levels: Vec<VecDeque<Entry>>,
-    len: usize,
-    bytes: u64,
-}
-
-impl Ready {
-    fn new(max_priority: Option<u8>) -> Self {
-        let n = max_priority.map(|p| p as usize + 1).unwrap_or(1);
-        Self {
-            levels: (0..n).map(|_| VecDeque::new()).collect(),
-            len: 0,
-            bytes: 0,
-        }
-    }
-    fn level_of(&self, msg: &Message) -> usize {
-        (msg.priority() as usize).min(self.levels.len() - 1)
-    }
-    fn push_back(&mut self, e: Entry) {
-        let l = self.level_of(&e.msg);
-        self.len += 1;
-        self.bytes += e.msg.body.len() as u64;
-        self.levels[l].push_back(e);
-    }
-    /// Puts a requeued entry back at its original position (by id).
-    fn requeue(&mut self, e: Entry) {
-        let l = self.level_of(&e.msg);
-        self.len += 1;
-        self.bytes += e.msg.body.len() as u64;
-        let q = &mut self.levels[l];
-        let pos = q.partition_point(|x| x.id < e.id);
-        q.insert(pos, e);
-    }
-    fn pop_front(&mut self) -> Option<Entry> {
-        for q in self.levels.iter_mut().rev() {
-            if let Some(e) = q.pop_front() {
-                self.len -= 1;
-                self.bytes -= e.msg.body.len() as u64;
-                return Some(e);
-            }
-        }
-        None
-    }
-    /// Oldest message of the lowest level (drop-head victim).
-    fn pop_oldest(&mut self) -> Option<Entry> {
-        for q in self.levels.iter_mut() {
-            if let Some(e) = q.pop_front() {
-                self.len -= 1;
-                self.bytes -= e.msg.body.len() as u64;
-                return Some(e);
-            }
-        }
-        None
-    }
-    fn next_expiry(&self) -> Option<Instant> {
-        self.levels
-            .iter()
-            .filter_map(|q| q.front().and_then(|e| e.expires_at))
-            .min()
-    }
-    /// Removes the entry with this id, wherever it is.
-    fn remove_id(&mut self, id: u64) -> Option<Entry> {
-        for q in self.levels.iter_mut() {
-            let pos = q.partition_point(|x| x.id < id);
-            if q.get(pos).is_some_and(|e| e.id == id) {
-                let e = q.remove(pos)?;
-                self.len -= 1;
-                self.bytes -= e.msg.body.len() as u64;
-                return Some(e);
-            }
-        }
-        None
-    }
-    fn drain_all(&mut self) -> Vec<Entry> {
-        let mut v = Vec::with_capacity(self.len);
-        for q in self.levels.iter_mut() {
-            v.extend(q.drain(..));
-        }
-        self.len = 0;
-        self.bytes = 0;
-        v
-    }
 }
 
 /// The actor. Created by the vhost, which keeps the [`QueueHandle`].
@@ -147,11 +56,14 @@ pub struct QueueActor {
     had_consumers: bool,
     last_activity: Instant,
     deleted: bool,
+    /// Page-out stopped at its per-turn limit with more to do.
+    page_more: bool,
 }
 
 impl QueueActor {
     pub fn new(handle: QueueHandle, vhost: Weak<Vhost>, log: Box<dyn QueueLog>) -> Self {
-        let ready = Ready::new(handle.args.max_priority);
+        let label: Arc<str> = format!("'{}' in vhost '{}'", handle.name, handle.vhost).into();
+        let ready = Ready::new(handle.args.max_priority, crate::paging::pager(label));
         Self {
             handle,
             vhost,
@@ -167,6 +79,7 @@ impl QueueActor {
             had_consumers: false,
             last_activity: Instant::now(),
             deleted: false,
+            page_more: false,
         }
     }
 
@@ -202,6 +115,7 @@ impl QueueActor {
     /// Runs until the queue is deleted or every handle is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut store_rx = self.store_rx.take();
+        let mut paging_rx = crate::paging::subscribe();
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -230,6 +144,12 @@ impl QueueActor {
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+                // Paging turned on: an idle queue pages out too.
+                r = paging_rx.changed() => {
+                    if r.is_err() {
+                        paging_rx = crate::paging::subscribe();
+                    }
+                }
             }
             if self.deleted {
                 break;
@@ -240,6 +160,7 @@ impl QueueActor {
                 break;
             }
             self.expire(now);
+            self.page(now);
             if self.check_idle_expiry(now) {
                 self.delete_now();
                 break;
@@ -282,11 +203,24 @@ impl QueueActor {
         ))
     }
 
+    /// Pages ready messages out under memory pressure; settles what could not be read back.
+    fn page(&mut self, now: Instant) {
+        self.page_more = crate::paging::pressure() && self.ready.page_out(PAGE_OUT_TURN, now);
+        let lost = self.ready.take_lost();
+        if !lost.is_empty() {
+            self.log.settle(&lost);
+        }
+    }
+
     fn publish_counts(&self) {
         self.handle
             .message_count
             .store(self.ready.len as u32, Ordering::Relaxed);
         let st = &self.handle.stats;
+        st.paged_out
+            .store(self.ready.paged_len as u64, Ordering::Relaxed);
+        st.paged_out_bytes
+            .store(self.ready.paged_bytes, Ordering::Relaxed);
         st.unacked
             .store(self.unacked.len() as u64, Ordering::Relaxed);
         st.ready_bytes.store(self.ready.bytes, Ordering::Relaxed);
@@ -296,6 +230,9 @@ impl QueueActor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if self.page_more {
+            return Some(Instant::now());
+        }
         let mut d = self.ready.next_expiry();
         if let Some(ms) = self.handle.args.expires {
             if self.consumers.is_empty() {
@@ -342,8 +279,7 @@ impl QueueActor {
                 let _ = reply.send(r);
             }
             QueueCmd::Purge { reply } => {
-                let entries = self.ready.drain_all();
-                let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+                let ids = self.ready.drain_ids();
                 self.log.settle(&ids);
                 self.publish_counts();
                 let _ = reply.send(ids.len() as u32);
@@ -455,10 +391,13 @@ impl QueueActor {
         stats::bump(&self.handle.stats.publish, 1);
         if overflow == Overflow::DropHead {
             while self.over_limit() {
-                match self.ready.pop_oldest() {
-                    Some(e) => {
-                        self.dead_letter(&e.msg, "maxlen");
-                        self.log.settle(&[e.id]);
+                let load = self.handle.args.dead_letter_exchange.is_some();
+                match self.ready.pop_oldest(load) {
+                    Some(p) => {
+                        if let Some(m) = &p.msg {
+                            self.dead_letter(m, "maxlen");
+                        }
+                        self.log.settle(&[p.id]);
                     }
                     None => break,
                 }
@@ -771,19 +710,15 @@ impl QueueActor {
     }
 
     /// Drops expired messages at the head of each level (RabbitMQ expires only at the head).
+    /// A paged message is read back only to be dead-lettered.
     fn expire(&mut self, now: Instant) {
-        for l in 0..self.ready.levels.len() {
-            while let Some(front) = self.ready.levels[l].front() {
-                if front.expires_at.is_none_or(|t| t > now) {
-                    break;
+        let load = self.handle.args.dead_letter_exchange.is_some();
+        for l in 0..self.ready.levels() {
+            while let Some(p) = self.ready.pop_expired(l, now, load) {
+                if let Some(m) = &p.msg {
+                    self.dead_letter(m, "expired");
                 }
-                let Some(e) = self.ready.levels[l].pop_front() else {
-                    break;
-                };
-                self.ready.len -= 1;
-                self.ready.bytes -= e.msg.body.len() as u64;
-                self.dead_letter(&e.msg, "expired");
-                self.log.settle(&[e.id]);
+                self.log.settle(&[p.id]);
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod args;
+pub mod ready;
 
 use crate::error::ChannelError;
 use amq_protocol::protocol::basic::AMQPProperties;

@@ -261,16 +261,12 @@ fn seg_path(dir: &Path, seg: u64) -> PathBuf {
 
 /// Builds a message back from its stored parts; None if the stored header does not parse.
 fn rebuild_message(l: &Live) -> Option<Message> {
-    // class (2), weight (2), body size (8), then the property flags and values.
-    let props_bytes = l.header.get(12..)?;
-    let (_, props) = amq_protocol::protocol::basic::parse_properties(props_bytes).ok()?;
-    Message::new(
-        l.exchange.as_str().into(),
-        l.routing_key.as_str().into(),
-        props,
+    super::message_from_parts(
+        &l.exchange,
+        &l.routing_key,
+        &l.header,
         Bytes::copy_from_slice(&l.body),
     )
-    .ok()
 }
 
 impl Store {

@@ -14,6 +14,22 @@ pub mod replay;
 pub use disk::{DiskLog, Recovered, Store};
 
 use crate::queue::Message;
+use bytes::Bytes;
+
+/// Builds a message back from its stored parts (exchange, routing key, pre-encoded content
+/// header payload, body), as the store and the queue page files keep them. None if the
+/// header does not parse.
+pub fn message_from_parts(
+    exchange: &str,
+    routing_key: &str,
+    header: &[u8],
+    body: Bytes,
+) -> Option<Message> {
+    // class (2), weight (2), body size (8), then the property flags and values.
+    let props_bytes = header.get(12..)?;
+    let (_, props) = amq_protocol::protocol::basic::parse_properties(props_bytes).ok()?;
+    Message::new(exchange.into(), routing_key.into(), props, body).ok()
+}
 
 /// Whether a logged enqueue is already safe to confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

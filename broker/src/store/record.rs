@@ -230,6 +230,15 @@ fn read_at(buf: &[u8], off: usize) -> At<'_> {
     }
 }
 
+/// Decodes exactly one framed record (header, checksum, payload) filling `buf`; None if the
+/// checksum fails, the payload is malformed or `buf` holds more or less than one record.
+pub fn decode_framed(buf: &[u8]) -> Option<Record<'_>> {
+    match read_at(buf, 0) {
+        At::Good(r, n) if n == buf.len() => Some(r),
+        _ => None,
+    }
+}
+
 /// A scanned segment: its good records with their offsets and sizes, and where it is damaged.
 #[derive(Debug, Default)]
 pub struct Scan<'a> {
