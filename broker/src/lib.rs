@@ -139,6 +139,7 @@ impl Broker {
             "memory limits"
         );
         let monitor = alarm::configure(&cfg);
+        paging::configure(&cfg.data_dir);
         if !cfg.cluster_listen.is_empty() {
             warn!(
                 flag = "cluster-listen",
@@ -195,7 +196,6 @@ impl Broker {
         }
         let (mgmt, mgmt_addrs) = bind_all(&cfg.mgmt, "mgmt").await?;
         let (prometheus, prometheus_addrs) = bind_all(&cfg.prometheus, "prometheus").await?;
-        paging::configure(&cfg.data_dir);
         let store = store::Store::open(&cfg.data_dir).map_err(|source| StartError::Store {
             dir: cfg.data_dir.clone(),
             source,

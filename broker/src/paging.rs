@@ -36,6 +36,9 @@ struct PageDir {
 static DIR: RwLock<Option<Arc<PageDir>>> = RwLock::new(None);
 static ACTIVE: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
 static WRITE_FAILING: AtomicBool = AtomicBool::new(false);
+/// A paging episode is under way (logged at its start and end).
+static EPISODE: AtomicBool = AtomicBool::new(false);
+static LAST_ON_MS: AtomicU64 = AtomicU64::new(0);
 
 /// Wipes and creates `<data_dir>/paging/` and makes it the page directory of queues created
 /// from now on. Problems are logged: queues then keep their messages in memory.
@@ -75,7 +78,9 @@ pub fn pager(label: Arc<str>) -> Option<Pager> {
     Some(Pager::new(Box::new(io), label, d.limits))
 }
 
-/// Whether queues should page out now (and logs when that changes).
+/// Whether queues should page out now. Also logs paging episodes: the start when memory first
+/// exceeds the threshold, the end once it has stayed below for [`EPISODE_END`] (paging brings
+/// memory down quickly, so a steady publisher turns it on and off many times a second).
 pub fn pressure() -> bool {
     let used = memory::used();
     let threshold = memory::paging_threshold();
@@ -87,25 +92,38 @@ pub fn pressure() -> bool {
     };
     if want != on {
         ACTIVE.send_if_modified(|v| {
-            if *v == want {
-                return false;
-            }
+            let changed = *v != want;
             *v = want;
-            if want {
-                info!(
-                    used,
-                    threshold, "memory above the paging threshold: queues page messages to disk"
-                );
-            } else {
-                info!(
-                    used,
-                    threshold, "memory below the paging threshold: queues stop paging"
-                );
-            }
-            true
+            changed
         });
     }
+    let now = now_ms();
+    if want {
+        LAST_ON_MS.store(now, Ordering::Relaxed);
+        if !EPISODE.load(Ordering::Relaxed) && !EPISODE.swap(true, Ordering::Relaxed) {
+            info!(
+                used,
+                threshold, "memory above the paging threshold: queues page messages to disk"
+            );
+        }
+    } else if EPISODE.load(Ordering::Relaxed)
+        && now.saturating_sub(LAST_ON_MS.load(Ordering::Relaxed)) >= EPISODE_END.as_millis() as u64
+        && EPISODE.swap(false, Ordering::Relaxed)
+    {
+        info!(
+            used,
+            threshold, "memory below the paging threshold for a while: queues stopped paging"
+        );
+    }
     want
+}
+
+/// How long memory stays below the paging threshold before the end of paging is logged.
+pub const EPISODE_END: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    static START: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
+    START.elapsed().as_millis() as u64
 }
 
 /// Sees every change of the paging state.

@@ -1,0 +1,686 @@
+//! Queue paging: above the paging threshold (vm-memory-high-watermark ×
+//! vm-memory-high-watermark-paging-ratio) queues move ready messages to page files under
+//! `<data-dir>/paging/` and read them back at the head; nothing a client sees changes.
+//!
+//! The first two tests run the real binary (RSS, kill -9); the others run the broker in-process
+//! with a tiny paging threshold so that every queue pages.
+
+mod support;
+
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use warren_broker::config::{Config, MemoryWatermark};
+
+// ---------------------------------------------------------------------------------------------
+// Message bodies: sequence number, checksum of the rest, then a pattern derived from the number.
+
+fn body(seq: u64, len: usize) -> Vec<u8> {
+    let mut block = [0u8; 64];
+    for (i, b) in block.iter_mut().enumerate() {
+        *b = (seq.wrapping_mul(2654435761).wrapping_add(i as u64 * 131) >> 3) as u8;
+    }
+    let mut rest = Vec::with_capacity(len);
+    while rest.len() + 64 <= len - 16 {
+        rest.extend_from_slice(&block);
+    }
+    rest.extend_from_slice(&block[..len - 16 - rest.len()]);
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&u64::from(crc32fast::hash(&rest)).to_le_bytes());
+    out.extend_from_slice(&rest);
+    out
+}
+
+/// The sequence number of a body whose checksum and content are right.
+fn check(data: &[u8]) -> u64 {
+    assert!(data.len() >= 16, "short body");
+    let seq = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    let crc = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+    assert_eq!(
+        crc,
+        u64::from(crc32fast::hash(&data[16..])),
+        "checksum of #{seq}"
+    );
+    assert!(data == body(seq, data.len()), "content of #{seq}");
+    seq
+}
+
+fn page_files(data: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data.join("paging"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary.
+
+struct Proc {
+    child: Child,
+    amqp: String,
+    mgmt: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        .args([
+            "--amqp",
+            "127.0.0.1:0",
+            "--mgmt",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .args([
+            "--disk-free-limit",
+            "0",
+            "--vm-memory-high-watermark",
+            watermark,
+        ])
+        .args(["--vm-memory-high-watermark-paging-ratio", ratio])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let re = regex::Regex::new(r"listening proto=(amqp|mgmt) addr=(\S+)").expect("re");
+    let (amqp, mgmt) = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut amqp, mut mgmt) = (None, None);
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            log.lock().push(line.clone());
+            if let Some(c) = re.captures(&line) {
+                let a = Some(c[2].to_string());
+                if &c[1] == "amqp" {
+                    amqp = a;
+                } else {
+                    mgmt = a;
+                }
+            }
+            if let (Some(a), Some(m)) = (&amqp, &mgmt) {
+                return (a.clone(), m.clone());
+            }
+        }
+        panic!(
+            "broker exited before logging its addresses: {:?}",
+            log.lock()
+        );
+    })
+    .await
+    .expect("addresses logged in time");
+    let l2 = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            l2.lock().push(line);
+        }
+    });
+    Proc {
+        child,
+        amqp,
+        mgmt,
+        log,
+    }
+}
+
+impl Proc {
+    async fn connect(&self) -> (Connection, Channel) {
+        let c = Connection::connect(
+            &format!("amqp://guest:guest@{}/%2f", self.amqp),
+            ConnectionProperties::default(),
+        )
+        .await
+        .expect("connect");
+        let ch = c.create_channel().await.expect("channel");
+        (c, ch)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    fn logged(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// GET /api/queues/%2f/{name} as guest.
+    async fn queue_json(&self, name: &str) -> serde_json::Value {
+        use base64::Engine;
+        let mut s = tokio::net::TcpStream::connect(&self.mgmt)
+            .await
+            .expect("mgmt connect");
+        let auth = base64::engine::general_purpose::STANDARD.encode("guest:guest");
+        let req = format!(
+            "GET /api/queues/%2f/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await.expect("read");
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let (_, body) = text.split_once("\r\n\r\n").expect("body");
+        // Chunked or not: the JSON object is between the first '{' and the last '}'.
+        let (a, b) = (
+            body.find('{').expect("json"),
+            body.rfind('}').expect("json"),
+        );
+        serde_json::from_str(&body[a..=b]).expect("json")
+    }
+
+    async fn kill9(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+}
+
+async fn declare(ch: &Channel, name: &str, durable: bool, args: FieldTable) -> u32 {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare")
+    .message_count()
+}
+
+/// Publishes `n` bodies of `len` bytes with confirms, `window` in flight; panics on a nack.
+async fn publish_confirmed(
+    ch: &Channel,
+    queue: &str,
+    seqs: std::ops::Range<u64>,
+    len: usize,
+    props: BasicProperties,
+    window: usize,
+) {
+    let mut inflight = std::collections::VecDeque::new();
+    for seq in seqs {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body(seq, len),
+                props.clone(),
+            )
+            .await
+            .expect("publish");
+        inflight.push_back(c);
+        if inflight.len() >= window {
+            let c = inflight.pop_front().expect("in flight");
+            let conf = tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .expect("confirm in time")
+                .expect("confirm");
+            assert!(conf.is_ack(), "publish nacked");
+        }
+    }
+    for c in inflight {
+        let conf = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("confirm in time")
+            .expect("confirm");
+        assert!(conf.is_ack(), "publish nacked");
+    }
+}
+
+/// Consumes exactly `n` messages (manual ack, prefetch 200); checks each body, returns the
+/// sequence numbers and redelivered flags in delivery order.
+async fn consume_n(ch: &Channel, queue: &str, n: usize) -> Vec<(u64, bool)> {
+    ch.basic_qos(200, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let tag = format!("c-{queue}");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery in time ({} of {n})", out.len()))
+            .expect("consumer open")
+            .expect("delivery");
+        out.push((check(&d.data), d.redelivered));
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_without_consumers_pages_far_beyond_the_threshold_and_gives_everything_back() {
+    const N: u64 = 6400;
+    const LEN: usize = 64 * 1024;
+    let data = tempfile::tempdir().expect("tempdir");
+    let b = spawn(data.path(), "64MiB", "0.5").await;
+    let (_c, ch) = b.connect().await;
+    declare(&ch, "big", false, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    // Sample RSS while ~400 MiB go in.
+    let max_rss = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pid = b.child.id().expect("pid");
+    let sampler = {
+        let (max_rss, stop) = (max_rss.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    if let Some(kib) = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        max_rss.fetch_max(kib, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    publish_confirmed(&ch, "big", 0..N, LEN, BasicProperties::default(), 64).await;
+    let elapsed = started.elapsed();
+    stop.cancel();
+    sampler.await.expect("sampler");
+    let max_rss_mib = max_rss.load(Ordering::Relaxed) / 1024;
+    eprintln!(
+        "published {} MiB in {:.2?} ({:.0} MiB/s), max RSS {max_rss_mib} MiB",
+        (N * LEN as u64) >> 20,
+        elapsed,
+        ((N * LEN as u64) >> 20) as f64 / elapsed.as_secs_f64()
+    );
+    assert!(
+        max_rss_mib < 200,
+        "RSS reached {max_rss_mib} MiB for 400 MiB queued"
+    );
+    // Publishers were never blocked: the alarm never went off.
+    assert_eq!(b.logged("alarm set"), 0, "memory alarm raised while paging");
+    assert_eq!(b.logged("queues page messages to disk"), 1);
+    let q = b.queue_json("big").await;
+    assert_eq!(q["messages"], N);
+    let paged = q["messages_paged_out"]
+        .as_u64()
+        .expect("messages_paged_out");
+    assert!(paged > N / 2, "only {paged} of {N} paged out");
+    assert_eq!(
+        q["messages_ram"].as_u64().expect("messages_ram") + paged,
+        N,
+        "{q}"
+    );
+    assert!(q["message_bytes_paged_out"].as_u64().expect("bytes") >= paged * LEN as u64);
+    assert!(!page_files(data.path()).is_empty());
+    // Everything comes back once, in order, intact.
+    let got = consume_n(&ch, "big", N as usize).await;
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (0..N).collect::<Vec<_>>());
+    assert!(got.iter().all(|(_, r)| !r));
+    assert_eq!(declare(&ch, "big", false, FieldTable::default()).await, 0);
+    // The head was read back before its delivery: no page file is left.
+    assert_eq!(page_files(data.path()), Vec::<PathBuf>::new());
+    let q = b.queue_json("big").await;
+    assert_eq!(q["messages_paged_out"], 0);
+    assert!(b.rss_kib() / 1024 < 200);
+    b.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_persistent_messages_survive_kill_9_and_paged_transient_ones_do_not() {
+    const N: u64 = 600;
+    const LEN: usize = 32 * 1024;
+    let data = tempfile::tempdir().expect("tempdir");
+    // Paging from ~6 MiB on.
+    let b = spawn(data.path(), "64MiB", "0.1").await;
+    let (_c, ch) = b.connect().await;
+    declare(&ch, "dur", true, FieldTable::default()).await;
+    declare(&ch, "mixed", true, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    publish_confirmed(&ch, "dur", 0..N, LEN, persistent, 32).await;
+    publish_confirmed(&ch, "mixed", 0..N, LEN, BasicProperties::default(), 32).await;
+    for q in ["dur", "mixed"] {
+        let j = b.queue_json(q).await;
+        assert!(
+            j["messages_paged_out"].as_u64().expect("paged") > N / 2,
+            "{q}: {j}"
+        );
+    }
+    assert!(!page_files(data.path()).is_empty());
+    b.kill9().await;
+    let b = spawn(data.path(), "64MiB", "0.1").await;
+    assert_eq!(b.logged("page files of the previous run removed"), 1);
+    let (_c, ch) = b.connect().await;
+    assert_eq!(declare(&ch, "mixed", true, FieldTable::default()).await, 0);
+    assert_eq!(
+        declare(&ch, "dur", true, FieldTable::default()).await,
+        N as u32
+    );
+    let got = consume_n(&ch, "dur", N as usize).await;
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>()
+    );
+    assert_eq!(declare(&ch, "dur", true, FieldTable::default()).await, 0);
+    assert_eq!(page_files(data.path()), Vec::<PathBuf>::new());
+    b.kill9().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process, every queue pages (threshold 64 KiB).
+
+async fn start() -> support::TestBroker {
+    support::start_with(Config {
+        vm_memory_high_watermark: MemoryWatermark::Absolute(1 << 30),
+        vm_memory_high_watermark_paging_ratio: 1.0 / 16384.0,
+        ..Config::for_tests()
+    })
+    .await
+}
+
+fn queue(b: &support::TestBroker, name: &str) -> warren_broker::queue::QueueHandle {
+    let vh = b.shared.vhost("/").expect("/");
+    let q = vh.snapshot().queues.get(name).cloned();
+    q.unwrap_or_else(|| panic!("no queue {name}"))
+}
+
+fn paged_out(b: &support::TestBroker, name: &str) -> u64 {
+    queue(b, name).stats.paged_out.load(Ordering::Relaxed)
+}
+
+fn props(prio: Option<u8>) -> BasicProperties {
+    let p = BasicProperties::default();
+    match prio {
+        Some(x) => p.with_priority(x),
+        None => p,
+    }
+}
+
+fn table(kv: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in kv {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+const LEN: usize = 64 * 1024;
+
+async fn fill(b: &support::TestBroker, ch: &Channel, q: &str, seqs: std::ops::Range<u64>) {
+    let n = seqs.end;
+    publish_confirmed(ch, q, seqs, LEN, BasicProperties::default(), 32).await;
+    wait_until("paged out", 10, || paged_out(b, q) > n / 2).await;
+}
+
+#[tokio::test]
+async fn a_priority_queue_delivers_by_priority_then_fifo_with_paging() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(
+        &ch,
+        "prio",
+        false,
+        table(&[("x-max-priority", AMQPValue::ShortShortUInt(4))]),
+    )
+    .await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    for seq in 0..300u64 {
+        ch.basic_publish(
+            "".into(),
+            "prio".into(),
+            BasicPublishOptions::default(),
+            &body(seq, LEN),
+            props(Some((seq % 5) as u8)),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    wait_until("paged out", 10, || paged_out(&b, "prio") > 200).await;
+    let got: Vec<u64> = consume_n(&ch, "prio", 300)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let mut want: Vec<u64> = (0..300).collect();
+    want.sort_by_key(|s| (std::cmp::Reverse(s % 5), *s));
+    assert_eq!(got, want);
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn requeued_messages_go_back_between_paged_neighbours_in_order() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "rq", false, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    fill(&b, &ch, "rq", 0..200).await;
+    // Take 40 (more than the head window), then page out the rest again and nack them all.
+    ch.basic_qos(40, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            "rq".into(),
+            "taker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut last = None;
+    for i in 0..40u64 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("open")
+            .expect("delivery");
+        assert_eq!(check(&d.data), i);
+        last = Some(d.delivery_tag);
+    }
+    ch.basic_cancel("taker".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    // More publishes while they are out: the queue pages them too.
+    publish_confirmed(&ch, "rq", 200..260, LEN, BasicProperties::default(), 32).await;
+    wait_until("paged out", 10, || paged_out(&b, "rq") > 180).await;
+    ch.basic_nack(
+        last.expect("tag"),
+        BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        },
+    )
+    .await
+    .expect("nack");
+    let got = consume_n(&ch, "rq", 260).await;
+    let want: Vec<(u64, bool)> = (0..260).map(|s| (s, s < 40)).collect();
+    assert_eq!(got, want);
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn paged_messages_expire_and_are_dead_lettered_intact_in_order() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "dlq", false, FieldTable::default()).await;
+    declare(
+        &ch,
+        "ttl",
+        false,
+        table(&[
+            ("x-message-ttl", AMQPValue::LongInt(1500)),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from("")),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(LongString::from("dlq")),
+            ),
+        ]),
+    )
+    .await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    fill(&b, &ch, "ttl", 0..150).await;
+    // A second queue with TTL and no dead-letter exchange: dropped without being read back.
+    declare(
+        &ch,
+        "ttl-drop",
+        false,
+        table(&[("x-message-ttl", AMQPValue::LongInt(1500))]),
+    )
+    .await;
+    fill(&b, &ch, "ttl-drop", 0..150).await;
+    let got = consume_n(&ch, "dlq", 150).await;
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..150).collect::<Vec<_>>()
+    );
+    wait_until("ttl-drop expired", 10, || {
+        queue(&b, "ttl-drop").message_count() == 0
+    })
+    .await;
+    assert_eq!(queue(&b, "ttl").message_count(), 0);
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn drop_head_overflow_of_paged_messages_dead_letters_the_oldest() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "over-dlq", false, FieldTable::default()).await;
+    declare(
+        &ch,
+        "capped",
+        false,
+        table(&[
+            ("x-max-length", AMQPValue::LongInt(100)),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from("")),
+            ),
+            (
+                "x-dead-letter-routing-key",
+                AMQPValue::LongString(LongString::from("over-dlq")),
+            ),
+        ]),
+    )
+    .await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    fill(&b, &ch, "capped", 0..100).await;
+    publish_confirmed(&ch, "capped", 100..250, LEN, BasicProperties::default(), 32).await;
+    let dropped = consume_n(&ch, "over-dlq", 150).await;
+    assert_eq!(
+        dropped.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..150).collect::<Vec<_>>()
+    );
+    let kept = consume_n(&ch, "capped", 100).await;
+    assert_eq!(
+        kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (150..250).collect::<Vec<_>>()
+    );
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn purge_and_delete_remove_page_files() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "p", false, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    fill(&b, &ch, "p", 0..150).await;
+    assert!(!page_files(b.data.path()).is_empty());
+    let n = ch
+        .queue_purge("p".into(), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+    assert_eq!(n, 150);
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    assert_eq!(paged_out(&b, "p"), 0);
+    fill(&b, &ch, "p", 0..150).await;
+    assert!(!page_files(b.data.path()).is_empty());
+    let n = ch
+        .queue_delete("p".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    assert_eq!(n, 150);
+    wait_until("page files removed after delete", 5, || {
+        page_files(b.data.path()).is_empty()
+    })
+    .await;
+    // basic.get reads paged messages back too.
+    declare(&ch, "g", false, FieldTable::default()).await;
+    fill(&b, &ch, "g", 0..100).await;
+    for seq in 0..100 {
+        let m = ch
+            .basic_get("g".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a message");
+        assert_eq!(check(&m.delivery.data), seq);
+    }
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
