@@ -57,7 +57,7 @@ struct Cli {
     /// Memory alarm threshold: fraction of total memory (0.4) or a size ("200MiB", "1GB").
     #[arg(long, value_name = "FRACTION|SIZE")]
     vm_memory_high_watermark: Option<MemoryWatermark>,
-    /// Page transient messages to disk above this fraction of the memory watermark.
+    /// Queues page messages to disk above this fraction of the memory watermark.
     #[arg(long, value_name = "RATIO")]
     vm_memory_high_watermark_paging_ratio: Option<f64>,
     /// Disk alarm threshold on the data directory: a size ("50MB") or "mem_relative:1.0".

@@ -703,6 +703,16 @@ mod tests {
     }
 
     #[test]
+    fn a_paged_message_costs_a_small_index_entry() {
+        // The README promises about 70 bytes per paged message.
+        assert!(
+            std::mem::size_of::<Slot>() <= 72,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
+    }
+
+    #[test]
     fn page_out_keeps_the_head_window_and_frees_the_rest() {
         let (mut r, disk) = paged_ready(None, limits());
         let mut weak = Vec::new();
