@@ -227,6 +227,8 @@ impl Broker {
         // Stored definitions (and the durable queues' contents) come back before any listener
         // accepts a client (listeners are bound, but nothing accepts before `run`).
         definitions::boot(&shared).map_err(StartError::Definitions)?;
+        // Stored messages of queues whose definitions are gone are dropped now.
+        shared.store.drop_unclaimed();
         Ok(Bound {
             amqp_addrs,
             amqps_addrs,

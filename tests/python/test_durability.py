@@ -96,8 +96,7 @@ def test_confirmed_messages_survive_kill_9_exactly_once(own_broker):
     got = drain(ch, "crash.q")
     assert [body for body, _ in got] == [str(i) for i in range(200)], "confirmed messages lost or duplicated"
     assert not any(r for _, r in got[5:]), "never delivered, yet marked redelivered"
-    # Delivered but never acked before the crash: they come back marked redelivered. Known gap: the
-    # store may not have written the last delivery's record when SIGKILL lands right after get-ok.
-    if [r for _, r in got[:5]] != [True] * 5:
-        pytest.xfail("store: the last delivery before kill -9 sometimes comes back not redelivered")
+    # Delivered but never acked before the crash (the last get-ok arrived just before SIGKILL):
+    # they come back marked redelivered.
+    assert [r for _, r in got[:5]] == [True] * 5, "delivered before kill -9, yet not redelivered"
     conn.close()

@@ -11,6 +11,26 @@
 //!   segment is compacted (its live enqueues copied to the head of the log) when less than half
 //!   of it is live, so disk use stays bounded by live messages. Deleting only the oldest segment
 //!   keeps replay correct: a settle or delete record never outlives the enqueue it cancels.
+//! - Delivered flags survive a process crash without waiting for the writer: the "delivered"
+//!   record of a persistent message also goes, with one `write()` and no sync, to the active
+//!   one of two delivery journals (`<data-dir>/msgs/deliveries-{0,1}.jnl`) before the delivery
+//!   is handed to the connection; a write into the page cache survives `kill -9`. When the
+//!   writer takes a batch it makes the other (empty) journal active, so the one it leaves holds
+//!   exactly records of that batch; once the batch is written it truncates that journal. After
+//!   a failed batch the old journal is kept (its records are retried) and no swap happens until
+//!   a batch succeeds. Recovery applies both journals' records after the segments, writes the
+//!   flags they add to a new segment (synced) and removes the journals, so a journal never
+//!   outlives the run that wrote it. A power loss can lose journal records (no sync, as
+//!   RabbitMQ does not sync deliveries either): the message then comes back not redelivered.
+//! - Store ids are unique per queue name within a run: a queue declared again after a delete
+//!   numbers its messages after the highest id its name ever had in this run (`base`), so a
+//!   journal record can never mark a message of a later queue with the same name.
+//! - A failed batch (full disk, I/O error) forgets only its enqueues (their publishes are
+//!   nacked; a settle record is logged for them in case part of the batch reached the file);
+//!   its settles, deliveries and queue deletes are written again, in order, ahead of newer
+//!   records, by the next batch. The writer waits a little between failed attempts.
+//! - Queues recovered from the segments but not declared again by the boot-time definitions
+//!   restore are dropped ([`Store::drop_unclaimed`]) so their segments can be reclaimed.
 
 use super::record::{self, Enqueue, Record};
 use super::replay::{Live, Replay};
@@ -58,7 +78,9 @@ struct Slot {
 #[derive(Debug)]
 struct Note {
     queue: Arc<str>,
+    /// Store id; the queue's own id is `id - base`.
     id: u64,
+    base: u64,
     tx: mpsc::UnboundedSender<QueueCmd>,
 }
 
@@ -67,6 +89,35 @@ struct Chunk {
     seg: u64,
     buf: Vec<u8>,
     notes: Vec<Note>,
+    /// Byte ranges of records written again if the batch fails (settles, deliveries, queue
+    /// deletes; not enqueues, not compaction copies).
+    retry: Vec<(usize, usize)>,
+}
+
+/// Journal file names (two, used alternately).
+const JOURNALS: [&str; 2] = ["deliveries-0.jnl", "deliveries-1.jnl"];
+
+/// The two delivery journals (see the module docs).
+#[derive(Debug)]
+struct Journal {
+    files: [Arc<File>; 2],
+    active: usize,
+    /// The file holds records.
+    dirty: [bool; 2],
+}
+
+impl Journal {
+    /// A batch is being taken: switch to the other file if it is empty. Returns the inactive
+    /// file if it holds records (all of them in the batch taken now or retried in it), to be
+    /// truncated once the batch is written.
+    fn take_batch(&mut self) -> Option<(usize, Arc<File>)> {
+        let other = 1 - self.active;
+        if !self.dirty[other] {
+            self.active = other;
+        }
+        let old = 1 - self.active;
+        self.dirty[old].then(|| (old, self.files[old].clone()))
+    }
 }
 
 #[derive(Debug)]
@@ -82,6 +133,12 @@ struct State {
     /// Segments below this one are fully written (the writer has moved past them).
     written_below: u64,
     segment_bytes: u64,
+    /// Highest store id each queue name has had in this run (see `base` in the module docs).
+    top: HashMap<Arc<str>, u64>,
+    /// Created at the first delivery; None until then or while it cannot be created.
+    journal: Option<Journal>,
+    /// A journal problem was logged (logged once until the journal works again).
+    journal_warned: bool,
 }
 
 impl State {
@@ -93,6 +150,7 @@ impl State {
                 seg: self.cur_seg,
                 buf: Vec::new(),
                 notes: Vec::new(),
+                retry: Vec::new(),
             });
         }
         let Some(chunk) = self.pending.last_mut() else {
@@ -118,12 +176,97 @@ impl State {
                 seg: self.cur_seg,
                 buf: tail,
                 notes: note.into_iter().collect(),
+                retry: Vec::new(),
             });
         } else {
             seg.size += n;
             chunk.notes.extend(note);
         }
         (self.cur_seg, n)
+    }
+
+    /// Appends a settle, delivered or delete record: one the writer retries after a failure.
+    fn append_kept(&mut self, rec: &Record<'_>) {
+        let (_, n) = self.append(rec, None);
+        if let Some(c) = self.pending.last_mut() {
+            // The record always ends the last chunk (a rollover moves it to a new one).
+            let end = c.buf.len();
+            c.retry.push((end - n as usize, end));
+        }
+    }
+
+    /// Undoes the books of a batch whose write failed: its enqueues are forgotten (with a
+    /// settle record logged in case part of the batch reached a file), compaction copies go
+    /// back to their originals, and its other records are queued again ahead of everything
+    /// appended since the batch was taken, in their order.
+    fn fail_batch(&mut self, chunks: &[Chunk], moved: Vec<(Arc<str>, u64, Slot)>) {
+        // The records to write again and their ranges in `again`.
+        let mut again = Vec::new();
+        let mut ranges = Vec::new();
+        for c in chunks {
+            for &(a, b) in &c.retry {
+                if let Some(r) = c.buf.get(a..b) {
+                    ranges.push((again.len(), again.len() + r.len()));
+                    again.extend_from_slice(r);
+                }
+            }
+        }
+        let mut forgotten: Vec<(Arc<str>, Vec<u64>)> = Vec::new();
+        for c in chunks {
+            for n in &c.notes {
+                let slot = self.queues.get_mut(&n.queue).and_then(|m| m.remove(&n.id));
+                if let Some(s) = slot {
+                    self.drop_live(s.seg, s.size);
+                }
+                match forgotten.last_mut() {
+                    Some((q, ids)) if *q == n.queue => ids.push(n.id),
+                    _ => forgotten.push((n.queue.clone(), vec![n.id])),
+                }
+            }
+        }
+        for (q, ids) in &forgotten {
+            let start = again.len();
+            let rec = Record::Settle {
+                queue: q,
+                ids: ids.clone(),
+            };
+            let n = record::encode(&rec, &mut again);
+            ranges.push((start, start + n));
+        }
+        for (q, id, old) in moved {
+            let cur = self.queues.get(&q).and_then(|m| m.get(&id)).copied();
+            if let Some(cur) = cur {
+                self.drop_live(cur.seg, cur.size);
+                self.add_live(old.seg, old.size);
+                if let Some(s) = self.queues.get_mut(&q).and_then(|m| m.get_mut(&id)) {
+                    s.seg = old.seg;
+                    s.size = old.size;
+                }
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        match self.pending.first_mut() {
+            // Ahead of the newer records in the oldest pending chunk: no segment number is
+            // reused and the order holds (a segment may end a little past its nominal size).
+            Some(first) => {
+                let n = again.len();
+                ranges.extend(first.retry.iter().map(|&(a, b)| (a + n, b + n)));
+                again.extend_from_slice(&first.buf);
+                first.buf = again;
+                first.retry = ranges;
+                let seg = first.seg;
+                if let Some(s) = self.segs.get_mut(&seg) {
+                    s.size += n as u64;
+                }
+            }
+            None => {
+                for r in record::scan_journal(&again) {
+                    self.append_kept(&r);
+                }
+            }
+        }
     }
 
     fn add_live(&mut self, seg: u64, size: u64) {
@@ -331,6 +474,33 @@ impl Store {
                 );
             }
         }
+        // Delivered flags the journals hold beyond the segments (see the module docs).
+        let mut marked: Vec<(String, Vec<u64>)> = Vec::new();
+        for name in JOURNALS {
+            let bytes = match std::fs::read(dir.join(name)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for rec in record::scan_journal(&bytes) {
+                let Record::Delivered { queue, ids } = rec else {
+                    continue;
+                };
+                let Some(q) = replay.queues.get_mut(queue) else {
+                    continue;
+                };
+                let mut newly = Vec::new();
+                for id in ids {
+                    if let Some(l) = q.get_mut(&id).filter(|l| !l.redelivered) {
+                        l.redelivered = true;
+                        newly.push(id);
+                    }
+                }
+                if !newly.is_empty() {
+                    marked.push((queue.to_owned(), newly));
+                }
+            }
+        }
         let mut state = State {
             cur_seg: max_seg + 1,
             pending: Vec::new(),
@@ -341,10 +511,39 @@ impl Store {
             unhealthy: false,
             written_below: max_seg + 1,
             segment_bytes,
+            top: HashMap::new(),
+            journal: None,
+            journal_warned: false,
         };
+        // The journals' flags go to a segment (synced) before the journals are removed.
+        let mut open = None;
+        if !marked.is_empty() {
+            let count: usize = marked.iter().map(|(_, ids)| ids.len()).sum();
+            for (queue, ids) in marked {
+                state.append_kept(&Record::Delivered { queue: &queue, ids });
+            }
+            info!(
+                messages = count,
+                "store: delivered flags recovered from the delivery journal"
+            );
+            match write_batch(&dir, &mut open, &state.pending, true) {
+                Ok(()) => state.pending.clear(),
+                // Still pending: the writer tries again (a crash before that loses the flags).
+                Err(e) => warn!(error = %e, "store: cannot write the recovered delivered flags"),
+            }
+        }
+        for name in JOURNALS {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         let mut messages = 0u64;
         for (q, m) in &replay.queues {
             let key: Arc<str> = q.as_str().into();
+            if let Some(top) = m.keys().next_back() {
+                state.top.insert(key.clone(), *top);
+            }
             let slots = state.queues.entry(key).or_default();
             for (id, l) in m {
                 slots.insert(
@@ -379,7 +578,7 @@ impl Store {
         let s2 = shared.clone();
         let writer = std::thread::Builder::new()
             .name("warren-store".into())
-            .spawn(move || writer_loop(&s2))?;
+            .spawn(move || writer_loop(&s2, open))?;
         Ok(Arc::new(Self {
             shared,
             writer: Mutex::new(Some(writer)),
@@ -395,7 +594,7 @@ impl Store {
     ) -> (DiskLog, Vec<Recovered>, mpsc::UnboundedReceiver<QueueCmd>) {
         let key = queue_key(vhost, name);
         let (tx, rx) = mpsc::unbounded_channel();
-        let (key, live) = {
+        let (key, live, base) = {
             let mut st = self.shared.state.lock();
             let live = st.unclaimed.remove(&key).unwrap_or_default();
             let key = match st.queues.get_key_value(key.as_str()) {
@@ -406,7 +605,13 @@ impl Store {
                     k
                 }
             };
-            (key, live)
+            // Recovered messages keep their ids; a new queue numbers after its name's past.
+            let base = if live.is_empty() {
+                st.top.get(&key).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            (key, live, base)
         };
         let mut out = Vec::with_capacity(live.len());
         let mut bad = Vec::new();
@@ -421,24 +626,54 @@ impl Store {
                 None => bad.push(id),
             }
         }
-        let log = DiskLog {
+        let top = out.iter().map(|r| r.id).chain(bad.iter().copied()).max();
+        let mut log = DiskLog {
             store: self.clone(),
             key,
             tx,
+            base,
+            top: top.unwrap_or(base),
         };
         if !bad.is_empty() {
             warn!(queue = %name, vhost = %vhost, count = bad.len(), "store: unreadable recovered messages dropped");
-            let mut log2 = DiskLog {
-                store: self.clone(),
-                key: log.key.clone(),
-                tx: log.tx.clone(),
-            };
-            log2.settle(&bad);
+            log.settle(&bad);
         }
         if !out.is_empty() {
             info!(queue = %name, vhost = %vhost, messages = out.len(), "store: queue recovered");
         }
         (log, out, rx)
+    }
+
+    /// Drops the data of recovered queues that nobody claimed (called once the boot-time
+    /// definitions restore has declared every durable queue): their definitions are gone, so
+    /// their messages would otherwise pin segments forever. Returns the number of queues.
+    pub fn drop_unclaimed(&self) -> usize {
+        let sh = &self.shared;
+        let mut st = sh.state.lock();
+        let unclaimed = std::mem::take(&mut st.unclaimed);
+        let mut dropped = 0;
+        for (key, live) in unclaimed {
+            if live.is_empty() {
+                continue;
+            }
+            let (vhost, name) = key.split_once('\0').unwrap_or(("", key.as_str()));
+            warn!(
+                vhost = %vhost,
+                queue = %name,
+                messages = live.len(),
+                "store: dropping the stored messages of a queue that has no definition"
+            );
+            if let Some((k, slots)) = st.queues.remove_entry(key.as_str()) {
+                for s in slots.values() {
+                    st.drop_live(s.seg, s.size);
+                }
+                st.append_kept(&Record::DeleteQueue { queue: &k });
+            }
+            dropped += 1;
+        }
+        drop(st);
+        sh.wake.notify_one();
+        dropped
     }
 
     /// Writes what is pending, stops the writer and waits for it.
@@ -531,8 +766,10 @@ fn write_batch(
     Ok(())
 }
 
-fn writer_loop(sh: &Shared) {
-    let mut open: Option<OpenSeg> = None;
+/// Pause between attempts while batches fail (the disk is full or failing).
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
     // A segment whose compaction moved nothing (its live records unreadable): not retried.
     let mut stuck: Option<u64> = None;
     let mut reported = 0;
@@ -557,8 +794,12 @@ fn writer_loop(sh: &Shared) {
                 None
             }
         });
-        let (chunks, moved) = {
+        let (chunks, moved, journal) = {
             let mut st = sh.state.lock();
+            if st.unhealthy && !st.shutdown {
+                // The last batch failed and its records are pending again: do not spin.
+                sh.wake.wait_for(&mut st, RETRY_PAUSE);
+            }
             while st.pending.is_empty() && !st.shutdown && compact.is_none() {
                 // Wakes at least once a second to report the sync count when it moved
                 // (debug level; the benchmark reads it).
@@ -584,25 +825,43 @@ fn writer_loop(sh: &Shared) {
             if let (Some((s, _)), true) = (&compact, moved.is_empty()) {
                 stuck = Some(*s);
             }
-            (std::mem::take(&mut st.pending), moved)
+            let journal = st.journal.as_mut().and_then(Journal::take_batch);
+            (std::mem::take(&mut st.pending), moved, journal)
         };
         // Only enqueues (confirms wait for them) and compaction copies (the old segment is
         // deleted next) need the sync; acks and deliveries ride along with the next one.
         let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
         let result = write_batch(&sh.dir, &mut open, &chunks, durable);
         // Tell each queue about its enqueues in this batch.
-        let mut per_queue: HashMap<Arc<str>, (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)> =
-            HashMap::new();
+        // (A deleted queue and its namesake declared since differ in `base`.)
+        type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
+        let mut per_queue: PerQueue = HashMap::new();
         for c in &chunks {
             for n in &c.notes {
                 let e = per_queue
-                    .entry(n.queue.clone())
+                    .entry((n.queue.clone(), n.base))
                     .or_insert_with(|| (n.tx.clone(), 0, Vec::new()));
-                e.1 = e.1.max(n.id);
-                e.2.push(n.id);
+                let id = n.id - n.base;
+                e.1 = e.1.max(id);
+                e.2.push(id);
             }
         }
+        // The batch's delivery records are in the segment now (page cache: enough for a
+        // process crash), so the journal that holds them can be emptied.
+        let journal_done = match (&result, journal) {
+            (Ok(()), Some((i, f))) => match f.set_len(0) {
+                Ok(()) => Some(i),
+                Err(e) => {
+                    warn!(error = %e, "store: cannot truncate a delivery journal");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut st = sh.state.lock();
+        if let (Some(i), Some(j)) = (journal_done, st.journal.as_mut()) {
+            j.dirty[i] = false;
+        }
         match &result {
             Ok(()) => {
                 st.unhealthy = false;
@@ -613,26 +872,10 @@ fn writer_loop(sh: &Shared) {
                     warn!(error = %e, "store: write failed; affected publishes are nacked");
                 }
                 st.unhealthy = true;
-                // The failed enqueues are not on disk: forget them.
-                for c in &chunks {
-                    for n in &c.notes {
-                        let slot = st.queues.get_mut(&n.queue).and_then(|m| m.remove(&n.id));
-                        if let Some(s) = slot {
-                            st.drop_live(s.seg, s.size);
-                        }
-                    }
-                }
-                // Compaction copies that did not make it: the originals still hold them.
-                for (q, id, old) in moved {
-                    let cur = st.queues.get(&q).and_then(|m| m.get(&id)).copied();
-                    if let Some(cur) = cur {
-                        st.drop_live(cur.seg, cur.size);
-                        st.add_live(old.seg, old.size);
-                        if let Some(s) = st.queues.get_mut(&q).and_then(|m| m.get_mut(&id)) {
-                            s.seg = old.seg;
-                            s.size = old.size;
-                        }
-                    }
+                st.fail_batch(&chunks, moved);
+                if st.shutdown {
+                    // Stopping: no more attempts (the broker exits with what is on disk).
+                    st.pending.clear();
                 }
             }
         }
@@ -656,6 +899,10 @@ pub struct DiskLog {
     store: Arc<Store>,
     key: Arc<str>,
     tx: mpsc::UnboundedSender<QueueCmd>,
+    /// Store id = queue id + base (see the module docs).
+    base: u64,
+    /// Highest store id used.
+    top: u64,
 }
 
 impl DiskLog {
@@ -667,16 +914,16 @@ impl DiskLog {
         };
         let mut logged = Vec::new();
         let mut freed = Vec::new();
-        for id in ids {
+        for id in ids.iter().map(|id| id + self.base) {
             if settle {
-                if let Some(s) = m.remove(id) {
-                    logged.push(*id);
+                if let Some(s) = m.remove(&id) {
+                    logged.push(id);
                     freed.push(s);
                 }
-            } else if let Some(s) = m.get_mut(id) {
+            } else if let Some(s) = m.get_mut(&id) {
                 if !s.delivered {
                     s.delivered = true;
-                    logged.push(*id);
+                    logged.push(id);
                 }
             }
         }
@@ -697,9 +944,84 @@ impl DiskLog {
                 ids: logged,
             }
         };
-        st.append(&rec, None);
+        st.append_kept(&rec);
+        if !settle {
+            journal_write(&mut st, &sh.dir, &rec);
+        }
         drop(st);
         sh.wake.notify_one();
+    }
+
+    /// Remembers this queue's highest id for a later queue of the same name.
+    fn record_top(&self, st: &mut State) {
+        match st.top.get_mut(&self.key) {
+            Some(t) => *t = (*t).max(self.top),
+            None => {
+                st.top.insert(self.key.clone(), self.top);
+            }
+        }
+    }
+}
+
+impl Drop for DiskLog {
+    fn drop(&mut self) {
+        let mut st = self.store.shared.state.lock();
+        self.record_top(&mut st);
+    }
+}
+
+/// Writes a delivered record to the active delivery journal (creating the journals at the
+/// first use). Called under the state lock, so the writer's swap cannot interleave.
+fn journal_write(st: &mut State, dir: &Path, rec: &Record<'_>) {
+    use std::io::Write;
+    if st.journal.is_none() {
+        let open = |name: &str| -> io::Result<Arc<File>> {
+            std::fs::create_dir_all(dir)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(dir.join(name))?;
+            drop(f);
+            let f = OpenOptions::new().append(true).open(dir.join(name))?;
+            Ok(Arc::new(f))
+        };
+        match open(JOURNALS[0]).and_then(|a| Ok([a, open(JOURNALS[1])?])) {
+            Ok(files) => {
+                st.journal = Some(Journal {
+                    files,
+                    active: 0,
+                    dirty: [false; 2],
+                });
+            }
+            Err(e) => {
+                if !st.journal_warned {
+                    st.journal_warned = true;
+                    warn!(error = %e, "store: cannot create the delivery journal; delivered flags may be lost in a crash");
+                }
+                return;
+            }
+        }
+    }
+    let Some(j) = st.journal.as_mut() else {
+        return;
+    };
+    let mut buf = Vec::with_capacity(64);
+    record::encode(rec, &mut buf);
+    let active = j.active;
+    match (&*j.files[active]).write_all(&buf) {
+        Ok(()) => {
+            j.dirty[active] = true;
+            st.journal_warned = false;
+        }
+        Err(e) => {
+            // Part of the record may be there: the file holds something either way.
+            j.dirty[active] = true;
+            if !st.journal_warned {
+                st.journal_warned = true;
+                warn!(error = %e, "store: delivery journal write failed; delivered flags may be lost in a crash");
+            }
+        }
     }
 }
 
@@ -708,6 +1030,8 @@ impl QueueLog for DiskLog {
         if !msg.persistent() {
             return Safety::Safe;
         }
+        let id = id + self.base;
+        self.top = self.top.max(id);
         let rec = Record::Enqueue(Enqueue {
             queue: &self.key,
             id,
@@ -721,6 +1045,7 @@ impl QueueLog for DiskLog {
         let note = Note {
             queue: self.key.clone(),
             id,
+            base: self.base,
             tx: self.tx.clone(),
         };
         let sh = &self.store.shared;
@@ -755,6 +1080,8 @@ impl QueueLog for DiskLog {
     fn delete(&mut self) {
         let sh = &self.store.shared;
         let mut st = sh.state.lock();
+        // Before the queue's name is free again (Drop may come later).
+        self.record_top(&mut st);
         let Some(m) = st.queues.get_mut(&self.key) else {
             return;
         };
@@ -765,7 +1092,7 @@ impl QueueLog for DiskLog {
         for s in slots {
             st.drop_live(s.seg, s.size);
         }
-        st.append(&Record::DeleteQueue { queue: &self.key }, None);
+        st.append_kept(&Record::DeleteQueue { queue: &self.key });
         drop(st);
         sh.wake.notify_one();
     }
@@ -786,6 +1113,9 @@ mod tests {
             unhealthy: false,
             written_below: 1,
             segment_bytes,
+            top: HashMap::new(),
+            journal: None,
+            journal_warned: false,
         }
     }
 
@@ -895,5 +1225,197 @@ mod tests {
         assert_eq!(st.segs[&1].live, 0);
         st.pending.clear();
         assert_eq!(st.take_dead_segments(), vec![1]);
+    }
+    fn kinds(buf: &[u8]) -> Vec<String> {
+        record::scan(buf)
+            .records
+            .iter()
+            .map(|(_, _, r)| match r {
+                Record::Enqueue(e) => format!("enq {} {}", e.queue, e.id),
+                Record::Delivered { queue, ids } => format!("dlv {queue} {ids:?}"),
+                Record::Settle { queue, ids } => format!("stl {queue} {ids:?}"),
+                Record::DeleteQueue { queue } => format!("del {queue}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_batch_forgets_its_enqueues_and_queues_its_other_records_again_first() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut st = state(1 << 20);
+        let q: Arc<str> = "q".into();
+        let enq_noted = |st: &mut State, id: u64| {
+            let note = Note {
+                queue: q.clone(),
+                id,
+                base: 0,
+                tx: tx.clone(),
+            };
+            let (seg, n) = st.append(&enq(&q, id, b"body"), Some(note));
+            st.add_live(seg, n);
+            st.queues.entry(q.clone()).or_default().insert(
+                id,
+                Slot {
+                    seg,
+                    size: n,
+                    delivered: false,
+                },
+            );
+        };
+        enq_noted(&mut st, 1);
+        st.append_kept(&Record::Delivered {
+            queue: &q,
+            ids: vec![7],
+        });
+        enq_noted(&mut st, 2);
+        st.append_kept(&Record::Settle {
+            queue: &q,
+            ids: vec![8],
+        });
+        st.append_kept(&Record::DeleteQueue { queue: "other" });
+        let batch = std::mem::take(&mut st.pending);
+        // Appended while the batch was being written.
+        st.append_kept(&Record::Settle {
+            queue: &q,
+            ids: vec![9],
+        });
+        st.fail_batch(&batch, Vec::new());
+        assert!(st.queues[&q].is_empty(), "failed enqueues still booked");
+        assert_eq!(st.segs[&1].live, 0);
+        assert_eq!(
+            kinds(&file(&st, 1)),
+            vec![
+                "dlv q [7]",
+                "stl q [8]",
+                "del other",
+                "stl q [1, 2]",
+                "stl q [9]",
+            ]
+        );
+        // A second failure of the retried batch keeps everything, still in order.
+        let batch = std::mem::take(&mut st.pending);
+        st.fail_batch(&batch, Vec::new());
+        assert_eq!(
+            kinds(&file(&st, 1)),
+            vec![
+                "dlv q [7]",
+                "stl q [8]",
+                "del other",
+                "stl q [1, 2]",
+                "stl q [9]",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_journal_swaps_only_to_an_empty_file_and_hands_back_the_one_to_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = |n: &str| Arc::new(File::create(dir.path().join(n)).expect("file"));
+        let mut j = Journal {
+            files: [f("a"), f("b")],
+            active: 0,
+            dirty: [false; 2],
+        };
+        // Nothing written: swap, nothing to empty.
+        assert!(j.take_batch().is_none());
+        assert_eq!(j.active, 1);
+        j.dirty[1] = true;
+        let (i, _) = j.take_batch().expect("the old file to empty");
+        assert_eq!((i, j.active), (1, 0));
+        // The batch failed: file 1 keeps its records, so no swap until it is emptied.
+        j.dirty[0] = true;
+        let (i, _) = j.take_batch().expect("still file 1");
+        assert_eq!((i, j.active), (1, 0));
+        j.dirty[1] = false;
+        let (i, _) = j.take_batch().expect("file 0 now");
+        assert_eq!((i, j.active), (0, 1));
+    }
+
+    fn message(body: &str) -> Message {
+        let props = amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
+        Message::new("".into(), "q".into(), props, Bytes::from(body.to_owned())).expect("message")
+    }
+
+    #[test]
+    fn a_queue_declared_again_numbers_its_messages_after_the_deleted_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (mut log, rec, _rx) = store.attach("/", "q");
+        assert!(rec.is_empty());
+        log.enqueue(1, &message("a"), None);
+        log.enqueue(2, &message("b"), None);
+        log.delete();
+        let (mut log2, rec, _rx2) = store.attach("/", "q");
+        assert!(rec.is_empty());
+        assert_eq!(log2.base, 2, "ids of the deleted queue would be reused");
+        log2.enqueue(1, &message("c"), None);
+        drop((log, log2));
+        store.close();
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let (log, rec, _rx) = store.attach("/", "q");
+        assert_eq!(log.base, 0);
+        let got: Vec<(u64, &[u8])> = rec.iter().map(|r| (r.id, &r.msg.body[..])).collect();
+        assert_eq!(got, vec![(3, &b"c"[..])]);
+        store.close();
+    }
+
+    #[test]
+    fn recovery_applies_the_delivery_journals_and_keeps_their_flags_in_a_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let msgs = dir.path().join("msgs");
+        std::fs::create_dir_all(&msgs).expect("mkdir");
+        let m = message("x");
+        let mut seg = record::MAGIC.to_vec();
+        for id in 1..=3 {
+            record::encode(
+                &Record::Enqueue(Enqueue {
+                    queue: "/\0q",
+                    id,
+                    redelivered: false,
+                    expires_at_ms: None,
+                    exchange: "",
+                    routing_key: "q",
+                    header: &m.header_payload,
+                    body: &m.body,
+                }),
+                &mut seg,
+            );
+        }
+        std::fs::write(seg_path(&msgs, 1), &seg).expect("segment");
+        // Journal 1 marks 2 (and an unknown queue); journal 0 marks 3 and ends torn.
+        let mut j1 = Vec::new();
+        for (queue, id) in [("/\0q", 2), ("/\0gone", 1)] {
+            record::encode(
+                &Record::Delivered {
+                    queue,
+                    ids: vec![id],
+                },
+                &mut j1,
+            );
+        }
+        std::fs::write(msgs.join(JOURNALS[1]), &j1).expect("journal");
+        let mut j0 = Vec::new();
+        record::encode(
+            &Record::Delivered {
+                queue: "/\0q",
+                ids: vec![3],
+            },
+            &mut j0,
+        );
+        j0.extend_from_slice(&[9, 0, 0]);
+        std::fs::write(msgs.join(JOURNALS[0]), &j0).expect("journal");
+        for round in 0..2 {
+            let store = Store::open(dir.path()).expect("open");
+            assert!(
+                JOURNALS.iter().all(|n| !msgs.join(n).exists()),
+                "journals kept"
+            );
+            let (log, rec, _rx) = store.attach("/", "q");
+            let got: Vec<(u64, bool)> = rec.iter().map(|r| (r.id, r.redelivered)).collect();
+            assert_eq!(got, vec![(1, false), (2, true), (3, true)], "round {round}");
+            drop(log);
+            store.close();
+        }
     }
 }

@@ -293,6 +293,19 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
     s
 }
 
+/// Scans a delivery journal (records without a file header, see [`super::disk`]): the good
+/// records from the start up to the first damage (a torn tail is expected after a crash).
+/// Never panics, whatever the input.
+pub fn scan_journal(buf: &[u8]) -> Vec<Record<'_>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while let At::Good(r, n) = read_at(buf, off) {
+        out.push(r);
+        off += n;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +397,28 @@ mod tests {
         assert_eq!(s.records.len(), 1);
         assert_eq!(s.valid_len, second);
         assert!(s.cut.is_some());
+    }
+
+    #[test]
+    fn a_journal_is_read_up_to_its_torn_tail() {
+        let recs = [
+            Record::Delivered {
+                queue: "/\0q",
+                ids: vec![1, 2],
+            },
+            Record::Delivered {
+                queue: "/\0q",
+                ids: vec![3],
+            },
+        ];
+        let mut j = Vec::new();
+        for r in &recs {
+            encode(r, &mut j);
+        }
+        assert_eq!(scan_journal(&j), recs.to_vec());
+        assert_eq!(scan_journal(&j[..j.len() - 3]), recs[..1].to_vec());
+        assert!(scan_journal(&[]).is_empty());
+        assert!(scan_journal(&[0u8; 64]).is_empty());
     }
 
     proptest! {
