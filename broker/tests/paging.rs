@@ -76,6 +76,7 @@ struct Proc {
     child: Child,
     amqp: String,
     mgmt: String,
+    prom: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -85,6 +86,8 @@ async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
             "--amqp",
             "127.0.0.1:0",
             "--mgmt",
+            "127.0.0.1:0",
+            "--prometheus",
             "127.0.0.1:0",
             "--data-dir",
         ])
@@ -105,21 +108,16 @@ async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let log = Arc::new(Mutex::new(Vec::new()));
-    let re = regex::Regex::new(r"listening proto=(amqp|mgmt) addr=(\S+)").expect("re");
-    let (amqp, mgmt) = tokio::time::timeout(Duration::from_secs(30), async {
-        let (mut amqp, mut mgmt) = (None, None);
+    let re = regex::Regex::new(r"listening proto=(amqp|mgmt|prometheus) addr=(\S+)").expect("re");
+    let addrs = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut addrs = std::collections::HashMap::new();
         while let Some(line) = lines.next_line().await.expect("read log") {
             log.lock().push(line.clone());
             if let Some(c) = re.captures(&line) {
-                let a = Some(c[2].to_string());
-                if &c[1] == "amqp" {
-                    amqp = a;
-                } else {
-                    mgmt = a;
-                }
+                addrs.insert(c[1].to_string(), c[2].to_string());
             }
-            if let (Some(a), Some(m)) = (&amqp, &mgmt) {
-                return (a.clone(), m.clone());
+            if addrs.len() == 3 {
+                return addrs;
             }
         }
         panic!(
@@ -128,7 +126,7 @@ async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
         );
     })
     .await
-    .expect("addresses logged in time");
+    .unwrap_or_else(|_| panic!("addresses not logged in time: {:?}", log.lock()));
     let l2 = log.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -137,8 +135,9 @@ async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
     });
     Proc {
         child,
-        amqp,
-        mgmt,
+        amqp: addrs["amqp"].clone(),
+        mgmt: addrs["mgmt"].clone(),
+        prom: addrs["prometheus"].clone(),
         log,
     }
 }
@@ -174,28 +173,56 @@ impl Proc {
             .count()
     }
 
-    /// GET /api/queues/%2f/{name} as guest.
-    async fn queue_json(&self, name: &str) -> serde_json::Value {
+    /// GET `path` on `addr` as guest; the response body (de-chunked).
+    async fn http_get(addr: &str, path: &str) -> String {
         use base64::Engine;
-        let mut s = tokio::net::TcpStream::connect(&self.mgmt)
+        let mut s = tokio::net::TcpStream::connect(addr)
             .await
-            .expect("mgmt connect");
+            .expect("http connect");
         let auth = base64::engine::general_purpose::STANDARD.encode("guest:guest");
         let req = format!(
-            "GET /api/queues/%2f/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.expect("send");
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).await.expect("read");
-        let text = String::from_utf8_lossy(&resp);
+        let text = String::from_utf8_lossy(&resp).into_owned();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        let (_, body) = text.split_once("\r\n\r\n").expect("body");
-        // Chunked or not: the JSON object is between the first '{' and the last '}'.
-        let (a, b) = (
-            body.find('{').expect("json"),
-            body.rfind('}').expect("json"),
-        );
-        serde_json::from_str(&body[a..=b]).expect("json")
+        let (head, body) = text.split_once("\r\n\r\n").expect("body");
+        if !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            return body.to_string();
+        }
+        let mut out = String::new();
+        let mut rest = body;
+        loop {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+            if n == 0 {
+                return out;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+    }
+
+    /// GET /api/queues/%2f/{name}.
+    async fn queue_json(&self, name: &str) -> serde_json::Value {
+        let body = Self::http_get(&self.mgmt, &format!("/api/queues/%2f/{name}")).await;
+        serde_json::from_str(&body).expect("json")
+    }
+
+    /// The per-queue Prometheus sample `metric{vhost="/",queue="name"}`.
+    async fn prometheus(&self, metric: &str, queue: &str) -> u64 {
+        let body = Self::http_get(&self.prom, "/metrics/per-object").await;
+        let key = format!("{metric}{{vhost=\"/\",queue=\"{queue}\"}} ");
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .unwrap_or_else(|| panic!("no {key} in\n{body}"));
+        line[key.len()..].trim().parse().expect("a number")
     }
 
     async fn kill9(mut self) {
@@ -354,9 +381,29 @@ async fn a_queue_without_consumers_pages_far_beyond_the_threshold_and_gives_ever
         "{q}"
     );
     assert!(q["message_bytes_paged_out"].as_u64().expect("bytes") >= paged * LEN as u64);
+    let listed: serde_json::Value =
+        serde_json::from_str(&Proc::http_get(&b.mgmt, "/api/queues").await).expect("json");
+    let big = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|q| q["name"] == "big"))
+        .expect("big listed");
+    assert_eq!(big["messages_paged_out"], paged, "{big}");
+    let p = |m: &'static str| b.prometheus(m, "big");
+    assert_eq!(p("rabbitmq_queue_messages_paged_out").await, paged);
+    assert_eq!(p("rabbitmq_queue_messages_ram").await, N - paged);
+    assert!(p("rabbitmq_queue_messages_paged_out_bytes").await >= paged * LEN as u64);
+    assert!(p("rabbitmq_queue_messages_ram_bytes").await <= (N - paged) * LEN as u64);
     assert!(!page_files(data.path()).is_empty());
     // Everything comes back once, in order, intact.
+    let started = tokio::time::Instant::now();
     let got = consume_n(&ch, "big", N as usize).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "consumed {} MiB in {:.2?} ({:.0} MiB/s)",
+        (N * LEN as u64) >> 20,
+        elapsed,
+        ((N * LEN as u64) >> 20) as f64 / elapsed.as_secs_f64()
+    );
     let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (0..N).collect::<Vec<_>>());
     assert!(got.iter().all(|(_, r)| !r));
@@ -681,6 +728,41 @@ async fn purge_and_delete_remove_page_files() {
             .expect("a message");
         assert_eq!(check(&m.delivery.data), seq);
     }
+    assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unwritable_page_directory_keeps_messages_in_memory_until_it_is_back() {
+    let b = start().await;
+    let dir = b.data.path().join("paging");
+    std::fs::remove_dir_all(&dir).expect("remove paging dir");
+    // A file in the way: creating segments fails (ENOTDIR), whoever the test runs as.
+    std::fs::write(&dir, b"not a directory").expect("file");
+    let (_c, ch) = b.channel().await;
+    declare(&ch, "w", false, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    publish_confirmed(&ch, "w", 0..100, LEN, BasicProperties::default(), 32).await;
+    assert_eq!(queue(&b, "w").message_count(), 100);
+    assert_eq!(paged_out(&b, "w"), 0);
+    // Back: the queue pages again after its pause (one more publish wakes it).
+    std::fs::remove_file(&dir).expect("remove file");
+    std::fs::create_dir(&dir).expect("dir");
+    let back = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seq = 100;
+    while paged_out(&b, "w") == 0 {
+        assert!(tokio::time::Instant::now() < back, "paging did not resume");
+        publish_confirmed(&ch, "w", seq..seq + 1, LEN, BasicProperties::default(), 1).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = consume_n(&ch, "w", seq as usize).await;
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..seq).collect::<Vec<_>>()
+    );
     assert_eq!(page_files(b.data.path()), Vec::<PathBuf>::new());
     b.shutdown().await;
 }
