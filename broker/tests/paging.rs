@@ -441,8 +441,12 @@ async fn paged_persistent_messages_survive_kill_9_and_paged_transient_ones_do_no
     }
     assert!(!page_files(data.path()).is_empty());
     b.kill9().await;
+    // A file of the previous run that no queue will reuse: gone after the restart.
+    let stale = data.path().join("paging").join("stale.page");
+    std::fs::write(&stale, b"left over").expect("stale file");
     let b = spawn(data.path(), "64MiB", "0.1").await;
     assert_eq!(b.logged("page files of the previous run removed"), 1);
+    assert!(!stale.exists(), "paging dir not wiped at boot");
     let (_c, ch) = b.connect().await;
     assert_eq!(declare(&ch, "mixed", true, FieldTable::default()).await, 0);
     assert_eq!(
@@ -456,6 +460,43 @@ async fn paged_persistent_messages_survive_kill_9_and_paged_transient_ones_do_no
     );
     assert_eq!(declare(&ch, "dur", true, FieldTable::default()).await, 0);
     assert_eq!(page_files(data.path()), Vec::<PathBuf>::new());
+    b.kill9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_queue_pages_when_another_one_pushes_memory_over_the_threshold() {
+    const LEN: usize = 64 * 1024;
+    let data = tempfile::tempdir().expect("tempdir");
+    // Paging above 32 MiB.
+    let b = spawn(data.path(), "64MiB", "0.5").await;
+    let (_c, ch) = b.connect().await;
+    declare(&ch, "idle", false, FieldTable::default()).await;
+    declare(&ch, "busy", false, FieldTable::default()).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    // 20 MiB: below the threshold, nothing pages.
+    publish_confirmed(&ch, "idle", 0..320, LEN, BasicProperties::default(), 32).await;
+    assert_eq!(b.queue_json("idle").await["messages_paged_out"], 0);
+    // 20 MiB more into another queue: over the threshold; the idle queue pages too.
+    publish_confirmed(&ch, "busy", 0..320, LEN, BasicProperties::default(), 32).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let j = b.queue_json("idle").await;
+        if j["messages_paged_out"].as_u64().expect("paged") > 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle queue never paged: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = consume_n(&ch, "idle", 320).await;
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..320).collect::<Vec<_>>()
+    );
     b.kill9().await;
 }
 

@@ -58,6 +58,9 @@ pub struct QueueActor {
     deleted: bool,
     /// Page-out stopped at its per-turn limit with more to do.
     page_more: bool,
+    /// The node started paging: page out once even if memory is already back below the
+    /// threshold (the queue that crossed it may have paged its own messages first).
+    paging_started: bool,
 }
 
 impl QueueActor {
@@ -80,6 +83,7 @@ impl QueueActor {
             last_activity: Instant::now(),
             deleted: false,
             page_more: false,
+            paging_started: false,
         }
     }
 
@@ -146,8 +150,9 @@ impl QueueActor {
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
                 // Paging turned on: an idle queue pages out too.
                 r = paging_rx.changed() => {
-                    if r.is_err() {
-                        paging_rx = crate::paging::subscribe();
+                    match r {
+                        Ok(()) => self.paging_started |= *paging_rx.borrow_and_update(),
+                        Err(_) => paging_rx = crate::paging::subscribe(),
                     }
                 }
             }
@@ -205,7 +210,9 @@ impl QueueActor {
 
     /// Pages ready messages out under memory pressure; settles what could not be read back.
     fn page(&mut self, now: Instant) {
-        self.page_more = crate::paging::pressure() && self.ready.page_out(PAGE_OUT_TURN, now);
+        let started = std::mem::take(&mut self.paging_started);
+        self.page_more = (crate::paging::pressure() || started || self.page_more)
+            && self.ready.page_out(PAGE_OUT_TURN, now);
         let lost = self.ready.take_lost();
         if !lost.is_empty() {
             self.log.settle(&lost);
