@@ -372,30 +372,50 @@ async fn a_torn_tail_is_cut_and_the_rest_is_served() {
 async fn flipped_bytes_drop_only_the_damaged_records() {
     let data = tempfile::tempdir().expect("tempdir");
     fill(data.path(), "flip", 50, 100).await;
-    let seg = segments(data.path()).pop().expect("a segment");
-    let mut bytes = std::fs::read(&seg).expect("read");
-    let scan = record::scan(&bytes);
-    let enqueues: Vec<(usize, usize)> = scan
-        .records
-        .iter()
-        .filter(|(_, _, r)| matches!(r, record::Record::Enqueue(_)))
-        .map(|(o, s, _)| (*o, *s))
+    // The messages may span two segments (the store moves to a pre-written segment as soon as
+    // one is ready): find each enqueue record wherever it is.
+    let mut files: Vec<(PathBuf, Vec<u8>)> = segments(data.path())
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read");
+            (p, b)
+        })
         .collect();
+    // (file index, offset, size) of each enqueue, in message order.
+    let mut enqueues: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, (_, bytes)) in files.iter().enumerate() {
+        let scan = record::scan(bytes);
+        enqueues.extend(
+            scan.records
+                .iter()
+                .filter(|(_, _, r)| matches!(r, record::Record::Enqueue(_)))
+                .map(|(o, s, _)| (i, *o, *s)),
+        );
+    }
     assert_eq!(enqueues.len(), 50);
     // A bit flip inside message 20's body: that record fails its checksum.
-    let (off20, size20) = enqueues[20];
-    bytes[off20 + size20 - 10] ^= 0x01;
-    // A flip in message 40's length field: the scan cannot trust anything after it.
-    let (off40, _) = enqueues[40];
-    bytes[off40 + 2] ^= 0x10;
-    std::fs::write(&seg, &bytes).expect("write");
+    let (f20, off20, size20) = enqueues[20];
+    files[f20].1[off20 + size20 - 10] ^= 0x01;
+    // A flip in message 40's length field: the scan cannot trust anything after it in that
+    // segment.
+    let (f40, off40, _) = enqueues[40];
+    files[f40].1[off40 + 2] ^= 0x10;
+    for (p, bytes) in &files {
+        std::fs::write(p, bytes).expect("write");
+    }
+    let mut want = expect_names(0..20);
+    want.extend(expect_names(21..40));
+    // Later messages in other segments survive.
+    want.extend(
+        (41..50u32)
+            .filter(|i| enqueues[*i as usize].0 != f40)
+            .map(|i| format!("m{i}")),
+    );
 
     let b = start(data.path()).await;
     let (_c, ch) = b.connect().await;
-    assert_eq!(declare_durable(&ch, "flip").await, 39);
+    assert_eq!(declare_durable(&ch, "flip").await as usize, want.len());
     let got = drain(&ch, "flip").await;
-    let mut want = expect_names(0..20);
-    want.extend(expect_names(21..40));
     assert_eq!(names(&got), want);
     assert!(b.logged("skipped a damaged record"), "skip not logged");
     assert!(b.logged("damaged segment tail cut"), "cut not logged");

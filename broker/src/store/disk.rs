@@ -31,6 +31,12 @@
 //!   records, by the next batch. The writer waits a little between failed attempts.
 //! - Queues recovered from the segments but not declared again by the boot-time definitions
 //!   restore are dropped ([`Store::drop_unclaimed`]) so their segments can be reclaimed.
+//! - Pre-written segments: a second thread writes the next segment file full of zeros ahead of
+//!   need (`next.pre`, renamed into place when the writer opens a segment), so appends overwrite
+//!   allocated blocks and fdatasync commits no file-size or extent metadata: a shorter sync on
+//!   the confirm path. Replay takes a zero remainder as the clean end of a segment. When there
+//!   is no room for it (less than three segments' worth free) or the fill fails, the writer
+//!   appends to a plain file as before.
 
 use super::record::{self, Enqueue, Record};
 use super::replay::{Live, Replay};
@@ -51,6 +57,10 @@ use tracing::{debug, info, warn};
 
 /// A segment rolls over past this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+
+/// The segment file being written full of zeros ahead of need (not a `.seg` file: replay
+/// ignores it and boot deletes a leftover one).
+const PREPARED: &str = "next.pre";
 
 static SYNCS: AtomicU64 = AtomicU64::new(0);
 
@@ -368,6 +378,20 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the writer (work pending or shutdown).
     wake: Condvar,
+    segment_bytes: u64,
+    prep: Mutex<Prep>,
+    /// Wakes the preparer (a prepared file is wanted, or shutdown).
+    prep_wake: Condvar,
+}
+
+/// Hand-over of the pre-written next segment between the writer and the preparer thread.
+#[derive(Debug, Default)]
+struct Prep {
+    /// The writer opened a segment since the last file was prepared: make the next one.
+    wanted: bool,
+    /// `next.pre` is complete and synced; only the writer touches it now.
+    ready: bool,
+    shutdown: bool,
 }
 
 /// The message store of one node (one data directory).
@@ -375,6 +399,7 @@ struct Shared {
 pub struct Store {
     shared: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    preparer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A recovered message for a queue, in queue order.
@@ -427,6 +452,11 @@ impl Store {
         let mut max_seg = 0;
         let started = tokio::time::Instant::now();
         if dir.is_dir() {
+            // A file being prepared when the process stopped (possibly half written).
+            match std::fs::remove_file(dir.join(PREPARED)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut files = Vec::new();
             for ent in std::fs::read_dir(&dir)? {
                 let ent = ent?;
@@ -451,7 +481,6 @@ impl Store {
                 for s in &scan.skipped {
                     warn!(segment = %path.display(), damage = %s, "store: skipped a damaged record");
                 }
-                let mut size = bytes.len() as u64;
                 if let Some(why) = &scan.cut {
                     warn!(
                         segment = %path.display(),
@@ -463,12 +492,16 @@ impl Store {
                     let f = OpenOptions::new().write(true).open(&path)?;
                     f.set_len(scan.valid_len as u64)?;
                     f.sync_all()?;
-                    size = scan.valid_len as u64;
+                } else if scan.valid_len < bytes.len() {
+                    // The unused zero-filled rest of a pre-written segment: give it back.
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(scan.valid_len as u64)?;
+                    f.sync_all()?;
                 }
                 segs.insert(
                     n,
                     Seg {
-                        size,
+                        size: scan.valid_len as u64,
                         ..Seg::default()
                     },
                 );
@@ -526,7 +559,7 @@ impl Store {
                 messages = count,
                 "store: delivered flags recovered from the delivery journal"
             );
-            match write_batch(&dir, &mut open, &state.pending, true) {
+            match write_batch(&dir, None, &mut open, &state.pending, true) {
                 Ok(()) => state.pending.clear(),
                 // Still pending: the writer tries again (a crash before that loses the flags).
                 Err(e) => warn!(error = %e, "store: cannot write the recovered delivered flags"),
@@ -574,7 +607,14 @@ impl Store {
             dir,
             state: Mutex::new(state),
             wake: Condvar::new(),
+            segment_bytes,
+            prep: Mutex::new(Prep::default()),
+            prep_wake: Condvar::new(),
         });
+        let s2 = shared.clone();
+        let preparer = std::thread::Builder::new()
+            .name("warren-store-prep".into())
+            .spawn(move || preparer_loop(&s2))?;
         let s2 = shared.clone();
         let writer = std::thread::Builder::new()
             .name("warren-store".into())
@@ -582,6 +622,7 @@ impl Store {
         Ok(Arc::new(Self {
             shared,
             writer: Mutex::new(Some(writer)),
+            preparer: Mutex::new(Some(preparer)),
         }))
     }
 
@@ -683,6 +724,11 @@ impl Store {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
+        // The writer stopped the preparer on its way out.
+        if let Some(h) = self.preparer.lock().take() {
+            let _ = h.join();
+        }
+        let _ = std::fs::remove_file(self.shared.dir.join(PREPARED));
         info!(syncs = syncs(), "store: closed");
     }
 
@@ -696,6 +742,7 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.shared.state.lock().shutdown = true;
         self.shared.wake.notify_all();
+        stop_preparer(&self.shared);
     }
 }
 
@@ -704,11 +751,109 @@ struct OpenSeg {
     seg: u64,
     file: File,
     len: u64,
+    /// Written full of zeros beforehand: appends are overwrites.
+    prewritten: bool,
 }
 
-fn open_segment(dir: &Path, seg: u64) -> io::Result<OpenSeg> {
+fn stop_preparer(sh: &Shared) {
+    sh.prep.lock().shutdown = true;
+    sh.prep_wake.notify_all();
+}
+
+/// Writes `<dir>/next.pre`: the segment header, then zeros up to `bytes`, synced. Ok(false)
+/// when skipped: not enough free space (a pre-written segment is a speed-up, never worth
+/// filling the disk for) or `stop()` said so. No file is left behind unless Ok(true).
+fn prepare_segment(dir: &Path, bytes: u64, stop: impl Fn() -> bool) -> io::Result<bool> {
+    if crate::alarm::free_bytes(dir)? < bytes.saturating_mul(3) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(PREPARED);
+    let fill = || -> io::Result<bool> {
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < bytes {
+            if stop() {
+                return Ok(false);
+            }
+            let n = (bytes - off).min(zeros.len() as u64) as usize;
+            f.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+        }
+        f.write_all_at(record::MAGIC, 0)?;
+        f.sync_all()?;
+        Ok(true)
+    };
+    let r = fill();
+    if !matches!(r, Ok(true)) {
+        let _ = std::fs::remove_file(&path);
+    }
+    r
+}
+
+/// Keeps one pre-written segment ready for the writer.
+fn preparer_loop(sh: &Shared) {
+    loop {
+        {
+            let mut p = sh.prep.lock();
+            while !p.shutdown && (p.ready || !p.wanted) {
+                sh.prep_wake.wait(&mut p);
+            }
+            if p.shutdown {
+                return;
+            }
+            p.wanted = false;
+        }
+        match prepare_segment(&sh.dir, sh.segment_bytes, || sh.prep.lock().shutdown) {
+            Ok(true) => {
+                // This file answers every request made while it was being written; the next
+                // request comes once the writer has renamed it.
+                let mut p = sh.prep.lock();
+                p.ready = true;
+                p.wanted = false;
+            }
+            Ok(false) => {}
+            Err(e) => debug!(error = %e, "store: cannot pre-write the next segment; appending"),
+        }
+    }
+}
+
+/// Opens segment `seg` of `dir` for writing: with the writer's `sh`, the pre-written file if
+/// one is ready (and either way asks the preparer for the next one); else a new plain file.
+fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64) -> io::Result<OpenSeg> {
     std::fs::create_dir_all(dir)?;
     let path = seg_path(dir, seg);
+    let mut opened = None;
+    if let Some(sh) = sh {
+        let take = std::mem::take(&mut sh.prep.lock().ready);
+        opened = take.then(|| {
+            std::fs::rename(dir.join(PREPARED), &path)
+                .and_then(|()| OpenOptions::new().write(true).read(true).open(&path))
+        });
+        // Only now (the prepared file has its new name) may the preparer start the next one.
+        sh.prep.lock().wanted = true;
+        sh.prep_wake.notify_one();
+    }
+    if let Some(opened) = opened {
+        match opened {
+            Ok(file) => {
+                // Make the new name durable before anything in it is confirmed.
+                File::open(dir)?.sync_all()?;
+                return Ok(OpenSeg {
+                    seg,
+                    file,
+                    len: record::MAGIC.len() as u64,
+                    prewritten: true,
+                });
+            }
+            Err(e) => debug!(error = %e, "store: cannot use the pre-written segment"),
+        }
+    }
     let file = OpenOptions::new()
         .create(true)
         .write(true)
@@ -728,6 +873,7 @@ fn open_segment(dir: &Path, seg: u64) -> io::Result<OpenSeg> {
         seg,
         file,
         len: record::MAGIC.len() as u64,
+        prewritten: false,
     })
 }
 
@@ -740,6 +886,7 @@ fn sync(f: &File) -> io::Result<()> {
 /// where the batch's write to it started.
 fn write_batch(
     dir: &Path,
+    sh: Option<&Shared>,
     open: &mut Option<OpenSeg>,
     chunks: &[Chunk],
     durable: bool,
@@ -749,13 +896,15 @@ fn write_batch(
             if let Some(o) = open.take() {
                 sync(&o.file)?;
             }
-            *open = Some(open_segment(dir, c.seg)?);
+            *open = Some(open_segment(dir, sh, c.seg)?);
         }
         let Some(o) = open.as_mut() else {
             return Err(io::Error::other("no open segment"));
         };
         if let Err(e) = o.file.write_all_at(&c.buf, o.len) {
             let _ = o.file.set_len(o.len);
+            // Cut back to the data: appends again (a pre-written file takes over when ready).
+            o.prewritten = false;
             return Err(e);
         }
         o.len += c.buf.len() as u64;
@@ -818,6 +967,15 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
             if st.pending.is_empty() && compact.is_none() {
                 break;
             }
+            // A pre-written file became ready while appending to a plain one (the first
+            // segment, or after a full disk): move on to it now rather than at rollover.
+            if open
+                .as_ref()
+                .is_some_and(|o| !o.prewritten && o.seg == st.cur_seg)
+                && sh.prep.lock().ready
+            {
+                st.cur_seg += 1;
+            }
             let moved = match &compact {
                 Some((s, bytes)) => st.copy_live(*s, bytes),
                 None => Vec::new(),
@@ -831,7 +989,7 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
         // Only enqueues (confirms wait for them) and compaction copies (the old segment is
         // deleted next) need the sync; acks and deliveries ride along with the next one.
         let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
-        let result = write_batch(&sh.dir, &mut open, &chunks, durable);
+        let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
         // Tell each queue about its enqueues in this batch.
         // (A deleted queue and its namesake declared since differ in `base`.)
         type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
@@ -888,7 +1046,12 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
             let _ = tx.send(cmd);
         }
     }
+    stop_preparer(sh);
     if let Some(o) = open {
+        if o.prewritten {
+            // Hand back the unused zero-filled rest (replay would accept it as it is).
+            let _ = o.file.set_len(o.len);
+        }
         let _ = sync(&o.file);
     }
 }
@@ -1152,6 +1315,124 @@ mod tests {
             out.extend_from_slice(&c.buf);
         }
         out
+    }
+
+    fn persistent_msg(body: &[u8]) -> Message {
+        let props = amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
+        Message::new("".into(), "q".into(), props, Bytes::copy_from_slice(body)).expect("message")
+    }
+
+    fn seg_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Waits for the store to report `n` enqueues of this queue synced.
+    fn wait_synced(rx: &mut mpsc::UnboundedReceiver<QueueCmd>, n: u64) {
+        loop {
+            match rx.blocking_recv().expect("store events") {
+                QueueCmd::Synced { up_to } if up_to >= n => return,
+                QueueCmd::Synced { .. } => {}
+                other => panic!("unexpected store event {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_prewritten_segment_is_used_and_its_zero_rest_is_given_back_on_close() {
+        const SEG: u64 = 256 << 10;
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join("msgs");
+        let store = Store::open_with(data.path(), SEG).expect("open");
+        // Hand the writer a prepared file before its first segment.
+        assert!(prepare_segment(&dir, SEG, || false).expect("prepare"));
+        store.shared.prep.lock().ready = true;
+        let (mut log, recovered, mut rx) = store.attach("/", "q");
+        assert!(recovered.is_empty());
+        for id in 1..=20 {
+            let body = format!("m{id}");
+            assert_eq!(
+                log.enqueue(id, &persistent_msg(body.as_bytes()), None),
+                Safety::Pending
+            );
+        }
+        wait_synced(&mut rx, 20);
+        let segs = seg_files(&dir);
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        // Still full size: the records overwrote zeros.
+        let len = std::fs::metadata(&segs[0]).expect("stat").len();
+        assert_eq!(len, SEG);
+        log.settle(&[1, 2]);
+        store.close();
+        drop((log, store));
+        // Closed: the zero rest is cut off, no prepared file is left.
+        let len = std::fs::metadata(&segs[0]).expect("stat").len();
+        assert!(len < SEG, "zero rest kept ({len} bytes)");
+        assert!(!dir.join(PREPARED).exists());
+        let store = Store::open_with(data.path(), SEG).expect("reopen");
+        let (_log, recovered, _rx) = store.attach("/", "q");
+        let ids: Vec<u64> = recovered.iter().map(|r| r.id).collect();
+        assert_eq!(ids, (3..=20).collect::<Vec<u64>>());
+        store.close();
+    }
+
+    #[test]
+    fn boot_after_a_kill_keeps_what_was_written_before_the_zeros_and_drops_a_half_prepared_file() {
+        const SEG: u64 = 64 << 10;
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join("msgs");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let msgs: Vec<Message> = (0..3)
+            .map(|i| persistent_msg(format!("m{i}").as_bytes()))
+            .collect();
+        let enq = |id: u64, m: &'_ Message| -> Vec<u8> {
+            let mut out = Vec::new();
+            record::encode(
+                &Record::Enqueue(Enqueue {
+                    queue: "/\0q",
+                    id,
+                    redelivered: false,
+                    expires_at_ms: None,
+                    exchange: "",
+                    routing_key: "q",
+                    header: &m.header_payload,
+                    body: &m.body,
+                }),
+                &mut out,
+            );
+            out
+        };
+        // Segment 1: two whole records, then zeros (killed while idle).
+        let mut one = record::MAGIC.to_vec();
+        one.extend(enq(1, &msgs[0]));
+        one.extend(enq(2, &msgs[1]));
+        let one_len = one.len() as u64;
+        one.resize(SEG as usize, 0);
+        std::fs::write(seg_path(&dir, 1), &one).expect("write");
+        // Segment 2: a record torn in its middle, then zeros (killed during a write).
+        let mut two = record::MAGIC.to_vec();
+        let torn = enq(3, &msgs[2]);
+        two.extend_from_slice(&torn[..torn.len() / 2]);
+        two.resize(SEG as usize, 0);
+        std::fs::write(seg_path(&dir, 2), &two).expect("write");
+        // Killed while zero-filling the next file.
+        std::fs::write(dir.join(PREPARED), vec![0u8; 1000]).expect("write");
+
+        let store = Store::open_with(data.path(), SEG).expect("open");
+        assert!(!dir.join(PREPARED).exists(), "half-prepared file kept");
+        let (_log, recovered, _rx) = store.attach("/", "q");
+        let ids: Vec<u64> = recovered.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(&recovered[1].msg.body[..], b"m1");
+        let len = |s| std::fs::metadata(seg_path(&dir, s)).expect("stat").len();
+        assert_eq!(len(1), one_len);
+        assert_eq!(len(2), record::MAGIC.len() as u64);
+        store.close();
     }
 
     #[test]

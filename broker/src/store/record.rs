@@ -199,6 +199,8 @@ enum At<'a> {
     Good(Record<'a>, usize),
     /// Exactly at the end of the buffer.
     End,
+    /// Only zero bytes from here on: the unwritten rest of a pre-written segment.
+    Zeros,
     /// Not enough bytes for the header or the announced payload (torn write).
     Torn,
     /// The header is whole but the checksum or the payload is wrong; the announced size.
@@ -212,6 +214,9 @@ fn read_at(buf: &[u8], off: usize) -> At<'_> {
     }
     if rest.len() < HEADER {
         return At::Torn;
+    }
+    if rest[..HEADER] == [0u8; HEADER] && rest.iter().all(|&b| b == 0) {
+        return At::Zeros;
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
@@ -254,7 +259,10 @@ pub struct Scan<'a> {
 /// Scans a whole segment file's bytes. Never panics, whatever the input.
 ///
 /// A record whose checksum fails but whose length leads exactly to another good record (or to
-/// the end of the file) is skipped alone; any other damage ends the scan there.
+/// the end of the file) is skipped alone; any other damage ends the scan there. Segments are
+/// written full of zeros before use, so a remainder of only zero bytes is the clean end of the
+/// segment (`valid_len` stops before it); a damaged record followed by zeros is a torn tail and
+/// is cut, as are zeros followed by anything else.
 pub fn scan(buf: &[u8]) -> Scan<'_> {
     let mut s = Scan::default();
     if buf.len() < MAGIC.len() || &buf[..MAGIC.len()] != MAGIC {
@@ -265,7 +273,7 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
     s.valid_len = off;
     loop {
         match read_at(buf, off) {
-            At::End => break,
+            At::End | At::Zeros => break,
             At::Good(r, n) => {
                 s.records.push((off, n, r));
                 off += n;
@@ -277,8 +285,12 @@ pub fn scan(buf: &[u8]) -> Scan<'_> {
             }
             At::Bad(n) => {
                 let next = off + n;
-                let resyncs = n > HEADER && matches!(read_at(buf, next), At::Good(..) | At::End);
-                if resyncs {
+                let after = read_at(buf, next);
+                let resyncs = n > HEADER && matches!(after, At::Good(..) | At::End);
+                if after == At::Zeros {
+                    s.cut = Some(format!("torn record at offset {off} (zeros follow)"));
+                    break;
+                } else if resyncs {
                     s.skipped
                         .push(format!("corrupt record at offset {off} ({n} bytes)"));
                     off = next;
@@ -419,6 +431,61 @@ mod tests {
         assert_eq!(scan_journal(&j[..j.len() - 3]), recs[..1].to_vec());
         assert!(scan_journal(&[]).is_empty());
         assert!(scan_journal(&[0u8; 64]).is_empty());
+    }
+
+    /// A segment as the store writes it: records, then zeros up to `size`.
+    fn prewritten(recs: &[Record<'_>], size: usize) -> Vec<u8> {
+        let mut seg = segment(recs);
+        seg.resize(size, 0);
+        seg
+    }
+
+    #[test]
+    fn a_zero_remainder_is_the_clean_end_of_a_prewritten_segment() {
+        let recs = [enq(1, b"a"), enq(2, b"bb")];
+        let written = segment(&recs).len();
+        let seg = prewritten(&recs, 4096);
+        let s = scan(&seg);
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.valid_len, written);
+        assert!(s.cut.is_none() && s.skipped.is_empty());
+        // An empty pre-written segment: just the header.
+        let empty = prewritten(&[], 4096);
+        let s = scan(&empty);
+        assert!(s.records.is_empty() && s.cut.is_none());
+        assert_eq!(s.valid_len, MAGIC.len());
+    }
+
+    #[test]
+    fn a_torn_record_followed_by_zeros_is_cut() {
+        let recs = [enq(1, b"aaaa"), enq(2, &[9u8; 200])];
+        let first_end = MAGIC.len() + encode(&recs[0], &mut Vec::new());
+        let full = segment(&recs);
+        // The crash kept every prefix of the second record's bytes (header included) and the
+        // rest of the segment is still zeros.
+        for kept in 1..full.len() - first_end {
+            let mut seg = full[..first_end + kept].to_vec();
+            seg.resize(4096, 0);
+            let s = scan(&seg);
+            assert_eq!(s.records.len(), 1, "kept {kept}");
+            assert_eq!(s.valid_len, first_end, "kept {kept}");
+            assert!(s.cut.is_some(), "kept {kept}: not reported");
+            assert!(s.skipped.is_empty());
+        }
+    }
+
+    #[test]
+    fn zeros_followed_by_data_are_damage_not_an_end() {
+        let recs = [enq(1, b"aaaa"), enq(2, b"bbbb"), enq(3, b"cccc")];
+        let mut seg = prewritten(&recs, 4096);
+        let second = MAGIC.len() + encode(&recs[0], &mut Vec::new());
+        let third = second + encode(&recs[1], &mut Vec::new());
+        // A hole where the second record was (a page that never reached the disk).
+        seg[second..third].fill(0);
+        let s = scan(&seg);
+        assert_eq!(s.records.len(), 1);
+        assert_eq!(s.valid_len, second);
+        assert!(s.cut.is_some());
     }
 
     proptest! {
