@@ -4,14 +4,15 @@
 //! - a message id is in exactly one of `ready` or `unacked` (or settled and gone);
 //! - `QueueInfo::message_count` mirrors `ready.len()` after every batch;
 //! - a confirm for a publish is sent exactly once: at enqueue when the log says `Safe`, or when
-//!   the log later reports it synced, or as a nack when the publish is refused (reject-publish).
+//!   the log later reports it synced, or by the log itself when it took the ticket (the disk
+//!   store's writer, after the sync), or as a nack when the publish is refused (reject-publish).
 
 use super::args::Overflow;
 use super::ready::{Entry, Ready};
 use super::*;
 use crate::intmap::IntMap;
 use crate::stats;
-use crate::store::{QueueLog, Safety};
+use crate::store::QueueLog;
 use crate::vhost::Vhost;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use std::collections::VecDeque;
@@ -384,10 +385,15 @@ impl QueueActor {
             (a, b) => a.or(b),
         };
         let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
-        match (self.log.enqueue(id, &msg, ttl), confirm) {
-            (Safety::Safe, Some(t)) => t.send(true),
-            (Safety::Pending, Some(t)) => self.unconfirmed.push_back((id, t)),
-            (_, None) => {}
+        match confirm {
+            Some(t) => {
+                if let Some(t) = self.log.enqueue_confirmed(id, &msg, ttl, t) {
+                    self.unconfirmed.push_back((id, t));
+                }
+            }
+            None => {
+                self.log.enqueue(id, &msg, ttl);
+            }
         }
         self.ready.push_back(Entry {
             id,

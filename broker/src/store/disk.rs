@@ -4,9 +4,12 @@
 //! - Queue actors append records under a short mutex ([`DiskLog`]); nothing waits for the disk
 //!   on the async runtime.
 //! - The writer thread takes everything pending, writes it, and runs one `fdatasync` for the
-//!   whole batch; then it tells each queue which of its enqueues are on disk
-//!   (`QueueCmd::Synced`) or failed (`QueueCmd::WriteFailed`, the publishes get basic.nack). The
-//!   next batch starts as soon as the previous sync ends: no timer, no added delay when idle.
+//!   whole batch; then it sends the publisher confirms of the batch itself (each enqueue that
+//!   wants one carries its [`ConfirmTicket`]: one hop less than going through the queue
+//!   actor), and tells each queue about the rest of its enqueues on disk (`QueueCmd::Synced`) or
+//!   about all of them when the batch failed (`QueueCmd::WriteFailed`: the queue drops them,
+//!   their publishes get basic.nack from here). The next batch starts as soon as the previous
+//!   sync ends: no timer, no added delay when idle.
 //! - Reclaim: segments are deleted oldest first once nothing live is left in them; the oldest
 //!   segment is compacted (its live enqueues copied to the head of the log) when less than half
 //!   of it is live, so disk use stays bounded by live messages. Deleting only the oldest segment
@@ -42,7 +45,7 @@ use super::record::{self, Enqueue, Record};
 use super::replay::{Live, Replay};
 use super::{QueueLog, Safety};
 use crate::intmap::IntMap;
-use crate::queue::{Message, QueueCmd};
+use crate::queue::{ConfirmTicket, Message, QueueCmd};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap};
@@ -92,6 +95,8 @@ struct Note {
     id: u64,
     base: u64,
     tx: mpsc::UnboundedSender<QueueCmd>,
+    /// The publisher confirm, sent by the writer once the batch is synced (or failed).
+    ticket: Option<ConfirmTicket>,
 }
 
 #[derive(Debug)]
@@ -990,12 +995,23 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
         // deleted next) need the sync; acks and deliveries ride along with the next one.
         let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
         let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
-        // Tell each queue about its enqueues in this batch.
+        // Confirms first: they are what the publishers wait for. Each ticket is in exactly one
+        // note and the chunks are dropped after this pass: sent once.
+        for c in &chunks {
+            for t in c.notes.iter().filter_map(|n| n.ticket.as_ref()) {
+                t.send(result.is_ok());
+            }
+        }
+        // Tell each queue about its enqueues in this batch: on success only those it still
+        // waits for (no ticket), on failure all of them.
         // (A deleted queue and its namesake declared since differ in `base`.)
         type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
         let mut per_queue: PerQueue = HashMap::new();
         for c in &chunks {
             for n in &c.notes {
+                if result.is_ok() && n.ticket.is_some() {
+                    continue;
+                }
                 let e = per_queue
                     .entry((n.queue.clone(), n.base))
                     .or_insert_with(|| (n.tx.clone(), 0, Vec::new()));
@@ -1188,11 +1204,16 @@ fn journal_write(st: &mut State, dir: &Path, rec: &Record<'_>) {
     }
 }
 
-impl QueueLog for DiskLog {
-    fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety {
-        if !msg.persistent() {
-            return Safety::Safe;
-        }
+impl DiskLog {
+    /// Logs a persistent enqueue; the writer reports it through `ticket` if given, else with
+    /// `QueueCmd::Synced`.
+    fn append_enqueue(
+        &mut self,
+        id: u64,
+        msg: &Message,
+        ttl_ms: Option<u64>,
+        ticket: Option<ConfirmTicket>,
+    ) {
         let id = id + self.base;
         self.top = self.top.max(id);
         let rec = Record::Enqueue(Enqueue {
@@ -1210,6 +1231,7 @@ impl QueueLog for DiskLog {
             id,
             base: self.base,
             tx: self.tx.clone(),
+            ticket,
         };
         let sh = &self.store.shared;
         let mut st = sh.state.lock();
@@ -1225,7 +1247,31 @@ impl QueueLog for DiskLog {
         );
         drop(st);
         sh.wake.notify_one();
+    }
+}
+
+impl QueueLog for DiskLog {
+    fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety {
+        if !msg.persistent() {
+            return Safety::Safe;
+        }
+        self.append_enqueue(id, msg, ttl_ms, None);
         Safety::Pending
+    }
+
+    fn enqueue_confirmed(
+        &mut self,
+        id: u64,
+        msg: &Message,
+        ttl_ms: Option<u64>,
+        ticket: ConfirmTicket,
+    ) -> Option<ConfirmTicket> {
+        if !msg.persistent() {
+            ticket.send(true);
+            return None;
+        }
+        self.append_enqueue(id, msg, ttl_ms, Some(ticket));
+        None
     }
 
     fn settle(&mut self, ids: &[u64]) {
@@ -1381,6 +1427,89 @@ mod tests {
         store.close();
     }
 
+    fn ticket(events: &crate::queue::ClientTx, seq: u64) -> ConfirmTicket {
+        ConfirmTicket {
+            events: events.clone(),
+            channel: 1,
+            generation: 0,
+            seq,
+        }
+    }
+
+    /// The confirms received so far, (seq, ok) in order.
+    fn confirms(rx: &mut mpsc::UnboundedReceiver<crate::queue::ClientEvent>) -> Vec<(u64, bool)> {
+        let mut v = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                crate::queue::ClientEvent::Confirm { seq, ok, .. } => v.push((seq, ok)),
+                other => panic!("unexpected client event {other:?}"),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_writer_sends_the_confirms_of_a_synced_batch_itself() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(data.path(), 1 << 20).expect("open");
+        let (mut log, _, mut rx) = store.attach("/", "q");
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        for seq in 1..=5 {
+            let left = log.enqueue_confirmed(seq, &persistent_msg(b"x"), None, ticket(&ctx, seq));
+            assert!(left.is_none(), "the store keeps the ticket");
+        }
+        // A publish without a confirm is still reported to the queue; it comes after the
+        // confirmed ones, so once it is synced all of them are.
+        assert_eq!(log.enqueue(6, &persistent_msg(b"y"), None), Safety::Pending);
+        wait_synced(&mut rx, 6);
+        assert_eq!(
+            confirms(&mut crx),
+            (1..=5).map(|s| (s, true)).collect::<Vec<_>>()
+        );
+        // A transient message in a durable queue: confirmed at once.
+        let props = amq_protocol::protocol::basic::AMQPProperties::default();
+        let transient =
+            Message::new("".into(), "q".into(), props, Bytes::from_static(b"t")).expect("message");
+        assert!(log
+            .enqueue_confirmed(7, &transient, None, ticket(&ctx, 7))
+            .is_none());
+        assert_eq!(confirms(&mut crx), vec![(7, true)]);
+        store.close();
+        assert!(
+            rx.try_recv().is_err(),
+            "confirmed enqueues reported to the queue too"
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_nacks_through_the_tickets_and_tells_the_queue_every_id() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(data.path(), 1 << 20).expect("open");
+        // A file where the segment directory should be: every write fails.
+        let msgs = data.path().join("msgs");
+        if msgs.exists() {
+            std::fs::remove_dir_all(&msgs).expect("rm");
+        }
+        std::fs::write(&msgs, b"not a directory").expect("write");
+        let (mut log, _, mut rx) = store.attach("/", "q");
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        assert!(log
+            .enqueue_confirmed(1, &persistent_msg(b"a"), None, ticket(&ctx, 1))
+            .is_none());
+        assert_eq!(log.enqueue(2, &persistent_msg(b"b"), None), Safety::Pending);
+        let mut failed = Vec::new();
+        while failed.len() < 2 {
+            match rx.blocking_recv().expect("store events") {
+                QueueCmd::WriteFailed { ids } => failed.extend(ids),
+                other => panic!("unexpected store event {other:?}"),
+            }
+        }
+        failed.sort_unstable();
+        assert_eq!(failed, vec![1, 2]);
+        assert_eq!(confirms(&mut crx), vec![(1, false)]);
+        store.close();
+    }
+
     #[test]
     fn boot_after_a_kill_keeps_what_was_written_before_the_zeros_and_drops_a_half_prepared_file() {
         const SEG: u64 = 64 << 10;
@@ -1531,6 +1660,7 @@ mod tests {
                 id,
                 base: 0,
                 tx: tx.clone(),
+                ticket: None,
             };
             let (seg, n) = st.append(&enq(&q, id, b"body"), Some(note));
             st.add_live(seg, n);

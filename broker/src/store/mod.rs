@@ -5,7 +5,9 @@
 //! once the log reports a message [`Safety::Safe`]. Non-durable queues use the transient log
 //! below; durable queues use [`DiskLog`] (the node's [`Store`]: segment files, group commit,
 //! fdatasync), which reports persistent messages `Pending` and later tells the queue actor which
-//! ids became safe (`QueueCmd::Synced`) or could not be written (`QueueCmd::WriteFailed`).
+//! ids became safe (`QueueCmd::Synced`) or could not be written (`QueueCmd::WriteFailed`); a
+//! publish with a confirm hands its ticket to the log ([`QueueLog::enqueue_confirmed`]) and the
+//! store's writer sends the confirm itself after the sync.
 
 pub mod disk;
 pub mod record;
@@ -13,7 +15,7 @@ pub mod replay;
 
 pub use disk::{DiskLog, Recovered, Store};
 
-use crate::queue::Message;
+use crate::queue::{ConfirmTicket, Message};
 use bytes::Bytes;
 
 /// Builds a message back from its stored parts (exchange, routing key, pre-encoded content
@@ -46,6 +48,25 @@ pub trait QueueLog: Send + 'static {
     /// A message entered the queue with queue-local id `id`; `ttl_ms` is its time to live
     /// from now, if any.
     fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety;
+    /// [`QueueLog::enqueue`] for a publish that wants a confirm. The log either sends the
+    /// confirm itself (now, or later once the message is safe: then it owns the ticket) and
+    /// returns None, or returns the ticket for the queue to send when the log reports the id
+    /// synced. Either way the confirm is sent exactly once.
+    fn enqueue_confirmed(
+        &mut self,
+        id: u64,
+        msg: &Message,
+        ttl_ms: Option<u64>,
+        ticket: ConfirmTicket,
+    ) -> Option<ConfirmTicket> {
+        match self.enqueue(id, msg, ttl_ms) {
+            Safety::Safe => {
+                ticket.send(true);
+                None
+            }
+            Safety::Pending => Some(ticket),
+        }
+    }
     /// Messages left the queue for good (acked, auto-acked, dropped, expired, dead-lettered).
     fn settle(&mut self, ids: &[u64]);
     /// Messages were handed to a consumer that must ack them (redelivered after a restart).
