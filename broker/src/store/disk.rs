@@ -928,11 +928,15 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
     let mut stuck: Option<u64> = None;
     let mut reported = 0;
     loop {
-        // Reclaim: unlink dead segments, pick one to compact.
+        // Reclaim: unlink dead segments, pick one to compact (among the segments left: the
+        // oldest may only now be the one to compact, and nothing may come to wake us again).
         let (dead, candidate) = {
             let mut st = sh.state.lock();
-            let c = st.compaction_candidate().filter(|c| Some(*c) != stuck);
-            (st.take_dead_segments(), c)
+            let dead = st.take_dead_segments();
+            (
+                dead,
+                st.compaction_candidate().filter(|c| Some(*c) != stuck),
+            )
         };
         for s in dead {
             if let Err(e) = std::fs::remove_file(seg_path(&sh.dir, s)) {
