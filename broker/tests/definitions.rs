@@ -371,6 +371,24 @@ async fn deleting_a_vhost_closes_its_connections_and_deletes_its_queues() {
     )
     .await
     .expect("declare");
+    // Persistent messages in the durable queue: the store keeps them until the vhost goes.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    for i in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "dq".into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    assert_eq!(s.store.stored_messages("doomed", "dq"), 5);
     let q = s
         .vhost("doomed")
         .expect("vhost")
@@ -401,6 +419,8 @@ async fn deleting_a_vhost_closes_its_connections_and_deletes_its_queues() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Its stored messages are released with it (a queue-delete record, segments reclaimable).
+    assert_eq!(s.store.stored_messages("doomed", "dq"), 0);
     assert_eq!(
         s.delete_vhost("doomed").await,
         Err(DefError::NotFound("vhost 'doomed' does not exist".into()))

@@ -26,6 +26,10 @@ struct Proc {
 }
 
 async fn start(data: &Path) -> Proc {
+    start_env(data, &[]).await
+}
+
+async fn start_env(data: &Path, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
         .args(["--amqp", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -33,6 +37,7 @@ async fn start(data: &Path) -> Proc {
         // (and on a nearly full shared disk): these tests are about the store's own behaviour.
         .args(["--disk-free-limit", "0"])
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -843,9 +848,12 @@ async fn a_delivery_received_before_kill_9_comes_back_redelivered_and_no_other_d
     eprintln!("delivery crash test seed {seed} (set WARREN_CRASH_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let data = tempfile::tempdir().expect("tempdir");
-    const ROUNDS: u32 = 24;
+    const ROUNDS: u32 = 40;
+    // Tiny delivery journals: the broker switches between them every few deliveries, so the
+    // kills also land around switches and truncations.
+    let env = [("WARREN_JOURNAL_SWITCH_BYTES", "200")];
     for round in 0..ROUNDS {
-        let b = start(data.path()).await;
+        let b = start_env(data.path(), &env).await;
         let (conn, ch) = b.connect().await;
         assert_eq!(
             declare_durable(&ch, "dlv").await,
@@ -906,7 +914,7 @@ async fn a_delivery_received_before_kill_9_comes_back_redelivered_and_no_other_d
         let _ = tokio::time::timeout(Duration::from_secs(10), noise).await;
         drop(conn);
 
-        let b = start(data.path()).await;
+        let b = start_env(data.path(), &env).await;
         let (_c, ch) = b.connect().await;
         declare_durable(&ch, "dlv").await;
         let want: Vec<(String, bool)> = (0..total)

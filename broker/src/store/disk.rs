@@ -17,14 +17,18 @@
 //! - Delivered flags survive a process crash without waiting for the writer: the "delivered"
 //!   record of a persistent message also goes, with one `write()` and no sync, to the active
 //!   one of two delivery journals (`<data-dir>/msgs/deliveries-{0,1}.jnl`) before the delivery
-//!   is handed to the connection; a write into the page cache survives `kill -9`. When the
-//!   writer takes a batch it makes the other (empty) journal active, so the one it leaves holds
-//!   exactly records of that batch; once the batch is written it truncates that journal. After
-//!   a failed batch the old journal is kept (its records are retried) and no swap happens until
-//!   a batch succeeds. Recovery applies both journals' records after the segments, writes the
-//!   flags they add to a new segment (synced) and removes the journals, so a journal never
-//!   outlives the run that wrote it. A power loss can lose journal records (no sync, as
-//!   RabbitMQ does not sync deliveries either): the message then comes back not redelivered.
+//!   is handed to the connection; a write into the page cache survives `kill -9`. The same
+//!   record also goes to the segments with the next batch. When the writer takes a batch while
+//!   the active journal holds 1 MiB or more and the other is empty, it makes the other one
+//!   active: every record in the one it leaves is in that batch or an earlier one, so it
+//!   truncates that journal once the batch is written (after a failed batch it keeps it, the
+//!   records are retried, and no switch happens until it is emptied). Records already in a
+//!   segment may linger in the active journal: a journal record is a true fact about a message
+//!   of this run, so applying it again is harmless. Recovery applies both journals' records
+//!   after the segments, writes the flags they add to a new segment (synced) and removes the
+//!   journals, so a journal never outlives the run that wrote it. A power loss can lose journal
+//!   records (no sync, as RabbitMQ does not sync deliveries either): the message then comes back
+//!   not redelivered.
 //! - Store ids are unique per queue name within a run: a queue declared again after a delete
 //!   numbers its messages after the highest id its name ever had in this run (`base`), so a
 //!   journal record can never mark a message of a later queue with the same name.
@@ -112,26 +116,32 @@ struct Chunk {
 /// Journal file names (two, used alternately).
 const JOURNALS: [&str; 2] = ["deliveries-0.jnl", "deliveries-1.jnl"];
 
+/// The active journal is switched once it holds this many bytes (truncating a file on every
+/// batch would cost a file-system transaction each time). The environment variable
+/// `WARREN_JOURNAL_SWITCH_BYTES` overrides it (tests use a few hundred bytes so that crash tests
+/// go through many switches).
+const JOURNAL_SWITCH_BYTES: u64 = 1 << 20;
+
 /// The two delivery journals (see the module docs).
 #[derive(Debug)]
 struct Journal {
     files: [Arc<File>; 2],
     active: usize,
-    /// The file holds records.
-    dirty: [bool; 2],
+    /// Bytes written to each file since it was last emptied.
+    len: [u64; 2],
 }
 
 impl Journal {
-    /// A batch is being taken: switch to the other file if it is empty. Returns the inactive
-    /// file if it holds records (all of them in the batch taken now or retried in it), to be
-    /// truncated once the batch is written.
-    fn take_batch(&mut self) -> Option<(usize, Arc<File>)> {
+    /// A batch is being taken: switch to the other file if the active one is full and the
+    /// other is empty. Returns the inactive file if it holds records (all of them are in the
+    /// batch taken now or in earlier ones), to be truncated once the batch is written.
+    fn take_batch(&mut self, switch_at: u64) -> Option<(usize, Arc<File>)> {
         let other = 1 - self.active;
-        if !self.dirty[other] {
+        if self.len[self.active] >= switch_at && self.len[other] == 0 {
             self.active = other;
         }
         let old = 1 - self.active;
-        self.dirty[old].then(|| (old, self.files[old].clone()))
+        (self.len[old] > 0).then(|| (old, self.files[old].clone()))
     }
 }
 
@@ -154,6 +164,8 @@ struct State {
     journal: Option<Journal>,
     /// A journal problem was logged (logged once until the journal works again).
     journal_warned: bool,
+    /// See [`JOURNAL_SWITCH_BYTES`].
+    journal_switch_bytes: u64,
 }
 
 impl State {
@@ -552,6 +564,10 @@ impl Store {
             top: HashMap::new(),
             journal: None,
             journal_warned: false,
+            journal_switch_bytes: std::env::var("WARREN_JOURNAL_SWITCH_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(JOURNAL_SWITCH_BYTES),
         };
         // The journals' flags go to a segment (synced) before the journals are removed.
         let mut open = None;
@@ -720,6 +736,14 @@ impl Store {
         drop(st);
         sh.wake.notify_one();
         dropped
+    }
+
+    /// Persistent messages the store holds for a queue (recovered ones included), for tests
+    /// and diagnostics.
+    pub fn stored_messages(&self, vhost: &str, name: &str) -> usize {
+        let key = queue_key(vhost, name);
+        let st = self.shared.state.lock();
+        st.queues.get(key.as_str()).map_or(0, |m| m.len())
     }
 
     /// Writes what is pending, stops the writer and waits for it.
@@ -992,7 +1016,8 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
             if let (Some((s, _)), true) = (&compact, moved.is_empty()) {
                 stuck = Some(*s);
             }
-            let journal = st.journal.as_mut().and_then(Journal::take_batch);
+            let switch_at = st.journal_switch_bytes;
+            let journal = st.journal.as_mut().and_then(|j| j.take_batch(switch_at));
             (std::mem::take(&mut st.pending), moved, journal)
         };
         // Only enqueues (confirms wait for them) and compaction copies (the old segment is
@@ -1038,7 +1063,7 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
         };
         let mut st = sh.state.lock();
         if let (Some(i), Some(j)) = (journal_done, st.journal.as_mut()) {
-            j.dirty[i] = false;
+            j.len[i] = 0;
         }
         match &result {
             Ok(()) => {
@@ -1174,7 +1199,7 @@ fn journal_write(st: &mut State, dir: &Path, rec: &Record<'_>) {
                 st.journal = Some(Journal {
                     files,
                     active: 0,
-                    dirty: [false; 2],
+                    len: [0; 2],
                 });
             }
             Err(e) => {
@@ -1192,14 +1217,11 @@ fn journal_write(st: &mut State, dir: &Path, rec: &Record<'_>) {
     let mut buf = Vec::with_capacity(64);
     record::encode(rec, &mut buf);
     let active = j.active;
+    // Counted even if the write fails: part of the record may be there.
+    j.len[active] += buf.len() as u64;
     match (&*j.files[active]).write_all(&buf) {
-        Ok(()) => {
-            j.dirty[active] = true;
-            st.journal_warned = false;
-        }
+        Ok(()) => st.journal_warned = false,
         Err(e) => {
-            // Part of the record may be there: the file holds something either way.
-            j.dirty[active] = true;
             if !st.journal_warned {
                 st.journal_warned = true;
                 warn!(error = %e, "store: delivery journal write failed; delivered flags may be lost in a crash");
@@ -1329,6 +1351,7 @@ mod tests {
             top: HashMap::new(),
             journal: None,
             journal_warned: false,
+            journal_switch_bytes: JOURNAL_SWITCH_BYTES,
         }
     }
 
@@ -1723,27 +1746,31 @@ mod tests {
     }
 
     #[test]
-    fn the_journal_swaps_only_to_an_empty_file_and_hands_back_the_one_to_empty() {
+    fn the_journal_switches_when_full_only_to_an_empty_file_and_hands_back_the_one_to_empty() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = |n: &str| Arc::new(File::create(dir.path().join(n)).expect("file"));
         let mut j = Journal {
             files: [f("a"), f("b")],
             active: 0,
-            dirty: [false; 2],
+            len: [0; 2],
         };
-        // Nothing written: swap, nothing to empty.
-        assert!(j.take_batch().is_none());
-        assert_eq!(j.active, 1);
-        j.dirty[1] = true;
-        let (i, _) = j.take_batch().expect("the old file to empty");
-        assert_eq!((i, j.active), (1, 0));
-        // The batch failed: file 1 keeps its records, so no swap until it is emptied.
-        j.dirty[0] = true;
-        let (i, _) = j.take_batch().expect("still file 1");
-        assert_eq!((i, j.active), (1, 0));
-        j.dirty[1] = false;
-        let (i, _) = j.take_batch().expect("file 0 now");
+        // Below the switch size: the active file keeps growing, nothing to empty.
+        j.len[0] = 50;
+        assert!(j.take_batch(100).is_none());
+        assert_eq!(j.active, 0);
+        // Full: switch; the old file is emptied once the batch is written.
+        j.len[0] = 100;
+        let (i, _) = j.take_batch(100).expect("the old file to empty");
         assert_eq!((i, j.active), (0, 1));
+        // That batch failed: file 0 keeps its records, so no switch until it is emptied.
+        j.len[1] = 500;
+        let (i, _) = j.take_batch(100).expect("still file 0");
+        assert_eq!((i, j.active), (0, 1));
+        j.len[0] = 0;
+        let (i, _) = j.take_batch(100).expect("file 1 now");
+        assert_eq!((i, j.active), (1, 0));
+        j.len[1] = 0;
+        assert!(j.take_batch(100).is_none(), "file 1 emptied: nothing to do");
     }
 
     fn message(body: &str) -> Message {
@@ -1832,5 +1859,44 @@ mod tests {
             drop(log);
             store.close();
         }
+    }
+    #[test]
+    fn the_delivery_journals_are_switched_and_emptied_as_the_writer_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.shared.state.lock().journal_switch_bytes = 200;
+        let (mut log, _, _rx) = store.attach("/", "q");
+        let m = message("x");
+        for id in 1..=200 {
+            log.enqueue(id, &m, None);
+        }
+        let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+        for id in 1..=200 {
+            log.delivered(&[id]);
+            // Until the writer has taken it.
+            while !store.shared.state.lock().pending.is_empty() {
+                assert!(std::time::SystemTime::now() < deadline, "writer stuck");
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        // 200 records of about 40 bytes went through; neither file holds more than the
+        // switch size plus a record or two.
+        let sizes: Vec<u64> = JOURNALS
+            .iter()
+            .map(|n| {
+                std::fs::metadata(dir.path().join("msgs").join(n))
+                    .expect("journal")
+                    .len()
+            })
+            .collect();
+        assert!(sizes.iter().all(|s| *s <= 300), "journal sizes {sizes:?}");
+        drop(log);
+        store.close();
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        let (_log, rec, _rx) = store.attach("/", "q");
+        assert_eq!(rec.len(), 200);
+        assert!(rec.iter().all(|r| r.redelivered));
+        store.close();
     }
 }
