@@ -35,6 +35,9 @@ struct PageDir {
 
 static DIR: RwLock<Option<Arc<PageDir>>> = RwLock::new(None);
 static ACTIVE: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
+/// Number of times paging turned on. Queues watch this rather than [`ACTIVE`]: paging can turn
+/// on and off again before an idle queue's task runs, and a watch keeps only the last value.
+static STARTS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
 static WRITE_FAILING: AtomicBool = AtomicBool::new(false);
 /// A paging episode is under way (logged at its start and end).
 static EPISODE: AtomicBool = AtomicBool::new(false);
@@ -91,11 +94,14 @@ pub fn pressure() -> bool {
         used > threshold
     };
     if want != on {
-        ACTIVE.send_if_modified(|v| {
+        let changed = ACTIVE.send_if_modified(|v| {
             let changed = *v != want;
             *v = want;
             changed
         });
+        if changed && want {
+            STARTS.send_modify(|n| *n += 1);
+        }
     }
     let now = now_ms();
     if want {
@@ -126,9 +132,9 @@ fn now_ms() -> u64 {
     START.elapsed().as_millis() as u64
 }
 
-/// Sees every change of the paging state.
-pub fn subscribe() -> watch::Receiver<bool> {
-    ACTIVE.subscribe()
+/// Changes each time paging turns on (however briefly).
+pub fn subscribe() -> watch::Receiver<u64> {
+    STARTS.subscribe()
 }
 
 /// A page write failed: warn once per episode (the messages stay in memory).

@@ -149,10 +149,13 @@ impl QueueActor {
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
-                // Paging turned on: an idle queue pages out too.
+                // Paging turned on (maybe off again already): an idle queue pages out too.
                 r = paging_rx.changed() => {
                     match r {
-                        Ok(()) => self.paging_started |= *paging_rx.borrow_and_update(),
+                        Ok(()) => {
+                            paging_rx.borrow_and_update();
+                            self.paging_started = true;
+                        }
                         Err(_) => paging_rx = crate::paging::subscribe(),
                     }
                 }
