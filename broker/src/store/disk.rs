@@ -65,6 +65,9 @@ use tracing::{debug, info, warn};
 /// A segment rolls over past this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
 
+/// Longest time delivery and settle records wait for an enqueue to go with.
+const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The segment file being written full of zeros ahead of need (not a `.seg` file: replay
 /// ignores it and boot deletes a leftover one).
 const PREPARED: &str = "next.pre";
@@ -166,12 +169,16 @@ struct State {
     journal_warned: bool,
     /// See [`JOURNAL_SWITCH_BYTES`].
     journal_switch_bytes: u64,
+    /// Everything pending may wait (delivery and settle records only: nobody waits for them):
+    /// the writer takes it with the next enqueue or after [`LAZY_WAIT`], not at once.
+    lazy: bool,
 }
 
 impl State {
     /// Appends one record to the current segment (rolling over when full); returns the
     /// segment and the record's size.
     fn append(&mut self, rec: &Record<'_>, note: Option<Note>) -> (u64, u64) {
+        self.lazy = false;
         if self.pending.last().is_none_or(|c| c.seg != self.cur_seg) {
             self.pending.push(Chunk {
                 seg: self.cur_seg,
@@ -568,6 +575,7 @@ impl Store {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(JOURNAL_SWITCH_BYTES),
+            lazy: false,
         };
         // The journals' flags go to a segment (synced) before the journals are removed.
         let mut open = None;
@@ -982,14 +990,17 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
                 // The last batch failed and its records are pending again: do not spin.
                 sh.wake.wait_for(&mut st, RETRY_PAUSE);
             }
-            while st.pending.is_empty() && !st.shutdown && compact.is_none() {
+            while (st.pending.is_empty() || st.lazy) && !st.shutdown && compact.is_none() {
                 // Wakes at least once a second to report the sync count when it moved
-                // (debug level; the benchmark reads it).
-                if sh
-                    .wake
-                    .wait_for(&mut st, std::time::Duration::from_secs(1))
-                    .timed_out()
-                {
+                // (debug level; the benchmark reads it), and after LAZY_WAIT to write records
+                // that waited.
+                let wait = if st.lazy {
+                    LAZY_WAIT
+                } else {
+                    std::time::Duration::from_secs(1)
+                };
+                if sh.wake.wait_for(&mut st, wait).timed_out() {
+                    st.lazy = false;
                     let n = syncs();
                     if n != reported {
                         reported = n;
@@ -1018,6 +1029,7 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
             }
             let switch_at = st.journal_switch_bytes;
             let journal = st.journal.as_mut().and_then(|j| j.take_batch(switch_at));
+            st.lazy = false;
             (std::mem::take(&mut st.pending), moved, journal)
         };
         // Only enqueues (confirms wait for them) and compaction copies (the old segment is
@@ -1152,12 +1164,23 @@ impl DiskLog {
                 ids: logged,
             }
         };
+        // Nobody waits for this record (the delivered flag is in the journal already; an ack
+        // may come back after a crash, as before): it goes with the next batch that has an
+        // enqueue, or after LAZY_WAIT, which saves the writer a batch of its own (a write and
+        // the locking around it) per delivery and ack while publishes keep coming.
+        let first = st.pending.is_empty();
+        let lazy = first || st.lazy;
         st.append_kept(&rec);
+        st.lazy = lazy;
         if !settle {
             journal_write(&mut st, &sh.dir, &rec);
         }
         drop(st);
-        sh.wake.notify_one();
+        // The first waiting record wakes an idle writer so that it waits LAZY_WAIT at most;
+        // while it is busy (syncing a batch) the wake-up costs nothing.
+        if first || !lazy {
+            sh.wake.notify_one();
+        }
     }
 
     /// Remembers this queue's highest id for a later queue of the same name.
@@ -1352,6 +1375,7 @@ mod tests {
             journal: None,
             journal_warned: false,
             journal_switch_bytes: JOURNAL_SWITCH_BYTES,
+            lazy: false,
         }
     }
 
