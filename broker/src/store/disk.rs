@@ -790,7 +790,13 @@ struct OpenSeg {
     len: u64,
     /// Written full of zeros beforehand: appends are overwrites.
     prewritten: bool,
+    opened: tokio::time::Instant,
 }
+
+/// Above this write rate (bytes per second into one segment) the next segment is not
+/// pre-written: with that many messages per sync, group commit already spreads the sync's cost,
+/// and writing every segment twice (zeros, then records) would take disk bandwidth from it.
+const PREWRITE_MAX_RATE: f64 = 64.0 * 1024.0 * 1024.0;
 
 fn stop_preparer(sh: &Shared) {
     sh.prep.lock().shutdown = true;
@@ -861,8 +867,9 @@ fn preparer_loop(sh: &Shared) {
 }
 
 /// Opens segment `seg` of `dir` for writing: with the writer's `sh`, the pre-written file if
-/// one is ready (and either way asks the preparer for the next one); else a new plain file.
-fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64) -> io::Result<OpenSeg> {
+/// one is ready (and asks the preparer for the next one unless the store writes `fast`); else
+/// a new plain file.
+fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64, fast: bool) -> io::Result<OpenSeg> {
     std::fs::create_dir_all(dir)?;
     let path = seg_path(dir, seg);
     let mut opened = None;
@@ -873,8 +880,10 @@ fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64) -> io::Result<OpenSeg
                 .and_then(|()| OpenOptions::new().write(true).read(true).open(&path))
         });
         // Only now (the prepared file has its new name) may the preparer start the next one.
-        sh.prep.lock().wanted = true;
-        sh.prep_wake.notify_one();
+        if !fast {
+            sh.prep.lock().wanted = true;
+            sh.prep_wake.notify_one();
+        }
     }
     if let Some(opened) = opened {
         match opened {
@@ -886,6 +895,7 @@ fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64) -> io::Result<OpenSeg
                     file,
                     len: record::MAGIC.len() as u64,
                     prewritten: true,
+                    opened: tokio::time::Instant::now(),
                 });
             }
             Err(e) => debug!(error = %e, "store: cannot use the pre-written segment"),
@@ -911,6 +921,7 @@ fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64) -> io::Result<OpenSeg
         file,
         len: record::MAGIC.len() as u64,
         prewritten: false,
+        opened: tokio::time::Instant::now(),
     })
 }
 
@@ -930,10 +941,13 @@ fn write_batch(
 ) -> io::Result<()> {
     for c in chunks {
         if open.as_ref().is_none_or(|o| o.seg != c.seg) {
+            let mut fast = false;
             if let Some(o) = open.take() {
                 sync(&o.file)?;
+                let secs = o.opened.elapsed().as_secs_f64().max(1e-3);
+                fast = o.len as f64 / secs > PREWRITE_MAX_RATE;
             }
-            *open = Some(open_segment(dir, sh, c.seg)?);
+            *open = Some(open_segment(dir, sh, c.seg, fast)?);
         }
         let Some(o) = open.as_mut() else {
             return Err(io::Error::other("no open segment"));
