@@ -72,21 +72,19 @@ WORK=$(mktemp -d /tmp/broker-bench.XXXXXX)
 PIDS=()
 RABBIT_NODE=""
 RABBIT_PID=""
-EPMD_BEFORE=$(pgrep -x epmd || true)
+# RabbitMQ's node registers with an epmd of this run's own, on a free port, so the run neither
+# depends on nor stops an epmd that other RabbitMQ nodes on the machine use.
+EPMD_PORT=""
 cleanup() {
     local pid
     if [[ -n $RABBIT_NODE && -n $RABBIT_PID ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
         log "stopping RabbitMQ node $RABBIT_NODE"
-        timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+        ERL_EPMD_PORT=$EPMD_PORT timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
     fi
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     sleep 0.5
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    # epmd: only if this run started it.
-    if [[ -z $EPMD_BEFORE ]]; then
-        for pid in $(pgrep -x epmd || true); do kill -TERM "$pid" 2>/dev/null || true; done
-    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -146,6 +144,14 @@ start_rabbitmq() {
     dir=$WORK/rabbitmq
     mkdir -p "$dir/mnesia" "$dir/log"
     echo '[].' >"$dir/enabled_plugins"
+    EPMD_PORT=$(free_port)
+    epmd -port "$EPMD_PORT" -address 127.0.0.1 >"$WORK/epmd.out" 2>&1 &
+    PIDS+=($!)
+    local i
+    for ((i = 0; i < 50; i++)); do
+        ss -ltn "sport = :$EPMD_PORT" | grep -q LISTEN && break
+        sleep 0.1
+    done
     RABBIT_NODE="bench-$$@localhost"
     log "starting RabbitMQ node $RABBIT_NODE on 127.0.0.1:$port (no plugins)"
     RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
@@ -154,10 +160,9 @@ start_rabbitmq() {
         RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins RABBITMQ_PID_FILE=$dir/pid \
         RABBITMQ_CONFIG_FILE=$dir/rabbitmq RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config \
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-        ERL_EPMD_ADDRESS=127.0.0.1 \
+        ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT \
         "$RABBIT_SBIN/rabbitmq-server" >"$WORK/rabbitmq.out" 2>&1 &
     PIDS+=($!)
-    local i
     for ((i = 0; i < 120; i++)); do
         if ss -ltn "sport = :$port" | grep -q LISTEN && [[ -s $dir/pid ]]; then
             RABBIT_PID=$(cat "$dir/pid")
