@@ -2,11 +2,13 @@
 //! exactly once and in order once confirmed; damaged segment tails are cut; disk use stays
 //! bounded in a long run; transient things do not survive; a failed write nacks.
 
+mod support;
+
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
@@ -14,93 +16,27 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use warren_broker::store::record;
 
 /// A broker process on a data directory.
-struct Proc {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
+type Proc = support::proc::BrokerProc;
 
 async fn start(data: &Path) -> Proc {
     start_env(data, &[]).await
 }
 
 async fn start_env(data: &Path, env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
-        .args(["--amqp", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        // The disk alarm would block publishers on the tiny file system of the full-disk test
-        // (and on a nearly full shared disk): these tests are about the store's own behaviour.
-        .args(["--disk-free-limit", "0"])
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let re = regex::Regex::new(r"listening proto=amqp addr=(\S+)").expect("re");
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            log.lock().push(line.clone());
-            if let Some(c) = re.captures(&line) {
-                return c[1].to_string();
-            }
-        }
-        panic!("broker exited before logging its address: {:?}", log.lock());
-    })
-    .await
-    .expect("address logged in time");
-    let l2 = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            l2.lock().push(line);
-        }
-    });
-    Proc { child, addr, log }
-}
-
-impl Proc {
-    async fn connect(&self) -> (Connection, Channel) {
-        let c = Connection::connect(
-            &format!("amqp://guest:guest@{}/%2f", self.addr),
-            ConnectionProperties::default(),
-        )
-        .await
-        .expect("connect");
-        let ch = c.create_channel().await.expect("channel");
-        (c, ch)
-    }
-
-    async fn kill9(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        let _ = self.child.wait().await;
-    }
-
-    async fn term(mut self) {
-        let pid = self.child.id().expect("pid");
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(st.success());
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .expect("exit in time")
-            .expect("wait");
-        assert!(status.success(), "broker exit status {status}");
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.log.lock().iter().any(|l| l.contains(needle))
-    }
+    // The disk alarm would block publishers on the tiny file system of the full-disk test
+    // (and on a nearly full shared disk): these tests are about the store's own behaviour.
+    let args: [&std::ffi::OsStr; 6] = [
+        "--amqp".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--disk-free-limit".as_ref(),
+        "0".as_ref(),
+    ];
+    support::proc::spawn(args, env, &["amqp"]).await
 }
 
 fn persistent() -> BasicProperties {

@@ -10,15 +10,12 @@ mod support;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use parking_lot::Mutex;
+use lapin::{BasicProperties, Channel};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_broker::config::{Config, MemoryWatermark};
 
 // ---------------------------------------------------------------------------------------------
@@ -72,88 +69,29 @@ async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 // ---------------------------------------------------------------------------------------------
 // The real binary.
 
-struct Proc {
-    child: Child,
-    amqp: String,
-    mgmt: String,
-    prom: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
+type Proc = support::proc::BrokerProc;
 
 async fn spawn(data: &Path, watermark: &str, ratio: &str) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
-        .args([
-            "--amqp",
-            "127.0.0.1:0",
-            "--mgmt",
-            "127.0.0.1:0",
-            "--prometheus",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data)
-        .args([
-            "--disk-free-limit",
-            "0",
-            "--vm-memory-high-watermark",
-            watermark,
-        ])
-        .args(["--vm-memory-high-watermark-paging-ratio", ratio])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let re = regex::Regex::new(r"listening proto=(amqp|mgmt|prometheus) addr=(\S+)").expect("re");
-    let addrs = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut addrs = std::collections::HashMap::new();
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            log.lock().push(line.clone());
-            if let Some(c) = re.captures(&line) {
-                addrs.insert(c[1].to_string(), c[2].to_string());
-            }
-            if addrs.len() == 3 {
-                return addrs;
-            }
-        }
-        panic!(
-            "broker exited before logging its addresses: {:?}",
-            log.lock()
-        );
-    })
-    .await
-    .unwrap_or_else(|_| panic!("addresses not logged in time: {:?}", log.lock()));
-    let l2 = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            l2.lock().push(line);
-        }
-    });
-    Proc {
-        child,
-        amqp: addrs["amqp"].clone(),
-        mgmt: addrs["mgmt"].clone(),
-        prom: addrs["prometheus"].clone(),
-        log,
-    }
+    let args: [&std::ffi::OsStr; 14] = [
+        "--amqp".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--mgmt".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--prometheus".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--disk-free-limit".as_ref(),
+        "0".as_ref(),
+        "--vm-memory-high-watermark".as_ref(),
+        watermark.as_ref(),
+        "--vm-memory-high-watermark-paging-ratio".as_ref(),
+        ratio.as_ref(),
+    ];
+    support::proc::spawn(args, &[], &["amqp", "mgmt", "prometheus"]).await
 }
 
 impl Proc {
-    async fn connect(&self) -> (Connection, Channel) {
-        let c = Connection::connect(
-            &format!("amqp://guest:guest@{}/%2f", self.amqp),
-            ConnectionProperties::default(),
-        )
-        .await
-        .expect("connect");
-        let ch = c.create_channel().await.expect("channel");
-        (c, ch)
-    }
-
     fn rss_kib(&self) -> u64 {
         let pid = self.child.id().expect("pid");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -163,14 +101,6 @@ impl Proc {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .expect("VmRSS")
-    }
-
-    fn logged(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
     }
 
     /// GET `path` on `addr` as guest; the response body (de-chunked).
@@ -210,24 +140,19 @@ impl Proc {
 
     /// GET /api/queues/%2f/{name}.
     async fn queue_json(&self, name: &str) -> serde_json::Value {
-        let body = Self::http_get(&self.mgmt, &format!("/api/queues/%2f/{name}")).await;
+        let body = Self::http_get(self.addr("mgmt"), &format!("/api/queues/%2f/{name}")).await;
         serde_json::from_str(&body).expect("json")
     }
 
     /// The per-queue Prometheus sample `metric{vhost="/",queue="name"}`.
     async fn prometheus(&self, metric: &str, queue: &str) -> u64 {
-        let body = Self::http_get(&self.prom, "/metrics/per-object").await;
+        let body = Self::http_get(self.addr("prometheus"), "/metrics/per-object").await;
         let key = format!("{metric}{{vhost=\"/\",queue=\"{queue}\"}} ");
         let line = body
             .lines()
             .find(|l| l.starts_with(&key))
             .unwrap_or_else(|| panic!("no {key} in\n{body}"));
         line[key.len()..].trim().parse().expect("a number")
-    }
-
-    async fn kill9(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        let _ = self.child.wait().await;
     }
 }
 
@@ -367,8 +292,12 @@ async fn a_queue_without_consumers_pages_far_beyond_the_threshold_and_gives_ever
         "RSS reached {max_rss_mib} MiB for 400 MiB queued"
     );
     // Publishers were never blocked: the alarm never went off.
-    assert_eq!(b.logged("alarm set"), 0, "memory alarm raised while paging");
-    assert_eq!(b.logged("queues page messages to disk"), 1);
+    assert_eq!(
+        b.log_count("alarm set"),
+        0,
+        "memory alarm raised while paging"
+    );
+    assert_eq!(b.log_count("queues page messages to disk"), 1);
     let q = b.queue_json("big").await;
     assert_eq!(q["messages"], N);
     let paged = q["messages_paged_out"]
@@ -382,7 +311,7 @@ async fn a_queue_without_consumers_pages_far_beyond_the_threshold_and_gives_ever
     );
     assert!(q["message_bytes_paged_out"].as_u64().expect("bytes") >= paged * LEN as u64);
     let listed: serde_json::Value =
-        serde_json::from_str(&Proc::http_get(&b.mgmt, "/api/queues").await).expect("json");
+        serde_json::from_str(&Proc::http_get(b.addr("mgmt"), "/api/queues").await).expect("json");
     let big = listed
         .as_array()
         .and_then(|a| a.iter().find(|q| q["name"] == "big"))
@@ -445,7 +374,7 @@ async fn paged_persistent_messages_survive_kill_9_and_paged_transient_ones_do_no
     let stale = data.path().join("paging").join("stale.page");
     std::fs::write(&stale, b"left over").expect("stale file");
     let b = spawn(data.path(), "64MiB", "0.1").await;
-    assert_eq!(b.logged("page files of the previous run removed"), 1);
+    assert_eq!(b.log_count("page files of the previous run removed"), 1);
     assert!(!stale.exists(), "paging dir not wiped at boot");
     let (_c, ch) = b.connect().await;
     assert_eq!(declare(&ch, "mixed", true, FieldTable::default()).await, 0);
