@@ -1428,6 +1428,25 @@ mod tests {
         out
     }
 
+    /// The enqueue record of `m` in queue "q" of vhost "/", encoded.
+    fn enq_bytes(id: u64, m: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        record::encode(
+            &Record::Enqueue(Enqueue {
+                queue: "/\0q",
+                id,
+                redelivered: false,
+                expires_at_ms: None,
+                exchange: "",
+                routing_key: "q",
+                header: &m.header_payload,
+                body: &m.body,
+            }),
+            &mut out,
+        );
+        out
+    }
+
     fn persistent_msg(body: &[u8]) -> Message {
         let props = amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
         Message::new("".into(), "q".into(), props, Bytes::copy_from_slice(body)).expect("message")
@@ -1584,33 +1603,16 @@ mod tests {
         let msgs: Vec<Message> = (0..3)
             .map(|i| persistent_msg(format!("m{i}").as_bytes()))
             .collect();
-        let enq = |id: u64, m: &'_ Message| -> Vec<u8> {
-            let mut out = Vec::new();
-            record::encode(
-                &Record::Enqueue(Enqueue {
-                    queue: "/\0q",
-                    id,
-                    redelivered: false,
-                    expires_at_ms: None,
-                    exchange: "",
-                    routing_key: "q",
-                    header: &m.header_payload,
-                    body: &m.body,
-                }),
-                &mut out,
-            );
-            out
-        };
         // Segment 1: two whole records, then zeros (killed while idle).
         let mut one = record::MAGIC.to_vec();
-        one.extend(enq(1, &msgs[0]));
-        one.extend(enq(2, &msgs[1]));
+        one.extend(enq_bytes(1, &msgs[0]));
+        one.extend(enq_bytes(2, &msgs[1]));
         let one_len = one.len() as u64;
         one.resize(SEG as usize, 0);
         std::fs::write(seg_path(&dir, 1), &one).expect("write");
         // Segment 2: a record torn in its middle, then zeros (killed during a write).
         let mut two = record::MAGIC.to_vec();
-        let torn = enq(3, &msgs[2]);
+        let torn = enq_bytes(3, &msgs[2]);
         two.extend_from_slice(&torn[..torn.len() / 2]);
         two.resize(SEG as usize, 0);
         std::fs::write(seg_path(&dir, 2), &two).expect("write");
@@ -1811,24 +1813,19 @@ mod tests {
         assert!(j.take_batch(100).is_none(), "file 1 emptied: nothing to do");
     }
 
-    fn message(body: &str) -> Message {
-        let props = amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
-        Message::new("".into(), "q".into(), props, Bytes::from(body.to_owned())).expect("message")
-    }
-
     #[test]
     fn a_queue_declared_again_numbers_its_messages_after_the_deleted_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let (mut log, rec, _rx) = store.attach("/", "q");
         assert!(rec.is_empty());
-        log.enqueue(1, &message("a"), None);
-        log.enqueue(2, &message("b"), None);
+        log.enqueue(1, &persistent_msg(b"a"), None);
+        log.enqueue(2, &persistent_msg(b"b"), None);
         log.delete();
         let (mut log2, rec, _rx2) = store.attach("/", "q");
         assert!(rec.is_empty());
         assert_eq!(log2.base, 2, "ids of the deleted queue would be reused");
-        log2.enqueue(1, &message("c"), None);
+        log2.enqueue(1, &persistent_msg(b"c"), None);
         drop((log, log2));
         store.close();
         drop(store);
@@ -1845,22 +1842,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let msgs = dir.path().join("msgs");
         std::fs::create_dir_all(&msgs).expect("mkdir");
-        let m = message("x");
+        let m = persistent_msg(b"x");
         let mut seg = record::MAGIC.to_vec();
         for id in 1..=3 {
-            record::encode(
-                &Record::Enqueue(Enqueue {
-                    queue: "/\0q",
-                    id,
-                    redelivered: false,
-                    expires_at_ms: None,
-                    exchange: "",
-                    routing_key: "q",
-                    header: &m.header_payload,
-                    body: &m.body,
-                }),
-                &mut seg,
-            );
+            seg.extend(enq_bytes(id, &m));
         }
         std::fs::write(seg_path(&msgs, 1), &seg).expect("segment");
         // Journal 1 marks 2 (and an unknown queue); journal 0 marks 3 and ends torn.
@@ -1904,7 +1889,7 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         store.shared.state.lock().journal_switch_bytes = 200;
         let (mut log, _, _rx) = store.attach("/", "q");
-        let m = message("x");
+        let m = persistent_msg(b"x");
         for id in 1..=200 {
             log.enqueue(id, &m, None);
         }
