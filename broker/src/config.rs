@@ -63,9 +63,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub data_dir: PathBuf,
-    /// Management HTTP listeners (accepted, not served yet).
+    /// Management HTTP API and UI listeners.
     pub mgmt: Vec<SocketAddr>,
-    /// Prometheus listeners (accepted, not served yet).
+    /// Prometheus /metrics listeners.
     pub prometheus: Vec<SocketAddr>,
     /// Inter-node listeners (accepted, clustering not implemented yet).
     pub cluster_listen: Vec<SocketAddr>,

@@ -33,13 +33,13 @@ struct Cli {
     /// PEM private key for AMQPS.
     #[arg(long)]
     tls_key: Option<PathBuf>,
-    /// Data directory (durability is not implemented yet: accepted, unused).
+    /// Data directory: message store, definitions, page files (default ./data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Management HTTP listener (accepted but NOT served yet).
+    /// Management HTTP API and UI listener (repeatable; none by default), e.g. 127.0.0.1:15672.
     #[arg(long)]
     mgmt: Vec<SocketAddr>,
-    /// Prometheus listener (accepted but NOT served yet).
+    /// Prometheus /metrics listener (repeatable; none by default), e.g. 127.0.0.1:15692.
     #[arg(long)]
     prometheus: Vec<SocketAddr>,
     /// Inter-node listener (accepted but clustering is NOT implemented yet).
