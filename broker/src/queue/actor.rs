@@ -175,6 +175,8 @@ impl QueueActor {
                 break;
             }
             self.publish_counts();
+            // Last, once this round's deliveries are handed to their connections.
+            self.log.flush(rx.is_empty());
         }
         // Answer what is still queued so nobody waits forever.
         rx.close();

@@ -192,6 +192,11 @@ pub struct ConfirmTicket {
 }
 
 impl ConfirmTicket {
+    /// Whether both confirms go to the same channel of the same connection.
+    pub fn same_publisher(&self, other: &ConfirmTicket) -> bool {
+        self.channel == other.channel && self.events.same_channel(&other.events)
+    }
+
     pub fn send(&self, ok: bool) {
         let _ = self.events.send(ClientEvent::Confirm {
             channel: self.channel,

@@ -1,15 +1,20 @@
 //! The node's message store: one append-only log of segment files under `<data-dir>/msgs`,
-//! shared by every durable queue, written by one writer thread with group commit.
+//! shared by every durable queue, written in batches with group commit, one batch at a time.
 //!
-//! - Queue actors append records under a short mutex ([`DiskLog`]); nothing waits for the disk
-//!   on the async runtime.
-//! - The writer thread takes everything pending, writes it, and runs one `fdatasync` for the
-//!   whole batch; then it sends the publisher confirms of the batch itself (each enqueue that
-//!   wants one carries its [`ConfirmTicket`]: one hop less than going through the queue
+//! - Queue actors append records under a short mutex ([`DiskLog`]) and hand them over with
+//!   [`DiskLog::flush`] once they have handled a round of commands.
+//! - Whoever writes a batch takes everything pending, writes it, and runs one `fdatasync` for
+//!   the whole batch; then it sends the publisher confirms of the batch itself (each enqueue
+//!   that wants one carries its [`ConfirmTicket`]: one hop less than going through the queue
 //!   actor), and tells each queue about the rest of its enqueues on disk (`QueueCmd::Synced`) or
 //!   about all of them when the batch failed (`QueueCmd::WriteFailed`: the queue drops them,
 //!   their publishes get basic.nack from here). The next batch starts as soon as the previous
 //!   sync ends: no timer, no added delay when idle.
+//! - Who writes: a queue with nothing else to do writes a small batch (up to
+//!   [`INLINE_MAX_BYTES`]) itself when no batch is being written; with one publisher waiting for
+//!   one confirm, handing the batch to another thread and the confirm back costs about as much
+//!   as the sync. Otherwise the writer thread takes it. The writer thread also does all reclaim
+//!   work; a queue's batch wakes it when it leaves some.
 //! - Reclaim: segments are deleted oldest first once nothing live is left in them; the oldest
 //!   segment is compacted (its live enqueues copied to the head of the log) when less than half
 //!   of it is live, so disk use stays bounded by live messages. Deleting only the oldest segment
@@ -67,6 +72,10 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 
 /// Longest time delivery and settle records wait for an enqueue to go with.
 const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Largest batch a queue writes and syncs on its own thread (see [`DiskLog::flush`]); bigger
+/// ones go to the writer thread.
+const INLINE_MAX_BYTES: usize = 64 << 10;
 
 /// The segment file being written full of zeros ahead of need (not a `.seg` file: replay
 /// ignores it and boot deletes a leftover one).
@@ -172,6 +181,46 @@ struct State {
     /// Everything pending may wait (delivery and settle records only: nobody waits for them):
     /// the writer takes it with the next enqueue or after [`LAZY_WAIT`], not at once.
     lazy: bool,
+    /// A batch is being written (by the writer thread or by a queue, see [`DiskLog::flush`]):
+    /// nobody else takes one until it is done.
+    busy: bool,
+    /// The segment batches are appended to; taken by whoever writes a batch.
+    open: Option<OpenSeg>,
+    /// The writer thread waits for a queue's batch to end.
+    writer_waits: bool,
+    /// Reclaim work (a dead segment, a compaction) turned up after a queue's batch: the
+    /// writer thread does it.
+    reclaim: bool,
+    /// A segment whose compaction moved nothing (its live records unreadable): not retried.
+    stuck: Option<u64>,
+    /// Who waited for the confirms of the last batch that had any.
+    last_publishers: Publishers,
+}
+
+/// The publishers (connection and channel) waiting for the confirms of a batch.
+#[derive(Debug, Clone)]
+enum Publishers {
+    None,
+    One(ConfirmTicket),
+    Many,
+}
+
+impl Publishers {
+    fn of(chunks: &[Chunk]) -> Self {
+        let mut out = Publishers::None;
+        for t in chunks
+            .iter()
+            .flat_map(|c| &c.notes)
+            .filter_map(|n| n.ticket.as_ref())
+        {
+            match &out {
+                Publishers::None => out = Publishers::One(t.clone()),
+                Publishers::One(p) if p.same_publisher(t) => {}
+                _ => return Publishers::Many,
+            }
+        }
+        out
+    }
 }
 
 impl State {
@@ -346,6 +395,35 @@ impl State {
         (s < self.sealed_below() && seg.live > 0 && seg.live_bytes * 2 < seg.size).then_some(s)
     }
 
+    /// Whether the writer thread has reclaim work: a dead oldest segment or one to compact.
+    fn reclaim_due(&self) -> bool {
+        let Some((&s, seg)) = self.segs.first_key_value() else {
+            return false;
+        };
+        s < self.sealed_below()
+            && (seg.live == 0 || (self.compaction_candidate().is_some() && self.stuck != Some(s)))
+    }
+
+    /// Whether a queue may write the pending batch on its own thread (see [`DiskLog::flush`]):
+    /// nobody else is writing, the batch is small, and one publisher waits for its confirms,
+    /// the same one as in the last batch with confirms (or the first). With several
+    /// publishers waiting, the writer thread does better: it syncs the next batch while the
+    /// queues handle what comes in, where a queue's thread would do one after the other.
+    fn writable_here(&self) -> bool {
+        if self.busy || self.shutdown || self.unhealthy || self.pending_bytes() > INLINE_MAX_BYTES {
+            return false;
+        }
+        match (Publishers::of(&self.pending), &self.last_publishers) {
+            (Publishers::One(p), Publishers::One(q)) => p.same_publisher(q),
+            (Publishers::One(_), Publishers::None) => true,
+            _ => false,
+        }
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.pending.iter().map(|c| c.buf.len()).sum()
+    }
+
     /// Copies the still-live enqueues of segment `seg` (its bytes) to the head of the log.
     /// Returns what moved, to undo if the write fails.
     fn copy_live(&mut self, seg: u64, bytes: &[u8]) -> Vec<(Arc<str>, u64, Slot)> {
@@ -470,6 +548,12 @@ impl Store {
 
     /// [`Store::open`] with a given segment size (tests use small segments).
     pub fn open_with(data_dir: &Path, segment_bytes: u64) -> io::Result<Arc<Self>> {
+        Self::start(data_dir, segment_bytes, true)
+    }
+
+    /// Opens the store; without `writer` no writer thread runs (tests of the queues' own
+    /// writes).
+    fn start(data_dir: &Path, segment_bytes: u64, writer: bool) -> io::Result<Arc<Self>> {
         let dir = data_dir.join("msgs");
         let mut replay = Replay::default();
         let mut segs = BTreeMap::new();
@@ -576,6 +660,12 @@ impl Store {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(JOURNAL_SWITCH_BYTES),
             lazy: false,
+            busy: false,
+            open: None,
+            writer_waits: false,
+            reclaim: false,
+            stuck: None,
+            last_publishers: Publishers::None,
         };
         // The journals' flags go to a segment (synced) before the journals are removed.
         let mut open = None;
@@ -632,6 +722,7 @@ impl Store {
                 "store: recovered"
             );
         }
+        state.open = open;
         let shared = Arc::new(Shared {
             dir,
             state: Mutex::new(state),
@@ -644,13 +735,19 @@ impl Store {
         let preparer = std::thread::Builder::new()
             .name("warren-store-prep".into())
             .spawn(move || preparer_loop(&s2))?;
-        let s2 = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("warren-store".into())
-            .spawn(move || writer_loop(&s2, open))?;
+        let writer = if writer {
+            let s2 = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("warren-store".into())
+                    .spawn(move || writer_loop(&s2))?,
+            )
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
             shared,
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(writer),
             preparer: Mutex::new(Some(preparer)),
         }))
     }
@@ -761,7 +858,8 @@ impl Store {
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
         }
-        // The writer stopped the preparer on its way out.
+        // The writer stopped the preparer on its way out (if it ran).
+        stop_preparer(&self.shared);
         if let Some(h) = self.preparer.lock().take() {
             let _ = h.join();
         }
@@ -784,6 +882,7 @@ impl Drop for Store {
 }
 
 /// The open segment the writer appends to.
+#[derive(Debug)]
 struct OpenSeg {
     seg: u64,
     file: File,
@@ -969,20 +1068,147 @@ fn write_batch(
 /// Pause between attempts while batches fail (the disk is full or failing).
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
-fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
-    // A segment whose compaction moved nothing (its live records unreadable): not retried.
-    let mut stuck: Option<u64> = None;
+/// A batch taken for writing, with what its writer needs.
+struct Batch {
+    chunks: Vec<Chunk>,
+    /// Compaction copies in the batch (to undo if the write fails).
+    moved: Vec<(Arc<str>, u64, Slot)>,
+    /// A delivery journal to empty once the batch is written.
+    journal: Option<(usize, Arc<File>)>,
+    open: Option<OpenSeg>,
+}
+
+/// Takes everything pending (plus the live records of the segment to compact, if given) as
+/// the next batch and marks the store busy until [`finish_batch`].
+fn take_batch(sh: &Shared, st: &mut State, compact: Option<&(u64, Vec<u8>)>) -> Batch {
+    // A pre-written file became ready while appending to a plain one (the first segment, or
+    // after a full disk): move on to it now rather than at rollover.
+    if st
+        .open
+        .as_ref()
+        .is_some_and(|o| !o.prewritten && o.seg == st.cur_seg)
+        && sh.prep.lock().ready
+    {
+        st.cur_seg += 1;
+    }
+    let moved = match compact {
+        Some((s, bytes)) => st.copy_live(*s, bytes),
+        None => Vec::new(),
+    };
+    let switch_at = st.journal_switch_bytes;
+    let journal = st.journal.as_mut().and_then(|j| j.take_batch(switch_at));
+    st.lazy = false;
+    st.busy = true;
+    match Publishers::of(&st.pending) {
+        Publishers::None => {}
+        p => st.last_publishers = p,
+    }
+    Batch {
+        chunks: std::mem::take(&mut st.pending),
+        moved,
+        journal,
+        open: st.open.take(),
+    }
+}
+
+/// Writes a batch taken by [`take_batch`], sends its confirms and tells the queues, and ends
+/// the busy state. Returns whether the writer thread has something to do now.
+fn finish_batch(sh: &Shared, b: Batch) -> bool {
+    let Batch {
+        chunks,
+        moved,
+        journal,
+        mut open,
+    } = b;
+    // Only enqueues (confirms wait for them) and compaction copies (the old segment is
+    // deleted next) need the sync; acks and deliveries ride along with the next one.
+    let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
+    let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
+    // Confirms first: they are what the publishers wait for. Each ticket is in exactly one
+    // note and the chunks are dropped after this pass: sent once.
+    for c in &chunks {
+        for t in c.notes.iter().filter_map(|n| n.ticket.as_ref()) {
+            t.send(result.is_ok());
+        }
+    }
+    // Tell each queue about its enqueues in this batch: on success only those it still
+    // waits for (no ticket), on failure all of them.
+    // (A deleted queue and its namesake declared since differ in `base`.)
+    type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
+    let mut per_queue: PerQueue = HashMap::new();
+    for c in &chunks {
+        for n in &c.notes {
+            if result.is_ok() && n.ticket.is_some() {
+                continue;
+            }
+            let e = per_queue
+                .entry((n.queue.clone(), n.base))
+                .or_insert_with(|| (n.tx.clone(), 0, Vec::new()));
+            let id = n.id - n.base;
+            e.1 = e.1.max(id);
+            e.2.push(id);
+        }
+    }
+    // The batch's delivery records are in the segment now (page cache: enough for a
+    // process crash), so the journal that holds them can be emptied.
+    let journal_done = match (&result, journal) {
+        (Ok(()), Some((i, f))) => match f.set_len(0) {
+            Ok(()) => Some(i),
+            Err(e) => {
+                warn!(error = %e, "store: cannot truncate a delivery journal");
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut st = sh.state.lock();
+    if let (Some(i), Some(j)) = (journal_done, st.journal.as_mut()) {
+        j.len[i] = 0;
+    }
+    match &result {
+        Ok(()) => {
+            st.unhealthy = false;
+            st.written_below = open.as_ref().map_or(st.cur_seg, |o| o.seg);
+        }
+        Err(e) => {
+            if !st.unhealthy {
+                warn!(error = %e, "store: write failed; affected publishes are nacked");
+            }
+            st.unhealthy = true;
+            st.fail_batch(&chunks, moved);
+            if st.shutdown {
+                // Stopping: no more attempts (the broker exits with what is on disk).
+                st.pending.clear();
+            }
+        }
+    }
+    st.open = open;
+    st.busy = false;
+    if st.reclaim_due() {
+        st.reclaim = true;
+    }
+    let wake = st.shutdown || st.writer_waits || st.reclaim || !st.pending.is_empty();
+    drop(st);
+    for (_, (tx, up_to, ids)) in per_queue {
+        let cmd = match result {
+            Ok(()) => QueueCmd::Synced { up_to },
+            Err(_) => QueueCmd::WriteFailed { ids },
+        };
+        let _ = tx.send(cmd);
+    }
+    wake
+}
+
+fn writer_loop(sh: &Shared) {
     let mut reported = 0;
-    loop {
+    'run: loop {
         // Reclaim: unlink dead segments, pick one to compact (among the segments left: the
         // oldest may only now be the one to compact, and nothing may come to wake us again).
         let (dead, candidate) = {
             let mut st = sh.state.lock();
             let dead = st.take_dead_segments();
-            (
-                dead,
-                st.compaction_candidate().filter(|c| Some(*c) != stuck),
-            )
+            let candidate = st.compaction_candidate().filter(|c| Some(*c) != st.stuck);
+            (dead, candidate)
         };
         for s in dead {
             if let Err(e) = std::fs::remove_file(seg_path(&sh.dir, s)) {
@@ -998,13 +1224,27 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
                 None
             }
         });
-        let (chunks, moved, journal) = {
+        let batch = {
             let mut st = sh.state.lock();
             if st.unhealthy && !st.shutdown {
                 // The last batch failed and its records are pending again: do not spin.
                 sh.wake.wait_for(&mut st, RETRY_PAUSE);
             }
-            while (st.pending.is_empty() || st.lazy) && !st.shutdown && compact.is_none() {
+            loop {
+                if st.busy {
+                    // A queue writes a batch itself (DiskLog::flush); it wakes us when done.
+                    st.writer_waits = true;
+                    sh.wake.wait(&mut st);
+                    st.writer_waits = false;
+                    continue;
+                }
+                if st.shutdown
+                    || st.reclaim
+                    || compact.is_some()
+                    || (!st.pending.is_empty() && !st.lazy)
+                {
+                    break;
+                }
                 // Wakes at least once a second to report the sync count when it moved
                 // (debug level; the benchmark reads it), and after LAZY_WAIT to write records
                 // that waited.
@@ -1022,102 +1262,24 @@ fn writer_loop(sh: &Shared, mut open: Option<OpenSeg>) {
                     }
                 }
             }
+            st.reclaim = false;
             if st.pending.is_empty() && compact.is_none() {
-                break;
-            }
-            // A pre-written file became ready while appending to a plain one (the first
-            // segment, or after a full disk): move on to it now rather than at rollover.
-            if open
-                .as_ref()
-                .is_some_and(|o| !o.prewritten && o.seg == st.cur_seg)
-                && sh.prep.lock().ready
-            {
-                st.cur_seg += 1;
-            }
-            let moved = match &compact {
-                Some((s, bytes)) => st.copy_live(*s, bytes),
-                None => Vec::new(),
-            };
-            if let (Some((s, _)), true) = (&compact, moved.is_empty()) {
-                stuck = Some(*s);
-            }
-            let switch_at = st.journal_switch_bytes;
-            let journal = st.journal.as_mut().and_then(|j| j.take_batch(switch_at));
-            st.lazy = false;
-            (std::mem::take(&mut st.pending), moved, journal)
-        };
-        // Only enqueues (confirms wait for them) and compaction copies (the old segment is
-        // deleted next) need the sync; acks and deliveries ride along with the next one.
-        let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
-        let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
-        // Confirms first: they are what the publishers wait for. Each ticket is in exactly one
-        // note and the chunks are dropped after this pass: sent once.
-        for c in &chunks {
-            for t in c.notes.iter().filter_map(|n| n.ticket.as_ref()) {
-                t.send(result.is_ok());
-            }
-        }
-        // Tell each queue about its enqueues in this batch: on success only those it still
-        // waits for (no ticket), on failure all of them.
-        // (A deleted queue and its namesake declared since differ in `base`.)
-        type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
-        let mut per_queue: PerQueue = HashMap::new();
-        for c in &chunks {
-            for n in &c.notes {
-                if result.is_ok() && n.ticket.is_some() {
-                    continue;
-                }
-                let e = per_queue
-                    .entry((n.queue.clone(), n.base))
-                    .or_insert_with(|| (n.tx.clone(), 0, Vec::new()));
-                let id = n.id - n.base;
-                e.1 = e.1.max(id);
-                e.2.push(id);
-            }
-        }
-        // The batch's delivery records are in the segment now (page cache: enough for a
-        // process crash), so the journal that holds them can be emptied.
-        let journal_done = match (&result, journal) {
-            (Ok(()), Some((i, f))) => match f.set_len(0) {
-                Ok(()) => Some(i),
-                Err(e) => {
-                    warn!(error = %e, "store: cannot truncate a delivery journal");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let mut st = sh.state.lock();
-        if let (Some(i), Some(j)) = (journal_done, st.journal.as_mut()) {
-            j.len[i] = 0;
-        }
-        match &result {
-            Ok(()) => {
-                st.unhealthy = false;
-                st.written_below = open.as_ref().map_or(st.cur_seg, |o| o.seg);
-            }
-            Err(e) => {
-                if !st.unhealthy {
-                    warn!(error = %e, "store: write failed; affected publishes are nacked");
-                }
-                st.unhealthy = true;
-                st.fail_batch(&chunks, moved);
                 if st.shutdown {
-                    // Stopping: no more attempts (the broker exits with what is on disk).
-                    st.pending.clear();
+                    break 'run;
                 }
+                // Woken for reclaim only.
+                continue 'run;
             }
-        }
-        drop(st);
-        for (_, (tx, up_to, ids)) in per_queue {
-            let cmd = match result {
-                Ok(()) => QueueCmd::Synced { up_to },
-                Err(_) => QueueCmd::WriteFailed { ids },
-            };
-            let _ = tx.send(cmd);
-        }
+            let b = take_batch(sh, &mut st, compact.as_ref());
+            if let (Some((s, _)), true) = (&compact, b.moved.is_empty()) {
+                st.stuck = Some(*s);
+            }
+            b
+        };
+        finish_batch(sh, batch);
     }
     stop_preparer(sh);
+    let open = sh.state.lock().open.take();
     if let Some(o) = open {
         if o.prewritten {
             // Hand back the unused zero-filled rest (replay would accept it as it is).
@@ -1190,9 +1352,10 @@ impl DiskLog {
             journal_write(&mut st, &sh.dir, &rec);
         }
         drop(st);
-        // The first waiting record wakes an idle writer so that it waits LAZY_WAIT at most;
-        // while it is busy (syncing a batch) the wake-up costs nothing.
-        if first || !lazy {
+        // The first waiting record wakes an idle writer so that it waits LAZY_WAIT at most
+        // (while it is busy syncing a batch the wake-up costs nothing); records that join an
+        // enqueue go with it (see `flush`).
+        if first {
             sh.wake.notify_one();
         }
     }
@@ -1308,8 +1471,7 @@ impl DiskLog {
                 delivered: false,
             },
         );
-        drop(st);
-        sh.wake.notify_one();
+        // Written by `flush`, which the queue calls once it has handled its round of commands.
     }
 }
 
@@ -1339,6 +1501,30 @@ impl QueueLog for DiskLog {
 
     fn settle(&mut self, ids: &[u64]) {
         self.ids_record(ids, true);
+    }
+
+    /// Hands pending enqueues to be written. When the queue is `idle`, the batch is small and
+    /// nobody else writes one, the queue's own thread writes and syncs it and sends its
+    /// confirms: one publisher waiting for one confirm then costs no thread hand-over, which
+    /// is most of the cost of a confirm besides the sync itself. Otherwise the writer thread
+    /// is woken and takes it (group commit).
+    fn flush(&mut self, idle: bool) -> bool {
+        let sh = &self.store.shared;
+        let mut st = sh.state.lock();
+        if st.pending.is_empty() || st.lazy {
+            return false;
+        }
+        if !idle || !st.writable_here() {
+            drop(st);
+            sh.wake.notify_one();
+            return false;
+        }
+        let batch = take_batch(sh, &mut st, None);
+        drop(st);
+        if finish_batch(sh, batch) {
+            sh.wake.notify_one();
+        }
+        true
     }
 
     fn delivered(&mut self, ids: &[u64]) {
@@ -1390,6 +1576,12 @@ mod tests {
             journal_warned: false,
             journal_switch_bytes: JOURNAL_SWITCH_BYTES,
             lazy: false,
+            busy: false,
+            open: None,
+            writer_waits: false,
+            reclaim: false,
+            stuck: None,
+            last_publishers: Publishers::None,
         }
     }
 
@@ -1491,6 +1683,7 @@ mod tests {
                 Safety::Pending
             );
         }
+        log.flush(false);
         wait_synced(&mut rx, 20);
         let segs = seg_files(&dir);
         assert_eq!(segs.len(), 1, "{segs:?}");
@@ -1533,6 +1726,109 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_queue_writes_one_publishers_small_batch_itself_and_its_confirms_are_out_at_once() {
+        let data = tempfile::tempdir().expect("tempdir");
+        // No writer thread: whatever reaches the disk, the queue wrote.
+        let store = Store::start(data.path(), 1 << 20, false).expect("open");
+        let (mut log, _, mut rx) = store.attach("/", "q");
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        for seq in 1..=3 {
+            assert!(log
+                .enqueue_confirmed(seq, &persistent_msg(b"c"), None, ticket(&ctx, seq))
+                .is_none());
+            assert!(confirms(&mut crx).is_empty(), "confirmed before the write");
+            assert!(log.flush(true));
+            assert_eq!(confirms(&mut crx), vec![(seq, true)]);
+        }
+        // Nobody waits for a publish without a confirm: left to the writer thread, or to
+        // the next batch that someone waits for.
+        log.enqueue(4, &persistent_msg(b"u"), None);
+        assert!(!log.flush(true));
+        log.enqueue_confirmed(5, &persistent_msg(b"c"), None, ticket(&ctx, 5));
+        assert!(log.flush(true));
+        assert_eq!(confirms(&mut crx), vec![(5, true)]);
+        assert!(matches!(rx.try_recv(), Ok(QueueCmd::Synced { up_to: 4 })));
+        // Another publisher (channel 2 of the connection): left to the writer thread, which
+        // keeps the disk busy while the queue takes in what the others send.
+        let other = ConfirmTicket {
+            events: ctx.clone(),
+            channel: 2,
+            generation: 0,
+            seq: 6,
+        };
+        log.enqueue_confirmed(6, &persistent_msg(b"o"), None, other);
+        assert!(!log.flush(true));
+        // So is a batch with both.
+        log.enqueue_confirmed(7, &persistent_msg(b"c"), None, ticket(&ctx, 7));
+        assert!(!log.flush(true));
+        // Not idle: left to the writer thread.
+        let (mut log2, _, _rx2) = store.attach("/", "q2");
+        store.shared.state.lock().pending.clear();
+        log2.enqueue_confirmed(1, &persistent_msg(b"n"), None, ticket(&ctx, 8));
+        store.shared.state.lock().last_publishers = Publishers::None;
+        assert!(!log2.flush(false));
+        // Too big for the queue's thread: left to the writer thread too.
+        let big = persistent_msg(&[7u8; 1024]);
+        for seq in 9..=(9 + (INLINE_MAX_BYTES / 1024) as u64) {
+            log2.enqueue_confirmed(seq, &big, None, ticket(&ctx, seq));
+        }
+        assert!(store.shared.state.lock().pending_bytes() > INLINE_MAX_BYTES);
+        assert!(!log2.flush(true));
+        assert!(confirms(&mut crx).is_empty());
+        store.shared.state.lock().pending.clear();
+        drop((log, log2));
+        store.close();
+        drop(store);
+        // What the queue wrote is on disk; nothing else is.
+        let store = Store::open(data.path()).expect("reopen");
+        let (_log, rec, _rx) = store.attach("/", "q");
+        let ids: Vec<u64> = rec.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        let (_log2, rec, _rx2) = store.attach("/", "q2");
+        assert!(rec.is_empty());
+        store.close();
+    }
+
+    #[test]
+    fn segments_are_reclaimed_when_every_batch_is_written_by_the_queue() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join("msgs");
+        let store = Store::open_with(data.path(), 8 << 10).expect("open");
+        let (mut log, _, _rx) = store.attach("/", "q");
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        let m = persistent_msg(&[1u8; 1024]);
+        // Each ack goes with the next publish, so the writer thread is never woken for a
+        // batch: only for the reclaim work the queue's batches leave.
+        for seq in 1..=100 {
+            log.enqueue_confirmed(seq, &m, None, ticket(&ctx, seq));
+            if seq > 1 {
+                log.settle(&[seq - 1]);
+            }
+            log.flush(true);
+        }
+        // (A batch the writer thread takes while it compacts may come later.)
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            match crx.blocking_recv().expect("confirms") {
+                crate::queue::ClientEvent::Confirm { seq, ok, .. } => got.push((seq, ok)),
+                other => panic!("unexpected client event {other:?}"),
+            }
+        }
+        assert_eq!(got, (1..=100).map(|s| (s, true)).collect::<Vec<_>>());
+        let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+        while seg_files(&dir).len() > 2 {
+            assert!(
+                std::time::SystemTime::now() < deadline,
+                "dead segments kept: {:?}",
+                seg_files(&dir)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(log);
+        store.close();
+    }
+
+    #[test]
     fn the_writer_sends_the_confirms_of_a_synced_batch_itself() {
         let data = tempfile::tempdir().expect("tempdir");
         let store = Store::open_with(data.path(), 1 << 20).expect("open");
@@ -1545,6 +1841,7 @@ mod tests {
         // A publish without a confirm is still reported to the queue; it comes after the
         // confirmed ones, so once it is synced all of them are.
         assert_eq!(log.enqueue(6, &persistent_msg(b"y"), None), Safety::Pending);
+        log.flush(false);
         wait_synced(&mut rx, 6);
         assert_eq!(
             confirms(&mut crx),
@@ -1581,6 +1878,7 @@ mod tests {
             .enqueue_confirmed(1, &persistent_msg(b"a"), None, ticket(&ctx, 1))
             .is_none());
         assert_eq!(log.enqueue(2, &persistent_msg(b"b"), None), Safety::Pending);
+        log.flush(false);
         let mut failed = Vec::new();
         while failed.len() < 2 {
             match rx.blocking_recv().expect("store events") {
@@ -1893,6 +2191,7 @@ mod tests {
         for id in 1..=200 {
             log.enqueue(id, &m, None);
         }
+        log.flush(false);
         let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
         for id in 1..=200 {
             log.delivered(&[id]);

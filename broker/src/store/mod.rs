@@ -75,6 +75,12 @@ pub trait QueueLog: Send + 'static {
     fn requeue(&mut self, ids: &[u64]);
     /// The queue was deleted.
     fn delete(&mut self);
+    /// The queue has handled a round of commands: records logged since the last call are
+    /// to be written now. `idle`: no command waits, so the log may write on the caller's
+    /// thread. Returns whether it did.
+    fn flush(&mut self, _idle: bool) -> bool {
+        false
+    }
 }
 
 /// Keeps nothing: every message is safe as soon as it is in memory.
