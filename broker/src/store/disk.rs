@@ -11,10 +11,11 @@
 //!   their publishes get basic.nack from here). The next batch starts as soon as the previous
 //!   sync ends: no timer, no added delay when idle.
 //! - Who writes: a queue with nothing else to do writes a small batch (up to
-//!   [`INLINE_MAX_BYTES`]) itself when no batch is being written; with one publisher waiting for
-//!   one confirm, handing the batch to another thread and the confirm back costs about as much
-//!   as the sync. Otherwise the writer thread takes it. The writer thread also does all reclaim
-//!   work; a queue's batch wakes it when it leaves some.
+//!   [`INLINE_MAX_BYTES`]) of one publisher itself when no batch is being written; with one
+//!   publisher waiting for one confirm, handing the batch to another thread and the confirm back
+//!   costs about as much as the sync. Otherwise the writer thread takes it (see
+//!   `State::writable_here`). The writer thread also does all reclaim work; a queue's batch
+//!   wakes it when it leaves some.
 //! - Reclaim: segments are deleted oldest first once nothing live is left in them; the oldest
 //!   segment is compacted (its live enqueues copied to the head of the log) when less than half
 //!   of it is live, so disk use stays bounded by live messages. Deleting only the oldest segment
