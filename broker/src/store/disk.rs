@@ -764,6 +764,16 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         let (key, live, base) = {
             let mut st = self.shared.state.lock();
+            if st.open.is_none() && !st.busy {
+                // No segment open yet in this run: a durable queue is about to use the store,
+                // so have a pre-written segment ready for its first write (the writer asks for
+                // the next one itself each time it opens one).
+                let mut p = self.shared.prep.lock();
+                if !p.ready && !p.wanted {
+                    p.wanted = true;
+                    self.shared.prep_wake.notify_one();
+                }
+            }
             let live = st.unclaimed.remove(&key).unwrap_or_default();
             let key = match st.queues.get_key_value(key.as_str()) {
                 Some((k, _)) => k.clone(),
@@ -1667,16 +1677,32 @@ mod tests {
     }
 
     #[test]
-    fn a_prewritten_segment_is_used_and_its_zero_rest_is_given_back_on_close() {
+    fn the_first_durable_queue_has_a_prewritten_segment_made_which_is_used_and_cut_on_close() {
         const SEG: u64 = 256 << 10;
         let data = tempfile::tempdir().expect("tempdir");
         let dir = data.path().join("msgs");
         let store = Store::open_with(data.path(), SEG).expect("open");
-        // Hand the writer a prepared file before its first segment.
-        assert!(prepare_segment(&dir, SEG, || false).expect("prepare"));
-        store.shared.prep.lock().ready = true;
+        assert!(
+            !store.shared.prep.lock().wanted,
+            "prepared before any durable queue"
+        );
         let (mut log, recovered, mut rx) = store.attach("/", "q");
         assert!(recovered.is_empty());
+        // The queue's arrival has the next segment prepared before its first write.
+        let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+        while !store.shared.prep.lock().ready {
+            assert!(
+                std::time::SystemTime::now() < deadline,
+                "no segment prepared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            std::fs::metadata(dir.join(PREPARED))
+                .expect("prepared")
+                .len(),
+            SEG
+        );
         for id in 1..=20 {
             let body = format!("m{id}");
             assert_eq!(
