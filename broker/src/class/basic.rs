@@ -462,6 +462,7 @@ pub async fn route_and_enqueue(
             }
             Some(ConfirmTicket {
                 events: s.events_tx.clone(),
+                conn_id: s.conn_id,
                 channel: ch,
                 generation: c.generation,
                 seq,

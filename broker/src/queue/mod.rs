@@ -186,15 +186,17 @@ pub type ClientTx = mpsc::UnboundedSender<ClientEvent>;
 #[derive(Debug, Clone)]
 pub struct ConfirmTicket {
     pub events: ClientTx,
+    /// The publishing connection.
+    pub conn_id: u64,
     pub channel: u16,
     pub generation: u64,
     pub seq: u64,
 }
 
 impl ConfirmTicket {
-    /// Whether both confirms go to the same channel of the same connection.
-    pub fn same_publisher(&self, other: &ConfirmTicket) -> bool {
-        self.channel == other.channel && self.events.same_channel(&other.events)
+    /// The publisher waiting for this confirm: connection and channel.
+    pub fn publisher(&self) -> (u64, u16) {
+        (self.conn_id, self.channel)
     }
 
     pub fn send(&self, ok: bool) {

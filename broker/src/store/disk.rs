@@ -199,10 +199,10 @@ struct State {
 }
 
 /// The publishers (connection and channel) waiting for the confirms of a batch.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Publishers {
     None,
-    One(ConfirmTicket),
+    One((u64, u16)),
     Many,
 }
 
@@ -214,9 +214,9 @@ impl Publishers {
             .flat_map(|c| &c.notes)
             .filter_map(|n| n.ticket.as_ref())
         {
-            match &out {
-                Publishers::None => out = Publishers::One(t.clone()),
-                Publishers::One(p) if p.same_publisher(t) => {}
+            match out {
+                Publishers::None => out = Publishers::One(t.publisher()),
+                Publishers::One(p) if p == t.publisher() => {}
                 _ => return Publishers::Many,
             }
         }
@@ -414,8 +414,8 @@ impl State {
         if self.busy || self.shutdown || self.unhealthy || self.pending_bytes() > INLINE_MAX_BYTES {
             return false;
         }
-        match (Publishers::of(&self.pending), &self.last_publishers) {
-            (Publishers::One(p), Publishers::One(q)) => p.same_publisher(q),
+        match (Publishers::of(&self.pending), self.last_publishers) {
+            (Publishers::One(p), Publishers::One(q)) => p == q,
             (Publishers::One(_), Publishers::None) => true,
             _ => false,
         }
@@ -1734,6 +1734,7 @@ mod tests {
     fn ticket(events: &crate::queue::ClientTx, seq: u64) -> ConfirmTicket {
         ConfirmTicket {
             events: events.clone(),
+            conn_id: 1,
             channel: 1,
             generation: 0,
             seq,
@@ -1779,6 +1780,7 @@ mod tests {
         // keeps the disk busy while the queue takes in what the others send.
         let other = ConfirmTicket {
             events: ctx.clone(),
+            conn_id: 1,
             channel: 2,
             generation: 0,
             seq: 6,
