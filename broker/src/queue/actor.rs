@@ -52,6 +52,8 @@ pub struct QueueActor {
     log: Box<dyn QueueLog>,
     /// Publishes waiting for the log to report them safe.
     unconfirmed: VecDeque<(u64, ConfirmTicket)>,
+    /// Deliveries since the last flush of the log.
+    round_deliveries: usize,
     /// Store events (`Synced`, `WriteFailed`) for a durable queue.
     store_rx: Option<mpsc::UnboundedReceiver<QueueCmd>>,
     had_consumers: bool,
@@ -79,6 +81,7 @@ impl QueueActor {
             next_id: 1,
             log,
             unconfirmed: VecDeque::new(),
+            round_deliveries: 0,
             store_rx: None,
             had_consumers: false,
             last_activity: Instant::now(),
@@ -175,7 +178,15 @@ impl QueueActor {
                 break;
             }
             self.publish_counts();
-            // Last, once this round's deliveries are handed to their connections.
+            // Last, once this round's deliveries are handed to their connections. When the log
+            // is about to write (and sync) on this thread, those connections run first: else
+            // the deliveries would wait for the sync.
+            if std::mem::take(&mut self.round_deliveries) > 0
+                && rx.is_empty()
+                && self.log.writes_here()
+            {
+                tokio::task::yield_now().await;
+            }
             self.log.flush(rx.is_empty());
         }
         // Answer what is still queued so nobody waits forever.
@@ -601,6 +612,7 @@ impl QueueActor {
     fn dispatch(&mut self, now: Instant) {
         loop {
             let delivered = self.dispatch_pass(now);
+            self.round_deliveries += delivered;
             if delivered < DISPATCH_PASS {
                 break;
             }

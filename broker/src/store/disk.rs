@@ -1514,6 +1514,11 @@ impl QueueLog for DiskLog {
         self.ids_record(ids, true);
     }
 
+    fn writes_here(&self) -> bool {
+        let st = self.store.shared.state.lock();
+        !st.pending.is_empty() && !st.lazy && st.writable_here()
+    }
+
     /// Hands pending enqueues to be written. When the queue is `idle`, the batch is small and
     /// nobody else writes one, the queue's own thread writes and syncs it and sends its
     /// confirms: one publisher waiting for one confirm then costs no thread hand-over, which

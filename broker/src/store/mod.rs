@@ -81,6 +81,10 @@ pub trait QueueLog: Send + 'static {
     fn flush(&mut self, _idle: bool) -> bool {
         false
     }
+    /// Whether [`QueueLog::flush`] of an idle queue would write on the caller's thread now.
+    fn writes_here(&self) -> bool {
+        false
+    }
 }
 
 /// Keeps nothing: every message is safe as soon as it is in memory.
