@@ -6,8 +6,9 @@
 //! below; durable queues use [`DiskLog`] (the node's [`Store`]: segment files, group commit,
 //! fdatasync), which reports persistent messages `Pending` and later tells the queue actor which
 //! ids became safe (`QueueCmd::Synced`) or could not be written (`QueueCmd::WriteFailed`); a
-//! publish with a confirm hands its ticket to the log ([`QueueLog::enqueue_confirmed`]) and the
-//! store's writer sends the confirm itself after the sync.
+//! publish with a confirm hands its ticket to the log ([`QueueLog::enqueue_confirmed`]) and
+//! whoever writes the batch (the store's writer thread, or the queue's own thread, see
+//! [`QueueLog::flush`]) sends the confirm itself after the sync.
 
 pub mod disk;
 pub mod record;
