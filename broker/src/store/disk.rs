@@ -225,6 +225,32 @@ impl Publishers {
 }
 
 impl State {
+    /// The books of a store whose next segment is `cur_seg`, with the replayed segments `segs`.
+    fn new(cur_seg: u64, segs: BTreeMap<u64, Seg>, segment_bytes: u64) -> Self {
+        State {
+            cur_seg,
+            pending: Vec::new(),
+            segs,
+            queues: HashMap::new(),
+            unclaimed: HashMap::new(),
+            shutdown: false,
+            unhealthy: false,
+            written_below: cur_seg,
+            segment_bytes,
+            top: HashMap::new(),
+            journal: None,
+            journal_warned: false,
+            journal_switch_bytes: JOURNAL_SWITCH_BYTES,
+            lazy: false,
+            busy: false,
+            open: None,
+            writer_waits: false,
+            reclaim: false,
+            stuck: None,
+            last_publishers: Publishers::None,
+        }
+    }
+
     /// Appends one record to the current segment (rolling over when full); returns the
     /// segment and the record's size.
     fn append(&mut self, rec: &Record<'_>, note: Option<Note>) -> (u64, u64) {
@@ -643,31 +669,11 @@ impl Store {
                 }
             }
         }
-        let mut state = State {
-            cur_seg: max_seg + 1,
-            pending: Vec::new(),
-            segs,
-            queues: HashMap::new(),
-            unclaimed: HashMap::new(),
-            shutdown: false,
-            unhealthy: false,
-            written_below: max_seg + 1,
-            segment_bytes,
-            top: HashMap::new(),
-            journal: None,
-            journal_warned: false,
-            journal_switch_bytes: std::env::var("WARREN_JOURNAL_SWITCH_BYTES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(JOURNAL_SWITCH_BYTES),
-            lazy: false,
-            busy: false,
-            open: None,
-            writer_waits: false,
-            reclaim: false,
-            stuck: None,
-            last_publishers: Publishers::None,
-        };
+        let mut state = State::new(max_seg + 1, segs, segment_bytes);
+        state.journal_switch_bytes = std::env::var("WARREN_JOURNAL_SWITCH_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(JOURNAL_SWITCH_BYTES);
         // The journals' flags go to a segment (synced) before the journals are removed.
         let mut open = None;
         if !marked.is_empty() {
@@ -1577,28 +1583,7 @@ mod tests {
     use super::*;
 
     fn state(segment_bytes: u64) -> State {
-        State {
-            cur_seg: 1,
-            pending: Vec::new(),
-            segs: BTreeMap::new(),
-            queues: HashMap::new(),
-            unclaimed: HashMap::new(),
-            shutdown: false,
-            unhealthy: false,
-            written_below: 1,
-            segment_bytes,
-            top: HashMap::new(),
-            journal: None,
-            journal_warned: false,
-            journal_switch_bytes: JOURNAL_SWITCH_BYTES,
-            lazy: false,
-            busy: false,
-            open: None,
-            writer_waits: false,
-            reclaim: false,
-            stuck: None,
-            last_publishers: Publishers::None,
-        }
+        State::new(1, BTreeMap::new(), segment_bytes)
     }
 
     fn enq<'a>(q: &'a str, id: u64, body: &'a [u8]) -> Record<'a> {
