@@ -6,10 +6,9 @@ mod support;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
 use warren_broker::auth::{PasswordHash, PermissionSpec, VhostMeta};
@@ -497,63 +496,6 @@ async fn idempotent_redeclare_does_not_rewrite_the_file_and_transients_never_do(
     b.shutdown().await;
 }
 
-/// The real binary on a data dir; reads the bound AMQP address from stderr.
-struct Proc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Proc {
-    fn start(data: &Path) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
-            .args(["--amqp", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warren-broker");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let re = regex::Regex::new(r"listening proto=amqp addr=(\S+)").expect("re");
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(c) = re.captures(&line) {
-                    let _ = tx.send(c[1].parse::<SocketAddr>().expect("addr"));
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("broker logged its address");
-        Proc { child, addr }
-    }
-
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(mut self) {
-        let pid = nix_free_kill(self.child.id());
-        assert!(pid, "kill -TERM");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "exit status {status}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nix_free_kill(pid: u32) -> bool {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test]
 async fn definitions_survive_restart_of_the_binary_and_transients_do_not() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -646,8 +588,15 @@ async fn definitions_survive_restart_of_the_binary_and_transients_do_not() {
     drop(s);
 
     // Run 2: the real binary on the same data dir.
-    let p = Proc::start(data.path());
-    let c = connect_as(p.addr, "carol", "c-pass", "billing")
+    let data_dir = data.path().to_str().expect("utf-8 path");
+    let p = support::proc::spawn(
+        ["--amqp", "127.0.0.1:0", "--data-dir", data_dir],
+        &[],
+        &["amqp"],
+    )
+    .await;
+    let addr: SocketAddr = p.addr("amqp").parse().expect("amqp address");
+    let c = connect_as(addr, "carol", "c-pass", "billing")
         .await
         .expect("carol, her vhost and permissions came back");
     let ch = c.create_channel().await.expect("channel");
@@ -684,7 +633,7 @@ async fn definitions_survive_restart_of_the_binary_and_transients_do_not() {
         .expect_err("configure refused");
     assert_eq!(amqp_code(&e), Some(403));
     c.close(200, "bye".into()).await.ok();
-    p.stop();
+    p.term().await;
 
     // Run 3, in process again: the API sees the same definitions (and the binary's run did
     // not lose any of them).
