@@ -34,7 +34,9 @@
 //!   after the segments, writes the flags they add to a new segment (synced) and removes the
 //!   journals, so a journal never outlives the run that wrote it. A power loss can lose journal
 //!   records (no sync, as RabbitMQ does not sync deliveries either): the message then comes back
-//!   not redelivered.
+//!   not redelivered. A message delivered while its enqueue record still waits in memory (a
+//!   consumer keeping up with a publisher that waits for each confirm) skips all this: the
+//!   flag is set in that record, which reaches the file with it or not at all.
 //! - Store ids are unique per queue name within a run: a queue declared again after a delete
 //!   numbers its messages after the highest id its name ever had in this run (`base`), so a
 //!   journal record can never mark a message of a later queue with the same name.
@@ -78,6 +80,10 @@ const LAZY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// ones go to the writer thread.
 const INLINE_MAX_BYTES: usize = 64 << 10;
 
+/// How many of the latest pending enqueues per chunk a delivery looks through for its own
+/// (see `State::mark_pending_delivered`); older ones get a delivered record.
+const MARK_SCAN: usize = 16;
+
 /// The segment file being written full of zeros ahead of need (not a `.seg` file: replay
 /// ignores it and boot deletes a leftover one).
 const PREPARED: &str = "next.pre";
@@ -114,6 +120,8 @@ struct Note {
     tx: mpsc::UnboundedSender<QueueCmd>,
     /// The publisher confirm, sent by the writer once the batch is synced (or failed).
     ticket: Option<ConfirmTicket>,
+    /// Where the enqueue record starts in its chunk's buffer (set by `State::append`).
+    at: usize,
 }
 
 #[derive(Debug)]
@@ -268,6 +276,7 @@ impl State {
         };
         let start = chunk.buf.len();
         let n = record::encode(rec, &mut chunk.buf) as u64;
+        let mut note = note;
         let seg = self.segs.entry(self.cur_seg).or_insert(Seg {
             size: record::MAGIC.len() as u64,
             ..Seg::default()
@@ -282,6 +291,9 @@ impl State {
                     ..Seg::default()
                 },
             );
+            if let Some(note) = note.as_mut() {
+                note.at = 0;
+            }
             self.pending.push(Chunk {
                 seg: self.cur_seg,
                 buf: tail,
@@ -290,6 +302,9 @@ impl State {
             });
         } else {
             seg.size += n;
+            if let Some(note) = note.as_mut() {
+                note.at = start;
+            }
             chunk.notes.extend(note);
         }
         (self.cur_seg, n)
@@ -303,6 +318,36 @@ impl State {
             let end = c.buf.len();
             c.retry.push((end - n as usize, end));
         }
+    }
+
+    /// Marks the enqueue records of `ids` (store ids of `queue`) redelivered where they wait
+    /// in the pending batch, if every one of them is among the last [`MARK_SCAN`] enqueues
+    /// there; else changes nothing and returns false. A marked message needs no delivered
+    /// record: its flag reaches the file with the enqueue itself, or neither does.
+    fn mark_pending_delivered(&mut self, queue: &Arc<str>, ids: &[u64]) -> bool {
+        let mut found = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let hit = self.pending.iter().enumerate().rev().find_map(|(ci, c)| {
+                c.notes
+                    .iter()
+                    .rev()
+                    .take(MARK_SCAN)
+                    .find(|n| n.id == id && n.queue == *queue)
+                    .map(|n| (ci, n.at))
+            });
+            match hit {
+                Some(h) => found.push(h),
+                None => return false,
+            }
+        }
+        for (ci, at) in found {
+            let marked = self.pending[ci]
+                .buf
+                .get_mut(at..)
+                .is_some_and(record::mark_redelivered);
+            debug_assert!(marked, "a note points at its enqueue record");
+        }
+        true
     }
 
     /// Undoes the books of a batch whose write failed: its enqueues are forgotten (with a
@@ -1346,6 +1391,11 @@ impl DiskLog {
         for s in freed {
             st.drop_live(s.seg, s.size);
         }
+        // Delivered before their enqueues left memory (one publisher and its consumer, one
+        // message in flight): the flag goes into those records, no journal write.
+        if !settle && st.mark_pending_delivered(&self.key, &logged) {
+            return;
+        }
         let rec = if settle {
             Record::Settle {
                 queue: &self.key,
@@ -1475,6 +1525,7 @@ impl DiskLog {
             base: self.base,
             tx: self.tx.clone(),
             ticket,
+            at: 0,
         };
         let sh = &self.store.shared;
         let mut st = sh.state.lock();
@@ -1809,6 +1860,72 @@ mod tests {
     }
 
     #[test]
+    fn a_message_delivered_before_its_enqueue_is_written_has_the_flag_in_that_record() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let journals = || -> u64 {
+            JOURNALS
+                .iter()
+                .filter_map(|n| std::fs::metadata(data.path().join("msgs").join(n)).ok())
+                .map(|m| m.len())
+                .sum()
+        };
+        // No writer thread: the queue writes every batch (each ends with a confirm).
+        let store = Store::start(data.path(), 1 << 20, false).expect("open");
+        let (mut log, _, _rx) = store.attach("/", "q");
+        let (ctx, mut crx) = mpsc::unbounded_channel();
+        let m = persistent_msg(b"m");
+        assert_eq!(store.shared.state.lock().pending_bytes(), 0);
+        log.enqueue_confirmed(1, &m, None, ticket(&ctx, 1));
+        let one_record = store.shared.state.lock().pending_bytes();
+        log.delivered(&[1]);
+        assert_eq!(
+            journals(),
+            0,
+            "journal written for a message still in memory"
+        );
+        assert_eq!(
+            store.shared.state.lock().pending_bytes(),
+            one_record,
+            "a delivered record was added"
+        );
+        assert!(log.flush(true));
+        // Its enqueue is in the file: the flag goes to the journal, as before.
+        log.enqueue_confirmed(2, &m, None, ticket(&ctx, 2));
+        assert!(log.flush(true));
+        log.delivered(&[2]);
+        let after_2 = journals();
+        assert!(after_2 > 0, "no journal record for a written message");
+        // Still pending, but more than MARK_SCAN enqueues back: a delivered record and a
+        // journal write too.
+        for id in 3..=(4 + MARK_SCAN as u64) {
+            log.enqueue(id, &m, None);
+        }
+        log.delivered(&[3]);
+        assert!(
+            journals() > after_2,
+            "no journal record for an old pending enqueue"
+        );
+        // Delivered together with a recent one: no shortcut for part of a batch of ids.
+        let last = 5 + MARK_SCAN as u64;
+        log.enqueue_confirmed(last, &m, None, ticket(&ctx, last));
+        log.delivered(&[4, last]);
+        log.delivered(&[last - 1]);
+        assert!(log.flush(true));
+        assert_eq!(confirms(&mut crx).len(), 3);
+        drop(log);
+        store.close();
+        drop(store);
+        // The journals are applied and removed at boot; message 1's flag can only come from
+        // its own record.
+        let store = Store::open(data.path()).expect("reopen");
+        let (_log, rec, _rx) = store.attach("/", "q");
+        let flagged: Vec<u64> = rec.iter().filter(|r| r.redelivered).map(|r| r.id).collect();
+        assert_eq!(flagged, vec![1, 2, 3, 4, last - 1, last]);
+        assert_eq!(rec.len() as u64, last);
+        store.close();
+    }
+
+    #[test]
     fn segments_are_reclaimed_when_every_batch_is_written_by_the_queue() {
         let data = tempfile::tempdir().expect("tempdir");
         let dir = data.path().join("msgs");
@@ -2045,6 +2162,7 @@ mod tests {
                 base: 0,
                 tx: tx.clone(),
                 ticket: None,
+                at: 0,
             };
             let (seg, n) = st.append(&enq(&q, id, b"body"), Some(note));
             st.add_live(seg, n);

@@ -106,6 +106,31 @@ pub fn encode(rec: &Record<'_>, out: &mut Vec<u8>) -> usize {
     out.len() - start
 }
 
+/// Sets the redelivered flag of the framed enqueue record at the start of `buf` (as written by
+/// [`encode`]) and its checksum: the message was handed to a consumer before its record left
+/// memory. Returns false, changing nothing, if `buf` does not start with a whole enqueue record.
+pub fn mark_redelivered(buf: &mut [u8]) -> bool {
+    let Some(&[l0, l1, l2, l3]) = buf.get(..4) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    let Some(payload) = buf.get_mut(HEADER..HEADER + len) else {
+        return false;
+    };
+    let Some(&[KIND_ENQUEUE, q0, q1]) = payload.get(..3) else {
+        return false;
+    };
+    // Kind, queue name (u16 length and bytes), id (u64), then the flags byte.
+    let flags = 3 + u16::from_le_bytes([q0, q1]) as usize + 8;
+    let Some(f) = payload.get_mut(flags) else {
+        return false;
+    };
+    *f |= 1;
+    let crc = crc32fast::hash(payload);
+    buf[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+    true
+}
+
 /// Cursor over a payload; every read is bounds-checked.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -342,6 +367,50 @@ mod tests {
             encode(r, &mut out);
         }
         out
+    }
+
+    #[test]
+    fn marking_an_enqueue_redelivered_keeps_it_valid_and_changes_only_the_flag() {
+        for id in [1u64, 3] {
+            let mut buf = Vec::new();
+            encode(&enq(id, b"body"), &mut buf);
+            let Some(Record::Enqueue(before)) = decode_framed(&buf) else {
+                panic!("not an enqueue");
+            };
+            assert!(!before.redelivered);
+            let before = format!("{before:?}");
+            let mut marked = buf.clone();
+            assert!(mark_redelivered(&mut marked));
+            let Some(Record::Enqueue(after)) = decode_framed(&marked) else {
+                panic!("the marked record does not decode");
+            };
+            assert!(after.redelivered);
+            assert_eq!(
+                format!("{after:?}"),
+                before.replace("redelivered: false", "redelivered: true")
+            );
+            // Marking again changes nothing.
+            let mut twice = marked.clone();
+            assert!(mark_redelivered(&mut twice));
+            assert_eq!(twice, marked);
+        }
+        // Other records, cut records and empty input are left alone.
+        let mut settle = Vec::new();
+        encode(
+            &Record::Settle {
+                queue: "q",
+                ids: vec![1],
+            },
+            &mut settle,
+        );
+        let copy = settle.clone();
+        assert!(!mark_redelivered(&mut settle));
+        assert_eq!(settle, copy);
+        let mut cut = Vec::new();
+        encode(&enq(1, b"body"), &mut cut);
+        cut.truncate(cut.len() - 1);
+        assert!(!mark_redelivered(&mut cut));
+        assert!(!mark_redelivered(&mut []));
     }
 
     #[test]
