@@ -52,8 +52,8 @@ pub struct QueueActor {
     log: Box<dyn QueueLog>,
     /// Publishes waiting for the log to report them safe.
     unconfirmed: VecDeque<(u64, ConfirmTicket)>,
-    /// Deliveries since the last flush of the log.
-    round_deliveries: usize,
+    /// Whether the queue delivered something since the last flush of the log.
+    round_delivered: bool,
     /// Store events (`Synced`, `WriteFailed`) for a durable queue.
     store_rx: Option<mpsc::UnboundedReceiver<QueueCmd>>,
     had_consumers: bool,
@@ -81,7 +81,7 @@ impl QueueActor {
             next_id: 1,
             log,
             unconfirmed: VecDeque::new(),
-            round_deliveries: 0,
+            round_delivered: false,
             store_rx: None,
             had_consumers: false,
             last_activity: Instant::now(),
@@ -178,16 +178,10 @@ impl QueueActor {
                 break;
             }
             self.publish_counts();
-            // Last, once this round's deliveries are handed to their connections. When the log
-            // is about to write (and sync) on this thread, another runtime thread sends them:
-            // else they would wait for the sync.
-            if std::mem::take(&mut self.round_deliveries) > 0
-                && rx.is_empty()
-                && self.log.writes_here()
-            {
-                hand_off_woken_tasks();
-            }
-            self.log.flush(rx.is_empty());
+            // Last, once this round's deliveries are handed to their connections (if the log
+            // syncs on this thread, another runtime thread sends them meanwhile).
+            let woke = std::mem::take(&mut self.round_delivered);
+            self.log.flush(rx.is_empty(), woke);
         }
         // Answer what is still queued so nobody waits forever.
         rx.close();
@@ -612,7 +606,7 @@ impl QueueActor {
     fn dispatch(&mut self, now: Instant) {
         loop {
             let delivered = self.dispatch_pass(now);
-            self.round_deliveries += delivered;
+            self.round_delivered |= delivered > 0;
             if delivered < DISPATCH_PASS {
                 break;
             }
@@ -935,50 +929,4 @@ fn strip_expiration(p: AMQPProperties) -> AMQPProperties {
         n = n.with_cluster_id(v.clone());
     }
     n
-}
-
-/// Lets idle runtime threads take the tasks this thread has just woken, before it blocks in a
-/// sync. The last task a runtime thread wakes waits in a slot that only this thread runs (the
-/// next task to run, for locality); spawning a task moves it to this thread's queue, which the
-/// others steal from, and wakes an idle one. The cost is that wake-up. Yielding instead would
-/// run the woken tasks here first, and the sync after them.
-fn hand_off_woken_tasks() {
-    tokio::spawn(async {});
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hand_off_woken_tasks;
-    use std::time::Duration;
-
-    /// A task woken just before this thread blocks still runs, on the other runtime thread.
-    #[test]
-    fn a_task_woken_before_the_thread_blocks_runs_elsewhere_after_the_hand_off() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            tokio::spawn(async {
-                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-                let (wake_tx, wake_rx) = tokio::sync::oneshot::channel::<()>();
-                let (ran_tx, ran_rx) = std::sync::mpsc::channel();
-                tokio::spawn(async move {
-                    let _ = ready_tx.send(());
-                    let _ = wake_rx.await;
-                    let _ = ran_tx.send(());
-                });
-                ready_rx.await.expect("woken task started");
-                // Woken from this runtime thread: it sits in this thread's next-task slot.
-                wake_tx.send(()).expect("wake");
-                hand_off_woken_tasks();
-                // Blocks this thread the way a sync does.
-                ran_rx
-                    .recv_timeout(Duration::from_secs(5))
-                    .expect("the woken task did not run while this thread was blocked");
-            })
-            .await
-            .expect("task");
-        });
-    }
 }

@@ -261,7 +261,7 @@ impl State {
 
     /// Appends one record to the current segment (rolling over when full); returns the
     /// segment and the record's size.
-    fn append(&mut self, rec: &Record<'_>, note: Option<Note>) -> (u64, u64) {
+    fn append(&mut self, rec: &Record<'_>, mut note: Option<Note>) -> (u64, u64) {
         self.lazy = false;
         if self.pending.last().is_none_or(|c| c.seg != self.cur_seg) {
             self.pending.push(Chunk {
@@ -276,7 +276,6 @@ impl State {
         };
         let start = chunk.buf.len();
         let n = record::encode(rec, &mut chunk.buf) as u64;
-        let mut note = note;
         let seg = self.segs.entry(self.cur_seg).or_insert(Seg {
             size: record::MAGIC.len() as u64,
             ..Seg::default()
@@ -1543,6 +1542,17 @@ impl DiskLog {
     }
 }
 
+/// Lets idle runtime threads take the tasks this thread has just woken, before it blocks in a
+/// sync. The last task a runtime thread wakes waits in a slot that only this thread runs (the
+/// next task to run, for locality); spawning a task moves it to this thread's queue, which the
+/// others steal from, and wakes an idle one. The cost is that wake-up. Yielding instead would
+/// run the woken tasks here first, and the sync after them. Outside a runtime: nothing to do.
+fn hand_off_woken_tasks() {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async {});
+    }
+}
+
 impl QueueLog for DiskLog {
     fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety {
         if !msg.persistent() {
@@ -1571,17 +1581,13 @@ impl QueueLog for DiskLog {
         self.ids_record(ids, true);
     }
 
-    fn writes_here(&self) -> bool {
-        let st = self.store.shared.state.lock();
-        !st.pending.is_empty() && !st.lazy && st.writable_here()
-    }
-
     /// Hands pending enqueues to be written. When the queue is `idle`, the batch is small and
     /// nobody else writes one, the queue's own thread writes and syncs it and sends its
     /// confirms: one publisher waiting for one confirm then costs no thread hand-over, which
     /// is most of the cost of a confirm besides the sync itself. Otherwise the writer thread
-    /// is woken and takes it (group commit).
-    fn flush(&mut self, idle: bool) -> bool {
+    /// is woken and takes it (group commit). Before a sync on the queue's thread, the tasks
+    /// the queue `woke` are handed to the other runtime threads ([`hand_off_woken_tasks`]).
+    fn flush(&mut self, idle: bool, woke: bool) -> bool {
         let sh = &self.store.shared;
         let mut st = sh.state.lock();
         if st.pending.is_empty() || st.lazy {
@@ -1594,6 +1600,9 @@ impl QueueLog for DiskLog {
         }
         let batch = take_batch(sh, &mut st, None);
         drop(st);
+        if woke {
+            hand_off_woken_tasks();
+        }
         if finish_batch(sh, batch) {
             sh.wake.notify_one();
         }
@@ -1751,7 +1760,7 @@ mod tests {
                 Safety::Pending
             );
         }
-        log.flush(false);
+        log.flush(false, false);
         wait_synced(&mut rx, 20);
         let segs = seg_files(&dir);
         assert_eq!(segs.len(), 1, "{segs:?}");
@@ -1806,15 +1815,15 @@ mod tests {
                 .enqueue_confirmed(seq, &persistent_msg(b"c"), None, ticket(&ctx, seq))
                 .is_none());
             assert!(confirms(&mut crx).is_empty(), "confirmed before the write");
-            assert!(log.flush(true));
+            assert!(log.flush(true, false));
             assert_eq!(confirms(&mut crx), vec![(seq, true)]);
         }
         // Nobody waits for a publish without a confirm: left to the writer thread, or to
         // the next batch that someone waits for.
         log.enqueue(4, &persistent_msg(b"u"), None);
-        assert!(!log.flush(true));
+        assert!(!log.flush(true, false));
         log.enqueue_confirmed(5, &persistent_msg(b"c"), None, ticket(&ctx, 5));
-        assert!(log.flush(true));
+        assert!(log.flush(true, false));
         assert_eq!(confirms(&mut crx), vec![(5, true)]);
         assert!(matches!(rx.try_recv(), Ok(QueueCmd::Synced { up_to: 4 })));
         // Another publisher (channel 2 of the connection): left to the writer thread, which
@@ -1827,23 +1836,23 @@ mod tests {
             seq: 6,
         };
         log.enqueue_confirmed(6, &persistent_msg(b"o"), None, other);
-        assert!(!log.flush(true));
+        assert!(!log.flush(true, false));
         // So is a batch with both.
         log.enqueue_confirmed(7, &persistent_msg(b"c"), None, ticket(&ctx, 7));
-        assert!(!log.flush(true));
+        assert!(!log.flush(true, false));
         // Not idle: left to the writer thread.
         let (mut log2, _, _rx2) = store.attach("/", "q2");
         store.shared.state.lock().pending.clear();
         log2.enqueue_confirmed(1, &persistent_msg(b"n"), None, ticket(&ctx, 8));
         store.shared.state.lock().last_publishers = Publishers::None;
-        assert!(!log2.flush(false));
+        assert!(!log2.flush(false, false));
         // Too big for the queue's thread: left to the writer thread too.
         let big = persistent_msg(&[7u8; 1024]);
         for seq in 9..=(9 + (INLINE_MAX_BYTES / 1024) as u64) {
             log2.enqueue_confirmed(seq, &big, None, ticket(&ctx, seq));
         }
         assert!(store.shared.state.lock().pending_bytes() > INLINE_MAX_BYTES);
-        assert!(!log2.flush(true));
+        assert!(!log2.flush(true, false));
         assert!(confirms(&mut crx).is_empty());
         store.shared.state.lock().pending.clear();
         drop((log, log2));
@@ -1857,6 +1866,37 @@ mod tests {
         let (_log2, rec, _rx2) = store.attach("/", "q2");
         assert!(rec.is_empty());
         store.close();
+    }
+
+    /// A task woken just before this thread blocks still runs, on the other runtime thread.
+    #[test]
+    fn a_task_woken_before_the_thread_blocks_runs_elsewhere_after_the_hand_off() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::spawn(async {
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                let (wake_tx, wake_rx) = tokio::sync::oneshot::channel::<()>();
+                let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+                tokio::spawn(async move {
+                    let _ = ready_tx.send(());
+                    let _ = wake_rx.await;
+                    let _ = ran_tx.send(());
+                });
+                ready_rx.await.expect("woken task started");
+                // Woken from this runtime thread: it sits in this thread's next-task slot.
+                wake_tx.send(()).expect("wake");
+                hand_off_woken_tasks();
+                // Blocks this thread the way a sync does.
+                ran_rx
+                    .recv_timeout(std::time::Duration::from_secs(5))
+                    .expect("the woken task did not run while this thread was blocked");
+            })
+            .await
+            .expect("task");
+        });
     }
 
     #[test]
@@ -1888,10 +1928,10 @@ mod tests {
             one_record,
             "a delivered record was added"
         );
-        assert!(log.flush(true));
+        assert!(log.flush(true, false));
         // Its enqueue is in the file: the flag goes to the journal, as before.
         log.enqueue_confirmed(2, &m, None, ticket(&ctx, 2));
-        assert!(log.flush(true));
+        assert!(log.flush(true, false));
         log.delivered(&[2]);
         let after_2 = journals();
         assert!(after_2 > 0, "no journal record for a written message");
@@ -1910,7 +1950,7 @@ mod tests {
         log.enqueue_confirmed(last, &m, None, ticket(&ctx, last));
         log.delivered(&[4, last]);
         log.delivered(&[last - 1]);
-        assert!(log.flush(true));
+        assert!(log.flush(true, false));
         assert_eq!(confirms(&mut crx).len(), 3);
         drop(log);
         store.close();
@@ -1940,7 +1980,7 @@ mod tests {
             if seq > 1 {
                 log.settle(&[seq - 1]);
             }
-            log.flush(true);
+            log.flush(true, false);
         }
         // (A batch the writer thread takes while it compacts may come later.)
         let mut got = Vec::new();
@@ -1977,7 +2017,7 @@ mod tests {
         // A publish without a confirm is still reported to the queue; it comes after the
         // confirmed ones, so once it is synced all of them are.
         assert_eq!(log.enqueue(6, &persistent_msg(b"y"), None), Safety::Pending);
-        log.flush(false);
+        log.flush(false, false);
         wait_synced(&mut rx, 6);
         assert_eq!(
             confirms(&mut crx),
@@ -2014,7 +2054,7 @@ mod tests {
             .enqueue_confirmed(1, &persistent_msg(b"a"), None, ticket(&ctx, 1))
             .is_none());
         assert_eq!(log.enqueue(2, &persistent_msg(b"b"), None), Safety::Pending);
-        log.flush(false);
+        log.flush(false, false);
         let mut failed = Vec::new();
         while failed.len() < 2 {
             match rx.blocking_recv().expect("store events") {
@@ -2328,7 +2368,7 @@ mod tests {
         for id in 1..=200 {
             log.enqueue(id, &m, None);
         }
-        log.flush(false);
+        log.flush(false, false);
         let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
         for id in 1..=200 {
             log.delivered(&[id]);

@@ -78,12 +78,10 @@ pub trait QueueLog: Send + 'static {
     fn delete(&mut self);
     /// The queue has handled a round of commands: records logged since the last call are
     /// to be written now. `idle`: no command waits, so the log may write on the caller's
-    /// thread. Returns whether it did.
-    fn flush(&mut self, _idle: bool) -> bool {
-        false
-    }
-    /// Whether [`QueueLog::flush`] of an idle queue would write on the caller's thread now.
-    fn writes_here(&self) -> bool {
+    /// thread. `woke`: the round woke other tasks (deliveries to connections), which another
+    /// runtime thread should run if the log blocks this one in a sync. Returns whether it
+    /// wrote on the caller's thread.
+    fn flush(&mut self, _idle: bool, _woke: bool) -> bool {
         false
     }
 }
