@@ -208,6 +208,18 @@ impl QueueActor {
                 _ => {}
             }
         }
+        // Failed writes not handled yet: their publishes still get their nacks (after the
+        // close, the store nacks them itself).
+        if let Some(srx) = store_rx.as_mut() {
+            srx.close();
+            while let Ok(cmd) = srx.try_recv() {
+                if let QueueCmd::WriteFailed { tickets, .. } = cmd {
+                    for t in tickets {
+                        t.send(false);
+                    }
+                }
+            }
+        }
         stats::queue_gone(&self.handle.stats);
         stats::churn(&stats::CHURN.queue_deleted);
     }
@@ -338,21 +350,24 @@ impl QueueActor {
                     }
                 }
             }
-            QueueCmd::WriteFailed { ids } => {
+            QueueCmd::WriteFailed { ids, mut tickets } => {
                 let failed: std::collections::HashSet<u64> = ids.iter().copied().collect();
                 self.unconfirmed.retain(|(id, t)| {
                     let hit = failed.contains(id);
                     if hit {
-                        t.send(false);
+                        tickets.push(t.clone());
                     }
                     !hit
                 });
                 // Nacked: the publisher keeps responsibility, so the copy here goes unless a
-                // consumer already has it.
+                // consumer already has it; the nacks go once it is gone and counted out.
                 for id in ids {
                     self.ready.remove_id(id);
                 }
                 self.publish_counts();
+                for t in tickets {
+                    t.send(false);
+                }
             }
         }
     }

@@ -286,9 +286,11 @@ pub enum QueueCmd {
         up_to: u64,
     },
     /// The log could not write these enqueues (disk full, I/O error): their publishes get
-    /// basic.nack and the messages leave the queue if not yet delivered.
+    /// basic.nack and the messages leave the queue if not yet delivered. `tickets`: the
+    /// confirms the log held for them, nacked by the queue once the messages are out.
     WriteFailed {
         ids: Vec<u64>,
+        tickets: Vec<ConfirmTicket>,
     },
 }
 

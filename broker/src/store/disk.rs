@@ -1181,33 +1181,45 @@ fn finish_batch(sh: &Shared, b: Batch) -> bool {
         journal,
         mut open,
     } = b;
+    let mut chunks = chunks;
     // Only enqueues (confirms wait for them) and compaction copies (the old segment is
     // deleted next) need the sync; acks and deliveries ride along with the next one.
     let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
     let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
     // Confirms first: they are what the publishers wait for. Each ticket is in exactly one
-    // note and the chunks are dropped after this pass: sent once.
-    for c in &chunks {
-        for t in c.notes.iter().filter_map(|n| n.ticket.as_ref()) {
-            t.send(result.is_ok());
+    // note and the chunks are dropped after this pass: sent once. A failed batch's tickets
+    // go to their queues instead, which nack them once the messages are out of the queue
+    // (a publisher that sees the nack never finds its message still counted or delivered).
+    if result.is_ok() {
+        for c in &chunks {
+            for t in c.notes.iter().filter_map(|n| n.ticket.as_ref()) {
+                t.send(true);
+            }
         }
     }
     // Tell each queue about its enqueues in this batch: on success only those it still
-    // waits for (no ticket), on failure all of them.
+    // waits for (no ticket), on failure all of them, with their tickets.
     // (A deleted queue and its namesake declared since differ in `base`.)
-    type PerQueue = HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, u64, Vec<u64>)>;
-    let mut per_queue: PerQueue = HashMap::new();
-    for c in &chunks {
-        for n in &c.notes {
+    #[derive(Default)]
+    struct Report {
+        up_to: u64,
+        ids: Vec<u64>,
+        tickets: Vec<ConfirmTicket>,
+    }
+    let mut per_queue: HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, Report)> =
+        HashMap::new();
+    for c in &mut chunks {
+        for n in &mut c.notes {
             if result.is_ok() && n.ticket.is_some() {
                 continue;
             }
-            let e = per_queue
+            let (_, r) = per_queue
                 .entry((n.queue.clone(), n.base))
-                .or_insert_with(|| (n.tx.clone(), 0, Vec::new()));
+                .or_insert_with(|| (n.tx.clone(), Report::default()));
             let id = n.id - n.base;
-            e.1 = e.1.max(id);
-            e.2.push(id);
+            r.up_to = r.up_to.max(id);
+            r.ids.push(id);
+            r.tickets.extend(n.ticket.take());
         }
     }
     // The batch's delivery records are in the segment now (page cache: enough for a
@@ -1250,12 +1262,20 @@ fn finish_batch(sh: &Shared, b: Batch) -> bool {
     }
     let wake = st.shutdown || st.writer_waits || st.reclaim || !st.pending.is_empty();
     drop(st);
-    for (_, (tx, up_to, ids)) in per_queue {
+    for (_, (tx, r)) in per_queue {
         let cmd = match result {
-            Ok(()) => QueueCmd::Synced { up_to },
-            Err(_) => QueueCmd::WriteFailed { ids },
+            Ok(()) => QueueCmd::Synced { up_to: r.up_to },
+            Err(_) => QueueCmd::WriteFailed {
+                ids: r.ids,
+                tickets: r.tickets,
+            },
         };
-        let _ = tx.send(cmd);
+        if let Err(mpsc::error::SendError(QueueCmd::WriteFailed { tickets, .. })) = tx.send(cmd) {
+            // The queue is gone: nack here.
+            for t in tickets {
+                t.send(false);
+            }
+        }
     }
     wake
 }
@@ -2039,7 +2059,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_nacks_through_the_tickets_and_tells_the_queue_every_id() {
+    fn a_failed_batch_hands_the_queue_every_id_and_the_tickets_to_nack() {
         let data = tempfile::tempdir().expect("tempdir");
         let store = Store::open_with(data.path(), 1 << 20).expect("open");
         // A file where the segment directory should be: every write fails.
@@ -2056,15 +2076,21 @@ mod tests {
         assert_eq!(log.enqueue(2, &persistent_msg(b"b"), None), Safety::Pending);
         log.flush(false, false);
         let mut failed = Vec::new();
+        let mut to_nack = Vec::new();
         while failed.len() < 2 {
             match rx.blocking_recv().expect("store events") {
-                QueueCmd::WriteFailed { ids } => failed.extend(ids),
+                QueueCmd::WriteFailed { ids, tickets } => {
+                    failed.extend(ids);
+                    to_nack.extend(tickets.iter().map(|t| t.seq));
+                }
                 other => panic!("unexpected store event {other:?}"),
             }
         }
         failed.sort_unstable();
         assert_eq!(failed, vec![1, 2]);
-        assert_eq!(confirms(&mut crx), vec![(1, false)]);
+        assert_eq!(to_nack, vec![1]);
+        // Nothing was nacked before the queue had the failure.
+        assert!(confirms(&mut crx).is_empty());
         store.close();
     }
 
