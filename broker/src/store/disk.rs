@@ -7,8 +7,8 @@
 //!   the whole batch; then it sends the publisher confirms of the batch itself (each enqueue
 //!   that wants one carries its [`ConfirmTicket`]: one hop less than going through the queue
 //!   actor), and tells each queue about the rest of its enqueues on disk (`QueueCmd::Synced`) or
-//!   about all of them when the batch failed (`QueueCmd::WriteFailed`: the queue drops them,
-//!   their publishes get basic.nack from here). The next batch starts as soon as the previous
+//!   about all of them when the batch failed (`QueueCmd::WriteFailed`, with their tickets: the
+//!   queue drops them, then nacks their publishes). The next batch starts as soon as the previous
 //!   sync ends: no timer, no added delay when idle.
 //! - Who writes: a queue with nothing else to do writes a small batch (up to
 //!   [`INLINE_MAX_BYTES`]) of one publisher itself when no batch is being written; with one
