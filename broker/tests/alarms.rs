@@ -373,3 +373,117 @@ async fn a_connection_that_publishes_and_consumes_is_blocked_whole_acks_included
     }
     b.shutdown().await;
 }
+
+/// A publisher that pipelines without pause always has bytes waiting on its socket. It must
+/// still see the alarm: within a bounded time it is blocked and nothing more it sends is
+/// routed, however fast it writes (a connection that only ever found its socket readable used
+/// to miss every alarm change after the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_publisher_is_blocked_whatever_the_load() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const LIMIT: u64 = 1024 * 1024;
+    let cfg = Config {
+        vm_memory_high_watermark: MemoryWatermark::Absolute(LIMIT),
+        vm_memory_high_watermark_paging_ratio: 10.0,
+        ..Config::for_tests()
+    };
+    let b = support::start_with(cfg).await;
+    let (_oc, och) = b.channel().await;
+    support::declare(&och, "p", Default::default()).await;
+
+    let mut raw = raw_client(b.addr, true, 0).await;
+    raw.open_channel(1).await;
+    // 64 publishes of 1 KiB, encoded once, written over and over from a thread of its own.
+    let mut batch = Vec::new();
+    for _ in 0..64 {
+        let publish = [
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: "".into(),
+                    routing_key: "p".into(),
+                    mandatory: false,
+                    immediate: false,
+                })),
+            ),
+            AMQPFrame::Header(
+                1,
+                amq_protocol::frame::AMQPContentHeader {
+                    class_id: 60,
+                    body_size: 1024,
+                    properties: Default::default(),
+                },
+            ),
+            AMQPFrame::Body(1, vec![9u8; 1024]),
+        ];
+        for f in &publish {
+            warren_broker::codec::encode(f, &mut batch).expect("encode");
+        }
+    }
+    // A duplicate of the socket's descriptor; it shares tokio's non-blocking flag.
+    let mut writer = std::net::TcpStream::from(
+        std::os::fd::AsFd::as_fd(&raw.sock)
+            .try_clone_to_owned()
+            .expect("dup"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let pump = std::thread::spawn(move || {
+        let mut written = 0u64;
+        let mut off = 0;
+        while !stop_w.load(Ordering::Relaxed) {
+            match writer.write(&batch[off..]) {
+                Ok(n) => {
+                    written += n as u64;
+                    off = (off + n) % batch.len();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(_) => break,
+            }
+        }
+        written
+    });
+
+    // connection.blocked arrives, at the latest a few seconds into the flood.
+    let blocked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match raw.recv_method().await {
+                Some(AMQPFrame::Method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::Blocked(bl)),
+                )) => return bl.reason.to_string(),
+                Some(_) => continue,
+                None => panic!("connection closed"),
+            }
+        }
+    })
+    .await
+    .expect("never blocked under a pipelined flood");
+    assert_eq!(blocked, "low on memory");
+    assert!(alarm::alarms().memory);
+
+    // Blocked means blocked: the queue stops growing while the client keeps writing, and the
+    // message memory stays near the watermark (what one read can hold beyond it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = message_count(&och, "p").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        message_count(&och, "p").await,
+        held,
+        "publishes routed while blocked"
+    );
+    let used = alarm::state().mem_used;
+    assert!(
+        used < LIMIT + 512 * 1024,
+        "message memory {used} far beyond the {LIMIT} watermark"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let written = pump.join().expect("writer thread");
+    assert!(written > 2 * LIMIT, "the flood was only {written} bytes");
+    b.shutdown().await;
+}

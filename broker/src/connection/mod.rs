@@ -93,8 +93,18 @@ pub async fn serve<S>(
     let mut stalled = false;
 
     loop {
-        // 0. Reads are paused only for an open connection blocked by an alarm; a closing one
-        //    must still see close-ok.
+        // 0. Alarms are read here, every turn, not only in the select below: its branches are
+        //    biased, and a client that keeps its socket readable (a pipelining publisher) would
+        //    win every turn and never let an alarm change through.
+        if alarms_live {
+            match alarm_rx.has_changed() {
+                Ok(true) => throttle.on_alarms(*alarm_rx.borrow_and_update()),
+                Ok(false) => {}
+                Err(_) => alarms_live = false,
+            }
+        }
+        // Reads are paused only for an open connection blocked by an alarm; a closing one
+        // must still see close-ok.
         let paused = throttle.is_blocked() && state.state() == State::Open;
         if paused != state.recv_monitor_paused() {
             if paused {
