@@ -2,8 +2,10 @@
 //!
 //! [`decode`] returns `Ok(None)` while a frame is incomplete and checks the size in the frame
 //! header against `frame_max` *before* anything is allocated or parsed, so a hostile length
-//! cannot make the broker reserve memory. The hot outbound path (deliveries) is encoded by hand
-//! from pre-encoded pieces so that a fan-out does not re-serialize message properties.
+//! cannot make the broker reserve memory. Field tables are checked for nesting
+//! ([`crate::nesting`]) before amq-protocol's recursive parser sees them. The hot outbound
+//! path (deliveries) is encoded by hand from pre-encoded pieces so that a fan-out does not
+//! re-serialize message properties.
 
 use crate::error::CodecError;
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame, WriteContext};
@@ -90,6 +92,24 @@ pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(AMQPFrame, usize)>, 
         if prefetch_size != 0 {
             return Err(CodecError::PrefetchSize(prefetch_size));
         }
+    }
+    if frame_type != constants::FRAME_HEARTBEAT
+        && crate::nesting::frame_too_deep(frame_type, &raw[7..total - 1])
+    {
+        let (class_id, method_id) = if frame_type == constants::FRAME_METHOD {
+            (
+                u16::from_be_bytes([raw[7], raw[8]]),
+                u16::from_be_bytes([raw[9], raw[10]]),
+            )
+        } else {
+            (60, 40) // a content header belongs to basic.publish
+        };
+        return Err(CodecError::TooDeep {
+            channel: u16::from_be_bytes([buf[1], buf[2]]),
+            class_id,
+            method_id,
+            len: total,
+        });
     }
     match parse_frame(raw) {
         Ok(([], frame)) => Ok(Some((frame, total))),

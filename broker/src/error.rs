@@ -221,6 +221,16 @@ pub enum CodecError {
     Malformed(&'static str),
     #[error("prefetch_size!={0}")]
     PrefetchSize(u32),
+    /// A field table in the frame nests deeper than [`crate::nesting::MAX_DEPTH`]. The frame
+    /// (`len` bytes) was not parsed; a channel's frame closes that channel, a connection-level
+    /// one the connection.
+    #[error("field table nested deeper than {} levels", crate::nesting::MAX_DEPTH)]
+    TooDeep {
+        channel: u16,
+        class_id: u16,
+        method_id: u16,
+        len: usize,
+    },
     #[error("cannot encode frame")]
     Encode,
 }
@@ -233,6 +243,11 @@ impl From<CodecError> for ConnectionError {
             }
             CodecError::UnknownFrameType(_) => ConnectionError::frame_error(e.to_string()),
             CodecError::Malformed(_) => ConnectionError::syntax_error(e.to_string()),
+            CodecError::TooDeep {
+                class_id,
+                method_id,
+                ..
+            } => ConnectionError::syntax_error(e.to_string()).with_method(class_id, method_id),
             CodecError::PrefetchSize(n) => {
                 ConnectionError::not_implemented(format!("prefetch_size!=0 ({n})"))
                     .with_method(60, 10)

@@ -21,6 +21,7 @@
 //! - [`memory`]: node-wide accounting of message memory (alarms, paging).
 //! - [`alarm`]: memory and disk alarms that block publishing connections.
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
+//! - [`nesting`]: the bound on nested field tables and JSON, checked before anything recurses.
 //! - [`mgmt`]: the management HTTP API (RabbitMQ compatible), web UI and Prometheus metrics.
 //! - [`stats`]: message counters, sampled rates and the registry of live connections.
 //!
@@ -40,6 +41,7 @@ pub mod exchange;
 pub mod intmap;
 pub mod memory;
 pub mod mgmt;
+pub mod nesting;
 pub mod paging;
 pub mod policy;
 pub mod queue;

@@ -295,6 +295,17 @@ fn decode_all(
                 }
             }
             Ok(None) => return false,
+            Err(crate::error::CodecError::TooDeep {
+                channel,
+                class_id,
+                method_id,
+                len,
+            }) => {
+                // The frame is skipped whole; the connection goes on unless it was a
+                // connection-level frame.
+                rbuf.advance(len);
+                state.handle_too_deep(channel, class_id, method_id, now);
+            }
             Err(e) => {
                 debug!(error = %e, "bad frame");
                 rbuf.clear();

@@ -420,6 +420,42 @@ impl ConnectionState {
         self.check_invariants();
     }
 
+    /// A frame the codec refused unparsed because a field table in it nests too deep
+    /// ([`crate::nesting`]): arguments or headers on an open channel close that channel with
+    /// 406 PRECONDITION_FAILED, as RabbitMQ treats invalid arguments; anywhere else (client
+    /// properties at login, a channel that is not open) it is a 502 SYNTAX_ERROR for the
+    /// connection.
+    pub fn handle_too_deep(&mut self, ch: u16, class_id: u16, method_id: u16, now: Instant) {
+        self.last_recv = now;
+        let text = crate::nesting::too_deep_text(if class_id == 60 && method_id == 40 {
+            "message headers"
+        } else {
+            "field table"
+        });
+        let slot = self.channels.get(&ch);
+        let content_header = class_id == 60 && method_id == 40;
+        match (self.state, slot) {
+            (State::Closing | State::Closed, _) | (State::Open, Some(Chan::Closing)) => {}
+            (State::Open, Some(Chan::Open)) if ch != 0 && !content_header => {
+                self.emit_soft(
+                    ch,
+                    ChannelError::precondition_failed(text).with_method(class_id, method_id),
+                );
+            }
+            (State::Open, Some(Chan::AwaitHeader(_))) if content_header => {
+                self.emit_soft(
+                    ch,
+                    ChannelError::precondition_failed(text).with_method(class_id, method_id),
+                );
+            }
+            _ => self.close_connection(
+                ConnectionError::syntax_error(text).with_method(class_id, method_id),
+                now,
+            ),
+        }
+        self.check_invariants();
+    }
+
     /// Feeds one decoded frame.
     pub fn handle_input(&mut self, frame: AMQPFrame, now: Instant) {
         self.last_recv = now;
