@@ -174,16 +174,22 @@ fn value_too_deep(r: &mut Reader<'_>, depth: usize) -> Option<bool> {
 }
 
 /// Whether a JSON value nests objects and arrays deeper than [`MAX_DEPTH`] levels, counted as
-/// for field tables (a flat object is 1). Stops looking at `MAX_DEPTH + 1` levels.
+/// for field tables (a flat object is 1).
 pub fn json_too_deep(v: &Value) -> bool {
-    fn walk(v: &Value, depth: usize) -> bool {
+    json_exceeds(v, MAX_DEPTH)
+}
+
+/// Whether a JSON value nests objects and arrays deeper than `limit` levels. Stops looking at
+/// `limit + 1` levels, so the recursion is bounded by `limit`, not by the input.
+pub fn json_exceeds(v: &Value, limit: usize) -> bool {
+    fn walk(v: &Value, depth: usize, limit: usize) -> bool {
         match v {
-            Value::Object(m) => depth >= MAX_DEPTH || m.values().any(|x| walk(x, depth + 1)),
-            Value::Array(a) => depth >= MAX_DEPTH || a.iter().any(|x| walk(x, depth + 1)),
+            Value::Object(m) => depth >= limit || m.values().any(|x| walk(x, depth + 1, limit)),
+            Value::Array(a) => depth >= limit || a.iter().any(|x| walk(x, depth + 1, limit)),
             _ => false,
         }
     }
-    walk(v, 0)
+    walk(v, 0, limit)
 }
 
 /// The error text for a value nested too deep.
