@@ -421,7 +421,105 @@ mod tests {
         (out, sc)
     }
 
+    /// A basic.publish whose arguments hold a field table nested `depth` deep (each level a
+    /// table with one entry `k` -> table): what a hostile client sends to make a recursive
+    /// parser overflow its stack.
+    fn nested_table_publish(depth: usize) -> Vec<u8> {
+        let mut table: Vec<u8> = Vec::new(); // innermost: empty
+        for _ in 0..depth {
+            let mut outer = vec![1, b'k', b'F'];
+            outer.extend_from_slice(&(table.len() as u32).to_be_bytes());
+            outer.extend_from_slice(&table);
+            table = outer;
+        }
+        let mut args = vec![0, 0, 0, 0]; // reserved-1, empty exchange, empty routing key (short)
+        args.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        args.extend_from_slice(&table);
+        method(60, 40, &args)
+    }
+
+    /// Review finding (admin hardening): the scanner has no recursion and no buffer. Its whole
+    /// state is a few fixed-size fields; a frame's payload is skipped by counting, never held,
+    /// whatever size the header claims, and method arguments (field tables included) are never
+    /// parsed: only class-id and method-id are read.
+    #[test]
+    fn the_state_is_fixed_size() {
+        assert!(
+            std::mem::size_of::<Scanner>() <= 32,
+            "{}",
+            std::mem::size_of::<Scanner>()
+        );
+    }
+
+    #[test]
+    fn a_huge_declared_frame_size_is_counted_not_buffered() {
+        let mut sc = Scanner::new();
+        let mut head = vec![FRAME_METHOD, 0, 1];
+        head.extend_from_slice(&u32::MAX.to_be_bytes());
+        head.extend_from_slice(&[0, 60, 0, 40]);
+        assert_eq!(sc.scan(&head), (head.len(), None));
+        let chunk = vec![0xAAu8; 1 << 20];
+        for _ in 0..64 {
+            assert_eq!(sc.scan(&chunk), (chunk.len(), None));
+        }
+        assert_eq!(
+            sc.state,
+            State::Payload {
+                left: u64::from(u32::MAX) - 4 - (64 << 20),
+                seen: 4
+            }
+        );
+        // A 16 MiB + 1 frame (far above any frame_max) passes through and is reported at its end.
+        let mut sc = Scanner::new();
+        let mut big = method(60, 40, &vec![0x55; 16 << 20]);
+        let first = big.len();
+        big.extend(method(60, 80, b"ack"));
+        let mut found = Vec::new();
+        for (i, c) in big.chunks(1 << 20).enumerate() {
+            for (off, m) in sc.scan_all(c) {
+                found.push((i * (1 << 20) + off, m));
+            }
+        }
+        let ends: Vec<usize> = found.iter().map(|f| f.0).collect();
+        assert_eq!(ends, vec![first, big.len()]);
+        assert_eq!(found[0].1, method_ids("basic.publish").unwrap());
+    }
+
+    #[test]
+    fn deeply_nested_field_tables_are_skipped_without_recursion() {
+        let frame = nested_table_publish(100_000);
+        assert!(frame.len() > 600_000);
+        let mut stream = frame.clone();
+        stream.extend(method(60, 80, b""));
+        // Whole, and one byte per read (the worst split), give the same two methods.
+        let whole = Scanner::new().scan_all(&stream);
+        let mut sc = Scanner::new();
+        let mut bytewise = Vec::new();
+        for (i, b) in stream.iter().enumerate() {
+            if let (1, Some(m)) = sc.scan(std::slice::from_ref(b)) {
+                bytewise.push((i + 1, m));
+            }
+        }
+        assert_eq!(whole, bytewise);
+        assert_eq!(
+            whole[0],
+            (frame.len(), method_ids("basic.publish").unwrap())
+        );
+        assert_eq!(whole[1].1, method_ids("basic.ack").unwrap());
+    }
+
     proptest! {
+        #[test]
+        fn nested_tables_are_split_invariant(depth in 0usize..3000,
+                                             cuts in proptest::collection::vec(any::<usize>(), 0..30)) {
+            let mut data = nested_table_publish(depth);
+            data.extend(publish_stream()[8..].iter().copied());
+            let whole = Scanner::new().scan_all(&data);
+            let (split, _) = split_scan(&data, &cuts);
+            prop_assert_eq!(whole.len(), 4);
+            prop_assert_eq!(whole, split);
+        }
+
         #[test]
         fn split_invariant_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..600),
                                       cuts in proptest::collection::vec(any::<usize>(), 0..20)) {
