@@ -29,10 +29,98 @@ pub struct Config {
     pub runtime: RuntimeConfig,
 }
 
+/// `[admin]`: where the admin API listens and how it protects itself (see `admin`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// File holding the bearer token (surrounding whitespace trimmed). Required unless `listen`
+    /// is a loopback address. A relative path is relative to the working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// How long a client may take to send a request's headers, and its body; also how long an
+    /// idle keep-alive connection stays open. Streaming responses (`/events?follow=1`) are not
+    /// limited by it.
+    #[serde(default = "default_admin_request_timeout", with = "dur")]
+    pub request_timeout: Duration,
+    /// Concurrent admin connections; beyond, a new connection is closed at once.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Default of `[admin] request_timeout`.
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `[admin] max_connections`.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+fn default_admin_request_timeout() -> Duration {
+    ADMIN_REQUEST_TIMEOUT
+}
+fn default_admin_max_connections() -> usize {
+    ADMIN_MAX_CONNECTIONS
+}
+
+// === impl AdminConfig ===
+
+impl AdminConfig {
+    /// An admin API on `listen` with the defaults (no token: loopback only).
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            token_file: None,
+            request_timeout: ADMIN_REQUEST_TIMEOUT,
+            max_connections: ADMIN_MAX_CONNECTIONS,
+        }
+    }
+
+    /// True when the admin API is reachable from the local machine only.
+    pub fn is_loopback(&self) -> bool {
+        self.listen.ip().to_canonical().is_loopback()
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.token_file.is_none() && !self.is_loopback() {
+            return Err(ValidationError::AdminNeedsToken {
+                listen: self.listen,
+            });
+        }
+        if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(3600) {
+            return Err(ValidationError::Admin(
+                "request_timeout must be within 1ms..1h".to_string(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ValidationError::Admin(
+                "max_connections must be greater than zero".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the token from `token_file`; `None` without one. An unreadable or empty file, or a
+    /// token that cannot travel in an HTTP header, is an error naming the file.
+    pub fn read_token(&self) -> Result<Option<String>, ValidationError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let problem = |problem: String| ValidationError::TokenFile {
+            path: path.clone(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(problem(
+                "the file is empty; put the admin token in it".to_string(),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(problem(
+                "the token must be printable ASCII without spaces or line breaks".to_string(),
+            ));
+        }
+        Ok(Some(token.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -377,6 +465,17 @@ pub enum ValidationError {
     NoBackends(String),
     #[error("listener `{listener}`: backend `{addr}` is not host:port")]
     BadBackend { listener: String, addr: String },
+    #[error(
+        "the admin API listens on {listen}, which is not a loopback address, without a token: \
+         anyone who reaches it could reconfigure warren-lb. Put a secret in a file and set \
+         [admin] token_file = \"/path/to/file\" (or --admin-token-file PATH), or listen on \
+         127.0.0.1"
+    )]
+    AdminNeedsToken { listen: SocketAddr },
+    #[error("[admin] {0}")]
+    Admin(String),
+    #[error("[admin] token_file {path}: {problem}")]
+    TokenFile { path: PathBuf, problem: String },
     #[error("listener `{listener}`: backend `{addr}` is listed twice")]
     DuplicateBackend { listener: String, addr: String },
     #[error("listener `{listener}`: idle_timeout {value} is outside 1s..3600s")]
@@ -421,13 +520,38 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file, and reads the admin token file if it names one.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_file(path)?;
+        cfg.check(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file without validating it (the caller applies CLI overrides, then
+    /// [`Config::check`]s).
+    pub fn parse_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse_named(&text, &path.display().to_string())
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// [`Config::validate`], then the admin token file (readable, not empty); errors are
+    /// labelled with `origin`.
+    pub fn check(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |source| ConfigError::Invalid {
+            origin: origin.to_string(),
+            source,
+        };
+        self.validate().map_err(invalid)?;
+        if let Some(a) = &self.admin {
+            a.read_token().map_err(invalid)?;
+        }
+        Ok(())
     }
 
     /// The one-listener configuration of the `--listen/--backend` command line.
@@ -451,7 +575,7 @@ impl Config {
             listener.faults.push(FaultRule::reset_every(every));
         }
         let cfg = Config {
-            admin: admin.map(|listen| AdminConfig { listen }),
+            admin: admin.map(AdminConfig::new),
             listeners: vec![listener],
             ..Config::default()
         };
@@ -462,10 +586,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks what serde cannot: ranges, uniqueness, non-empty lists.
+    /// Checks what serde cannot: ranges, uniqueness, non-empty lists, an admin API off loopback
+    /// without a token.
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.listeners.is_empty() {
             return Err(ValidationError::NoListeners);
+        }
+        if let Some(a) = &self.admin {
+            a.validate()?;
         }
         let mut names = HashSet::new();
         for l in &self.listeners {
@@ -860,6 +988,85 @@ backends = ["10.0.0.11:15672"]
             cfg.listeners[0].faults[0].every,
             Some(Duration::from_secs(30))
         );
+    }
+
+    fn with_admin(admin: &str) -> String {
+        format!("[admin]\n{admin}\n{MIN}")
+    }
+
+    #[test]
+    fn admin_keys_parse_with_defaults() {
+        let cfg = Config::from_toml_str(&with_admin("listen = \"127.0.0.1:9901\"")).unwrap();
+        assert_eq!(
+            cfg.admin,
+            Some(AdminConfig::new("127.0.0.1:9901".parse().unwrap()))
+        );
+        let a = AdminConfig::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(a.request_timeout, Duration::from_secs(10));
+        assert_eq!(a.max_connections, 256);
+        let cfg = Config::from_toml_str(&with_admin(
+            "listen = \"127.0.0.1:9901\"\ntoken_file = \"/etc/t\"\nrequest_timeout = \"2s\"\nmax_connections = 8",
+        ))
+        .unwrap();
+        let a = cfg.admin.unwrap();
+        assert_eq!(a.token_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(a.request_timeout, Duration::from_secs(2));
+        assert_eq!(a.max_connections, 8);
+        let e = err(&with_admin(
+            "listen = \"127.0.0.1:9901\"\nrequest_timeout = \"0s\"",
+        ));
+        assert!(e.contains("request_timeout"), "{e}");
+        let e = err(&with_admin(
+            "listen = \"127.0.0.1:9901\"\nmax_connections = 0",
+        ));
+        assert!(e.contains("max_connections"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_api_off_loopback_needs_a_token() {
+        for listen in ["0.0.0.0:9901", "[::]:9901", "192.0.2.7:9901", "0.0.0.0:0"] {
+            let e =
+                Config::from_toml_str(&with_admin(&format!("listen = \"{listen}\""))).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        source: ValidationError::AdminNeedsToken { .. },
+                        ..
+                    }
+                ),
+                "{listen}: {e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("token_file") && text.contains("--admin-token-file"),
+                "says how to fix it: {text}"
+            );
+            let with_token = format!("listen = \"{listen}\"\ntoken_file = \"t\"");
+            assert!(Config::from_toml_str(&with_admin(&with_token)).is_ok());
+        }
+        for listen in ["127.0.0.1:9901", "127.0.0.2:0", "[::1]:9901"] {
+            let cfg = with_admin(&format!("listen = \"{listen}\""));
+            assert!(Config::from_toml_str(&cfg).is_ok(), "{listen}");
+        }
+    }
+
+    #[test]
+    fn the_token_file_is_trimmed_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("warren-lb-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut a = AdminConfig::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(a.read_token(), Ok(None));
+        let file = dir.join("tok");
+        std::fs::write(&file, "\n  s3cret \r\n").unwrap();
+        a.token_file = Some(file.clone());
+        assert_eq!(a.read_token(), Ok(Some("s3cret".to_string())));
+        std::fs::write(&file, " \n").unwrap();
+        let e = a.read_token().unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("tok"), "{e}");
+        a.token_file = Some(dir.join("missing"));
+        let e = a.read_token().unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
     }
 
     #[test]

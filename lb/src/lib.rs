@@ -18,7 +18,9 @@
 //! - `backend::health`: tcp / http / amqp checks and ELB thresholds.
 //! - `proxy_protocol`: PROXY v1/v2 header encoders (pure).
 //! - `tls`: rustls acceptor (termination) and connector (to backends).
-//! - `admin`: the HTTP/1.1 JSON admin API, `/metrics`, `/events`.
+//! - `admin`: the HTTP/1.1 JSON admin API, `/metrics`, `/events`; its limits (timeouts,
+//!   connection cap, body size).
+//! - `admin::guard`: the checks before any admin route (browser origin, token, body type).
 //! - `events`: the event ring buffer and broadcast.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `shutdown`: graceful drain and signal handling.
@@ -48,8 +50,9 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwapOption;
 pub use config::Config;
-use config::ValidationError;
+use config::{AdminConfig, ValidationError};
 use events::{Event, EventBus};
 use listener::{ListenerState, Rt, Snapshot};
 
@@ -73,6 +76,10 @@ pub struct Shared {
     pub(crate) listeners: Mutex<Vec<Arc<ListenerState>>>,
     pub(crate) prom: Option<PrometheusHandle>,
     pub(crate) admin_addr: Option<SocketAddr>,
+    /// `[admin]` as bound (changes need a restart, except the token).
+    pub(crate) admin_cfg: Option<AdminConfig>,
+    /// The admin API's token; `None` = no authentication (loopback only). Replaced on reload.
+    pub(crate) admin_token: ArcSwapOption<String>,
 }
 
 impl Shared {
@@ -97,10 +104,14 @@ impl Shared {
 pub struct Lb;
 
 impl Lb {
-    /// Validates `config`, loads TLS material and binds every listener and the admin API.
-    /// Nothing is served until [`Bound::run`].
+    /// Validates `config`, reads the admin token, loads TLS material and binds every listener and
+    /// the admin API. Nothing is served until [`Bound::run`].
     pub async fn bind(config: Config) -> Result<Bound, LbError> {
         config.validate()?;
+        let token = match &config.admin {
+            Some(a) => a.read_token()?,
+            None => None,
+        };
         let prom = metrics::install();
         let rt = Rt {
             events: Arc::new(EventBus::new()),
@@ -130,6 +141,14 @@ impl Lb {
             Some(a) => {
                 let (tcp, addr) = bind_tcp("admin", a.listen)?;
                 tracing::info!(listener = %"admin", addr = %addr, "listening");
+                if !a.is_loopback() {
+                    tracing::warn!(
+                        addr = %addr,
+                        "THE ADMIN API LISTENS ON A NON-LOOPBACK ADDRESS: it can reconfigure every \
+                         listener and is protected by its token only; keep it off the internet \
+                         (firewall, private network) or listen on 127.0.0.1"
+                    );
+                }
                 Some((tcp, addr))
             }
             None => None,
@@ -139,6 +158,8 @@ impl Lb {
             listeners: Mutex::new(pending.iter().map(|(l, _)| l.clone()).collect()),
             prom,
             admin_addr: admin.as_ref().map(|(_, a)| *a),
+            admin_cfg: config.admin.clone(),
+            admin_token: ArcSwapOption::from_pointee(token),
         });
         Ok(Bound {
             shared,
@@ -239,6 +260,22 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// The admin token a reload installs: `Some(new)` (maybe `Some(None)`: no token), or `None`
+    /// to keep the current one (the new configuration has no `[admin]`; the running admin API
+    /// stays until a restart). A running admin API off loopback never loses its token.
+    fn reload_token(&self, config: &Config) -> Result<Option<Option<String>>, LbError> {
+        let Some(a) = &config.admin else {
+            return Ok(None);
+        };
+        let token = a.read_token()?;
+        if let Some(listen) = self.shared.admin_addr {
+            if token.is_none() && !listen.ip().to_canonical().is_loopback() {
+                return Err(ValidationError::AdminNeedsToken { listen }.into());
+            }
+        }
+        Ok(Some(token))
+    }
+
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -250,9 +287,11 @@ impl Handle {
     /// Applies a new configuration without dropping established connections: listeners are added
     /// and removed (a removed one stops accepting, its connections drain), settings replaced,
     /// backends replaced (removed ones drain). A listener whose `bind` changed is rebound.
-    /// The admin address cannot change without a restart. On error nothing is applied.
+    /// The admin address and settings cannot change without a restart; its token can (re-read
+    /// from `token_file`). On error nothing is applied.
     pub async fn reload(&self, config: Config) -> Result<(), LbError> {
         config.validate()?;
+        let token = self.reload_token(&config)?;
         let mut snaps = Vec::new();
         for l in &config.listeners {
             let snap = Snapshot::build(l.clone()).map_err(|source| LbError::Tls {
@@ -307,6 +346,22 @@ impl Handle {
             && config.admin.as_ref().is_some_and(|a| a.listen.port() != 0)
         {
             tracing::warn!("the admin address changes only on restart");
+        }
+        if let Some(token) = token {
+            if token.as_deref()
+                != self
+                    .shared
+                    .admin_token
+                    .load()
+                    .as_deref()
+                    .map(String::as_str)
+            {
+                tracing::info!(
+                    enabled = token.is_some(),
+                    "admin token changed by the reload"
+                );
+            }
+            self.shared.admin_token.store(token.map(Arc::new));
         }
         tracing::info!(listeners = config.listeners.len(), "configuration reloaded");
         Ok(())

@@ -20,7 +20,8 @@ struct Cli {
     /// Configuration file (TOML); SIGHUP reloads it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Validate FILE and exit: 0 if valid, 1 with a message if not.
+    /// Validate FILE (with --admin/--admin-token-file applied) and exit: 0 if valid, 1 with a
+    /// message if not.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen"])]
     check_config: Option<PathBuf>,
     /// One listener without a file: the address to listen on.
@@ -43,9 +44,13 @@ struct Cli {
     /// max_connections of the --listen listener (default 10000).
     #[arg(long, value_name = "N", requires = "listen")]
     max_connections: Option<usize>,
-    /// Admin API address (overrides [admin] listen).
+    /// Admin API address (overrides [admin] listen). Off loopback it needs a token.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
+    /// File holding the admin API token (overrides [admin] token_file); clients send
+    /// `Authorization: Bearer <token>` or basic auth with the token as password.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
     /// Worker threads (overrides [runtime] threads; default one per CPU).
     #[arg(long)]
     threads: Option<usize>,
@@ -77,30 +82,44 @@ fn init_tracing(filter: Option<&str>) {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    let mut cfg = if let Some(path) = &cli.config {
-        Config::load(path)?
+    let (mut cfg, origin) = if let Some(path) = &cli.config {
+        (Config::parse_file(path)?, path.display().to_string())
     } else if let Some(listen) = cli.listen {
-        Config::single_listener(
+        // The admin API comes from apply_overrides, so that its token flag applies first.
+        let cfg = Config::single_listener(
             listen,
             cli.backend.clone(),
             cli.idle_timeout,
             cli.reset_every,
-            cli.admin,
-        )?
+            None,
+        )?;
+        (cfg, "command line".to_string())
     } else {
         anyhow::bail!("nothing to do: give --config FILE, or --listen ADDR --backend HOST:PORT");
     };
     if let (Some(max), Some(l)) = (cli.max_connections, cfg.listeners.first_mut()) {
         l.max_connections = max;
-        cfg.validate()?;
     }
-    apply_overrides(cli, &mut cfg);
+    apply_overrides(cli, &mut cfg)?;
+    cfg.check(&origin)?;
     Ok(cfg)
 }
 
-fn apply_overrides(cli: &Cli, cfg: &mut Config) {
+/// The CLI flags that override the file (also on every reload).
+fn apply_overrides(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     if let Some(a) = cli.admin {
-        cfg.admin = Some(warren_lb::config::AdminConfig { listen: a });
+        match &mut cfg.admin {
+            Some(admin) => admin.listen = a,
+            None => cfg.admin = Some(warren_lb::config::AdminConfig::new(a)),
+        }
+    }
+    if let Some(path) = &cli.admin_token_file {
+        match &mut cfg.admin {
+            Some(admin) => admin.token_file = Some(path.clone()),
+            None => anyhow::bail!(
+                "--admin-token-file needs an admin API: give --admin ADDR or [admin] listen"
+            ),
+        }
     }
     if let Some(t) = cli.threads {
         cfg.runtime.threads = Some(t);
@@ -111,12 +130,22 @@ fn apply_overrides(cli: &Cli, cfg: &mut Config) {
     if let Some(s) = cli.seed {
         cfg.chaos.seed = Some(s);
     }
+    Ok(())
+}
+
+/// `--check-config FILE`: the file with the admin flags applied, validated, token file read.
+fn check_config(cli: &Cli, path: &std::path::Path) -> anyhow::Result<Config> {
+    let mut cfg = Config::parse_file(path)?;
+    apply_overrides(cli, &mut cfg)?;
+    let origin = path.display().to_string();
+    cfg.check(&origin)?;
+    Ok(cfg)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
-        return match Config::load(path) {
+        return match check_config(&cli, path) {
             Ok(cfg) => {
                 use std::io::Write;
                 let _ = writeln!(
@@ -129,7 +158,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                say(&format!("error: {e}"));
+                say(&format!("error: {}", chain(&e)));
                 ExitCode::FAILURE
             }
         };
@@ -138,17 +167,34 @@ fn main() -> ExitCode {
     let cfg = match load(&cli) {
         Ok(c) => c,
         Err(e) => {
-            say(&format!("error: {e:#}"));
+            say(&format!("error: {}", chain(&e)));
             return ExitCode::from(2);
         }
     };
     match run(cli, cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text an outer message
+/// already contains (the config errors embed their source).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Writes a line to stderr, ignoring a closed stderr (`eprintln!` would panic).
@@ -179,16 +225,17 @@ fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
                     tracing::warn!("SIGHUP ignored: no --config file to reload");
                     continue;
                 };
-                match Config::load(path) {
-                    Ok(mut cfg) => {
-                        apply_overrides(&cli, &mut cfg);
-                        if let Err(e) = handle.reload(cfg).await {
-                            tracing::error!(error = %e, "reload failed; keeping the running configuration");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload failed; keeping the running configuration")
-                    }
+                let loaded = Config::parse_file(path).map_err(anyhow::Error::from).and_then(|mut cfg| {
+                    apply_overrides(&cli, &mut cfg)?;
+                    cfg.check(&path.display().to_string())?;
+                    Ok(cfg)
+                });
+                let result = match loaded {
+                    Ok(cfg) => handle.reload(cfg).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %chain(&e), "reload failed; keeping the running configuration");
                 }
             }
         });

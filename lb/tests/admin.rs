@@ -167,9 +167,11 @@ async fn get_events_follow_streams_new_events() {
     let (a, b) = (echo_backend().await, echo_backend().await);
     let lb = start(config(vec![listener("f", &[a.addr, b.addr])])).await;
     let mut s = TcpStream::connect(lb.admin()).await.unwrap();
-    s.write_all(b"GET /events?follow=1 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!(
+        "GET /events?follow=1 HTTP/1.1\r\nHost: {}\r\n\r\n",
+        lb.admin()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     // The response head arrives first.

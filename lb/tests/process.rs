@@ -373,3 +373,133 @@ async fn a_closed_stderr_does_not_stop_signal_handling() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+// ---------------------------------------------------------------- admin API security
+
+fn token_path(tag: &str, token: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-lb-proc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{tag}.token"));
+    std::fs::write(&p, format!("{token}\n")).unwrap();
+    p
+}
+
+async fn check_config_with(path: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .arg(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_config_refuses_a_public_admin_api_without_a_token() {
+    let listener =
+        "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n";
+    let public = temp_file(
+        "public-admin",
+        &format!("[admin]\nlisten = \"0.0.0.0:9901\"\n\n{listener}"),
+    );
+    let (code, _, err) = check_config(&public).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("0.0.0.0:9901")
+            && err.contains("not a loopback address")
+            && err.contains("token_file")
+            && err.contains("--admin-token-file"),
+        "says what is wrong and how to fix it: {err}"
+    );
+    // The flag fixes it; an empty token file does not.
+    let tok = token_path("public-admin", "s3cret");
+    let (code, out, err) =
+        check_config_with(&public, &["--admin-token-file", tok.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let empty = token_path("empty", "   ");
+    let (code, _, err) =
+        check_config_with(&public, &["--admin-token-file", empty.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("empty"), "{err}");
+    // So does token_file in the file; --admin moves a loopback API off loopback.
+    let with_file = temp_file(
+        "public-admin-file",
+        &format!(
+            "[admin]\nlisten = \"0.0.0.0:9901\"\ntoken_file = \"{}\"\n\n{listener}",
+            tok.display()
+        ),
+    );
+    assert_eq!(check_config(&with_file).await.0, 0);
+    let local = temp_file(
+        "local-admin",
+        &format!("[admin]\nlisten = \"127.0.0.1:9901\"\n\n{listener}"),
+    );
+    assert_eq!(check_config(&local).await.0, 0);
+    let (code, _, err) = check_config_with(&local, &["--admin", "0.0.0.0:9901"]).await;
+    assert_eq!(code, 1, "{err}");
+}
+
+#[tokio::test]
+async fn startup_refuses_a_public_admin_api_without_a_token() {
+    // 0.0.0.0:0 is never bound: the configuration is refused first.
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:1",
+            "--admin",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address") && err.contains("--admin-token-file"),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+}
+
+#[tokio::test]
+async fn the_admin_token_file_flag_protects_the_api_and_sighup_rereads_it() {
+    let b = echo_backend().await;
+    let path = temp_file("token-proc", &lb_toml(&[b.addr], None));
+    let tok = token_path("proc", "first-token");
+    let mut p = Proc::spawn(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--admin-token-file",
+        tok.to_str().unwrap(),
+    ]);
+    let admin = p.addrs(&["admin"]).await["admin"];
+    let get = |auth: Option<&'static str>| async move {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
+        request(admin, "GET", "/listeners", &headers, None)
+            .await
+            .status
+    };
+    assert_eq!(get(None).await, 401);
+    assert_eq!(get(Some("Bearer wrong")).await, 401);
+    assert_eq!(get(Some("Bearer first-token")).await, 200);
+    assert_eq!(
+        request(admin, "GET", "/healthz", &[], None).await.status,
+        200
+    );
+
+    // A new token takes effect on SIGHUP (the flag applies to reloads too).
+    std::fs::write(&tok, "second-token\n").unwrap();
+    p.signal("-HUP");
+    p.line("configuration reloaded").await;
+    assert_eq!(get(Some("Bearer first-token")).await, 401);
+    assert_eq!(get(Some("Bearer second-token")).await, 200);
+    p.signal("-TERM");
+    assert_eq!(p.exit_code().await, Some(0));
+}

@@ -97,9 +97,7 @@ pub fn fast_health(healthy: u32, unhealthy: u32) -> HealthConfig {
 
 pub fn config(listeners: Vec<ListenerConfig>) -> Config {
     Config {
-        admin: Some(AdminConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        }),
+        admin: Some(AdminConfig::new("127.0.0.1:0".parse().unwrap())),
         listeners,
         ..Config::default()
     }
@@ -360,14 +358,62 @@ pub async fn read_end(s: &mut TcpStream, within: Duration) -> Option<ReadEnd> {
     }
 }
 
-/// One HTTP/1.1 request to the admin API; returns (status, body). `Connection: close`.
+/// One HTTP/1.1 request to the admin API; returns (status, body). `Connection: close`,
+/// `Content-Type: application/json`, `Host` the address.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let r = request(
+        addr,
+        method,
+        path,
+        &[("Content-Type", "application/json")],
+        body,
+    )
+    .await;
+    (r.status, r.body)
+}
+
+/// An admin API response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    /// Lowercased header names, values as sent.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request with `Host: addr`, `Connection: close`, `extra` headers and, given a
+/// body, its `Content-Length` (no `Content-Type` unless in `extra`).
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: Option<&str>,
+) -> Resp {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or(""));
+    raw(addr, &req).await
+}
+
+/// Sends `req` as is and reads the response to EOF.
+pub async fn raw(addr: SocketAddr, req: &str) -> Resp {
     let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
@@ -381,15 +427,25 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status code");
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let body = if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
     {
         dechunk(body)
     } else {
         body.to_string()
     };
-    (status, body)
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -13,6 +13,22 @@
 //! | GET `/events` | recent events as JSON lines; `?follow=1` streams |
 //! | GET `/metrics` | Prometheus text |
 //! | GET `/healthz` | 200 while serving |
+//!
+//! # Security
+//! The API can reconfigure every listener (backends, fault rules that refuse or reset every
+//! connection), so:
+//! - Token: with `[admin] token_file` (or `--admin-token-file`), every request but `GET /healthz`
+//!   needs `Authorization: Bearer <token>` or basic auth with the token as password (`curl -u
+//!   any:TOKEN`); 401 otherwise. Without a token the API must listen on loopback (`config`
+//!   refuses anything else) and accepts only `Host`s that are IP literals or `localhost`.
+//! - Browsers: a foreign or `null` `Origin` and `Sec-Fetch-Site: cross-site` get 403; a body that
+//!   is not `application/json` gets 415 (see `guard`, which runs before any route).
+//! - Slow or many clients: headers must arrive within `[admin] request_timeout` (also the idle
+//!   keep-alive limit), bodies within it too and up to 1 MiB; at most `[admin] max_connections`
+//!   connections, beyond which a new one is closed at once. `/events?follow=1` streams as long as
+//!   the client reads: the timeouts limit requests, not responses.
+
+pub mod guard;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -22,25 +38,37 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 
-use crate::config::{CloseStyle, FaultRule, Side};
+use crate::config::{CloseStyle, FaultRule, Side, ADMIN_MAX_CONNECTIONS, ADMIN_REQUEST_TIMEOUT};
 use crate::listener::{CloseCmd, ListenerState};
 use crate::Shared;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Largest request body.
+const MAX_BODY: usize = 1 << 20;
+/// hyper's read buffer: bounds the request line and headers.
+const MAX_HEAD: usize = 64 * 1024;
+
 /// Accepts admin connections until the task is aborted (at the end of `run`).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let max = shared
+        .admin_cfg
+        .as_ref()
+        .map_or(ADMIN_MAX_CONNECTIONS, |a| a.max_connections);
+    let timeout = request_timeout(&shared);
+    let slots = Arc::new(Semaphore::new(max));
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -50,19 +78,69 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // Over the cap, close at once: a flood costs no more than `max` descriptors.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(max, "admin connection closed: too many open");
+            drop(tcp);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await
-            {
+            let mut http = http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(MAX_HEAD);
+            if let Err(e) = http.serve_connection(TokioIo::new(tcp), svc).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
+    }
+}
+
+fn request_timeout(shared: &Shared) -> Duration {
+    shared
+        .admin_cfg
+        .as_ref()
+        .map_or(ADMIN_REQUEST_TIMEOUT, |a| a.request_timeout)
+}
+
+/// The checks of `guard`, then the route.
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let token = shared.admin_token.load_full();
+    let has_body = !req.body().is_end_stream();
+    let verdict = guard::check(
+        req.uri().path(),
+        req.headers(),
+        has_body,
+        token.as_deref().map(String::as_str),
+    );
+    match verdict {
+        Ok(()) => route(shared, req).await,
+        Err(refusal) => {
+            tracing::debug!(
+                method = %req.method(),
+                path = %guard::shown(req.uri().path()),
+                status = refusal.status().as_u16(),
+                reason = %refusal.message(),
+                "admin request refused"
+            );
+            let mut r = error(refusal.status(), refusal.message());
+            if let guard::Refusal::Unauthorized(_) = refusal {
+                r.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"warren-lb\""),
+                );
+            }
+            // The body (if any) is not read: the connection cannot be reused.
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
     }
 }
 
@@ -90,12 +168,39 @@ fn percent_decode(s: &str) -> String {
         .into_owned()
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
-    match Limited::new(req.into_body(), 1 << 20).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(error(
+/// The whole body, within the request timeout and [`MAX_BODY`].
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    let timeout = request_timeout(shared);
+    let closing = |status, msg: String| {
+        let mut r = error(status, msg);
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    let too_large = || {
+        closing(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )
+    };
+    // A declared length over the limit is refused before reading a byte of it.
+    if req.body().size_hint().lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(timeout, collect).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("cannot read body: {e}"),
+        )),
+        Err(_) => Err(closing(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {}",
+                humantime::format_duration(timeout)
+            ),
         )),
     }
 }
@@ -134,7 +239,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             let Some(l) = listener(name) else {
                 return no_listener(name);
             };
-            let body = match read_body(req).await {
+            let body = match read_body(shared, req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -176,7 +281,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             let Some(l) = listener(name) else {
                 return no_listener(name);
             };
-            let body = match read_body(req).await {
+            let body = match read_body(shared, req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -190,7 +295,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             let Some(l) = listener(name) else {
                 return no_listener(name);
             };
-            let body = match read_body(req).await {
+            let body = match read_body(shared, req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -221,7 +326,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             let Some(l) = listener(name) else {
                 return no_listener(name);
             };
-            let body = match read_body(req).await {
+            let body = match read_body(shared, req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
