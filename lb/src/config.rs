@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::addr::{self, BackendAddr, OwnAddr};
+
 /// The whole configuration of one warren-lb process.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -463,8 +465,14 @@ pub enum ValidationError {
     ReservedName(String),
     #[error("listener `{0}` has no backends")]
     NoBackends(String),
-    #[error("listener `{listener}`: backend `{addr}` is not host:port")]
-    BadBackend { listener: String, addr: String },
+    /// Not valid, not resolvable, or warren-lb itself (`backend::addr`).
+    #[error("listener `{listener}`: backend `{addr}` {reason}")]
+    BadBackend {
+        listener: String,
+        /// As given, cut to a readable length.
+        addr: String,
+        reason: String,
+    },
     #[error(
         "the admin API listens on {listen}, which is not a loopback address, without a token: \
          anyone who reaches it could reconfigure warren-lb. Put a secret in a file and set \
@@ -586,8 +594,10 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks what serde cannot: ranges, uniqueness, non-empty lists, an admin API off loopback
-    /// without a token.
+    /// Checks what serde cannot: ranges, uniqueness, non-empty lists, backend syntax, an admin
+    /// API off loopback without a token, and backends given as IP literals that are one of the
+    /// configured listener or admin addresses (bound addresses, port 0 included, are checked
+    /// again at bind and reload: `backend::addr`).
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.listeners.is_empty() {
             return Err(ValidationError::NoListeners);
@@ -608,7 +618,28 @@ impl Config {
             }
             l.validate()?;
         }
+        let own = self.own_addrs();
+        for l in &self.listeners {
+            for b in &l.backends {
+                if let Ok(BackendAddr::Ip(sa)) = addr::parse(b) {
+                    addr::check_not_own(&l.name, b, sa, false, &own, &addr::is_local_ip)?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The configured listener and admin addresses (port 0 ones never match a backend).
+    pub fn own_addrs(&self) -> Vec<OwnAddr> {
+        let mut own: Vec<OwnAddr> = self
+            .listeners
+            .iter()
+            .map(|l| OwnAddr::listener(&l.name, l.bind))
+            .collect();
+        if let Some(a) = &self.admin {
+            own.push(OwnAddr::admin(a.listen));
+        }
+        own
     }
 }
 
@@ -709,39 +740,24 @@ impl ListenerConfig {
     }
 }
 
-/// Backend addresses must be `host:port` and unique within a listener.
+/// Backend addresses must be valid `host:port` (see `backend::addr::parse`) and unique within a
+/// listener.
 pub fn validate_backends(listener: &str, backends: &[String]) -> Result<(), ValidationError> {
     let mut seen = HashSet::new();
-    for addr in backends {
-        if !is_host_port(addr) {
-            return Err(ValidationError::BadBackend {
-                listener: listener.to_string(),
-                addr: addr.clone(),
-            });
-        }
-        if !seen.insert(addr.as_str()) {
+    for b in backends {
+        addr::parse(b).map_err(|reason| ValidationError::BadBackend {
+            listener: listener.to_string(),
+            addr: addr::shown(b),
+            reason,
+        })?;
+        if !seen.insert(b.as_str()) {
             return Err(ValidationError::DuplicateBackend {
                 listener: listener.to_string(),
-                addr: addr.clone(),
+                addr: b.clone(),
             });
         }
     }
     Ok(())
-}
-
-fn is_host_port(s: &str) -> bool {
-    if s.parse::<SocketAddr>().is_ok() {
-        return true;
-    }
-    match s.rsplit_once(':') {
-        Some((host, port)) => {
-            !host.is_empty()
-                && !host.contains(':')
-                && !host.contains(char::is_whitespace)
-                && port.parse::<u16>().is_ok_and(|p| p != 0)
-        }
-        None => false,
-    }
 }
 
 /// Serde helper for humane durations (`250ms`, `30s`, `5m`).
@@ -1067,6 +1083,36 @@ backends = ["10.0.0.11:15672"]
         a.token_file = Some(dir.join("missing"));
         let e = a.read_token().unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn backends_that_are_warren_lb_itself_are_refused() {
+        let one = |bind: &str, backend: &str| {
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:9901\"\n[[listener]]\nname = \"a\"\nbind = \"{bind}\"\nbackends = [\"{backend}\"]\n"
+            )
+        };
+        for (bind, backend, what) in [
+            ("127.0.0.1:5672", "127.0.0.1:5672", "own listener `a`"),
+            ("0.0.0.0:5672", "127.0.0.1:5672", "own listener `a`"),
+            ("0.0.0.0:5672", "127.0.0.53:5672", "own listener `a`"),
+            ("[::]:5672", "[::1]:5672", "own listener `a`"),
+            ("[::]:5672", "127.0.0.1:5672", "own listener `a`"),
+            ("127.0.0.1:0", "127.0.0.1:9901", "own admin API"),
+        ] {
+            let e = err(&one(bind, backend));
+            assert!(e.contains(what), "{bind} <- {backend}: {e}");
+        }
+        // Another listener of the same process.
+        let two = format!(
+            "{}[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:6000\"\nbackends = [\"127.0.0.1:1\"]\n",
+            one("127.0.0.1:0", "127.0.0.1:6000")
+        );
+        assert!(err(&two).contains("own listener `b`"));
+        // Not ours: other ports, and a remote host behind a wildcard bind (the seed topology).
+        assert!(Config::from_toml_str(&one("127.0.0.1:5672", "127.0.0.1:5673")).is_ok());
+        assert!(Config::from_toml_str(&one("0.0.0.0:5672", "192.0.2.11:5672")).is_ok());
+        assert!(Config::from_toml_str(&one("127.0.0.1:0", "127.0.0.1:0")).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - `backend::pool`: backend membership, draining, fail open.
 //! - `backend::select`: the selection trait, round robin / least-conn / random.
 //! - `backend::health`: tcp / http / amqp checks and ELB thresholds.
+//! - `backend::addr`: what a backend address may be: syntax, resolution, never warren-lb itself.
 //! - `proxy_protocol`: PROXY v1/v2 header encoders (pure).
 //! - `tls`: rustls acceptor (termination) and connector (to backends).
 //! - `admin`: the HTTP/1.1 JSON admin API, `/metrics`, `/events`; its limits (timeouts,
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwapOption;
+use backend::addr::{self, OwnAddr, Resolved};
 pub use config::Config;
 use config::{AdminConfig, ValidationError};
 use events::{Event, EventBus};
@@ -68,6 +70,13 @@ pub enum LbError {
     },
     #[error("listener `{name}`: {source}")]
     Tls { name: String, source: tls::TlsError },
+}
+
+impl LbError {
+    /// True for errors of the configuration (exit code 2 in `main`), false for bind/TLS errors.
+    pub fn is_config(&self) -> bool {
+        matches!(self, LbError::Config(_))
+    }
 }
 
 /// State shared by the listeners, the admin API and reload.
@@ -98,20 +107,60 @@ impl Shared {
     pub fn events(&self) -> &EventBus {
         &self.rt.events
     }
+
+    /// Every bound listener address and the admin address: what no backend may point at.
+    pub fn own_addrs(&self) -> Vec<OwnAddr> {
+        let mut own: Vec<OwnAddr> = self
+            .listeners()
+            .iter()
+            .map(|l| OwnAddr::listener(&l.name, l.addr))
+            .collect();
+        own.extend(self.admin_addr.map(OwnAddr::admin));
+        own
+    }
+
+    /// Resolves `backends` of `listener` and refuses any that reaches warren-lb itself (the
+    /// admin API's `PUT /listeners/{name}/backends`).
+    pub async fn check_backends(
+        &self,
+        listener: &str,
+        backends: &[String],
+    ) -> Result<(), ValidationError> {
+        let resolved = addr::resolve_all(listener, backends).await?;
+        addr::check_resolved(&resolved, &self.own_addrs())
+    }
+}
+
+/// Resolves every backend of `config` (names within `backend::addr::RESOLVE_TIMEOUT`).
+pub async fn resolve_backends(config: &Config) -> Result<Vec<Resolved>, ValidationError> {
+    let mut all = Vec::new();
+    for l in &config.listeners {
+        all.extend(addr::resolve_all(&l.name, &l.backends).await?);
+    }
+    Ok(all)
+}
+
+/// What `--check-config` adds to [`Config::check`]: every backend resolves, and none reaches a
+/// configured listener or admin address.
+pub async fn check_backends(config: &Config) -> Result<(), ValidationError> {
+    let resolved = resolve_backends(config).await?;
+    addr::check_resolved(&resolved, &config.own_addrs())
 }
 
 /// Namespace of the entry point.
 pub struct Lb;
 
 impl Lb {
-    /// Validates `config`, reads the admin token, loads TLS material and binds every listener and
-    /// the admin API. Nothing is served until [`Bound::run`].
+    /// Validates `config` (backends resolved), reads the admin token, loads TLS material and
+    /// binds every listener and the admin API. A backend that reaches one of the bound
+    /// addresses is refused (sockets closed again). Nothing is served until [`Bound::run`].
     pub async fn bind(config: Config) -> Result<Bound, LbError> {
         config.validate()?;
         let token = match &config.admin {
             Some(a) => a.read_token()?,
             None => None,
         };
+        let resolved = resolve_backends(&config).await?;
         let prom = metrics::install();
         let rt = Rt {
             events: Arc::new(EventBus::new()),
@@ -131,28 +180,39 @@ impl Lb {
             })?;
             snaps.push(snap);
         }
-        let mut pending = Vec::new();
+        // Bind everything, check the backends against the bound addresses, then log and build:
+        // a refused configuration logs no `listening` line.
+        let mut bound = Vec::new();
         for snap in snaps {
             let (tcp, addr) = bind_tcp(&snap.cfg.name, snap.cfg.bind)?;
+            bound.push((snap, tcp, addr));
+        }
+        let admin = match &config.admin {
+            Some(a) => Some(bind_tcp("admin", a.listen)?),
+            None => None,
+        };
+        let mut own: Vec<OwnAddr> = bound
+            .iter()
+            .map(|(snap, _, addr)| OwnAddr::listener(&snap.cfg.name, *addr))
+            .collect();
+        own.extend(admin.as_ref().map(|(_, a)| OwnAddr::admin(*a)));
+        addr::check_resolved(&resolved, &own)?;
+        let mut pending = Vec::new();
+        for (snap, tcp, addr) in bound {
             tracing::info!(listener = %snap.cfg.name, addr = %addr, "listening");
             pending.push((ListenerState::new(snap, addr, rt.clone()), tcp));
         }
-        let admin = match &config.admin {
-            Some(a) => {
-                let (tcp, addr) = bind_tcp("admin", a.listen)?;
-                tracing::info!(listener = %"admin", addr = %addr, "listening");
-                if !a.is_loopback() {
-                    tracing::warn!(
-                        addr = %addr,
-                        "THE ADMIN API LISTENS ON A NON-LOOPBACK ADDRESS: it can reconfigure every \
-                         listener and is protected by its token only; keep it off the internet \
-                         (firewall, private network) or listen on 127.0.0.1"
-                    );
-                }
-                Some((tcp, addr))
+        if let Some((_, addr)) = &admin {
+            tracing::info!(listener = %"admin", addr = %addr, "listening");
+            if !addr.ip().to_canonical().is_loopback() {
+                tracing::warn!(
+                    addr = %addr,
+                    "THE ADMIN API LISTENS ON A NON-LOOPBACK ADDRESS: it can reconfigure every \
+                     listener and is protected by its token only; keep it off the internet \
+                     (firewall, private network) or listen on 127.0.0.1"
+                );
             }
-            None => None,
-        };
+        }
         let shared = Arc::new(Shared {
             rt,
             listeners: Mutex::new(pending.iter().map(|(l, _)| l.clone()).collect()),
@@ -287,11 +347,13 @@ impl Handle {
     /// Applies a new configuration without dropping established connections: listeners are added
     /// and removed (a removed one stops accepting, its connections drain), settings replaced,
     /// backends replaced (removed ones drain). A listener whose `bind` changed is rebound.
-    /// The admin address and settings cannot change without a restart; its token can (re-read
-    /// from `token_file`). On error nothing is applied.
+    /// Backends are resolved and refused if they reach warren-lb itself (the listeners of the new
+    /// configuration, the admin API). The admin address and settings cannot change without a
+    /// restart; its token can (re-read from `token_file`). On error nothing is applied.
     pub async fn reload(&self, config: Config) -> Result<(), LbError> {
         config.validate()?;
         let token = self.reload_token(&config)?;
+        let resolved = resolve_backends(&config).await?;
         let mut snaps = Vec::new();
         for l in &config.listeners {
             let snap = Snapshot::build(l.clone()).map_err(|source| LbError::Tls {
@@ -316,6 +378,19 @@ impl Handle {
                 }
             }
         }
+        let mut own: Vec<OwnAddr> = plan
+            .iter()
+            .map(|(snap, existing, bound)| {
+                let addr = match (existing, bound) {
+                    (Some(ls), _) => ls.addr,
+                    (None, Some((_, a))) => *a,
+                    (None, None) => snap.cfg.bind,
+                };
+                OwnAddr::listener(&snap.cfg.name, addr)
+            })
+            .collect();
+        own.extend(self.shared.admin_addr.map(OwnAddr::admin));
+        addr::check_resolved(&resolved, &own)?;
         let mut next = Vec::new();
         for (snap, existing, bound) in plan {
             match (existing, bound) {

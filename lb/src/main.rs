@@ -20,8 +20,8 @@ struct Cli {
     /// Configuration file (TOML); SIGHUP reloads it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Validate FILE (with --admin/--admin-token-file applied) and exit: 0 if valid, 1 with a
-    /// message if not.
+    /// Validate FILE (with --admin/--admin-token-file applied; backends resolved) and exit: 0 if
+    /// valid, 1 with a message if not.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen"])]
     check_config: Option<PathBuf>,
     /// One listener without a file: the address to listen on.
@@ -133,12 +133,19 @@ fn apply_overrides(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--check-config FILE`: the file with the admin flags applied, validated, token file read.
+/// `--check-config FILE`: the file with the admin flags applied, validated, token file read,
+/// every backend resolved and none pointing at a configured address of warren-lb.
 fn check_config(cli: &Cli, path: &std::path::Path) -> anyhow::Result<Config> {
     let mut cfg = Config::parse_file(path)?;
     apply_overrides(cli, &mut cfg)?;
     let origin = path.display().to_string();
     cfg.check(&origin)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(warren_lb::check_backends(&cfg))
+        .with_context(|| origin.clone())?;
     Ok(cfg)
 }
 
@@ -175,7 +182,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", chain(&e));
-            ExitCode::FAILURE
+            // A configuration refused at bind (a backend that does not resolve or points at
+            // warren-lb itself) is a configuration error like the others.
+            match e.downcast_ref::<warren_lb::LbError>() {
+                Some(lb) if lb.is_config() => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

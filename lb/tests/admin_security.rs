@@ -1,5 +1,5 @@
 //! The admin API's defences: token, browser (Origin, Sec-Fetch-Site, Host), body type, slow and
-//! many clients.
+//! many clients, and backends that would reach warren-lb itself.
 
 #![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
 
@@ -435,5 +435,123 @@ async fn admin_connections_beyond_the_cap_are_closed() {
         assert!(tokio::time::Instant::now() < deadline, "a slot came free");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    lb.stop().await;
+}
+
+// ---------------------------------------------------------------- backends
+
+async fn put_backends(admin: SocketAddr, listener: &str, list: &[&str]) -> (u16, String) {
+    let body = serde_json::to_string(list).unwrap();
+    http(
+        admin,
+        "PUT",
+        &format!("/listeners/{listener}/backends"),
+        Some(&body),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn put_backends_refuses_warren_lb_itself_and_invalid_addresses() {
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let lb = start(config(vec![
+        listener("p", &[a.addr]),
+        listener("q", &[a.addr]),
+    ]))
+    .await;
+    let admin = lb.admin();
+    let own_p = lb.addr("p").to_string();
+    let own_q = lb.addr("q").to_string();
+    let own_admin = admin.to_string();
+    let localhost_admin = format!("localhost:{}", admin.port());
+    let mapped_alias = format!("[::ffff:127.0.0.1]:{}", lb.addr("p").port());
+    let long_host = format!("{}:5672", "a".repeat(5000));
+    let cases: Vec<(&str, &str)> = vec![
+        (own_p.as_str(), "own listener `p`"),
+        (own_q.as_str(), "own listener `q`"),
+        (mapped_alias.as_str(), "own listener `p`"),
+        (own_admin.as_str(), "own admin API"),
+        (localhost_admin.as_str(), "own admin API"),
+        ("999.1.1.1:1", "invalid IPv4 address"),
+        (long_host.as_str(), "5000 characters"),
+        ("127.0.0.1:0", "port"),
+        ("127.0.0.1:65536", "invalid port"),
+        ("127.0.0.1:http", "invalid port"),
+        ("bad_host:80", "invalid host name"),
+        ("0.0.0.0:5672", "unspecified"),
+        ("no-such-host.invalid:5672", "does not resolve"),
+    ];
+    for (backend, why) in cases {
+        let (status, text) = put_backends(admin, "p", &[&b.addr.to_string(), backend]).await;
+        assert_eq!(status, 400, "{}: {text}", &backend[..backend.len().min(40)]);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON error");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(why), "{why}: {msg}");
+        assert!(
+            msg.len() < 400,
+            "the message stays readable: {} bytes",
+            msg.len()
+        );
+    }
+    // Nothing changed: the listener still proxies to `a` only.
+    let v = get_json(admin, "/listeners/p").await;
+    assert_eq!(v["backends"].as_array().unwrap().len(), 1);
+    drop(connect_echo(lb.addr("p"), b"x").await);
+    assert_eq!(a.served(), 1);
+
+    // Valid backends, a name among them, are accepted.
+    let by_name = format!("localhost:{}", b.addr.port());
+    let (status, text) = put_backends(admin, "p", &[&b.addr.to_string(), &by_name]).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = put_backends(admin, "p", &[&b.addr.to_string()]).await;
+    assert_eq!(status, 200, "{text}");
+    drop(connect_echo(lb.addr("p"), b"y").await);
+    assert_eq!(b.served(), 1);
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn bind_refuses_a_backend_on_its_own_listener() {
+    // A port nobody holds right now, used as the listener's bind and its own backend.
+    let port = dead_addr().await.port();
+    let mut l = listener("loop", &[]);
+    l.bind = format!("127.0.0.1:{port}").parse().unwrap();
+    l.backends = vec![format!("localhost:{port}")];
+    let err = Lb::bind(config(vec![l.clone()]))
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(err.is_config(), "{msg}");
+    assert!(
+        msg.contains("resolves to 127.0.0.1:") && msg.contains("own listener `loop`"),
+        "{msg}"
+    );
+    // An IP literal is caught by validation alone.
+    l.backends = vec![format!("127.0.0.1:{port}")];
+    let err = config(vec![l]).validate().unwrap_err().to_string();
+    assert!(err.contains("loop connections back"), "{err}");
+}
+
+#[tokio::test]
+async fn reload_with_a_bad_backend_keeps_the_running_configuration() {
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let cfg = config(vec![listener("r", &[a.addr])]);
+    let lb = start(cfg.clone()).await;
+    let own = lb.addr("r");
+    for bad in [
+        own.to_string(),
+        lb.admin().to_string(),
+        "999.1.1.1:1".to_string(),
+    ] {
+        let mut next = cfg.clone();
+        next.listeners[0].backends = vec![b.addr.to_string(), bad.clone()];
+        let err = lb.handle.reload(next).await.expect_err(&bad).to_string();
+        assert!(err.contains(&bad), "{err}");
+    }
+    // Still `a`, on the same address.
+    assert_eq!(lb.addr("r"), own);
+    drop(connect_echo(own, b"x").await);
+    assert_eq!((a.served(), b.served()), (1, 0));
     lb.stop().await;
 }

@@ -445,6 +445,61 @@ async fn check_config_refuses_a_public_admin_api_without_a_token() {
 }
 
 #[tokio::test]
+async fn check_config_refuses_backends_that_are_invalid_or_warren_lb_itself() {
+    for (tag, backends, bind, why) in [
+        (
+            "bad-ip",
+            "\"999.1.1.1:1\"",
+            "127.0.0.1:0",
+            "invalid IPv4 address",
+        ),
+        (
+            "bad-port",
+            "\"127.0.0.1:70000\"",
+            "127.0.0.1:0",
+            "invalid port",
+        ),
+        (
+            "own",
+            "\"127.0.0.1:5999\"",
+            "127.0.0.1:5999",
+            "own listener `a`",
+        ),
+        (
+            "own-wild",
+            "\"127.0.0.1:5999\"",
+            "0.0.0.0:5999",
+            "own listener `a`",
+        ),
+        (
+            "own-admin",
+            "\"127.0.0.1:9901\"",
+            "127.0.0.1:0",
+            "own admin API",
+        ),
+        (
+            "own-admin-name",
+            "\"localhost:9901\"",
+            "127.0.0.1:0",
+            "own admin API",
+        ),
+        (
+            "unresolvable",
+            "\"no-such-host.invalid:1\"",
+            "127.0.0.1:0",
+            "does not resolve",
+        ),
+    ] {
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n\n[[listener]]\nname = \"a\"\nbind = \"{bind}\"\nbackends = [{backends}]\n"
+        );
+        let (code, _, err) = check_config(&temp_file(tag, &text)).await;
+        assert_eq!(code, 1, "{tag}");
+        assert!(err.contains(why), "{tag}: {err}");
+    }
+}
+
+#[tokio::test]
 async fn startup_refuses_a_public_admin_api_without_a_token() {
     // 0.0.0.0:0 is never bound: the configuration is refused first.
     let out = Command::new(BIN)
@@ -466,6 +521,27 @@ async fn startup_refuses_a_public_admin_api_without_a_token() {
         "{err}"
     );
     assert!(!err.contains("listening"), "{err}");
+}
+
+#[tokio::test]
+async fn startup_refuses_a_backend_that_is_its_own_listener() {
+    // A port free right now, used both as the listener and (by name) as its backend.
+    let port = dead_addr().await.port();
+    let listen = format!("127.0.0.1:{port}");
+    let backend = format!("localhost:{port}");
+    // Refused at once; if it ever served, it would loop until killed: bound the wait.
+    let run = Command::new(BIN)
+        .args(["--listen", &listen, "--backend", &backend])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("exited at once")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("own listener `default`"), "{err}");
+    assert!(!err.contains("listening listener="), "{err}");
 }
 
 #[tokio::test]
@@ -500,6 +576,39 @@ async fn the_admin_token_file_flag_protects_the_api_and_sighup_rereads_it() {
     p.line("configuration reloaded").await;
     assert_eq!(get(Some("Bearer first-token")).await, 401);
     assert_eq!(get(Some("Bearer second-token")).await, 200);
+    p.signal("-TERM");
+    assert_eq!(p.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn sighup_with_a_backend_on_its_own_admin_port_is_refused_and_logged() {
+    let (a, b) = (echo_backend().await, echo_backend().await);
+    let path = temp_file("reload-own", &lb_toml(&[a.addr], None));
+    let mut p = Proc::spawn(&["--config", path.to_str().unwrap()]);
+    let addrs = p.addrs(&["amqp", "admin"]).await;
+    let admin = addrs["admin"];
+    std::fs::write(&path, lb_toml(&[b.addr, admin], None)).unwrap();
+    p.signal("-HUP");
+    let line = p.line("reload failed").await;
+    assert!(
+        line.contains(&admin.to_string()) && line.contains("own admin API"),
+        "{line}"
+    );
+    // The running configuration stays: `a` only, and the admin API is not on the data port.
+    drop(connect_echo(addrs["amqp"], b"x").await);
+    drop(connect_echo(addrs["amqp"], b"y").await);
+    assert_eq!((a.served(), b.served()), (2, 0));
+    // A syntactically bad backend is refused the same way.
+    std::fs::write(
+        &path,
+        lb_toml(&[b.addr], None).replace(&b.addr.to_string(), "999.1.1.1:1"),
+    )
+    .unwrap();
+    p.signal("-HUP");
+    let line = p.line("reload failed").await;
+    assert!(line.contains("999.1.1.1"), "{line}");
+    drop(connect_echo(addrs["amqp"], b"z").await);
+    assert_eq!(a.served(), 3);
     p.signal("-TERM");
     assert_eq!(p.exit_code().await, Some(0));
 }

@@ -71,7 +71,7 @@ pub fn check(
         return Err(Refusal::UnsupportedMediaType(match got {
             Some(t) => format!(
                 "request bodies must be Content-Type: application/json, not `{}`",
-                shown(&t)
+                crate::backend::addr::shown(&t)
             ),
             None => {
                 "request bodies must be Content-Type: application/json (none given)".to_string()
@@ -79,16 +79,6 @@ pub fn check(
         }));
     }
     Ok(())
-}
-
-/// `s`, cut to a length fit for an error message (hostile input can be long).
-pub fn shown(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.chars().count() <= MAX {
-        return s.to_string();
-    }
-    let head: String = s.chars().take(MAX).collect();
-    format!("{head}... ({} characters)", s.chars().count())
 }
 
 fn forbidden(m: impl Into<String>) -> Refusal {
@@ -124,7 +114,7 @@ fn check_browser(headers: &HeaderMap, no_token: bool) -> Result<(), Refusal> {
         if Some(&o) != host.as_ref() {
             return Err(forbidden(format!(
                 "cross-origin request refused: Origin `{}` is not this admin API",
-                shown(origin)
+                crate::backend::addr::shown(origin)
             )));
         }
     }

@@ -27,6 +27,9 @@
 //!   keep-alive limit), bodies within it too and up to 1 MiB; at most `[admin] max_connections`
 //!   connections, beyond which a new one is closed at once. `/events?follow=1` streams as long as
 //!   the client reads: the timeouts limit requests, not responses.
+//! - Backends given through the API are validated like the configuration's, resolved, and refused
+//!   when they point at warren-lb's own listeners or admin address (`backend::addr`): 400 with
+//!   `{"error": "..."}`.
 
 pub mod guard;
 
@@ -50,7 +53,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 
-use crate::config::{CloseStyle, FaultRule, Side, ADMIN_MAX_CONNECTIONS, ADMIN_REQUEST_TIMEOUT};
+use crate::config::{
+    validate_backends, CloseStyle, FaultRule, Side, ADMIN_MAX_CONNECTIONS, ADMIN_REQUEST_TIMEOUT,
+};
 use crate::listener::{CloseCmd, ListenerState};
 use crate::Shared;
 
@@ -124,7 +129,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         Err(refusal) => {
             tracing::debug!(
                 method = %req.method(),
-                path = %guard::shown(req.uri().path()),
+                path = %crate::backend::addr::shown(req.uri().path()),
                 status = refusal.status().as_u16(),
                 reason = %refusal.message(),
                 "admin request refused"
@@ -252,6 +257,15 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     )
                 }
             };
+            // Syntax first (cheap, and no DNS query for garbage), then resolution and the
+            // own-address check.
+            let checked = match validate_backends(name, &list) {
+                Ok(()) => shared.check_backends(name, &list).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                return error(StatusCode::BAD_REQUEST, e.to_string());
+            }
             match l.set_backends(list) {
                 Ok(()) => json_resp(StatusCode::OK, &listener_json(&l)),
                 Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
