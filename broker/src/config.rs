@@ -3,6 +3,7 @@
 //! Every CLI flag has a TOML key of the same (kebab-case) name; unknown keys are an error so that
 //! a typo never silently falls back to a default.
 
+use crate::proxy_protocol::Cidr;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -96,6 +97,14 @@ pub struct Config {
     /// Disk alarm threshold for free space on the data directory's file system: a size
     /// (`"50MB"`, or a bare integer of bytes) or `"mem_relative:1.0"` (times total memory).
     pub disk_free_limit: DiskFreeLimit,
+    /// Every connection to the AMQP, AMQPS and management listeners starts with a PROXY
+    /// protocol v1/v2 header from a load balancer in `proxy-protocol-from`; the client address in
+    /// it is used everywhere. Connections from other sources are refused.
+    #[serde(alias = "proxy_protocol")]
+    pub proxy_protocol: bool,
+    /// Addresses (CIDR ranges or bare IPs) allowed to send the PROXY header.
+    #[serde(alias = "proxy_protocol_from")]
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 impl Default for Config {
@@ -128,6 +137,8 @@ impl Default for Config {
             vm_memory_high_watermark: MemoryWatermark::Relative(0.4),
             vm_memory_high_watermark_paging_ratio: 0.5,
             disk_free_limit: DiskFreeLimit::Absolute(50_000_000),
+            proxy_protocol: false,
+            proxy_protocol_from: Cidr::loopback(),
         }
     }
 }
@@ -218,6 +229,13 @@ impl Config {
         }
         if self.amqp.is_empty() && self.amqps.is_empty() {
             return Err(ConfigError::Invalid("no amqp or amqps listener".into()));
+        }
+        if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
+            return Err(ConfigError::Invalid(
+                "proxy-protocol is on but proxy-protocol-from is empty: every connection would be \
+                 refused; list the load balancers' addresses (such as \"10.0.0.0/8\")"
+                    .into(),
+            ));
         }
         let vhosts = self.effective_vhosts();
         let users = self.effective_users();
@@ -485,6 +503,61 @@ mod tests {
             Config::from_toml_str("vm-memory-high-watermark-paging-ratio = 0.0\n").expect("parse");
         let e = cfg.validate().expect_err("ratio 0").to_string();
         assert!(e.contains("paging-ratio"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_keys_with_dashes_or_underscores() {
+        let cfg = Config::from_toml_str(
+            "proxy-protocol = true\nproxy-protocol-from = [\"10.0.0.0/8\", \"192.0.2.7\", \"::1/128\"]\n",
+        )
+        .expect("parse");
+        assert!(cfg.proxy_protocol);
+        assert_eq!(
+            cfg.proxy_protocol_from
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]
+        );
+        cfg.validate().expect("valid");
+        let cfg = Config::from_toml_str(
+            "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.1/32\"]\n",
+        )
+        .expect("underscores, as the spec writes them");
+        assert!(cfg.proxy_protocol);
+        assert_eq!(cfg.proxy_protocol_from.len(), 1);
+        let d = Config::default();
+        assert!(!d.proxy_protocol);
+        assert_eq!(
+            d.proxy_protocol_from
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["127.0.0.0/8", "::1/128"]
+        );
+    }
+
+    #[test]
+    fn bad_proxy_protocol_config_says_why() {
+        for (toml, want) in [
+            (
+                "proxy-protocol-from = [\"10.0.0.1/8\"]\n",
+                "did you mean 10.0.0.0/8",
+            ),
+            ("proxy-protocol-from = [\"10.0.0.0/40\"]\n", "more than 32"),
+            (
+                "proxy-protocol-from = [\"lb.local\"]\n",
+                "not an IP address",
+            ),
+            ("proxy-protocol = \"yes\"\n", "bool"),
+        ] {
+            let e = Config::from_toml_str(toml).expect_err(toml).to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+        }
+        let cfg = Config::from_toml_str("proxy-protocol = true\nproxy-protocol-from = []\n")
+            .expect("parse");
+        let e = cfg.validate().expect_err("empty trust list").to_string();
+        assert!(e.contains("proxy-protocol-from is empty"), "{e}");
     }
 
     #[test]

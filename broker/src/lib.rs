@@ -17,6 +17,10 @@
 //! - [`policy`]: policy validation and storage.
 //! - [`store`]: the durability hook every queue state change goes through.
 //! - [`tls`]: AMQPS listener configuration.
+//! - [`proxy_protocol`]: pure PROXY protocol v1/v2 header parser and the trust list
+//!   (`proxy-protocol-from`).
+//! - [`proxied`]: the accept step of the AMQP, AMQPS and management listeners that applies
+//!   `proxy-protocol` (trust check, bounded header read, the client address as the peer).
 //! - [`shutdown`]: signal handling.
 //! - [`memory`]: node-wide accounting of message memory (alarms, paging).
 //! - [`alarm`]: memory and disk alarms that block publishing connections.
@@ -44,6 +48,8 @@ pub mod mgmt;
 pub mod nesting;
 pub mod paging;
 pub mod policy;
+pub mod proxied;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod shutdown;
 pub mod stats;
@@ -203,6 +209,18 @@ impl Broker {
             source,
         })?;
         let persister = definitions::persist::Persister::new(Some(&cfg.data_dir));
+        if cfg.proxy_protocol {
+            let from: Vec<String> = cfg
+                .proxy_protocol_from
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            info!(
+                from = %from.join(","),
+                "proxy-protocol on: AMQP, AMQPS and management connections must start with a \
+                 PROXY header from these sources"
+            );
+        }
         let shared = Arc::new_cyclic(|me| BrokerShared {
             config: cfg,
             auth: Arc::new(AuthDb::new()),
@@ -354,7 +372,13 @@ async fn accept_loop(
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        let span = tracing::info_span!("conn", peer = %peer, vhost = tracing::field::Empty);
+        // `client` is filled in when a PROXY header names the client behind `peer`.
+        let span = tracing::info_span!(
+            "conn",
+            peer = %peer,
+            client = tracing::field::Empty,
+            vhost = tracing::field::Empty
+        );
         tracker.spawn(
             async move {
                 shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -375,6 +399,25 @@ async fn serve_stream(
     over_limit: Option<u32>,
 ) {
     let local = sock.local_addr().unwrap_or(peer);
+    let listener = if tls.is_some() { "amqps" } else { "amqp" };
+    // With proxy-protocol on, the header comes first, before the TLS handshake (as HAProxy
+    // and warren-lb send it).
+    let accepted = tokio::select! {
+        a = proxied::accept(sock, peer, local, &shared.config, listener) => a,
+        _ = shutdown.cancelled() => None,
+    };
+    let Some(proxied::Accepted {
+        stream: sock,
+        peer,
+        local,
+        via,
+    }) = accepted
+    else {
+        return;
+    };
+    if via.is_some() {
+        tracing::Span::current().record("client", tracing::field::display(peer));
+    }
     match tls {
         None => connection::serve(sock, peer, local, false, shared, shutdown, over_limit).await,
         Some(acc) => match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {

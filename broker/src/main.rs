@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
+use warren_broker::proxy_protocol::Cidr;
 use warren_broker::Broker;
 
 /// Lightweight AMQP 0-9-1 broker, wire compatible with RabbitMQ clients.
@@ -63,6 +64,15 @@ struct Cli {
     /// Disk alarm threshold on the data directory: a size ("50MB") or "mem_relative:1.0".
     #[arg(long, value_name = "SIZE")]
     disk_free_limit: Option<DiskFreeLimit>,
+    /// Expect a PROXY protocol v1/v2 header (from a load balancer) on every AMQP, AMQPS and
+    /// management connection; its client address is used for the guest loopback rule, connection
+    /// names and the API. Connections from sources not in --proxy-protocol-from are refused.
+    #[arg(long)]
+    proxy_protocol: bool,
+    /// Load balancer address allowed to send the PROXY header: a CIDR range or a bare IP
+    /// (repeatable; default 127.0.0.0/8 and ::1).
+    #[arg(long, value_name = "CIDR")]
+    proxy_protocol_from: Vec<Cidr>,
 }
 
 fn merge(cli: Cli, mut cfg: Config) -> Config {
@@ -110,6 +120,12 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if let Some(v) = cli.disk_free_limit {
         cfg.disk_free_limit = v;
+    }
+    if cli.proxy_protocol {
+        cfg.proxy_protocol = true;
+    }
+    if !cli.proxy_protocol_from.is_empty() {
+        cfg.proxy_protocol_from = cli.proxy_protocol_from;
     }
     cfg
 }

@@ -28,7 +28,9 @@ const OUT_HIGH_WATER: usize = 1 << 20;
 /// Events handled per wake-up before going back to the socket.
 const EVENT_BATCH: usize = 512;
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes. `peer` is the client (from the PROXY header
+/// when `proxy-protocol` is on) and `local` the address it reached: they decide the guest
+/// loopback rule and the connection's name.
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,

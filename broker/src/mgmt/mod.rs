@@ -49,7 +49,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, sock_peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -63,6 +63,24 @@ pub async fn serve(
         let shared = shared.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let local = tcp.local_addr().unwrap_or(sock_peer);
+            let accepted = match kind {
+                // proxy-protocol applies to the management listener, not to Prometheus.
+                Kind::Api => tokio::select! {
+                    a = crate::proxied::accept(tcp, sock_peer, local, &shared.config, "mgmt") => a,
+                    _ = stop.cancelled() => None,
+                },
+                Kind::Prometheus => Some(crate::proxied::Accepted {
+                    stream: crate::proxied::Prefixed::new(tcp, Bytes::new()),
+                    peer: sock_peer,
+                    local,
+                    via: None,
+                }),
+            };
+            let Some(accepted) = accepted else {
+                return;
+            };
+            let peer = accepted.peer;
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move {
@@ -76,7 +94,7 @@ pub async fn serve(
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(tcp), svc);
+                .serve_connection(TokioIo::new(accepted.stream), svc);
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(error = %e, "http connection ended");
@@ -278,7 +296,8 @@ fn basic_credentials(headers: &hyper::HeaderMap) -> Option<(String, String)> {
     Some((u.to_owned(), p.to_owned()))
 }
 
-/// Checks the caller's credentials and management tags.
+/// Checks the caller's credentials and management tags. `peer` is the client (from the PROXY
+/// header when `proxy-protocol` is on).
 fn authenticate(
     shared: &BrokerShared,
     peer: SocketAddr,

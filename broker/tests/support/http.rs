@@ -53,6 +53,18 @@ pub async fn raw_http(
     auth: Option<(&str, &str)>,
     body: Option<String>,
 ) -> Resp {
+    raw_http_prefixed(addr, b"", method, path, auth, body).await
+}
+
+/// [`raw_http`] with `prefix` sent before the request (a PROXY protocol header).
+pub async fn raw_http_prefixed(
+    addr: SocketAddr,
+    prefix: &[u8],
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: Option<String>,
+) -> Resp {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("http connect");
@@ -69,7 +81,9 @@ pub async fn raw_http(
     }
     req.push_str("\r\n");
     req.push_str(&body);
-    s.write_all(req.as_bytes()).await.expect("write request");
+    let mut bytes = prefix.to_vec();
+    bytes.extend_from_slice(req.as_bytes());
+    s.write_all(&bytes).await.expect("write request");
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await
