@@ -5,13 +5,20 @@
 //! exported from RabbitMQ logs in here with the same password and the other way round. The
 //! database is mutable at run time (management API, definitions import); readers take a short
 //! read lock. Persisting changes is the job of [`crate::definitions`].
+//!
+//! Failed logins can be limited per source address ([`FailureLimiter`], `auth-failure-limit`;
+//! RabbitMQ has no such limit, so it is off by default): a pure counter with the time passed in,
+//! shared by AMQP and HTTP logins through [`AuthDb::login`].
 
 use base64::Engine as _;
 use parking_lot::RwLock;
 use regex::Regex;
 use sha2::{Digest, Sha256, Sha512};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A permission regex; `.*` is special-cased so the common case costs nothing per publish.
 #[derive(Debug, Clone)]
@@ -224,6 +231,8 @@ pub struct User {
 #[derive(Debug, Default)]
 pub struct AuthDb {
     inner: RwLock<AuthState>,
+    /// Failed logins by source address (off unless `auth-failure-limit` is set).
+    failures: parking_lot::Mutex<FailureLimiter>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -247,6 +256,131 @@ pub enum AuthError {
     BadCredentials,
     #[error("user '{0}' can only connect via localhost")]
     LoopbackOnly(String),
+    /// The source address failed too often lately; the password was not checked.
+    #[error("too many failed logins from this address; try again later")]
+    TooManyFailures,
+}
+
+/// Whether `ip` is a loopback address (an IPv4-mapped IPv6 address counts as its IPv4 address,
+/// as a dual-stack socket reports IPv4 clients that way).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+// === failed-login limit ===
+
+/// How long failures are counted, and how long a source that reached the limit is refused.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Most source addresses tracked; past it the stalest entries go first.
+pub const FAILURE_TABLE_CAP: usize = 10_000;
+
+/// Counts failed logins per source address: after `limit` failures within [`FAILURE_WINDOW`],
+/// the source is refused for [`FAILURE_WINDOW`] without its password being checked. Pure: the
+/// caller passes the time in.
+///
+/// Invariants worth naming: the table never holds more than [`FAILURE_TABLE_CAP`] sources, so
+/// an attacker cycling through addresses (IPv6 gives plenty) costs bounded memory; evicting a
+/// source only ever forgets failures, it never blocks anyone.
+#[derive(Debug, Default)]
+pub struct FailureLimiter {
+    /// 0 = off.
+    limit: u32,
+    sources: HashMap<IpAddr, Failures>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    /// Start of the counting window.
+    since: Instant,
+    count: u32,
+    blocked_until: Option<Instant>,
+    last: Instant,
+}
+
+impl Failures {
+    /// Nothing left to remember at `now`: window and block both over.
+    fn stale(&self, now: Instant) -> bool {
+        match self.blocked_until {
+            Some(t) => now >= t,
+            None => now >= self.since + FAILURE_WINDOW,
+        }
+    }
+}
+
+impl FailureLimiter {
+    /// `limit` failures allowed per window; 0 turns the limiter off.
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            sources: HashMap::new(),
+        }
+    }
+
+    /// Whether a login from `ip` may be checked at `now`.
+    pub fn allows(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        self.sources
+            .get(&ip.to_canonical())
+            .and_then(|f| f.blocked_until)
+            .is_none_or(|t| now >= t)
+    }
+
+    /// Counts a failed login from `ip`.
+    pub fn record_failure(&mut self, ip: IpAddr, now: Instant) {
+        if self.limit == 0 {
+            return;
+        }
+        let ip = ip.to_canonical();
+        if !self.sources.contains_key(&ip) && self.sources.len() >= FAILURE_TABLE_CAP {
+            self.evict(now);
+        }
+        let f = self.sources.entry(ip).or_insert(Failures {
+            since: now,
+            count: 0,
+            blocked_until: None,
+            last: now,
+        });
+        if f.stale(now) {
+            *f = Failures {
+                since: now,
+                count: 0,
+                blocked_until: None,
+                last: now,
+            };
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        if f.count >= self.limit && f.blocked_until.is_none() {
+            f.blocked_until = Some(now + FAILURE_WINDOW);
+        }
+    }
+
+    /// Makes room for one more source: drops stale entries, and if none was stale, the one
+    /// with the oldest failure.
+    fn evict(&mut self, now: Instant) {
+        self.sources.retain(|_, f| !f.stale(now));
+        if self.sources.len() >= FAILURE_TABLE_CAP {
+            if let Some(ip) = self
+                .sources
+                .iter()
+                .min_by_key(|(_, f)| f.last)
+                .map(|(ip, _)| *ip)
+            {
+                self.sources.remove(&ip);
+            }
+        }
+    }
+
+    /// Sources tracked (for tests).
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
 }
 
 impl AuthDb {
@@ -284,6 +418,32 @@ impl AuthDb {
         db
     }
 
+    /// Turns the failed-login limit on (`limit` failures per source and window) or off (0).
+    pub fn set_failure_limit(&self, limit: u32) {
+        *self.failures.lock() = FailureLimiter::new(limit);
+    }
+
+    /// A login from `source` at `now`: refused without a password check while the source is
+    /// over the failed-login limit; a refusal counts as a failure.
+    pub fn login(
+        &self,
+        user: &str,
+        pass: &str,
+        source: IpAddr,
+        loopback: bool,
+        now: Instant,
+    ) -> Result<(), AuthError> {
+        if !self.failures.lock().allows(source, now) {
+            return Err(AuthError::TooManyFailures);
+        }
+        let r = self.authenticate(user, pass, loopback);
+        if r.is_err() {
+            self.failures.lock().record_failure(source, now);
+        }
+        r
+    }
+
+    /// Checks a password (and the guest loopback rule) without counting failures.
     pub fn authenticate(&self, user: &str, pass: &str, loopback: bool) -> Result<(), AuthError> {
         let st = self.inner.read();
         match st.users.get(user) {
@@ -450,6 +610,115 @@ mod tests {
         let p = db.permissions("guest", "/").expect("perms");
         assert!(p.configure.allows("anything"));
         assert!(db.permissions("guest", "other").is_none());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn failure_limit_blocks_a_source_for_the_window() {
+        let t0 = Instant::now();
+        let mut l = FailureLimiter::new(3);
+        let (a, b) = (ip("203.0.113.7"), ip("203.0.113.8"));
+        for _ in 0..2 {
+            assert!(l.allows(a, t0));
+            l.record_failure(a, t0);
+        }
+        assert!(l.allows(a, t0));
+        l.record_failure(a, t0 + Duration::from_secs(10));
+        // Third failure within 60 s: refused from then on, for 60 s.
+        assert!(!l.allows(a, t0 + Duration::from_secs(10)));
+        assert!(!l.allows(a, t0 + Duration::from_secs(69)));
+        assert!(l.allows(a, t0 + Duration::from_secs(70)));
+        // Other sources are not affected; a mapped address is the same source.
+        assert!(l.allows(b, t0 + Duration::from_secs(10)));
+        assert!(!l.allows(ip("::ffff:203.0.113.7"), t0 + Duration::from_secs(10)));
+        // After the block, counting starts over.
+        l.record_failure(a, t0 + Duration::from_secs(70));
+        assert!(l.allows(a, t0 + Duration::from_secs(70)));
+    }
+
+    #[test]
+    fn failures_spread_over_more_than_the_window_do_not_block() {
+        let t0 = Instant::now();
+        let mut l = FailureLimiter::new(2);
+        let a = ip("2001:db8::1");
+        l.record_failure(a, t0);
+        l.record_failure(a, t0 + Duration::from_secs(61));
+        assert!(l.allows(a, t0 + Duration::from_secs(61)));
+        l.record_failure(a, t0 + Duration::from_secs(62));
+        assert!(!l.allows(a, t0 + Duration::from_secs(62)));
+    }
+
+    #[test]
+    fn failure_limit_off_counts_nothing() {
+        let t0 = Instant::now();
+        let mut l = FailureLimiter::new(0);
+        for _ in 0..100 {
+            l.record_failure(ip("10.0.0.1"), t0);
+        }
+        assert!(l.allows(ip("10.0.0.1"), t0));
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn failure_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut l = FailureLimiter::new(1);
+        let first = ip("10.0.0.0");
+        l.record_failure(first, t0);
+        assert!(!l.allows(first, t0));
+        for i in 1..(FAILURE_TABLE_CAP as u32 + 500) {
+            let t = t0 + Duration::from_millis(u64::from(i));
+            l.record_failure(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)), t);
+            assert!(l.len() <= FAILURE_TABLE_CAP);
+        }
+        assert_eq!(l.len(), FAILURE_TABLE_CAP);
+        // The oldest source was evicted: forgotten, never blocked by it.
+        assert!(l.allows(first, t0 + Duration::from_secs(1)));
+        // Stale entries go before live ones.
+        let later = t0 + Duration::from_secs(3600);
+        l.record_failure(ip("192.0.2.1"), later);
+        assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn login_refuses_without_checking_the_password_once_over_the_limit() {
+        let db = guest_db();
+        db.set_failure_limit(2);
+        let now = Instant::now();
+        let src = ip("203.0.113.7");
+        assert_eq!(
+            db.login("guest", "nope", src, true, now),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(
+            db.login("guest", "nope", src, true, now),
+            Err(AuthError::BadCredentials)
+        );
+        assert_eq!(
+            db.login("guest", "guest", src, true, now),
+            Err(AuthError::TooManyFailures)
+        );
+        assert_eq!(
+            db.login("guest", "guest", ip("127.0.0.1"), true, now),
+            Ok(())
+        );
+        assert_eq!(
+            db.login("guest", "guest", src, true, now + FAILURE_WINDOW),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn loopback_includes_mapped_addresses() {
+        assert!(is_loopback(ip("127.0.0.1")));
+        assert!(is_loopback(ip("127.1.2.3")));
+        assert!(is_loopback(ip("::1")));
+        assert!(is_loopback(ip("::ffff:127.0.0.1")));
+        assert!(!is_loopback(ip("::ffff:10.0.0.1")));
+        assert!(!is_loopback(ip("203.0.113.7")));
     }
 
     #[test]

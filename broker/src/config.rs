@@ -105,6 +105,9 @@ pub struct Config {
     /// Addresses (CIDR ranges or bare IPs) allowed to send the PROXY header.
     #[serde(alias = "proxy_protocol_from")]
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Failed logins (AMQP and HTTP) one source address may have within 60 s before its further
+    /// attempts are refused for 60 s without a password check. 0 = off (as RabbitMQ).
+    pub auth_failure_limit: u32,
 }
 
 impl Default for Config {
@@ -139,6 +142,7 @@ impl Default for Config {
             disk_free_limit: DiskFreeLimit::Absolute(50_000_000),
             proxy_protocol: false,
             proxy_protocol_from: Cidr::loopback(),
+            auth_failure_limit: 0,
         }
     }
 }

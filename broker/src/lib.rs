@@ -11,7 +11,7 @@
 //! - [`exchange`]: pure routing (direct, fanout, topic, headers).
 //! - [`queue`]: the queue actor (messages, consumers, acks, TTL, DLX, overflow).
 //! - [`vhost`]: registry of exchanges and queues, the routing snapshot.
-//! - [`auth`]: users, vhosts, permissions, RabbitMQ password hashes.
+//! - [`auth`]: users, vhosts, permissions, RabbitMQ password hashes, the failed-login limit.
 //! - [`definitions`]: the mutable definitions API (vhosts, users, permissions, policies),
 //!   RabbitMQ definitions JSON import/export, persistence in `<data-dir>/definitions.json`.
 //! - [`policy`]: policy validation and storage.
@@ -209,6 +209,8 @@ impl Broker {
             source,
         })?;
         let persister = definitions::persist::Persister::new(Some(&cfg.data_dir));
+        let auth = AuthDb::new();
+        auth.set_failure_limit(cfg.auth_failure_limit);
         if cfg.proxy_protocol {
             let from: Vec<String> = cfg
                 .proxy_protocol_from
@@ -223,7 +225,7 @@ impl Broker {
         }
         let shared = Arc::new_cyclic(|me| BrokerShared {
             config: cfg,
-            auth: Arc::new(AuthDb::new()),
+            auth: Arc::new(auth),
             vhosts: parking_lot::RwLock::new(HashMap::new()),
             policies: policy::PolicyStore::default(),
             persister,

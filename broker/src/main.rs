@@ -73,6 +73,10 @@ struct Cli {
     /// (repeatable; default 127.0.0.0/8 and ::1).
     #[arg(long, value_name = "CIDR")]
     proxy_protocol_from: Vec<Cidr>,
+    /// After this many failed logins (AMQP or HTTP) from one address within 60 s, refuse that
+    /// address for 60 s without checking passwords (default 0 = off, as RabbitMQ).
+    #[arg(long, value_name = "N")]
+    auth_failure_limit: Option<u32>,
 }
 
 fn merge(cli: Cli, mut cfg: Config) -> Config {
@@ -126,6 +130,9 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if !cli.proxy_protocol_from.is_empty() {
         cfg.proxy_protocol_from = cli.proxy_protocol_from;
+    }
+    if let Some(v) = cli.auth_failure_limit {
+        cfg.auth_failure_limit = v;
     }
     cfg
 }

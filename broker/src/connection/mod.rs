@@ -30,7 +30,7 @@ const EVENT_BATCH: usize = 512;
 
 /// Serves one client connection until it closes. `peer` is the client (from the PROXY header
 /// when `proxy-protocol` is on) and `local` the address it reached: they decide the guest
-/// loopback rule and the connection's name.
+/// loopback rule, the failed-login source and the connection's name.
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -52,14 +52,14 @@ pub async fn serve<S>(
             heartbeat: cfg.heartbeat,
             max_message_size: cfg.max_message_size,
             auth: shared.auth.clone(),
-            peer_is_loopback: peer.ip().is_loopback()
-                || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())),
+            peer_is_loopback: crate::auth::is_loopback(peer.ip()),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(3),
             over_connection_limit,
         },
         now,
     );
+    state.set_login_source(peer.ip());
     let mut s = Session::new(conn_id, shared.clone(), cfg.frame_max);
     let entry = Arc::new(crate::stats::ConnEntry {
         id: conn_id,

@@ -123,6 +123,9 @@ pub struct ConnectionState {
     /// Reads are paused (publisher blocked by an alarm): missing heartbeats from the client
     /// are not its fault, so they do not close the connection.
     recv_monitor_paused: bool,
+    /// The client address failed logins are counted against (`auth-failure-limit`); set by
+    /// the shell with [`ConnectionState::set_login_source`]. None: failures are not counted.
+    login_source: Option<std::net::IpAddr>,
 }
 
 const MIN_FRAME_MAX: u32 = 4096;
@@ -230,7 +233,14 @@ impl ConnectionState {
             deadline,
             blocked_capability: false,
             recv_monitor_paused: false,
+            login_source: None,
         }
+    }
+
+    /// Counts this connection's failed login against `ip` and refuses it while `ip` is over the
+    /// failed-login limit (see [`AuthDb::login`]).
+    pub fn set_login_source(&mut self, ip: std::net::IpAddr) {
+        self.login_source = Some(ip);
     }
 
     /// The client asked for connection.blocked / unblocked notifications.
@@ -519,14 +529,15 @@ impl ConnectionState {
                 if caps.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
         );
         let (user, pass) = parse_credentials(mech, &so.response).ok_or_else(refused)?;
-        match self
-            .cfg
-            .auth
-            .authenticate(&user, &pass, self.cfg.peer_is_loopback)
-        {
+        let loopback = self.cfg.peer_is_loopback;
+        let r = match self.login_source {
+            Some(ip) => self.cfg.auth.login(&user, &pass, ip, loopback, now),
+            None => self.cfg.auth.authenticate(&user, &pass, loopback),
+        };
+        match r {
             Ok(()) => {}
             Err(AuthError::BadCredentials) => return Err(refused()),
-            Err(e @ AuthError::LoopbackOnly(_)) => {
+            Err(e @ (AuthError::LoopbackOnly(_) | AuthError::TooManyFailures)) => {
                 return Err(ConnectionError::access_refused(e.to_string()).with_method(10, 11))
             }
         }
@@ -932,6 +943,63 @@ mod tests {
     fn handshake_reaches_open() {
         let (mut s, now) = machine();
         open(&mut s, now);
+    }
+
+    fn start_ok(s: &mut ConnectionState, password: &str, now: Instant) -> Vec<Output> {
+        s.handle_protocol_header(HeaderCheck::Ok, now);
+        drain(s);
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                    client_properties: FieldTable::default(),
+                    mechanism: "PLAIN".into(),
+                    response: format!("\0guest\0{password}").into(),
+                    locale: "en_US".into(),
+                })),
+            ),
+            now,
+        );
+        drain(s)
+    }
+
+    fn close_reply(out: &[Output]) -> Option<(u16, String)> {
+        match out.first() {
+            Some(Output::Frame(AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+            ))) => Some((c.reply_code, c.reply_text.to_string())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn failed_logins_from_one_source_are_limited() {
+        let auth = Arc::new(AuthDb::from_config(&Config::default()));
+        auth.set_failure_limit(2);
+        let now = Instant::now();
+        let src: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+        let attempt = |password: &str, at: Instant| {
+            let (mut s, _) = machine();
+            s.cfg.auth = auth.clone();
+            s.set_login_source(src);
+            let out = start_ok(&mut s, password, at);
+            (close_reply(&out), s.state())
+        };
+        for _ in 0..2 {
+            let (reply, _) = attempt("nope", now);
+            assert_eq!(reply.map(|r| r.0), Some(403));
+        }
+        // The right password is not even checked now.
+        let (reply, state) = attempt("guest", now);
+        let (code, text) = reply.expect("connection.close");
+        assert_eq!(code, 403);
+        assert!(text.contains("too many failed logins"), "{text}");
+        assert_eq!(state, State::Closing);
+        // A minute later the source may try again.
+        let (reply, state) = attempt("guest", now + crate::auth::FAILURE_WINDOW);
+        assert_eq!(reply, None);
+        assert_eq!(state, State::TuneSent);
     }
 
     #[test]

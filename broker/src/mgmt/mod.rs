@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body accepted (definitions imports can be large).
@@ -122,6 +123,8 @@ pub enum ApiError {
     Unavailable(String),
     /// 500 (definitions could not be written).
     Internal(String),
+    /// 429: the source is over the failed-login limit.
+    TooManyRequests(String),
 }
 
 impl ApiError {
@@ -166,6 +169,15 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "failed", "reason": reason}),
             ),
+            ApiError::TooManyRequests(reason) => {
+                let mut r = json_resp(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({"error": "too_many_requests", "reason": reason}),
+                );
+                r.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("60"));
+                r
+            }
         }
     }
 }
@@ -278,11 +290,6 @@ static INDEX_HTML: &[u8] = include_bytes!("../../ui/index.html");
 static APP_JS: &[u8] = include_bytes!("../../ui/app.js");
 static STYLE_CSS: &[u8] = include_bytes!("../../ui/style.css");
 
-fn is_loopback(peer: SocketAddr) -> bool {
-    peer.ip().is_loopback()
-        || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
-}
-
 /// HTTP basic credentials from the Authorization header.
 fn basic_credentials(headers: &hyper::HeaderMap) -> Option<(String, String)> {
     let h = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
@@ -306,10 +313,17 @@ fn authenticate(
     let Some((user, pass)) = basic_credentials(headers) else {
         return Err(ApiError::Unauthorized("Login failed".into()));
     };
-    match shared.auth.authenticate(&user, &pass, is_loopback(peer)) {
+    let loopback = crate::auth::is_loopback(peer.ip());
+    match shared
+        .auth
+        .login(&user, &pass, peer.ip(), loopback, Instant::now())
+    {
         Ok(()) => {}
         Err(crate::auth::AuthError::BadCredentials) => {
             return Err(ApiError::Unauthorized("Login failed".into()))
+        }
+        Err(e @ crate::auth::AuthError::TooManyFailures) => {
+            return Err(ApiError::TooManyRequests(e.to_string()))
         }
         Err(e) => return Err(ApiError::Unauthorized(e.to_string())),
     }
