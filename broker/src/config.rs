@@ -105,10 +105,27 @@ pub struct Config {
     /// Addresses (CIDR ranges or bare IPs) allowed to send the PROXY header.
     #[serde(alias = "proxy_protocol_from")]
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Largest management API request body, bytes (`"20MiB"`); bodies being read at once share
+    /// a node-wide budget of 4 times this.
+    #[serde(deserialize_with = "de_size")]
+    pub mgmt_max_body_size: u64,
+    /// A management HTTP request's headers must arrive within this (also the keep-alive idle
+    /// limit), milliseconds.
+    pub mgmt_header_timeout_ms: u64,
+    /// A management HTTP request's body must arrive within this, milliseconds (408 otherwise).
+    pub mgmt_body_timeout_ms: u64,
+    /// Most concurrent connections per management (and Prometheus) listener; further clients wait
+    /// in the listen backlog. 0 = unlimited.
+    pub mgmt_max_connections: u32,
     /// Failed logins (AMQP and HTTP) one source address may have within 60 s before its further
     /// attempts are refused for 60 s without a password check. 0 = off (as RabbitMQ).
     pub auth_failure_limit: u32,
 }
+
+/// Default `mgmt-max-body-size`: RabbitMQ's `management.http_max_body_size`.
+pub const DEFAULT_MGMT_MAX_BODY_SIZE: u64 = 20 << 20;
+/// The largest `mgmt-max-body-size` accepted.
+pub const MGMT_MAX_BODY_SIZE_LIMIT: u64 = 1 << 30;
 
 impl Default for Config {
     fn default() -> Self {
@@ -142,6 +159,10 @@ impl Default for Config {
             disk_free_limit: DiskFreeLimit::Absolute(50_000_000),
             proxy_protocol: false,
             proxy_protocol_from: Cidr::loopback(),
+            mgmt_max_body_size: DEFAULT_MGMT_MAX_BODY_SIZE,
+            mgmt_header_timeout_ms: 30_000,
+            mgmt_body_timeout_ms: 30_000,
+            mgmt_max_connections: 1024,
             auth_failure_limit: 0,
         }
     }
@@ -241,6 +262,17 @@ impl Config {
                     .into(),
             ));
         }
+        if self.mgmt_max_body_size == 0 || self.mgmt_max_body_size > MGMT_MAX_BODY_SIZE_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "mgmt-max-body-size must be between 1 byte and 1GiB (got {})",
+                self.mgmt_max_body_size
+            )));
+        }
+        if self.mgmt_header_timeout_ms == 0 || self.mgmt_body_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "mgmt-header-timeout-ms and mgmt-body-timeout-ms must be above 0".into(),
+            ));
+        }
         let vhosts = self.effective_vhosts();
         let users = self.effective_users();
         for p in self.effective_permissions() {
@@ -262,6 +294,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// A size in TOML: an integer of bytes or a string with a unit (`"20MiB"`).
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match RawLimit::deserialize(d)? {
+        RawLimit::Int(i) => {
+            u64::try_from(i).map_err(|_| serde::de::Error::custom("a size must not be negative"))
+        }
+        RawLimit::Float(f) => Err(serde::de::Error::custom(format!(
+            "{f}: write a size as bytes (an integer) or with a unit such as \"20MiB\""
+        ))),
+        RawLimit::Str(s) => {
+            let t = s.trim();
+            if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+                return t.parse().map_err(serde::de::Error::custom);
+            }
+            parse_size(t).map_err(|e| serde::de::Error::custom(format!("'{t}': {e}")))
+        }
     }
 }
 
@@ -562,6 +613,36 @@ mod tests {
             .expect("parse");
         let e = cfg.validate().expect_err("empty trust list").to_string();
         assert!(e.contains("proxy-protocol-from is empty"), "{e}");
+    }
+
+    #[test]
+    fn mgmt_limits_and_failure_limit() {
+        let d = Config::default();
+        assert_eq!(d.mgmt_max_body_size, 20 << 20);
+        assert_eq!(d.auth_failure_limit, 0);
+        let cfg = Config::from_toml_str(
+            "mgmt-max-body-size = \"1MiB\"\nmgmt-header-timeout-ms = 500\n\
+             mgmt-body-timeout-ms = 700\nmgmt-max-connections = 8\nauth-failure-limit = 5\n",
+        )
+        .expect("parse");
+        assert_eq!(cfg.mgmt_max_body_size, 1 << 20);
+        assert_eq!(cfg.mgmt_header_timeout_ms, 500);
+        assert_eq!(cfg.mgmt_body_timeout_ms, 700);
+        assert_eq!(cfg.mgmt_max_connections, 8);
+        assert_eq!(cfg.auth_failure_limit, 5);
+        cfg.validate().expect("valid");
+        let cfg = Config::from_toml_str("mgmt-max-body-size = 4096\n").expect("bytes");
+        assert_eq!(cfg.mgmt_max_body_size, 4096);
+        for toml in [
+            "mgmt-max-body-size = \"2GiB\"\n",
+            "mgmt-max-body-size = 0\n",
+            "mgmt-body-timeout-ms = 0\n",
+        ] {
+            let cfg = Config::from_toml_str(toml).expect(toml);
+            assert!(cfg.validate().is_err(), "{toml}");
+        }
+        assert!(Config::from_toml_str("mgmt-max-body-size = -1\n").is_err());
+        assert!(Config::from_toml_str("mgmt-max-body-size = \"20 parsecs\"\n").is_err());
     }
 
     #[test]

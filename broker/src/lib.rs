@@ -114,6 +114,9 @@ pub struct BrokerShared {
     pub listeners: Vec<(&'static str, SocketAddr)>,
     /// The message store of durable queues (under `data_dir`).
     pub store: Arc<store::Store>,
+    /// Bytes of management request bodies that may be buffered at once, node-wide (4 times
+    /// `mgmt-max-body-size`); see [`mgmt`].
+    pub(crate) mgmt_body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// The broker before binding.
@@ -223,6 +226,7 @@ impl Broker {
                  PROXY header from these sources"
             );
         }
+        let mgmt_body_budget = Arc::new(tokio::sync::Semaphore::new(mgmt::body_budget(&cfg)));
         let shared = Arc::new_cyclic(|me| BrokerShared {
             config: cfg,
             auth: Arc::new(auth),
@@ -245,6 +249,7 @@ impl Broker {
             .flat_map(|(p, v)| v.iter().map(move |a| (p, *a)))
             .collect(),
             store,
+            mgmt_body_budget,
         });
         // Stored definitions (and the durable queues' contents) come back before any listener
         // accepts a client (listeners are bound, but nothing accepts before `run`).

@@ -73,10 +73,23 @@ struct Cli {
     /// (repeatable; default 127.0.0.0/8 and ::1).
     #[arg(long, value_name = "CIDR")]
     proxy_protocol_from: Vec<Cidr>,
+    /// Largest management API request body (default 20MiB, as RabbitMQ); bodies being read at
+    /// once share a budget of 4 times this.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    mgmt_max_body_size: Option<u64>,
     /// After this many failed logins (AMQP or HTTP) from one address within 60 s, refuse that
     /// address for 60 s without checking passwords (default 0 = off, as RabbitMQ).
     #[arg(long, value_name = "N")]
     auth_failure_limit: Option<u32>,
+}
+
+/// A size flag: bytes, or a number with a unit ("20MiB").
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().map_err(|e| format!("{e}"));
+    }
+    warren_broker::config::parse_size(t)
 }
 
 fn merge(cli: Cli, mut cfg: Config) -> Config {
@@ -130,6 +143,9 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if !cli.proxy_protocol_from.is_empty() {
         cfg.proxy_protocol_from = cli.proxy_protocol_from;
+    }
+    if let Some(v) = cli.mgmt_max_body_size {
+        cfg.mgmt_max_body_size = v;
     }
     if let Some(v) = cli.auth_failure_limit {
         cfg.auth_failure_limit = v;

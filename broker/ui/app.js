@@ -44,6 +44,13 @@
     if (Array.isArray(child)) { child.forEach((c) => append(node, c)); return; }
     node.appendChild(child instanceof Node ? child : document.createTextNode(String(child)));
   }
+  // A colour sample. The colour goes through CSSOM, not a style attribute: the
+  // Content-Security-Policy (default-src 'self') blocks inline style attributes.
+  function swatch(color) {
+    const node = el("span", { class: "swatch" });
+    node.style.background = color;
+    return node;
+  }
   function svg(tag, attrs) {
     const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
     for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
@@ -344,7 +351,7 @@
     const last = rateHistory[n - 1] || {};
     const legend = el("ul", { class: "legend", id: "rates" }, SERIES.map((s) =>
       el("li", { dataset: { series: s.key } },
-        el("span", { class: "swatch", style: "background:" + s.color }), s.label + " ",
+        swatch(s.color), s.label + " ",
         el("b", null, fmtRate(last[s.key] || 0)))));
     return el("div", { class: "chartbox" }, chart, legend);
   }

@@ -4,16 +4,35 @@
 //! The shell here accepts connections, reads requests, authenticates them (HTTP basic against
 //! the broker's users) and turns [`ApiError`]s into RabbitMQ's error bodies. The endpoints
 //! live in [`api`], the metrics text in [`prometheus`], JSON conversions in [`json`].
+//!
+//! Limits on hostile or broken clients, all from the config:
+//! - connections: at most `mgmt-max-connections` per listener at once (beyond it the listener
+//!   stops accepting and clients wait in the backlog); request headers must arrive within
+//!   `mgmt-header-timeout-ms`, which also ends idle keep-alive connections;
+//! - bodies are read only after authentication, must be at most `mgmt-max-body-size` (413) and
+//!   arrive within `mgmt-body-timeout-ms` (408). The bytes of bodies being read or handled at
+//!   once come out of one node-wide budget (`BrokerShared::mgmt_body_budget`, 4 times the
+//!   per-request limit): a request reserves its Content-Length (or each chunk as it comes) before
+//!   reading, waits at most [`BUDGET_WAIT`] for it, and gets 503 otherwise. So twenty 20 MiB
+//!   imports at once hold at most 80 MiB of bodies, not 400;
+//! - a JSON body nested deeper than `nesting::MAX_DEPTH + 4` levels is refused (400) before any
+//!   handler walks it;
+//! - with `proxy-protocol` on, the management listener takes the client address from the PROXY
+//!   header (see [`crate::proxied`]); the guest loopback rule and the failed-login limit
+//!   (`auth-failure-limit`, 429) use it;
+//! - every API/UI response carries `X-Frame-Options: DENY`, a `Content-Security-Policy` of
+//!   `default-src 'self'; frame-ancestors 'none'` (the UI has no inline script or style),
+//!   `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer`.
 
 mod api;
 pub mod json;
 mod prometheus;
 
 use crate::BrokerShared;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -25,11 +44,33 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Largest request body accepted (definitions imports can be large).
-const MAX_BODY: usize = 64 << 20;
+/// How long a request waits for its share of the body budget before it gets 503.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// How much deeper than field tables (`nesting::MAX_DEPTH`) a JSON request body may nest: room
+/// for the object that carries arguments or a policy definition.
+pub const JSON_DEPTH_SLACK: usize = 4;
+
+/// The node-wide budget of request body bytes: 4 times `mgmt-max-body-size`.
+pub(crate) fn body_budget(cfg: &crate::config::Config) -> usize {
+    usize::try_from(cfg.mgmt_max_body_size.saturating_mul(4))
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS)
+}
+
+/// Headers on every management API and UI response.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
+    ("x-frame-options", "DENY"),
+    (
+        "content-security-policy",
+        "default-src 'self'; frame-ancestors 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
 
 /// Which service a listener runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +90,22 @@ pub async fn serve(
     shared: Arc<BrokerShared>,
     stop: CancellationToken,
 ) {
+    let cfg = &shared.config;
+    let slots = (cfg.mgmt_max_connections > 0)
+        .then(|| Arc::new(Semaphore::new(cfg.mgmt_max_connections as usize)));
+    let header_timeout = Duration::from_millis(cfg.mgmt_header_timeout_ms);
     loop {
+        // At the connection cap the listener stops accepting; clients wait in the backlog.
+        let slot = match &slots {
+            Some(s) => tokio::select! {
+                _ = stop.cancelled() => return,
+                p = s.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+            },
+            None => None,
+        };
         let (tcp, sock_peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -64,6 +120,7 @@ pub async fn serve(
         let shared = shared.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let local = tcp.local_addr().unwrap_or(sock_peer);
             let accepted = match kind {
                 // proxy-protocol applies to the management listener, not to Prometheus.
@@ -86,7 +143,14 @@ pub async fn serve(
                 let shared = shared.clone();
                 async move {
                     let r = match kind {
-                        Kind::Api => handle(&shared, peer, req).await,
+                        Kind::Api => {
+                            let mut r = handle(&shared, peer, req).await;
+                            let h = r.headers_mut();
+                            for (k, v) in SECURITY_HEADERS {
+                                h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+                            }
+                            r
+                        }
                         Kind::Prometheus => prometheus::handle(&shared, req).await,
                     };
                     Ok::<_, Infallible>(r)
@@ -94,7 +158,7 @@ pub async fn serve(
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(accepted.stream), svc);
             tokio::select! {
                 r = conn => if let Err(e) = r {
@@ -123,6 +187,12 @@ pub enum ApiError {
     Unavailable(String),
     /// 500 (definitions could not be written).
     Internal(String),
+    /// 413: the body is larger than `mgmt-max-body-size`.
+    PayloadTooLarge(String),
+    /// 408: the body did not arrive within `mgmt-body-timeout-ms`.
+    RequestTimeout(String),
+    /// 503: no room in the body budget in time; worth retrying.
+    Busy(String),
     /// 429: the source is over the failed-login limit.
     TooManyRequests(String),
 }
@@ -169,6 +239,24 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "failed", "reason": reason}),
             ),
+            // The body was not read to its end: the connection cannot carry another request.
+            ApiError::PayloadTooLarge(reason) => closing(json_resp(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &json!({"error": "payload_too_large", "reason": reason}),
+            )),
+            ApiError::RequestTimeout(reason) => closing(json_resp(
+                StatusCode::REQUEST_TIMEOUT,
+                &json!({"error": "request_timeout", "reason": reason}),
+            )),
+            ApiError::Busy(reason) => {
+                let mut r = closing(json_resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": "service_unavailable", "reason": reason}),
+                ));
+                r.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
             ApiError::TooManyRequests(reason) => {
                 let mut r = json_resp(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -180,6 +268,13 @@ impl ApiError {
             }
         }
     }
+}
+
+/// Marks a response as the connection's last.
+fn closing(mut r: Resp) -> Resp {
+    r.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 impl From<crate::error::ChannelError> for ApiError {
@@ -278,7 +373,16 @@ impl Req {
         if self.body.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(json!({}));
         }
-        serde_json::from_slice(&self.body).map_err(|_| ApiError::bad("not_json"))
+        // serde_json itself stops at 128 levels; handlers walk values recursively, so anything
+        // deeper than they could need is refused here, whatever the endpoint.
+        let v: Value = serde_json::from_slice(&self.body).map_err(|_| ApiError::bad("not_json"))?;
+        let limit = crate::nesting::MAX_DEPTH + JSON_DEPTH_SLACK;
+        if crate::nesting::json_exceeds(&v, limit) {
+            return Err(ApiError::bad(format!(
+                "request body nested deeper than {limit} levels"
+            )));
+        }
+        Ok(v)
     }
 
     pub fn query_flag(&self, k: &str) -> bool {
@@ -371,9 +475,10 @@ async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incom
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => return ApiError::bad(format!("cannot read body: {e}")).into_response(),
+    // Held until the response is built: the body's bytes stay in use until then.
+    let (body, _budget) = match read_body(shared, req.into_body()).await {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
     let r = Req {
         method,
@@ -386,6 +491,82 @@ async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incom
     match api::route(shared, &r).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
+    }
+}
+
+/// Reads a request body within the per-request limit, the body timeout and the node-wide
+/// budget; returns it with the budget it holds.
+async fn read_body(
+    shared: &BrokerShared,
+    mut body: Incoming,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+    let cfg = &shared.config;
+    let limit = cfg.mgmt_max_body_size;
+    let timeout = Duration::from_millis(cfg.mgmt_body_timeout_ms);
+    let deadline = Instant::now() + timeout;
+    let too_large = || ApiError::PayloadTooLarge(format!("request body larger than {limit} bytes"));
+    // Content-Length (0 when there is no body); None for a chunked body.
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    if declared == Some(0) {
+        return Ok((Bytes::new(), None));
+    }
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut buf = BytesMut::new();
+    if let Some(n) = declared {
+        // n <= limit <= 1 GiB (validated), so it fits in a usize and a u32.
+        let n = usize::try_from(n).map_err(|_| too_large())?;
+        held = Some(reserve(shared, n, deadline).await?);
+        buf.reserve(n);
+    }
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "request body not received within {} ms",
+                    timeout.as_millis()
+                )))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::bad(format!("cannot read body: {e}"))),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let total = buf.len() + data.len();
+        if total as u64 > limit {
+            return Err(too_large());
+        }
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        if total > have {
+            let more = reserve(shared, total - have, deadline).await?;
+            match &mut held {
+                Some(h) => h.merge(more),
+                None => held = Some(more),
+            }
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), held))
+}
+
+/// `n` bytes of the node-wide body budget, waiting at most [`BUDGET_WAIT`] (and not past the
+/// body deadline).
+async fn reserve(
+    shared: &BrokerShared,
+    n: usize,
+    deadline: Instant,
+) -> Result<OwnedSemaphorePermit, ApiError> {
+    let busy = || ApiError::Busy("too many request bodies are being read; retry later".into());
+    let n = u32::try_from(n).map_err(|_| busy())?;
+    let wait_until = (Instant::now() + BUDGET_WAIT).min(deadline);
+    let acquire = shared.mgmt_body_budget.clone().acquire_many_owned(n);
+    match tokio::time::timeout_at(wait_until, acquire).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(busy()),
     }
 }
 
