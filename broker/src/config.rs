@@ -97,6 +97,9 @@ pub struct Config {
     /// Disk alarm threshold for free space on the data directory's file system: a size
     /// (`"50MB"`, or a bare integer of bytes) or `"mem_relative:1.0"` (times total memory).
     pub disk_free_limit: DiskFreeLimit,
+    /// Start with the loadable entries of a damaged `definitions.json` (each bad one reported)
+    /// instead of refusing to start.
+    pub skip_invalid_definitions: bool,
     /// Every connection to the AMQP, AMQPS and management listeners starts with a PROXY
     /// protocol v1/v2 header from a load balancer in `proxy-protocol-from`; the client address in
     /// it is used everywhere. Connections from other sources are refused.
@@ -157,6 +160,7 @@ impl Default for Config {
             vm_memory_high_watermark: MemoryWatermark::Relative(0.4),
             vm_memory_high_watermark_paging_ratio: 0.5,
             disk_free_limit: DiskFreeLimit::Absolute(50_000_000),
+            skip_invalid_definitions: false,
             proxy_protocol: false,
             proxy_protocol_from: Cidr::loopback(),
             mgmt_max_body_size: DEFAULT_MGMT_MAX_BODY_SIZE,

@@ -64,6 +64,12 @@ struct Cli {
     /// Disk alarm threshold on the data directory: a size ("50MB") or "mem_relative:1.0".
     #[arg(long, value_name = "SIZE")]
     disk_free_limit: Option<DiskFreeLimit>,
+    /// Start even if entries of <data-dir>/definitions.json cannot be loaded: each bad entry
+    /// (and what depends on it) is reported and left out, the file is kept as
+    /// definitions.json.rejected-<time>, the rest is loaded. Without it such a file stops the
+    /// start, naming the entry.
+    #[arg(long)]
+    skip_invalid_definitions: bool,
     /// Expect a PROXY protocol v1/v2 header (from a load balancer) on every AMQP, AMQPS and
     /// management connection; its client address is used for the guest loopback rule, connection
     /// names and the API. Connections from sources not in --proxy-protocol-from are refused.
@@ -137,6 +143,9 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if let Some(v) = cli.disk_free_limit {
         cfg.disk_free_limit = v;
+    }
+    if cli.skip_invalid_definitions {
+        cfg.skip_invalid_definitions = true;
     }
     if cli.proxy_protocol {
         cfg.proxy_protocol = true;

@@ -192,6 +192,11 @@ pub fn json_exceeds(v: &Value, limit: usize) -> bool {
     walk(v, 0, limit)
 }
 
+/// [`json_too_deep`] for an object held as a map (arguments, a policy definition).
+pub fn json_object_too_deep(m: &serde_json::Map<String, Value>) -> bool {
+    m.values().any(|v| json_exceeds(v, MAX_DEPTH - 1))
+}
+
 /// The error text for a value nested too deep.
 pub fn too_deep_text(what: &str) -> String {
     format!("{what} nested deeper than {MAX_DEPTH} levels")

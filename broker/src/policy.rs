@@ -61,6 +61,9 @@ impl Policy {
         if self.definition.is_empty() {
             return Err("policy definition must not be empty".into());
         }
+        if crate::nesting::json_object_too_deep(&self.definition) {
+            return Err(crate::nesting::too_deep_text("policy definition"));
+        }
         validate_ha(&self.definition)
     }
 

@@ -2,6 +2,7 @@
 //! `GET /api/definitions` write it in 3.10), and the pure mapping between it and warren's types.
 //! No I/O here: parsing, validation and AMQP field table <-> JSON conversion only.
 
+use super::import::ImportMode;
 use crate::auth::{HashAlgorithm, PasswordHash, PermissionSpec};
 use crate::exchange::ExchangeKind;
 use crate::policy::{ApplyTo, Policy};
@@ -197,49 +198,145 @@ pub struct BindingDef {
 /// Parses a definitions document. Each entry is read on its own so that an error names the
 /// section, the index and (when present) the name of the entry at fault.
 pub fn parse(bytes: &[u8]) -> Result<Definitions, String> {
-    let root: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    parse_with(bytes, ImportMode::Strict).map(|(d, _)| d)
+}
+
+/// [`parse`], or with [`ImportMode::SkipInvalid`] every entry that does not parse left out and
+/// reported (the second value). A document that is not a JSON object is an error either way.
+pub fn parse_with(bytes: &[u8], mode: ImportMode) -> Result<(Definitions, Vec<String>), String> {
+    let root: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        // Nested beyond serde_json's limit (128): cut what lies deeper than PRUNE_DEPTH so the
+        // entry holding it can be named and left out (its arguments are then still too deep
+        // for the import's own check).
+        Err(e) if mode == ImportMode::SkipInvalid && e.to_string().contains("recursion limit") => {
+            serde_json::from_slice(&prune_deep(bytes, PRUNE_DEPTH))
+                .map_err(|e| format!("not valid JSON: {e}"))?
+        }
+        Err(e) => return Err(format!("not valid JSON: {e}")),
+    };
     let Value::Object(mut root) = root else {
         return Err("definitions must be a JSON object".into());
     };
-    fn section<T: serde::de::DeserializeOwned>(
-        root: &mut Map<String, Value>,
-        key: &str,
-    ) -> Result<Vec<T>, String> {
+    let mut rejected = Vec::new();
+    let mut section = |root: &mut Map<String, Value>, key: &str| -> Result<Vec<_>, String> {
         match root.remove(key) {
             None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
+            Some(Value::Array(items)) => Ok(items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    let label = entry_label(key, i, &v);
-                    serde_json::from_value(v).map_err(|e| format!("{label}: {e}"))
-                })
-                .collect(),
-            Some(other) => Err(format!("{key}: expected a list, got {other}")),
+                .map(|(i, v)| (entry_label(key, i, &v), v))
+                .collect()),
+            Some(other) => {
+                let e = format!("{key}: expected a list, got {other}");
+                match mode {
+                    ImportMode::Strict => Err(e),
+                    ImportMode::SkipInvalid => {
+                        rejected.push(e);
+                        Ok(Vec::new())
+                    }
+                }
+            }
         }
+    };
+    fn typed<T: serde::de::DeserializeOwned>(
+        entries: Vec<(String, Value)>,
+        mode: ImportMode,
+        rejected: &mut Vec<String>,
+    ) -> Result<Vec<T>, String> {
+        let mut out = Vec::with_capacity(entries.len());
+        for (label, v) in entries {
+            match serde_json::from_value(v) {
+                Ok(t) => out.push(t),
+                Err(e) if mode == ImportMode::SkipInvalid => rejected.push(format!("{label}: {e}")),
+                Err(e) => return Err(format!("{label}: {e}")),
+            }
+        }
+        Ok(out)
     }
+    let users = section(&mut root, "users")?;
+    let vhosts = section(&mut root, "vhosts")?;
+    let permissions = section(&mut root, "permissions")?;
+    let topic_permissions = section(&mut root, "topic_permissions")?;
+    let parameters = section(&mut root, "parameters")?;
+    let global_parameters = section(&mut root, "global_parameters")?;
+    let policies = section(&mut root, "policies")?;
+    let queues = section(&mut root, "queues")?;
+    let exchanges = section(&mut root, "exchanges")?;
+    let bindings = section(&mut root, "bindings")?;
     fn text(root: &mut Map<String, Value>, key: &str) -> Option<String> {
         match root.remove(key) {
             Some(Value::String(s)) => Some(s),
             _ => None,
         }
     }
-    Ok(Definitions {
+    let r = &mut rejected;
+    let d = Definitions {
         rabbit_version: text(&mut root, "rabbit_version"),
         rabbitmq_version: text(&mut root, "rabbitmq_version"),
         product_name: text(&mut root, "product_name"),
         product_version: text(&mut root, "product_version"),
-        users: section(&mut root, "users")?,
-        vhosts: section(&mut root, "vhosts")?,
-        permissions: section(&mut root, "permissions")?,
-        topic_permissions: section(&mut root, "topic_permissions")?,
-        parameters: section(&mut root, "parameters")?,
-        global_parameters: section(&mut root, "global_parameters")?,
-        policies: section(&mut root, "policies")?,
-        queues: section(&mut root, "queues")?,
-        exchanges: section(&mut root, "exchanges")?,
-        bindings: section(&mut root, "bindings")?,
-    })
+        users: typed(users, mode, r)?,
+        vhosts: typed(vhosts, mode, r)?,
+        permissions: typed(permissions, mode, r)?,
+        topic_permissions: typed(topic_permissions, mode, r)?,
+        parameters: typed(parameters, mode, r)?,
+        global_parameters: typed(global_parameters, mode, r)?,
+        policies: typed(policies, mode, r)?,
+        queues: typed(queues, mode, r)?,
+        exchanges: typed(exchanges, mode, r)?,
+        bindings: typed(bindings, mode, r)?,
+    };
+    Ok((d, rejected))
+}
+
+/// How deep [`prune_deep`] keeps containers: well below serde_json's limit, well above what an
+/// import accepts.
+const PRUNE_DEPTH: usize = 64;
+
+/// JSON text with every object or array nested deeper than `limit` replaced by `null`. A
+/// single pass over the bytes with a counter (no recursion); strings are skipped as strings.
+/// Input that is not JSON stays not JSON.
+fn prune_deep(bytes: &[u8], limit: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    // Depth at which a pruned container opened; bytes are dropped until it closes.
+    let mut cut: Option<usize> = None;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > limit && cut.is_none() {
+                        cut = Some(depth);
+                        out.extend_from_slice(b"null");
+                    }
+                }
+                b'}' | b']' => {
+                    if cut == Some(depth) {
+                        cut = None;
+                        depth = depth.saturating_sub(1);
+                        continue;
+                    }
+                    depth = depth.saturating_sub(1);
+                }
+                _ => {}
+            }
+        }
+        if cut.is_none() {
+            out.push(b);
+        }
+    }
+    out
 }
 
 /// `queues[2] 'orders' in vhost '/'` style label of a raw entry.
@@ -470,6 +567,53 @@ mod tests {
         assert_eq!(u.tags.0, vec!["monitoring"]);
         let u: UserDef = serde_json::from_value(json!({"name": "a", "tags": ""})).expect("empty");
         assert!(u.tags.0.is_empty());
+    }
+
+    #[test]
+    fn pruning_cuts_only_what_is_too_deep_and_respects_strings() {
+        let text = br#"{"a": [[["x"]]], "s": "[[[{", "b": {"c": [1, {"d": 2}]}}"#;
+        let pruned = prune_deep(text, 2);
+        let v: Value = serde_json::from_slice(&pruned).expect("still JSON");
+        assert_eq!(
+            v,
+            json!({"a": [null], "s": "[[[{", "b": {"c": null}}),
+            "{}",
+            String::from_utf8_lossy(&pruned)
+        );
+        // Deep enough to stop serde_json, shallow enough after pruning.
+        let deep = format!(
+            r#"{{"q": {}"x"{}, "e": "\"]"}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert!(serde_json::from_str::<Value>(&deep).is_err());
+        let v: Value = serde_json::from_slice(&prune_deep(deep.as_bytes(), 64)).expect("parses");
+        assert_eq!(v["e"], "\"]");
+        assert!(crate::nesting::json_exceeds(&v["q"], 16));
+    }
+
+    #[test]
+    fn skip_mode_leaves_out_the_entries_that_do_not_parse() {
+        let doc = json!({
+            "vhosts": [{"name": "/"}, {"nome": "typo"}, {"name": "b"}],
+            "queues": "not a list",
+            "users": [{"name": "u", "tags": 7}]
+        })
+        .to_string();
+        let e = parse(doc.as_bytes()).expect_err("strict");
+        assert!(e.starts_with("queues: expected a list"), "{e}");
+        let (d, rejected) = parse_with(doc.as_bytes(), ImportMode::SkipInvalid).expect("lenient");
+        let names: Vec<_> = d.vhosts.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["/", "b"]);
+        assert!(d.users.is_empty() && d.queues.is_empty());
+        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert!(rejected
+            .iter()
+            .any(|r| r.starts_with("queues: expected a list")));
+        assert!(rejected.iter().any(|r| r.starts_with("vhosts[1]")));
+        assert!(rejected.iter().any(|r| r.starts_with("users[0] 'u'")));
+        // Not JSON at all: an error in either mode.
+        assert!(parse_with(b"{\"vhosts\": [", ImportMode::SkipInvalid).is_err());
     }
 
     #[test]

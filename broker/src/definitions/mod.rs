@@ -30,11 +30,11 @@
 //! # Import semantics
 //! Additive, as RabbitMQ's: entries in the document are created or updated (a user's password
 //! and tags are replaced), nothing absent from it is removed. The whole document is checked
-//! before anything is applied (unknown vhosts and users, bad regexes, hashes, policy keys,
-//! exchange types, queue arguments, inequivalent redeclarations, bindings to missing ends).
-//! `parameters`, `global_parameters` and `topic_permissions` are accepted and ignored (warren
-//! has no runtime parameters or topic permissions); non-durable queues and exchanges in a
-//! document are declared but, being transient, not persisted.
+//! before anything is applied (see [`import`]: unknown vhosts and users, bad regexes, hashes,
+//! policy keys, exchange types, queue arguments and their nesting, inequivalent redeclarations,
+//! bindings to missing ends). `parameters`, `global_parameters` and `topic_permissions` are
+//! accepted and ignored (warren has no runtime parameters or topic permissions); non-durable
+//! queues and exchanges in a document are declared but, being transient, not persisted.
 //!
 //! # What is persisted
 //! Vhosts, users (hashes only), permissions, policies, durable exchanges, durable non-exclusive
@@ -44,30 +44,34 @@
 //! # Boot and the config file
 //! [`boot`] runs before the listeners accept. When `definitions.json` exists it is loaded
 //! (durable queues are created through `Vhost::declare_queue`, so the message store recovers
-//! their contents); a file that cannot be read or parsed stops the start with an error naming
-//! the file and the problem. Then the users, vhosts and permissions written in the config file
+//! their contents); a file that cannot be read or parsed, or an entry that cannot be loaded,
+//! stops the start with an error naming the file and the entry. With
+//! `skip-invalid-definitions` the node starts instead with every entry that loads: each one
+//! left out (with what depends on it) is logged at error level, and the original file is kept
+//! as `definitions.json.rejected-<unix time>` before the file is rewritten without them. Then
+//! the users, vhosts and permissions written in the config file
 //! are applied on top (the config wins for the entries it names; a config user keeps its stored
 //! hash when the config password still matches). The implicit defaults (user guest/guest,
 //! vhost `/`, guest's permissions on `/`) are created only on first start, when no
 //! definitions file exists: a deleted guest stays deleted, as in RabbitMQ.
 
+pub mod import;
 pub mod json;
 pub mod persist;
 
+pub use import::ImportMode;
 pub use json::{parse, Definitions};
 
 use crate::auth::{PasswordHash, PermissionSpec, User, VhostMeta};
-use crate::exchange::{Destination, ExchangeKind};
+use crate::exchange::Destination;
 use crate::policy::Policy;
-use crate::queue::QueueArgs;
-use crate::vhost::{QueueSpec, Vhost};
+use crate::vhost::Vhost;
 use crate::BrokerShared;
 use json::{
-    json_to_table, table_to_json, BindingDef, ExchangeDef, PermissionDef, PolicyDef, QueueDef,
-    Tags, UserDef, VhostDef, VhostMetadata,
+    table_to_json, BindingDef, ExchangeDef, PermissionDef, PolicyDef, QueueDef, Tags, UserDef,
+    VhostDef, VhostMetadata,
 };
 use serde_json::{Map, Value};
-use std::collections::HashSet;
 use std::sync::Arc;
 use tracing::{error, info, warn};
 
@@ -426,259 +430,6 @@ impl BrokerShared {
         }
     }
 
-    /// Imports a document additively (see the module docs). Everything is checked first; an
-    /// error names the entry and nothing is applied.
-    pub fn import_definitions(&self, d: &Definitions) -> Result<(), DefError> {
-        self.persister.begin_batch();
-        let r = self.import_in_memory(d);
-        self.persister.end_batch();
-        let p = self.persist_definitions();
-        r.map_err(DefError::Invalid)?;
-        p
-    }
-
-    fn import_in_memory(&self, d: &Definitions) -> Result<(), String> {
-        let plan = self.check_import(d)?;
-        for v in &d.vhosts {
-            self.add_vhost_in_memory(
-                &v.name,
-                VhostMeta {
-                    description: v.description(),
-                    tags: v.tags(),
-                },
-            );
-        }
-        for (u, cred) in d.users.iter().zip(plan.credentials) {
-            self.auth.put_user(User {
-                name: u.name.clone(),
-                password: cred,
-                tags: u.tags.0.clone(),
-            });
-        }
-        for p in &d.permissions {
-            self.auth.put_permissions(&p.user, &p.vhost, p.spec());
-        }
-        for p in plan.policies {
-            self.policies.put(p);
-        }
-        for (i, x) in d.exchanges.iter().enumerate() {
-            if plan.skip_exchanges.contains(&i) {
-                continue;
-            }
-            let vh = self
-                .vhost(&x.vhost)
-                .ok_or_else(|| format!("vhost '{}' vanished", x.vhost))?;
-            vh.declare_exchange(
-                &x.name,
-                x.exchange_kind()?,
-                x.durable,
-                x.auto_delete,
-                x.internal,
-                json_to_table(&x.arguments),
-            )
-            .map_err(|e| format!("exchanges[{i}] '{}': {}", x.name, e.reply_text()))?;
-        }
-        for (i, q) in d.queues.iter().enumerate() {
-            let vh = self
-                .vhost(&q.vhost)
-                .ok_or_else(|| format!("vhost '{}' vanished", q.vhost))?;
-            let arguments = json_to_table(&q.arguments);
-            let label = || format!("queues[{i}] '{}' in vhost '{}'", q.name, q.vhost);
-            let args = QueueArgs::parse(&arguments, &q.name, &q.vhost)
-                .map_err(|e| format!("{}: {}", label(), e.reply_text()))?;
-            vh.declare_queue(QueueSpec {
-                name: q.name.clone(),
-                durable: q.durable,
-                exclusive_owner: None,
-                auto_delete: q.auto_delete,
-                arguments,
-                args,
-            })
-            .map_err(|e| format!("{}: {}", label(), e.reply_text()))?;
-        }
-        for (i, b) in d.bindings.iter().enumerate() {
-            let vh = self
-                .vhost(&b.vhost)
-                .ok_or_else(|| format!("vhost '{}' vanished", b.vhost))?;
-            let dest = match b.destination_type.as_str() {
-                "queue" => Destination::Queue(b.destination.as_str().into()),
-                _ => Destination::Exchange(b.destination.as_str().into()),
-            };
-            vh.bind(&b.source, dest, &b.routing_key, json_to_table(&b.arguments))
-                .map_err(|e| {
-                    format!(
-                        "bindings[{i}] '{} -> {}' in vhost '{}': {}",
-                        b.source,
-                        b.destination,
-                        b.vhost,
-                        e.reply_text()
-                    )
-                })?;
-        }
-        let ignored = d.parameters.len() + d.global_parameters.len() + d.topic_permissions.len();
-        if ignored > 0 {
-            info!(
-                count = ignored,
-                "definitions import: parameters, global_parameters and topic_permissions ignored"
-            );
-        }
-        Ok(())
-    }
-
-    /// Checks a document against itself and the current state; nothing is changed.
-    fn check_import(&self, d: &Definitions) -> Result<ImportPlan, String> {
-        let file_vhosts: HashSet<&str> = d.vhosts.iter().map(|v| v.name.as_str()).collect();
-        let vhost_ok = |v: &str| file_vhosts.contains(v) || self.auth.vhost_exists(v);
-        let file_users: HashSet<&str> = d.users.iter().map(|u| u.name.as_str()).collect();
-        for (i, v) in d.vhosts.iter().enumerate() {
-            if v.name.is_empty() {
-                return Err(format!("vhosts[{i}]: name must not be empty"));
-            }
-        }
-        let mut credentials = Vec::new();
-        for (i, u) in d.users.iter().enumerate() {
-            if u.name.is_empty() {
-                return Err(format!("users[{i}]: name must not be empty"));
-            }
-            credentials.push(u.credential().map_err(|e| format!("{}: {e}", u.label(i)))?);
-        }
-        for (i, p) in d.permissions.iter().enumerate() {
-            let label = format!("permissions[{i}] '{}' in vhost '{}'", p.user, p.vhost);
-            if !file_users.contains(p.user.as_str()) && self.auth.user(&p.user).is_none() {
-                return Err(format!("{label}: user '{}' does not exist", p.user));
-            }
-            if !vhost_ok(&p.vhost) {
-                return Err(format!("{label}: vhost '{}' does not exist", p.vhost));
-            }
-            p.spec().validate().map_err(|e| format!("{label}: {e}"))?;
-        }
-        let mut policies = Vec::new();
-        for (i, p) in d.policies.iter().enumerate() {
-            let label = format!("policies[{i}] '{}' in vhost '{}'", p.name, p.vhost);
-            if !vhost_ok(&p.vhost) {
-                return Err(format!("{label}: vhost '{}' does not exist", p.vhost));
-            }
-            policies.push(p.to_policy().map_err(|e| format!("{label}: {e}"))?);
-        }
-        // Exchanges and queues each document declares, per vhost, for the binding checks.
-        let mut new_x: HashSet<(&str, &str)> = HashSet::new();
-        let mut new_q: HashSet<(&str, &str)> = HashSet::new();
-        let mut skip_exchanges = HashSet::new();
-        for (i, x) in d.exchanges.iter().enumerate() {
-            let label = format!("exchanges[{i}] '{}' in vhost '{}'", x.name, x.vhost);
-            if !vhost_ok(&x.vhost) {
-                return Err(format!("{label}: vhost '{}' does not exist", x.vhost));
-            }
-            let kind = x.exchange_kind().map_err(|e| format!("{label}: {e}"))?;
-            let current = self.vhost(&x.vhost).and_then(|v| v.exchange(&x.name));
-            if x.name.is_empty() || x.name.starts_with("amq.") {
-                // The predeclared exchanges exist everywhere; anything else is reserved.
-                if x.name.is_empty()
-                    || DEFAULT_EXCHANGE_KINDS
-                        .iter()
-                        .any(|(n, k)| *n == x.name && *k == kind)
-                {
-                    skip_exchanges.insert(i);
-                    continue;
-                }
-                return Err(format!("{label}: the 'amq.' prefix is reserved"));
-            }
-            if let Some(cur) = current {
-                if cur.kind != kind
-                    || cur.durable != x.durable
-                    || cur.auto_delete != x.auto_delete
-                    || cur.internal != x.internal
-                {
-                    return Err(format!(
-                        "{label}: inequivalent to the existing exchange (type, durable, \
-                         auto_delete or internal differ)"
-                    ));
-                }
-            }
-            new_x.insert((x.vhost.as_str(), x.name.as_str()));
-        }
-        for (i, q) in d.queues.iter().enumerate() {
-            let label = format!("queues[{i}] '{}' in vhost '{}'", q.name, q.vhost);
-            if !vhost_ok(&q.vhost) {
-                return Err(format!("{label}: vhost '{}' does not exist", q.vhost));
-            }
-            if q.name.is_empty() {
-                return Err(format!("{label}: name must not be empty"));
-            }
-            if let Some(k) = q.kind.as_deref() {
-                if k != "classic" && k != "quorum" {
-                    return Err(format!(
-                        "{label}: queue type '{k}' is not supported (classic, quorum)"
-                    ));
-                }
-            }
-            QueueArgs::parse(&json_to_table(&q.arguments), &q.name, &q.vhost)
-                .map_err(|e| format!("{label}: {}", e.reply_text()))?;
-            if let Some(cur) = self.vhost(&q.vhost).and_then(|v| v.queue(&q.name)) {
-                if cur.durable != q.durable || cur.auto_delete != q.auto_delete {
-                    return Err(format!(
-                        "{label}: inequivalent to the existing queue (durable or auto_delete \
-                         differ)"
-                    ));
-                }
-                if cur.exclusive_owner.is_some() {
-                    return Err(format!("{label}: an exclusive queue of that name exists"));
-                }
-            }
-            new_q.insert((q.vhost.as_str(), q.name.as_str()));
-        }
-        for (i, b) in d.bindings.iter().enumerate() {
-            let label = format!(
-                "bindings[{i}] '{} -> {}' in vhost '{}'",
-                b.source, b.destination, b.vhost
-            );
-            if !vhost_ok(&b.vhost) {
-                return Err(format!("{label}: vhost '{}' does not exist", b.vhost));
-            }
-            let vh = self.vhost(&b.vhost);
-            let x_exists = |n: &str| {
-                new_x.contains(&(b.vhost.as_str(), n))
-                    || DEFAULT_EXCHANGE_KINDS.iter().any(|(d, _)| *d == n)
-                    || vh.as_ref().is_some_and(|v| v.exchange(n).is_some())
-            };
-            let q_exists = |n: &str| {
-                new_q.contains(&(b.vhost.as_str(), n))
-                    || vh.as_ref().is_some_and(|v| v.queue(n).is_some())
-            };
-            if b.source.is_empty() {
-                return Err(format!(
-                    "{label}: bindings of the default exchange cannot be declared"
-                ));
-            }
-            if !x_exists(&b.source) {
-                return Err(format!(
-                    "{label}: source exchange '{}' does not exist",
-                    b.source
-                ));
-            }
-            let dest_ok = match b.destination_type.as_str() {
-                "queue" => q_exists(&b.destination),
-                "exchange" => x_exists(&b.destination),
-                other => {
-                    return Err(format!(
-                        "{label}: destination_type '{other}' is not queue or exchange"
-                    ))
-                }
-            };
-            if !dest_ok {
-                return Err(format!(
-                    "{label}: destination {} '{}' does not exist",
-                    b.destination_type, b.destination
-                ));
-            }
-        }
-        Ok(ImportPlan {
-            credentials,
-            policies,
-            skip_exchanges,
-        })
-    }
-
     // === persistence ===
 
     /// Writes `definitions.json` if the durable definitions changed since the last write.
@@ -721,20 +472,6 @@ impl BrokerShared {
     }
 }
 
-const DEFAULT_EXCHANGE_KINDS: &[(&str, ExchangeKind)] = &[
-    ("amq.direct", ExchangeKind::Direct),
-    ("amq.fanout", ExchangeKind::Fanout),
-    ("amq.topic", ExchangeKind::Topic),
-    ("amq.headers", ExchangeKind::Headers),
-    ("amq.match", ExchangeKind::Headers),
-];
-
-struct ImportPlan {
-    credentials: Vec<PasswordHash>,
-    policies: Vec<Policy>,
-    skip_exchanges: HashSet<usize>,
-}
-
 /// Loads the stored definitions and applies the config file's users, vhosts and permissions
 /// (see the module docs). Called once by [`crate::Broker::bind`] before any listener accepts.
 pub(crate) fn boot(shared: &BrokerShared) -> Result<(), String> {
@@ -749,16 +486,45 @@ pub(crate) fn boot(shared: &BrokerShared) -> Result<(), String> {
     };
     match stored {
         Some((path, bytes)) => {
-            let refuse = |e: String| {
-                format!(
-                    "corrupt definitions file {}: {e}; refusing to start without the stored \
-                     definitions (repair the file, or move it away to start empty)",
-                    path.display()
-                )
+            let mode = if cfg.skip_invalid_definitions {
+                ImportMode::SkipInvalid
+            } else {
+                ImportMode::Strict
             };
-            let d = json::parse(&bytes).map_err(refuse)?;
-            shared.import_in_memory(&d).map_err(refuse)?;
-            shared.persister.set_last(bytes);
+            let refuse = |e: String| {
+                let hint = match mode {
+                    ImportMode::Strict => {
+                        "; refusing to start without the stored definitions (repair the file, \
+                         move it away to start empty, or start with --skip-invalid-definitions \
+                         to load the other entries)"
+                    }
+                    ImportMode::SkipInvalid => {
+                        "; nothing in it can be loaded (repair the file, or move it away to \
+                         start empty)"
+                    }
+                };
+                format!("corrupt definitions file {}: {e}{hint}", path.display())
+            };
+            let (d, mut rejected) = json::parse_with(&bytes, mode).map_err(refuse)?;
+            rejected.extend(shared.import_in_memory(&d, mode).map_err(refuse)?);
+            if rejected.is_empty() {
+                shared.persister.set_last(bytes);
+            } else {
+                // The file is rewritten without the rejected entries: keep the original.
+                let kept = path
+                    .with_extension(format!("json.rejected-{}", crate::stats::epoch_ms() / 1000));
+                std::fs::write(&kept, &bytes)
+                    .map_err(|e| format!("cannot keep a copy as {}: {e}", kept.display()))?;
+                for entry in &rejected {
+                    error!(path = %path.display(), entry = %entry, "definition left out");
+                }
+                warn!(
+                    path = %path.display(),
+                    rejected = rejected.len(),
+                    original = %kept.display(),
+                    "started with --skip-invalid-definitions: entries left out of the definitions"
+                );
+            }
             info!(
                 path = %path.display(),
                 vhosts = d.vhosts.len(),
@@ -767,6 +533,7 @@ pub(crate) fn boot(shared: &BrokerShared) -> Result<(), String> {
                 exchanges = d.exchanges.len(),
                 bindings = d.bindings.len(),
                 policies = d.policies.len(),
+                left_out = rejected.len(),
                 "definitions loaded"
             );
             apply_config(shared, &cfg.vhosts, &cfg.users, &cfg.permissions);

@@ -1094,8 +1094,8 @@ fn body_bool(body: &Value, k: &str, default: bool) -> Result<bool, ApiError> {
 }
 
 fn body_arguments(body: &Value) -> Result<amq_protocol::types::FieldTable, ApiError> {
-    conv::to_table(body.get("arguments").unwrap_or(&Value::Null))
-        .ok_or_else(|| ApiError::bad("'arguments' must be an object"))
+    conv::input_table(body.get("arguments").unwrap_or(&Value::Null), "arguments")
+        .map_err(ApiError::bad)
 }
 
 async fn exchange_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {

@@ -74,6 +74,15 @@ pub fn to_table(v: &Value) -> Option<FieldTable> {
     }
 }
 
+/// A field table given over HTTP (`what` names it in errors): an object or null, nested at
+/// most [`crate::nesting::MAX_DEPTH`] levels like a table that arrives over AMQP.
+pub fn input_table(v: &Value, what: &str) -> Result<FieldTable, String> {
+    if crate::nesting::json_too_deep(v) {
+        return Err(crate::nesting::too_deep_text(&format!("'{what}'")));
+    }
+    to_table(v).ok_or_else(|| format!("'{what}' must be an object"))
+}
+
 /// Message properties as RabbitMQ's management API shows them (only the set ones).
 pub fn properties(p: &AMQPProperties) -> Value {
     let mut m = Map::new();
@@ -145,9 +154,7 @@ pub fn to_properties(v: &Value) -> Result<AMQPProperties, String> {
             }
             "priority" => p.with_priority(u8::try_from(int()?).map_err(|_| "bad priority")?),
             "timestamp" => p.with_timestamp(int()?),
-            "headers" => {
-                p.with_headers(to_table(x).ok_or_else(|| "headers must be an object".to_owned())?)
-            }
+            "headers" => p.with_headers(input_table(x, "headers")?),
             other => return Err(format!("unknown property '{other}'")),
         };
     }
