@@ -3,12 +3,10 @@
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use proptest::prelude::*;
-use std::sync::Arc;
-use std::time::Duration;
-use warren_broker::auth::AuthDb;
-use warren_broker::codec::{self, HeaderCheck};
-use warren_broker::config::Config;
-use warren_broker::connection::state::{ConnectionState, StateConfig};
+use support::drive;
+
+mod support;
+use warren_broker::codec;
 use warren_broker::exchange::headers::headers_match;
 use warren_broker::exchange::topic::topic_matches;
 
@@ -77,6 +75,131 @@ fn handshake_bytes() -> Vec<u8> {
     out
 }
 
+fn leaf() -> impl Strategy<Value = AMQPValue> {
+    prop_oneof![
+        any::<i64>().prop_map(AMQPValue::LongLongInt),
+        "[a-z]{0,300}".prop_map(|s| AMQPValue::LongString(s.into())),
+        Just(AMQPValue::Void),
+    ]
+}
+
+/// A field value nested 0 to 40 levels (most often around the limit of 16): a chain of tables
+/// and arrays in random order, each level with a random leaf beside the deeper value.
+fn nested_value() -> impl Strategy<Value = AMQPValue> {
+    let depth = prop_oneof![2 => 14usize..19, 1 => 0usize..41];
+    depth
+        .prop_flat_map(|d| {
+            (
+                prop::collection::vec((any::<bool>(), "[a-z]{1,8}", leaf()), d),
+                leaf(),
+            )
+        })
+        .prop_map(|(levels, inner)| {
+            let mut v = inner;
+            for (array, key, sibling) in levels {
+                v = if array {
+                    let mut a = amq_protocol::types::FieldArray::default();
+                    a.push(sibling);
+                    a.push(v);
+                    AMQPValue::FieldArray(a)
+                } else {
+                    let mut t = FieldTable::default();
+                    t.insert("s".into(), sibling);
+                    t.insert(format!("k{key}").into(), v);
+                    AMQPValue::FieldTable(t)
+                };
+            }
+            v
+        })
+}
+
+/// Levels of tables and arrays in a value (a leaf is 0).
+fn value_depth(v: &AMQPValue) -> usize {
+    match v {
+        AMQPValue::FieldTable(t) => 1 + t.inner().values().map(value_depth).max().unwrap_or(0),
+        AMQPValue::FieldArray(a) => 1 + a.as_slice().iter().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A client stream carrying `table` in the client properties (place 0), queue arguments (1)
+/// or message headers (2, with a body of `body_len` bytes).
+fn hostile_stream(place: u8, table: FieldTable, body_len: usize) -> Vec<u8> {
+    use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+    use amq_protocol::protocol::{basic, connection, queue, AMQPClass};
+    let mut out = codec::PROTOCOL_HEADER.to_vec();
+    if place == 0 {
+        let start_ok =
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: table,
+                mechanism: "PLAIN".into(),
+                response: "\0guest\0guest".into(),
+                locale: "en_US".into(),
+            }));
+        codec::encode(&AMQPFrame::Method(0, start_ok), &mut out).expect("encode");
+        return out;
+    }
+    out.extend_from_slice(&handshake_bytes());
+    let frames = if place == 1 {
+        vec![AMQPFrame::Method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: "q".into(),
+                passive: false,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+                arguments: table,
+            })),
+        )]
+    } else {
+        let mut frames = vec![
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                    exchange: "".into(),
+                    routing_key: "q".into(),
+                    mandatory: false,
+                    immediate: false,
+                })),
+            ),
+            AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body_len as u64,
+                    properties: amq_protocol::protocol::basic::AMQPProperties::default()
+                        .with_headers(table),
+                },
+            ),
+        ];
+        for chunk in vec![7u8; body_len].chunks(131_072 - 8) {
+            frames.push(AMQPFrame::Body(1, chunk.to_vec()));
+        }
+        frames
+    };
+    for f in &frames {
+        codec::encode(f, &mut out).expect("encode");
+    }
+    out
+}
+
+/// Reply code and text of the first connection.close or channel.close sent.
+fn first_close(sent: &[amq_protocol::frame::AMQPFrame]) -> Option<(u16, String)> {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{channel, connection, AMQPClass};
+    sent.iter().find_map(|f| match f {
+        AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+            Some((c.reply_code, c.reply_text.to_string()))
+        }
+        AMQPFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::Close(c))) => {
+            Some((c.reply_code, c.reply_text.to_string()))
+        }
+        _ => None,
+    })
+}
+
 proptest! {
     #[test]
     fn topic_matches_reference(
@@ -127,18 +250,6 @@ proptest! {
         with_header in any::<bool>(),
         with_handshake in any::<bool>(),
     ) {
-        let now = tokio::time::Instant::now();
-        let mut st = ConnectionState::new(StateConfig {
-            frame_max: 131072,
-            channel_max: 16,
-            heartbeat: 10,
-            max_message_size: 1 << 20,
-            auth: Arc::new(AuthDb::from_config(&Config::default())),
-            peer_is_loopback: true,
-            handshake_timeout: Duration::from_secs(10),
-            close_timeout: Duration::from_secs(1),
-            over_connection_limit: None,
-        }, now);
         let mut buf = Vec::new();
         if with_header || with_handshake {
             buf.extend_from_slice(codec::PROTOCOL_HEADER);
@@ -147,28 +258,32 @@ proptest! {
             buf.extend_from_slice(&handshake_bytes());
         }
         buf.extend_from_slice(&data);
-        let mut off = 0;
-        match codec::check_protocol_header(&buf) {
-            HeaderCheck::Ok => {
-                st.handle_protocol_header(HeaderCheck::Ok, now);
-                off = 8;
-            }
-            other => st.handle_protocol_header(other, now),
+        drive::session(&buf);
+        drive::frames(&data);
+    }
+
+    /// Well-formed frames with hostile structure: field tables nested up to 40 levels (tables
+    /// and arrays), long strings, bodies around the frame size, in client properties, queue
+    /// arguments and message headers. Within 16 levels nothing is refused for its nesting;
+    /// beyond, the connection (login) or the channel (arguments, headers) is closed with the
+    /// protocol's code, and never does anything panic.
+    #[test]
+    fn nested_tables_and_boundary_lengths_through_codec_and_state_machine(
+        value in nested_value(),
+        place in 0u8..3,
+        body_len in prop_oneof![Just(0usize), Just(1), 131_064usize..131_080, 0usize..300],
+    ) {
+        let depth = 1 + value_depth(&value);
+        let mut table = FieldTable::default();
+        table.insert("k".into(), value);
+        let stream = hostile_stream(place, table, body_len);
+        let sent = drive::session(&stream);
+        let too_deep = first_close(&sent).filter(|(_, text)| text.contains("nested deeper than 16"));
+        if depth > warren_broker::nesting::MAX_DEPTH {
+            let (code, text) = too_deep.clone().unwrap_or_else(|| panic!("depth {depth} accepted: {sent:?}"));
+            prop_assert_eq!(code, if place == 0 { 502 } else { 406 }, "{}", text);
+        } else {
+            prop_assert!(too_deep.is_none(), "depth {} refused", depth);
         }
-        while off < buf.len() {
-            match codec::decode(&buf[off..], st.frame_max()) {
-                Ok(Some((f, n))) => {
-                    off += n;
-                    st.handle_input(f, now);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    st.close_connection(e.into(), now);
-                    break;
-                }
-            }
-        }
-        st.handle_timeout(now + Duration::from_secs(60));
-        while st.poll_output().is_some() {}
     }
 }
