@@ -4,6 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
+#[allow(dead_code)] // each target uses one of the drivers
 #[path = "../../tests/support/drive.rs"]
 mod drive;
 
