@@ -93,14 +93,20 @@ impl std::fmt::Debug for DurableHook {
     }
 }
 
-const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
+/// The exchanges every vhost has, as RabbitMQ predeclares them (all durable; the firehose
+/// tracing exchange `amq.rabbitmq.trace` is internal: nothing but the broker publishes to it).
+pub(crate) const DEFAULT_EXCHANGES: &[(&str, ExchangeKind)] = &[
     ("", ExchangeKind::Direct),
     ("amq.direct", ExchangeKind::Direct),
     ("amq.fanout", ExchangeKind::Fanout),
     ("amq.topic", ExchangeKind::Topic),
     ("amq.headers", ExchangeKind::Headers),
     ("amq.match", ExchangeKind::Headers),
+    (TRACE_EXCHANGE, ExchangeKind::Topic),
 ];
+
+/// RabbitMQ's firehose exchange (warren declares it but publishes nothing to it).
+const TRACE_EXCHANGE: &str = "amq.rabbitmq.trace";
 
 fn no_exchange(name: &str, vhost: &str) -> ChannelError {
     ChannelError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
@@ -123,7 +129,8 @@ impl Vhost {
     fn build(name: &str, store: Option<Arc<Store>>) -> Arc<Self> {
         let mut topo = Topology::default();
         for (n, k) in DEFAULT_EXCHANGES {
-            let ex = Exchange::new(n, *k, true, false, false, FieldTable::default());
+            let internal = *n == TRACE_EXCHANGE;
+            let ex = Exchange::new(n, *k, true, false, internal, FieldTable::default());
             topo.exchanges.insert((*n).into(), Arc::new(ex));
         }
         Arc::new_cyclic(|me| Self {
@@ -299,7 +306,12 @@ impl Vhost {
     ) -> Result<(), ChannelError> {
         let vname = self.name.clone();
         let changed = self.update(|t| {
-            let mut ex = t.binding_source(source, &destination, &vname)?;
+            // A binding whose source or destination is gone cannot exist: it is already
+            // unbound (RabbitMQ answers unbind-ok, and RPC clients unbinding auto-deleted reply
+            // queues rely on it).
+            let Ok(mut ex) = t.binding_source(source, &destination, &vname) else {
+                return Ok(false);
+            };
             let durable = ex.durable;
             let b = Binding {
                 destination,

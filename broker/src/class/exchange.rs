@@ -25,6 +25,10 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
     match m {
         exchange::AMQPMethod::Declare(d) => {
             let name = d.exchange.as_str();
+            if name.is_empty() {
+                // Passive or not, as RabbitMQ.
+                return Err(default_exchange_refused().into());
+            }
             if d.passive {
                 if vhost.exchange(name).is_none() {
                     return Err(ChannelError::not_found(format!(
@@ -37,9 +41,6 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
                 let kind = ExchangeKind::parse(d.kind.as_str()).ok_or_else(|| {
                     ChannelError::precondition_failed(format!("unknown exchange type '{}'", d.kind))
                 })?;
-                if name.is_empty() {
-                    return Err(default_exchange_refused().into());
-                }
                 s.check_perm(PermKind::Configure, "exchange", name)?;
                 if name.starts_with("amq.") && vhost.exchange(name).is_none() {
                     return Err(ChannelError::access_refused(format!(

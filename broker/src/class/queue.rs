@@ -49,14 +49,30 @@ fn binding_queue(
     queue: &str,
     exchange: &str,
 ) -> Result<String, ChannelError> {
+    let name = binding_checks(s, ch, vhost, queue, exchange)?;
+    if vhost.queue(&name).is_none() {
+        return Err(no_queue(&name, &vhost.name));
+    }
+    Ok(name)
+}
+
+/// What queue.bind and queue.unbind both check, in RabbitMQ's order: the default exchange,
+/// then (for a queue that exists) exclusivity, then permissions. Returns the queue's name
+/// (resolved if the client left it empty); the queue may not exist.
+fn binding_checks(
+    s: &Session,
+    ch: u16,
+    vhost: &Vhost,
+    queue: &str,
+    exchange: &str,
+) -> Result<String, ChannelError> {
     let name = resolve_name(s, ch, queue)?;
     if exchange.is_empty() {
         return Err(default_exchange_refused());
     }
-    let q = vhost
-        .queue(&name)
-        .ok_or_else(|| no_queue(&name, &vhost.name))?;
-    s.check_exclusive(&q)?;
+    if let Some(q) = vhost.queue(&name) {
+        s.check_exclusive(&q)?;
+    }
     s.check_perm(PermKind::Write, "queue", &name)?;
     s.check_perm(PermKind::Read, "exchange", exchange)?;
     Ok(name)
@@ -143,7 +159,8 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             Ok(())
         }
         queue::AMQPMethod::Unbind(b) => {
-            let name = binding_queue(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
+            // A queue that is gone has no bindings left: unbind-ok, as RabbitMQ.
+            let name = binding_checks(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
             vhost.unbind(
                 b.exchange.as_str(),
                 Destination::Queue(name.as_str().into()),

@@ -16,11 +16,11 @@
 
 use super::json::{json_to_table, Definitions};
 use crate::auth::{PasswordHash, User, VhostMeta};
-use crate::exchange::{Destination, ExchangeKind};
+use crate::exchange::Destination;
 use crate::nesting;
 use crate::policy::Policy;
 use crate::queue::QueueArgs;
-use crate::vhost::QueueSpec;
+use crate::vhost::{QueueSpec, DEFAULT_EXCHANGES};
 use crate::BrokerShared;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -34,14 +34,6 @@ pub enum ImportMode {
     /// Leave the entry out (and what depends on it), report it, apply the rest.
     SkipInvalid,
 }
-
-pub(super) const DEFAULT_EXCHANGE_KINDS: &[(&str, ExchangeKind)] = &[
-    ("amq.direct", ExchangeKind::Direct),
-    ("amq.fanout", ExchangeKind::Fanout),
-    ("amq.topic", ExchangeKind::Topic),
-    ("amq.headers", ExchangeKind::Headers),
-    ("amq.match", ExchangeKind::Headers),
-];
 
 /// Entries left out, by section and index, and why.
 struct Verdicts {
@@ -301,7 +293,7 @@ impl BrokerShared {
                 if x.name.is_empty() || x.name.starts_with("amq.") {
                     // The predeclared exchanges exist everywhere; anything else is reserved.
                     if x.name.is_empty()
-                        || DEFAULT_EXCHANGE_KINDS
+                        || DEFAULT_EXCHANGES
                             .iter()
                             .any(|(n, k)| *n == x.name && *k == kind)
                     {
@@ -385,7 +377,7 @@ impl BrokerShared {
                 let vh = self.vhost(&b.vhost);
                 let x_exists = |n: &str| {
                     new_x.contains(&(b.vhost.as_str(), n))
-                        || DEFAULT_EXCHANGE_KINDS.iter().any(|(d, _)| *d == n)
+                        || (!n.is_empty() && DEFAULT_EXCHANGES.iter().any(|(d, _)| *d == n))
                         || vh.as_ref().is_some_and(|v| v.exchange(n).is_some())
                 };
                 let q_exists = |n: &str| {
