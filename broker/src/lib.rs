@@ -99,7 +99,7 @@ pub struct BrokerShared {
     /// Vhost registry; read with [`BrokerShared::vhost`] / [`BrokerShared::vhost_list`],
     /// changed through the [`definitions`] API.
     vhosts: parking_lot::RwLock<HashMap<String, Arc<Vhost>>>,
-    pub policies: policy::PolicyStore,
+    pub policies: Arc<policy::PolicyStore>,
     persister: definitions::persist::Persister,
     me: Weak<BrokerShared>,
     pub next_conn_id: AtomicU64,
@@ -231,7 +231,7 @@ impl Broker {
             config: cfg,
             auth: Arc::new(auth),
             vhosts: parking_lot::RwLock::new(HashMap::new()),
-            policies: policy::PolicyStore::default(),
+            policies: Arc::default(),
             persister,
             me: me.clone(),
             next_conn_id: AtomicU64::new(1),

@@ -5,8 +5,11 @@
 
 use crate::error::ChannelError;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::policy::{Applied, PolicyStore};
 use crate::queue::actor::QueueActor;
-use crate::queue::{ClientTx, QueueArgs, QueueCmd, QueueHandle, QueueInfo, QUEUE_MAILBOX};
+use crate::queue::{
+    ClientTx, QueueArgs, QueueCmd, QueueHandle, QueueInfo, QueuePolicy, QUEUE_MAILBOX,
+};
 use crate::store::{Store, TransientLog};
 use amq_protocol::types::FieldTable;
 use arc_swap::ArcSwap;
@@ -82,6 +85,8 @@ pub struct Vhost {
     durable_hook: OnceLock<DurableHook>,
     /// Cancelled when the vhost is deleted: its connections close.
     deleted: CancellationToken,
+    /// The node's policies (none in a vhost made without a broker, as in unit tests).
+    policies: OnceLock<Arc<PolicyStore>>,
 }
 
 /// See [`Vhost::set_durable_hook`].
@@ -142,6 +147,7 @@ impl Vhost {
             me: me.clone(),
             durable_hook: OnceLock::new(),
             deleted: CancellationToken::new(),
+            policies: OnceLock::new(),
         })
     }
 
@@ -191,6 +197,50 @@ impl Vhost {
         self.snapshot().exchanges.get(name).cloned()
     }
 
+    // === policies ===
+
+    /// Gives the vhost the node's policies (once, when the broker makes the vhost).
+    pub fn set_policies(&self, policies: Arc<PolicyStore>) {
+        let _ = self.policies.set(policies);
+    }
+
+    /// The policies that apply to a queue (`is_queue`) or exchange of this vhost.
+    fn applied(&self, name: &str, is_queue: bool) -> Applied {
+        match self.policies.get() {
+            Some(p) => p.applied(&self.name, name, is_queue),
+            None => Applied::default(),
+        }
+    }
+
+    /// Re-applies the policies to every queue and exchange, after a policy was set, changed
+    /// or cleared: queues take their new settings at once, exchanges their alternate exchange.
+    pub fn apply_policies(&self) {
+        let snap = self.snapshot();
+        for q in snap.queues.values() {
+            q.set_policy(self.applied(&q.name, true));
+        }
+        let changed: Vec<Arc<str>> = snap
+            .exchanges
+            .values()
+            .filter(|x| !x.name.is_empty())
+            .filter(|x| self.applied(&x.name, false).policy != x.policy)
+            .map(|x| x.name.clone())
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let _ = self.update(|t| {
+            for name in &changed {
+                if let Some(x) = t.exchanges.get(name) {
+                    let mut x = Exchange::clone(x);
+                    x.policy = self.applied(name, false).policy;
+                    t.exchanges.insert(name.clone(), Arc::new(x));
+                }
+            }
+            Ok(())
+        });
+    }
+
     // === exchanges ===
 
     /// exchange.declare (non-passive). `kind` already validated.
@@ -234,7 +284,8 @@ impl Vhost {
                 }
                 return Ok(false);
             }
-            let ex = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
+            let mut ex = Exchange::new(name, kind, durable, auto_delete, internal, arguments);
+            ex.policy = self.applied(name, false).policy;
             t.exchanges.insert(name.into(), Arc::new(ex));
             Ok(true)
         })?;
@@ -422,6 +473,11 @@ impl Vhost {
                 exclusive_owner: spec.exclusive_owner,
                 args: spec.args.clone(),
                 arguments: spec.arguments.clone(),
+                policy: parking_lot::Mutex::new(Arc::new(QueuePolicy::new(
+                    &spec.args,
+                    self.applied(&spec.name, true),
+                ))),
+                policy_changed: Default::default(),
                 tx,
                 message_count: AtomicU32::new(0),
                 consumer_count: AtomicU32::new(0),
@@ -565,7 +621,7 @@ pub fn route_in(
         dests.clear();
         ex.route(routing_key, headers, &mut dests);
         if dests.is_empty() {
-            if let Some(ae) = ex.alternate.as_deref() {
+            if let Some(ae) = ex.alternate() {
                 if let Some(a) = topo.exchanges.get(ae) {
                     if !visited.contains(&&*a.name) {
                         visited.push(&a.name);

@@ -560,3 +560,111 @@ fn wrong_password_exits_77() {
         out.stderr
     );
 }
+
+#[tokio::test]
+async fn operator_policies_and_list_queues_show_the_policies_that_apply() {
+    let node = Node::start();
+    let conn = node.amqp().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "capped".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    for i in 0..5u8 {
+        ch.basic_publish(
+            "".into(),
+            "capped".into(),
+            BasicPublishOptions::default(),
+            &[i],
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    }
+    node.ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "cap",
+        "^capped$",
+        r#"{"max-length":3}"#,
+    ])
+    .ok();
+    let out = node
+        .ctl(&[
+            "set_operator_policy",
+            "--apply-to",
+            "queues",
+            "ops",
+            "^cap",
+            r#"{"max-length":2,"message-ttl":60000}"#,
+        ])
+        .ok();
+    assert!(
+        out.stdout.starts_with("Setting operator policy \"ops\""),
+        "{}",
+        out.stdout
+    );
+    // The queue is cut to the lower limit at once.
+    let mut lines = String::new();
+    for _ in 0..50 {
+        lines = node
+            .ctl(&[
+                "-q",
+                "list_queues",
+                "name",
+                "messages",
+                "policy",
+                "operator_policy",
+            ])
+            .ok()
+            .stdout;
+        if lines.contains("capped\t2\t") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lines.contains("capped\t2\tcap\tops\n"), "{lines}");
+    let v = node
+        .ctl(&[
+            "list_queues",
+            "name",
+            "effective_policy_definition",
+            "--formatter",
+            "json",
+        ])
+        .ok()
+        .json();
+    let q = v
+        .as_array()
+        .and_then(|a| a.iter().find(|q| q["name"] == "capped"))
+        .expect("capped listed");
+    assert_eq!(
+        q["effective_policy_definition"],
+        serde_json::json!({"max-length": 2, "message-ttl": 60000})
+    );
+    let out = node.ctl(&["-q", "list_operator_policies"]).ok();
+    assert!(
+        out.stdout
+            .contains("/\tops\t^cap\tqueues\t{\"max-length\":2,\"message-ttl\":60000}\t0\n"),
+        "{}",
+        out.stdout
+    );
+    // Not an operator key: refused with the reason.
+    let out = node.ctl(&[
+        "set_operator_policy",
+        "bad",
+        ".",
+        r#"{"dead-letter-exchange":"x"}"#,
+    ]);
+    assert_eq!(out.code, 70, "{out:?}");
+    assert!(out.stderr.contains("not recognised"), "{}", out.stderr);
+    node.ctl(&["clear_operator_policy", "ops"]).ok();
+    let out = node.ctl(&["-q", "list_operator_policies"]).ok();
+    assert!(!out.stdout.contains("ops"), "{}", out.stdout);
+    let out = node.ctl(&["clear_operator_policy", "ops"]);
+    assert_eq!(out.code, 70, "{out:?}");
+}

@@ -158,6 +158,7 @@ pub enum ListKind {
     Users,
     Vhosts,
     Policies,
+    OperatorPolicies,
     Permissions,
 }
 
@@ -170,6 +171,8 @@ impl ListKind {
                 "auto_delete",
                 "arguments",
                 "policy",
+                "operator_policy",
+                "effective_policy_definition",
                 "pid",
                 "owner_pid",
                 "exclusive",
@@ -273,7 +276,7 @@ impl ListKind {
             ],
             ListKind::Users => &["user", "tags"],
             ListKind::Vhosts => &["name", "description", "tags", "tracing", "cluster_state"],
-            ListKind::Policies => &[
+            ListKind::Policies | ListKind::OperatorPolicies => &[
                 "vhost",
                 "name",
                 "pattern",
@@ -310,14 +313,17 @@ impl ListKind {
             ],
             ListKind::Users => &["user", "tags"],
             ListKind::Vhosts => &["name"],
-            ListKind::Policies => self.supported(),
+            ListKind::Policies | ListKind::OperatorPolicies => self.supported(),
             ListKind::Permissions => self.supported(),
         }
     }
 
-    /// Whether the verb takes `[column ...]` (list_policies and list_permissions do not).
+    /// Whether the verb takes `[column ...]` (the policy lists and list_permissions do not).
     fn takes_columns(self) -> bool {
-        !matches!(self, ListKind::Policies | ListKind::Permissions)
+        !matches!(
+            self,
+            ListKind::Policies | ListKind::OperatorPolicies | ListKind::Permissions
+        )
     }
 
     /// Whether the verb lists one virtual host (`-p`), or the whole node.
@@ -329,6 +335,7 @@ impl ListKind {
                 | ListKind::Bindings
                 | ListKind::Consumers
                 | ListKind::Policies
+                | ListKind::OperatorPolicies
                 | ListKind::Permissions
         )
     }
@@ -353,7 +360,9 @@ pub enum Command {
         vhost: String,
         columns: Vec<String>,
     },
+    /// set_policy, or set_operator_policy when `operator`.
     SetPolicy {
+        operator: bool,
         vhost: String,
         name: String,
         pattern: String,
@@ -361,7 +370,9 @@ pub enum Command {
         priority: i64,
         apply_to: String,
     },
+    /// clear_policy, or clear_operator_policy when `operator`.
     ClearPolicy {
+        operator: bool,
         vhost: String,
         name: String,
     },
@@ -418,6 +429,7 @@ pub const VERBS: &[(&str, &str)] = &[
     ("add_vhost", "<vhost>"),
     ("await_startup", "[--timeout <seconds>]"),
     ("change_password", "<username> <password>"),
+    ("clear_operator_policy", "[-p <vhost>] <name>"),
     ("clear_policy", "[-p <vhost>] <name>"),
     ("cluster_status", ""),
     ("delete_queue", "[-p <vhost>] [--if-empty] [--if-unused] <queue>"),
@@ -433,6 +445,7 @@ pub const VERBS: &[(&str, &str)] = &[
     ("list_consumers", "[-p <vhost>] [<column> ...]"),
     ("list_exchanges", "[-p <vhost>] [<column> ...]"),
     ("list_permissions", "[-p <vhost>]"),
+    ("list_operator_policies", "[-p <vhost>]"),
     ("list_policies", "[-p <vhost>]"),
     ("list_queues", "[-p <vhost>] [<column> ...]"),
     ("list_users", "[<column> ...]"),
@@ -441,6 +454,10 @@ pub const VERBS: &[(&str, &str)] = &[
     (
         "set_permissions",
         "[-p <vhost>] <username> <conf> <write> <read>",
+    ),
+    (
+        "set_operator_policy",
+        "[-p <vhost>] [--priority <n>] [--apply-to <queues|all>] <name> <pattern> <definition>",
     ),
     (
         "set_policy",
@@ -654,8 +671,9 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
         "list_users" => list(ListKind::Users)?,
         "list_vhosts" => list(ListKind::Vhosts)?,
         "list_policies" => list(ListKind::Policies)?,
+        "list_operator_policies" => list(ListKind::OperatorPolicies)?,
         "list_permissions" => list(ListKind::Permissions)?,
-        "set_policy" => {
+        verb @ ("set_policy" | "set_operator_policy") => {
             let a = exact(3)?;
             let priority = match raw.priority.as_deref() {
                 None => 0,
@@ -679,6 +697,7 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
                 )));
             }
             Command::SetPolicy {
+                operator: verb == "set_operator_policy",
                 vhost,
                 name: a[0].clone(),
                 pattern: a[1].clone(),
@@ -687,7 +706,8 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
                 apply_to,
             }
         }
-        "clear_policy" => Command::ClearPolicy {
+        verb @ ("clear_policy" | "clear_operator_policy") => Command::ClearPolicy {
+            operator: verb == "clear_operator_policy",
             vhost,
             name: exact(1)?[0].clone(),
         },
@@ -809,6 +829,7 @@ mod tests {
         assert_eq!(
             inv.command,
             Command::SetPolicy {
+                operator: false,
                 vhost: "/".into(),
                 name: "ha-all".into(),
                 pattern: "".into(),

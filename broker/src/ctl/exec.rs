@@ -223,6 +223,7 @@ impl Ctx<'_> {
                 self.set_app(true)
             }
             Command::SetPolicy {
+                operator,
                 vhost,
                 name,
                 pattern,
@@ -230,8 +231,9 @@ impl Ctx<'_> {
                 priority,
                 apply_to,
             } => {
+                let (what, resource) = policy_kind(*operator);
                 self.info(&format!(
-                    "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" \
+                    "Setting {what} \"{name}\" for pattern \"{pattern}\" to \"{definition}\" \
                      with priority \"{priority}\" for vhost \"{vhost}\" ..."
                 ))?;
                 let definition = parse_definition(definition)?;
@@ -241,7 +243,7 @@ impl Ctx<'_> {
                     "priority": priority,
                     "apply-to": apply_to,
                 });
-                let path = format!("/api/policies/{}/{}", enc(vhost), enc(name));
+                let path = format!("/api/{resource}/{}/{}", enc(vhost), enc(name));
                 match self.send(Method::Put, &path, Some(&body))? {
                     Ok(_) => Ok(()),
                     Err(f) if f.status == 404 => Err(CtlError::new(
@@ -254,19 +256,24 @@ impl Ctx<'_> {
                     )),
                     Err(f) => Err(CtlError::new(
                         exit::SOFTWARE,
-                        format!("policy refused: {}", f.reason),
+                        format!("{what} refused: {}", f.reason),
                     )),
                 }
             }
-            Command::ClearPolicy { vhost, name } => {
+            Command::ClearPolicy {
+                operator,
+                vhost,
+                name,
+            } => {
+                let (what, resource) = policy_kind(*operator);
                 self.info(&format!(
-                    "Clearing policy \"{name}\" on vhost \"{vhost}\" ..."
+                    "Clearing {what} \"{name}\" on vhost \"{vhost}\" ..."
                 ))?;
-                let path = format!("/api/policies/{}/{}", enc(vhost), enc(name));
+                let path = format!("/api/{resource}/{}/{}", enc(vhost), enc(name));
                 self.or_missing(Method::Delete, &path, None, || {
                     CtlError::new(
                         exit::SOFTWARE,
-                        format!("policy \"{name}\" does not exist in vhost \"{vhost}\""),
+                        format!("{what} \"{name}\" does not exist in vhost \"{vhost}\""),
                     )
                 })
                 .map(drop)
@@ -494,6 +501,10 @@ impl Ctx<'_> {
             ListKind::Policies => (
                 format!("Listing policies for vhost \"{vhost}\" ..."),
                 format!("/api/policies/{v}"),
+            ),
+            ListKind::OperatorPolicies => (
+                format!("Listing operator policy overrides for vhost \"{vhost}\" ..."),
+                format!("/api/operator-policies/{v}"),
             ),
             ListKind::Permissions => (
                 format!("Listing permissions for vhost \"{vhost}\" ..."),
@@ -795,6 +806,15 @@ fn read_input(path: &str) -> Result<String, CtlError> {
     };
     res.map_err(|e| CtlError::new(exit::NO_INPUT, format!("cannot read {path}: {e}")))?;
     Ok(text)
+}
+
+/// How a policy verb names its kind, and the API resource for it.
+fn policy_kind(operator: bool) -> (&'static str, &'static str) {
+    if operator {
+        ("operator policy", "operator-policies")
+    } else {
+        ("policy", "policies")
+    }
 }
 
 #[cfg(test)]

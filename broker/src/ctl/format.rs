@@ -133,11 +133,13 @@ pub fn column_value(kind: ListKind, column: &str, item: &Value) -> Value {
                 .collect(),
         ),
         // rabbitmqctl prints a policy definition as its JSON text (a string in JSON output too).
-        (ListKind::Policies, "definition") => match get(item, &["definition"]) {
-            Some(Value::String(s)) => Value::String(s.clone()),
-            Some(v) => Value::String(v.to_string()),
-            None => Value::Null,
-        },
+        (ListKind::Policies | ListKind::OperatorPolicies, "definition") => {
+            match get(item, &["definition"]) {
+                Some(Value::String(s)) => Value::String(s.clone()),
+                Some(v) => Value::String(v.to_string()),
+                None => Value::Null,
+            }
+        }
         _ => field(&[column]),
     }
 }

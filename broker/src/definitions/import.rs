@@ -18,7 +18,7 @@ use super::json::{json_to_table, Definitions};
 use crate::auth::{PasswordHash, User, VhostMeta};
 use crate::exchange::Destination;
 use crate::nesting;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyKind};
 use crate::queue::QueueArgs;
 use crate::vhost::{QueueSpec, DEFAULT_EXCHANGES};
 use crate::BrokerShared;
@@ -62,7 +62,7 @@ struct ImportPlan {
     /// Accepted users with their credentials.
     users: Vec<(usize, PasswordHash)>,
     permissions: HashSet<usize>,
-    policies: Vec<Policy>,
+    policies: Vec<(PolicyKind, Policy)>,
     /// Accepted exchanges that are declared (the predeclared ones are accepted and skipped).
     exchanges: HashSet<usize>,
     queues: HashSet<usize>,
@@ -124,8 +124,15 @@ impl BrokerShared {
                 self.auth.put_permissions(&p.user, &p.vhost, p.spec());
             }
         }
-        for p in plan.policies {
-            self.policies.put(p);
+        let mut policy_vhosts = std::collections::BTreeSet::new();
+        for (kind, p) in plan.policies {
+            policy_vhosts.insert(p.vhost.clone());
+            self.policies.put_kind(kind, p);
+        }
+        // Queues and exchanges that exist already take the imported policies now; those the
+        // document declares below find them when they are made.
+        for v in &policy_vhosts {
+            self.apply_policies(v);
         }
         // Declaring can still fail on what the check cannot see; in skip mode that entry is
         // reported and the rest goes on.
@@ -268,14 +275,23 @@ impl BrokerShared {
         }
 
         let mut policies = Vec::new();
-        for (i, p) in d.policies.iter().enumerate() {
-            let label = format!("policies[{i}] '{}' in vhost '{}'", p.name, p.vhost);
-            let r = vhost_ok(&label, &p.vhost)
-                .and_then(|()| p.to_policy().map_err(|e| format!("{label}: {e}")));
-            match r {
-                Ok(policy) => policies.push(policy),
-                Err(e) => {
-                    verdicts.judge(Err(e))?;
+        for (section, kind, list) in [
+            ("policies", PolicyKind::User, &d.policies),
+            (
+                "operator_policies",
+                PolicyKind::Operator,
+                &d.operator_policies,
+            ),
+        ] {
+            for (i, p) in list.iter().enumerate() {
+                let label = format!("{section}[{i}] '{}' in vhost '{}'", p.name, p.vhost);
+                let r = vhost_ok(&label, &p.vhost)
+                    .and_then(|()| p.to_policy_kind(kind).map_err(|e| format!("{label}: {e}")));
+                match r {
+                    Ok(policy) => policies.push((kind, policy)),
+                    Err(e) => {
+                        verdicts.judge(Err(e))?;
+                    }
                 }
             }
         }

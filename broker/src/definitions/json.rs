@@ -5,7 +5,7 @@
 use super::import::ImportMode;
 use crate::auth::{HashAlgorithm, PasswordHash, PermissionSpec};
 use crate::exchange::ExchangeKind;
-use crate::policy::{ApplyTo, Policy};
+use crate::policy::{ApplyTo, Policy, PolicyKind};
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Number, Value};
@@ -36,6 +36,10 @@ pub struct Definitions {
     pub global_parameters: Vec<Value>,
     #[serde(default)]
     pub policies: Vec<PolicyDef>,
+    /// Operator policies (RabbitMQ keeps them as runtime parameters and does not export them;
+    /// warren persists them here, a key RabbitMQ's import ignores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operator_policies: Vec<PolicyDef>,
     #[serde(default)]
     pub queues: Vec<QueueDef>,
     #[serde(default)]
@@ -261,6 +265,7 @@ pub fn parse_with(bytes: &[u8], mode: ImportMode) -> Result<(Definitions, Vec<St
     let parameters = section(&mut root, "parameters")?;
     let global_parameters = section(&mut root, "global_parameters")?;
     let policies = section(&mut root, "policies")?;
+    let operator_policies = section(&mut root, "operator_policies")?;
     let queues = section(&mut root, "queues")?;
     let exchanges = section(&mut root, "exchanges")?;
     let bindings = section(&mut root, "bindings")?;
@@ -283,6 +288,7 @@ pub fn parse_with(bytes: &[u8], mode: ImportMode) -> Result<(Definitions, Vec<St
         parameters: typed(parameters, mode, r)?,
         global_parameters: typed(global_parameters, mode, r)?,
         policies: typed(policies, mode, r)?,
+        operator_policies: typed(operator_policies, mode, r)?,
         queues: typed(queues, mode, r)?,
         exchanges: typed(exchanges, mode, r)?,
         bindings: typed(bindings, mode, r)?,
@@ -410,6 +416,11 @@ impl PermissionDef {
 impl PolicyDef {
     /// Converts and validates (pattern, apply-to, definition keys).
     pub fn to_policy(&self) -> Result<Policy, String> {
+        self.to_policy_kind(PolicyKind::User)
+    }
+
+    /// [`PolicyDef::to_policy`] for a policy of `kind`.
+    pub fn to_policy_kind(&self, kind: PolicyKind) -> Result<Policy, String> {
         let apply_to = ApplyTo::parse(&self.apply_to).ok_or_else(|| {
             format!(
                 "apply-to '{}' is not one of queues, exchanges, all",
@@ -430,7 +441,7 @@ impl PolicyDef {
             priority: self.priority,
             definition: definition.clone(),
         };
-        p.validate()?;
+        p.validate_as(kind)?;
         Ok(p)
     }
 

@@ -23,9 +23,12 @@
 //! Users come from `shared.auth` ([`crate::auth::AuthDb::users`], `all_permissions`, ...).
 //!
 //! # Policies
-//! Validated (HA keys as RabbitMQ checks them), stored, persisted, exported and listed; not
-//! enforced yet: mirroring follows the `ha-*` keys once clustering lands, and the other keys
-//! (`message-ttl`, ...) are kept as given.
+//! Policies and operator policies are validated as RabbitMQ validates them
+//! ([`crate::policy::keys`]), stored, persisted (operator policies under `operator_policies`,
+//! a key RabbitMQ's import ignores), exported and listed, and applied: setting, changing or
+//! clearing one re-applies the vhost's policies to its live queues and exchanges at once
+//! ([`BrokerShared::apply_policies`]). The `ha-*` keys are validated and stored; mirroring
+//! follows them once clustering lands.
 //!
 //! # Import semantics
 //! Additive, as RabbitMQ's: entries in the document are created or updated (a user's password
@@ -64,7 +67,7 @@ pub use json::{parse, Definitions};
 
 use crate::auth::{PasswordHash, PermissionSpec, User, VhostMeta};
 use crate::exchange::Destination;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyKind};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use json::{
@@ -255,25 +258,54 @@ impl BrokerShared {
 
     // === policies ===
 
-    /// Creates or replaces a policy (validated, see [`Policy::validate`]).
+    /// Creates or replaces a policy (validated, see [`Policy::validate`]); it applies to the
+    /// vhost's queues and exchanges at once.
     pub fn set_policy(&self, p: Policy) -> Result<(), DefError> {
+        self.set_policy_kind(PolicyKind::User, p)
+    }
+
+    pub fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), DefError> {
+        self.clear_policy_kind(PolicyKind::User, vhost, name)
+    }
+
+    /// Creates or replaces a policy or an operator policy.
+    pub fn set_policy_kind(&self, kind: PolicyKind, p: Policy) -> Result<(), DefError> {
         if !self.auth.vhost_exists(&p.vhost) {
             return Err(not_found_vhost(&p.vhost));
         }
-        p.validate().map_err(DefError::Invalid)?;
-        if self.policies.put(p) {
+        p.validate_as(kind).map_err(DefError::Invalid)?;
+        let vhost = p.vhost.clone();
+        if self.policies.put_kind(kind, p) {
+            self.apply_policies(&vhost);
             self.persist_definitions()?;
         }
         Ok(())
     }
 
-    pub fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), DefError> {
-        if !self.policies.remove(vhost, name) {
+    pub fn clear_policy_kind(
+        &self,
+        kind: PolicyKind,
+        vhost: &str,
+        name: &str,
+    ) -> Result<(), DefError> {
+        if !self.policies.remove_kind(kind, vhost, name) {
             return Err(DefError::NotFound(format!(
-                "policy '{name}' in vhost '{vhost}' does not exist"
+                "{} '{name}' in vhost '{vhost}' does not exist",
+                match kind {
+                    PolicyKind::User => "policy",
+                    PolicyKind::Operator => "operator policy",
+                }
             )));
         }
+        self.apply_policies(vhost);
         self.persist_definitions()
+    }
+
+    /// Re-applies the policies to the queues and exchanges of `vhost` (after a change).
+    pub fn apply_policies(&self, vhost: &str) {
+        if let Some(v) = self.vhost(vhost) {
+            v.apply_policies();
+        }
     }
 
     // === export / import ===
@@ -324,6 +356,12 @@ impl BrokerShared {
         let policies = self
             .policies
             .list(None)
+            .iter()
+            .map(PolicyDef::from_policy)
+            .collect();
+        let operator_policies = self
+            .policies
+            .list_kind(PolicyKind::Operator, None)
             .iter()
             .map(PolicyDef::from_policy)
             .collect();
@@ -424,6 +462,7 @@ impl BrokerShared {
             parameters: Vec::new(),
             global_parameters: Vec::new(),
             policies,
+            operator_policies,
             queues,
             exchanges,
             bindings,
@@ -461,6 +500,7 @@ impl BrokerShared {
     /// A new vhost wired to persist its durable changes.
     pub(crate) fn new_vhost(&self, name: &str) -> Arc<Vhost> {
         let vh = Vhost::with_store(name, self.store.clone());
+        vh.set_policies(self.policies.clone());
         let me = self.me.clone();
         vh.set_durable_hook(Box::new(move || {
             if let Some(s) = me.upgrade() {

@@ -61,7 +61,11 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
-    pub alternate: Option<String>,
+    /// The `alternate-exchange` argument.
+    alternate_arg: Option<String>,
+    /// The policy that applies, if any (its `alternate-exchange` is used when the exchange
+    /// has no argument of that name, as RabbitMQ does).
+    pub policy: Option<std::sync::Arc<crate::policy::Policy>>,
     bindings: Vec<Binding>,
     /// Direct exchanges: routing key -> indexes into `bindings`.
     direct_index: HashMap<String, Vec<usize>>,
@@ -76,7 +80,7 @@ impl Exchange {
         internal: bool,
         arguments: FieldTable,
     ) -> Self {
-        let alternate = match arguments.inner().get("alternate-exchange") {
+        let alternate_arg = match arguments.inner().get("alternate-exchange") {
             Some(amq_protocol::types::AMQPValue::LongString(s)) => {
                 Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
             }
@@ -90,10 +94,21 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
-            alternate,
+            alternate_arg,
+            policy: None,
             bindings: Vec::new(),
             direct_index: HashMap::new(),
         }
+    }
+
+    /// The alternate exchange: the argument's, else the policy's.
+    pub fn alternate(&self) -> Option<&str> {
+        self.alternate_arg.as_deref().or_else(|| {
+            self.policy
+                .as_deref()
+                .and_then(|p| p.definition.get("alternate-exchange"))
+                .and_then(|v| v.as_str())
+        })
     }
 
     pub fn bindings(&self) -> &[Binding] {

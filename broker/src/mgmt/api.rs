@@ -4,6 +4,7 @@
 use super::json as conv;
 use super::{created, json_resp, no_content, ApiError, Req, Resp};
 use crate::exchange::{Binding, Destination, ExchangeKind};
+use crate::policy::PolicyKind;
 use crate::queue::{QueueArgs, QueueCmd, QueueHandle};
 use crate::stats::{ChannelSnapshot, ConnEntry, Counts, Rates};
 use crate::vhost::{QueueSpec, Vhost};
@@ -223,27 +224,12 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["vhosts", name] => vhost_ep(shared, r, name).await,
         ["users", name] => user_ep(shared, r, name),
         ["permissions", vh, user] => permission_ep(shared, r, vh, user),
-        ["policies"] if get => ok(Value::Array(
-            shared
-                .policies
-                .list(None)
-                .iter()
-                .filter(|p| can_see(shared, r, &p.vhost))
-                .map(policy_json)
-                .collect(),
-        )),
-        ["policies", vh] if get => {
-            let v = vhost(shared, r, vh)?;
-            ok(Value::Array(
-                shared
-                    .policies
-                    .list(Some(&v.name))
-                    .iter()
-                    .map(policy_json)
-                    .collect(),
-            ))
-        }
-        ["policies", vh, name] => policy_ep(shared, r, vh, name),
+        ["policies"] if get => policy_list(shared, r, PolicyKind::User, None),
+        ["policies", vh] if get => policy_list(shared, r, PolicyKind::User, Some(vh)),
+        ["policies", vh, name] => policy_ep(shared, r, PolicyKind::User, vh, name),
+        ["operator-policies"] if get => policy_list(shared, r, PolicyKind::Operator, None),
+        ["operator-policies", vh] if get => policy_list(shared, r, PolicyKind::Operator, Some(vh)),
+        ["operator-policies", vh, name] => policy_ep(shared, r, PolicyKind::Operator, vh, name),
         ["definitions"] => match r.method {
             Method::GET => {
                 admin(r)?;
@@ -936,15 +922,37 @@ fn policy_json(p: &crate::policy::Policy) -> Value {
     })
 }
 
-fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+/// GET /api/policies[/{vhost}] and /api/operator-policies[/{vhost}].
+fn policy_list(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: Option<&str>) -> R {
+    let only = match vh {
+        Some(vh) => Some(vhost(shared, r, vh)?.name.to_string()),
+        None => None,
+    };
+    ok(Value::Array(
+        shared
+            .policies
+            .list_kind(kind, only.as_deref())
+            .iter()
+            .filter(|p| can_see(shared, r, &p.vhost))
+            .map(policy_json)
+            .collect(),
+    ))
+}
+
+fn policy_ep(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: &str, name: &str) -> R {
     let v = vhost(shared, r, vh)?;
+    // Operator policies are for administrators only, as in RabbitMQ.
+    let may_change = match kind {
+        PolicyKind::User => r.caller.is_admin() || r.caller.has("policymaker"),
+        PolicyKind::Operator => r.caller.is_admin(),
+    };
     match r.method {
         Method::GET => shared
             .policies
-            .get(&v.name, name)
+            .get_kind(kind, &v.name, name)
             .map_or(Err(ApiError::NotFound), |p| ok(policy_json(&p))),
         Method::PUT => {
-            if !r.caller.is_admin() && !r.caller.has("policymaker") {
+            if !may_change {
                 return Err(forbidden());
             }
             let body = r.json()?;
@@ -966,24 +974,29 @@ fn policy_ep(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
                 Some(a) => crate::policy::ApplyTo::parse(a)
                     .ok_or_else(|| ApiError::bad(format!("invalid apply-to '{a}'")))?,
             };
-            let existed = shared.policies.get(&v.name, name).is_some();
+            let existed = shared.policies.get_kind(kind, &v.name, name).is_some();
             shared
-                .set_policy(crate::policy::Policy {
-                    vhost: v.name.to_string(),
-                    name: name.to_owned(),
-                    pattern,
-                    apply_to,
-                    priority,
-                    definition,
-                })
+                .set_policy_kind(
+                    kind,
+                    crate::policy::Policy {
+                        vhost: v.name.to_string(),
+                        name: name.to_owned(),
+                        pattern,
+                        apply_to,
+                        priority,
+                        definition,
+                    },
+                )
                 .map_err(def_err)?;
             Ok(if existed { no_content() } else { created() })
         }
         Method::DELETE => {
-            if !r.caller.is_admin() && !r.caller.has("policymaker") {
+            if !may_change {
                 return Err(forbidden());
             }
-            shared.clear_policy(&v.name, name).map_err(def_err)?;
+            shared
+                .clear_policy_kind(kind, &v.name, name)
+                .map_err(def_err)?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
@@ -1043,7 +1056,7 @@ fn exchange_url_name(name: &str) -> &str {
 }
 
 fn exchange_json(vhost: &str, e: &crate::exchange::Exchange) -> Value {
-    json!({
+    let mut v = json!({
         "name": &*e.name,
         "vhost": vhost,
         "type": e.kind.as_str(),
@@ -1052,7 +1065,12 @@ fn exchange_json(vhost: &str, e: &crate::exchange::Exchange) -> Value {
         "internal": e.internal,
         "arguments": conv::table(&e.arguments),
         "user_who_performed_action": "rmq-internal",
-    })
+    });
+    // Present only when a policy applies, as in RabbitMQ.
+    if let (Some(p), Value::Object(m)) = (&e.policy, &mut v) {
+        m.insert("policy".into(), json!(p.name));
+    }
+    v
 }
 
 fn default_exchange_json(vhost: &str) -> Value {
@@ -1253,9 +1271,16 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("node", json!(shared.config.node_name));
     put("type", json!("classic"));
     put("state", json!("running"));
-    put("policy", Value::Null);
-    put("operator_policy", Value::Null);
-    put("effective_policy_definition", json!({}));
+    let policy = q.policy();
+    put("policy", json!(policy.applied.policy_name()));
+    put(
+        "operator_policy",
+        json!(policy.applied.operator_policy_name()),
+    );
+    put(
+        "effective_policy_definition",
+        Value::Object(policy.applied.definition.clone()),
+    );
     put("exclusive_consumer_tag", Value::Null);
     put("single_active_consumer_tag", Value::Null);
     put("consumers", json!(q.consumer_count()));

@@ -42,6 +42,10 @@ struct Consumer {
 /// The actor. Created by the vhost, which keeps the [`QueueHandle`].
 pub struct QueueActor {
     handle: QueueHandle,
+    /// The settings in effect: the declared arguments resolved against the policies.
+    args: QueueArgs,
+    /// Quorum queues with a delivery limit: how often each requeued message was delivered.
+    deliveries: IntMap<u64, u32>,
     vhost: Weak<Vhost>,
     ready: Ready,
     unacked: IntMap<u64, Unacked>,
@@ -70,7 +74,11 @@ impl QueueActor {
     pub fn new(handle: QueueHandle, vhost: Weak<Vhost>, log: Box<dyn QueueLog>) -> Self {
         let label: Arc<str> = format!("'{}' in vhost '{}'", handle.name, handle.vhost).into();
         let ready = Ready::new(handle.args.max_priority, crate::paging::pager(label));
+        handle.policy_changed.store(false, Ordering::Relaxed);
+        let args = handle.policy().args.clone();
         Self {
+            args,
+            deliveries: IntMap::default(),
             handle,
             vhost,
             ready,
@@ -167,6 +175,9 @@ impl QueueActor {
                 break;
             }
             let now = Instant::now();
+            if self.handle.policy_changed.swap(false, Ordering::Acquire) {
+                self.apply_policy(now);
+            }
             self.dispatch(now);
             if self.deleted {
                 break;
@@ -264,7 +275,7 @@ impl QueueActor {
             return Some(Instant::now());
         }
         let mut d = self.ready.next_expiry();
-        if let Some(ms) = self.handle.args.expires {
+        if let Some(ms) = self.args.expires {
             if self.consumers.is_empty() {
                 let t = self.last_activity + std::time::Duration::from_millis(ms);
                 d = Some(d.map_or(t, |x| x.min(t)));
@@ -274,7 +285,7 @@ impl QueueActor {
     }
 
     fn check_idle_expiry(&self, now: Instant) -> bool {
-        match self.handle.args.expires {
+        match self.args.expires {
             Some(ms) if self.consumers.is_empty() => {
                 now >= self.last_activity + std::time::Duration::from_millis(ms)
             }
@@ -310,6 +321,9 @@ impl QueueActor {
             }
             QueueCmd::Purge { reply } => {
                 let ids = self.ready.drain_ids();
+                for id in &ids {
+                    self.forget_deliveries(*id);
+                }
                 self.log.settle(&ids);
                 self.publish_counts();
                 let _ = reply.send(ids.len() as u32);
@@ -373,14 +387,14 @@ impl QueueActor {
     }
 
     fn is_full(&self, extra_bytes: u64) -> bool {
-        let a = &self.handle.args;
+        let a = &self.args;
         a.max_length.is_some_and(|m| self.ready.len as u64 >= m)
             || a.max_length_bytes
                 .is_some_and(|m| self.ready.bytes + extra_bytes > m)
     }
 
     fn over_limit(&self) -> bool {
-        let a = &self.handle.args;
+        let a = &self.args;
         a.max_length.is_some_and(|m| self.ready.len as u64 > m)
             || a.max_length_bytes.is_some_and(|m| self.ready.bytes > m)
     }
@@ -393,7 +407,7 @@ impl QueueActor {
             }
             return;
         }
-        let overflow = self.handle.args.overflow;
+        let overflow = self.args.overflow;
         if overflow != Overflow::DropHead && self.is_full(msg.body.len() as u64) {
             if let Some(t) = confirm {
                 t.send(false);
@@ -405,7 +419,7 @@ impl QueueActor {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let ttl = match (self.handle.args.message_ttl, msg.expiration_ms) {
+        let ttl = match (self.args.message_ttl, msg.expiration_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -427,21 +441,40 @@ impl QueueActor {
             expires_at,
         });
         stats::bump(&self.handle.stats.publish, 1);
-        if overflow == Overflow::DropHead {
-            while self.over_limit() {
-                let load = self.handle.args.dead_letter_exchange.is_some();
-                match self.ready.pop_oldest(load) {
-                    Some(p) => {
-                        if let Some(m) = &p.msg {
-                            self.dead_letter(m, "maxlen");
-                        }
-                        self.log.settle(&[p.id]);
+        self.drop_over_limit();
+        self.dispatch(now);
+    }
+
+    /// With drop-head overflow, drops (or dead-letters) the oldest ready messages while the
+    /// queue is over its length limits.
+    fn drop_over_limit(&mut self) {
+        if self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        while self.over_limit() {
+            let load = self.args.dead_letter_exchange.is_some();
+            match self.ready.pop_oldest(load) {
+                Some(p) => {
+                    if let Some(m) = &p.msg {
+                        self.dead_letter(m, "maxlen");
                     }
-                    None => break,
+                    self.log.settle(&[p.id]);
                 }
+                None => break,
             }
         }
-        self.dispatch(now);
+    }
+
+    /// New policies apply: take the settings, and a queue now over its (lower) length limit
+    /// drops or dead-letters its oldest messages, as RabbitMQ does. TTL changes apply to
+    /// messages published from now on, `expires` restarts from the last activity.
+    fn apply_policy(&mut self, _now: Instant) {
+        self.args = self.handle.policy().args.clone();
+        if self.args.delivery_limit.is_none() {
+            self.deliveries.clear();
+        }
+        self.drop_over_limit();
+        self.publish_counts();
     }
 
     fn consume(&mut self, spec: ConsumerSpec, now: Instant) -> Result<(), ChannelError> {
@@ -500,6 +533,7 @@ impl QueueActor {
         for id in ids {
             if let Some(u) = self.unacked.remove(id) {
                 self.release_consumer(u.consumer);
+                self.forget_deliveries(*id);
                 n += 1;
             }
         }
@@ -523,17 +557,44 @@ impl QueueActor {
             };
             self.release_consumer(u.consumer);
             let mut e = u.entry;
-            if requeue {
+            if requeue && self.over_delivery_limit(e.id) {
+                // A quorum queue's delivery limit: dropped or dead-lettered instead, as
+                // RabbitMQ's quorum queues do.
+                self.dead_letter(&e.msg, "delivery_limit");
+                self.log.settle(&[e.id]);
+            } else if requeue {
                 e.redelivered = true;
                 requeued.push(e.id);
                 self.ready.requeue(e);
             } else {
+                self.forget_deliveries(e.id);
                 self.dead_letter(&e.msg, "rejected");
                 self.log.settle(&[e.id]);
             }
         }
         if !requeued.is_empty() {
             self.log.requeue(&requeued);
+        }
+    }
+
+    /// Counts one more return of a delivered message; true when that takes it past the
+    /// queue's delivery limit (quorum queues only, as in RabbitMQ).
+    fn over_delivery_limit(&mut self, id: u64) -> bool {
+        let Some(limit) = self.args.delivery_limit.filter(|_| self.args.quorum) else {
+            return false;
+        };
+        let n = self.deliveries.entry(id).or_insert(0);
+        *n += 1;
+        if u64::from(*n) > limit {
+            self.deliveries.remove(&id);
+            return true;
+        }
+        false
+    }
+
+    fn forget_deliveries(&mut self, id: u64) {
+        if !self.deliveries.is_empty() {
+            self.deliveries.remove(&id);
         }
     }
 
@@ -576,7 +637,7 @@ impl QueueActor {
 
     /// Index of the consumer that should get the next message, if any has credit.
     fn pick_consumer(&mut self) -> Option<usize> {
-        let sac = self.handle.args.single_active_consumer;
+        let sac = self.args.single_active_consumer;
         let mut best: Option<usize> = None;
         for (i, c) in self.consumers.iter().enumerate() {
             if sac && i > 0 {
@@ -751,7 +812,7 @@ impl QueueActor {
     /// Drops expired messages at the head of each level (RabbitMQ expires only at the head).
     /// A paged message is read back only to be dead-lettered.
     fn expire(&mut self, now: Instant) {
-        let load = self.handle.args.dead_letter_exchange.is_some();
+        let load = self.args.dead_letter_exchange.is_some();
         for l in 0..self.ready.levels() {
             while let Some(p) = self.ready.pop_expired(l, now, load) {
                 if let Some(m) = &p.msg {
@@ -786,14 +847,13 @@ impl QueueActor {
 
     /// Republishes `msg` to the dead-letter exchange with an x-death record.
     fn dead_letter(&mut self, msg: &Arc<Message>, reason: &str) {
-        let Some(dlx) = self.handle.args.dead_letter_exchange.clone() else {
+        let Some(dlx) = self.args.dead_letter_exchange.clone() else {
             return;
         };
         let Some(vhost) = self.vhost.upgrade() else {
             return;
         };
         let rk = self
-            .handle
             .args
             .dead_letter_routing_key
             .clone()

@@ -303,8 +303,14 @@ pub struct QueueInfo {
     pub auto_delete: bool,
     /// Owning connection of an exclusive queue.
     pub exclusive_owner: Option<u64>,
+    /// The arguments as declared (what a redeclare is compared with).
     pub args: QueueArgs,
     pub arguments: amq_protocol::types::FieldTable,
+    /// The policies that apply and the settings in effect with them.
+    pub policy: parking_lot::Mutex<Arc<QueuePolicy>>,
+    /// Set when `policy` changed; the actor takes the new settings on its next turn (a
+    /// shorter max-length drops or dead-letters at once).
+    pub policy_changed: AtomicBool,
     pub tx: mpsc::Sender<QueueCmd>,
     pub message_count: AtomicU32,
     pub consumer_count: AtomicU32,
@@ -313,6 +319,22 @@ pub struct QueueInfo {
 }
 
 pub type QueueHandle = Arc<QueueInfo>;
+
+/// What the policies make of a queue: the policies that apply and the queue's settings once
+/// its arguments are resolved against them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueuePolicy {
+    pub applied: crate::policy::Applied,
+    /// The settings in effect (declared arguments resolved against `applied`).
+    pub args: QueueArgs,
+}
+
+impl QueuePolicy {
+    pub fn new(declared: &QueueArgs, applied: crate::policy::Applied) -> Self {
+        let args = declared.resolve(&applied.definition);
+        Self { applied, args }
+    }
+}
 
 impl QueueInfo {
     /// Sends a command, waiting for mailbox space (back-pressure to publishers).
@@ -328,5 +350,25 @@ impl QueueInfo {
     }
     pub fn consumer_count(&self) -> u32 {
         self.consumer_count.load(Ordering::Relaxed)
+    }
+    /// The policies that apply now and the settings in effect.
+    pub fn policy(&self) -> Arc<QueuePolicy> {
+        self.policy.lock().clone()
+    }
+    /// Applies `applied` (the policies now matching this queue); returns whether anything
+    /// changed, in which case the actor is told.
+    pub fn set_policy(&self, applied: crate::policy::Applied) -> bool {
+        let next = QueuePolicy::new(&self.args, applied);
+        {
+            let mut cur = self.policy.lock();
+            if **cur == next {
+                return false;
+            }
+            *cur = Arc::new(next);
+        }
+        self.policy_changed.store(true, Ordering::Release);
+        // Wake the actor; with a full mailbox it is busy and sees the flag after this turn.
+        self.try_send(QueueCmd::Kick);
+        true
     }
 }
