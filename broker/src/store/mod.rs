@@ -9,12 +9,40 @@
 //! publish with a confirm hands its ticket to the log ([`QueueLog::enqueue_confirmed`]) and
 //! whoever writes the batch (the store's writer thread, or the queue's own thread, see
 //! [`QueueLog::flush`]) sends the confirm itself after the sync.
+//!
+//! # Layout
+//!
+//! The durable store is one append-only log under `<data-dir>/msgs`, shared by every durable
+//! queue. One file per part; a queue calls `log.rs`, which hands batches to `writer.rs`, which
+//! writes them through `segments.rs`:
+//!
+//! - `disk.rs`: [`Store`], the node's store: open and recover, attach a queue, drop what no
+//!   queue claimed, close.
+//! - `log.rs`: [`DiskLog`], the [`QueueLog`] of a durable queue, on the queue's own thread.
+//! - `writer.rs`: taking and writing a batch (group commit: one `fdatasync` per batch), the
+//!   confirms sent after the sync, and the writer thread, which also does the reclaim work.
+//! - `segments.rs`: segment files (naming, opening, appending, sync) and reclaim: deleting and
+//!   compacting the oldest segments.
+//! - `prewrite.rs`: the thread that writes the next segment full of zeros ahead of need.
+//! - `journal.rs`: the delivery journals that keep delivered flags across a process crash.
+//! - `state.rs`: the books under the store's mutex (pending records, message slots, live
+//!   counts) and what the store's threads share.
+//! - `record.rs`, `replay.rs`: the record format, and rebuilding the books from it at boot.
 
 pub mod disk;
+mod journal;
+mod log;
+mod prewrite;
 pub mod record;
 pub mod replay;
+mod segments;
+mod state;
+#[cfg(test)]
+mod testing;
+mod writer;
 
-pub use disk::{DiskLog, Recovered, Store};
+pub use disk::{Recovered, Store};
+pub use log::DiskLog;
 
 use crate::queue::{ConfirmTicket, Message};
 use bytes::Bytes;
