@@ -38,7 +38,6 @@ pub mod class;
 pub mod codec;
 pub mod config;
 pub mod connection;
-pub mod ctl;
 pub mod definitions;
 pub mod error;
 pub mod exchange;

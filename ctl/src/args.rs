@@ -811,7 +811,7 @@ pub fn parse_definition(s: &str) -> Result<Value, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::exit;
+    use crate::exit;
 
     fn p(args: &[&str]) -> Result<Invocation, CtlError> {
         parse(args.iter().copied())

@@ -1,9 +1,18 @@
 //! `warren-ctl` end to end: the built binary against a real warren-broker
 //! process with its management API on port 0 (address read from the log).
 //! Queues and messages come from a real AMQP client (lapin).
+//!
+//! Needs the `warren-broker` binary of the same build, which cargo does not build
+//! for this crate's tests (`CARGO_BIN_EXE_*` exists only for binaries of the same
+//! package, and a dev-dependency on warren-broker would not build its binaries):
+//! build it first with `cargo build -p warren-broker` (`scripts/test` runs
+//! `cargo build --workspace --bins` before the tests). It is looked up next to
+//! this test's executable (`target/<profile>/deps/ctl-*` ->
+//! `target/<profile>/warren-broker`), or taken from `WARREN_BROKER_BIN` as the
+//! Python tests do.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -15,6 +24,28 @@ use serde_json::Value;
 
 const CTL: &str = env!("CARGO_BIN_EXE_warren-ctl");
 const SEED_POLICY: &str = r#"{"ha-mode":"all","ha-sync-mode":"automatic"}"#;
+
+/// The warren-broker binary: `WARREN_BROKER_BIN`, else the one in this test's
+/// target directory; panics with how to build it when it is missing.
+fn broker_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WARREN_BROKER_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("path of the test executable");
+    // target/<profile>/deps/<this test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps");
+    let bin = profile_dir.join(format!("warren-broker{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "warren-broker binary not found at {}: run `cargo build -p warren-broker` first \
+         (scripts/test builds every binary), or set WARREN_BROKER_BIN",
+        bin.display()
+    );
+    bin
+}
 
 /// A broker process with AMQP and management listeners on port 0.
 struct Node {
@@ -32,7 +63,7 @@ impl Node {
             rand::random::<u64>()
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+        let mut child = Command::new(broker_bin())
             .args([
                 "--amqp",
                 "127.0.0.1:0",

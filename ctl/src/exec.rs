@@ -820,8 +820,8 @@ fn policy_kind(operator: bool) -> (&'static str, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ctl::args::parse;
-    use crate::ctl::Reply;
+    use crate::args::parse;
+    use crate::Reply;
     use std::collections::VecDeque;
 
     /// Answers scripted per request, recording what was asked.

@@ -1,9 +1,12 @@
 //! `warren-ctl`: the rabbitmqctl equivalent, a client of a node's management
 //! HTTP API (RabbitMQ 3.10's paths and JSON shapes).
 //!
+//! A crate of its own, apart from `warren-broker`: it only speaks HTTP to a node,
+//! so it links none of the broker's code.
+//!
 //! # Layout
 //! - [`args`]: command-line parsing into an [`args::Invocation`] (pure).
-//! - [`format`]: rabbitmqctl's tab-separated tables and `--formatter json` (pure).
+//! - [`format`](mod@format): rabbitmqctl's tab-separated tables and `--formatter json` (pure).
 //! - [`exec`]: runs one command against anything that implements [`Api`];
 //!   unit tests drive it with a scripted fake, the binary with [`http::HttpApi`].
 //! - [`http`]: the only I/O: a small HTTP/1.1 client (hyper) with basic auth.
@@ -152,7 +155,8 @@ pub fn encode_segment(s: &str) -> String {
 
 /// Standard base64 with padding (for the basic-auth header).
 pub fn base64(data: &[u8]) -> String {
-    crate::mgmt::json::b64_encode(data)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// The `Authorization` header value for HTTP basic auth.

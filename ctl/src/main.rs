@@ -1,11 +1,11 @@
 //! `warren-ctl`: rabbitmqctl's verbs, spoken to a node's management HTTP API.
-//! Parsing, requests and output live in `warren_broker::ctl`; this file only
+//! Parsing, requests and output live in the `warren_ctl` library; this file only
 //! wires them to the process (arguments, stdout/stderr, exit code).
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use warren_broker::ctl::{self, args, exec, http::HttpApi, CtlError};
+use warren_ctl::{self as ctl, args, exec, http::HttpApi, CtlError};
 
 fn main() -> ExitCode {
     let code = match run() {
