@@ -3,19 +3,18 @@
 //! Invariants worth naming:
 //! - a message id is in exactly one of `ready` or `unacked` (or settled and gone);
 //! - `QueueInfo::message_count` mirrors `ready.len()` after every batch;
-//! - a confirm for a publish is sent exactly once: at enqueue when the log says `Safe`, or when
-//!   the log later reports it synced, or by the log itself when it took the ticket (the disk
-//!   store's writer, after the sync), or as a nack when the publish is refused (reject-publish).
+//! - a confirm for a publish is sent exactly once, decided by the queue's
+//!   [`ConfirmTracker`](super::confirm::ConfirmTracker) (see there).
 
 use super::args::Overflow;
+use super::confirm::ConfirmTracker;
 use super::ready::{Entry, Ready};
 use super::*;
 use crate::intmap::IntMap;
 use crate::stats;
-use crate::store::QueueLog;
+use crate::store::{QueueLog, StoreEvent};
 use crate::vhost::Vhost;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use std::collections::VecDeque;
 use std::sync::Weak;
 use tokio::time::{sleep_until, Instant};
 
@@ -54,12 +53,12 @@ pub struct QueueActor {
     use_counter: u64,
     next_id: u64,
     log: Box<dyn QueueLog>,
-    /// Publishes waiting for the log to report them safe.
-    unconfirmed: VecDeque<(u64, ConfirmTicket)>,
+    /// The publisher confirms this queue owes.
+    confirms: ConfirmTracker,
     /// Whether the queue delivered something since the last flush of the log.
     round_delivered: bool,
-    /// Store events (`Synced`, `WriteFailed`) for a durable queue.
-    store_rx: Option<mpsc::UnboundedReceiver<QueueCmd>>,
+    /// Store events for a durable queue.
+    store_rx: Option<mpsc::UnboundedReceiver<StoreEvent>>,
     had_consumers: bool,
     last_activity: Instant,
     deleted: bool,
@@ -88,7 +87,7 @@ impl QueueActor {
             use_counter: 0,
             next_id: 1,
             log,
-            unconfirmed: VecDeque::new(),
+            confirms: ConfirmTracker::default(),
             round_delivered: false,
             store_rx: None,
             had_consumers: false,
@@ -103,7 +102,7 @@ impl QueueActor {
     /// order; unacked ones before the restart come back redelivered).
     pub fn recover(
         mut self,
-        events: mpsc::UnboundedReceiver<QueueCmd>,
+        events: mpsc::UnboundedReceiver<StoreEvent>,
         recovered: Vec<crate::store::Recovered>,
     ) -> Self {
         self.store_rx = Some(events);
@@ -142,7 +141,7 @@ impl QueueActor {
                     }
                 } => {
                     match ev {
-                        Some(cmd) => self.handle_cmd(cmd, Instant::now()),
+                        Some(ev) => self.handle_store_event(ev),
                         None => store_rx = None,
                     }
                 }
@@ -200,11 +199,11 @@ impl QueueActor {
             match cmd {
                 QueueCmd::Publish {
                     confirm: Some(t), ..
-                } => t.send(true),
+                } => self.confirms.gone(t),
                 QueueCmd::PublishBatch(items) => {
                     for (_, t) in items {
                         if let Some(t) = t {
-                            t.send(true);
+                            self.confirms.gone(t);
                         }
                     }
                 }
@@ -223,9 +222,9 @@ impl QueueActor {
         // close, the store nacks them itself).
         if let Some(srx) = store_rx.as_mut() {
             srx.close();
-            while let Ok(cmd) = srx.try_recv() {
-                if let QueueCmd::WriteFailed { tickets, .. } = cmd {
-                    for t in tickets {
+            while let Ok(ev) = srx.try_recv() {
+                if let StoreEvent::WriteFailed { ids, tickets } = ev {
+                    for t in self.confirms.disk_failed(&ids, tickets) {
                         t.send(false);
                     }
                 }
@@ -354,32 +353,21 @@ impl QueueActor {
             }
             QueueCmd::Touch => self.last_activity = now,
             QueueCmd::Kick => {}
-            QueueCmd::Synced { up_to } => {
-                while let Some((id, _)) = self.unconfirmed.front() {
-                    if *id > up_to {
-                        break;
-                    }
-                    if let Some((_, t)) = self.unconfirmed.pop_front() {
-                        t.send(true);
-                    }
-                }
-            }
-            QueueCmd::WriteFailed { ids, mut tickets } => {
-                let failed: std::collections::HashSet<u64> = ids.iter().copied().collect();
-                self.unconfirmed.retain(|(id, t)| {
-                    let hit = failed.contains(id);
-                    if hit {
-                        tickets.push(t.clone());
-                    }
-                    !hit
-                });
+        }
+    }
+
+    fn handle_store_event(&mut self, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Synced { up_to } => self.confirms.disk_synced(up_to),
+            StoreEvent::WriteFailed { ids, tickets } => {
+                let nack = self.confirms.disk_failed(&ids, tickets);
                 // Nacked: the publisher keeps responsibility, so the copy here goes unless a
                 // consumer already has it; the nacks go once it is gone and counted out.
                 for id in ids {
                     self.ready.remove_id(id);
                 }
                 self.publish_counts();
-                for t in tickets {
+                for t in nack {
                     t.send(false);
                 }
             }
@@ -403,14 +391,14 @@ impl QueueActor {
         if self.deleted {
             // Deleted earlier in this batch: dropped like any publish to a deleted queue.
             if let Some(t) = confirm {
-                t.send(true);
+                self.confirms.gone(t);
             }
             return;
         }
         let overflow = self.args.overflow;
         if overflow != Overflow::DropHead && self.is_full(msg.body.len() as u64) {
             if let Some(t) = confirm {
-                t.send(false);
+                self.confirms.refuse(t);
             }
             if overflow == Overflow::RejectPublishDlx {
                 self.dead_letter(&msg, "maxlen");
@@ -425,11 +413,7 @@ impl QueueActor {
         };
         let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
         match confirm {
-            Some(t) => {
-                if let Some(t) = self.log.enqueue_confirmed(id, &msg, ttl, t) {
-                    self.unconfirmed.push_back((id, t));
-                }
-            }
+            Some(t) => self.confirms.enqueue(&mut *self.log, id, &msg, ttl, t),
             None => {
                 self.log.enqueue(id, &msg, ttl);
             }
@@ -835,9 +819,7 @@ impl QueueActor {
                 tag: c.spec.tag.clone(),
             });
         }
-        for (_, t) in self.unconfirmed.drain(..) {
-            t.send(true);
-        }
+        self.confirms.queue_deleted();
         self.log.delete();
         if let Some(v) = self.vhost.upgrade() {
             v.remove_queue(&self.handle);

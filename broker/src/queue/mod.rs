@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod args;
+pub mod confirm;
 pub mod ready;
 
 use crate::error::ChannelError;
@@ -281,17 +282,6 @@ pub enum QueueCmd {
     Touch,
     /// Credit may have become available somewhere: try to deliver.
     Kick,
-    /// The log made every id up to and including this one safe (on disk).
-    Synced {
-        up_to: u64,
-    },
-    /// The log could not write these enqueues (disk full, I/O error): their publishes get
-    /// basic.nack and the messages leave the queue if not yet delivered. `tickets`: the
-    /// confirms the log held for them, nacked by the queue once the messages are out.
-    WriteFailed {
-        ids: Vec<u64>,
-        tickets: Vec<ConfirmTicket>,
-    },
 }
 
 /// Static facts about a queue plus its mailbox. Cheap to clone.

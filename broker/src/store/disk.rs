@@ -26,8 +26,9 @@ use super::segments::{write_batch, Seg};
 use super::state::{Shared, Slot, State};
 use super::writer::writer_loop;
 use super::QueueLog;
+use super::StoreEvent;
 use crate::intmap::IntMap;
-use crate::queue::{Message, QueueCmd};
+use crate::queue::Message;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeMap;
@@ -273,7 +274,7 @@ impl Store {
         self: &Arc<Self>,
         vhost: &str,
         name: &str,
-    ) -> (DiskLog, Vec<Recovered>, mpsc::UnboundedReceiver<QueueCmd>) {
+    ) -> (DiskLog, Vec<Recovered>, mpsc::UnboundedReceiver<StoreEvent>) {
         let key = queue_key(vhost, name);
         let (tx, rx) = mpsc::unbounded_channel();
         let (key, live, base) = {

@@ -19,8 +19,9 @@ use super::journal::journal_write;
 use super::record::{Enqueue, Record};
 use super::state::{Note, Slot, State};
 use super::writer::{finish_batch, take_batch};
+use super::StoreEvent;
 use super::{QueueLog, Safety};
-use crate::queue::{ConfirmTicket, Message, QueueCmd};
+use crate::queue::{ConfirmTicket, Message};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -29,7 +30,7 @@ use tokio::sync::mpsc;
 pub struct DiskLog {
     pub(super) store: Arc<Store>,
     pub(super) key: Arc<str>,
-    pub(super) tx: mpsc::UnboundedSender<QueueCmd>,
+    pub(super) tx: mpsc::UnboundedSender<StoreEvent>,
     /// Store id = queue id + base (see the module docs).
     pub(super) base: u64,
     /// Highest store id used.
@@ -127,7 +128,7 @@ fn now_ms() -> u64 {
 
 impl DiskLog {
     /// Logs a persistent enqueue; the writer reports it through `ticket` if given, else with
-    /// `QueueCmd::Synced`.
+    /// `StoreEvent::Synced`.
     fn append_enqueue(
         &mut self,
         id: u64,
@@ -197,10 +198,9 @@ impl QueueLog for DiskLog {
         msg: &Message,
         ttl_ms: Option<u64>,
         ticket: ConfirmTicket,
-    ) -> Option<ConfirmTicket> {
+    ) -> Option<(Safety, ConfirmTicket)> {
         if !msg.persistent() {
-            ticket.send(true);
-            return None;
+            return Some((Safety::Safe, ticket));
         }
         self.append_enqueue(id, msg, ttl_ms, Some(ticket));
         None
@@ -295,7 +295,7 @@ mod tests {
         log.enqueue_confirmed(5, &persistent_msg(b"c"), None, ticket(&ctx, 5));
         assert!(log.flush(true, false));
         assert_eq!(confirms(&mut crx), vec![(5, true)]);
-        assert!(matches!(rx.try_recv(), Ok(QueueCmd::Synced { up_to: 4 })));
+        assert!(matches!(rx.try_recv(), Ok(StoreEvent::Synced { up_to: 4 })));
         // Another publisher (channel 2 of the connection): left to the writer thread, which
         // keeps the disk busy while the queue takes in what the others send.
         let other = ConfirmTicket {

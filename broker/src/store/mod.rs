@@ -4,11 +4,12 @@
 //! (ack, drop, expire, dead-letter), requeue, purge and delete. Publisher confirms are sent only
 //! once the log reports a message [`Safety::Safe`]. Non-durable queues use the transient log
 //! below; durable queues use [`DiskLog`] (the node's [`Store`]: segment files, group commit,
-//! fdatasync), which reports persistent messages `Pending` and later tells the queue actor which
-//! ids became safe (`QueueCmd::Synced`) or could not be written (`QueueCmd::WriteFailed`); a
-//! publish with a confirm hands its ticket to the log ([`QueueLog::enqueue_confirmed`]) and
-//! whoever writes the batch (the store's writer thread, or the queue's own thread, see
-//! [`QueueLog::flush`]) sends the confirm itself after the sync.
+//! fdatasync), which reports persistent messages `Pending` and later tells the queue which ids
+//! became safe or could not be written ([`StoreEvent`], on the queue's own channel). The queue's
+//! confirm tracker decides who confirms: a publish that waits for the disk alone hands its
+//! ticket to the log ([`QueueLog::enqueue_confirmed`]) and whoever writes the batch (the store's
+//! writer thread, or the queue's own thread, see [`QueueLog::flush`]) sends the confirm itself
+//! after the sync; everything else the tracker confirms.
 //!
 //! # Layout
 //!
@@ -62,6 +63,21 @@ pub fn message_from_parts(
     Message::new(exchange.into(), routing_key.into(), props, body).ok()
 }
 
+/// What the store tells a durable queue about its enqueues, on the queue's own channel (see
+/// [`Store::attach`]).
+#[derive(Debug)]
+pub enum StoreEvent {
+    /// Every id up to and including `up_to` is on disk.
+    Synced { up_to: u64 },
+    /// These enqueues could not be written (disk full, I/O error): their publishes get
+    /// basic.nack and the messages leave the queue if not yet delivered. `tickets`: the
+    /// confirms the log held for them, nacked by the queue once the messages are out.
+    WriteFailed {
+        ids: Vec<u64>,
+        tickets: Vec<ConfirmTicket>,
+    },
+}
+
 /// Whether a logged enqueue is already safe to confirm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Safety {
@@ -77,24 +93,19 @@ pub trait QueueLog: Send + 'static {
     /// A message entered the queue with queue-local id `id`; `ttl_ms` is its time to live
     /// from now, if any.
     fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety;
-    /// [`QueueLog::enqueue`] for a publish that wants a confirm. The log either sends the
-    /// confirm itself (now, or later once the message is safe: then it owns the ticket) and
-    /// returns None, or returns the ticket for the queue to send when the log reports the id
-    /// synced. Either way the confirm is sent exactly once.
+    /// [`QueueLog::enqueue`] for a publish that wants a confirm and waits for nothing but
+    /// this log: the log may take the ticket and send the confirm itself once the message is
+    /// safe (returns None: the store's writer confirms right after its sync, one hop less than
+    /// through the queue), or give it back with the message's [`Safety`] for the queue's
+    /// [`crate::queue::confirm::ConfirmTracker`] to send. Either way exactly once.
     fn enqueue_confirmed(
         &mut self,
         id: u64,
         msg: &Message,
         ttl_ms: Option<u64>,
         ticket: ConfirmTicket,
-    ) -> Option<ConfirmTicket> {
-        match self.enqueue(id, msg, ttl_ms) {
-            Safety::Safe => {
-                ticket.send(true);
-                None
-            }
-            Safety::Pending => Some(ticket),
-        }
+    ) -> Option<(Safety, ConfirmTicket)> {
+        Some((self.enqueue(id, msg, ttl_ms), ticket))
     }
     /// Messages left the queue for good (acked, auto-acked, dropped, expired, dead-lettered).
     fn settle(&mut self, ids: &[u64]);

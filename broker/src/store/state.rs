@@ -22,8 +22,9 @@ use super::prewrite::Prep;
 use super::record::{self, Record};
 use super::replay::Live;
 use super::segments::{OpenSeg, Seg};
+use super::StoreEvent;
 use crate::intmap::IntMap;
-use crate::queue::{ConfirmTicket, QueueCmd};
+use crate::queue::ConfirmTicket;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -54,7 +55,7 @@ pub(super) struct Note {
     /// Store id; the queue's own id is `id - base`.
     pub(super) id: u64,
     pub(super) base: u64,
-    pub(super) tx: mpsc::UnboundedSender<QueueCmd>,
+    pub(super) tx: mpsc::UnboundedSender<StoreEvent>,
     /// The publisher confirm, sent by the writer once the batch is synced (or failed).
     pub(super) ticket: Option<ConfirmTicket>,
     /// Where the enqueue record starts in its chunk's buffer (set by `State::append`).

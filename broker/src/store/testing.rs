@@ -2,7 +2,8 @@
 
 use super::record::{self, Enqueue, Record};
 use super::state::State;
-use crate::queue::{ConfirmTicket, Message, QueueCmd};
+use super::StoreEvent;
+use crate::queue::{ConfirmTicket, Message};
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -69,11 +70,11 @@ pub(super) fn seg_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Waits for the store to report `n` enqueues of this queue synced.
-pub(super) fn wait_synced(rx: &mut mpsc::UnboundedReceiver<QueueCmd>, n: u64) {
+pub(super) fn wait_synced(rx: &mut mpsc::UnboundedReceiver<StoreEvent>, n: u64) {
     loop {
         match rx.blocking_recv().expect("store events") {
-            QueueCmd::Synced { up_to } if up_to >= n => return,
-            QueueCmd::Synced { .. } => {}
+            StoreEvent::Synced { up_to } if up_to >= n => return,
+            StoreEvent::Synced { .. } => {}
             other => panic!("unexpected store event {other:?}"),
         }
     }

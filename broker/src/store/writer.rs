@@ -7,7 +7,7 @@
 //!   ([`finish_batch`]); then it sends the publisher confirms of the batch itself (each
 //!   enqueue that wants one carries its [`ConfirmTicket`]: one hop less than going through the
 //!   queue actor), and tells each queue about the rest of its enqueues on disk
-//!   (`QueueCmd::Synced`) or about all of them when the batch failed (`QueueCmd::WriteFailed`,
+//!   (`StoreEvent::Synced`) or about all of them when the batch failed (`StoreEvent::WriteFailed`,
 //!   with their tickets: the queue drops them, then nacks their publishes). The next batch
 //!   starts as soon as the previous sync ends: no timer, no added delay when idle. While a
 //!   batch is being written (`State::busy`) nobody else takes one.
@@ -28,7 +28,8 @@
 use super::prewrite::stop_preparer;
 use super::segments::{seg_path, sync, syncs, write_batch, OpenSeg};
 use super::state::{Chunk, Publishers, Shared, Slot, State};
-use crate::queue::{ConfirmTicket, QueueCmd};
+use super::StoreEvent;
+use crate::queue::ConfirmTicket;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -119,7 +120,7 @@ pub(super) fn finish_batch(sh: &Shared, b: Batch) -> bool {
         ids: Vec<u64>,
         tickets: Vec<ConfirmTicket>,
     }
-    let mut per_queue: HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<QueueCmd>, Report)> =
+    let mut per_queue: HashMap<(Arc<str>, u64), (mpsc::UnboundedSender<StoreEvent>, Report)> =
         HashMap::new();
     for c in &mut chunks {
         for n in &mut c.notes {
@@ -177,13 +178,13 @@ pub(super) fn finish_batch(sh: &Shared, b: Batch) -> bool {
     drop(st);
     for (_, (tx, r)) in per_queue {
         let cmd = match result {
-            Ok(()) => QueueCmd::Synced { up_to: r.up_to },
-            Err(_) => QueueCmd::WriteFailed {
+            Ok(()) => StoreEvent::Synced { up_to: r.up_to },
+            Err(_) => StoreEvent::WriteFailed {
                 ids: r.ids,
                 tickets: r.tickets,
             },
         };
-        if let Err(mpsc::error::SendError(QueueCmd::WriteFailed { tickets, .. })) = tx.send(cmd) {
+        if let Err(mpsc::error::SendError(StoreEvent::WriteFailed { tickets, .. })) = tx.send(cmd) {
             // The queue is gone: nack here.
             for t in tickets {
                 t.send(false);
@@ -285,7 +286,8 @@ pub(super) fn writer_loop(sh: &Shared) {
 
 #[cfg(test)]
 mod tests {
-    use crate::queue::{Message, QueueCmd};
+    use super::StoreEvent;
+    use crate::queue::Message;
     use crate::store::testing::{confirms, persistent_msg, ticket, wait_synced};
     use crate::store::{QueueLog, Safety, Store};
     use bytes::Bytes;
@@ -310,14 +312,16 @@ mod tests {
             confirms(&mut crx),
             (1..=5).map(|s| (s, true)).collect::<Vec<_>>()
         );
-        // A transient message in a durable queue: confirmed at once.
+        // A transient message in a durable queue: safe at once, the ticket stays with the
+        // queue (whose tracker confirms it), nothing is logged.
         let props = amq_protocol::protocol::basic::AMQPProperties::default();
         let transient =
             Message::new("".into(), "q".into(), props, Bytes::from_static(b"t")).expect("message");
-        assert!(log
+        let (safety, t) = log
             .enqueue_confirmed(7, &transient, None, ticket(&ctx, 7))
-            .is_none());
-        assert_eq!(confirms(&mut crx), vec![(7, true)]);
+            .expect("ticket handed back");
+        assert_eq!((safety, t.seq), (Safety::Safe, 7));
+        assert!(confirms(&mut crx).is_empty());
         store.close();
         assert!(
             rx.try_recv().is_err(),
@@ -346,7 +350,7 @@ mod tests {
         let mut to_nack = Vec::new();
         while failed.len() < 2 {
             match rx.blocking_recv().expect("store events") {
-                QueueCmd::WriteFailed { ids, tickets } => {
+                StoreEvent::WriteFailed { ids, tickets } => {
                     failed.extend(ids);
                     to_nack.extend(tickets.iter().map(|t| t.seq));
                 }
