@@ -5,6 +5,8 @@
 pub mod actor;
 pub mod args;
 pub mod confirm;
+pub mod core;
+pub mod deadletter;
 pub mod ready;
 
 use crate::error::ChannelError;
