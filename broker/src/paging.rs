@@ -75,6 +75,7 @@ pub fn pager(label: Arc<str>) -> Option<Pager> {
     let io = FileIo {
         dir: d.dir.clone(),
         queue: n,
+        label: label.clone(),
         write: None,
         read: None,
     };
@@ -138,14 +139,14 @@ pub fn subscribe() -> watch::Receiver<u64> {
 }
 
 /// A page write failed: warn once per episode (the messages stay in memory).
-pub fn write_failed(queue: &str, e: &io::Error) {
+fn write_failed(queue: &str, e: &io::Error) {
     if !WRITE_FAILING.swap(true, Ordering::Relaxed) {
         warn!(queue = %queue, error = %e, "cannot write page files; messages stay in memory (the memory alarm remains the limit)");
     }
 }
 
 /// A page write succeeded: ends a failure episode.
-pub fn write_ok() {
+fn write_ok() {
     if WRITE_FAILING.load(Ordering::Relaxed) && WRITE_FAILING.swap(false, Ordering::Relaxed) {
         info!("page files can be written again");
     }
@@ -156,6 +157,8 @@ pub fn write_ok() {
 pub struct FileIo {
     dir: PathBuf,
     queue: u64,
+    /// The queue, for the log line of a failure episode.
+    label: Arc<str>,
     write: Option<(u64, File)>,
     read: Option<(u64, File)>,
 }
@@ -168,6 +171,25 @@ impl FileIo {
 
 impl PageIo for FileIo {
     fn write(&mut self, seg: u64, off: u64, buf: &[u8]) -> io::Result<()> {
+        let r = self.write_at(seg, off, buf);
+        match &r {
+            Ok(()) => write_ok(),
+            Err(e) => write_failed(&self.label, e),
+        }
+        r
+    }
+
+    fn read(&mut self, seg: u64, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.read_at(seg, off, len)
+    }
+
+    fn remove(&mut self, seg: u64) {
+        self.remove_seg(seg)
+    }
+}
+
+impl FileIo {
+    fn write_at(&mut self, seg: u64, off: u64, buf: &[u8]) -> io::Result<()> {
         if self.write.as_ref().is_none_or(|(s, _)| *s != seg) {
             self.write = None;
             let f = OpenOptions::new()
@@ -187,7 +209,7 @@ impl PageIo for FileIo {
         r
     }
 
-    fn read(&mut self, seg: u64, off: u64, len: usize) -> io::Result<Vec<u8>> {
+    fn read_at(&mut self, seg: u64, off: u64, len: usize) -> io::Result<Vec<u8>> {
         if self.read.as_ref().is_none_or(|(s, _)| *s != seg) {
             self.read = None;
             self.read = Some((seg, File::open(self.path(seg))?));
@@ -200,7 +222,7 @@ impl PageIo for FileIo {
         Ok(v)
     }
 
-    fn remove(&mut self, seg: u64) {
+    fn remove_seg(&mut self, seg: u64) {
         if self.write.as_ref().is_some_and(|(s, _)| *s == seg) {
             self.write = None;
         }

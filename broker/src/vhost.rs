@@ -19,6 +19,21 @@ use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, OnceLock, Weak};
 use tokio_util::sync::CancellationToken;
 
+impl crate::queue::QueueHost for Vhost {
+    fn route_message(&self, msg: &crate::queue::Message, out: &mut Vec<QueueHandle>) {
+        self.route(
+            msg.exchange.as_str(),
+            msg.routing_key.as_str(),
+            msg.properties.headers().as_ref(),
+            out,
+        );
+    }
+
+    fn remove_queue(&self, q: &QueueHandle) {
+        Vhost::remove_queue(self, q);
+    }
+}
+
 /// Immutable routing snapshot.
 #[derive(Debug, Default, Clone)]
 pub struct Topology {
@@ -493,13 +508,13 @@ impl Vhost {
             let durable = handle.durable && handle.exclusive_owner.is_none();
             // Durable, non-exclusive queues keep persistent messages on disk and get back what
             // the store recovered for them (also when a client redeclares after a restart).
+            let host: std::sync::Weak<dyn crate::queue::QueueHost> = self.me.clone();
             let actor = match &self.store {
                 Some(store) if handle.durable && handle.exclusive_owner.is_none() => {
                     let (log, recovered, events) = store.attach(&self.name, &handle.name);
-                    QueueActor::new(handle, self.me.clone(), Box::new(log))
-                        .recover(events, recovered)
+                    QueueActor::new(handle, host, Box::new(log)).recover(events, recovered)
                 }
-                _ => QueueActor::new(handle, self.me.clone(), Box::new(TransientLog)),
+                _ => QueueActor::new(handle, host, Box::new(TransientLog)),
             };
             tokio::spawn(actor.run(rx));
             if durable {

@@ -9,7 +9,6 @@ use super::core::{Effect, QueueCore};
 use super::*;
 use crate::stats;
 use crate::store::StoreEvent;
-use crate::vhost::Vhost;
 use std::sync::Weak;
 use tokio::time::{sleep_until, Instant};
 
@@ -20,7 +19,7 @@ const COMMAND_BATCH: usize = 256;
 pub struct QueueActor {
     core: QueueCore,
     handle: QueueHandle,
-    vhost: Weak<Vhost>,
+    vhost: Weak<dyn QueueHost>,
     /// Store events for a durable queue.
     store_rx: Option<mpsc::UnboundedReceiver<StoreEvent>>,
 }
@@ -35,7 +34,7 @@ fn unix_ms() -> u64 {
 impl QueueActor {
     pub fn new(
         handle: QueueHandle,
-        vhost: Weak<Vhost>,
+        vhost: Weak<dyn QueueHost>,
         log: Box<dyn crate::store::QueueLog>,
     ) -> Self {
         let label: Arc<str> = format!("'{}' in vhost '{}'", handle.name, handle.vhost).into();
@@ -209,12 +208,7 @@ impl QueueActor {
             return;
         };
         let mut targets = Vec::new();
-        vhost.route(
-            msg.exchange.as_str(),
-            msg.routing_key.as_str(),
-            msg.properties.headers().as_ref(),
-            &mut targets,
-        );
+        vhost.route_message(&msg, &mut targets);
         for q in targets {
             let cmd = QueueCmd::Publish {
                 msg: msg.clone(),

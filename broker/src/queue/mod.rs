@@ -286,6 +286,15 @@ pub enum QueueCmd {
     Kick,
 }
 
+/// What a queue needs from the vhost it lives in (implemented by `crate::vhost::Vhost`; the
+/// queue module does not depend on the vhost's).
+pub trait QueueHost: Send + Sync {
+    /// The queues a dead-lettered copy goes to, by its exchange, routing key and headers.
+    fn route_message(&self, msg: &Message, out: &mut Vec<QueueHandle>);
+    /// The queue deleted itself: it leaves the vhost with its bindings.
+    fn remove_queue(&self, q: &QueueHandle);
+}
+
 /// Static facts about a queue plus its mailbox. Cheap to clone.
 #[derive(Debug)]
 pub struct QueueInfo {

@@ -519,8 +519,8 @@ impl Ready {
                     pager.cur = None;
                     continue;
                 }
-                if let Err(e) = pager.io.write(seg, seg_size, &buf) {
-                    crate::paging::write_failed(&pager.label, &e);
+                if pager.io.write(seg, seg_size, &buf).is_err() {
+                    // The I/O side reports failure episodes (crate::paging for files).
                     pager.retry_at = Some(now + WRITE_RETRY);
                     if !pager.live.contains_key(&seg) {
                         pager.io.remove(seg);
@@ -528,7 +528,6 @@ impl Ready {
                     }
                     return false;
                 }
-                crate::paging::write_ok();
                 let mut off = seg_size;
                 for (idx, len) in &members {
                     let slot = &mut q[*idx];
