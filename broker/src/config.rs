@@ -76,7 +76,8 @@ pub struct Config {
     pub log: Option<String>,
     /// Largest frame the broker accepts and offers in connection.tune.
     pub frame_max: u32,
-    /// Highest channel number offered in connection.tune.
+    /// channel_max offered in connection.tune: how many channels a connection may have open at
+    /// once (any channel number 1..=65535 may be used, as RabbitMQ 3.10).
     pub channel_max: u16,
     /// Heartbeat interval offered in connection.tune, seconds (0 disables).
     pub heartbeat: u16,
@@ -123,6 +124,9 @@ pub struct Config {
     /// Failed logins (AMQP and HTTP) one source address may have within 60 s before its further
     /// attempts are refused for 60 s without a password check. 0 = off (as RabbitMQ).
     pub auth_failure_limit: u32,
+    /// What the broker tells clients it is: `product`, `version` and `platform` in
+    /// connection.start, `product_name` and `product_version` in the management API's overview.
+    pub server_identity: ServerIdentity,
 }
 
 /// Default `mgmt-max-body-size`: RabbitMQ's `management.http_max_body_size`.
@@ -168,6 +172,7 @@ impl Default for Config {
             mgmt_body_timeout_ms: 30_000,
             mgmt_max_connections: 1024,
             auth_failure_limit: 0,
+            server_identity: ServerIdentity::Warren,
         }
     }
 }
@@ -317,6 +322,83 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             }
             parse_size(t).map_err(|e| serde::de::Error::custom(format!("'{t}': {e}")))
         }
+    }
+}
+
+// === server identity ===
+
+/// `server-identity`: the name and version the broker presents to clients.
+///
+/// Some clients and tools branch on the `product` and `version` server properties (or on the
+/// management API's `product_name`), and a few refuse or degrade with a broker they do not know.
+/// `rabbitmq` presents the RabbitMQ release whose behaviour warren follows, exactly as Debian's
+/// RabbitMQ 3.10.8 does; `warren` (the default) tells the truth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ServerIdentity {
+    /// product "warren", warren's own version, platform "Rust".
+    #[default]
+    Warren,
+    /// product "RabbitMQ", version 3.10.8, platform "Erlang/OTP 25.2.3".
+    Rabbitmq,
+}
+
+// === impl ServerIdentity ===
+
+impl ServerIdentity {
+    /// `product` in connection.start, `product_name` in /api/overview.
+    pub fn product(self) -> &'static str {
+        match self {
+            Self::Warren => "warren",
+            Self::Rabbitmq => "RabbitMQ",
+        }
+    }
+
+    /// `version` in connection.start, `product_version` in /api/overview.
+    pub fn version(self) -> &'static str {
+        match self {
+            Self::Warren => env!("CARGO_PKG_VERSION"),
+            Self::Rabbitmq => crate::definitions::RABBITMQ_COMPAT_VERSION,
+        }
+    }
+
+    /// `platform` in connection.start.
+    pub fn platform(self) -> &'static str {
+        match self {
+            Self::Warren => "Rust",
+            // What Debian's rabbitmq-server 3.10.8 sends (bookworm's Erlang).
+            Self::Rabbitmq => "Erlang/OTP 25.2.3",
+        }
+    }
+}
+
+impl std::str::FromStr for ServerIdentity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "warren" => Ok(Self::Warren),
+            "rabbitmq" => Ok(Self::Rabbitmq),
+            _ => Err(format!(
+                "server-identity '{}': expected \"warren\" or \"rabbitmq\"",
+                s.trim()
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for ServerIdentity {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Warren => "warren",
+            Self::Rabbitmq => "rabbitmq",
+        })
     }
 }
 
@@ -647,6 +729,23 @@ mod tests {
         }
         assert!(Config::from_toml_str("mgmt-max-body-size = -1\n").is_err());
         assert!(Config::from_toml_str("mgmt-max-body-size = \"20 parsecs\"\n").is_err());
+    }
+
+    #[test]
+    fn server_identity() {
+        assert_eq!(Config::default().server_identity, ServerIdentity::Warren);
+        let cfg = Config::from_toml_str("server-identity = \"rabbitmq\"\n").expect("parse");
+        assert_eq!(cfg.server_identity, ServerIdentity::Rabbitmq);
+        assert_eq!(cfg.server_identity.product(), "RabbitMQ");
+        assert_eq!(cfg.server_identity.version(), "3.10.8");
+        let cfg = Config::from_toml_str("server-identity = \"RabbitMQ\"\n").expect("any case");
+        assert_eq!(cfg.server_identity, ServerIdentity::Rabbitmq);
+        let cfg = Config::from_toml_str("server-identity = \"warren\"\n").expect("parse");
+        assert_eq!(cfg.server_identity.product(), "warren");
+        let e = Config::from_toml_str("server-identity = \"qpid\"\n")
+            .expect_err("unknown identity")
+            .to_string();
+        assert!(e.contains("expected \"warren\" or \"rabbitmq\""), "{e}");
     }
 
     #[test]

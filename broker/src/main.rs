@@ -5,7 +5,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
-use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
+use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark, ServerIdentity};
 use warren_broker::proxy_protocol::Cidr;
 use warren_broker::Broker;
 
@@ -87,6 +87,11 @@ struct Cli {
     /// address for 60 s without checking passwords (default 0 = off, as RabbitMQ).
     #[arg(long, value_name = "N")]
     auth_failure_limit: Option<u32>,
+    /// What the broker tells clients it is (connection.start's product, version and platform;
+    /// the management API's product_name and product_version): "warren" (default) or
+    /// "rabbitmq" (RabbitMQ 3.10.8 on Erlang/OTP 25.2.3, for clients and tools that check).
+    #[arg(long, value_name = "warren|rabbitmq")]
+    server_identity: Option<ServerIdentity>,
 }
 
 /// A size flag: bytes, or a number with a unit ("20MiB").
@@ -158,6 +163,9 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     }
     if let Some(v) = cli.auth_failure_limit {
         cfg.auth_failure_limit = v;
+    }
+    if let Some(v) = cli.server_identity {
+        cfg.server_identity = v;
     }
     cfg
 }

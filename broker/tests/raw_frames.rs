@@ -100,19 +100,73 @@ async fn content_header_without_publish_is_505() {
     b.shutdown().await;
 }
 
+/// RabbitMQ 3.10 limits how many channels are open, not their numbers: any of 1..=65535 opens
+/// while fewer than channel_max are open (closing ones count); one more is connection.close 530
+/// with RabbitMQ's text and no class/method.
 #[tokio::test]
-async fn channel_above_channel_max_is_530_and_second_open_504() {
+async fn channel_max_limits_open_channels_not_numbers() {
     let b = support::start().await;
     let mut r = Raw::connect(b.addr).await;
-    r.handshake(0).await;
+    r.handshake(0).await; // tune-ok channel_max 10
+    for ch in [65535, 11, 2047, 2048, 40000] {
+        r.open_channel(ch).await;
+    }
     r.send_method(
-        11,
+        2048,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 200,
+            reply_text: "".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    )
+    .await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(2048, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)))) => {}
+        other => panic!("expected channel.close-ok, got {other:?}"),
+    }
+    // A channel we are closing (soft error, no close-ok from us yet) still counts.
+    r.send_method(
+        40000,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "no-such-queue".into(),
+            passive: true,
+            ..Default::default()
+        })),
+    )
+    .await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(40000, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 404)
+        }
+        other => panic!("expected channel.close 404, got {other:?}"),
+    }
+    for ch in [1, 2, 3, 4, 5, 6] {
+        r.open_channel(ch).await;
+    }
+    r.send_method(
+        7,
         AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
     )
     .await;
-    let (code, _) = r.expect_connection_close().await;
-    assert_eq!(code, 530);
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 530);
+            assert_eq!(
+                c.reply_text.as_str(),
+                "NOT_ALLOWED - number of channels opened (10) has reached the negotiated \
+                 channel_max (10)"
+            );
+            assert_eq!((c.class_id, c.method_id), (0, 0));
+        }
+        other => panic!("expected connection.close 530, got {other:?}"),
+    }
+    b.shutdown().await;
+}
 
+#[tokio::test]
+async fn second_open_on_an_open_channel_is_504() {
+    let b = support::start().await;
     let mut r = Raw::connect(b.addr).await;
     r.handshake(0).await;
     r.open_channel(1).await;
@@ -123,6 +177,31 @@ async fn channel_above_channel_max_is_530_and_second_open_504() {
     .await;
     let (code, _) = r.expect_connection_close().await;
     assert_eq!(code, 504);
+    b.shutdown().await;
+}
+
+/// Channel 0 carries connection methods only; RabbitMQ's reply to anything else.
+#[tokio::test]
+async fn channel_open_on_channel_0_is_504() {
+    let b = support::start().await;
+    let mut r = Raw::connect(b.addr).await;
+    r.handshake(0).await;
+    r.send_method(
+        0,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .await;
+    match r.recv_method().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) => {
+            assert_eq!(c.reply_code, 504);
+            assert_eq!(
+                c.reply_text.as_str(),
+                "CHANNEL_ERROR - unexpected method in connection state running"
+            );
+            assert_eq!((c.class_id, c.method_id), (20, 10));
+        }
+        other => panic!("expected connection.close 504, got {other:?}"),
+    }
     b.shutdown().await;
 }
 

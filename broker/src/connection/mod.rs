@@ -12,7 +12,7 @@ use crate::error::ConnectionError;
 use crate::BrokerShared;
 use bytes::{Buf, BytesMut};
 use session::Session;
-use state::{ConnectionState, Effect, Output, State, StateConfig};
+use state::{CloseKind, ConnectionState, Effect, Output, State, StateConfig};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,6 +55,7 @@ pub async fn serve<S>(
             peer_is_loopback: crate::auth::is_loopback(peer.ip()),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(3),
+            server_properties: state::server_properties(cfg.server_identity, &cfg.node_name),
             over_connection_limit,
         },
         now,
@@ -244,14 +245,66 @@ pub async fn serve<S>(
             }
         }
     }
-    // Flush what is left (close, close-ok), bounded in time.
-    if written < s.out.len() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), wr.write_all(&s.out[written..])).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    // Release consumers, unacked deliveries and exclusive queues before close-ok goes out, as
+    // RabbitMQ does: a client that got close-ok may count on them being gone.
     s.release_all().await;
     shared.registry.remove(conn_id);
+    // Flush what is left (close, close-ok), bounded in time.
+    let mut flushed = true;
+    if written < s.out.len() {
+        flushed = matches!(
+            tokio::time::timeout(FLUSH_TIMEOUT, wr.write_all(&s.out[written..])).await,
+            Ok(Ok(()))
+        );
+    }
+    let kind = state.close_kind();
+    if flushed && kind != CloseKind::Abrupt {
+        if kind == CloseKind::ByServer {
+            // The client's close-ok was its last word, and some clients (Java's) wait for our
+            // EOF before they call the connection closed: send it now, read on below.
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, wr.shutdown()).await;
+        }
+        rbuf.clear();
+        let eof = linger(&mut rd, &mut rbuf, Instant::now() + CLOSE_LINGER).await;
+        debug!(conn_id, client_closed = eof, "after the close handshake");
+    }
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, wr.shutdown()).await;
     debug!(conn_id, "connection closed");
+}
+
+/// After a close handshake, how long the socket stays open for the client to close it first.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// Bound on writing the last frames and on the TLS/TCP shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Reads per linger that take what is already buffered once the time is up.
+const LINGER_LAST_READS: usize = 16;
+
+/// Reads and discards until the client closes or a read fails (returns true) or `until` passes
+/// (false), into `scratch` at its current capacity, at most 64 KiB (never grown). Closing with unread bytes in the receive buffer makes
+/// the kernel send RST instead of FIN, and a client whose writes were still in flight behind its
+/// connection.close (publishes, say) would get ECONNRESET or EPIPE instead of its close callback.
+/// RabbitMQ also leaves the close to the client after close-ok.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R, scratch: &mut BytesMut, until: Instant) -> bool {
+    let cap = scratch.capacity().clamp(1, 64 * 1024);
+    scratch.clear();
+    scratch.resize(cap, 0);
+    loop {
+        match tokio::time::timeout_at(until, rd.read(&mut scratch[..])).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    // Time is up: still take what has already arrived, without waiting, so that the close is
+    // a FIN whenever the client has paused.
+    for _ in 0..LINGER_LAST_READS {
+        match tokio::time::timeout(Duration::ZERO, rd.read(&mut scratch[..])).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    false
 }
 
 /// Feeds every complete frame in `rbuf` to the state machine. Returns true when it stopped

@@ -8,6 +8,7 @@
 
 use crate::auth::{AuthDb, AuthError};
 use crate::codec::HeaderCheck;
+use crate::config::ServerIdentity;
 use crate::error::{ChannelError, ConnectionError};
 use crate::intmap::IntMap;
 use amq_protocol::frame::AMQPFrame;
@@ -29,6 +30,18 @@ pub enum State {
     Open,
     Closing,
     Closed,
+}
+
+/// How the connection reached [`State::Closed`]: the shell keeps the socket open for a moment
+/// after a completed close handshake (see `LIFECYCLE.md`, "After the close handshake").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// Not closed yet, or closed without a handshake (timeouts, a bad protocol header).
+    Abrupt,
+    /// The client sent connection.close and got our close-ok.
+    ByClient,
+    /// We sent connection.close and the client answered (close-ok, or a crossing close).
+    ByServer,
 }
 
 /// A complete command for the channel layer.
@@ -86,6 +99,8 @@ pub struct StateConfig {
     pub peer_is_loopback: bool,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
+    /// The `server_properties` of connection.start ([`server_properties`]).
+    pub server_properties: FieldTable,
     /// Set when the node was at its connection limit as this client arrived: the handshake
     /// runs so the client gets a readable reason, and connection.open is refused with 530.
     pub over_connection_limit: Option<u32>,
@@ -126,6 +141,7 @@ pub struct ConnectionState {
     /// The client address failed logins are counted against (`auth-failure-limit`); set by
     /// the shell with [`ConnectionState::set_login_source`]. None: failures are not counted.
     login_source: Option<std::net::IpAddr>,
+    close_kind: CloseKind,
 }
 
 const MIN_FRAME_MAX: u32 = 4096;
@@ -142,8 +158,10 @@ fn close_frame(e: &ConnectionError) -> AMQPFrame {
     )
 }
 
-/// Server properties sent in connection.start.
-pub fn server_properties() -> FieldTable {
+/// Server properties sent in connection.start: `product`, `version` and `platform` from the
+/// `server-identity` setting, the capabilities table, and the cluster name (the management API's
+/// `cluster_name`, as RabbitMQ sends its own).
+pub fn server_properties(identity: ServerIdentity, cluster_name: &str) -> FieldTable {
     let mut caps = FieldTable::default();
     for c in [
         "publisher_confirms",
@@ -160,15 +178,23 @@ pub fn server_properties() -> FieldTable {
     }
     let mut p = FieldTable::default();
     let s = |v: &str| AMQPValue::LongString(v.into());
-    p.insert("product".into(), s("warren"));
-    p.insert("version".into(), s(env!("CARGO_PKG_VERSION")));
-    p.insert("platform".into(), s("Rust"));
+    p.insert("product".into(), s(identity.product()));
+    p.insert("version".into(), s(identity.version()));
+    p.insert("platform".into(), s(identity.platform()));
+    // Copyright and information stay warren's own under either identity: no client branches on
+    // them, and they are where a person reading the properties learns what is really there.
     p.insert("copyright".into(), s("the warren authors"));
-    p.insert(
-        "information".into(),
-        s("Licensed under the Apache License 2.0"),
-    );
-    p.insert("cluster_name".into(), s("warren"));
+    let information = match identity {
+        ServerIdentity::Warren => "Licensed under the Apache License 2.0".to_owned(),
+        ServerIdentity::Rabbitmq => format!(
+            "warren {} presenting as RabbitMQ {} (server-identity = rabbitmq). Licensed under \
+             the Apache License 2.0",
+            env!("CARGO_PKG_VERSION"),
+            identity.version()
+        ),
+    };
+    p.insert("information".into(), s(&information));
+    p.insert("cluster_name".into(), s(cluster_name));
     p.insert("capabilities".into(), AMQPValue::FieldTable(caps));
     p
 }
@@ -234,7 +260,13 @@ impl ConnectionState {
             blocked_capability: false,
             recv_monitor_paused: false,
             login_source: None,
+            close_kind: CloseKind::Abrupt,
         }
+    }
+
+    /// How the connection was closed; [`CloseKind::Abrupt`] until it is.
+    pub fn close_kind(&self) -> CloseKind {
+        self.close_kind
     }
 
     /// Counts this connection's failed login against `ip` and refuses it while `ip` is over the
@@ -376,7 +408,7 @@ impl ConnectionState {
                     AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
                         version_major: 0,
                         version_minor: 9,
-                        server_properties: server_properties(),
+                        server_properties: self.cfg.server_properties.clone(),
                         mechanisms: "PLAIN AMQPLAIN".into(),
                         locales: "en_US".into(),
                     })),
@@ -479,9 +511,14 @@ impl ConnectionState {
             State::Closing => {
                 if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = frame {
                     match m {
-                        connection::AMQPMethod::CloseOk(_) => self.shutdown(),
+                        connection::AMQPMethod::CloseOk(_) => {
+                            self.close_kind = CloseKind::ByServer;
+                            self.shutdown();
+                        }
                         connection::AMQPMethod::Close(_) => {
+                            // Both sides closed at once: ours came first.
                             self.push_method(0, close_ok());
+                            self.close_kind = CloseKind::ByServer;
                             self.shutdown();
                         }
                         _ => {}
@@ -624,6 +661,7 @@ impl ConnectionState {
             AMQPFrame::Heartbeat => Ok(()),
             AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
                 self.push_method(0, close_ok());
+                self.close_kind = CloseKind::ByClient;
                 self.shutdown();
                 Ok(())
             }
@@ -643,10 +681,11 @@ impl ConnectionState {
                 "heartbeat frame on channel {ch}"
             ))),
             AMQPFrame::Method(0, AMQPClass::Connection(m)) => self.on_connection_method(m),
-            AMQPFrame::Method(0, m) => Err(ConnectionError::command_invalid(format!(
-                "class {} not allowed on channel 0",
-                m.get_amqp_class_id()
-            ))),
+            // RabbitMQ's words for a channel (or other class) method on channel 0.
+            AMQPFrame::Method(0, m) => Err(ConnectionError::channel_error(
+                "unexpected method in connection state running",
+            )
+            .with_method(m.get_amqp_class_id(), m.get_amqp_method_id())),
             AMQPFrame::Header(0, _) | AMQPFrame::Body(0, _) => Err(
                 ConnectionError::unexpected_frame("content frame on channel 0"),
             ),
@@ -660,6 +699,7 @@ impl ConnectionState {
         match m {
             connection::AMQPMethod::Close(_) => {
                 self.push_method(0, close_ok());
+                self.close_kind = CloseKind::ByClient;
                 self.shutdown();
                 Ok(())
             }
@@ -684,12 +724,16 @@ impl ConnectionState {
         match self.channels.get(&ch) {
             None => {
                 if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = m {
-                    if ch > self.channel_max {
+                    // As RabbitMQ 3.10: channel_max limits how many channels are open (those
+                    // we are closing count until their close-ok), not their numbers; any of
+                    // 1..=65535 may be used. Its error carries no class and method.
+                    let open = self.channels.len();
+                    if open >= usize::from(self.channel_max) {
                         return Err(ConnectionError::not_allowed(format!(
-                            "channel number {ch} exceeds negotiated channel_max {}",
+                            "number of channels opened ({open}) has reached the negotiated \
+                             channel_max ({})",
                             self.channel_max
-                        ))
-                        .with_method(20, 10));
+                        )));
                     }
                     self.channels.insert(ch, Chan::Open);
                     self.out
@@ -892,6 +936,7 @@ mod tests {
             peer_is_loopback: true,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
+            server_properties: server_properties(ServerIdentity::Warren, "warren@test"),
             over_connection_limit: None,
         };
         (ConnectionState::new(cfg, now), now)
@@ -1024,6 +1069,55 @@ mod tests {
             matches!(&out[0], Output::Frame(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c)))) if c.reply_code == 403)
         );
         assert_eq!(s.state(), State::Closing);
+    }
+
+    #[test]
+    fn close_kind_says_who_closed() {
+        let close = || {
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                    reply_code: 200,
+                    reply_text: "bye".into(),
+                    class_id: 0,
+                    method_id: 0,
+                })),
+            )
+        };
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        assert_eq!(s.close_kind(), CloseKind::Abrupt);
+        s.handle_input(close(), now);
+        assert_eq!(s.state(), State::Closed);
+        assert_eq!(s.close_kind(), CloseKind::ByClient);
+
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.close_connection(ConnectionError::forced("shutdown"), now);
+        s.handle_input(
+            AMQPFrame::Method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+            ),
+            now,
+        );
+        assert_eq!(s.state(), State::Closed);
+        assert_eq!(s.close_kind(), CloseKind::ByServer);
+
+        // Crossing closes: ours went first.
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.close_connection(ConnectionError::forced("shutdown"), now);
+        s.handle_input(close(), now);
+        assert_eq!(s.close_kind(), CloseKind::ByServer);
+
+        // No answer to our close: dropped without a handshake.
+        let (mut s, now) = machine();
+        open(&mut s, now);
+        s.close_connection(ConnectionError::forced("shutdown"), now);
+        s.handle_timeout(now + Duration::from_secs(5));
+        assert_eq!(s.state(), State::Closed);
+        assert_eq!(s.close_kind(), CloseKind::Abrupt);
     }
 
     #[test]
@@ -1161,7 +1255,7 @@ mod tests {
 
     #[test]
     fn capabilities_are_advertised() {
-        let p = server_properties();
+        let p = server_properties(ServerIdentity::Warren, "warren@127.0.0.1");
         let Some(AMQPValue::FieldTable(caps)) = p.inner().get("capabilities") else {
             panic!("no capabilities");
         };

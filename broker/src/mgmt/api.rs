@@ -505,8 +505,10 @@ fn overview(shared: &BrokerShared) -> Value {
         "rates_mode": "basic",
         "sample_retention_policies": {"global": [600, 3600, 28800, 86400], "basic": [600, 3600], "detailed": [600]},
         "exchange_types": exchange_types(),
-        "product_version": env!("CARGO_PKG_VERSION"),
-        "product_name": "warren",
+        // `server-identity`, as in connection.start; rabbitmq_version is the RabbitMQ release
+        // whose behaviour warren follows, under either identity.
+        "product_version": shared.config.server_identity.version(),
+        "product_name": shared.config.server_identity.product(),
         "rabbitmq_version": COMPAT_VERSION,
         "cluster_name": cluster_name(shared),
         "disable_stats": false,

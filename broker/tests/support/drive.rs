@@ -24,6 +24,10 @@ pub fn machine(now: tokio::time::Instant) -> ConnectionState {
             peer_is_loopback: true,
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(1),
+            server_properties: warren_broker::connection::state::server_properties(
+                Default::default(),
+                "warren@127.0.0.1",
+            ),
             over_connection_limit: None,
         },
         now,

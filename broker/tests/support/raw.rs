@@ -13,6 +13,8 @@ use warren_broker::codec;
 pub struct Raw {
     pub sock: TcpStream,
     buf: Vec<u8>,
+    /// connection.start's server properties, once the handshake has seen them.
+    pub server_properties: Option<FieldTable>,
 }
 
 impl Raw {
@@ -21,6 +23,7 @@ impl Raw {
         Raw {
             sock: TcpStream::connect(addr).await.expect("connect"),
             buf: Vec::new(),
+            server_properties: None,
         }
     }
 
@@ -39,6 +42,7 @@ impl Raw {
             Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(s)))) => {
                 let caps = s.server_properties.inner().get("capabilities").cloned();
                 assert!(caps.is_some(), "capabilities advertised");
+                self.server_properties = Some(s.server_properties);
             }
             other => panic!("expected start, got {other:?}"),
         }
