@@ -562,29 +562,41 @@ impl Config {
         Ok(())
     }
 
-    /// The one-listener configuration of the `--listen/--backend` command line.
+    /// The configuration of the `--listen/--backend` command line: one listener per `--listen`
+    /// address (an IPv4 and an IPv6 loopback, say), all with the same settings and backends,
+    /// named `default`, `default-2`, `default-3`... in the order given.
     pub fn single_listener(
-        bind: SocketAddr,
+        binds: &[SocketAddr],
         backends: Vec<String>,
         idle_timeout: Option<Duration>,
         reset_every: Option<Duration>,
         admin: Option<SocketAddr>,
     ) -> Result<Self, ConfigError> {
-        let mut listener = ListenerConfig {
-            name: "default".to_string(),
-            bind,
+        let mut template = ListenerConfig {
             backends,
             ..ListenerConfig::default()
         };
         if let Some(idle) = idle_timeout {
-            listener.idle_timeout = idle;
+            template.idle_timeout = idle;
         }
         if let Some(every) = reset_every {
-            listener.faults.push(FaultRule::reset_every(every));
+            template.faults.push(FaultRule::reset_every(every));
         }
+        let listeners = binds
+            .iter()
+            .enumerate()
+            .map(|(i, bind)| ListenerConfig {
+                name: match i {
+                    0 => "default".to_string(),
+                    _ => format!("default-{}", i + 1),
+                },
+                bind: *bind,
+                ..template.clone()
+            })
+            .collect();
         let cfg = Config {
             admin: admin.map(AdminConfig::new),
-            listeners: vec![listener],
+            listeners,
             ..Config::default()
         };
         cfg.validate().map_err(|source| ConfigError::Invalid {
@@ -992,7 +1004,7 @@ backends = ["10.0.0.11:15672"]
     #[test]
     fn single_listener_from_flags() {
         let cfg = Config::single_listener(
-            "127.0.0.1:0".parse().unwrap(),
+            &["127.0.0.1:0".parse().unwrap()],
             vec!["127.0.0.1:1".into()],
             Some(Duration::from_secs(5)),
             Some(Duration::from_secs(30)),
@@ -1004,6 +1016,35 @@ backends = ["10.0.0.11:15672"]
             cfg.listeners[0].faults[0].every,
             Some(Duration::from_secs(30))
         );
+        assert_eq!(cfg.listeners[0].name, "default");
+        assert_eq!(cfg.listeners.len(), 1);
+    }
+
+    #[test]
+    fn repeated_listen_flags_make_one_listener_per_address() {
+        let binds: Vec<SocketAddr> = ["127.0.0.1:5670", "[::1]:5670", "127.0.0.2:0"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let cfg = Config::single_listener(
+            &binds,
+            vec!["127.0.0.1:5672".into()],
+            Some(Duration::from_secs(5)),
+            None,
+            None,
+        )
+        .unwrap();
+        let names: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["default", "default-2", "default-3"]);
+        for (l, b) in cfg.listeners.iter().zip(&binds) {
+            assert_eq!(l.bind, *b);
+            assert_eq!(l.backends, ["127.0.0.1:5672"]);
+            assert_eq!(l.idle_timeout, Duration::from_secs(5));
+        }
+        let e = Config::single_listener(&[], vec!["127.0.0.1:1".into()], None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[listener]]"), "{e}");
     }
 
     fn with_admin(admin: &str) -> String {

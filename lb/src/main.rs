@@ -24,24 +24,26 @@ struct Cli {
     /// valid, 1 with a message if not.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen"])]
     check_config: Option<PathBuf>,
-    /// One listener without a file: the address to listen on.
+    /// Listen without a file on ADDR (repeat for more addresses, such as 127.0.0.1:5670 and
+    /// [::1]:5670 for clients that resolve `localhost` to ::1 first). Each address is a listener
+    /// of its own with the same settings and backends, named default, default-2, ... in order.
     #[arg(
         long,
         value_name = "ADDR",
         conflicts_with = "config",
         requires = "backend"
     )]
-    listen: Option<SocketAddr>,
+    listen: Vec<SocketAddr>,
     /// Backend `host:port` for --listen (repeat).
     #[arg(long, value_name = "HOST:PORT")]
     backend: Vec<String>,
     /// Idle timeout for --listen (default 60s).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
-    /// Reset every live connection of the --listen listener every DUR (RST).
+    /// Reset every live connection of the --listen listeners every DUR (RST).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     reset_every: Option<Duration>,
-    /// max_connections of the --listen listener (default 10000).
+    /// max_connections of each --listen listener (default 10000).
     #[arg(long, value_name = "N", requires = "listen")]
     max_connections: Option<usize>,
     /// Admin API address (overrides [admin] listen). Off loopback it needs a token.
@@ -84,22 +86,24 @@ fn init_tracing(filter: Option<&str>) {
 fn load(cli: &Cli) -> anyhow::Result<Config> {
     let (mut cfg, origin) = if let Some(path) = &cli.config {
         (Config::parse_file(path)?, path.display().to_string())
-    } else if let Some(listen) = cli.listen {
+    } else if !cli.listen.is_empty() {
         // The admin API comes from apply_overrides, so that its token flag applies first.
-        let cfg = Config::single_listener(
-            listen,
+        let mut cfg = Config::single_listener(
+            &cli.listen,
             cli.backend.clone(),
             cli.idle_timeout,
             cli.reset_every,
             None,
         )?;
+        if let Some(max) = cli.max_connections {
+            for l in &mut cfg.listeners {
+                l.max_connections = max;
+            }
+        }
         (cfg, "command line".to_string())
     } else {
         anyhow::bail!("nothing to do: give --config FILE, or --listen ADDR --backend HOST:PORT");
     };
-    if let (Some(max), Some(l)) = (cli.max_connections, cfg.listeners.first_mut()) {
-        l.max_connections = max;
-    }
     apply_overrides(cli, &mut cfg)?;
     cfg.check(&origin)?;
     Ok(cfg)
