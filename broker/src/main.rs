@@ -208,9 +208,10 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting runtime")?;
     rt.block_on(async move {
-        let bound = Broker::bind(cfg).await.context("starting broker")?;
+        // Before binding: a SIGTERM sent as soon as a listener is logged must stop cleanly.
         let token = CancellationToken::new();
-        warren_broker::shutdown::install(token.clone());
+        warren_broker::shutdown::install(token.clone()).context("handling signals")?;
+        let bound = Broker::bind(cfg).await.context("starting broker")?;
         bound.run(token).await;
         anyhow::Ok(())
     })

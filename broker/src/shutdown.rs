@@ -1,37 +1,31 @@
 //! Shutdown signals: the first SIGTERM/SIGINT cancels the token (graceful), a second one
 //! exits at once.
+//!
+//! The handlers are registered when [`install`] is called, before the broker binds: a SIGTERM
+//! sent as soon as a listener is logged must stop the broker cleanly, not kill it.
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// Cancels `token` on SIGTERM or Ctrl-C; exits the process on the second signal.
-pub fn install(token: CancellationToken) {
+/// Registers SIGTERM and SIGINT now (inside the runtime) and cancels `token` on the first;
+/// exits the process on the second.
+pub fn install(token: CancellationToken) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        wait_signal().await;
+        next(&mut term, &mut int).await;
         tracing::info!("shutdown requested");
         token.cancel();
-        wait_signal().await;
+        next(&mut term, &mut int).await;
         tracing::warn!("second signal, exiting now");
         std::process::exit(1);
     });
+    Ok(())
 }
 
-#[cfg(unix)]
-async fn wait_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+async fn next(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
-}
-
-#[cfg(not(unix))]
-async fn wait_signal() {
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use warren_lb::config::{parse_duration, Config};
-use warren_lb::shutdown::{watch_signals, Signal};
+use warren_lb::shutdown::{Signal, Signals};
 use warren_lb::Lb;
 
 /// ELB-equivalent TCP load balancer.
@@ -229,11 +229,13 @@ fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
+        // Before binding: a SIGTERM sent as soon as a listener logs it is up must drain.
+        let signals = Signals::register().context("cannot handle signals")?;
         let bound = Lb::bind(cfg).await?;
         let handle = bound.handle();
         let shutdown = CancellationToken::new();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let sig = tokio::spawn(watch_signals(shutdown.clone(), tx));
+        let sig = tokio::spawn(signals.watch(shutdown.clone(), tx));
         let path = cli.config.clone();
         tokio::spawn(async move {
             while let Some(Signal::Reload) = rx.recv().await {

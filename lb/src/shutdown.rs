@@ -44,30 +44,47 @@ pub enum Signal {
     Reload,
 }
 
-/// Waits for signals: the first SIGTERM/SIGINT cancels `shutdown`, a second one exits the process
-/// at once (status 1); each SIGHUP is sent on `reload`.
-pub async fn watch_signals(
-    shutdown: CancellationToken,
-    reload: tokio::sync::mpsc::Sender<Signal>,
-) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {
-                let _ = reload.send(Signal::Reload).await;
-                continue;
+/// The process signals warren-lb handles, registered when this is made: make it before
+/// binding, so that a signal sent as soon as a listener is up is not lost.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers SIGTERM, SIGINT and SIGHUP (inside a runtime).
+    pub fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for signals: the first SIGTERM/SIGINT cancels `shutdown`, a second one exits the
+    /// process at once (status 1); each SIGHUP is sent on `reload`.
+    pub async fn watch(
+        mut self,
+        shutdown: CancellationToken,
+        reload: tokio::sync::mpsc::Sender<Signal>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+                _ = self.hup.recv() => {
+                    let _ = reload.send(Signal::Reload).await;
+                    continue;
+                }
             }
+            if shutdown.is_cancelled() {
+                tracing::warn!("second stop signal: exiting now");
+                std::process::exit(1);
+            }
+            tracing::info!("stop signal received");
+            shutdown.cancel();
         }
-        if shutdown.is_cancelled() {
-            tracing::warn!("second stop signal: exiting now");
-            std::process::exit(1);
-        }
-        tracing::info!("stop signal received");
-        shutdown.cancel();
     }
 }
