@@ -1,0 +1,118 @@
+//! Exchanges:
+//! - `GET /api/exchanges`, `GET /api/exchanges/{vhost}`
+//! - `GET|PUT|DELETE /api/exchanges/{vhost}/{name}`
+//!
+//! "amq.default" in a URL names the default exchange, which is listed first in every vhost and
+//! cannot be changed. Publishing to an exchange is in `messages`, an exchange's bindings in
+//! `bindings`.
+
+use super::{
+    body_arguments, body_bool, check_perm, exchange_url_name, ok, required_str, vhost, Perm, R,
+};
+use crate::exchange::ExchangeKind;
+use crate::mgmt::json as conv;
+use crate::mgmt::{created, no_content, ApiError, Req};
+use crate::vhost::Vhost;
+use crate::BrokerShared;
+use hyper::Method;
+use serde_json::{json, Value};
+
+fn exchange_json(vhost: &str, e: &crate::exchange::Exchange) -> Value {
+    let mut v = json!({
+        "name": &*e.name,
+        "vhost": vhost,
+        "type": e.kind.as_str(),
+        "durable": e.durable,
+        "auto_delete": e.auto_delete,
+        "internal": e.internal,
+        "arguments": conv::table(&e.arguments),
+        "user_who_performed_action": "rmq-internal",
+    });
+    // Present only when a policy applies, as in RabbitMQ.
+    if let (Some(p), Value::Object(m)) = (&e.policy, &mut v) {
+        m.insert("policy".into(), json!(p.name));
+    }
+    v
+}
+
+fn default_exchange_json(vhost: &str) -> Value {
+    json!({
+        "name": "",
+        "vhost": vhost,
+        "type": "direct",
+        "durable": true,
+        "auto_delete": false,
+        "internal": false,
+        "arguments": {},
+        "user_who_performed_action": "rmq-internal",
+    })
+}
+
+/// The exchanges of one vhost: the default exchange, then the others by name.
+pub(super) fn list(v: &Vhost) -> Vec<Value> {
+    let topo = v.snapshot();
+    let mut names: Vec<_> = topo.exchanges.keys().cloned().collect();
+    names.sort();
+    let mut out = vec![default_exchange_json(&v.name)];
+    for n in names {
+        if let Some(e) = topo.exchanges.get(&n) {
+            if !e.name.is_empty() {
+                out.push(exchange_json(&v.name, e));
+            }
+        }
+    }
+    out
+}
+
+/// GET|PUT|DELETE /api/exchanges/{vhost}/{name}.
+pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    let name = exchange_url_name(name);
+    match r.method {
+        Method::GET => {
+            if name.is_empty() {
+                return ok(default_exchange_json(&v.name));
+            }
+            let e = v.exchange(name).ok_or(ApiError::NotFound)?;
+            ok(exchange_json(&v.name, &e))
+        }
+        Method::PUT => {
+            let body = r.json()?;
+            if name.is_empty() {
+                return Err(ApiError::Forbidden(
+                    "operation not permitted on the default exchange".into(),
+                ));
+            }
+            check_perm(shared, r, &v, Perm::Configure, name)?;
+            let t = required_str(&body, "type")?;
+            let kind = ExchangeKind::parse(&t)
+                .ok_or_else(|| ApiError::bad(format!("invalid exchange type '{t}'")))?;
+            if name.starts_with("amq.") && v.exchange(name).is_none() {
+                return Err(ApiError::Forbidden(format!(
+                    "exchange name '{name}' contains reserved prefix 'amq.*'"
+                )));
+            }
+            let durable = body_bool(&body, "durable", true)?;
+            let auto_delete = body_bool(&body, "auto_delete", false)?;
+            let internal = body_bool(&body, "internal", false)?;
+            let args = body_arguments(&body)?;
+            let existed = v.exchange(name).is_some();
+            v.declare_exchange(name, kind, durable, auto_delete, internal, args)?;
+            Ok(if existed { no_content() } else { created() })
+        }
+        Method::DELETE => {
+            if name.is_empty() || name.starts_with("amq.") {
+                return Err(ApiError::Forbidden(format!(
+                    "operation not permitted on exchange '{name}'"
+                )));
+            }
+            check_perm(shared, r, &v, Perm::Configure, name)?;
+            if v.exchange(name).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            v.delete_exchange(name, r.query_flag("if-unused"))?;
+            Ok(no_content())
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}

@@ -1,0 +1,216 @@
+//! The endpoints that move messages, and so the only ones that send commands to a queue
+//! (`QueueCmd`):
+//! - `POST /api/exchanges/{vhost}/{name}/publish`: route one message, answer `{"routed": bool}`
+//! - `POST /api/queues/{vhost}/{name}/get`: take up to `count` messages, then ack or reject
+//!   them as `ackmode` says
+//! - `DELETE /api/queues/{vhost}/{name}/contents`: purge
+//! - `GET /api/aliveness-test/{vhost}`: declare `aliveness-test`, publish to it through the
+//!   default exchange and get the message back.
+
+use super::{check_perm, exchange_url_name, ok, required_str, vhost, Perm, R};
+use crate::mgmt::json as conv;
+use crate::mgmt::{no_content, ApiError, Req};
+use crate::queue::{QueueArgs, QueueCmd};
+use crate::vhost::{QueueSpec, Vhost};
+use crate::BrokerShared;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// POST /api/exchanges/{vhost}/{name}/publish.
+pub(super) async fn publish(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    let name = exchange_url_name(name);
+    if !name.is_empty() && v.exchange(name).is_none() {
+        return Err(ApiError::NotFound);
+    }
+    check_perm(
+        shared,
+        r,
+        &v,
+        Perm::Write,
+        if name.is_empty() { "amq.default" } else { name },
+    )?;
+    let body = r.json()?;
+    let rk = required_str(&body, "routing_key")?;
+    let payload = required_str(&body, "payload")?;
+    let bytes = match body.get("payload_encoding").and_then(Value::as_str) {
+        None | Some("string") => payload.into_bytes(),
+        Some("base64") => {
+            conv::b64_decode(&payload).ok_or_else(|| ApiError::bad("payload is not base64"))?
+        }
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "payload_encoding '{other}' is not 'string' or 'base64'"
+            )))
+        }
+    };
+    if rk.len() > 255 {
+        return Err(ApiError::bad("routing_key longer than 255 bytes"));
+    }
+    let props = conv::to_properties(body.get("properties").unwrap_or(&Value::Null))
+        .map_err(ApiError::bad)?;
+    if bytes.len() as u64 > shared.config.max_message_size {
+        return Err(ApiError::bad(format!(
+            "message size {} is larger than configured max size {}",
+            bytes.len(),
+            shared.config.max_message_size
+        )));
+    }
+    let routed = publish_message(&v, name, &rk, props, Bytes::from(bytes)).await?;
+    ok(json!({ "routed": routed }))
+}
+
+/// Routes one message to its queues; Ok(false) when nothing took it.
+async fn publish_message(
+    v: &Vhost,
+    exchange: &str,
+    rk: &str,
+    props: amq_protocol::protocol::basic::AMQPProperties,
+    body: Bytes,
+) -> Result<bool, ApiError> {
+    if let Some(e) = v.exchange(exchange) {
+        if e.internal {
+            return Err(ApiError::Forbidden(format!(
+                "cannot publish to internal exchange '{exchange}'"
+            )));
+        }
+    }
+    let msg = crate::queue::Message::new(exchange.into(), rk.into(), props, body)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let mut targets = Vec::new();
+    v.route(
+        exchange,
+        rk,
+        msg.properties.headers().as_ref(),
+        &mut targets,
+    );
+    let msg = Arc::new(msg);
+    let mut routed = false;
+    for q in targets {
+        routed |= q
+            .send(QueueCmd::Publish {
+                msg: msg.clone(),
+                confirm: None,
+            })
+            .await;
+    }
+    Ok(routed)
+}
+
+/// POST /api/queues/{vhost}/{name}/get.
+pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    let q = v.queue(name).ok_or(ApiError::NotFound)?;
+    check_perm(shared, r, &v, Perm::Read, name)?;
+    let body = r.json()?;
+    let count = match body.get("count") {
+        None => return Err(ApiError::bad("Missing key: count")),
+        Some(c) => c
+            .as_u64()
+            .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
+            .ok_or_else(|| ApiError::bad("'count' must be a non-negative integer"))?,
+    };
+    let (ack, requeue) = match body.get("ackmode").and_then(Value::as_str) {
+        Some("ack_requeue_true") | Some("reject_requeue_true") => (false, true),
+        Some("ack_requeue_false") => (true, false),
+        Some("reject_requeue_false") => (false, false),
+        Some(other) => return Err(ApiError::bad(format!("invalid ackmode '{other}'"))),
+        None => return Err(ApiError::bad("Missing key: ackmode")),
+    };
+    let base64 = match body.get("encoding").and_then(Value::as_str) {
+        None | Some("auto") => false,
+        Some("base64") => true,
+        Some(other) => return Err(ApiError::bad(format!("invalid encoding '{other}'"))),
+    };
+    let truncate = body.get("truncate").and_then(|t| {
+        t.as_u64()
+            .or_else(|| t.as_str().and_then(|s| s.parse().ok()))
+    });
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..count.min(10_000) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !q
+            .send(QueueCmd::Get {
+                no_ack: false,
+                reply: tx,
+            })
+            .await
+        {
+            break;
+        }
+        let Some(g) = rx.await.ok().flatten() else {
+            break;
+        };
+        ids.push(g.msg_id);
+        let full = &g.msg.body[..];
+        let shown = match truncate {
+            Some(t) if (t as usize) < full.len() => &full[..t as usize],
+            _ => full,
+        };
+        let (payload, enc) = match (base64, std::str::from_utf8(shown)) {
+            (false, Ok(s)) => (s.to_owned(), "string"),
+            _ => (conv::b64_encode(shown), "base64"),
+        };
+        out.push(json!({
+            "payload_bytes": full.len(),
+            "redelivered": g.redelivered,
+            "exchange": g.msg.exchange.as_str(),
+            "routing_key": g.msg.routing_key.as_str(),
+            "message_count": g.remaining,
+            "properties": conv::properties(&g.msg.properties),
+            "payload": payload,
+            "payload_encoding": enc,
+        }));
+    }
+    if !ids.is_empty() {
+        let cmd = if ack {
+            QueueCmd::Ack { ids }
+        } else {
+            QueueCmd::Reject { ids, requeue }
+        };
+        q.send(cmd).await;
+    }
+    ok(Value::Array(out))
+}
+
+/// DELETE /api/queues/{vhost}/{name}/contents.
+pub(super) async fn purge(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    check_perm(shared, r, &v, Perm::Read, name)?;
+    let q = v.queue(name).ok_or(ApiError::NotFound)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if q.send(QueueCmd::Purge { reply: tx }).await {
+        let _ = rx.await;
+    }
+    Ok(no_content())
+}
+
+/// GET /api/aliveness-test/{vhost}.
+pub(super) async fn aliveness(shared: &BrokerShared, r: &Req, vh: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    let name = "aliveness-test";
+    let args = QueueArgs::parse(&Default::default(), name, &v.name)?;
+    let (q, _) = v.declare_queue(QueueSpec {
+        name: name.into(),
+        durable: false,
+        exclusive_owner: None,
+        auto_delete: false,
+        arguments: Default::default(),
+        args,
+    })?;
+    let body = Bytes::from_static(b"test_message");
+    publish_message(&v, "", name, Default::default(), body.clone()).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    q.send(QueueCmd::Get {
+        no_ack: true,
+        reply: tx,
+    })
+    .await;
+    match tokio::time::timeout(Duration::from_secs(5), rx).await {
+        Ok(Ok(Some(g))) if g.msg.body == body => ok(json!({"status": "ok"})),
+        _ => Err(ApiError::Unavailable("aliveness test failed".into())),
+    }
+}

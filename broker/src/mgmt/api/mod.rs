@@ -1,0 +1,322 @@
+//! The `/api` endpoints. JSON field names follow RabbitMQ 3.10's management plugin for what
+//! clients read.
+//!
+//! [`route`] is the route table: the one `match` on path segments, each arm calling into the
+//! file that serves it (a few one-line answers, such as whoami, are given in place). The files,
+//! one per resource group:
+//! - `overview`: overview, cluster name, nodes, whoami, health checks, the stop/start switch;
+//! - `connections`: connections, channels, consumers;
+//! - `exchanges`: exchanges;
+//! - `queues`: queues;
+//! - `messages`: everything that sends a command to a queue: publish to an exchange, get from
+//!   a queue, purge, the aliveness test;
+//! - `bindings`: bindings, and the bindings of one exchange or queue;
+//! - `access`: vhosts, users, permissions;
+//! - `policies`: policies and operator policies;
+//! - `definitions`: definitions export and import.
+//!
+//! The helpers below (answers, vhost lookup and visibility, permission checks, body fields,
+//! message stats) are shared by all of them; the files do not import each other, except
+//! `queues` listing a queue's consumers through `connections`.
+
+mod access;
+mod bindings;
+mod connections;
+mod definitions;
+mod exchanges;
+mod messages;
+mod overview;
+mod policies;
+mod queues;
+
+pub use overview::{fds, rss_bytes};
+
+use super::{json as conv, json_resp, ApiError, Req, Resp};
+use crate::policy::PolicyKind;
+use crate::stats::{ConnEntry, Counts, Rates};
+use crate::vhost::Vhost;
+use crate::BrokerShared;
+use hyper::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// The RabbitMQ release whose management API shapes this one follows.
+pub const COMPAT_VERSION: &str = "3.10.8";
+
+type R = Result<Resp, ApiError>;
+
+fn ok(v: Value) -> R {
+    Ok(json_resp(StatusCode::OK, &v))
+}
+
+/// Dispatches one authenticated request.
+pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
+    let segs: Vec<&str> = r.segs.iter().map(String::as_str).collect();
+    let m = &r.method;
+    let get = m == Method::GET;
+    match segs.as_slice() {
+        ["overview"] if get => ok(overview::overview(shared)),
+        ["cluster-name"] if get => ok(json!({"name": overview::cluster_name(shared)})),
+        ["nodes"] if get => ok(json!([overview::node(shared)])),
+        ["nodes", name] if get => overview::node_named(shared, name),
+        ["whoami"] if get => ok(json!({"name": r.caller.name, "tags": r.caller.tags})),
+        ["connections"] if get => ok(connections::list(shared, r)),
+        ["connections", name] => connections::one(shared, r, name),
+        ["connections", name, "channels"] if get => connections::channels_of(shared, r, name).await,
+        ["channels"] if get => ok(connections::channels(shared, r).await),
+        ["channels", name] if get => connections::channel(shared, r, name).await,
+        ["consumers"] if get => ok(connections::consumers(shared, r, None).await),
+        ["consumers", vh] if get => {
+            let v = vhost(shared, r, vh)?;
+            ok(connections::consumers(shared, r, Some(&v.name)).await)
+        }
+        ["exchanges"] if get => ok(Value::Array(
+            visible_vhosts(shared, r)
+                .iter()
+                .flat_map(|v| exchanges::list(v))
+                .collect(),
+        )),
+        ["exchanges", vh] if get => ok(Value::Array(exchanges::list(&*vhost(shared, r, vh)?))),
+        ["exchanges", vh, name] => exchanges::one(shared, r, vh, name).await,
+        ["exchanges", vh, name, "publish"] if m == Method::POST => {
+            messages::publish(shared, r, vh, name).await
+        }
+        ["exchanges", vh, name, "bindings", dir @ ("source" | "destination")] if get => {
+            bindings::of_exchange(shared, r, vh, name, dir)
+        }
+        ["queues"] if get => ok(Value::Array(
+            visible_vhosts(shared, r)
+                .iter()
+                .flat_map(|v| queues::list(shared, v))
+                .collect(),
+        )),
+        ["queues", vh] if get => ok(Value::Array(queues::list(shared, &*vhost(shared, r, vh)?))),
+        ["queues", vh, name] => queues::one(shared, r, vh, name).await,
+        ["queues", vh, name, "get"] if m == Method::POST => {
+            messages::get(shared, r, vh, name).await
+        }
+        ["queues", vh, name, "contents"] if m == Method::DELETE => {
+            messages::purge(shared, r, vh, name).await
+        }
+        ["queues", vh, name, "bindings"] if get => bindings::of_queue(shared, r, vh, name),
+        ["bindings"] if get => ok(Value::Array(
+            visible_vhosts(shared, r)
+                .iter()
+                .flat_map(|v| bindings::list(v))
+                .collect(),
+        )),
+        ["bindings", vh] if get => ok(Value::Array(bindings::list(&*vhost(shared, r, vh)?))),
+        ["bindings", vh, "e", src, kind @ ("q" | "e"), dst] => {
+            bindings::pair(shared, r, vh, src, kind, dst).await
+        }
+        ["bindings", vh, "e", src, kind @ ("q" | "e"), dst, props] => {
+            bindings::one(shared, r, vh, src, kind, dst, props).await
+        }
+        ["vhosts"] if get => ok(Value::Array(
+            visible_vhosts(shared, r)
+                .iter()
+                .map(|v| access::vhost_json(shared, v))
+                .collect(),
+        )),
+        ["vhosts", vh] if get => ok(access::vhost_json(shared, &*vhost(shared, r, vh)?)),
+        ["users"] if get => access::users(shared, r),
+        ["users", name] if get => access::user(shared, r, name),
+        ["permissions"] if get => access::permissions(shared, r),
+        ["vhosts", vh, "permissions"] if get => access::vhost_permissions(shared, r, vh),
+        ["users", name, "permissions"] if get => access::user_permissions(shared, r, name),
+        ["vhosts", name] => access::vhost_ep(shared, r, name).await,
+        ["users", name] => access::user_ep(shared, r, name),
+        ["permissions", vh, user] => access::permission_ep(shared, r, vh, user),
+        ["policies"] if get => policies::list(shared, r, PolicyKind::User, None),
+        ["policies", vh] if get => policies::list(shared, r, PolicyKind::User, Some(vh)),
+        ["policies", vh, name] => policies::one(shared, r, PolicyKind::User, vh, name),
+        ["operator-policies"] if get => policies::list(shared, r, PolicyKind::Operator, None),
+        ["operator-policies", vh] if get => {
+            policies::list(shared, r, PolicyKind::Operator, Some(vh))
+        }
+        ["operator-policies", vh, name] => policies::one(shared, r, PolicyKind::Operator, vh, name),
+        ["definitions"] => definitions::definitions(shared, r),
+        ["health", "checks", "alarms"] if get => overview::health_alarms(shared),
+        ["health", "checks", "node-is-quorum-critical"] if get => {
+            ok(json!({"status": "ok", "reason": "single node cluster"}))
+        }
+        ["aliveness-test", vh] if get => messages::aliveness(shared, r, vh).await,
+        ["warren", "app"] => overview::app(shared, r),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+// === who may see and change what ===
+
+fn forbidden() -> ApiError {
+    ApiError::Forbidden("Not administrator user".into())
+}
+
+fn admin(r: &Req) -> Result<(), ApiError> {
+    if r.caller.is_admin() {
+        Ok(())
+    } else {
+        Err(forbidden())
+    }
+}
+
+/// Was this connection opened by the caller?
+fn owns(r: &Req, e: &ConnEntry) -> bool {
+    e.opened
+        .lock()
+        .as_ref()
+        .is_some_and(|o| o.user == r.caller.name)
+}
+
+/// May the caller see this vhost's objects?
+fn can_see(shared: &BrokerShared, r: &Req, vhost: &str) -> bool {
+    r.caller.is_monitor() || shared.auth.permissions(&r.caller.name, vhost).is_some()
+}
+
+fn visible_vhosts(shared: &BrokerShared, r: &Req) -> Vec<Arc<Vhost>> {
+    shared
+        .vhost_list()
+        .into_iter()
+        .filter(|v| can_see(shared, r, &v.name))
+        .collect()
+}
+
+/// A vhost the caller may see, or 404.
+fn vhost(shared: &BrokerShared, r: &Req, name: &str) -> Result<Arc<Vhost>, ApiError> {
+    let v = shared.vhost(name).ok_or(ApiError::NotFound)?;
+    if !can_see(shared, r, name) {
+        return Err(ApiError::Forbidden(format!(
+            "access to vhost '{name}' refused for user '{}'",
+            r.caller.name
+        )));
+    }
+    Ok(v)
+}
+
+#[derive(Clone, Copy)]
+enum Perm {
+    Configure,
+    Write,
+    Read,
+}
+
+/// Object permissions for changes through the API (administrators included, as RabbitMQ).
+fn check_perm(
+    shared: &BrokerShared,
+    r: &Req,
+    v: &Vhost,
+    perm: Perm,
+    name: &str,
+) -> Result<(), ApiError> {
+    let Some(p) = shared.auth.permissions(&r.caller.name, &v.name) else {
+        return Err(ApiError::Forbidden(format!(
+            "access to vhost '{}' refused for user '{}'",
+            v.name, r.caller.name
+        )));
+    };
+    let (pat, what) = match perm {
+        Perm::Configure => (&p.configure, "configure"),
+        Perm::Write => (&p.write, "write"),
+        Perm::Read => (&p.read, "read"),
+    };
+    if pat.allows(name) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "{what} access to '{name}' in vhost '{}' refused for user '{}'",
+            v.name, r.caller.name
+        )))
+    }
+}
+
+fn visible_conns(shared: &BrokerShared, r: &Req) -> Vec<Arc<ConnEntry>> {
+    shared
+        .registry
+        .connections()
+        .into_iter()
+        .filter(|e| r.caller.is_monitor() || owns(r, e))
+        .collect()
+}
+
+fn def_err(e: crate::definitions::DefError) -> ApiError {
+    match e {
+        crate::definitions::DefError::NotFound(_) => ApiError::NotFound,
+        crate::definitions::DefError::Invalid(m) => ApiError::BadRequest(m),
+        crate::definitions::DefError::Io(m) => ApiError::Internal(m),
+    }
+}
+
+// === request bodies and URLs ===
+
+/// A string field of a request body that must be there (400 naming the key otherwise).
+fn required_str(body: &Value, key: &str) -> Result<String, ApiError> {
+    match body.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None => Err(ApiError::bad(format!("Missing key: {key}"))),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a string"))),
+    }
+}
+
+/// A string field of a request body that may be absent or null (empty then).
+fn optional_str(body: &Value, key: &str) -> Result<String, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::bad(format!("'{key}' must be a string"))),
+    }
+}
+
+fn body_bool(body: &Value, k: &str, default: bool) -> Result<bool, ApiError> {
+    match body.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" => Ok(true),
+        Some(Value::String(s)) if s == "false" => Ok(false),
+        Some(_) => Err(ApiError::bad(format!("'{k}' must be a boolean"))),
+    }
+}
+
+fn body_arguments(body: &Value) -> Result<amq_protocol::types::FieldTable, ApiError> {
+    conv::input_table(body.get("arguments").unwrap_or(&Value::Null), "arguments")
+        .map_err(ApiError::bad)
+}
+
+/// "amq.default" in a URL names the default exchange.
+fn exchange_url_name(name: &str) -> &str {
+    if name == "amq.default" {
+        ""
+    } else {
+        name
+    }
+}
+
+// === message stats ===
+
+fn details(m: &mut Map<String, Value>, k: &str, count: u64, rate: f64) {
+    m.insert(k.into(), json!(count));
+    m.insert(format!("{k}_details"), json!({ "rate": rate }));
+}
+
+/// RabbitMQ's message_stats object for the given keys.
+fn message_stats(c: &Counts, r: &Rates, keys: &[&str]) -> Value {
+    let mut m = Map::new();
+    for k in keys {
+        let (n, rate) = match *k {
+            "publish" => (c.publish, r.publish),
+            "confirm" => (c.confirm, r.confirm),
+            "deliver" => (c.deliver, r.deliver),
+            "deliver_no_ack" => (c.deliver_no_ack, r.deliver_no_ack),
+            "get" => (c.get, r.get),
+            "get_no_ack" => (c.get_no_ack, r.get_no_ack),
+            "get_empty" => (c.get_empty, r.get_empty),
+            "deliver_get" => (c.deliver_get(), r.deliver_get),
+            "ack" => (c.ack, r.ack),
+            "redeliver" => (c.redeliver, r.redeliver),
+            "return_unroutable" => (c.return_unroutable, r.return_unroutable),
+            "drop_unroutable" => (c.drop_unroutable, r.drop_unroutable),
+            _ => (0, 0.0),
+        };
+        details(&mut m, k, n, rate);
+    }
+    Value::Object(m)
+}
