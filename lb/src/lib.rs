@@ -6,7 +6,10 @@
 //!
 //! # Layout
 //! - `config`: TOML schema, defaults, humane durations, validation.
-//! - `listener`: one listener's accept loop, connection registry and connection life cycle.
+//! - `listener`: one listener's accept loop, the tasks it starts (health checks, `every` ticker),
+//!   its changes at runtime, and each connection's life cycle.
+//! - `listener::state`: `ListenerState` (settings snapshot, backend pool, connection registry,
+//!   fault rules): what health checks, fault injection and the admin API read.
 //! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
 //! - `chaos::plan`: pure fault decisions (seeded RNG streams, triggers, cuts, pacing).
 //! - `chaos::amqp`: the pure incremental AMQP frame scanner behind `on_amqp`.
@@ -25,6 +28,9 @@
 //! - `events`: the event ring buffer and broadcast.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `shutdown`: graceful drain and signal handling.
+//!
+//! No module imports one that imports it back: `listener` imports `backend::health` and
+//! `chaos::inject`, which read `listener::state`.
 
 pub mod admin;
 pub mod backend;

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::Backend;
 use crate::config::{HealthCheck, ProxyProtocol};
 use crate::events::Event;
-use crate::listener::ListenerState;
+use crate::listener::state::ListenerState;
 use crate::proxy_protocol;
 
 /// The AMQP 0-9-1 protocol header.

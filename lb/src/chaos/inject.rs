@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::plan::{self, Applied, CloseCmd};
 use crate::config::{CloseStyle, FaultKind, Side};
 use crate::events::Event;
-use crate::listener::ListenerState;
+use crate::listener::state::ListenerState;
 use crate::metrics as m;
 use crate::proxy;
 use crate::stream::TcpBacked;

@@ -1,5 +1,7 @@
-//! One listener: its accept loop, its live-connection registry, and the life of each connection
-//! (TLS accept, backend selection and connect, PROXY header, copy, close).
+//! One listener: its accept loop, the tasks it starts (health checks, the `every` ticker), its
+//! changes at runtime (reload, admin API), and the life of each connection (TLS accept, backend
+//! selection and connect, PROXY header, copy, close). Its state, which health checks and fault
+//! injection read, is [`state::ListenerState`].
 //!
 //! The listener's settings live in an `ArcSwap<Snapshot>`: a new connection takes the current
 //! snapshot once; reload and the admin API replace it whole. Live connections are registered with
@@ -11,176 +13,44 @@
 //! `watch` of the rules whenever they change. The connection task's select loop fires the plan's
 //! time triggers; the copy loop handles its byte triggers.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use metrics::Counter;
-use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::backend::{health, selector, Backend, Pool, Selector};
+use crate::backend::{health, Backend};
 use crate::chaos::{self, plan, plan::ConnPlan};
 use crate::config::{
     validate_backends, CloseStyle, FaultKind, FaultRule, InFlight, ListenerConfig, ProxyProtocol,
     ValidationError,
 };
-use crate::events::{Event, EventBus};
+use crate::events::Event;
 use crate::metrics as m;
-use crate::proxy::{ByteMetrics, ConnBytes, Duplex, Ended};
+use crate::proxy::{Duplex, Ended};
 use crate::proxy_protocol;
 use crate::stream::{BackendStream, ClientStream};
-use crate::tls::{self, BackendTls, TlsError};
+use crate::tls::TlsError;
 
-/// Process-wide pieces every listener uses.
-#[derive(Clone)]
-pub struct Rt {
-    pub events: Arc<EventBus>,
-    /// Every connection and background task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Stop accepting, stop health checks (first phase of shutdown).
-    pub stop: CancellationToken,
-    /// Close every live connection (end of drain).
-    pub hard: CancellationToken,
-    pub next_conn: Arc<AtomicU64>,
-    /// `[runtime] splice`.
-    pub splice: bool,
-    /// The chaos seed of this run (`[chaos] seed`, `--seed`, or drawn at start and logged).
-    pub seed: u64,
-}
-
-/// A listener's settings, built once per configuration (TLS material loaded).
-pub struct Snapshot {
-    pub cfg: ListenerConfig,
-    pub selector: Arc<dyn Selector>,
-    pub acceptor: Option<TlsAcceptor>,
-    pub backend_tls: Option<BackendTls>,
-}
-
-impl Snapshot {
-    pub fn build(cfg: ListenerConfig) -> Result<Self, TlsError> {
-        let acceptor = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
-        let backend_tls = cfg.backend_tls.as_ref().map(BackendTls::new).transpose()?;
-        Ok(Self {
-            selector: selector(cfg.balance),
-            cfg,
-            acceptor,
-            backend_tls,
-        })
-    }
-}
+pub mod state;
 
 pub use crate::chaos::plan::CloseCmd;
-
-/// A live connection as the registry sees it.
-pub struct ConnInfo {
-    pub id: u64,
-    pub client: SocketAddr,
-    pub backend: String,
-    pub started: Instant,
-    pub bytes: ConnBytes,
-    ctl: watch::Sender<Option<CloseCmd>>,
-}
-
-impl ConnInfo {
-    /// Asks the connection to close; it acts at once.
-    pub fn close(&self, cmd: CloseCmd) {
-        self.ctl.send_replace(Some(cmd));
-    }
-}
-
-pub struct ListenerState {
-    pub name: String,
-    /// The bound address.
-    pub addr: SocketAddr,
-    snap: ArcSwap<Snapshot>,
-    pub pool: Pool,
-    conns: Mutex<HashMap<u64, Arc<ConnInfo>>>,
-    active: AtomicUsize,
-    stop_accept: CancellationToken,
-    /// Wakes the periodic-reset task when rules change.
-    pub(crate) rules_changed: Notify,
-    /// The fault rules, watched by every live connection (changes act at once).
-    rules: watch::Sender<Arc<Vec<FaultRule>>>,
-    /// Connection sequence number within this listener (keys the per-connection RNG streams).
-    seq: AtomicU64,
-    rt: Rt,
-    refused: Counter,
-    bytes: ByteMetrics,
-}
+pub use state::{ConnInfo, ListenerState, Rt, Snapshot};
 
 // === impl ListenerState ===
 
+/// Starting the listener's tasks, changing it, and the life of each connection; the state and
+/// its read side are in [`state`].
 impl ListenerState {
-    pub fn new(snap: Snapshot, addr: SocketAddr, rt: Rt) -> Arc<Self> {
-        let name = snap.cfg.name.clone();
-        let bytes = ByteMetrics {
-            upstream: metrics::counter!(m::BYTES_TOTAL, m::L_LISTENER => name.clone(), m::L_DIRECTION => m::DIR_UPSTREAM),
-            downstream: metrics::counter!(m::BYTES_TOTAL, m::L_LISTENER => name.clone(), m::L_DIRECTION => m::DIR_DOWNSTREAM),
-        };
-        let pool = Pool::new(&name);
-        pool.replace(&snap.cfg.backends);
-        let snap_faults = snap.cfg.faults.clone();
-        Arc::new(Self {
-            refused: metrics::counter!(m::REFUSED_TOTAL, m::L_LISTENER => name.clone()),
-            bytes,
-            pool,
-            stop_accept: rt.stop.child_token(),
-            rt,
-            addr,
-            name,
-            snap: ArcSwap::from_pointee(snap),
-            conns: Mutex::new(HashMap::new()),
-            active: AtomicUsize::new(0),
-            rules_changed: Notify::new(),
-            rules: watch::channel(Arc::new(snap_faults)).0,
-            seq: AtomicU64::new(0),
-        })
-    }
-
-    /// The run's chaos seed.
-    pub fn seed(&self) -> u64 {
-        self.rt.seed
-    }
-
     fn publish_rules(&self) {
         self.rules
             .send_replace(Arc::new(self.snapshot().cfg.faults.clone()));
         self.rules_changed.notify_one();
-    }
-
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snap.load_full()
-    }
-
-    /// Cancelled when the listener stops accepting (removed, or shutdown).
-    pub fn stopping(&self) -> CancellationToken {
-        self.stop_accept.clone()
-    }
-
-    pub fn events(&self) -> &EventBus {
-        &self.rt.events
-    }
-
-    /// Live connections (accepted, not yet closed).
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    pub fn connections(&self) -> Vec<Arc<ConnInfo>> {
-        let mut v: Vec<_> = self.conns.lock().values().cloned().collect();
-        v.sort_by_key(|c| c.id);
-        v
     }
 
     /// Starts accepting on `listener`, health checks of the current members, and rule timers.
@@ -339,15 +209,6 @@ impl ListenerState {
             .emit(Event::new(&self.name, "listener_removed"));
     }
 
-    /// Closes every live connection now; returns how many were told.
-    pub fn reset_all(&self, cmd: &CloseCmd) -> usize {
-        let conns = self.connections();
-        for c in &conns {
-            c.close(cmd.clone());
-        }
-        conns.len()
-    }
-
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -429,15 +290,8 @@ impl ListenerState {
             return;
         };
         tracing::Span::current().record("backend", backend.addr.as_str());
-        let (ctl, mut ctl_rx) = watch::channel(None);
-        let info = Arc::new(ConnInfo {
-            id,
-            client: peer,
-            backend: backend.addr.clone(),
-            started: Instant::now(),
-            bytes: ConnBytes::default(),
-            ctl,
-        });
+        let (info, mut ctl_rx) = ConnInfo::new(id, peer, backend.addr.clone());
+        let info = Arc::new(info);
         backend.conn_opened();
         self.conns.lock().insert(id, info.clone());
         let _reg = Registered {
