@@ -6,7 +6,9 @@
 //! silently ignored setting.
 //!
 //! Fault rules (`[[listener.fault]]`) and `[chaos] seed` are part of the schema and stored as
-//! structured data; `chaos::plan::check_rule` validates their chaos-specific parts.
+//! structured data; [`FaultRule::check`] validates what each kind of rule needs, here next to
+//! the types, so that validation does not depend on the chaos engine that runs the rules
+//! (`chaos::plan` reads these types; only the AMQP method names come from `chaos::amqp`).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::addr::{self, BackendAddr, OwnAddr};
+use crate::chaos::amqp::method_ids;
 
 /// The whole configuration of one warren-lb process.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -350,6 +353,26 @@ pub enum Rate {
     Text(String),
 }
 
+/// `"1/min"`, `"2/s"`, `"10/h"`, `"1/30s"`: events per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let bad = || format!("invalid rate `{s}` (expected e.g. \"1/min\", \"5/s\", \"1/30s\")");
+    let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let secs = match per.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        "d" | "day" => 86400.0,
+        other => humantime::parse_duration(other)
+            .map_err(|_| bad())?
+            .as_secs_f64(),
+    };
+    if !(n.is_finite() && n > 0.0 && secs > 0.0) {
+        return Err(bad());
+    }
+    Ok(n / secs)
+}
+
 /// One `[[listener.fault]]` rule, stored as written (see "Chaos engine" in the spec).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,6 +455,64 @@ impl FaultRule {
             bytes: None,
             timeout: None,
         }
+    }
+
+    /// Checks what a rule of its kind needs: one trigger for a reset, a valid rate or AMQP
+    /// method name, the settings a shaping rule cannot do without (called by
+    /// [`ListenerConfig::validate`], which adds the listener and rule to the error).
+    pub fn check(&self) -> Result<(), String> {
+        match self.kind {
+            FaultKind::Reset => {
+                let triggers = [
+                    self.every.is_some(),
+                    self.lifetime.is_some(),
+                    self.rate.is_some(),
+                    self.after_bytes.is_some(),
+                    self.on_amqp.is_some(),
+                ];
+                if triggers.iter().filter(|t| **t).count() > 1 {
+                    return Err(
+                        "a reset rule has one trigger (every | lifetime | rate | after_bytes | on_amqp)"
+                            .into(),
+                    );
+                }
+                match &self.rate {
+                    Some(Rate::Text(t)) => {
+                        parse_rate(t)?;
+                    }
+                    Some(Rate::Number(_)) => {
+                        return Err("a reset rate is written like \"1/min\"".into());
+                    }
+                    None => {}
+                }
+                if self.lifetime.is_some_and(|d| d.is_zero()) {
+                    return Err("lifetime must be greater than zero".into());
+                }
+                if let Some(m) = &self.on_amqp {
+                    if method_ids(m).is_none() {
+                        return Err(format!("unknown AMQP method `{m}` (write class.method)"));
+                    }
+                }
+                if self.nth == Some(0) {
+                    return Err("nth counts from 1".into());
+                }
+            }
+            FaultKind::Bandwidth => match &self.rate {
+                Some(Rate::Number(n)) if *n > 0.0 && n.is_finite() => {}
+                _ => return Err("bandwidth needs rate = KB/s (a number > 0)".into()),
+            },
+            FaultKind::Latency if self.latency.is_none() => {
+                return Err("latency needs latency = DUR".into())
+            }
+            FaultKind::LimitData if self.bytes.is_none() => {
+                return Err("limit_data needs bytes = N".into())
+            }
+            FaultKind::Slicer if self.average_size == Some(0) => {
+                return Err("average_size must be greater than zero".into())
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
@@ -742,7 +823,7 @@ impl ListenerConfig {
             if r.every.is_some_and(|d| d.is_zero()) {
                 return Err(bad("every must be greater than zero"));
             }
-            crate::chaos::plan::check_rule(r).map_err(|p| bad(&p))?;
+            r.check().map_err(|p| bad(&p))?;
             let durations = [r.every, r.jitter, r.lifetime, r.latency, r.delay, r.timeout];
             if durations.iter().flatten().any(|d| *d > limit) {
                 return Err(bad("durations must be at most 30 days"));
@@ -836,6 +917,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("1/min").unwrap(), 1.0 / 60.0);
+        assert_eq!(parse_rate("5/s").unwrap(), 5.0);
+        assert_eq!(parse_rate("1/30s").unwrap(), 1.0 / 30.0);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0/min").is_err());
+    }
 
     const FULL: &str = r#"
 [admin]

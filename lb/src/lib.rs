@@ -5,7 +5,7 @@
 //! then drains. [`Handle`] reloads a configuration into a running instance.
 //!
 //! # Layout
-//! - `config`: TOML schema, defaults, humane durations, validation.
+//! - `config`: TOML schema, defaults, humane durations, validation (fault rules included).
 //! - `listener`: one listener's accept loop, the tasks it starts (health checks, `every` ticker),
 //!   its changes at runtime, and each connection's life cycle.
 //! - `listener::state`: `ListenerState` (settings snapshot, backend pool, connection registry,
@@ -30,7 +30,8 @@
 //! - `shutdown`: graceful drain and signal handling.
 //!
 //! No module imports one that imports it back: `listener` imports `backend::health` and
-//! `chaos::inject`, which read `listener::state`.
+//! `chaos::inject`, which read `listener::state`; `config` validates fault rules itself and
+//! `chaos::plan` reads its types.
 
 pub mod admin;
 pub mod backend;

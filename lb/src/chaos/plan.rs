@@ -22,7 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 
 use super::amqp::{method_ids, Method, Scanner};
-use crate::config::{CloseStyle, Direction, FaultKind, FaultRule, InFlight, Rate, Side};
+use crate::config::{
+    parse_rate, CloseStyle, Direction, FaultKind, FaultRule, InFlight, Rate, Side,
+};
 
 /// An order to close a live connection (from a rule, the admin API, idle expiry or drain).
 #[derive(Debug, Clone, PartialEq)]
@@ -135,26 +137,6 @@ pub fn rng_for(seed: u64, listener: &str, rule: &str, purpose: &str, seq: u64) -
     ChaCha8Rng::from_seed(key)
 }
 
-/// `"1/min"`, `"2/s"`, `"10/h"`, `"1/30s"`: events per second.
-pub fn parse_rate(s: &str) -> Result<f64, String> {
-    let bad = || format!("invalid rate `{s}` (expected e.g. \"1/min\", \"5/s\", \"1/30s\")");
-    let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
-    let n: f64 = n.trim().parse().map_err(|_| bad())?;
-    let secs = match per.trim() {
-        "s" | "sec" | "second" => 1.0,
-        "m" | "min" | "minute" => 60.0,
-        "h" | "hour" => 3600.0,
-        "d" | "day" => 86400.0,
-        other => humantime::parse_duration(other)
-            .map_err(|_| bad())?
-            .as_secs_f64(),
-    };
-    if !(n.is_finite() && n > 0.0 && secs > 0.0) {
-        return Err(bad());
-    }
-    Ok(n / secs)
-}
-
 /// A reset rule's rate in events/s (text form).
 fn reset_rate(rule: &FaultRule) -> Option<f64> {
     match &rule.rate {
@@ -162,62 +144,6 @@ fn reset_rate(rule: &FaultRule) -> Option<f64> {
         Some(Rate::Number(n)) if *n > 0.0 => Some(*n / 60.0),
         _ => None,
     }
-}
-
-/// Checks the chaos-specific parts of a rule (called by config validation).
-pub fn check_rule(rule: &FaultRule) -> Result<(), String> {
-    match rule.kind {
-        FaultKind::Reset => {
-            let triggers = [
-                rule.every.is_some(),
-                rule.lifetime.is_some(),
-                rule.rate.is_some(),
-                rule.after_bytes.is_some(),
-                rule.on_amqp.is_some(),
-            ];
-            if triggers.iter().filter(|t| **t).count() > 1 {
-                return Err(
-                    "a reset rule has one trigger (every | lifetime | rate | after_bytes | on_amqp)"
-                        .into(),
-                );
-            }
-            match &rule.rate {
-                Some(Rate::Text(t)) => {
-                    parse_rate(t)?;
-                }
-                Some(Rate::Number(_)) => {
-                    return Err("a reset rate is written like \"1/min\"".into());
-                }
-                None => {}
-            }
-            if rule.lifetime.is_some_and(|d| d.is_zero()) {
-                return Err("lifetime must be greater than zero".into());
-            }
-            if let Some(m) = &rule.on_amqp {
-                if method_ids(m).is_none() {
-                    return Err(format!("unknown AMQP method `{m}` (write class.method)"));
-                }
-            }
-            if rule.nth == Some(0) {
-                return Err("nth counts from 1".into());
-            }
-        }
-        FaultKind::Bandwidth => match &rule.rate {
-            Some(Rate::Number(n)) if *n > 0.0 && n.is_finite() => {}
-            _ => return Err("bandwidth needs rate = KB/s (a number > 0)".into()),
-        },
-        FaultKind::Latency if rule.latency.is_none() => {
-            return Err("latency needs latency = DUR".into())
-        }
-        FaultKind::LimitData if rule.bytes.is_none() => {
-            return Err("limit_data needs bytes = N".into())
-        }
-        FaultKind::Slicer if rule.average_size == Some(0) => {
-            return Err("average_size must be greater than zero".into())
-        }
-        _ => {}
-    }
-    Ok(())
 }
 
 /// Does a `refuse` rule turn connection `seq` away? Returns the rule.
@@ -696,15 +622,6 @@ mod tests {
 
     fn at0() -> Instant {
         Instant::now()
-    }
-
-    #[test]
-    fn rates_parse() {
-        assert_eq!(parse_rate("1/min").unwrap(), 1.0 / 60.0);
-        assert_eq!(parse_rate("5/s").unwrap(), 5.0);
-        assert_eq!(parse_rate("1/30s").unwrap(), 1.0 / 30.0);
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("0/min").is_err());
     }
 
     #[test]
