@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::addr::{self, BackendAddr, OwnAddr};
+use crate::backend::addr::{self, BackendAddr, BadBackend, OwnAddr};
 use crate::chaos::amqp::method_ids;
 
 /// The whole configuration of one warren-lb process.
@@ -587,6 +587,16 @@ pub enum ValidationError {
         rule: String,
         problem: String,
     },
+}
+
+impl From<BadBackend> for ValidationError {
+    fn from(b: BadBackend) -> Self {
+        ValidationError::BadBackend {
+            listener: b.listener,
+            addr: b.addr,
+            reason: b.reason,
+        }
+    }
 }
 
 // === impl Config ===

@@ -31,7 +31,8 @@
 //!
 //! No module imports one that imports it back: `listener` imports `backend::health` and
 //! `chaos::inject`, which read `listener::state`; `config` validates fault rules itself and
-//! `chaos::plan` reads its types.
+//! `chaos::plan` reads its types; `backend::addr` reports its own `BadBackend`, which `config`
+//! turns into a `ValidationError`. (`admin` and `shutdown` use `Shared` from this root.)
 
 pub mod admin;
 pub mod backend;
@@ -134,7 +135,7 @@ impl Shared {
         backends: &[String],
     ) -> Result<(), ValidationError> {
         let resolved = addr::resolve_all(listener, backends).await?;
-        addr::check_resolved(&resolved, &self.own_addrs())
+        Ok(addr::check_resolved(&resolved, &self.own_addrs())?)
     }
 }
 
@@ -151,7 +152,7 @@ pub async fn resolve_backends(config: &Config) -> Result<Vec<Resolved>, Validati
 /// configured listener or admin address.
 pub async fn check_backends(config: &Config) -> Result<(), ValidationError> {
     let resolved = resolve_backends(config).await?;
-    addr::check_resolved(&resolved, &config.own_addrs())
+    Ok(addr::check_resolved(&resolved, &config.own_addrs())?)
 }
 
 /// Namespace of the entry point.
@@ -203,7 +204,7 @@ impl Lb {
             .map(|(snap, _, addr)| OwnAddr::listener(&snap.cfg.name, *addr))
             .collect();
         own.extend(admin.as_ref().map(|(_, a)| OwnAddr::admin(*a)));
-        addr::check_resolved(&resolved, &own)?;
+        addr::check_resolved(&resolved, &own).map_err(ValidationError::from)?;
         let mut pending = Vec::new();
         for (snap, tcp, addr) in bound {
             tracing::info!(listener = %snap.cfg.name, addr = %addr, "listening");
@@ -397,7 +398,7 @@ impl Handle {
             })
             .collect();
         own.extend(self.shared.admin_addr.map(OwnAddr::admin));
-        addr::check_resolved(&resolved, &own)?;
+        addr::check_resolved(&resolved, &own).map_err(ValidationError::from)?;
         let mut next = Vec::new();
         for (snap, existing, bound) in plan {
             match (existing, bound) {

@@ -16,7 +16,17 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::config::ValidationError;
+/// A backend refused: not valid, not resolvable, or warren-lb itself. Configuration checks
+/// report it as `config::ValidationError::BadBackend` (this module does not import `config`,
+/// which uses it).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("listener `{listener}`: backend `{addr}` {reason}")]
+pub struct BadBackend {
+    pub listener: String,
+    /// As given, cut to a readable length.
+    pub addr: String,
+    pub reason: String,
+}
 
 /// [`OwnAddr::what`] of the admin API.
 const ADMIN: &str = "admin API";
@@ -236,7 +246,7 @@ pub fn check_not_own(
     via_name: bool,
     own: &[OwnAddr],
     is_local: &dyn Fn(IpAddr) -> bool,
-) -> Result<(), ValidationError> {
+) -> Result<(), BadBackend> {
     let Some(o) = own_match(resolved, own, is_local) else {
         return Ok(());
     };
@@ -250,7 +260,7 @@ pub fn check_not_own(
     } else {
         String::new()
     };
-    Err(ValidationError::BadBackend {
+    Err(BadBackend {
         listener: listener.to_string(),
         addr: shown(backend),
         reason: format!("{via}is warren-lb's own {} ({}): {why}", o.what, o.addr),
@@ -269,11 +279,8 @@ pub struct Resolved {
 
 /// Parses and resolves every backend of `listener` (names concurrently, each within
 /// [`RESOLVE_TIMEOUT`]); the first failure in list order is the error.
-pub async fn resolve_all(
-    listener: &str,
-    backends: &[String],
-) -> Result<Vec<Resolved>, ValidationError> {
-    let bad = |b: &str, reason: String| ValidationError::BadBackend {
+pub async fn resolve_all(listener: &str, backends: &[String]) -> Result<Vec<Resolved>, BadBackend> {
+    let bad = |b: &str, reason: String| BadBackend {
         listener: listener.to_string(),
         addr: shown(b),
         reason,
@@ -317,7 +324,7 @@ pub async fn resolve_all(
 }
 
 /// Refuses any resolved backend that reaches one of `own` (see [`own_match`]).
-pub fn check_resolved(resolved: &[Resolved], own: &[OwnAddr]) -> Result<(), ValidationError> {
+pub fn check_resolved(resolved: &[Resolved], own: &[OwnAddr]) -> Result<(), BadBackend> {
     for r in resolved {
         for a in &r.addrs {
             check_not_own(&r.listener, &r.backend, *a, !r.literal, own, &is_local_ip)?;
