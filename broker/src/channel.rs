@@ -1,8 +1,14 @@
 //! Per-channel state: delivery tags and unacked deliveries, consumers, prefetch, publisher
 //! confirms and the transaction buffer. Pure bookkeeping; sending to queues happens in
 //! `class/` and `connection/`.
+//!
+//! Credit stays here as values: a consumer's queue learns its prefetch (capped by the
+//! channel's global prefetch) at basic.consume and channel.flow as a command. The global
+//! (channel-wide) prefetch of basic.qos global=true is enforced here: deliveries beyond it
+//! wait in [`Channel::held`] until acks make room.
 
-use crate::queue::{ChannelShared, QueueHandle};
+pub use crate::queue::Settle;
+use crate::queue::{Delivery, QueueHandle};
 use amq_protocol::protocol::basic::AMQPProperties;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -24,6 +30,8 @@ pub struct ChannelConsumer {
     /// None for direct reply-to.
     pub queue: Option<QueueHandle>,
     pub no_ack: bool,
+    /// Its own prefetch (basic.qos global=false when it was created).
+    pub prefetch: u16,
 }
 
 /// Publisher confirm bookkeeping.
@@ -144,7 +152,15 @@ pub struct Channel {
     pub id: u16,
     /// Distinguishes reuses of the same channel number; events carry it.
     pub generation: u64,
-    pub shared: Arc<ChannelShared>,
+    /// channel.flow: false pauses deliveries.
+    pub flow_active: bool,
+    /// basic.qos global=true: most unacked deliveries across the channel's consumers
+    /// (0 = unlimited).
+    pub global_prefetch: u16,
+    /// Unacked consumer deliveries (what the global prefetch counts).
+    pub counted_unacked: u32,
+    /// Deliveries that arrived while the global prefetch was used up, in arrival order.
+    pub held: VecDeque<Delivery>,
     pub next_tag: u64,
     pub unacked: VecDeque<UnackedDelivery>,
     pub consumers: HashMap<Arc<str>, ChannelConsumer>,
@@ -158,20 +174,15 @@ pub struct Channel {
     pub last_queue: Option<String>,
 }
 
-/// What to do with settled deliveries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
-    Ack,
-    Requeue,
-    Discard,
-}
-
 impl Channel {
     pub fn new(id: u16, generation: u64) -> Self {
         Self {
             id,
             generation,
-            shared: Arc::new(ChannelShared::new()),
+            flow_active: true,
+            global_prefetch: 0,
+            counted_unacked: 0,
+            held: VecDeque::new(),
             next_tag: 1,
             unacked: VecDeque::new(),
             consumers: HashMap::new(),
@@ -208,6 +219,17 @@ impl Channel {
         }
     }
 
+    /// The prefetch a new consumer gets from its queue: its own (global=false), capped by the
+    /// channel's global one (0 = unlimited).
+    pub fn consumer_prefetch(&self) -> u16 {
+        capped_prefetch(self.prefetch, self.global_prefetch)
+    }
+
+    /// Whether a consumer delivery may go to the client now (the global prefetch has room).
+    pub fn global_room(&self) -> bool {
+        self.global_prefetch == 0 || self.counted_unacked < u32::from(self.global_prefetch)
+    }
+
     /// Queues this channel consumes from.
     pub fn consumer_queues(&self) -> Vec<QueueHandle> {
         let mut v: Vec<QueueHandle> = Vec::new();
@@ -219,6 +241,15 @@ impl Channel {
             }
         }
         v
+    }
+}
+
+/// A consumer's own prefetch capped by its channel's global one (0 = unlimited).
+pub fn capped_prefetch(own: u16, global: u16) -> u16 {
+    match (own, global) {
+        (0, g) => g,
+        (p, 0) => p,
+        (p, g) => p.min(g),
     }
 }
 

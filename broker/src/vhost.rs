@@ -7,15 +7,12 @@ use crate::error::ChannelError;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
 use crate::policy::{Applied, PolicyStore};
 use crate::queue::actor::QueueActor;
-use crate::queue::{
-    ClientTx, QueueArgs, QueueCmd, QueueHandle, QueueInfo, QueuePolicy, QUEUE_MAILBOX,
-};
+use crate::queue::{ClientTx, QueueArgs, QueueHandle, QueueInfo};
 use crate::store::{Store, TransientLog};
 use amq_protocol::types::FieldTable;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, OnceLock, Weak};
 use tokio_util::sync::CancellationToken;
 
@@ -478,26 +475,17 @@ impl Vhost {
                 }
                 return Ok((q.clone(), false));
             }
-            let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_MAILBOX);
             let name: Arc<str> = spec.name.as_str().into();
-            let handle = Arc::new(QueueInfo {
-                name: name.clone(),
-                vhost: vname.clone(),
-                durable: spec.durable,
-                auto_delete: spec.auto_delete,
-                exclusive_owner: spec.exclusive_owner,
-                args: spec.args.clone(),
-                arguments: spec.arguments.clone(),
-                policy: parking_lot::Mutex::new(Arc::new(QueuePolicy::new(
-                    &spec.args,
-                    self.applied(&spec.name, true),
-                ))),
-                policy_changed: Default::default(),
-                tx,
-                message_count: AtomicU32::new(0),
-                consumer_count: AtomicU32::new(0),
-                stats: Default::default(),
-            });
+            let (handle, rx) = QueueInfo::new(
+                name.clone(),
+                vname.clone(),
+                spec.durable,
+                spec.auto_delete,
+                spec.exclusive_owner,
+                spec.args.clone(),
+                spec.arguments.clone(),
+                self.applied(&spec.name, true),
+            );
             t.queues.insert(name, handle.clone());
             spawn = Some((handle.clone(), rx));
             Ok((handle, true))
@@ -549,19 +537,12 @@ impl Vhost {
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u32, ChannelError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !handle
-            .send(QueueCmd::Delete {
-                if_unused,
-                if_empty,
-                reply: Some(tx),
-            })
-            .await
-        {
+        let r = handle.delete(if_unused, if_empty).await;
+        if handle.is_gone() {
+            // Its actor had already stopped: nobody else removes it.
             self.remove_queue(handle);
-            return Ok(0);
         }
-        rx.await.unwrap_or(Ok(0))
+        r
     }
 
     // === routing ===

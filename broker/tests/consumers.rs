@@ -48,6 +48,78 @@ async fn global_prefetch_is_per_channel() {
     b.shutdown().await;
 }
 
+/// The channel holds back what goes beyond its global prefetch: nothing is lost when the
+/// consumer whose deliveries wait is cancelled (they go back to its queue), and raising the
+/// prefetch lets the held ones through.
+#[tokio::test]
+async fn held_deliveries_go_back_on_cancel_and_through_on_a_higher_prefetch() {
+    let b = start().await;
+    let (_c, ch) = b.channel().await;
+    let (_oc, other) = b.channel().await;
+    declare(&ch, "h1", FieldTable::default()).await;
+    declare(&ch, "h2", FieldTable::default()).await;
+    for q in ["h1", "h2"] {
+        for i in 0..3u8 {
+            publish(&ch, "", q, &[b'0' + i]).await;
+        }
+    }
+    ch.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .expect("qos");
+    let mut c1 = consume(&ch, "h1", false).await;
+    let first = next(&mut c1).await;
+    let mut c2 = ch
+        .basic_consume(
+            "h2".into(),
+            "c2".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    nothing_within(&mut c2, 150).await;
+    nothing_within(&mut c1, 50).await;
+    // c2's deliveries wait in the channel; cancelling it gives them back to h2.
+    ch.basic_cancel("c2".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    let mut back = 0;
+    for _ in 0..50 {
+        back = other
+            .queue_declare(
+                "h2".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive")
+            .message_count();
+        if back == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        back, 3,
+        "held deliveries of a cancelled consumer are back in their queue"
+    );
+    // A higher global prefetch lets h1's held deliveries through without an ack.
+    ch.basic_qos(10, BasicQosOptions { global: true })
+        .await
+        .expect("qos");
+    assert_eq!(next(&mut c1).await.data, b"1");
+    assert_eq!(next(&mut c1).await.data, b"2");
+    first
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn nack_requeue_sets_redelivered_and_reject_drops() {
     let b = start().await;

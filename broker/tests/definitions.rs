@@ -411,7 +411,7 @@ async fn deleting_a_vhost_closes_its_connections_and_deletes_its_queues() {
     }
     // The queue actor is gone (its mailbox closed).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !q.tx.is_closed() {
+    while !q.is_gone() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "queue still running"

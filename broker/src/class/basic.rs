@@ -6,14 +6,13 @@ use super::queue::{resolve_name, REPLY_TO};
 use crate::channel::{ChannelConsumer, HeldAck, HeldPublish, Settle, UnackedDelivery};
 use crate::connection::session::{PermKind, Session};
 use crate::error::{AmqpError, ChannelError, ConnectionError};
-use crate::queue::{ConfirmTicket, ConsumerSpec, Delivery, Message, QueueCmd, QueueHandle};
+use crate::queue::{ConfirmTicket, ConsumerRef, ConsumerSpec, Delivery, Message, QueueHandle};
 use crate::vhost::ReplyTarget;
 use amq_protocol::protocol::basic::{self, AMQPProperties};
 use amq_protocol::protocol::AMQPClass;
 
 use bytes::Bytes;
 use rand::Rng;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 fn random_token(prefix: &str) -> String {
@@ -28,17 +27,32 @@ fn random_token(prefix: &str) -> String {
 pub async fn handle(s: &mut Session, ch: u16, m: basic::AMQPMethod) -> Result<(), AmqpError> {
     match m {
         basic::AMQPMethod::Qos(q) => {
+            let mut release = false;
             if let Some(c) = s.channels.get_mut(&ch) {
                 if q.global {
-                    c.shared
-                        .global_limit
-                        .store(q.prefetch_count as u32, Ordering::Relaxed);
-                    for q in c.consumer_queues() {
-                        q.try_send(QueueCmd::Kick);
+                    // Applies to the channel's consumers now: their queues get their new
+                    // capped prefetch, and deliveries beyond the global one are held here.
+                    c.global_prefetch = q.prefetch_count;
+                    for (tag, cc) in &c.consumers {
+                        if let (Some(queue), false) = (&cc.queue, cc.no_ack) {
+                            queue.set_prefetch(
+                                ConsumerRef {
+                                    conn_id: s.conn_id,
+                                    channel: ch,
+                                    generation: c.generation,
+                                    tag: tag.clone(),
+                                },
+                                crate::channel::capped_prefetch(cc.prefetch, q.prefetch_count),
+                            );
+                        }
                     }
+                    release = true;
                 } else {
                     c.prefetch = q.prefetch_count;
                 }
+            }
+            if release {
+                s.release_held(ch).await;
             }
             enc(s.method(
                 ch,
@@ -56,13 +70,21 @@ pub async fn handle(s: &mut Session, ch: u16, m: basic::AMQPMethod) -> Result<()
             if let Some((cc, generation, token)) = removed {
                 match cc.queue {
                     Some(q) => {
-                        q.send(QueueCmd::Cancel {
+                        q.cancel(ConsumerRef {
                             conn_id: s.conn_id,
                             channel: ch,
                             generation,
                             tag: tag.clone(),
                         })
                         .await;
+                        // Held deliveries of this consumer never reached the client.
+                        if let Some(chan) = s.channels.get_mut(&ch) {
+                            let (mine, rest) = std::mem::take(&mut chan.held)
+                                .into_iter()
+                                .partition(|d| d.consumer_tag == tag);
+                            chan.held = rest;
+                            crate::connection::session::requeue_held(mine).await;
+                        }
                     }
                     None => {
                         if let (Some(t), Some(v)) = (token, &s.vhost) {
@@ -192,6 +214,7 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
                 ChannelConsumer {
                     queue: None,
                     no_ack: true,
+                    prefetch: 0,
                 },
             );
         }
@@ -222,10 +245,10 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
         generation: chan.generation,
         no_ack: c.no_ack,
         exclusive: c.exclusive,
-        prefetch: chan.prefetch,
+        prefetch: chan.consumer_prefetch(),
+        flow_active: chan.flow_active,
         priority,
         events: s.events_tx.clone(),
-        chan: chan.shared.clone(),
         conn: s.conn_shared.clone(),
     };
     // Register first so deliveries that race the reply find their consumer; consume-ok is
@@ -235,17 +258,10 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
         ChannelConsumer {
             queue: Some(q.clone()),
             no_ack: c.no_ack,
+            prefetch: chan.prefetch,
         },
     );
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    q.send(QueueCmd::Consume { spec, reply: tx }).await;
-    let r = rx.await.unwrap_or_else(|_| {
-        Err(ChannelError::not_found(format!(
-            "no queue '{name}' in vhost '{}'",
-            vhost.name
-        )))
-    });
-    if let Err(e) = r {
+    if let Err(e) = q.consume(spec).await {
         if let Some(chan) = s.channels.get_mut(&ch) {
             chan.consumers.remove(&tag);
         }
@@ -265,13 +281,7 @@ async fn get(s: &mut Session, ch: u16, g: basic::Get) -> Result<(), AmqpError> {
     })?;
     s.check_exclusive(&q)?;
     s.check_perm(PermKind::Read, "queue", &name)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    q.send(QueueCmd::Get {
-        no_ack: g.no_ack,
-        reply: tx,
-    })
-    .await;
-    match rx.await.ok().flatten() {
+    match q.get(g.no_ack).await {
         None => enc(s.method(
             ch,
             AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),

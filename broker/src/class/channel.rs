@@ -3,19 +3,15 @@
 use super::enc;
 use crate::connection::session::Session;
 use crate::error::{AmqpError, ConnectionError};
-use crate::queue::QueueCmd;
 use amq_protocol::protocol::{channel, AMQPClass};
-use std::sync::atomic::Ordering;
 
 pub async fn handle(s: &mut Session, ch: u16, m: channel::AMQPMethod) -> Result<(), AmqpError> {
     match m {
         channel::AMQPMethod::Flow(f) => {
-            if let Some(c) = s.channels.get(&ch) {
-                c.shared.flow_active.store(f.active, Ordering::Relaxed);
-                if f.active {
-                    for q in c.consumer_queues() {
-                        q.try_send(QueueCmd::Kick);
-                    }
+            if let Some(c) = s.channels.get_mut(&ch) {
+                c.flow_active = f.active;
+                for q in c.consumer_queues() {
+                    q.flow(s.conn_id, ch, c.generation, f.active);
                 }
             }
             enc(s.method(

@@ -5,7 +5,7 @@ use super::exchange::default_exchange_refused;
 use crate::connection::session::{PermKind, Session};
 use crate::error::{AmqpError, ChannelError};
 use crate::exchange::Destination;
-use crate::queue::{QueueArgs, QueueCmd};
+use crate::queue::QueueArgs;
 use crate::vhost::{no_queue, QueueSpec, Vhost};
 use amq_protocol::protocol::{queue, AMQPClass};
 use rand::Rng;
@@ -101,7 +101,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             let handle = if d.passive {
                 let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
                 s.check_exclusive(&q)?;
-                q.try_send(QueueCmd::Touch);
+                q.touch();
                 q
             } else {
                 s.check_perm(PermKind::Configure, "queue", &name)?;
@@ -127,7 +127,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                 }
                 if !created {
                     s.check_exclusive(&q)?;
-                    q.try_send(QueueCmd::Touch);
+                    q.touch();
                 }
                 q
             };
@@ -177,9 +177,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
             s.check_exclusive(&q)?;
             s.check_perm(PermKind::Read, "queue", &name)?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            q.send(QueueCmd::Purge { reply: tx }).await;
-            let n = rx.await.unwrap_or(0);
+            let n = q.purge().await.unwrap_or(0);
             if !p.nowait {
                 enc(s.method(
                     ch,

@@ -8,11 +8,12 @@ use crate::channel::{group_by_queue, Channel, Settle, UnackedDelivery};
 use crate::codec;
 use crate::error::{ChannelError, CodecError};
 use crate::intmap::IntMap;
-use crate::queue::{ClientEvent, ClientTx, ConnShared, Delivery, QueueCmd, QueueHandle};
+use crate::queue::{ClientEvent, ClientTx, ConnShared, ConsumerRef, Delivery, QueueHandle};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use amq_protocol::frame::AMQPFrame;
 use amq_protocol::protocol::{basic, AMQPClass};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -84,26 +85,8 @@ impl Session {
 
     /// Hands queued publishes to their queues, in publish order per queue.
     pub async fn flush_publishes(&mut self) {
-        for (q, mut items) in std::mem::take(&mut self.pending_publishes) {
-            let cmd = if items.len() == 1 {
-                match items.pop() {
-                    Some((msg, confirm)) => QueueCmd::Publish { msg, confirm },
-                    None => continue,
-                }
-            } else {
-                QueueCmd::PublishBatch(items)
-            };
-            if let Err(e) = q.tx.send(cmd).await {
-                // Queue vanished between routing and sending: nothing can confirm later.
-                let tickets: Vec<_> = match e.0 {
-                    QueueCmd::Publish { confirm, .. } => confirm.into_iter().collect(),
-                    QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
-                    _ => Vec::new(),
-                };
-                for t in tickets {
-                    t.send(true);
-                }
-            }
+        for (q, items) in std::mem::take(&mut self.pending_publishes) {
+            q.publish(items).await;
         }
     }
 
@@ -129,7 +112,7 @@ impl Session {
             .map(|c| crate::stats::ChannelSnapshot {
                 number: c.id,
                 prefetch: c.prefetch,
-                global_prefetch: c.shared.global_limit.load(Ordering::Relaxed),
+                global_prefetch: u32::from(c.global_prefetch),
                 confirm: c.confirms.is_some(),
                 transactional: c.tx.is_some(),
                 unacked: c.unacked.len(),
@@ -247,26 +230,29 @@ impl Session {
         let mut released = 0;
         for (q, ids, counted) in group_by_queue(items) {
             released += counted;
-            let cmd = match how {
-                Settle::Ack => QueueCmd::Ack { ids },
-                Settle::Requeue => QueueCmd::Reject { ids, requeue: true },
-                Settle::Discard => QueueCmd::Reject {
-                    ids,
-                    requeue: false,
-                },
-            };
-            q.send(cmd).await;
+            q.settle(ids, how).await;
         }
         if released > 0 {
-            if let Some(chan) = self.channels.get(&ch) {
-                let limited = chan.shared.global_limit.load(Ordering::Relaxed) > 0;
-                chan.shared.release_global(released);
-                if limited {
-                    for q in chan.consumer_queues() {
-                        q.try_send(QueueCmd::Kick);
-                    }
-                }
+            if let Some(chan) = self.channels.get_mut(&ch) {
+                chan.counted_unacked = chan.counted_unacked.saturating_sub(released);
             }
+            self.release_held(ch).await;
+        }
+    }
+
+    /// Sends held deliveries while the channel's global prefetch has room.
+    pub async fn release_held(&mut self, ch: u16) {
+        loop {
+            let Some(chan) = self.channels.get_mut(&ch) else {
+                return;
+            };
+            if !chan.global_room() {
+                return;
+            }
+            let Some(d) = chan.held.pop_front() else {
+                return;
+            };
+            self.deliver(d).await;
         }
     }
 
@@ -281,7 +267,7 @@ impl Session {
         crate::stats::churn(&crate::stats::CHURN.channel_closed);
         for (tag, c) in chan.consumers.drain() {
             if let Some(q) = c.queue {
-                q.send(QueueCmd::Cancel {
+                q.cancel(ConsumerRef {
                     conn_id: self.conn_id,
                     channel: ch,
                     generation: chan.generation,
@@ -295,8 +281,9 @@ impl Session {
         }
         let items: Vec<UnackedDelivery> = chan.unacked.drain(..).collect();
         for (q, ids, _) in group_by_queue(items) {
-            q.send(QueueCmd::Reject { ids, requeue: true }).await;
+            q.settle(ids, Settle::Requeue).await;
         }
+        requeue_held(std::mem::take(&mut chan.held)).await;
     }
 
     /// Releases every channel and deletes exclusive queues (connection end).
@@ -371,25 +358,24 @@ impl Session {
         if !live {
             // Consumer or channel gone while this was in flight: give it back.
             if let (false, Some(q)) = (d.no_ack, &d.queue) {
-                if let Some(chan) = self.channels.get(&d.channel) {
-                    if chan.generation == d.generation {
-                        chan.shared.release_global(1);
-                    }
-                }
-                q.send(QueueCmd::Reject {
-                    ids: vec![d.msg_id],
-                    requeue: true,
-                })
-                .await;
+                q.settle(vec![d.msg_id], Settle::Requeue).await;
             }
             return;
         }
         let Some(chan) = self.channels.get_mut(&d.channel) else {
             return;
         };
+        let counted = !d.no_ack && d.queue.is_some();
+        if counted && (!chan.global_room() || !chan.held.is_empty()) {
+            // The channel's global prefetch is used up (or others wait already): the client
+            // gets it once acks make room, in arrival order.
+            chan.held.push_back(d);
+            return;
+        }
         let tag = chan.take_tag();
-        if !d.no_ack {
+        if counted {
             if let Some(q) = d.queue.clone() {
+                chan.counted_unacked += 1;
                 chan.unacked.push_back(UnackedDelivery {
                     tag,
                     queue: q,
@@ -452,7 +438,7 @@ impl Session {
     pub fn kick_consumed_queues(&self) {
         for chan in self.channels.values() {
             for q in chan.consumer_queues() {
-                q.try_send(QueueCmd::Kick);
+                q.kick();
             }
         }
     }
@@ -473,5 +459,20 @@ impl PermKind {
             PermKind::Write => "write",
             PermKind::Read => "read",
         }
+    }
+}
+
+/// Gives held deliveries back to their queues (the client never saw them).
+pub async fn requeue_held(held: VecDeque<Delivery>) {
+    let mut by_queue: Vec<(QueueHandle, Vec<u64>)> = Vec::new();
+    for d in held {
+        let Some(q) = d.queue else { continue };
+        match by_queue.iter_mut().find(|(x, _)| Arc::ptr_eq(x, &q)) {
+            Some((_, ids)) => ids.push(d.msg_id),
+            None => by_queue.push((q, vec![d.msg_id])),
+        }
+    }
+    for (q, ids) in by_queue {
+        q.settle(ids, Settle::Requeue).await;
     }
 }

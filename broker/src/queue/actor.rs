@@ -61,7 +61,7 @@ impl QueueActor {
     }
 
     /// Runs until the queue is deleted or every handle is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut store_rx = self.store_rx.take();
         let mut paging_rx = crate::paging::subscribe();
         loop {
@@ -210,16 +210,7 @@ impl QueueActor {
         let mut targets = Vec::new();
         vhost.route_message(&msg, &mut targets);
         for q in targets {
-            let cmd = QueueCmd::Publish {
-                msg: msg.clone(),
-                confirm: None,
-            };
-            if let Err(mpsc::error::TrySendError::Full(cmd)) = q.tx.try_send(cmd) {
-                let q = q.clone();
-                tokio::spawn(async move {
-                    let _ = q.tx.send(cmd).await;
-                });
-            }
+            q.publish_detached(msg.clone());
         }
     }
 }

@@ -38,6 +38,8 @@ struct Consumer {
     spec: ConsumerSpec,
     unacked: u32,
     last_used: u64,
+    /// channel.flow of the consumer's channel (values from the channel, `QueueCmd::Flow`).
+    flow_active: bool,
 }
 
 /// What the shell must do after a call into the core, in order.
@@ -269,7 +271,7 @@ impl QueueCore {
     }
 
     /// One command from the queue's mailbox.
-    pub fn command(&mut self, cmd: QueueCmd, now: Instant) {
+    pub(crate) fn command(&mut self, cmd: QueueCmd, now: Instant) {
         self.now = now;
         match cmd {
             QueueCmd::Publish { msg, confirm } => self.publish(msg, confirm, now),
@@ -288,6 +290,30 @@ impl QueueCore {
                 generation,
                 tag,
             } => self.cancel(conn_id, channel, generation, &tag, now),
+            QueueCmd::Prefetch { consumer, prefetch } => {
+                if let Some(c) = self.consumers.iter_mut().find(|c| {
+                    c.spec.conn_id == consumer.conn_id
+                        && c.spec.channel == consumer.channel
+                        && c.spec.generation == consumer.generation
+                        && c.spec.tag == consumer.tag
+                }) {
+                    c.spec.prefetch = prefetch;
+                }
+            }
+            QueueCmd::Flow {
+                conn_id,
+                channel,
+                generation,
+                active,
+            } => {
+                for c in self.consumers.iter_mut().filter(|c| {
+                    c.spec.conn_id == conn_id
+                        && c.spec.channel == channel
+                        && c.spec.generation == generation
+                }) {
+                    c.flow_active = active;
+                }
+            }
             QueueCmd::Ack { ids } => self.ack(&ids),
             QueueCmd::Reject { ids, requeue } => self.reject(&ids, requeue, now),
             QueueCmd::Get { no_ack, reply } => {
@@ -457,11 +483,13 @@ impl QueueCore {
         self.had_consumers = true;
         let key = self.next_consumer_key;
         self.next_consumer_key += 1;
+        let flow_active = spec.flow_active;
         self.consumers.push(Consumer {
             key,
             spec,
             unacked: 0,
             last_used: 0,
+            flow_active,
         });
         self.publish_counts();
         self.dispatch(now);
@@ -606,7 +634,7 @@ impl QueueCore {
             if sac && i > 0 {
                 break;
             }
-            if !c.spec.chan.flow_active.load(Ordering::Relaxed) {
+            if !c.flow_active {
                 continue;
             }
             if c.spec.conn.pending.load(Ordering::Relaxed) >= CONN_PENDING_LIMIT {
@@ -615,13 +643,6 @@ impl QueueCore {
             }
             if !c.spec.no_ack && c.spec.prefetch > 0 && c.unacked >= c.spec.prefetch as u32 {
                 continue;
-            }
-            if !c.spec.no_ack {
-                let g = &c.spec.chan;
-                let limit = g.global_limit.load(Ordering::Relaxed);
-                if limit > 0 && g.global_unacked.load(Ordering::Relaxed) >= limit {
-                    continue;
-                }
             }
             best = match best {
                 None => Some(i),
@@ -660,17 +681,10 @@ impl QueueCore {
             let Some(ci) = self.pick_consumer() else {
                 break;
             };
-            if !self.consumers[ci].spec.no_ack && !self.consumers[ci].spec.chan.try_take_global() {
-                // Lost a race with another queue for channel-wide credit.
-                break;
-            }
             let Some(e) = self.ready.pop_front() else {
                 break;
             };
             if e.expires_at.is_some_and(|t| t <= now) {
-                if !self.consumers[ci].spec.no_ack {
-                    self.consumers[ci].spec.chan.release_global(1);
-                }
                 self.dead_letter(&e.msg, "expired");
                 self.log.settle(&[e.id]);
                 continue;

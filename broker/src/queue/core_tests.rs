@@ -4,7 +4,7 @@
 use super::*;
 use crate::policy::Applied;
 use crate::queue::args::Overflow;
-use crate::queue::{ChannelShared, ConnShared, QueuePolicy};
+use crate::queue::{ConnShared, QueuePolicy};
 use crate::store::TransientLog;
 use amq_protocol::protocol::basic::AMQPProperties;
 use std::time::Duration;
@@ -225,7 +225,7 @@ fn consumer(events: &ClientTx, conn: &Arc<ConnShared>) -> ConsumerSpec {
         prefetch: 0,
         priority: 0,
         events: events.clone(),
-        chan: Arc::new(ChannelShared::new()),
+        flow_active: true,
         conn: conn.clone(),
     }
 }
@@ -350,11 +350,7 @@ async fn the_actor_acts_on_its_deadlines_under_a_paused_clock() {
             },
         ))
         .expect("declare");
-    ttl.send(QueueCmd::Publish {
-        msg: msg("m"),
-        confirm: None,
-    })
-    .await;
+    ttl.publish(vec![(msg("m"), None)]).await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(ttl.message_count(), 1);
     tokio::time::sleep(Duration::from_secs(59)).await;

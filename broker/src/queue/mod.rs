@@ -7,6 +7,7 @@ pub mod args;
 pub mod confirm;
 pub mod core;
 pub mod deadletter;
+pub mod handle;
 pub mod ready;
 
 use crate::error::ChannelError;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 pub use args::QueueArgs;
+pub use handle::{ConsumerRef, Settle};
 
 /// Capacity of a queue's command channel.
 pub const QUEUE_MAILBOX: usize = 8192;
@@ -79,58 +81,6 @@ impl Message {
 impl Drop for Message {
     fn drop(&mut self) {
         crate::memory::release(Self::accounted(&self.header_payload, &self.body));
-    }
-}
-
-/// State a channel shares with the queues its consumers read from.
-#[derive(Debug, Default)]
-pub struct ChannelShared {
-    /// channel.flow: false pauses deliveries.
-    pub flow_active: AtomicBool,
-    /// basic.qos global=true prefetch (0 = unlimited).
-    pub global_limit: AtomicU32,
-    /// Unacked deliveries counted against `global_limit`.
-    pub global_unacked: AtomicU32,
-}
-
-impl ChannelShared {
-    pub fn new() -> Self {
-        Self {
-            flow_active: AtomicBool::new(true),
-            ..Default::default()
-        }
-    }
-
-    /// Takes one unit of channel-wide credit if available.
-    pub fn try_take_global(&self) -> bool {
-        let limit = self.global_limit.load(Ordering::Relaxed);
-        if limit == 0 {
-            self.global_unacked.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        let mut cur = self.global_unacked.load(Ordering::Relaxed);
-        loop {
-            if cur >= limit {
-                return false;
-            }
-            match self.global_unacked.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
-    }
-
-    pub fn release_global(&self, n: u32) {
-        let _ = self
-            .global_unacked
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(n))
-            });
     }
 }
 
@@ -224,12 +174,15 @@ pub struct ConsumerSpec {
     pub generation: u64,
     pub no_ack: bool,
     pub exclusive: bool,
-    /// basic.qos global=false prefetch at consume time (0 = unlimited).
+    /// How many unacked deliveries the consumer may hold (0 = unlimited): its basic.qos
+    /// prefetch, capped by the channel's global prefetch (the channel holds back what goes
+    /// beyond the global one across its consumers).
     pub prefetch: u16,
+    /// channel.flow at consume time (later changes arrive as `Flow` commands).
+    pub flow_active: bool,
     /// x-priority.
     pub priority: i64,
     pub events: ClientTx,
-    pub chan: Arc<ChannelShared>,
     pub conn: Arc<ConnShared>,
 }
 
@@ -242,9 +195,10 @@ pub struct GetResult {
     pub remaining: u32,
 }
 
-/// Commands a queue actor understands.
+/// Commands a queue actor understands: the queue's own business (outside `queue/`, the
+/// typed API in `handle.rs` sends them).
 #[derive(Debug)]
-pub enum QueueCmd {
+pub(crate) enum QueueCmd {
     Publish {
         msg: Arc<Message>,
         confirm: Option<ConfirmTicket>,
@@ -260,6 +214,18 @@ pub enum QueueCmd {
         channel: u16,
         generation: u64,
         tag: Arc<str>,
+    },
+    /// A consumer's prefetch changed (0 = unlimited).
+    Prefetch {
+        consumer: ConsumerRef,
+        prefetch: u16,
+    },
+    /// channel.flow for the consumers of one channel.
+    Flow {
+        conn_id: u64,
+        channel: u16,
+        generation: u64,
+        active: bool,
     },
     Ack {
         ids: Vec<u64>,
@@ -312,7 +278,8 @@ pub struct QueueInfo {
     /// Set when `policy` changed; the actor takes the new settings on its next turn (a
     /// shorter max-length drops or dead-letters at once).
     pub policy_changed: AtomicBool,
-    pub tx: mpsc::Sender<QueueCmd>,
+    /// The mailbox; outside `queue/`, use the typed API (`handle.rs`).
+    tx: mpsc::Sender<QueueCmd>,
     pub message_count: AtomicU32,
     pub consumer_count: AtomicU32,
     /// Message counters for the management API (written by the actor).
@@ -338,12 +305,41 @@ impl QueuePolicy {
 }
 
 impl QueueInfo {
-    /// Sends a command, waiting for mailbox space (back-pressure to publishers).
-    pub async fn send(&self, cmd: QueueCmd) -> bool {
-        self.tx.send(cmd).await.is_ok()
+    /// A queue's handle and the receiving end of its mailbox (for its actor). `declared`: the
+    /// arguments as declared; `applied`: the policies that apply to it now.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: Arc<str>,
+        vhost: Arc<str>,
+        durable: bool,
+        auto_delete: bool,
+        exclusive_owner: Option<u64>,
+        args: QueueArgs,
+        arguments: amq_protocol::types::FieldTable,
+        applied: crate::policy::Applied,
+    ) -> (QueueHandle, mpsc::Receiver<QueueCmd>) {
+        let (tx, rx) = mpsc::channel(QUEUE_MAILBOX);
+        let policy = parking_lot::Mutex::new(Arc::new(QueuePolicy::new(&args, applied)));
+        let handle = Arc::new(QueueInfo {
+            name,
+            vhost,
+            durable,
+            auto_delete,
+            exclusive_owner,
+            args,
+            arguments,
+            policy,
+            policy_changed: AtomicBool::new(false),
+            tx,
+            message_count: AtomicU32::new(0),
+            consumer_count: AtomicU32::new(0),
+            stats: Default::default(),
+        });
+        (handle, rx)
     }
+
     /// Sends without waiting; used from queue actors (never block one queue on another).
-    pub fn try_send(&self, cmd: QueueCmd) -> bool {
+    pub(crate) fn try_send(&self, cmd: QueueCmd) -> bool {
         self.tx.try_send(cmd).is_ok()
     }
     pub fn message_count(&self) -> u32 {

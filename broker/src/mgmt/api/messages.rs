@@ -1,6 +1,7 @@
-//! The endpoints that move messages, and so the only ones that send commands to a queue
-//! (`QueueCmd`):
-//! - `POST /api/exchanges/{vhost}/{name}/publish`: route one message, answer `{"routed": bool}`
+//! The endpoints that move messages, through the queues' typed API as AMQP clients do:
+//! - `POST /api/exchanges/{vhost}/{name}/publish`: route one message as a mandatory publish
+//!   with a publisher confirm (alternate exchanges followed, persistent messages on disk before
+//!   the answer), answer `{"routed": bool}` as RabbitMQ's management plugin does
 //! - `POST /api/queues/{vhost}/{name}/get`: take up to `count` messages, then ack or reject
 //!   them as `ackmode` says
 //! - `DELETE /api/queues/{vhost}/{name}/contents`: purge
@@ -10,7 +11,7 @@
 use super::{check_perm, exchange_url_name, ok, required_str, vhost, Perm, R};
 use crate::mgmt::json as conv;
 use crate::mgmt::{no_content, ApiError, Req};
-use crate::queue::{QueueArgs, QueueCmd};
+use crate::queue::{ClientEvent, ConfirmTicket, QueueArgs, Settle};
 use crate::vhost::{QueueSpec, Vhost};
 use crate::BrokerShared;
 use bytes::Bytes;
@@ -86,18 +87,53 @@ async fn publish_message(
         msg.properties.headers().as_ref(),
         &mut targets,
     );
-    let msg = Arc::new(msg);
-    let mut routed = false;
-    for q in targets {
-        routed |= q
-            .send(QueueCmd::Publish {
-                msg: msg.clone(),
-                confirm: None,
-            })
-            .await;
+    if targets.is_empty() {
+        // Mandatory: nothing took it.
+        return Ok(false);
     }
-    Ok(routed)
+    // Confirmed like a publish on a confirm channel: every queue reports on its copy.
+    let msg = Arc::new(msg);
+    let (events, mut confirms) = tokio::sync::mpsc::unbounded_channel();
+    let n = targets.len();
+    for (seq, q) in targets.into_iter().enumerate() {
+        let ticket = ConfirmTicket {
+            events: events.clone(),
+            conn_id: 0,
+            channel: 0,
+            generation: 0,
+            seq: seq as u64,
+        };
+        q.publish(vec![(msg.clone(), Some(ticket))]).await;
+    }
+    drop(events);
+    let mut acked = 0;
+    let wait = tokio::time::timeout(CONFIRM_TIMEOUT, async {
+        while let Some(ev) = confirms.recv().await {
+            if let ClientEvent::Confirm { ok, .. } = ev {
+                if !ok {
+                    // RabbitMQ's answer to a nacked publish (a full reject-publish queue).
+                    return Err(ApiError::bad(
+                        "rejected Unable to publish message. Check queue limits.",
+                    ));
+                }
+                acked += 1;
+                if acked == n {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    match wait.await {
+        Ok(r) => r.map(|()| true),
+        Err(_) => Err(ApiError::Unavailable(
+            "the message was not confirmed in time".into(),
+        )),
+    }
 }
+
+/// How long an HTTP publish waits for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// POST /api/queues/{vhost}/{name}/get.
 pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
@@ -131,17 +167,7 @@ pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
     let mut out = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..count.min(10_000) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !q
-            .send(QueueCmd::Get {
-                no_ack: false,
-                reply: tx,
-            })
-            .await
-        {
-            break;
-        }
-        let Some(g) = rx.await.ok().flatten() else {
+        let Some(g) = q.get(false).await else {
             break;
         };
         ids.push(g.msg_id);
@@ -166,12 +192,12 @@ pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
         }));
     }
     if !ids.is_empty() {
-        let cmd = if ack {
-            QueueCmd::Ack { ids }
-        } else {
-            QueueCmd::Reject { ids, requeue }
+        let how = match (ack, requeue) {
+            (true, _) => Settle::Ack,
+            (false, true) => Settle::Requeue,
+            (false, false) => Settle::Discard,
         };
-        q.send(cmd).await;
+        q.settle(ids, how).await;
     }
     ok(Value::Array(out))
 }
@@ -181,10 +207,7 @@ pub(super) async fn purge(shared: &BrokerShared, r: &Req, vh: &str, name: &str) 
     let v = vhost(shared, r, vh)?;
     check_perm(shared, r, &v, Perm::Read, name)?;
     let q = v.queue(name).ok_or(ApiError::NotFound)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if q.send(QueueCmd::Purge { reply: tx }).await {
-        let _ = rx.await;
-    }
+    q.purge().await;
     Ok(no_content())
 }
 
@@ -203,14 +226,8 @@ pub(super) async fn aliveness(shared: &BrokerShared, r: &Req, vh: &str) -> R {
     })?;
     let body = Bytes::from_static(b"test_message");
     publish_message(&v, "", name, Default::default(), body.clone()).await?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    q.send(QueueCmd::Get {
-        no_ack: true,
-        reply: tx,
-    })
-    .await;
-    match tokio::time::timeout(Duration::from_secs(5), rx).await {
-        Ok(Ok(Some(g))) if g.msg.body == body => ok(json!({"status": "ok"})),
+    match tokio::time::timeout(Duration::from_secs(5), q.get(true)).await {
+        Ok(Some(g)) if g.msg.body == body => ok(json!({"status": "ok"})),
         _ => Err(ApiError::Unavailable("aliveness test failed".into())),
     }
 }
