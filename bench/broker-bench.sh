@@ -29,7 +29,10 @@
 #   SCENARIOS="transient rate20k confirm100 confirm1"
 #             (persistent set: SCENARIOS="persist-c1-x1 persist-c10-x1 persist-c100-x1 persist-c1-x4
 #             persist-c10-x4 persist-c100-x4", or SCENARIOS=persist for all six)
-#   BROKERS="rabbitmq warren"
+#   BROKERS="rabbitmq warren"   add "base" to measure a second warren-broker build side by side
+#   BASE_BIN=path         that build (for before/after comparisons, e.g. a release build of the
+#                         commit before a change: `git worktree add ../base REV` and
+#                         `CARGO_TARGET_DIR=../target-base cargo build --release -p warren-broker`)
 #   ROUNDS=1              repeat every scenario, brokers alternating (all rounds kept, table = medians)
 #   PERF_THREADS=1        warren-perf threads (1 = everything on one thread, least client CPU)
 #   RESULTS=dir           where JSON goes (default $CARGO_TARGET_DIR/broker-bench/<UTC time>)
@@ -178,48 +181,64 @@ start_rabbitmq() {
 }
 
 # ---------------------------------------------------------------- warren-broker
+# start_warren LABEL BINARY: sets <LABEL>_URI and <LABEL>_PID (LABEL: WARREN or BASE), or clears
+# <LABEL>_OK and says why.
 start_warren() {
+    local label=$1 bin=$2 lower=${1,,}
     local args=(--amqp 127.0.0.1:0)
     local help flag
-    help=$("$BIN/warren-broker" --help 2>&1 || true)
+    help=$("$bin" --help 2>&1 || true)
     # Keep its other listeners off the default ports when it has them.
     for flag in --mgmt --prometheus --cluster-listen; do
         grep -q -- "$flag" <<<"$help" && args+=("$flag" 127.0.0.1:0)
     done
-    grep -q -- "--data-dir" <<<"$help" && args+=(--data-dir "$WORK/warren-data")
+    grep -q -- "--data-dir" <<<"$help" && args+=(--data-dir "$WORK/$lower-data")
     # shellcheck disable=SC2206
     args+=(${WARREN_ARGS:-})
-    log "starting warren-broker ${args[*]}"
-    : >"$WORK/warren.log"
+    log "starting $lower: $bin ${args[*]}"
+    : >"$WORK/$lower.log"
     # The store's sync counter is a debug line; everything else stays at info.
     RUST_LOG=${RUST_LOG:-info,warren_broker::store=debug} \
-        "$BIN/warren-broker" "${args[@]}" 2>>"$WORK/warren.log" >/dev/null &
-    WARREN_PID=$!
-    PIDS+=("$WARREN_PID")
+        "$bin" "${args[@]}" 2>>"$WORK/$lower.log" >/dev/null &
+    local pid=$!
+    PIDS+=("$pid")
+    printf -v "${label}_PID" '%s' "$pid"
     local i addr
     for ((i = 0; i < 100; i++)); do
-        addr=$(sed -n 's/.*listening proto=amqp addr=\([^ ]*\).*/\1/p' "$WORK/warren.log" | head -1 || true)
+        addr=$(sed -n 's/.*listening proto=amqp addr=\([^ ]*\).*/\1/p' "$WORK/$lower.log" | head -1 || true)
         if [[ -n $addr ]]; then
-            WARREN_URI="amqp://guest:guest@$addr/%2f"
-            log "warren-broker up on $addr, pid $WARREN_PID"
+            printf -v "${label}_URI" '%s' "amqp://guest:guest@$addr/%2f"
+            log "$lower up on $addr, pid $pid"
             return 0
         fi
-        if ! kill -0 "$WARREN_PID" 2>/dev/null; then break; fi
+        if ! kill -0 "$pid" 2>/dev/null; then break; fi
         sleep 0.2
     done
-    tail -20 "$WORK/warren.log" >&2
-    WARREN_OK=0
-    WARREN_WHY="does not start (no 'listening proto=amqp' line)"
-    log "warren-broker $WARREN_WHY: measuring RabbitMQ only"
+    tail -20 "$WORK/$lower.log" >&2
+    printf -v "${label}_OK" '%s' 0
+    printf -v "${label}_WHY" '%s' "does not start (no 'listening proto=amqp' line)"
+    log "$lower does not start: not measured"
     return 0
 }
 
 [[ " $BROKERS " == *" rabbitmq "* ]] && start_rabbitmq
 if [[ " $BROKERS " == *" warren "* ]]; then
-    [[ $WARREN_OK == 1 ]] && start_warren
+    [[ $WARREN_OK == 1 ]] && start_warren WARREN "$BIN/warren-broker"
 else
     WARREN_OK=0
     WARREN_WHY="not selected"
+fi
+BASE_OK=0
+BASE_WHY="not selected"
+BASE_PID=""
+if [[ " $BROKERS " == *" base "* ]]; then
+    if [[ -x ${BASE_BIN:-} ]]; then
+        BASE_OK=1
+        start_warren BASE "$BASE_BIN"
+    else
+        BASE_WHY="BASE_BIN not set or not executable"
+        log "base: $BASE_WHY"
+    fi
 fi
 
 # ---------------------------------------------------------------- idle cost
@@ -254,10 +273,10 @@ scenario_args() {
     esac
 }
 
-# Latest value of warren-broker's store sync counter (0 before the first sync).
+# Latest value of a warren-broker's store sync counter (0 before the first sync): warren or base.
 warren_syncs() {
     sed -n 's/.*syncs=\([0-9]*\).*store: sync count.*/\1/p; s/.*store: sync count.*syncs=\([0-9]*\).*/\1/p' \
-        "$WORK/warren.log" | tail -1 | grep . || echo 0
+        "$WORK/$1.log" | tail -1 | grep . || echo 0
 }
 
 run_one() { # broker scenario round
@@ -268,6 +287,10 @@ run_one() { # broker scenario round
             if [[ $WARREN_OK != 1 ]]; then return 0; fi
             uri=$WARREN_URI pid=$WARREN_PID
             ;;
+        base)
+            if [[ $BASE_OK != 1 ]]; then return 0; fi
+            uri=$BASE_URI pid=$BASE_PID
+            ;;
     esac
     out=$RESULTS/$sc-$broker-r$round.json
     # A queue of its own per run: nothing left over by an earlier run can reach this one.
@@ -276,9 +299,9 @@ run_one() { # broker scenario round
     local l0 l1 s0="" s1="" strace_pid=""
     l0=$(load)
     if [[ $sc == persist-* ]]; then
-        if [[ $broker == warren ]]; then
+        if [[ $broker == warren || $broker == base ]]; then
             sleep 1.5 # the writer reports its count once idle for a second
-            s0=$(warren_syncs)
+            s0=$(warren_syncs "$broker")
         elif [[ $FSYNC_STRACE == 1 ]] && command -v strace >/dev/null; then
             timeout $((DURATION + 5)) strace -f -c -e trace=fsync,fdatasync -p "$pid" \
                 -o "$WORK/strace-$sc-$round.txt" 2>/dev/null &
@@ -298,7 +321,7 @@ run_one() { # broker scenario round
     local fsyncs=null
     if [[ -n $s0 ]]; then
         sleep 1.5
-        s1=$(warren_syncs)
+        s1=$(warren_syncs "$broker")
         fsyncs=$(awk -v a="$s0" -v b="$s1" -v d="$DURATION" 'BEGIN {printf "%.0f", (b - a) / d}')
     elif [[ -n $strace_pid ]]; then
         kill -INT "$strace_pid" 2>/dev/null || true
@@ -321,6 +344,12 @@ run_one() { # broker scenario round
         WARREN_WHY="exited during $sc"
         log "warren-broker $WARREN_WHY"
     fi
+    if [[ $broker == base ]] && ! kill -0 "$BASE_PID" 2>/dev/null; then
+        tail -20 "$WORK/base.log" >&2
+        BASE_OK=0
+        BASE_WHY="exited during $sc"
+        log "base $BASE_WHY"
+    fi
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -338,6 +367,7 @@ runs=("$RESULTS"/*-r*.json)
 jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg nproc "$(nproc)" \
     --arg mem "$MEM_GIB" --arg rabbit "${RABBIT_VERSION:-}" --arg duration "$DURATION" \
     --arg warren_ok "$WARREN_OK" --arg warren_why "$WARREN_WHY" \
+    --arg base "$([[ $BASE_OK == 1 ]] && echo "measured: $BASE_BIN" || echo "not measured: $BASE_WHY")" \
     --arg nice "${BENCH_NICE:-0}" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --argjson idle_rabbit "$IDLE_RABBIT" --argjson idle_warren "$IDLE_WARREN" \
@@ -346,6 +376,7 @@ jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg n
       nice: $nice,
       idle_core_percent: {rabbitmq: $idle_rabbit, warren: $idle_warren},
       warren_broker: (if $warren_ok == "1" then "measured" else "not measured: " + $warren_why end),
+      base_broker: $base,
       runs: .}' "${runs[@]}" >"$RESULTS/results.json"
 
 # Medians over rounds, one row per scenario and broker.
