@@ -117,3 +117,304 @@ async fn check_version_conflicts_apply_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The node among `nodes` that leads, once all agree on one.
+async fn leader_of<'a>(nodes: &[&'a warren_cluster::Cluster]) -> &'a warren_cluster::Cluster {
+    let mut found = None;
+    until(Duration::from_secs(5), "an agreed leader", || {
+        let ls: Vec<_> = nodes.iter().map(|n| n.leader()).collect();
+        match ls[0] {
+            Some(l) if ls.iter().all(|x| *x == Some(l)) => {
+                found = nodes.iter().find(|n| n.node_id() == l).copied();
+                found.is_some()
+            }
+            _ => false,
+        }
+    })
+    .await;
+    found.expect("leader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_new_leader_keeps_every_committed_op() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start("a@lk", dirs[0].path(), &[]).await;
+    let b = start("b@lk", dirs[1].path(), &[&a]).await;
+    let c = start("c@lk", dirs[2].path(), &[&a]).await;
+    let all = [&a, &b, &c];
+    let old = leader_of(&all).await;
+    let others: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|n| n.node_id() != old.node_id())
+        .collect();
+    for i in 0..20 {
+        others[i % 2]
+            .propose(vec![put(&format!("before{i}"), json!(i))])
+            .await
+            .unwrap();
+    }
+    old.shutdown().await;
+    // The survivors elect a new leader and go on.
+    for i in 0..20 {
+        others[i % 2]
+            .propose(vec![put(&format!("after{i}"), json!(i))])
+            .await
+            .unwrap();
+    }
+    let new = leader_of(&others).await;
+    assert_ne!(new.node_id(), old.node_id());
+    for n in &others {
+        until(Duration::from_secs(5), "all ops applied", || {
+            let st = n.state().borrow().clone();
+            (0..20).all(|i| {
+                st.get(&format!("before{i}")).is_some() && st.get(&format!("after{i}")).is_some()
+            })
+        })
+        .await;
+    }
+    for n in others {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_catches_up_from_the_log() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start("a@rl", dirs[0].path(), &[]).await;
+    let b = start("b@rl", dirs[1].path(), &[&a]).await;
+    let c = start("c@rl", dirs[2].path(), &[&a]).await;
+    a.propose(vec![put("early", json!(1))]).await.unwrap();
+    until(Duration::from_secs(5), "c has early", || {
+        get(&c, "early").is_some()
+    })
+    .await;
+    c.shutdown().await;
+    drop(c);
+    for i in 0..30 {
+        b.propose(vec![put(&format!("k{i}"), json!(i))])
+            .await
+            .unwrap();
+    }
+    // Restart c from its data dir (on a new port: its address is refreshed in the membership).
+    let c = warren_cluster::Cluster::start(support::config("c@rl", dirs[2].path()))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&c, "early"),
+        Some(json!(1)),
+        "its own log is re-applied at start"
+    );
+    until(Duration::from_secs(10), "c caught up", || {
+        get(&c, "k29").is_some()
+    })
+    .await;
+    let addr = c.advertised_addr().to_string();
+    until(
+        Duration::from_secs(10),
+        "c's new address in the membership",
+        || {
+            a.state()
+                .borrow()
+                .members
+                .get(&c.node_id())
+                .is_some_and(|m| m.addr == addr)
+        },
+    )
+    .await;
+    // And it takes part again.
+    c.propose(vec![put("from-c", json!(true))]).await.unwrap();
+    until(Duration::from_secs(5), "a sees from-c", || {
+        get(&a, "from-c").is_some()
+    })
+    .await;
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_far_behind_gets_a_snapshot() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cfg = |name: &str, i: usize| {
+        let mut cfg = support::config(name, dirs[i].path());
+        cfg.snapshot = warren_cluster::SnapshotPolicy { every: 10, keep: 0 };
+        cfg
+    };
+    let a = warren_cluster::Cluster::start(cfg("a@sn", 0))
+        .await
+        .unwrap();
+    let join = |mut c: warren_cluster::ClusterConfig| {
+        c.join = vec![a.advertised_addr().to_string()];
+        c
+    };
+    let b = warren_cluster::Cluster::start(join(cfg("b@sn", 1)))
+        .await
+        .unwrap();
+    let c = warren_cluster::Cluster::start(join(cfg("c@sn", 2)))
+        .await
+        .unwrap();
+    c.shutdown().await;
+    drop(c);
+    for i in 0..60 {
+        a.propose(vec![put(&format!("k{i}"), json!(i))])
+            .await
+            .unwrap();
+    }
+    a.propose(vec![Op::DeletePrefix {
+        prefix: "k1".into(),
+    }])
+    .await
+    .unwrap();
+    let c = warren_cluster::Cluster::start(join(cfg("c@sn", 2)))
+        .await
+        .unwrap();
+    let mut applied = c.applied();
+    until(Duration::from_secs(10), "c caught up", || {
+        get(&c, "k59").is_some() && get(&c, "k15").is_none()
+    })
+    .await;
+    // The leader had purged its log: c could only have caught up through a snapshot.
+    let mut reset = false;
+    while let Ok(ev) = applied.try_recv() {
+        reset |= matches!(
+            ev,
+            Applied::Reset {
+                reason: warren_cluster::ResetReason::Snapshot,
+                ..
+            }
+        );
+    }
+    assert!(reset, "an installed snapshot was reported");
+    assert!(dirs[2].path().join("snapshot").exists());
+    assert_eq!(a.state().borrow().kv, c.state().borrow().kv);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn witness_counts_for_quorum() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start("a@wq", dirs[0].path(), &[]).await;
+    let b = start("b@wq", dirs[1].path(), &[&a]).await;
+    let mut wcfg = support::config("w@wq", dirs[2].path());
+    wcfg.witness = true;
+    wcfg.join = vec![a.advertised_addr().to_string()];
+    let w = warren_cluster::Cluster::start(wcfg).await.unwrap();
+    until(Duration::from_secs(5), "3 voters", || voters(&a) == 3).await;
+    let st = a.state().borrow().clone();
+    assert!(st.members[&w.node_id()].witness && st.members[&w.node_id()].voter);
+    assert!(!st.members[&b.node_id()].witness);
+    // Either data node may die: the other one and the witness are a majority.
+    a.shutdown().await;
+    until(
+        Duration::from_secs(5),
+        "b has quorum with the witness",
+        || b.has_quorum(),
+    )
+    .await;
+    b.propose(vec![put("after-a", json!(1))]).await.unwrap();
+    until(Duration::from_secs(5), "w applied", || {
+        get(&w, "after-a").is_some()
+    })
+    .await;
+    let running: Vec<_> = b
+        .members()
+        .into_iter()
+        .filter(|m| m.running)
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(running.len(), 2, "{running:?}");
+    b.shutdown().await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_node_loses_quorum_and_catches_up_when_healed() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start("a@cq", dirs[0].path(), &[]).await;
+    let b = start("b@cq", dirs[1].path(), &[&a]).await;
+    let c = start("c@cq", dirs[2].path(), &[&a]).await;
+    let mut events = c.peer_events();
+    for n in [&a, &b, &c] {
+        until(Duration::from_secs(5), "quorum", || n.has_quorum()).await;
+    }
+    c.set_partition(&[a.node_id(), b.node_id()]);
+    until(Duration::from_secs(5), "c loses quorum", || !c.has_quorum()).await;
+    assert!(a.has_quorum() && b.has_quorum());
+    a.propose(vec![put("majority", json!(1))]).await.unwrap();
+    // c cannot commit.
+    let mut lost = false;
+    until_async(Duration::from_secs(5), "QuorumLost event", || {
+        while let Ok(ev) = events.try_recv() {
+            lost |= ev == warren_cluster::PeerEvent::QuorumLost;
+        }
+        std::future::ready(lost)
+    })
+    .await;
+    assert!(get(&c, "majority").is_none());
+    c.set_partition(&[]);
+    until(Duration::from_secs(5), "c regains quorum", || {
+        c.has_quorum()
+    })
+    .await;
+    until(Duration::from_secs(5), "c catches up", || {
+        get(&c, "majority").is_some()
+    })
+    .await;
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_messages_are_ordered_per_channel() {
+    init_tracing();
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    let a = start("a@app", d1.path(), &[]).await;
+    let b = start("b@app", d2.path(), &[&a]).await;
+    let mut ch1 = b.subscribe_app(1);
+    let mut ch2 = b.subscribe_app(2);
+    let n = 2000u32;
+    for i in 0..n {
+        a.send(
+            b.node_id(),
+            1 + (i % 2) as u8,
+            bytes::Bytes::from(i.to_be_bytes().to_vec()),
+        )
+        .unwrap();
+    }
+    let mut got1 = Vec::new();
+    let mut got2 = Vec::new();
+    while got1.len() + got2.len() < n as usize {
+        let m = tokio::select! {
+            Some(m) = ch1.recv() => m,
+            Some(m) = ch2.recv() => m,
+        };
+        assert_eq!(m.from, a.node_id());
+        let v = u32::from_be_bytes(m.payload[..].try_into().unwrap());
+        if m.channel == 1 {
+            got1.push(v)
+        } else {
+            got2.push(v)
+        }
+    }
+    assert_eq!(got1, (0..n).filter(|i| i % 2 == 0).collect::<Vec<_>>());
+    assert_eq!(got2, (0..n).filter(|i| i % 2 == 1).collect::<Vec<_>>());
+    // Back the other way too.
+    let mut back = a.subscribe_app(7);
+    b.send(a.node_id(), 7, bytes::Bytes::from_static(b"pong"))
+        .unwrap();
+    assert_eq!(&back.recv().await.unwrap().payload[..], b"pong");
+    // Unknown peers and oversized payloads are refused at once.
+    assert!(a.send(12345, 1, bytes::Bytes::new()).is_err());
+    a.shutdown().await;
+    b.shutdown().await;
+}

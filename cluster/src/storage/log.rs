@@ -125,7 +125,7 @@ impl LogStore {
             },
             Err(_) => None,
         };
-        let (disk, entries) = Disk::load(root, purged.as_ref().map_or(0, |p| p.index))?;
+        let (disk, entries) = Disk::load(root, purged.map(|p| p.index))?;
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("cluster-log".into())
@@ -339,7 +339,8 @@ fn seg_name(first: u64) -> String {
 
 impl Disk {
     /// Read every segment back, cut a torn tail, and return the entries above `purged`.
-    fn load(root: &Path, purged: u64) -> io::Result<(Disk, BTreeMap<u64, Entry>)> {
+    /// (Index 0 is a real entry: openraft writes the initial membership there.)
+    fn load(root: &Path, purged: Option<u64>) -> io::Result<(Disk, BTreeMap<u64, Entry>)> {
         let dir = root.join(LOG_DIR);
         let mut firsts: Vec<u64> = Vec::new();
         for de in fs::read_dir(&dir)? {
@@ -389,14 +390,17 @@ impl Disk {
                 let in_sequence = match last {
                     None => at != 0 || idx == first,
                     // A gap is fine only below the purge mark (purged segments may linger).
-                    Some(l) => idx == l + 1 || (idx <= purged + 1 && at == 0 && idx == first),
+                    Some(l) => {
+                        idx == l + 1
+                            || (purged.is_some_and(|p| idx <= p + 1) && at == 0 && idx == first)
+                    }
                 };
                 if !in_sequence {
                     cut = Some((first, at as u64, format!("index {idx} out of sequence")));
                     break;
                 }
                 disk.offsets.insert(idx, (first, at as u64));
-                if idx > purged {
+                if purged.is_none_or(|p| idx > p) {
                     entries.insert(idx, entry);
                 }
                 last = Some(idx);
@@ -669,9 +673,13 @@ mod tests {
     #[tokio::test]
     async fn reopen_keeps_entries_vote_and_purge_mark() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = LogStore::open(dir.path()).unwrap();
+        let s = LogStore::open(dir.path()).unwrap();
         assert!(s.is_pristine());
-        put(&s, (1..=5).map(|i| entry(1, i)).collect()).await;
+        // Index 0 is a real entry (openraft's initial membership).
+        put(&s, (0..=5).map(|i| entry(1, i)).collect()).await;
+        s.close();
+        let mut s = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&mut s).await, vec![0, 1, 2, 3, 4, 5]);
         s.store_vote(&Vote::new(3, 7)).await.unwrap();
         s.purge(LogId::new(CommittedLeaderId::new(1, 1), 2))
             .await
