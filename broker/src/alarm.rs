@@ -1,29 +1,30 @@
 //! Resource alarms: memory high watermark and disk free limit, as in RabbitMQ.
 //!
-//! - **Memory**: raised when message memory ([`crate::memory::used`]) reaches
-//!   [`crate::memory::high_watermark`], cleared when it falls below. The monitor is woken the
-//!   moment the counter crosses the watermark and also polls it every second.
+//! - **Memory**: raised when the node's message memory ([`Memory::used`]) reaches its
+//!   [`Memory::high_watermark`], cleared when it falls below. The monitor is woken the moment
+//!   the counter crosses the watermark and also polls it every second.
 //! - **Disk**: raised when free space on the file system of the data directory (statvfs, for
 //!   the unprivileged user) falls below `disk-free-limit`, cleared when it is back at or above.
 //!   Checked every 10 s when far from the limit and down to every 100 ms when close to it.
 //!
 //! Raising and clearing are logged (`alarm set resource=memory ...`, `alarm cleared ...`) and
-//! published to every connection through [`subscribe`]. Connections then block publishers:
-//! see `connection/throttle.rs` and `connection/LIFECYCLE.md`.
+//! published to every connection of the node through [`NodeAlarms::subscribe`]. Connections
+//! then block publishers: see `connection/throttle.rs` and `connection/LIFECYCLE.md`.
 //!
-//! The state is process-wide, like [`crate::memory`]: one broker per process. [`configure`]
-//! (from `Broker::bind`) takes the first readings synchronously, so a broker that starts with
-//! too little disk refuses publishes from its very first connection.
+//! The state is per node ([`NodeAlarms`], in `crate::node::Node`), so brokers sharing a
+//! process alarm on their own memory and data directory. [`configure`] (from `Broker::bind`)
+//! takes the first readings synchronously, so a broker that starts with too little disk
+//! refuses publishes from its very first connection; its [`Monitor`] keeps them current.
 //!
-//! For the management API: [`state`] returns a snapshot of both alarms and their inputs;
-//! [`set_disk_free_limit`] and [`crate::memory::set_high_watermark`] change the thresholds at
-//! run time (RabbitMQ's `set_disk_free_limit` / `set_vm_memory_high_watermark`).
+//! For the management API: [`NodeAlarms::state`] returns a snapshot of both alarms and their
+//! inputs; [`NodeAlarms::set_disk_free_limit`] and [`Memory::set_high_watermark`] change the
+//! thresholds at run time (RabbitMQ's `set_disk_free_limit` / `set_vm_memory_high_watermark`).
 
 use crate::config::{Config, DiskFreeLimit};
-use crate::memory;
+use crate::memory::{self, Memory};
+use crate::paging::Paging;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -69,51 +70,73 @@ pub struct AlarmState {
     pub disk_free_limit: u64,
 }
 
-static ALARMS: LazyLock<watch::Sender<Alarms>> =
-    LazyLock::new(|| watch::Sender::new(Alarms::default()));
-static DISK_FREE: AtomicU64 = AtomicU64::new(u64::MAX);
-static DISK_FREE_LIMIT: AtomicU64 = AtomicU64::new(0);
-/// Wakes the monitor for an immediate disk check (limit changed at run time).
-static RECHECK: Notify = Notify::const_new();
+/// One node's alarms: the state its connections watch, and the disk readings and limit the
+/// [`Monitor`] keeps current. The memory side reads the node's [`Memory`] account.
+#[derive(Debug)]
+pub struct NodeAlarms {
+    memory: &'static Memory,
+    alarms: watch::Sender<Alarms>,
+    /// Free bytes at the last check (`u64::MAX`: not known).
+    disk_free: AtomicU64,
+    disk_free_limit: AtomicU64,
+    /// Wakes the monitor for an immediate disk check (limit changed at run time).
+    recheck: Notify,
+}
 
-/// Current alarms and their inputs.
-pub fn state() -> AlarmState {
-    let a = *ALARMS.borrow();
-    let free = DISK_FREE.load(Ordering::Relaxed);
-    AlarmState {
-        memory: a.memory,
-        disk: a.disk,
-        mem_used: memory::used(),
-        mem_limit: memory::high_watermark(),
-        disk_free: (free != u64::MAX).then_some(free),
-        disk_free_limit: DISK_FREE_LIMIT.load(Ordering::Relaxed),
+// === impl NodeAlarms ===
+
+impl NodeAlarms {
+    /// No alarm, no disk reading, no disk limit; memory from `memory`.
+    pub fn new(memory: &'static Memory) -> Self {
+        Self {
+            memory,
+            alarms: watch::Sender::new(Alarms::default()),
+            disk_free: AtomicU64::new(u64::MAX),
+            disk_free_limit: AtomicU64::new(0),
+            recheck: Notify::new(),
+        }
+    }
+
+    /// Current alarms and their inputs.
+    pub fn state(&self) -> AlarmState {
+        let a = *self.alarms.borrow();
+        let free = self.disk_free.load(Ordering::Relaxed);
+        AlarmState {
+            memory: a.memory,
+            disk: a.disk,
+            mem_used: self.memory.used(),
+            mem_limit: self.memory.high_watermark(),
+            disk_free: (free != u64::MAX).then_some(free),
+            disk_free_limit: self.disk_free_limit(),
+        }
+    }
+
+    /// Current alarms.
+    pub fn alarms(&self) -> Alarms {
+        *self.alarms.borrow()
+    }
+
+    /// A receiver that sees every change of the alarms.
+    pub fn subscribe(&self) -> watch::Receiver<Alarms> {
+        self.alarms.subscribe()
+    }
+
+    /// The disk free limit in bytes.
+    pub fn disk_free_limit(&self) -> u64 {
+        self.disk_free_limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the disk free limit; the monitor re-checks at once.
+    pub fn set_disk_free_limit(&self, bytes: u64) {
+        self.disk_free_limit.store(bytes, Ordering::Relaxed);
+        self.recheck.notify_one();
     }
 }
 
-/// Current alarms.
-pub fn alarms() -> Alarms {
-    *ALARMS.borrow()
-}
-
-/// A receiver that sees every change of the alarms.
-pub fn subscribe() -> watch::Receiver<Alarms> {
-    ALARMS.subscribe()
-}
-
-/// The disk free limit in bytes.
-pub fn disk_free_limit() -> u64 {
-    DISK_FREE_LIMIT.load(Ordering::Relaxed)
-}
-
-/// Changes the disk free limit; the monitor re-checks at once.
-pub fn set_disk_free_limit(bytes: u64) {
-    DISK_FREE_LIMIT.store(bytes, Ordering::Relaxed);
-    RECHECK.notify_one();
-}
-
-/// Resolves the disk free limit (after [`memory::configure`]) and takes the first readings,
-/// so alarms that hold at start are set before any client connects.
-pub fn configure(cfg: &Config) -> Monitor {
+/// Resolves the disk free limit (after `Memory::configure`) and takes the first readings, so
+/// alarms that hold at start are set before any client connects. The returned monitor keeps
+/// them current once [`Monitor::run`] with the same `alarms` and `paging`.
+pub fn configure(alarms: &NodeAlarms, paging: &Paging, cfg: &Config) -> Monitor {
     let limit = match cfg.disk_free_limit {
         DiskFreeLimit::Absolute(b) => b,
         DiskFreeLimit::MemRelative(f) => {
@@ -121,7 +144,7 @@ pub fn configure(cfg: &Config) -> Monitor {
             (total as f64 * f).min(u64::MAX as f64) as u64
         }
     };
-    DISK_FREE_LIMIT.store(limit, Ordering::Relaxed);
+    alarms.disk_free_limit.store(limit, Ordering::Relaxed);
     info!(
         disk_free_limit = limit,
         data_dir = %cfg.data_dir.display(),
@@ -132,8 +155,8 @@ pub fn configure(cfg: &Config) -> Monitor {
         logic: AlarmLogic::default(),
         disk_error_logged: false,
     };
-    m.check_memory();
-    m.check_disk();
+    m.check_memory(alarms, paging);
+    m.check_disk(alarms);
     m
 }
 
@@ -148,44 +171,45 @@ pub struct Monitor {
 const MEMORY_POLL: Duration = Duration::from_secs(1);
 
 impl Monitor {
-    /// Checks until `shutdown`; then clears the alarms it set (a stopped broker has none).
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Checks the node's `alarms` (and keeps its `paging` state current) until `shutdown`;
+    /// then clears the alarms it set (a stopped broker has none).
+    pub async fn run(mut self, alarms: &NodeAlarms, paging: &Paging, shutdown: CancellationToken) {
         use tokio::time::Instant;
         // Absolute, so that frequent watermark crossings cannot postpone the disk check.
-        let mut disk_at = Instant::now() + self.check_disk();
+        let mut disk_at = Instant::now() + self.check_disk(alarms);
         loop {
             let wake = (Instant::now() + MEMORY_POLL).min(disk_at);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = memory::crossed() => self.check_memory(),
-                _ = RECHECK.notified() => disk_at = Instant::now() + self.check_disk(),
+                _ = alarms.memory.crossed() => self.check_memory(alarms, paging),
+                _ = alarms.recheck.notified() => disk_at = Instant::now() + self.check_disk(alarms),
                 _ = tokio::time::sleep_until(wake) => {
-                    self.check_memory();
+                    self.check_memory(alarms, paging);
                     if Instant::now() >= disk_at {
-                        disk_at = Instant::now() + self.check_disk();
+                        disk_at = Instant::now() + self.check_disk(alarms);
                     }
                 }
             }
         }
-        ALARMS.send_replace(Alarms::default());
+        alarms.alarms.send_replace(Alarms::default());
     }
 
-    fn check_memory(&mut self) {
+    fn check_memory(&mut self, alarms: &NodeAlarms, paging: &Paging) {
         // Also keeps the paging state (and its log lines) current when queues are idle.
-        crate::paging::pressure();
-        let (used, limit) = (memory::used(), memory::high_watermark());
+        paging.pressure();
+        let (used, limit) = (alarms.memory.used(), alarms.memory.high_watermark());
         if let Some(change) = self.logic.memory(used, limit) {
             match change {
                 Change::Set => warn!(resource = %"memory", used, limit, "alarm set"),
                 Change::Cleared => info!(resource = %"memory", used, limit, "alarm cleared"),
             }
-            self.publish();
+            self.publish(alarms);
         }
     }
 
     /// Returns when to check the disk next.
-    fn check_disk(&mut self) -> Duration {
-        let limit = disk_free_limit();
+    fn check_disk(&mut self, alarms: &NodeAlarms) -> Duration {
+        let limit = alarms.disk_free_limit();
         let free = match free_bytes(&self.data_dir) {
             Ok(f) => {
                 self.disk_error_logged = false;
@@ -196,23 +220,23 @@ impl Monitor {
                     warn!(error = %e, data_dir = %self.data_dir.display(), "cannot read free disk space");
                     self.disk_error_logged = true;
                 }
-                DISK_FREE.store(u64::MAX, Ordering::Relaxed);
+                alarms.disk_free.store(u64::MAX, Ordering::Relaxed);
                 return Duration::from_secs(10);
             }
         };
-        DISK_FREE.store(free, Ordering::Relaxed);
+        alarms.disk_free.store(free, Ordering::Relaxed);
         if let Some(change) = self.logic.disk(free, limit) {
             match change {
                 Change::Set => warn!(resource = %"disk", free, limit, "alarm set"),
                 Change::Cleared => info!(resource = %"disk", free, limit, "alarm cleared"),
             }
-            self.publish();
+            self.publish(alarms);
         }
         disk_check_interval(free, limit)
     }
 
-    fn publish(&self) {
-        ALARMS.send_replace(self.logic.alarms);
+    fn publish(&self, alarms: &NodeAlarms) {
+        alarms.alarms.send_replace(self.logic.alarms);
     }
 }
 

@@ -22,8 +22,11 @@
 //! - [`proxied`]: the accept step of the AMQP, AMQPS and management listeners that applies
 //!   `proxy-protocol` (trust check, bounded header read, the client address as the peer).
 //! - [`shutdown`]: signal handling.
-//! - [`memory`]: node-wide accounting of message memory (alarms, paging).
+//! - [`node`]: the node context, one per broker: message memory, alarms, paging and node
+//!   totals (nothing process-wide, so several brokers can share a process).
+//! - [`memory`]: a node's accounting of message memory and its limits (alarms, paging).
 //! - [`alarm`]: memory and disk alarms that block publishing connections.
+//! - [`paging`]: a node's page directory and memory-pressure signal (queues page messages out).
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
 //! - [`nesting`]: the bound on nested field tables and JSON, checked before anything recurses.
 //! - [`mgmt`]: the management HTTP API (RabbitMQ compatible), web UI and Prometheus metrics.
@@ -45,6 +48,7 @@ pub mod intmap;
 pub mod memory;
 pub mod mgmt;
 pub mod nesting;
+pub mod node;
 pub mod paging;
 pub mod policy;
 pub mod proxied;
@@ -99,6 +103,8 @@ pub struct BrokerShared {
     /// changed through the [`definitions`] API.
     vhosts: parking_lot::RwLock<HashMap<String, Arc<Vhost>>>,
     pub policies: Arc<policy::PolicyStore>,
+    /// This broker's node context: memory, alarms, paging, node totals.
+    pub node: Arc<node::Node>,
     persister: definitions::persist::Persister,
     me: Weak<BrokerShared>,
     pub next_conn_id: AtomicU64,
@@ -141,15 +147,7 @@ impl Broker {
     /// addresses (`listening proto=amqp addr=...`).
     pub async fn bind(cfg: Config) -> Result<Bound, StartError> {
         cfg.validate()?;
-        let limits = memory::configure(&cfg);
-        info!(
-            high_watermark = limits.high_watermark,
-            paging_threshold = limits.paging_threshold,
-            total_memory = limits.total_memory.unwrap_or(0),
-            "memory limits"
-        );
-        let monitor = alarm::configure(&cfg);
-        paging::configure(&cfg.data_dir);
+        let (node, monitor) = node::Node::configure(&cfg);
         if !cfg.cluster_listen.is_empty() {
             warn!(
                 flag = "cluster-listen",
@@ -206,10 +204,11 @@ impl Broker {
         }
         let (mgmt, mgmt_addrs) = bind_all(&cfg.mgmt, "mgmt").await?;
         let (prometheus, prometheus_addrs) = bind_all(&cfg.prometheus, "prometheus").await?;
-        let store = store::Store::open(&cfg.data_dir).map_err(|source| StartError::Store {
-            dir: cfg.data_dir.clone(),
-            source,
-        })?;
+        let store =
+            store::Store::open(&cfg.data_dir, node.memory).map_err(|source| StartError::Store {
+                dir: cfg.data_dir.clone(),
+                source,
+            })?;
         let persister = definitions::persist::Persister::new(Some(&cfg.data_dir));
         let auth = AuthDb::new();
         auth.set_failure_limit(cfg.auth_failure_limit);
@@ -231,11 +230,12 @@ impl Broker {
             auth: Arc::new(auth),
             vhosts: parking_lot::RwLock::new(HashMap::new()),
             policies: Arc::default(),
+            registry: stats::Registry::new(node.stats.clone()),
+            node,
             persister,
             me: me.clone(),
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            registry: stats::Registry::default(),
             sampler: Arc::default(),
             started_at: tokio::time::Instant::now(),
             listeners: [
@@ -277,7 +277,12 @@ impl Bound {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let monitor_stop = CancellationToken::new();
-        let monitor = tokio::spawn(self.monitor.run(monitor_stop.clone()));
+        let monitor = tokio::spawn(
+            self.shared
+                .node
+                .clone()
+                .run_monitor(self.monitor, monitor_stop.clone()),
+        );
         // HTTP listeners stop with the broker; they are not waited for.
         let http_stop = CancellationToken::new();
         tokio::spawn(

@@ -1,25 +1,28 @@
-//! Queue paging, node-wide parts: the page directory, the memory-pressure state and the page
-//! file I/O. The per-queue logic is in `crate::queue::ready`.
+//! Queue paging, the node's parts ([`Paging`], one per node in `crate::node::Node`): the page
+//! directory, the memory-pressure state and the page file I/O. The per-queue logic is in
+//! `crate::queue::ready`.
 //!
-//! - [`configure`] (from `Broker::bind`) wipes `<data-dir>/paging/` (paged messages are not
-//!   recovered after a restart, as in RabbitMQ; persistent messages of durable queues come back
-//!   from the message store) and makes it the directory of every queue created afterwards.
-//! - [`pressure`]: paging is on once [`memory::used`] exceeds [`memory::paging_threshold`] and
-//!   off again once it is below 90 % of it. Queue actors check it after each batch of commands
-//!   and are woken through [`subscribe`] when it turns on; the alarm monitor also checks it
-//!   every second, so the state (logged at info when it changes) follows memory use.
+//! - [`Paging::configure`] (from `Broker::bind`) wipes `<data-dir>/paging/` (paged messages are
+//!   not recovered after a restart, as in RabbitMQ; persistent messages of durable queues come
+//!   back from the message store) and makes it the directory of the node's queues
+//!   ([`Paging::pager`]).
+//! - [`Paging::pressure`]: paging is on once the node's [`Memory::used`] exceeds its
+//!   [`Memory::paging_threshold`] and off again once it is below 90 % of it. Queue actors check
+//!   it after each batch of commands and are woken through [`Paging::subscribe`] when it turns
+//!   on; the alarm monitor also checks it every second, so the state (logged at info when it
+//!   changes) follows memory use. Another broker in the same process pages on its own memory.
 //! - [`FileIo`]: one queue's segments, `<queue serial>-<segment>.page`, written with pwrite and
 //!   read with pread on the queue's own task, never synced.
-//! - A failed page write is logged once per episode ([`write_failed`] / [`write_ok`]).
+//! - A failed page write is logged once per episode (`PageDir::write_failed` / `write_ok`).
 
-use crate::memory;
+use crate::memory::Memory;
 use crate::queue::ready::{PageIo, Pager, PagerLimits};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -31,131 +34,169 @@ struct PageDir {
     dir: PathBuf,
     limits: PagerLimits,
     next_queue: AtomicU64,
+    /// A page write failed and none has succeeded since (one warning per episode).
+    write_failing: AtomicBool,
 }
 
-static DIR: RwLock<Option<Arc<PageDir>>> = RwLock::new(None);
-static ACTIVE: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::Sender::new(false));
-/// Number of times paging turned on. Queues watch this rather than [`ACTIVE`]: paging can turn
-/// on and off again before an idle queue's task runs, and a watch keeps only the last value.
-static STARTS: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::Sender::new(0));
-static WRITE_FAILING: AtomicBool = AtomicBool::new(false);
-/// A paging episode is under way (logged at its start and end).
-static EPISODE: AtomicBool = AtomicBool::new(false);
-static LAST_ON_MS: AtomicU64 = AtomicU64::new(0);
-
-/// Wipes and creates `<data_dir>/paging/` and makes it the page directory of queues created
-/// from now on. Problems are logged: queues then keep their messages in memory.
-pub fn configure(data_dir: &Path) {
-    configure_with(data_dir, PagerLimits::default());
-}
-
-/// [`configure`] with given pager sizes.
-pub fn configure_with(data_dir: &Path, limits: PagerLimits) {
-    let dir = data_dir.join(DIR_NAME);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => info!(dir = %dir.display(), "page files of the previous run removed"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove old page files"),
-    }
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        warn!(dir = %dir.display(), error = %e, "cannot create the page directory; queues will keep messages in memory");
-    }
-    let d = Arc::new(PageDir {
-        dir,
-        limits,
-        next_queue: AtomicU64::new(1),
-    });
-    *DIR.write().unwrap_or_else(|e| e.into_inner()) = Some(d);
-}
-
-/// A pager for a new queue (None before [`configure`]: the queue never pages).
-pub fn pager(label: Arc<str>) -> Option<Pager> {
-    let d = DIR.read().unwrap_or_else(|e| e.into_inner()).clone()?;
-    let n = d.next_queue.fetch_add(1, Ordering::Relaxed);
-    let io = FileIo {
-        dir: d.dir.clone(),
-        queue: n,
-        label: label.clone(),
-        write: None,
-        read: None,
-    };
-    Some(Pager::new(Box::new(io), label, d.limits))
-}
-
-/// Whether queues should page out now. Also logs paging episodes: the start when memory first
-/// exceeds the threshold, the end once it has stayed below for [`EPISODE_END`] (paging brings
-/// memory down quickly, so a steady publisher turns it on and off many times a second).
-pub fn pressure() -> bool {
-    let used = memory::used();
-    let threshold = memory::paging_threshold();
-    let on = *ACTIVE.borrow();
-    let want = if on {
-        used > threshold - threshold / 10
-    } else {
-        used > threshold
-    };
-    if want != on {
-        let changed = ACTIVE.send_if_modified(|v| {
-            let changed = *v != want;
-            *v = want;
-            changed
-        });
-        if changed && want {
-            STARTS.send_modify(|n| *n += 1);
-        }
-    }
-    let now = now_ms();
-    if want {
-        LAST_ON_MS.store(now, Ordering::Relaxed);
-        if !EPISODE.load(Ordering::Relaxed) && !EPISODE.swap(true, Ordering::Relaxed) {
-            info!(
-                used,
-                threshold, "memory above the paging threshold: queues page messages to disk"
-            );
-        }
-    } else if EPISODE.load(Ordering::Relaxed)
-        && now.saturating_sub(LAST_ON_MS.load(Ordering::Relaxed)) >= EPISODE_END.as_millis() as u64
-        && EPISODE.swap(false, Ordering::Relaxed)
-    {
-        info!(
-            used,
-            threshold, "memory below the paging threshold for a while: queues stopped paging"
-        );
-    }
-    want
+/// One node's paging: its page directory and memory-pressure state.
+#[derive(Debug)]
+pub struct Paging {
+    memory: &'static Memory,
+    /// None: queues of this node never page (no directory configured).
+    dir: Option<Arc<PageDir>>,
+    active: watch::Sender<bool>,
+    /// Number of times paging turned on. Queues watch this rather than `active`: paging can
+    /// turn on and off again before an idle queue's task runs, and a watch keeps only the last
+    /// value.
+    starts: watch::Sender<u64>,
+    /// A paging episode is under way (logged at its start and end).
+    episode: AtomicBool,
+    /// When paging was last on, milliseconds after `started`.
+    last_on_ms: AtomicU64,
+    started: tokio::time::Instant,
 }
 
 /// How long memory stays below the paging threshold before the end of paging is logged.
 pub const EPISODE_END: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn now_ms() -> u64 {
-    static START: LazyLock<tokio::time::Instant> = LazyLock::new(tokio::time::Instant::now);
-    START.elapsed().as_millis() as u64
-}
+// === impl Paging ===
 
-/// Changes each time paging turns on (however briefly).
-pub fn subscribe() -> watch::Receiver<u64> {
-    STARTS.subscribe()
-}
+impl Paging {
+    /// Paging without a page directory: pressure is tracked, but queues never page (unit
+    /// tests of vhosts and queues).
+    pub fn without_dir(memory: &'static Memory) -> Self {
+        Self {
+            memory,
+            dir: None,
+            active: watch::Sender::new(false),
+            starts: watch::Sender::new(0),
+            episode: AtomicBool::new(false),
+            last_on_ms: AtomicU64::new(0),
+            started: tokio::time::Instant::now(),
+        }
+    }
 
-/// A page write failed: warn once per episode (the messages stay in memory).
-fn write_failed(queue: &str, e: &io::Error) {
-    if !WRITE_FAILING.swap(true, Ordering::Relaxed) {
-        warn!(queue = %queue, error = %e, "cannot write page files; messages stay in memory (the memory alarm remains the limit)");
+    /// Wipes and creates `<data_dir>/paging/` and makes it the page directory of this node's
+    /// queues. Problems are logged: queues then keep their messages in memory.
+    pub fn configure(memory: &'static Memory, data_dir: &Path) -> Self {
+        Self::configure_with(memory, data_dir, PagerLimits::default())
+    }
+
+    /// [`Paging::configure`] with given pager sizes.
+    pub fn configure_with(memory: &'static Memory, data_dir: &Path, limits: PagerLimits) -> Self {
+        let dir = data_dir.join(DIR_NAME);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => info!(dir = %dir.display(), "page files of the previous run removed"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove old page files"),
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot create the page directory; queues will keep messages in memory");
+        }
+        Self {
+            dir: Some(Arc::new(PageDir {
+                dir,
+                limits,
+                next_queue: AtomicU64::new(1),
+                write_failing: AtomicBool::new(false),
+            })),
+            ..Self::without_dir(memory)
+        }
+    }
+
+    /// A pager for a new queue (None without a page directory: the queue never pages). Its
+    /// messages read back are charged to this node's memory.
+    pub fn pager(&self, label: Arc<str>) -> Option<Pager> {
+        let d = self.dir.clone()?;
+        let n = d.next_queue.fetch_add(1, Ordering::Relaxed);
+        let limits = d.limits;
+        let io = FileIo {
+            dir: d,
+            queue: n,
+            label: label.clone(),
+            write: None,
+            read: None,
+        };
+        Some(Pager::new(Box::new(io), label, limits, self.memory))
+    }
+
+    /// Whether queues should page out now. Also logs paging episodes: the start when memory
+    /// first exceeds the threshold, the end once it has stayed below for [`EPISODE_END`]
+    /// (paging brings memory down quickly, so a steady publisher turns it on and off many
+    /// times a second).
+    pub fn pressure(&self) -> bool {
+        let used = self.memory.used();
+        let threshold = self.memory.paging_threshold();
+        let on = *self.active.borrow();
+        let want = if on {
+            used > threshold - threshold / 10
+        } else {
+            used > threshold
+        };
+        if want != on {
+            let changed = self.active.send_if_modified(|v| {
+                let changed = *v != want;
+                *v = want;
+                changed
+            });
+            if changed && want {
+                self.starts.send_modify(|n| *n += 1);
+            }
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        if want {
+            self.last_on_ms.store(now, Ordering::Relaxed);
+            if !self.episode.load(Ordering::Relaxed) && !self.episode.swap(true, Ordering::Relaxed)
+            {
+                info!(
+                    used,
+                    threshold, "memory above the paging threshold: queues page messages to disk"
+                );
+            }
+        } else if self.episode.load(Ordering::Relaxed)
+            && now.saturating_sub(self.last_on_ms.load(Ordering::Relaxed))
+                >= EPISODE_END.as_millis() as u64
+            && self.episode.swap(false, Ordering::Relaxed)
+        {
+            info!(
+                used,
+                threshold, "memory below the paging threshold for a while: queues stopped paging"
+            );
+        }
+        want
+    }
+
+    /// Changes each time paging turns on (however briefly).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.starts.subscribe()
     }
 }
 
-/// A page write succeeded: ends a failure episode.
-fn write_ok() {
-    if WRITE_FAILING.load(Ordering::Relaxed) && WRITE_FAILING.swap(false, Ordering::Relaxed) {
-        info!("page files can be written again");
+// === impl PageDir ===
+
+impl PageDir {
+    /// A page write failed: warn once per episode (the messages stay in memory).
+    fn write_failed(&self, queue: &str, e: &io::Error) {
+        if !self.write_failing.swap(true, Ordering::Relaxed) {
+            warn!(queue = %queue, error = %e, "cannot write page files; messages stay in memory (the memory alarm remains the limit)");
+        }
+    }
+
+    /// A page write succeeded: ends a failure episode.
+    fn write_ok(&self) {
+        if self.write_failing.load(Ordering::Relaxed)
+            && self.write_failing.swap(false, Ordering::Relaxed)
+        {
+            info!("page files can be written again");
+        }
     }
 }
 
 /// One queue's segment files.
 #[derive(Debug)]
 pub struct FileIo {
-    dir: PathBuf,
+    /// The node's page directory.
+    dir: Arc<PageDir>,
     queue: u64,
     /// The queue, for the log line of a failure episode.
     label: Arc<str>,
@@ -165,7 +206,9 @@ pub struct FileIo {
 
 impl FileIo {
     fn path(&self, seg: u64) -> PathBuf {
-        self.dir.join(format!("{:016x}-{seg:08x}.page", self.queue))
+        self.dir
+            .dir
+            .join(format!("{:016x}-{seg:08x}.page", self.queue))
     }
 }
 
@@ -173,8 +216,8 @@ impl PageIo for FileIo {
     fn write(&mut self, seg: u64, off: u64, buf: &[u8]) -> io::Result<()> {
         let r = self.write_at(seg, off, buf);
         match &r {
-            Ok(()) => write_ok(),
-            Err(e) => write_failed(&self.label, e),
+            Ok(()) => self.dir.write_ok(),
+            Err(e) => self.dir.write_failed(&self.label, e),
         }
         r
     }

@@ -216,34 +216,34 @@ impl ConnStats {
     }
 }
 
-/// What finished queues and connections left behind (node totals stay monotonic).
-static GONE: Mutex<Counts> = Mutex::new(Counts {
-    publish: 0,
-    confirm: 0,
-    deliver: 0,
-    deliver_no_ack: 0,
-    get: 0,
-    get_no_ack: 0,
-    get_empty: 0,
-    ack: 0,
-    redeliver: 0,
-    return_unroutable: 0,
-    drop_unroutable: 0,
-    recv_oct: 0,
-    send_oct: 0,
-});
-
-/// Called once when a queue actor ends.
-pub fn queue_gone(s: &QueueStats) {
-    GONE.lock().add(&s.node_share());
+/// A node's own totals: what finished queues and connections left behind (so node totals
+/// stay monotonic) and the churn counters. One per node (`crate::node::Node`).
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    gone: Mutex<Counts>,
+    pub churn: Churn,
 }
 
-/// Called once when a connection ends.
-pub fn conn_gone(s: &ConnStats) {
-    GONE.lock().add(&s.counts());
+// === impl NodeStats ===
+
+impl NodeStats {
+    /// Called once when a queue actor ends.
+    pub fn queue_gone(&self, s: &QueueStats) {
+        self.gone.lock().add(&s.node_share());
+    }
+
+    /// Called once when a connection ends.
+    pub fn conn_gone(&self, s: &ConnStats) {
+        self.gone.lock().add(&s.counts());
+    }
+
+    /// What finished queues and connections left behind.
+    pub fn gone(&self) -> Counts {
+        *self.gone.lock()
+    }
 }
 
-/// Churn counters (node-wide, rare events).
+/// Churn counters (per node, rare events).
 #[derive(Debug, Default)]
 pub struct Churn {
     pub connection_created: AtomicU64,
@@ -254,17 +254,6 @@ pub struct Churn {
     pub queue_created: AtomicU64,
     pub queue_deleted: AtomicU64,
 }
-
-/// Node-wide churn counters.
-pub static CHURN: Churn = Churn {
-    connection_created: AtomicU64::new(0),
-    connection_closed: AtomicU64::new(0),
-    channel_created: AtomicU64::new(0),
-    channel_closed: AtomicU64::new(0),
-    queue_declared: AtomicU64::new(0),
-    queue_created: AtomicU64::new(0),
-    queue_deleted: AtomicU64::new(0),
-};
 
 /// Increments a churn counter (several writers).
 pub fn churn(c: &AtomicU64) {
@@ -329,27 +318,29 @@ pub struct ConsumerSnapshot {
 pub struct Registry {
     conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
     running: AtomicBool,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Self {
-            conns: Mutex::new(HashMap::new()),
-            running: AtomicBool::new(true),
-        }
-    }
+    /// The node's totals: connection churn, and what a removed connection leaves behind.
+    stats: Arc<NodeStats>,
 }
 
 impl Registry {
+    /// An empty registry of a node whose totals are `stats`.
+    pub fn new(stats: Arc<NodeStats>) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            running: AtomicBool::new(true),
+            stats,
+        }
+    }
+
     pub fn add(&self, e: Arc<ConnEntry>) {
-        churn(&CHURN.connection_created);
+        churn(&self.stats.churn.connection_created);
         self.conns.lock().insert(e.id, e);
     }
 
     pub fn remove(&self, id: u64) {
         if let Some(e) = self.conns.lock().remove(&id) {
-            churn(&CHURN.connection_closed);
-            conn_gone(&e.stats);
+            churn(&self.stats.churn.connection_closed);
+            self.stats.conn_gone(&e.stats);
         }
     }
 
@@ -384,7 +375,7 @@ pub fn epoch_ms() -> u64 {
 
 /// Node totals now: live queues and connections plus what finished ones left.
 pub fn node_counts(shared: &crate::BrokerShared) -> Counts {
-    let mut c = *GONE.lock();
+    let mut c = shared.node.stats.gone();
     for v in shared.vhost_list() {
         for q in v.snapshot().queues.values() {
             c.add(&q.stats.node_share());

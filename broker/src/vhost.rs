@@ -5,6 +5,7 @@
 
 use crate::error::ChannelError;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind};
+use crate::node::Node;
 use crate::policy::{Applied, PolicyStore};
 use crate::queue::actor::QueueActor;
 use crate::queue::{ClientTx, QueueArgs, QueueHandle, QueueInfo};
@@ -92,6 +93,8 @@ pub struct Vhost {
     reply_to: Mutex<HashMap<String, ReplyTarget>>,
     /// Message store for durable queues (None: everything stays in memory).
     store: Option<Arc<Store>>,
+    /// The node the vhost's queues run on (paging, node totals).
+    node: Arc<Node>,
     me: Weak<Vhost>,
     /// Called after a change that may touch durable definitions (persists them).
     durable_hook: OnceLock<DurableHook>,
@@ -134,16 +137,17 @@ pub(crate) fn no_queue(name: &str, vhost: &str) -> ChannelError {
 }
 
 impl Vhost {
-    pub fn new(name: &str) -> Arc<Self> {
-        Self::build(name, None)
+    /// A vhost of `node` that keeps every message in memory.
+    pub fn new(name: &str, node: Arc<Node>) -> Arc<Self> {
+        Self::build(name, node, None)
     }
 
-    /// A vhost whose durable queues keep persistent messages in `store`.
-    pub fn with_store(name: &str, store: Arc<Store>) -> Arc<Self> {
-        Self::build(name, Some(store))
+    /// A vhost of `node` whose durable queues keep persistent messages in `store`.
+    pub fn with_store(name: &str, node: Arc<Node>, store: Arc<Store>) -> Arc<Self> {
+        Self::build(name, node, Some(store))
     }
 
-    fn build(name: &str, store: Option<Arc<Store>>) -> Arc<Self> {
+    fn build(name: &str, node: Arc<Node>, store: Option<Arc<Store>>) -> Arc<Self> {
         let mut topo = Topology::default();
         for (n, k) in DEFAULT_EXCHANGES {
             let internal = *n == TRACE_EXCHANGE;
@@ -156,11 +160,17 @@ impl Vhost {
             write: Mutex::new(()),
             reply_to: Mutex::new(HashMap::new()),
             store,
+            node,
             me: me.clone(),
             durable_hook: OnceLock::new(),
             deleted: CancellationToken::new(),
             policies: OnceLock::new(),
         })
+    }
+
+    /// The node this vhost belongs to.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
     }
 
     /// Sets the function called after each change of a durable exchange, queue or binding
@@ -490,19 +500,21 @@ impl Vhost {
             spawn = Some((handle.clone(), rx));
             Ok((handle, true))
         })?;
-        crate::stats::churn(&crate::stats::CHURN.queue_declared);
+        let churn = &self.node.stats.churn;
+        crate::stats::churn(&churn.queue_declared);
         if let Some((handle, rx)) = spawn {
-            crate::stats::churn(&crate::stats::CHURN.queue_created);
+            crate::stats::churn(&churn.queue_created);
             let durable = handle.durable && handle.exclusive_owner.is_none();
             // Durable, non-exclusive queues keep persistent messages on disk and get back what
             // the store recovered for them (also when a client redeclares after a restart).
             let host: std::sync::Weak<dyn crate::queue::QueueHost> = self.me.clone();
+            let node = self.node.clone();
             let actor = match &self.store {
                 Some(store) if handle.durable && handle.exclusive_owner.is_none() => {
                     let (log, recovered, events) = store.attach(&self.name, &handle.name);
-                    QueueActor::new(handle, host, Box::new(log)).recover(events, recovered)
+                    QueueActor::new(handle, host, Box::new(log), node).recover(events, recovered)
                 }
-                _ => QueueActor::new(handle, host, Box::new(TransientLog)),
+                _ => QueueActor::new(handle, host, Box::new(TransientLog), node),
             };
             tokio::spawn(actor.run(rx));
             if durable {

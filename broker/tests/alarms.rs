@@ -2,8 +2,8 @@
 //! (connection.blocked to those that asked for it, their socket no longer read) until the
 //! alarm clears.
 //!
-//! Alarm state is process-wide (one broker per process); nextest runs each test in its own
-//! process.
+//! Alarm state is the broker's own (its node context, `b.shared.node`); `tests/nodes.rs` runs
+//! two brokers with different limits side by side.
 
 mod support;
 
@@ -15,7 +15,6 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use std::time::Duration;
-use warren_broker::alarm;
 use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark};
 
 const WATERMARK: u64 = 100 * 1024;
@@ -74,7 +73,7 @@ async fn message_count(ch: &lapin::Channel, q: &str) -> u32 {
 #[tokio::test]
 async fn memory_alarm_blocks_a_publisher_until_a_consumer_drains() {
     let b = support::start_with(low_watermark()).await;
-    assert_eq!(alarm::state().mem_limit, WATERMARK);
+    assert_eq!(b.shared.node.alarms.state().mem_limit, WATERMARK);
     let publisher = b.connect().await;
     let mut events = Box::pin(publisher.events_listener());
     let pch = publisher.create_channel().await.expect("channel");
@@ -97,8 +96,8 @@ async fn memory_alarm_blocks_a_publisher_until_a_consumer_drains() {
             .expect("publish");
         assert!(confirm.await.expect("confirm").is_ack());
     }
-    wait_until("the memory alarm", || alarm::alarms().memory).await;
-    let st = alarm::state();
+    wait_until("the memory alarm", || b.shared.node.alarms.alarms().memory).await;
+    let st = b.shared.node.alarms.state();
     assert!(st.memory && !st.disk, "{st:?}");
     assert!(st.mem_used >= WATERMARK, "{st:?}");
 
@@ -136,7 +135,7 @@ async fn memory_alarm_blocks_a_publisher_until_a_consumer_drains() {
         lapin::Event::ConnectionUnblocked => {}
         other => panic!("expected connection.unblocked, got {other:?}"),
     }
-    assert!(!alarm::alarms().any());
+    assert!(!b.shared.node.alarms.alarms().any());
     // The held publish goes through once the socket is read again.
     assert!(held.await.expect("confirm").is_ack());
     let d = support::next(&mut consumer).await;
@@ -151,7 +150,7 @@ async fn disk_alarm_blocks_from_the_start_and_clears_with_a_lower_limit() {
         ..Config::for_tests()
     };
     let b = support::start_with(cfg).await;
-    let st = alarm::state();
+    let st = b.shared.node.alarms.state();
     assert!(
         st.disk && !st.memory,
         "disk alarm set before any client: {st:?}"
@@ -183,12 +182,12 @@ async fn disk_alarm_blocks_from_the_start_and_clears_with_a_lower_limit() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(message_count(&och, "d").await, 0);
 
-    alarm::set_disk_free_limit(0);
+    b.shared.node.alarms.set_disk_free_limit(0);
     match next_event(&mut events).await {
         lapin::Event::ConnectionUnblocked => {}
         other => panic!("expected connection.unblocked, got {other:?}"),
     }
-    assert!(!alarm::alarms().any());
+    assert!(!b.shared.node.alarms.alarms().any());
     // The raw client gets no blocked/unblocked: its next frame answers its own close.
     raw.send_method(
         1,
@@ -229,7 +228,7 @@ async fn blocked_publisher_is_not_read_but_kept_alive_with_heartbeats() {
     for _ in 0..10 {
         raw.publish(1, "q", &[1u8; BODY]).await;
     }
-    wait_until("the memory alarm", || alarm::alarms().memory).await;
+    wait_until("the memory alarm", || b.shared.node.alarms.alarms().memory).await;
     assert_eq!(message_count(&cch, "q").await, 10);
 
     // Five more publishes: the first one's header blocks the connection.
@@ -304,7 +303,7 @@ async fn a_connection_that_publishes_and_consumes_is_blocked_whole_acks_included
     for _ in 0..10 {
         raw.publish(1, "m", &[3u8; BODY]).await;
     }
-    wait_until("the memory alarm", || alarm::alarms().memory).await;
+    wait_until("the memory alarm", || b.shared.node.alarms.alarms().memory).await;
     // Deliveries still reach a connection during an alarm...
     raw.send_method(
         1,
@@ -349,20 +348,20 @@ async fn a_connection_that_publishes_and_consumes_is_blocked_whole_acks_included
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        alarm::alarms().memory,
+        b.shared.node.alarms.alarms().memory,
         "acks of a blocked connection were processed"
     );
-    assert!(alarm::state().mem_used >= WATERMARK);
+    assert!(b.shared.node.alarms.state().mem_used >= WATERMARK);
 
     // Raising the watermark at run time clears the alarm; the ack and the publish go through.
-    warren_broker::memory::set_high_watermark(u64::MAX, 0.5);
+    b.shared.node.memory.set_high_watermark(u64::MAX, 0.5);
     match raw.recv_method().await {
         Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)))) => {
         }
         other => panic!("expected connection.unblocked, got {other:?}"),
     }
     wait_until("the ack to free the messages", || {
-        alarm::state().mem_used < 1024
+        b.shared.node.alarms.state().mem_used < 1024
     })
     .await;
     match raw.recv_method().await {
@@ -465,7 +464,7 @@ async fn a_pipelining_publisher_is_blocked_whatever_the_load() {
     .await
     .expect("never blocked under a pipelined flood");
     assert_eq!(blocked, "low on memory");
-    assert!(alarm::alarms().memory);
+    assert!(b.shared.node.alarms.alarms().memory);
 
     // Blocked means blocked: the queue stops growing while the client keeps writing, and the
     // message memory stays near the watermark (what one read can hold beyond it).
@@ -477,7 +476,7 @@ async fn a_pipelining_publisher_is_blocked_whatever_the_load() {
         held,
         "publishes routed while blocked"
     );
-    let used = alarm::state().mem_used;
+    let used = b.shared.node.alarms.state().mem_used;
     assert!(
         used < LIMIT + 512 * 1024,
         "message memory {used} far beyond the {LIMIT} watermark"

@@ -404,8 +404,14 @@ pub async fn route_and_enqueue(
         .and_then(|c| c.confirms.as_mut())
         .map(|c| c.take_seq());
     let msg = Arc::new(
-        Message::new(exchange.into(), routing_key.into(), properties, body)
-            .map_err(|e| AmqpError::Connection(e.into()))?,
+        Message::new(
+            s.shared.node.memory,
+            exchange.into(),
+            routing_key.into(),
+            properties,
+            body,
+        )
+        .map_err(|e| AmqpError::Connection(e.into()))?,
     );
     // The responder publishes to the default exchange with the generated name.
     if exchange.is_empty() {

@@ -89,7 +89,7 @@ pub async fn serve<S>(
     // Bytes of `s.out` already written; the buffer is compacted only when fully written or
     // when the written prefix is large, so partial writes do not memmove the rest each time.
     let mut written = 0usize;
-    let mut alarm_rx = crate::alarm::subscribe();
+    let mut alarm_rx = shared.node.alarms.subscribe();
     let mut alarms_live = true;
     let mut throttle = Throttle::new(*alarm_rx.borrow_and_update());
     // Bytes read but left undecoded because a publish blocked the connection.

@@ -95,7 +95,7 @@ impl Session {
         self.next_generation += 1;
         self.channels.insert(ch, Channel::new(ch, g));
         self.count_channels();
-        crate::stats::churn(&crate::stats::CHURN.channel_created);
+        crate::stats::churn(&self.shared.node.stats.churn.channel_created);
     }
 
     fn count_channels(&self) {
@@ -264,7 +264,7 @@ impl Session {
             return;
         };
         self.count_channels();
-        crate::stats::churn(&crate::stats::CHURN.channel_closed);
+        crate::stats::churn(&self.shared.node.stats.churn.channel_closed);
         for (tag, c) in chan.consumers.drain() {
             if let Some(q) = c.queue {
                 q.cancel(ConsumerRef {

@@ -499,7 +499,7 @@ impl BrokerShared {
 
     /// A new vhost wired to persist its durable changes.
     pub(crate) fn new_vhost(&self, name: &str) -> Arc<Vhost> {
-        let vh = Vhost::with_store(name, self.store.clone());
+        let vh = Vhost::with_store(name, self.node.clone(), self.store.clone());
         vh.set_policies(self.policies.clone());
         let me = self.me.clone();
         vh.set_durable_hook(Box::new(move || {

@@ -75,7 +75,7 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
         .sum();
     let consumers: u64 = queues.iter().map(|q| u64::from(q.consumer_count())).sum();
 
-    let churn = &crate::stats::CHURN;
+    let churn = &shared.node.stats.churn;
     for (name, help, c) in [
         (
             "rabbitmq_connections_opened_total",
@@ -144,7 +144,7 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
         "",
         format!("{:.3}", shared.started_at.elapsed().as_secs_f64()),
     );
-    let alarms = crate::alarm::state();
+    let alarms = shared.node.alarms.state();
     o.one(
         "rabbitmq_alarms_memory_used_watermark",
         "gauge",
@@ -187,7 +187,7 @@ pub fn render(shared: &BrokerShared, per_object: bool) -> String {
         "gauge",
         "Memory held by message bodies and headers",
         "",
-        crate::memory::used(),
+        shared.node.memory.used(),
     );
     o.one(
         "rabbitmq_connections",

@@ -1,12 +1,13 @@
 //! The queue actor: the async shell around one queue's [`QueueCore`]. It is the only part of a
 //! queue that waits: on its mailbox, on the store's events, on the core's next deadline and on
-//! the node's paging signal. After each wake-up it lets the core take a turn, carries out the
+//! its node's paging signal. After each wake-up it lets the core take a turn, carries out the
 //! core's effects (deliveries and cancellations to connections, dead-lettered copies routed
 //! through the vhost, the queue's removal from its vhost) and then flushes the queue's log, so
 //! that deliveries are on their way before the log may sync on this thread.
 
 use super::core::{Effect, QueueCore};
 use super::*;
+use crate::node::Node;
 use crate::stats;
 use crate::store::StoreEvent;
 use std::sync::Weak;
@@ -20,6 +21,8 @@ pub struct QueueActor {
     core: QueueCore,
     handle: QueueHandle,
     vhost: Weak<dyn QueueHost>,
+    /// The node the queue runs on: its paging signal and totals.
+    node: Arc<Node>,
     /// Store events for a durable queue.
     store_rx: Option<mpsc::UnboundedReceiver<StoreEvent>>,
 }
@@ -36,14 +39,16 @@ impl QueueActor {
         handle: QueueHandle,
         vhost: Weak<dyn QueueHost>,
         log: Box<dyn crate::store::QueueLog>,
+        node: Arc<Node>,
     ) -> Self {
         let label: Arc<str> = format!("'{}' in vhost '{}'", handle.name, handle.vhost).into();
-        let pager = crate::paging::pager(label);
+        let pager = node.paging.pager(label);
         let core = QueueCore::new(handle.clone(), log, pager, Instant::now(), unix_ms());
         Self {
             core,
             handle,
             vhost,
+            node,
             store_rx: None,
         }
     }
@@ -63,7 +68,7 @@ impl QueueActor {
     /// Runs until the queue is deleted or every handle is gone.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<QueueCmd>) {
         let mut store_rx = self.store_rx.take();
-        let mut paging_rx = crate::paging::subscribe();
+        let mut paging_rx = self.node.paging.subscribe();
         loop {
             let deadline = self.core.poll_timeout(Instant::now());
             tokio::select! {
@@ -99,11 +104,11 @@ impl QueueActor {
                             paging_rx.borrow_and_update();
                             self.core.paging_started();
                         }
-                        Err(_) => paging_rx = crate::paging::subscribe(),
+                        Err(_) => paging_rx = self.node.paging.subscribe(),
                     }
                 }
             }
-            self.core.turn(Instant::now(), crate::paging::pressure());
+            self.core.turn(Instant::now(), self.node.paging.pressure());
             self.carry_out();
             if self.core.is_deleted() {
                 break;
@@ -142,8 +147,8 @@ impl QueueActor {
                 }
             }
         }
-        stats::queue_gone(&self.handle.stats);
-        stats::churn(&stats::CHURN.queue_deleted);
+        self.node.stats.queue_gone(&self.handle.stats);
+        stats::churn(&self.node.stats.churn.queue_deleted);
     }
 
     /// Carries out what the core decided, in order; deliveries that cannot reach their

@@ -154,6 +154,7 @@ mod tests {
 
     fn msg() -> Message {
         Message::new(
+            &crate::memory::UNIT_TESTS,
             "".into(),
             "q".into(),
             AMQPProperties::default(),

@@ -35,6 +35,7 @@ fn core(args: QueueArgs, t0: Instant) -> QueueCore {
 fn msg(body: &str) -> Arc<Message> {
     Arc::new(
         Message::new(
+            &crate::memory::UNIT_TESTS,
             "".into(),
             "q".into(),
             AMQPProperties::default(),
@@ -323,7 +324,7 @@ fn a_quorum_queue_dead_letters_a_message_returned_past_its_delivery_limit() {
 #[tokio::test(start_paused = true)]
 async fn the_actor_acts_on_its_deadlines_under_a_paused_clock() {
     use crate::vhost::{QueueSpec, Vhost};
-    let v = Vhost::new("v");
+    let v = Vhost::new("v", crate::node::Node::standalone());
     let spec = |name: &str, args: QueueArgs| QueueSpec {
         name: name.into(),
         durable: false,

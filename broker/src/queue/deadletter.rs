@@ -90,7 +90,15 @@ pub fn dead_letter_copy(
         // Drop the per-message TTL so the dead-lettered copy does not expire again at once.
         props = strip_expiration(props);
     }
-    Message::new(dlx.into(), rk.as_str().into(), props, msg.body.clone()).ok()
+    // The copy is charged to the original's node, as it stays there.
+    Message::new(
+        msg.memory(),
+        dlx.into(),
+        rk.as_str().into(),
+        props,
+        msg.body.clone(),
+    )
+    .ok()
 }
 
 fn strip_expiration(p: AMQPProperties) -> AMQPProperties {
@@ -147,7 +155,14 @@ mod tests {
         if let Some(h) = headers {
             p = p.with_headers(h);
         }
-        Message::new("ex".into(), "rk".into(), p, bytes::Bytes::from_static(b"b")).expect("msg")
+        Message::new(
+            &crate::memory::UNIT_TESTS,
+            "ex".into(),
+            "rk".into(),
+            p,
+            bytes::Bytes::from_static(b"b"),
+        )
+        .expect("msg")
     }
 
     fn death(m: &Message, i: usize) -> FieldTable {

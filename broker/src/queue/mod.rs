@@ -11,6 +11,7 @@ pub mod handle;
 pub mod ready;
 
 use crate::error::ChannelError;
+use crate::memory::Memory;
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::ShortString;
 use bytes::Bytes;
@@ -27,6 +28,7 @@ pub const QUEUE_MAILBOX: usize = 8192;
 pub const CONN_PENDING_LIMIT: usize = 8192;
 
 /// A published message. Shared (`Arc`) by every queue it is routed to; the body is stored once.
+/// Its bytes count in its node's memory account from [`Message::new`] until it is dropped.
 #[derive(Debug)]
 pub struct Message {
     pub exchange: ShortString,
@@ -37,10 +39,14 @@ pub struct Message {
     pub body: Bytes,
     /// Per-message TTL from the `expiration` property, milliseconds.
     pub expiration_ms: Option<u64>,
+    /// The account charged for this message (a plain reference: nothing to count per message).
+    memory: &'static Memory,
 }
 
 impl Message {
+    /// A message charged to `memory`, its node's account (see [`crate::memory`]).
     pub fn new(
+        memory: &'static Memory,
         exchange: ShortString,
         routing_key: ShortString,
         properties: AMQPProperties,
@@ -52,7 +58,7 @@ impl Message {
             .expiration()
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok());
-        crate::memory::charge(Self::accounted(&header_payload, &body));
+        memory.charge(Self::accounted(&header_payload, &body));
         Ok(Self {
             exchange,
             routing_key,
@@ -60,10 +66,17 @@ impl Message {
             header_payload,
             body,
             expiration_ms,
+            memory,
         })
     }
 
-    /// Bytes this message counts for in [`crate::memory`].
+    /// The memory account this message is charged to; copies made from it (dead-lettering)
+    /// are charged there too.
+    pub fn memory(&self) -> &'static Memory {
+        self.memory
+    }
+
+    /// Bytes this message counts for in its memory account.
     fn accounted(header_payload: &Bytes, body: &Bytes) -> u64 {
         (header_payload.len() + body.len() + std::mem::size_of::<Self>()) as u64
     }
@@ -80,7 +93,8 @@ impl Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        crate::memory::release(Self::accounted(&self.header_payload, &self.body));
+        self.memory
+            .release(Self::accounted(&self.header_payload, &self.body));
     }
 }
 

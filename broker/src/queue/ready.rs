@@ -22,6 +22,7 @@
 //! The file I/O is behind [`PageIo`] (files in `crate::paging`, memory in the tests).
 
 use super::Message;
+use crate::memory::Memory;
 use crate::store::record::{self, Enqueue, Record};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -134,6 +135,8 @@ pub struct Pager {
     /// For logs: `'name' in vhost 'v'`.
     label: Arc<str>,
     limits: PagerLimits,
+    /// The node's memory account, charged for the messages read back.
+    memory: &'static Memory,
     /// Live (still paged) records per segment.
     live: BTreeMap<u64, u64>,
     /// The segment being appended to and its size.
@@ -143,11 +146,17 @@ pub struct Pager {
 }
 
 impl Pager {
-    pub fn new(io: Box<dyn PageIo>, label: Arc<str>, limits: PagerLimits) -> Self {
+    pub fn new(
+        io: Box<dyn PageIo>,
+        label: Arc<str>,
+        limits: PagerLimits,
+        memory: &'static Memory,
+    ) -> Self {
         Self {
             io,
             label,
             limits,
+            memory,
             live: BTreeMap::new(),
             cur: None,
             next_seg: 1,
@@ -412,7 +421,7 @@ impl Ready {
             };
             let msg = buf
                 .as_ref()
-                .and_then(|b| decode_message(b, rel, p.loc.len as usize));
+                .and_then(|b| decode_message(pager.memory, b, rel, p.loc.len as usize));
             rel += p.loc.len as usize;
             self.paged[l] -= 1;
             self.paged_len -= 1;
@@ -587,13 +596,20 @@ fn enqueue_record(e: &Entry) -> Record<'_> {
     })
 }
 
-/// The message in the record at `buf[rel..rel + len]`; its body shares `buf`.
-fn decode_message(buf: &Bytes, rel: usize, len: usize) -> Option<Message> {
+/// The message in the record at `buf[rel..rel + len]`, charged to `memory`; its body shares
+/// `buf`.
+fn decode_message(memory: &'static Memory, buf: &Bytes, rel: usize, len: usize) -> Option<Message> {
     let frame = buf.get(rel..rel.checked_add(len)?)?;
     let Record::Enqueue(e) = record::decode_framed(frame)? else {
         return None;
     };
-    crate::store::message_from_parts(e.exchange, e.routing_key, e.header, buf.slice_ref(e.body))
+    crate::store::message_from_parts(
+        memory,
+        e.exchange,
+        e.routing_key,
+        e.header,
+        buf.slice_ref(e.body),
+    )
 }
 
 #[cfg(test)]
@@ -667,6 +683,7 @@ mod tests {
             Box::new(MemIo(disk.clone())),
             "'q' in vhost '/'".into(),
             lim,
+            &crate::memory::UNIT_TESTS,
         );
         (Ready::new(max_priority, Some(pager)), disk)
     }
@@ -679,6 +696,7 @@ mod tests {
             .with_content_type("text/plain".into());
         Arc::new(
             Message::new(
+                &crate::memory::UNIT_TESTS,
                 "ex".into(),
                 format!("rk{id}").as_str().into(),
                 props,

@@ -13,10 +13,10 @@
 //! - Queues recovered from the segments but not declared again by the boot-time definitions
 //!   restore are dropped ([`Store::drop_unclaimed`]) so their segments can be reclaimed.
 
-// `DiskLog`, `SEGMENT_BYTES` and `syncs` were defined here before the store was split into
-// files; they stay reachable under this module's path.
+// `DiskLog` and `SEGMENT_BYTES` were defined here before the store was split into files; they
+// stay reachable under this module's path.
 pub use super::log::DiskLog;
-pub use super::segments::{syncs, SEGMENT_BYTES};
+pub use super::segments::SEGMENT_BYTES;
 
 use super::journal::{JOURNALS, JOURNAL_SWITCH_BYTES};
 use super::prewrite::{preparer_loop, stop_preparer, Prep, PREPARED};
@@ -28,6 +28,7 @@ use super::writer::writer_loop;
 use super::QueueLog;
 use super::StoreEvent;
 use crate::intmap::IntMap;
+use crate::memory::Memory;
 use crate::queue::Message;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -35,6 +36,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -61,9 +63,11 @@ fn queue_key(vhost: &str, name: &str) -> String {
     format!("{vhost}\0{name}")
 }
 
-/// Builds a message back from its stored parts; None if the stored header does not parse.
-fn rebuild_message(l: &Live) -> Option<Message> {
+/// Builds a message back from its stored parts, charged to `memory`; None if the stored header
+/// does not parse.
+fn rebuild_message(memory: &'static Memory, l: &Live) -> Option<Message> {
     super::message_from_parts(
+        memory,
         &l.exchange,
         &l.routing_key,
         &l.header,
@@ -73,14 +77,19 @@ fn rebuild_message(l: &Live) -> Option<Message> {
 
 impl Store {
     /// Opens the store under `data_dir` (nothing is created until the first write) and
-    /// replays existing segments: damaged tails are cut and logged, never served.
-    pub fn open(data_dir: &Path) -> io::Result<Arc<Self>> {
-        Self::open_with(data_dir, SEGMENT_BYTES)
+    /// replays existing segments: damaged tails are cut and logged, never served. The messages
+    /// it gives back to queues are charged to `memory`, its node's account.
+    pub fn open(data_dir: &Path, memory: &'static Memory) -> io::Result<Arc<Self>> {
+        Self::open_with(data_dir, SEGMENT_BYTES, memory)
     }
 
     /// [`Store::open`] with a given segment size (tests use small segments).
-    pub fn open_with(data_dir: &Path, segment_bytes: u64) -> io::Result<Arc<Self>> {
-        Self::start(data_dir, segment_bytes, true)
+    pub fn open_with(
+        data_dir: &Path,
+        segment_bytes: u64,
+        memory: &'static Memory,
+    ) -> io::Result<Arc<Self>> {
+        Self::start(data_dir, segment_bytes, true, memory)
     }
 
     /// Opens the store; without `writer` no writer thread runs (tests of the queues' own
@@ -89,12 +98,14 @@ impl Store {
         data_dir: &Path,
         segment_bytes: u64,
         writer: bool,
+        memory: &'static Memory,
     ) -> io::Result<Arc<Self>> {
         let dir = data_dir.join("msgs");
         let mut replay = Replay::default();
         let mut segs = BTreeMap::new();
         let mut max_seg = 0;
         let started = tokio::time::Instant::now();
+        let syncs = AtomicU64::new(0);
         if dir.is_dir() {
             // A file being prepared when the process stopped (possibly half written).
             match std::fs::remove_file(dir.join(PREPARED)) {
@@ -194,7 +205,7 @@ impl Store {
                 messages = count,
                 "store: delivered flags recovered from the delivery journal"
             );
-            match write_batch(&dir, None, &mut open, &state.pending, true) {
+            match write_batch(&dir, None, &syncs, &mut open, &state.pending, true) {
                 Ok(()) => state.pending.clear(),
                 // Still pending: the writer tries again (a crash before that loses the flags).
                 Err(e) => warn!(error = %e, "store: cannot write the recovered delivered flags"),
@@ -246,6 +257,8 @@ impl Store {
             segment_bytes,
             prep: Mutex::new(Prep::default()),
             prep_wake: Condvar::new(),
+            syncs,
+            memory,
         });
         let s2 = shared.clone();
         let preparer = std::thread::Builder::new()
@@ -309,7 +322,7 @@ impl Store {
         let mut out = Vec::with_capacity(live.len());
         let mut bad = Vec::new();
         for (id, l) in live {
-            match rebuild_message(&l) {
+            match rebuild_message(self.shared.memory, &l) {
                 Some(m) => out.push(Recovered {
                     id,
                     msg: Arc::new(m),
@@ -390,7 +403,12 @@ impl Store {
             let _ = h.join();
         }
         let _ = std::fs::remove_file(self.shared.dir.join(PREPARED));
-        info!(syncs = syncs(), "store: closed");
+        info!(syncs = self.syncs(), "store: closed");
+    }
+
+    /// Number of fdatasync calls this store has made.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
     }
 
     /// Bytes of segment files currently on disk (for tests and logs).

@@ -135,7 +135,8 @@ mod tests {
                 .sum()
         };
         // No writer thread: the queue writes every batch (each ends with a confirm).
-        let store = Store::start(data.path(), 1 << 20, false).expect("open");
+        let store =
+            Store::start(data.path(), 1 << 20, false, &crate::memory::UNIT_TESTS).expect("open");
         let (mut log, _, _rx) = store.attach("/", "q");
         let (ctx, mut crx) = mpsc::unbounded_channel();
         let m = persistent_msg(b"m");
@@ -182,7 +183,7 @@ mod tests {
         drop(store);
         // The journals are applied and removed at boot; message 1's flag can only come from
         // its own record.
-        let store = Store::open(data.path()).expect("reopen");
+        let store = Store::open(data.path(), &crate::memory::UNIT_TESTS).expect("reopen");
         let (_log, rec, _rx) = store.attach("/", "q");
         let flagged: Vec<u64> = rec.iter().filter(|r| r.redelivered).map(|r| r.id).collect();
         assert_eq!(flagged, vec![1, 2, 3, 4, last - 1, last]);
@@ -252,7 +253,7 @@ mod tests {
         j0.extend_from_slice(&[9, 0, 0]);
         std::fs::write(msgs.join(JOURNALS[0]), &j0).expect("journal");
         for round in 0..2 {
-            let store = Store::open(dir.path()).expect("open");
+            let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("open");
             assert!(
                 JOURNALS.iter().all(|n| !msgs.join(n).exists()),
                 "journals kept"
@@ -268,7 +269,7 @@ mod tests {
     #[test]
     fn the_delivery_journals_are_switched_and_emptied_as_the_writer_goes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("open");
         store.shared.state.lock().journal_switch_bytes = 200;
         let (mut log, _, _rx) = store.attach("/", "q");
         let m = persistent_msg(b"x");
@@ -299,7 +300,7 @@ mod tests {
         drop(log);
         store.close();
         drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("reopen");
         let (_log, rec, _rx) = store.attach("/", "q");
         assert_eq!(rec.len(), 200);
         assert!(rec.iter().all(|r| r.redelivered));

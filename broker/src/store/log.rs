@@ -277,7 +277,8 @@ mod tests {
     fn an_idle_queue_writes_one_publishers_small_batch_itself_and_its_confirms_are_out_at_once() {
         let data = tempfile::tempdir().expect("tempdir");
         // No writer thread: whatever reaches the disk, the queue wrote.
-        let store = Store::start(data.path(), 1 << 20, false).expect("open");
+        let store =
+            Store::start(data.path(), 1 << 20, false, &crate::memory::UNIT_TESTS).expect("open");
         let (mut log, _, mut rx) = store.attach("/", "q");
         let (ctx, mut crx) = mpsc::unbounded_channel();
         for seq in 1..=3 {
@@ -329,7 +330,7 @@ mod tests {
         store.close();
         drop(store);
         // What the queue wrote is on disk; nothing else is.
-        let store = Store::open(data.path()).expect("reopen");
+        let store = Store::open(data.path(), &crate::memory::UNIT_TESTS).expect("reopen");
         let (_log, rec, _rx) = store.attach("/", "q");
         let ids: Vec<u64> = rec.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![1, 2, 3, 4, 5]);
@@ -372,7 +373,7 @@ mod tests {
     #[test]
     fn a_queue_declared_again_numbers_its_messages_after_the_deleted_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("open");
         let (mut log, rec, _rx) = store.attach("/", "q");
         assert!(rec.is_empty());
         log.enqueue(1, &persistent_msg(b"a"), None);
@@ -385,7 +386,7 @@ mod tests {
         drop((log, log2));
         store.close();
         drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("reopen");
         let (log, rec, _rx) = store.attach("/", "q");
         assert_eq!(log.base, 0);
         let got: Vec<(u64, &[u8])> = rec.iter().map(|r| (r.id, &r.msg.body[..])).collect();

@@ -49,9 +49,10 @@ use crate::queue::{ConfirmTicket, Message};
 use bytes::Bytes;
 
 /// Builds a message back from its stored parts (exchange, routing key, pre-encoded content
-/// header payload, body), as the store and the queue page files keep them. None if the
-/// header does not parse.
+/// header payload, body), as the store and the queue page files keep them, charged to
+/// `memory` (the node's account). None if the header does not parse.
 pub fn message_from_parts(
+    memory: &'static crate::memory::Memory,
     exchange: &str,
     routing_key: &str,
     header: &[u8],
@@ -60,7 +61,7 @@ pub fn message_from_parts(
     // class (2), weight (2), body size (8), then the property flags and values.
     let props_bytes = header.get(12..)?;
     let (_, props) = amq_protocol::protocol::basic::parse_properties(props_bytes).ok()?;
-    Message::new(exchange.into(), routing_key.into(), props, body).ok()
+    Message::new(memory, exchange.into(), routing_key.into(), props, body).ok()
 }
 
 /// What the store tells a durable queue about its enqueues, on the queue's own channel (see

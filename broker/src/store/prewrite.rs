@@ -125,7 +125,7 @@ mod tests {
         const SEG: u64 = 256 << 10;
         let data = tempfile::tempdir().expect("tempdir");
         let dir = data.path().join("msgs");
-        let store = Store::open_with(data.path(), SEG).expect("open");
+        let store = Store::open_with(data.path(), SEG, &crate::memory::UNIT_TESTS).expect("open");
         assert!(
             !store.shared.prep.lock().wanted,
             "prepared before any durable queue"
@@ -168,7 +168,7 @@ mod tests {
         let len = std::fs::metadata(&segs[0]).expect("stat").len();
         assert!(len < SEG, "zero rest kept ({len} bytes)");
         assert!(!dir.join(PREPARED).exists());
-        let store = Store::open_with(data.path(), SEG).expect("reopen");
+        let store = Store::open_with(data.path(), SEG, &crate::memory::UNIT_TESTS).expect("reopen");
         let (_log, recovered, _rx) = store.attach("/", "q");
         let ids: Vec<u64> = recovered.iter().map(|r| r.id).collect();
         assert_eq!(ids, (3..=20).collect::<Vec<u64>>());
@@ -200,7 +200,7 @@ mod tests {
         // Killed while zero-filling the next file.
         std::fs::write(dir.join(PREPARED), vec![0u8; 1000]).expect("write");
 
-        let store = Store::open_with(data.path(), SEG).expect("open");
+        let store = Store::open_with(data.path(), SEG, &crate::memory::UNIT_TESTS).expect("open");
         assert!(!dir.join(PREPARED).exists(), "half-prepared file kept");
         let (_log, recovered, _rx) = store.attach("/", "q");
         let ids: Vec<u64> = recovered.iter().map(|r| r.id).collect();

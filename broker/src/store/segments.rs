@@ -33,13 +33,6 @@ use tracing::debug;
 /// A segment rolls over past this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
 
-static SYNCS: AtomicU64 = AtomicU64::new(0);
-
-/// Number of fdatasync calls the store has made (all stores of this process).
-pub fn syncs() -> u64 {
-    SYNCS.load(Ordering::Relaxed)
-}
-
 /// The books of one segment.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Seg {
@@ -124,8 +117,9 @@ fn open_segment(dir: &Path, sh: Option<&Shared>, seg: u64, fast: bool) -> io::Re
     })
 }
 
-pub(super) fn sync(f: &File) -> io::Result<()> {
-    SYNCS.fetch_add(1, Ordering::Relaxed);
+/// fdatasync, counted in `syncs` (the store's counter).
+pub(super) fn sync(f: &File, syncs: &AtomicU64) -> io::Result<()> {
+    syncs.fetch_add(1, Ordering::Relaxed);
     f.sync_data()
 }
 
@@ -134,6 +128,7 @@ pub(super) fn sync(f: &File) -> io::Result<()> {
 pub(super) fn write_batch(
     dir: &Path,
     sh: Option<&Shared>,
+    syncs: &AtomicU64,
     open: &mut Option<OpenSeg>,
     chunks: &[Chunk],
     durable: bool,
@@ -142,7 +137,7 @@ pub(super) fn write_batch(
         if open.as_ref().is_none_or(|o| o.seg != c.seg) {
             let mut fast = false;
             if let Some(o) = open.take() {
-                sync(&o.file)?;
+                sync(&o.file, syncs)?;
                 let secs = o.opened.elapsed().as_secs_f64().max(1e-3);
                 fast = o.len as f64 / secs > PREWRITE_MAX_RATE;
             }
@@ -160,7 +155,7 @@ pub(super) fn write_batch(
         o.len += c.buf.len() as u64;
     }
     if let Some(o) = open.as_ref().filter(|_| durable) {
-        sync(&o.file)?;
+        sync(&o.file, syncs)?;
     }
     Ok(())
 }
@@ -294,7 +289,8 @@ mod tests {
     fn segments_are_reclaimed_when_every_batch_is_written_by_the_queue() {
         let data = tempfile::tempdir().expect("tempdir");
         let dir = data.path().join("msgs");
-        let store = Store::open_with(data.path(), 8 << 10).expect("open");
+        let store =
+            Store::open_with(data.path(), 8 << 10, &crate::memory::UNIT_TESTS).expect("open");
         let (mut log, _, _rx) = store.attach("/", "q");
         let (ctx, mut crx) = mpsc::unbounded_channel();
         let m = persistent_msg(&[1u8; 1024]);

@@ -24,10 +24,12 @@ use super::replay::Live;
 use super::segments::{OpenSeg, Seg};
 use super::StoreEvent;
 use crate::intmap::IntMap;
+use crate::memory::Memory;
 use crate::queue::ConfirmTicket;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -365,6 +367,10 @@ pub(super) struct Shared {
     pub(super) prep: Mutex<Prep>,
     /// Wakes the preparer (a prepared file is wanted, or shutdown).
     pub(super) prep_wake: Condvar,
+    /// Number of fdatasync calls (recovery's included).
+    pub(super) syncs: AtomicU64,
+    /// The node's memory account, charged for recovered messages.
+    pub(super) memory: &'static Memory,
 }
 
 #[cfg(test)]

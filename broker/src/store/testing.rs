@@ -56,7 +56,14 @@ pub(super) fn enq_bytes(id: u64, m: &Message) -> Vec<u8> {
 
 pub(super) fn persistent_msg(body: &[u8]) -> Message {
     let props = amq_protocol::protocol::basic::AMQPProperties::default().with_delivery_mode(2);
-    Message::new("".into(), "q".into(), props, Bytes::copy_from_slice(body)).expect("message")
+    Message::new(
+        &crate::memory::UNIT_TESTS,
+        "".into(),
+        "q".into(),
+        props,
+        Bytes::copy_from_slice(body),
+    )
+    .expect("message")
 }
 
 pub(super) fn seg_files(dir: &Path) -> Vec<PathBuf> {

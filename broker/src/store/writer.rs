@@ -26,13 +26,14 @@
 //!   failed attempts.
 
 use super::prewrite::stop_preparer;
-use super::segments::{seg_path, sync, syncs, write_batch, OpenSeg};
+use super::segments::{seg_path, sync, write_batch, OpenSeg};
 use super::state::{Chunk, Publishers, Shared, Slot, State};
 use super::StoreEvent;
 use crate::queue::ConfirmTicket;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -99,7 +100,7 @@ pub(super) fn finish_batch(sh: &Shared, b: Batch) -> bool {
     // Only enqueues (confirms wait for them) and compaction copies (the old segment is
     // deleted next) need the sync; acks and deliveries ride along with the next one.
     let durable = !moved.is_empty() || chunks.iter().any(|c| !c.notes.is_empty());
-    let result = write_batch(&sh.dir, Some(sh), &mut open, &chunks, durable);
+    let result = write_batch(&sh.dir, Some(sh), &sh.syncs, &mut open, &chunks, durable);
     // Confirms first: they are what the publishers wait for. Each ticket is in exactly one
     // note and the chunks are dropped after this pass: sent once. A failed batch's tickets
     // go to their queues instead, which nack them once the messages are out of the queue
@@ -250,7 +251,7 @@ pub(super) fn writer_loop(sh: &Shared) {
                 };
                 if sh.wake.wait_for(&mut st, wait).timed_out() {
                     st.lazy = false;
-                    let n = syncs();
+                    let n = sh.syncs.load(Ordering::Relaxed);
                     if n != reported {
                         reported = n;
                         debug!(syncs = n, "store: sync count");
@@ -280,7 +281,7 @@ pub(super) fn writer_loop(sh: &Shared) {
             // Hand back the unused zero-filled rest (replay would accept it as it is).
             let _ = o.file.set_len(o.len);
         }
-        let _ = sync(&o.file);
+        let _ = sync(&o.file, &sh.syncs);
     }
 }
 
@@ -296,7 +297,8 @@ mod tests {
     #[test]
     fn the_writer_sends_the_confirms_of_a_synced_batch_itself() {
         let data = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_with(data.path(), 1 << 20).expect("open");
+        let store =
+            Store::open_with(data.path(), 1 << 20, &crate::memory::UNIT_TESTS).expect("open");
         let (mut log, _, mut rx) = store.attach("/", "q");
         let (ctx, mut crx) = mpsc::unbounded_channel();
         for seq in 1..=5 {
@@ -315,8 +317,14 @@ mod tests {
         // A transient message in a durable queue: safe at once, the ticket stays with the
         // queue (whose tracker confirms it), nothing is logged.
         let props = amq_protocol::protocol::basic::AMQPProperties::default();
-        let transient =
-            Message::new("".into(), "q".into(), props, Bytes::from_static(b"t")).expect("message");
+        let transient = Message::new(
+            &crate::memory::UNIT_TESTS,
+            "".into(),
+            "q".into(),
+            props,
+            Bytes::from_static(b"t"),
+        )
+        .expect("message");
         let (safety, t) = log
             .enqueue_confirmed(7, &transient, None, ticket(&ctx, 7))
             .expect("ticket handed back");
@@ -332,7 +340,8 @@ mod tests {
     #[test]
     fn a_failed_batch_hands_the_queue_every_id_and_the_tickets_to_nack() {
         let data = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_with(data.path(), 1 << 20).expect("open");
+        let store =
+            Store::open_with(data.path(), 1 << 20, &crate::memory::UNIT_TESTS).expect("open");
         // A file where the segment directory should be: every write fails.
         let msgs = data.path().join("msgs");
         if msgs.exists() {

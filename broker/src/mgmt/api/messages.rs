@@ -78,7 +78,7 @@ async fn publish_message(
             )));
         }
     }
-    let msg = crate::queue::Message::new(exchange.into(), rk.into(), props, body)
+    let msg = crate::queue::Message::new(v.node().memory, exchange.into(), rk.into(), props, body)
         .map_err(|e| ApiError::bad(e.to_string()))?;
     let mut targets = Vec::new();
     v.route(

@@ -76,7 +76,7 @@ pub(super) fn overview(shared: &BrokerShared) -> Value {
         .iter()
         .map(|v| v.snapshot().exchanges.len() + 1)
         .sum();
-    let churn = &crate::stats::CHURN;
+    let churn = &shared.node.stats.churn;
     let mut churn_rates = Map::new();
     for (k, c) in [
         ("channel_closed", &churn.channel_closed),
@@ -163,7 +163,7 @@ pub fn fds() -> (u64, u64) {
 pub(super) fn node(shared: &BrokerShared) -> Value {
     let (fd_used, fd_total) = fds();
     let uptime = shared.started_at.elapsed().as_millis() as u64;
-    let alarms = crate::alarm::state();
+    let alarms = shared.node.alarms.state();
     json!({
         "name": shared.config.node_name,
         "type": "disc",
@@ -220,7 +220,7 @@ pub(super) fn node_named(shared: &BrokerShared, name: &str) -> R {
 
 /// RabbitMQ's alarms health check: 200 without alarms, 503 listing them.
 pub(super) fn health_alarms(shared: &BrokerShared) -> R {
-    let a = crate::alarm::state();
+    let a = shared.node.alarms.state();
     if !a.memory && !a.disk {
         return ok(json!({"status": "ok"}));
     }
