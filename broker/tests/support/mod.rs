@@ -19,6 +19,9 @@ use warren_broker::Broker;
 
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// The first management and Prometheus listeners, when the config has them.
+    pub mgmt: Option<SocketAddr>,
+    pub prometheus: Option<SocketAddr>,
     token: CancellationToken,
     join: JoinHandle<()>,
     /// The broker's data directory, removed when the test ends.
@@ -37,11 +40,15 @@ pub async fn start_with(mut cfg: Config) -> TestBroker {
     cfg.data_dir = data.path().to_owned();
     let bound = Broker::bind(cfg).await.expect("bind");
     let addr = bound.amqp_addrs[0];
+    let mgmt = bound.mgmt_addrs.first().copied();
+    let prometheus = bound.prometheus_addrs.first().copied();
     let shared = bound.shared.clone();
     let token = CancellationToken::new();
     let join = tokio::spawn(bound.run(token.clone()));
     TestBroker {
         addr,
+        mgmt,
+        prometheus,
         token,
         join,
         data,
