@@ -178,10 +178,14 @@ async fn two_brokers_in_one_process_keep_their_own_memory_alarms_paging_and_tota
     assert_eq!(node(&a).await["mem_used"], a_used);
     assert!(metric(&b, "warren_message_memory_bytes").await >= BIG as u64);
 
-    // B's publisher leaves: what it did stays in B's totals.
+    // B's publisher leaves: what it did stays in B's totals (its counts move to them just after
+    // it leaves the list of connections).
     bpub.close(200, "done".into()).await.expect("close");
-    wait_until("B's publisher gone", async || {
-        get_json(&b, "/api/overview").await["object_totals"]["connections"] == 0
+    wait_until("B's publisher gone and counted", async || {
+        let o = get_json(&b, "/api/overview").await;
+        o["object_totals"]["connections"] == 0
+            && o["churn_rates"]["connection_closed"] == 1
+            && o["message_stats"]["publish"] == 32
     })
     .await;
     let (oa, ob) = (
