@@ -568,7 +568,16 @@ impl Inner {
                 return Err(ClusterError::Shutdown);
             }
             let r = match self.leader() {
-                Some(l) if l == self.id => self.propose_here(ops.clone()).await,
+                Some(l) if l == self.id => {
+                    match tokio::time::timeout_at(deadline, self.propose_here(ops.clone())).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Err(ClusterError::Timeout(
+                                "not committed in time (no quorum?): outcome unknown".into(),
+                            ))
+                        }
+                    }
+                }
                 Some(l) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self.net.call(l, body.clone(), left).await {
@@ -627,6 +636,9 @@ impl Inner {
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(OpError::NotLeader(f.leader_id))
             }
+            // The Raft instance is being replaced (force_single, rejoin) or is shutting down:
+            // retry against the next one (the caller stops at its deadline or on shutdown).
+            Err(RaftError::Fatal(_)) => Err(OpError::NoLeader),
             Err(e) => Err(OpError::Other(e.to_string())),
         }
     }
@@ -1022,7 +1034,15 @@ impl Inner {
             RpcRequest::InstallSnapshot(r) => {
                 RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
             }
-            RpcRequest::Propose(ops) => RpcResponse::Done(self.propose_here(ops).await),
+            RpcRequest::Propose(ops) => {
+                let t = self.cfg.timing.propose_timeout;
+                match tokio::time::timeout(t, self.propose_here(ops)).await {
+                    Ok(r) => RpcResponse::Done(r),
+                    Err(_) => {
+                        RpcResponse::Done(Err(OpError::Other("not committed in time".into())))
+                    }
+                }
+            }
             RpcRequest::Join { id, info } => RpcResponse::Done(self.serve_join(id, info).await),
             RpcRequest::Remove { id, reason } => {
                 RpcResponse::Done(self.serve_remove(id, reason).await)

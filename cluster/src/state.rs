@@ -10,7 +10,7 @@
 //! - A batch is atomic: every `CheckVersion` in it is evaluated against the state *before* the
 //!   batch; if one fails nothing is applied and the first failure is reported.
 //! - `members` mirrors the last applied Raft membership; a node that comes back into the
-//!   membership is dropped from `evicted`.
+//!   membership (absent from the previous one) is dropped from `evicted`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -213,8 +213,10 @@ impl ClusterState {
         }
     }
 
-    /// Replace `members` by what `membership` says.
+    /// Replace `members` by what `membership` says. A node that comes back (member now, not
+    /// before) is no longer evicted; one still listed in a joint configuration stays evicted.
     pub(crate) fn apply_membership(&mut self, membership: &Membership) {
+        let before: std::collections::BTreeSet<NodeId> = self.members.keys().copied().collect();
         let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
         self.members = membership
             .nodes()
@@ -232,7 +234,8 @@ impl ClusterState {
             })
             .collect();
         let members = &self.members;
-        self.evicted.retain(|id, _| !members.contains_key(id));
+        self.evicted
+            .retain(|id, _| !members.contains_key(id) || before.contains(id));
     }
 }
 
