@@ -5,16 +5,19 @@
 //! - [`error`]: soft ([`error::ChannelError`]) vs hard ([`error::ConnectionError`]) AMQP errors.
 //! - [`codec`]: pure frame decode/encode on byte slices (amq-protocol underneath).
 //! - [`connection`]: `state.rs` is the sans-io connection state machine, `mod.rs` the async shell
-//!   that owns the socket, `session.rs` the per-connection broker context.
+//!   that owns the socket, `session.rs` the per-connection broker context, `registry.rs` the
+//!   live connections the management API lists.
 //! - [`channel`]: per-channel bookkeeping (delivery tags, unacked, confirms, tx).
 //! - [`class`]: one handler file per AMQP class, dispatched from a single `match`.
 //! - [`exchange`]: pure routing (direct, fanout, topic, headers).
-//! - [`queue`]: the queue actor (messages, consumers, acks, TTL, DLX, overflow).
+//! - [`queue`]: one queue: its typed API (`handle.rs`), sans-io core (`core.rs`: messages,
+//!   consumers, acks, TTL, overflow), dead-lettering, confirms (`confirm.rs`) and the actor
+//!   shell (`actor.rs`).
 //! - [`vhost`]: registry of exchanges and queues, the routing snapshot.
 //! - [`auth`]: users, vhosts, permissions, RabbitMQ password hashes, the failed-login limit.
 //! - [`definitions`]: the mutable definitions API (vhosts, users, permissions, policies),
 //!   RabbitMQ definitions JSON import/export, persistence in `<data-dir>/definitions.json`.
-//! - [`policy`]: policy validation and storage.
+//! - [`policy`]: policies and operator policies: validation, storage, which apply to what.
 //! - [`store`]: the durability hook every queue state change goes through.
 //! - [`tls`]: AMQPS listener configuration.
 //! - [`proxy_protocol`]: pure PROXY protocol v1/v2 header parser and the trust list
@@ -30,7 +33,7 @@
 //! - [`intmap`]: cheap hash map for integer keys on the per-message path.
 //! - [`nesting`]: the bound on nested field tables and JSON, checked before anything recurses.
 //! - [`mgmt`]: the management HTTP API (RabbitMQ compatible), web UI and Prometheus metrics.
-//! - [`stats`]: message counters, sampled rates and the registry of live connections.
+//! - [`stats`]: message counters and sampled rates (node totals, per queue, per connection).
 //!
 //! Entry point for binaries and tests: [`Broker::bind`] then [`Bound::run`].
 
@@ -110,7 +113,7 @@ pub struct BrokerShared {
     pub next_conn_id: AtomicU64,
     pub connections: AtomicUsize,
     /// Live connections and the stop_app / start_app switch.
-    pub registry: stats::Registry,
+    pub registry: connection::registry::Registry,
     /// Message rates for the management API.
     pub sampler: Arc<stats::Sampler>,
     /// When the broker started.
@@ -230,7 +233,7 @@ impl Broker {
             auth: Arc::new(auth),
             vhosts: parking_lot::RwLock::new(HashMap::new()),
             policies: Arc::default(),
-            registry: stats::Registry::new(node.stats.clone()),
+            registry: connection::registry::Registry::new(node.stats.clone()),
             node,
             persister,
             me: me.clone(),

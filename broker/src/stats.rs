@@ -1,16 +1,14 @@
-//! Message counters, sampled rates and the registry of live connections, for the management
-//! API and Prometheus.
+//! Message counters and sampled rates, for the management API and Prometheus (the registry of
+//! live connections is `crate::connection::registry`).
 //!
 //! Counters live next to their single writer (a queue actor, a connection task) as atomics
 //! updated with a plain load + store: no lock and no locked instruction on the message path.
 //! Node totals are the sum over live objects plus what finished objects left behind; a sampler
 //! task ([`Sampler::run`]) turns them into per-second rates every [`SAMPLE_INTERVAL`].
 
-use crate::queue::ClientTx;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -260,36 +258,6 @@ pub fn churn(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Facts about a connection set once it is open.
-#[derive(Debug, Clone, Default)]
-pub struct ConnOpened {
-    pub user: String,
-    pub vhost: String,
-    pub client_properties: serde_json::Value,
-    pub frame_max: u32,
-    pub channel_max: u16,
-    pub heartbeat: u16,
-    pub auth_mechanism: String,
-}
-
-/// One live connection as the management API sees it.
-#[derive(Debug)]
-pub struct ConnEntry {
-    pub id: u64,
-    /// RabbitMQ's connection name: "peer -> local".
-    pub name: String,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    pub tls: bool,
-    /// Milliseconds since the Unix epoch.
-    pub connected_at: u64,
-    pub stats: Arc<ConnStats>,
-    /// Set at connection.open; None during the handshake.
-    pub opened: Mutex<Option<ConnOpened>>,
-    /// The connection's event channel (forced close, inspection).
-    pub events: ClientTx,
-}
-
 /// Snapshot of one channel, answered by the connection task.
 #[derive(Debug, Clone)]
 pub struct ChannelSnapshot {
@@ -311,58 +279,6 @@ pub struct ConsumerSnapshot {
     pub no_ack: bool,
     pub exclusive: bool,
     pub prefetch: u16,
-}
-
-/// Live connections and the application switch (stop_app / start_app).
-#[derive(Debug)]
-pub struct Registry {
-    conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
-    running: AtomicBool,
-    /// The node's totals: connection churn, and what a removed connection leaves behind.
-    stats: Arc<NodeStats>,
-}
-
-impl Registry {
-    /// An empty registry of a node whose totals are `stats`.
-    pub fn new(stats: Arc<NodeStats>) -> Self {
-        Self {
-            conns: Mutex::new(HashMap::new()),
-            running: AtomicBool::new(true),
-            stats,
-        }
-    }
-
-    pub fn add(&self, e: Arc<ConnEntry>) {
-        churn(&self.stats.churn.connection_created);
-        self.conns.lock().insert(e.id, e);
-    }
-
-    pub fn remove(&self, id: u64) {
-        if let Some(e) = self.conns.lock().remove(&id) {
-            churn(&self.stats.churn.connection_closed);
-            self.stats.conn_gone(&e.stats);
-        }
-    }
-
-    /// Live connections, ordered by id.
-    pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
-        let mut v: Vec<_> = self.conns.lock().values().cloned().collect();
-        v.sort_by_key(|e| e.id);
-        v
-    }
-
-    pub fn by_name(&self, name: &str) -> Option<Arc<ConnEntry>> {
-        self.conns.lock().values().find(|e| e.name == name).cloned()
-    }
-
-    /// AMQP accepted and served (false after stop_app).
-    pub fn running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
-    }
-
-    pub fn set_running(&self, on: bool) {
-        self.running.store(on, Ordering::Relaxed);
-    }
 }
 
 /// Now as milliseconds since the Unix epoch.

@@ -3,6 +3,7 @@
 //! shutdown. Everything protocol-related is decided by [`state::ConnectionState`] (sans-io) and
 //! the class handlers in `crate::class`.
 
+pub mod registry;
 pub mod session;
 pub mod state;
 pub mod throttle;
@@ -62,7 +63,7 @@ pub async fn serve<S>(
     );
     state.set_login_source(peer.ip());
     let mut s = Session::new(conn_id, shared.clone(), cfg.frame_max);
-    let entry = Arc::new(crate::stats::ConnEntry {
+    let entry = Arc::new(registry::ConnEntry {
         id: conn_id,
         name: format!("{peer} -> {local}"),
         peer,
@@ -149,7 +150,7 @@ pub async fn serve<S>(
                     if let Effect::Opened { user, vhost } = &e {
                         throttle.set_notify(state.client_wants_blocked());
                         let (props, mech) = state.client_info();
-                        *entry.opened.lock() = Some(crate::stats::ConnOpened {
+                        *entry.opened.lock() = Some(registry::ConnOpened {
                             user: user.clone(),
                             vhost: vhost.clone(),
                             client_properties: crate::mgmt::json::table(props),

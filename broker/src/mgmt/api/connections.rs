@@ -9,8 +9,9 @@
 //! `ClientEvent::Inspect` ([`inspect`]).
 
 use super::{forbidden, ok, owns, visible_conns, R};
+use crate::connection::registry::ConnEntry;
 use crate::mgmt::{no_content, ApiError, Req};
-use crate::stats::{ChannelSnapshot, ConnEntry};
+use crate::stats::ChannelSnapshot;
 use crate::BrokerShared;
 use hyper::Method;
 use serde_json::{json, Value};

@@ -32,8 +32,9 @@ mod queues;
 pub use overview::{fds, rss_bytes};
 
 use super::{json as conv, json_resp, ApiError, Req, Resp};
+use crate::connection::registry::ConnEntry;
 use crate::policy::PolicyKind;
-use crate::stats::{ConnEntry, Counts, Rates};
+use crate::stats::{Counts, Rates};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use hyper::{Method, StatusCode};

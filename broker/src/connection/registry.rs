@@ -1,0 +1,93 @@
+//! The registry of live connections, for the management API: what each connection is (peer,
+//! user, vhost, its counters) and its event channel (to close it or ask for its channels), and
+//! the application switch of `stop_app` / `start_app`.
+
+use crate::queue::ClientTx;
+use crate::stats::{churn, ConnStats, NodeStats};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Facts about a connection set once it is open.
+#[derive(Debug, Clone, Default)]
+pub struct ConnOpened {
+    pub user: String,
+    pub vhost: String,
+    pub client_properties: serde_json::Value,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub auth_mechanism: String,
+}
+
+/// One live connection as the management API sees it.
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    /// RabbitMQ's connection name: "peer -> local".
+    pub name: String,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// Milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    pub stats: Arc<ConnStats>,
+    /// Set at connection.open; None during the handshake.
+    pub opened: Mutex<Option<ConnOpened>>,
+    /// The connection's event channel (forced close, inspection).
+    pub events: ClientTx,
+}
+
+/// Live connections and the application switch (stop_app / start_app).
+#[derive(Debug)]
+pub struct Registry {
+    conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    running: AtomicBool,
+    /// The node's totals: connection churn, and what a removed connection leaves behind.
+    stats: Arc<NodeStats>,
+}
+
+impl Registry {
+    /// An empty registry of a node whose totals are `stats`.
+    pub fn new(stats: Arc<NodeStats>) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            running: AtomicBool::new(true),
+            stats,
+        }
+    }
+
+    pub fn add(&self, e: Arc<ConnEntry>) {
+        churn(&self.stats.churn.connection_created);
+        self.conns.lock().insert(e.id, e);
+    }
+
+    pub fn remove(&self, id: u64) {
+        if let Some(e) = self.conns.lock().remove(&id) {
+            churn(&self.stats.churn.connection_closed);
+            self.stats.conn_gone(&e.stats);
+        }
+    }
+
+    /// Live connections, ordered by id.
+    pub fn connections(&self) -> Vec<Arc<ConnEntry>> {
+        let mut v: Vec<_> = self.conns.lock().values().cloned().collect();
+        v.sort_by_key(|e| e.id);
+        v
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<ConnEntry>> {
+        self.conns.lock().values().find(|e| e.name == name).cloned()
+    }
+
+    /// AMQP accepted and served (false after stop_app).
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn set_running(&self, on: bool) {
+        self.running.store(on, Ordering::Relaxed);
+    }
+}
