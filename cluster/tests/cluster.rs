@@ -1,4 +1,5 @@
 //! Multi-node tests in one process: real TCP on 127.0.0.1:0, fast timing.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Two voters without a witness: `ignore` (the survivor carries on alone and the other rejoins
 //! under it) and `pause_minority` (nobody commits alone), plus forget and leave.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod support;
 
