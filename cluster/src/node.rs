@@ -501,6 +501,7 @@ impl Inner {
                     let req = RpcRequest::Join {
                         id: self.id,
                         info: self.info.clone(),
+                        fresh: true,
                     };
                     match self.remote_op(peer, &req, deadline).await {
                         Ok(index) => {
@@ -680,7 +681,7 @@ impl Inner {
         }
     }
 
-    async fn serve_join(&self, id: NodeId, info: NodeInfo) -> Result<u64, OpError> {
+    async fn serve_join(&self, id: NodeId, info: NodeInfo, fresh: bool) -> Result<u64, OpError> {
         let raft = self.raft();
         if !raft.is_initialized().await.unwrap_or(false) {
             return Err(OpError::NotInitialized(self.info.name.clone()));
@@ -689,12 +690,18 @@ impl Inner {
         let req = RpcRequest::Join {
             id,
             info: info.clone(),
+            fresh,
         };
         if let Some(r) = self.at_leader(req, deadline).await {
             return r;
         }
         let stored = raft.metrics().borrow().membership_config.clone();
         let mem = stored.membership();
+        if !fresh && mem.get_node(&id).is_none() {
+            // An address refresh from a node that is no longer a member (forgotten, left or
+            // forced out while away): it must not bring itself back.
+            return Err(OpError::Refused(format!("{} is not a member", info.name)));
+        }
         if let Some(existing) = mem.get_node(&id) {
             if existing.name != info.name {
                 return Err(OpError::Refused(format!(
@@ -856,7 +863,7 @@ impl Inner {
         }
         let inner = self.clone();
         self.tracker.spawn(async move {
-            let r = inner.serve_join(inner.id, inner.info.clone()).await;
+            let r = inner.serve_join(inner.id, inner.info.clone(), false).await;
             if let Err(e) = r {
                 tracing::debug!(error = %e, "address refresh failed; retrying later");
             }
@@ -1043,7 +1050,9 @@ impl Inner {
                     }
                 }
             }
-            RpcRequest::Join { id, info } => RpcResponse::Done(self.serve_join(id, info).await),
+            RpcRequest::Join { id, info, fresh } => {
+                RpcResponse::Done(self.serve_join(id, info, fresh).await)
+            }
             RpcRequest::Remove { id, reason } => {
                 RpcResponse::Done(self.serve_remove(id, reason).await)
             }

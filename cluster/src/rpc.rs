@@ -30,10 +30,12 @@ pub(crate) enum RpcRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// Propose a batch (sent to the leader).
     Propose(Vec<Op>),
-    /// Add this node as a voter, or refresh its address (sent to any member; forwarded).
+    /// Add this node as a voter (`fresh`: it has no Raft data), or refresh its address (sent to
+    /// any member; forwarded). A node removed by forget or leave may only come back fresh.
     Join {
         id: NodeId,
         info: NodeInfo,
+        fresh: bool,
     },
     /// Remove a node (sent to any member; forwarded).
     Remove {
