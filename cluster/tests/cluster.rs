@@ -419,3 +419,49 @@ async fn app_messages_are_ordered_per_channel() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_from_one_seed_list_form_one_cluster() {
+    init_tracing();
+    // Three free loopback ports, released for the nodes to bind (as a headless service's
+    // peers would be listed before any of them runs).
+    let mut addrs = Vec::new();
+    for _ in 0..3 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        addrs.push(l.local_addr().unwrap());
+    }
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Seeds by name and by address: "localhost" resolves like a DNS seed would.
+    let seeds: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("localhost:{}", a.port()))
+        .collect();
+    let cfg = |i: usize| {
+        let mut c = support::config(&format!("n{i}@together"), dirs[i].path());
+        c.listen = vec![addrs[i]];
+        c.join = seeds.clone();
+        c
+    };
+    let (x, y, z) = tokio::join!(
+        warren_cluster::Cluster::start(cfg(0)),
+        warren_cluster::Cluster::start(cfg(1)),
+        warren_cluster::Cluster::start(cfg(2)),
+    );
+    let nodes = [x.unwrap(), y.unwrap(), z.unwrap()];
+    for n in &nodes {
+        until(Duration::from_secs(10), "one 3-voter cluster", || {
+            voters(n) == 3
+        })
+        .await;
+    }
+    nodes[2].propose(vec![put("one", json!(1))]).await.unwrap();
+    for n in &nodes {
+        until(Duration::from_secs(5), "applied", || {
+            get(n, "one").is_some()
+        })
+        .await;
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -116,6 +116,9 @@ pub(crate) enum HandshakeError {
     SelfConnection,
     #[error("peer refused: {0:?}")]
     Refused(RejectReason),
+    /// The acceptor keeps the link it already has with us: the peer is reachable.
+    #[error("a link with node {0:016x} already exists")]
+    Duplicate(NodeId),
 }
 
 impl From<FrameError> for HandshakeError {
@@ -259,7 +262,14 @@ where
     send(io, Frame::Proof(json(&proof))).await?;
     let welcome: Proof = match read_frame(io, &mut buf).await? {
         Frame::Welcome(b) => parse(&b, "welcome")?,
-        Frame::Reject(b) => return Err(rejected(&b)),
+        Frame::Reject(b) => {
+            return Err(match rejected(&b) {
+                HandshakeError::Refused(RejectReason::Duplicate) => {
+                    HandshakeError::Duplicate(theirs.id)
+                }
+                e => e,
+            })
+        }
         f => {
             return Err(HandshakeError::Protocol(format!(
                 "expected welcome, got {f:?}"

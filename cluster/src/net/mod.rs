@@ -395,6 +395,8 @@ impl Net {
                     "handshake with {addr} timed out"
                 )))
             }
+            // The peer keeps the link it already has with us: as good as a new one.
+            Ok(Err(HandshakeError::Duplicate(id))) => return Ok(id),
             Ok(Err(e)) => {
                 log_handshake_error(&e, addr);
                 return Err(e);
