@@ -84,6 +84,10 @@ struct Inner {
     restart: tokio::sync::Mutex<()>,
     rejoining: AtomicBool,
     removed_told: AtomicBool,
+    /// Why a peer said this node is no longer a member (forget / leave), once told.
+    removed: Mutex<Option<EvictReason>>,
+    /// This process discarded its metadata and rejoined at least once.
+    rejoined: AtomicBool,
     refreshing_addr: AtomicBool,
     quorum: AtomicBool,
     stopped: AtomicBool,
@@ -218,6 +222,8 @@ impl Cluster {
             restart: tokio::sync::Mutex::new(()),
             rejoining: AtomicBool::new(false),
             removed_told: AtomicBool::new(false),
+            removed: Mutex::new(None),
+            rejoined: AtomicBool::new(false),
             refreshing_addr: AtomicBool::new(false),
             quorum: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -359,6 +365,18 @@ impl Cluster {
     /// falls behind by `app_inbox` messages for long, the sender's link is closed (Down/Up).
     pub fn subscribe_app(&self, channel: u8) -> mpsc::Receiver<AppMessage> {
         self.inner.net.subscribe(channel)
+    }
+
+    /// Set once a peer told this node it was removed (forget / leave): it stays out until reset.
+    /// (The same as [`PeerEvent::RemovedFromCluster`], for whoever subscribed too late.)
+    pub fn removed(&self) -> Option<EvictReason> {
+        *self.inner.removed.lock()
+    }
+
+    /// Whether this process discarded its metadata and rejoined under a survivor (the same as
+    /// [`PeerEvent::Rejoined`], for whoever subscribed too late).
+    pub fn rejoined(&self) -> bool {
+        self.inner.rejoined.load(Ordering::Acquire)
     }
 
     /// Links coming up and going down, quorum transitions, evictions.
@@ -1001,6 +1019,7 @@ impl Inner {
             seeds.extend(self.cfg.join.iter().cloned());
             self.join(&seeds, self.cfg.timing.join_timeout).await?;
             warn!("rejoined the cluster; metadata from before is discarded");
+            self.rejoined.store(true, Ordering::Release);
             let _ = self.events.send(PeerEvent::Rejoined);
             Ok(())
         }
@@ -1108,6 +1127,7 @@ impl Handler for Inner {
                 });
             }
             EvictReason::Forgotten | EvictReason::Left => {
+                *self.removed.lock() = Some(reason);
                 if !self.removed_told.swap(true, Ordering::Relaxed) {
                     error!(
                         peer = %peer.name,

@@ -26,15 +26,26 @@ impl Write for Captured {
     }
 }
 
+/// Every test of this binary logs (warn and up) into one captured buffer: under `cargo test`
+/// they share the process, and the global subscriber can be set only once.
+fn capture() -> Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_and_both_sides_say_why() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
-        .try_init();
+    let logs = capture();
     let da = tempfile::tempdir().unwrap();
     let db = tempfile::tempdir().unwrap();
     let a = start("a@auth", da.path(), &[]).await;
@@ -82,7 +93,7 @@ async fn closed_within(s: &mut TcpStream, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bytes_on_the_cluster_port_do_not_hurt() {
-    init_tracing();
+    capture();
     let da = tempfile::tempdir().unwrap();
     let a = start("a@hostile", da.path(), &[]).await;
     let port = a.listen_addrs()[0];
@@ -159,7 +170,7 @@ fn write_tls(dir: &std::path::Path) -> (ClusterTls, ClusterTls) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_links_work_and_plain_peers_are_refused() {
-    init_tracing();
+    capture();
     let certs = tempfile::tempdir().unwrap();
     let (ta, tb) = write_tls(certs.path());
     let da = tempfile::tempdir().unwrap();

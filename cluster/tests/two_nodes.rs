@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::*;
-use warren_cluster::{Cluster, ClusterError, PartitionHandling, PeerEvent, Timing};
+use warren_cluster::{Cluster, ClusterError, PartitionHandling, Timing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignore_mode_survivor_goes_on_and_the_dead_node_rejoins_under_it() {
@@ -36,13 +36,8 @@ async fn ignore_mode_survivor_goes_on_and_the_dead_node_rejoins_under_it() {
     }
     // b comes back with its (now divergent) data: told it was evicted, it rejoins under a.
     let b = Cluster::start(config("b@ig", db.path())).await.unwrap();
-    let mut events = b.peer_events();
-    until_async(Duration::from_secs(10), "b reports Rejoined", || {
-        let mut got = false;
-        while let Ok(ev) = events.try_recv() {
-            got |= ev == PeerEvent::Rejoined;
-        }
-        std::future::ready(got)
+    until(Duration::from_secs(10), "b reports it rejoined", || {
+        b.rejoined()
     })
     .await;
     until(Duration::from_secs(5), "b caught up", || {
@@ -125,13 +120,8 @@ async fn forget_and_leave_shrink_the_membership() {
     let c = Cluster::start(config("c@fl", dirs[2].path()))
         .await
         .unwrap();
-    let mut events = c.peer_events();
-    until_async(Duration::from_secs(5), "c told it was removed", || {
-        let mut got = false;
-        while let Ok(ev) = events.try_recv() {
-            got |= matches!(ev, PeerEvent::RemovedFromCluster(_));
-        }
-        std::future::ready(got)
+    until(Duration::from_secs(5), "c told it was removed", || {
+        c.removed() == Some(warren_cluster::EvictReason::Forgotten)
     })
     .await;
     assert_eq!(voters(&a), 2);
