@@ -1047,7 +1047,8 @@ impl Inner {
         );
         if is_raft {
             let st = self.state();
-            if st.evicted.contains_key(&from) && !st.members.contains_key(&from) {
+            if let (Some(e), false) = (st.evicted.get(&from), st.members.contains_key(&from)) {
+                self.net.retell(from, PeerView::Evicted(e.reason));
                 return RpcResponse::Refused("you were evicted from this cluster".into());
             }
         }
@@ -1092,6 +1093,7 @@ impl Handler for Inner {
     }
 
     fn on_linked(&self, peer: &PeerHello) {
+        tracing::debug!(peer = %peer.name, view = ?peer.view, "linked; the peer's view of us");
         let PeerView::Evicted(reason) = peer.view else {
             return;
         };
@@ -1110,6 +1112,12 @@ impl Handler for Inner {
             EvictReason::ForcedOut => {
                 let trusted = st.members.get(&peer.id).is_some_and(|m| m.voter);
                 if !trusted || self.rejoining.load(Ordering::Relaxed) {
+                    tracing::debug!(
+                        peer = %peer.name,
+                        trusted,
+                        "told it was forced out, but not rejoining (peer not a known voter here, \
+                         or a rejoin is under way)"
+                    );
                     return;
                 }
                 warn!(

@@ -184,6 +184,10 @@ struct LinkState {
     dialer: NodeId,
     peer_boot: u64,
     cancel: CancellationToken,
+    /// What the peer said in the handshake (replayed to a handler set after the link came up).
+    hello: PeerHello,
+    /// What we told the peer of itself in the handshake.
+    told: PeerView,
 }
 
 /// A snapshot of one peer for `members()`.
@@ -217,8 +221,40 @@ impl Net {
         }
     }
 
+    /// Set the handler once. Links that came up before it (a restarting node's Raft may dial
+    /// before the node is wired) are replayed to it, so what their peers said in the handshake
+    /// ("you were evicted", "you were forgotten") is never lost.
     pub(crate) fn set_handler(&self, h: Weak<dyn Handler>) {
         let _ = self.s.handler.set(h);
+        let Some(h) = self.handler() else { return };
+        let peers: Vec<Arc<Peer>> = self.s.peers.lock().values().cloned().collect();
+        for p in peers {
+            let hello = match &*p.link.lock() {
+                Some(l) if !l.cancel.is_cancelled() => Some(l.hello.clone()),
+                _ => None,
+            };
+            if let Some(hello) = hello {
+                h.on_linked(&hello);
+            }
+        }
+    }
+
+    /// Our view of `peer` is now `view`: if its link was set up while we told it something else
+    /// (it linked before we evicted it, say), drop the link so that it dials again and the new
+    /// handshake tells it. Returns whether a link was dropped.
+    pub(crate) fn retell(&self, peer: NodeId, view: PeerView) -> bool {
+        let Some(p) = self.known_peer(peer) else {
+            return false;
+        };
+        let link = p.link.lock().clone();
+        match link {
+            Some(l) if !l.cancel.is_cancelled() && l.told != view => {
+                info!(peer = %l.hello.name, ?view, "cluster link dropped to tell the peer its new standing");
+                l.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn handler(&self) -> Option<Arc<dyn Handler>> {
@@ -268,7 +304,12 @@ impl Net {
         let _ = sock.set_nodelay(true);
         let t = self.s.timing.handshake_timeout;
         let me = &self.s.me;
-        let view = |id| self.handler().map_or(PeerView::Unknown, |h| h.view_of(id));
+        let told = Mutex::new(PeerView::Unknown);
+        let view = |id| {
+            let v = self.handler().map_or(PeerView::Unknown, |h| h.view_of(id));
+            *told.lock() = v;
+            v
+        };
         let admit = |p: &PeerHello| self.admit(p);
         let res = tokio::time::timeout(t, async {
             let mut stream: BoxStream = match &self.s.tls {
@@ -284,7 +325,8 @@ impl Net {
             Err(_) => debug!(%from, "cluster handshake timed out"),
             Ok(Err(e)) => log_handshake_error(&e, &from.to_string()),
             Ok(Ok((stream, (peer, rest)))) => {
-                self.install(peer, false, stream, rest);
+                let told = *told.lock();
+                self.install(peer, told, false, stream, rest);
             }
         }
     }
@@ -301,6 +343,8 @@ impl Net {
                     dialer: p.id,
                     peer_boot: p.boot,
                     cancel: CancellationToken::new(),
+                    hello: p.clone(),
+                    told: PeerView::Unknown,
                 };
                 if !old.cancel.is_cancelled() && !self.prefer_new(p.id, old, &candidate) {
                     return Err(RejectReason::Duplicate);
@@ -372,7 +416,12 @@ impl Net {
     pub(crate) async fn connect(&self, addr: &str) -> Result<NodeId, HandshakeError> {
         let t = self.s.timing.handshake_timeout;
         let me = &self.s.me;
-        let view = |id| self.handler().map_or(PeerView::Unknown, |h| h.view_of(id));
+        let told = Mutex::new(PeerView::Unknown);
+        let view = |id| {
+            let v = self.handler().map_or(PeerView::Unknown, |h| h.view_of(id));
+            *told.lock() = v;
+            v
+        };
         let res = tokio::time::timeout(t, async {
             let sock = TcpStream::connect(addr).await?;
             let _ = sock.set_nodelay(true);
@@ -407,12 +456,20 @@ impl Net {
         if self.s.blocked.lock().contains(&id) {
             return Err(HandshakeError::Refused(RejectReason::Blocked));
         }
-        self.install(peer, true, stream, rest);
+        let told = *told.lock();
+        self.install(peer, told, true, stream, rest);
         Ok(id)
     }
 
     /// Make `peer` the current link for its node (or drop it if the existing one wins).
-    fn install(&self, hello: PeerHello, dialed: bool, stream: BoxStream, rest: BytesMut) {
+    fn install(
+        &self,
+        hello: PeerHello,
+        told: PeerView,
+        dialed: bool,
+        stream: BoxStream,
+        rest: BytesMut,
+    ) {
         let peer = self.peer(hello.id);
         *peer.told_addr.lock() = Some(hello.addr.clone());
         *peer.name.lock() = Some(hello.name.clone());
@@ -421,6 +478,8 @@ impl Net {
             dialer: if dialed { self.s.me.id } else { hello.id },
             peer_boot: hello.boot,
             cancel: self.s.cancel.child_token(),
+            hello: hello.clone(),
+            told,
         });
         let replaced = {
             let mut cur = peer.link.lock();

@@ -6,7 +6,7 @@
 //!   is rotated past [`SEGMENT_BYTES`].
 //! - `vote`: the last vote, replaced atomically with fsync before `save_vote` returns.
 //! - `purged`: the last purged log id, replaced atomically before segments are deleted.
-//! - `committed`: the last committed log id, overwritten without fsync. It only tells a restarted
+//! - `committed`: the last committed log id, replaced by rename without fsync. It only tells a restarted
 //!   node how far it may re-apply its own log before hearing from a leader; an older or unreadable
 //!   value is still true (commits never go back), so it needs no sync.
 //!
@@ -216,7 +216,7 @@ impl LogStore {
 
     /// Delete everything this store keeps under `root` (the store must be closed).
     pub(crate) fn wipe(root: &Path) -> io::Result<()> {
-        for name in ["vote", "purged", "committed"] {
+        for name in ["vote", "purged", "committed", "committed.tmp"] {
             match fs::remove_file(root.join(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -493,7 +493,13 @@ impl Disk {
                     DiskOp::Committed(bytes) => {
                         let mut rec = Vec::new();
                         encode_record(&bytes, &mut rec);
-                        let _ = fs::write(self.root.join("committed"), rec);
+                        // Replaced by rename, never truncated in place: a kill -9 between
+                        // a truncate and its write would leave an empty file, and the node
+                        // would restart without re-applying what it had committed.
+                        let tmp = self.root.join("committed.tmp");
+                        if fs::write(&tmp, rec).is_ok() {
+                            let _ = fs::rename(&tmp, self.root.join("committed"));
+                        }
                     }
                 }
             }
