@@ -429,7 +429,8 @@ fn yes() -> bool {
 }
 
 impl FaultRule {
-    /// The periodic reset rule that `--reset-every DUR` stands for.
+    /// The periodic reset rule that `--reset-every DUR` stands for (RST; what the proxy holds
+    /// is discarded, `in_flight` being `drop` by default).
     pub fn reset_every(every: Duration) -> Self {
         Self {
             name: "reset-every".to_string(),
@@ -454,6 +455,21 @@ impl FaultRule {
             delay: None,
             bytes: None,
             timeout: None,
+        }
+    }
+
+    /// The rule that `--reset-after-publish N` stands for: reset each connection right after
+    /// its Nth `basic.publish` (client to broker) reached the proxy, discarding the content
+    /// frames already read, so the publish never reaches the broker.
+    pub fn reset_after_publish(nth: u64) -> Self {
+        Self {
+            name: "reset-after-publish".to_string(),
+            on_amqp: Some("basic.publish".to_string()),
+            nth: Some(nth),
+            direction: Direction::Upstream,
+            in_flight: Some(InFlight::Drop),
+            every: None,
+            ..Self::reset_every(Duration::ZERO)
         }
     }
 

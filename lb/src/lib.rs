@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - `config`: TOML schema, defaults, humane durations, validation (fault rules included).
+//! - `cli`: the command line and how its flags override a `--config` file.
 //! - `listener`: one listener's accept loop, the tasks it starts (health checks, `every` ticker),
 //!   its changes at runtime, and each connection's life cycle.
 //! - `listener::state`: `ListenerState` (settings snapshot, backend pool, connection registry,
@@ -37,6 +38,7 @@
 pub mod admin;
 pub mod backend;
 pub mod chaos;
+pub mod cli;
 pub mod config;
 pub mod events;
 pub mod listener;

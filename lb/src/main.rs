@@ -1,71 +1,15 @@
 //! warren-lb: parse the CLI, load the configuration, start logging, bind, run; map errors to exit
 //! codes. Everything else lives in the library.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use warren_lb::config::{parse_duration, Config};
+use warren_lb::cli::Cli;
+use warren_lb::config::Config;
 use warren_lb::shutdown::{Signal, Signals};
-use warren_lb::Lb;
-
-/// ELB-equivalent TCP load balancer.
-#[derive(Parser, Debug)]
-#[command(name = "warren-lb", version)]
-struct Cli {
-    /// Configuration file (TOML); SIGHUP reloads it.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Validate FILE (with --admin/--admin-token-file applied; backends resolved) and exit: 0 if
-    /// valid, 1 with a message if not.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen"])]
-    check_config: Option<PathBuf>,
-    /// Listen without a file on ADDR (repeat for more addresses, such as 127.0.0.1:5670 and
-    /// [::1]:5670 for clients that resolve `localhost` to ::1 first). Each address is a listener
-    /// of its own with the same settings and backends, named default, default-2, ... in order.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        conflicts_with = "config",
-        requires = "backend"
-    )]
-    listen: Vec<SocketAddr>,
-    /// Backend `host:port` for --listen (repeat).
-    #[arg(long, value_name = "HOST:PORT")]
-    backend: Vec<String>,
-    /// Idle timeout for --listen (default 60s).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    idle_timeout: Option<Duration>,
-    /// Reset every live connection of the --listen listeners every DUR (RST).
-    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
-    reset_every: Option<Duration>,
-    /// max_connections of each --listen listener (default 10000).
-    #[arg(long, value_name = "N", requires = "listen")]
-    max_connections: Option<usize>,
-    /// Admin API address (overrides [admin] listen). Off loopback it needs a token.
-    #[arg(long, value_name = "ADDR")]
-    admin: Option<SocketAddr>,
-    /// File holding the admin API token (overrides [admin] token_file); clients send
-    /// `Authorization: Bearer <token>` or basic auth with the token as password.
-    #[arg(long, value_name = "PATH")]
-    admin_token_file: Option<PathBuf>,
-    /// Worker threads (overrides [runtime] threads; default one per CPU).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Never use splice(2); always copy through buffers (overrides [runtime] splice).
-    #[arg(long)]
-    no_splice: bool,
-    /// Seed of the chaos RNG (overrides [chaos] seed).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Log filter (tracing EnvFilter syntax); default RUST_LOG or "info".
-    #[arg(long, value_name = "FILTER")]
-    log: Option<String>,
-}
+use warren_lb::{Lb, LbError};
 
 fn init_tracing(filter: Option<&str>) {
     use std::io::IsTerminal;
@@ -83,65 +27,11 @@ fn init_tracing(filter: Option<&str>) {
         .init();
 }
 
-fn load(cli: &Cli) -> anyhow::Result<Config> {
-    let (mut cfg, origin) = if let Some(path) = &cli.config {
-        (Config::parse_file(path)?, path.display().to_string())
-    } else if !cli.listen.is_empty() {
-        // The admin API comes from apply_overrides, so that its token flag applies first.
-        let mut cfg = Config::single_listener(
-            &cli.listen,
-            cli.backend.clone(),
-            cli.idle_timeout,
-            cli.reset_every,
-            None,
-        )?;
-        if let Some(max) = cli.max_connections {
-            for l in &mut cfg.listeners {
-                l.max_connections = max;
-            }
-        }
-        (cfg, "command line".to_string())
-    } else {
-        anyhow::bail!("nothing to do: give --config FILE, or --listen ADDR --backend HOST:PORT");
-    };
-    apply_overrides(cli, &mut cfg)?;
-    cfg.check(&origin)?;
-    Ok(cfg)
-}
-
-/// The CLI flags that override the file (also on every reload).
-fn apply_overrides(cli: &Cli, cfg: &mut Config) -> anyhow::Result<()> {
-    if let Some(a) = cli.admin {
-        match &mut cfg.admin {
-            Some(admin) => admin.listen = a,
-            None => cfg.admin = Some(warren_lb::config::AdminConfig::new(a)),
-        }
-    }
-    if let Some(path) = &cli.admin_token_file {
-        match &mut cfg.admin {
-            Some(admin) => admin.token_file = Some(path.clone()),
-            None => anyhow::bail!(
-                "--admin-token-file needs an admin API: give --admin ADDR or [admin] listen"
-            ),
-        }
-    }
-    if let Some(t) = cli.threads {
-        cfg.runtime.threads = Some(t);
-    }
-    if cli.no_splice {
-        cfg.runtime.splice = Some(false);
-    }
-    if let Some(s) = cli.seed {
-        cfg.chaos.seed = Some(s);
-    }
-    Ok(())
-}
-
-/// `--check-config FILE`: the file with the admin flags applied, validated, token file read,
+/// `--check-config FILE`: the file with the flags applied, validated, token file read,
 /// every backend resolved and none pointing at a configured address of warren-lb.
 fn check_config(cli: &Cli, path: &std::path::Path) -> anyhow::Result<Config> {
     let mut cfg = Config::parse_file(path)?;
-    apply_overrides(cli, &mut cfg)?;
+    cli.apply_overrides(&mut cfg)?;
     let origin = path.display().to_string();
     cfg.check(&origin)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -175,24 +65,46 @@ fn main() -> ExitCode {
         };
     }
     init_tracing(cli.log.as_deref());
-    let cfg = match load(&cli) {
+    let cfg = match cli.load() {
         Ok(c) => c,
         Err(e) => {
-            say(&format!("error: {}", chain(&e)));
+            say(&format!("error: {}", chain(&e.into())));
             return ExitCode::from(2);
         }
     };
     match run(cli, cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", chain(&e));
+            // One line on stderr, also when logging is filtered off: what went wrong and where.
+            say(&format!("error: {}", explain(&e)));
             // A configuration refused at bind (a backend that does not resolve or points at
             // warren-lb itself) is a configuration error like the others.
-            match e.downcast_ref::<warren_lb::LbError>() {
+            match e.downcast_ref::<LbError>() {
                 Some(lb) if lb.is_config() => ExitCode::from(2),
                 _ => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// The error of a run, with the remedy when an address is taken (the quick start's ports are
+/// the first thing two warren-lbs, or a warren-lb and a broker, fight over).
+fn explain(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<LbError>() {
+        Some(LbError::Bind { name, addr, source })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            let flag = if name == "admin" {
+                "--admin"
+            } else {
+                "--listen"
+            };
+            format!(
+                "cannot listen on {addr} for `{name}`: address already in use (another process \
+                 listens there; stop it, or choose another address with {flag} ADDR)"
+            )
+        }
+        _ => chain(e),
     }
 }
 
@@ -244,7 +156,7 @@ fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
                     continue;
                 };
                 let loaded = Config::parse_file(path).map_err(anyhow::Error::from).and_then(|mut cfg| {
-                    apply_overrides(&cli, &mut cfg)?;
+                    cli.apply_overrides(&mut cfg)?;
                     cfg.check(&path.display().to_string())?;
                     Ok(cfg)
                 });
