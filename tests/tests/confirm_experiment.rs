@@ -39,6 +39,10 @@ const SENTINEL: &[u8] = b"end";
 const NTH_PUBLISH: u64 = 97;
 /// Publishes in flight (unconfirmed) at most, with confirms.
 const WINDOW: usize = 16;
+/// The experiment's rule that resets a connection right after a publish.
+const PUBLISH_RULE: &str = "publish-window";
+/// The same rule made by warren-lb's `--reset-after-publish N` (the README's quick start).
+const QUICK_START_RULE: &str = "reset-after-publish";
 
 /// warren-broker and warren-lb in front of it, in process.
 struct Rig {
@@ -49,7 +53,47 @@ struct Rig {
 }
 
 impl Rig {
+    /// The experiment's own balancer: both rules drop what the proxy holds, so the bytes of a
+    /// publish already read from the client are never written to the broker.
     async fn start() -> Rig {
+        Rig::start_with(|broker_addr| {
+            let toml = format!(
+                r#"
+                [chaos]
+                seed = 7
+
+                [[listener]]
+                name = "amqp"
+                bind = "127.0.0.1:0"
+                backends = ["{broker_addr}"]
+                drain_timeout = "300ms"
+                health = {{ interval = "3600s" }}
+
+                [[listener.fault]]
+                name = "{PUBLISH_RULE}"
+                kind = "reset"
+                on_amqp = "basic.publish"
+                nth = {NTH_PUBLISH}
+                direction = "upstream"
+                style = "rst"
+                in_flight = "drop"
+
+                [[listener.fault]]
+                name = "elb-periodic"
+                kind = "reset"
+                every = "400ms"
+                style = "rst"
+                in_flight = "drop"
+                "#
+            );
+            warren_lb::Config::from_toml_str(&toml).expect("lb config")
+        })
+        .await
+    }
+
+    /// A broker, and a balancer in front of it with the configuration `lb_config` makes for the
+    /// broker's address (its listener must be named `amqp` or `default`).
+    async fn start_with(lb_config: impl FnOnce(SocketAddr) -> warren_lb::Config) -> Rig {
         let bound = warren_broker::Broker::bind(warren_broker::config::Config::for_tests())
             .await
             .expect("broker binds");
@@ -57,40 +101,12 @@ impl Rig {
         let broker_stop = CancellationToken::new();
         let broker = tokio::spawn(bound.run(broker_stop.clone()));
 
-        // Both rules drop what the proxy holds: the bytes of a publish already read from the
-        // client are never written to the broker.
-        let toml = format!(
-            r#"
-            [chaos]
-            seed = 7
-
-            [[listener]]
-            name = "amqp"
-            bind = "127.0.0.1:0"
-            backends = ["{broker_addr}"]
-            drain_timeout = "300ms"
-            health = {{ interval = "3600s" }}
-
-            [[listener.fault]]
-            name = "publish-window"
-            kind = "reset"
-            on_amqp = "basic.publish"
-            nth = {NTH_PUBLISH}
-            direction = "upstream"
-            style = "rst"
-            in_flight = "drop"
-
-            [[listener.fault]]
-            name = "elb-periodic"
-            kind = "reset"
-            every = "400ms"
-            style = "rst"
-            in_flight = "drop"
-            "#
-        );
-        let cfg = warren_lb::Config::from_toml_str(&toml).expect("lb config");
+        let cfg = lb_config(broker_addr);
         let bound = warren_lb::Lb::bind(cfg).await.expect("lb binds");
-        let lb_addr = bound.addr("amqp").expect("amqp listener");
+        let lb_addr = bound
+            .addr("amqp")
+            .or_else(|| bound.addr("default"))
+            .expect("amqp listener");
         let lb = bound.handle();
         let lb_stop = CancellationToken::new();
         let lb_task = tokio::spawn(bound.run(lb_stop.clone()));
@@ -323,7 +339,7 @@ impl Outcome {
     fn on_publish_resets(&self) -> Vec<&serde_json::Value> {
         self.resets
             .iter()
-            .filter(|e| e["rule"] == "publish-window")
+            .filter(|e| e["rule"] == PUBLISH_RULE || e["rule"] == QUICK_START_RULE)
             .collect()
     }
 
@@ -336,7 +352,10 @@ impl Outcome {
 }
 
 async fn experiment(confirms: bool, n: u64) -> Outcome {
-    let rig = Rig::start().await;
+    run_experiment(Rig::start().await, confirms, n).await
+}
+
+async fn run_experiment(rig: Rig, confirms: bool, n: u64) -> Outcome {
     let queue = format!("experiment.{}", if confirms { "confirm" } else { "plain" });
     {
         let (conn, ch) = connect(rig.broker_addr, WAIT)
@@ -454,6 +473,100 @@ async fn with_confirms_and_republishing_nothing_is_lost() {
         cuts.len()
     );
     assert!(o.discarded_upstream() > 0, "the resets discarded publishes");
+    assert!(
+        o.publisher.republished > 0,
+        "unconfirmed publishes were sent again"
+    );
+    assert_eq!(o.lost, Vec::<u64>::new(), "confirmed but never delivered");
+    assert_eq!(o.executed as u64, n);
+}
+
+// ---------------------------------------------------------------- the README's quick start
+
+/// The warren-lb command line of README.md's quick start, as words (the binary left out):
+/// the line that starts `target/release/warren-lb --listen` after `## Quick start`, with its
+/// backslash continuations, up to the `&` that sends it to the background.
+fn quick_start_lb_args() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+    let readme = std::fs::read_to_string(path).expect("README.md");
+    let section = readme
+        .split("\n## Quick start")
+        .nth(1)
+        .expect("README.md has a `## Quick start` section");
+    let mut words = Vec::new();
+    let lines = section
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("target/release/warren-lb --listen"));
+    for line in lines {
+        let (text, more) = match line.strip_suffix('\\') {
+            Some(t) => (t, true),
+            None => (line, false),
+        };
+        words.extend(text.split_whitespace().map(str::to_string));
+        if !more {
+            break;
+        }
+    }
+    assert!(!words.is_empty(), "no warren-lb command in the quick start");
+    assert_eq!(words.remove(0), "target/release/warren-lb");
+    if words.last().map(String::as_str) == Some("&") {
+        words.pop();
+    }
+    words
+}
+
+/// The quick start's warren-lb, configured from README's command line through warren-lb's own
+/// flag parsing, with the addresses swapped for loopback port 0 and the test's broker.
+async fn quick_start_rig() -> Rig {
+    let words = quick_start_lb_args();
+    for flag in ["--reset-after-publish", "--reset-every"] {
+        assert!(
+            words.iter().any(|w| w == flag),
+            "the quick start shows {flag}: {words:?}"
+        );
+    }
+    Rig::start_with(|broker| {
+        let mut args = vec!["warren-lb".to_string()];
+        let mut it = words.iter();
+        while let Some(w) = it.next() {
+            args.push(w.clone());
+            let swap = match w.as_str() {
+                "--listen" | "--admin" => Some("127.0.0.1:0".to_string()),
+                "--backend" => Some(broker.to_string()),
+                _ => None,
+            };
+            if let Some(value) = swap {
+                it.next().expect("a value after the flag");
+                args.push(value);
+            }
+        }
+        let cli = warren_lb::cli::Cli::try_parse_args(&args)
+            .unwrap_or_else(|e| panic!("README's quick start {args:?}: {e}"));
+        cli.load()
+            .unwrap_or_else(|e| panic!("README's quick start {args:?}: {e}"))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_loses_messages_without_confirms() {
+    let n = 1200;
+    let o = run_experiment(quick_start_rig().await, false, n).await;
+    assert_eq!(o.publisher.sent.len() as u64, n, "every id went out once");
+    let cuts = o.on_publish_resets();
+    assert!(!cuts.is_empty(), "no reset-after-publish reset: {o:?}");
+    assert!(o.discarded_upstream() > 0, "the resets discarded publishes");
+    assert!(!o.lost.is_empty(), "nothing lost without confirms: {o:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_loses_nothing_with_confirms() {
+    let n = 1200;
+    let o = run_experiment(quick_start_rig().await, true, n).await;
+    assert_eq!(o.publisher.sent.len() as u64, n, "every id confirmed once");
+    let cuts = o.on_publish_resets();
+    assert!(cuts.len() >= 5, "resets after a publish: {}", cuts.len());
     assert!(
         o.publisher.republished > 0,
         "unconfirmed publishes were sent again"
