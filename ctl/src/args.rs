@@ -421,6 +421,8 @@ pub enum Command {
         if_unused: bool,
     },
     Help,
+    /// `--version` / `-V`: the program's name and version.
+    Version,
 }
 
 /// Every verb, for the usage text.
@@ -473,10 +475,15 @@ pub const VERBS: &[(&str, &str)] = &[
 pub fn usage() -> String {
     let mut s = String::from(
         "Usage: warren-ctl [-n <url|node>] [-u <user>] [-p <password>] [--formatter json] [-q] \
-         [-t <seconds>] <command> [<command options>]\n\n\
+         [-t <seconds>] <command> [<command options>]\n\
+         \x20      warren-ctl --help | --version\n\n\
+         rabbitmqctl's commands, spoken to a node's management HTTP API.\n\n\
          -n accepts a management API URL (http://127.0.0.1:15672) or a node name (warren@HOST, \
          meaning http://HOST:15672).\n\
-         Before the command, -p is the password; after it, -p (or --vhost) is the virtual host.\n\n\
+         Without -n: http://localhost:15672, as guest/guest (guest logs in from loopback only).\n\
+         Before the command, -p is the password; after it, -p (or --vhost) is the virtual host.\n\
+         -t sets the request timeout in seconds; -q leaves out the informational line, -s the \
+         header row too.\n\n\
          Commands:\n",
     );
     for (verb, args) in VERBS {
@@ -489,6 +496,8 @@ pub fn usage() -> String {
 #[derive(Default)]
 struct Raw {
     positional: Vec<String>,
+    help: bool,
+    version: bool,
     node: Option<String>,
     user: Option<String>,
     password: Option<String>,
@@ -548,6 +557,8 @@ where
             "--priority" => raw.priority = Some(value(&flag)?),
             "--if-empty" | "-e" => raw.if_empty = true,
             "--if-unused" => raw.if_unused = true,
+            "-h" | "--help" => raw.help = true,
+            "-V" | "--version" => raw.version = true,
             _ => return Err(CtlError::usage(format!("unknown option {arg}"))),
         }
     }
@@ -581,6 +592,27 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
         Some(n) => Target::parse(n)?,
         None => Target::default(),
     };
+    // `--help` and `--version` win over everything else on the line, as in most tools.
+    let early = if raw.help {
+        Some(Command::Help)
+    } else if raw.version {
+        Some(Command::Version)
+    } else {
+        None
+    };
+    if let Some(command) = early {
+        return Ok(Invocation {
+            target,
+            user: raw.user.unwrap_or_else(|| "guest".to_string()),
+            password: raw.password.unwrap_or_else(|| "guest".to_string()),
+            formatter,
+            quiet: raw.quiet,
+            silent: raw.silent,
+            no_table_headers: raw.no_table_headers,
+            timeout,
+            command,
+        });
+    }
     let mut pos = raw.positional.into_iter();
     let verb = pos.next();
     let args: Vec<String> = pos.collect();

@@ -192,6 +192,7 @@ impl Ctx<'_> {
         let inv = self.inv;
         match &inv.command {
             Command::Help => self.print(&usage()),
+            Command::Version => self.print(&format!("warren-ctl {}\n", env!("CARGO_PKG_VERSION"))),
             Command::List {
                 kind,
                 vhost,
@@ -546,13 +547,20 @@ impl Ctx<'_> {
     }
 
     fn status(&mut self) -> Result<(), CtlError> {
-        self.info(&format!("Status of node {} ...", self.node()))?;
         let (ov, nodes) = self.overview_and_nodes()?;
         let node_name = ov
             .get("node")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        // Named as rabbitmqctl names it (the node, not the URL asked), once the node said who
+        // it is.
+        let named = if node_name.is_empty() {
+            self.node().to_string()
+        } else {
+            node_name.clone()
+        };
+        self.info(&format!("Status of node {named} ..."))?;
         let node = nodes
             .iter()
             .find(|n| n.get("name").and_then(Value::as_str) == Some(&node_name))
@@ -590,6 +598,7 @@ impl Ctx<'_> {
             m.insert("alarms".into(), json!(alarms));
             for k in [
                 "mem_used",
+                "mem_rss",
                 "mem_limit",
                 "disk_free",
                 "disk_free_limit",
@@ -641,13 +650,7 @@ impl Ctx<'_> {
         let text = format::sections(&[
             ("Runtime", runtime),
             ("Alarms", alarms),
-            (
-                "Memory",
-                vec![
-                    format!("Total memory used: {}", gb(&n("mem_used"))),
-                    format!("Memory high watermark: {}", gb(&n("mem_limit"))),
-                ],
-            ),
+            ("Memory", memory_lines(&node)),
             (
                 "Free Disk Space",
                 vec![
@@ -673,8 +676,12 @@ impl Ctx<'_> {
     }
 
     fn cluster_status(&mut self) -> Result<(), CtlError> {
-        self.info(&format!("Cluster status of node {} ...", self.node()))?;
         let (ov, nodes) = self.overview_and_nodes()?;
+        let named = match ov.get("node").and_then(Value::as_str) {
+            Some(n) if !n.is_empty() => n.to_string(),
+            _ => self.node().to_string(),
+        };
+        self.info(&format!("Cluster status of node {named} ..."))?;
         let cluster = ov
             .get("cluster_name")
             .and_then(Value::as_str)
@@ -776,6 +783,29 @@ fn queue_missing(vhost: &str, name: &str) -> CtlError {
         exit::SOFTWARE,
         format!("queue '{name}' in vhost '{vhost}' not found"),
     )
+}
+
+/// The Memory section of `status`. warren reports the process's resident memory as `mem_rss`
+/// and, as `mem_used`, the bytes its messages hold (what the memory alarm compares with the
+/// watermark); RabbitMQ has no `mem_rss` and its `mem_used` is the process's memory.
+fn memory_lines(node: &Value) -> Vec<String> {
+    let n = |k: &str| node.get(k).cloned().unwrap_or(Value::Null);
+    let mut lines = Vec::new();
+    match node.get("mem_rss") {
+        Some(rss) if !rss.is_null() => {
+            lines.push(format!(
+                "Total memory used: {} (resident, process)",
+                gb(rss)
+            ));
+            lines.push(format!(
+                "Message memory (the alarm's measure): {}",
+                gb(&n("mem_used"))
+            ));
+        }
+        _ => lines.push(format!("Total memory used: {}", gb(&n("mem_used")))),
+    }
+    lines.push(format!("Memory high watermark: {}", gb(&n("mem_limit"))));
+    lines
 }
 
 /// Bytes as rabbitmqctl's status prints them ("0.1386 gb").
@@ -1118,7 +1148,7 @@ mod tests {
         r.expect("ok");
         assert_eq!(
             out,
-            "Cluster status of node http://localhost:15672 ...\nBasics\n\nCluster name: c1\n\n\
+            "Cluster status of node warren@a ...\nBasics\n\nCluster name: c1\n\n\
              Disk Nodes\n\nwarren@a\n\nRunning Nodes\n\nwarren@a\n\nNetwork Partitions\n\n(none)\n\n\
              Alarms\n\nNode warren@a: memory\n"
         );

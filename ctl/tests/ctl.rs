@@ -482,17 +482,34 @@ fn definitions_export_and_import() {
 fn app_stop_start_status_and_await_startup() {
     let node = Node::start();
     node.ctl(&["await_startup", "--timeout", "10"]).ok();
+    let out = node.ctl(&["--formatter", "json", "status"]).ok();
+    let status = out.json();
+    let name = status["node"].as_str().expect("node name").to_string();
+    assert!(name.starts_with("warren@"), "{status}");
+    let rss = status["mem_rss"].as_u64().expect("mem_rss");
+    assert!(rss > 1_000_000, "the process's resident memory: {status}");
+    // Named by the node's name, not the URL it was reached at; memory is the process's.
     let out = node.ctl(&["status"]).ok();
     assert!(
         out.stdout
-            .starts_with(&format!("Status of node {} ...\n", node.mgmt)),
+            .starts_with(&format!("Status of node {name} ...\n")),
         "{}",
         out.stdout
     );
+    let used = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Total memory used: "))
+        .unwrap_or_else(|| panic!("no memory line: {}", out.stdout));
+    assert!(used.ends_with("gb (resident, process)"), "{used}");
+    let gb: f64 = used
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number of gb");
+    assert!(gb > 0.0, "not the message bytes of an idle node: {used}");
     assert!(out.stdout.contains("Listeners"), "{}", out.stdout);
     assert!(out.stdout.contains("protocol: amqp"), "{}", out.stdout);
-    let out = node.ctl(&["--formatter", "json", "status"]).ok();
-    assert!(out.json()["node"].is_string(), "{}", out.stdout);
 
     let out = node.ctl(&["cluster_status"]).ok();
     assert!(out.stdout.contains("Running Nodes\n\n"), "{}", out.stdout);
@@ -529,6 +546,40 @@ fn clustering_verbs_say_clustering_is_not_available() {
             out.stderr.contains("clustering is not available"),
             "{}",
             out.stderr
+        );
+    }
+}
+
+#[test]
+fn help_and_version_exit_0_and_state_the_default_target() {
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["help"],
+        &["-n", "warren@x", "--help"],
+    ] {
+        let out = Command::new(CTL)
+            .args(args)
+            .output()
+            .expect("run warren-ctl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}");
+        assert!(stdout.starts_with("Usage: warren-ctl"), "{stdout}");
+        assert!(
+            stdout.contains("Without -n: http://localhost:15672, as guest/guest"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("list_queues"), "{stdout}");
+    }
+    for flag in ["--version", "-V"] {
+        let out = Command::new(CTL)
+            .arg(flag)
+            .output()
+            .expect("run warren-ctl");
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("warren-ctl {}\n", env!("CARGO_PKG_VERSION"))
         );
     }
 }
