@@ -357,6 +357,7 @@ def summarize(run: Run, lb: LoadBalancer, metric: dict[str, float], executions: 
     prefix = f"{tag}-{run.mode}-"
     ran = {k: v for k, v in executions.items() if k.startswith(prefix) and not k.endswith("-sentinel")}
     lost = [t for t in run.accepted if t not in ran]
+    published_at = dict(zip(run.accepted, run.publishes))
     resets = lb.resets()
     by_rule: dict[str, int] = {}
     for e in resets:
@@ -396,8 +397,33 @@ def summarize(run: Run, lb: LoadBalancer, metric: dict[str, float], executions: 
             "resets": [{"t": rel(ts(e)), "rule": e.get("rule"), "cause": e.get("cause"),
                         "discarded_upstream": e.get("discarded_upstream", 0),
                         "discarded_downstream": e.get("discarded_downstream", 0)} for e in resets],
+            "lost": attribute_losses([rel(published_at[t]) for t in lost],
+                                     [{"t": rel(ts(e)), "rule": e.get("rule")} for e in resets]),
         },
     }
+
+
+def attribute_losses(lost_times: list[float], resets: list[dict], slack: float = 0.05) -> list[dict]:
+    """Which reset lost which task: each lost task goes to the first reset at or after the moment
+    its send_task returned (its bytes were still in flight when the connection died), or, when no
+    reset follows, to the last one before it. `slack` allows for the two clocks (the balancer's
+    event time and the producer's) reading a few milliseconds apart. Returns one entry per reset
+    that lost tasks, in time order: its time, rule, tasks lost and the running total."""
+    times = sorted(r["t"] for r in resets)
+    by_reset: dict[int, int] = {}
+    for t in lost_times:
+        i = next((k for k, rt in enumerate(times) if rt >= t - slack), len(times) - 1)
+        if i >= 0:
+            by_reset[i] = by_reset.get(i, 0) + 1
+    rule_at = {r["t"]: r.get("rule") for r in resets}
+    out, total = [], 0
+    for i in sorted(by_reset):
+        total += by_reset[i]
+        out.append({"t": times[i], "rule": rule_at.get(times[i]), "lost": by_reset[i], "total": total})
+    if not times and lost_times:  # no reset seen at all: the losses still show, at their publish times
+        for k, t in enumerate(sorted(lost_times), 1):
+            out.append({"t": t, "rule": None, "lost": 1, "total": k})
+    return out
 
 
 # ---------------------------------------------------------------- reports
@@ -433,34 +459,69 @@ def table(runs: list[dict]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
-def svg_panel(r: dict, width: int = 860, height: int = 300) -> str:
+CHART_W, CHART_LEFT, CHART_RIGHT = 1000, 64, 16
+
+
+def chart_scale(runs: list[dict]) -> dict:
+    """One scale for every run's panel: the same seconds across, the same task counts up, the same
+    lost-task counts, so that the runs compare at a glance."""
+    tmax = 0.001
+    for r in runs:
+        tl = r["timeline"]
+        tmax = max([tmax, r["duration_s"]] + tl["publishes"][-1:] + tl["executions"][-1:]
+                   + [x["t"] for x in tl["resets"]] + [x["t"] for x in tl.get("lost", [])])
+    return {"tmax": tmax, "tasks": max([1] + [r["sent"] for r in runs]),
+            "lost": max([1] + [r["lost"] for r in runs])}
+
+
+def svg_panel(r: dict, scale: dict) -> str:
+    """One run: tasks published and executed over time (top), resets as light ticks under it, and
+    the cumulative lost tasks (bottom), stepping up at the reset that lost them, with a dot there.
+    Full width: the SVG scales with the page (viewBox, width 100%)."""
     tl = r["timeline"]
-    left, right, top, bottom = 60, 20, 20, 40
-    pw, ph = width - left - right, height - top - bottom
-    tmax = max([r["duration_s"], 0.001] + tl["publishes"][-1:] + tl["executions"][-1:]
-               + [x["t"] for x in tl["resets"]])
-    ymax = max(r["sent"], 1)
-    x = lambda t: left + pw * max(t, 0) / tmax  # noqa: E731
-    y = lambda n: top + ph - ph * n / ymax  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
+    mode = r["mode"]
+    w, left, right = CHART_W, CHART_LEFT, CHART_RIGHT
+    top, tasks_h, ticks_h, gap, lost_h, bottom = 14, 170, 14, 26, 90, 34
+    height = top + tasks_h + ticks_h + gap + lost_h + bottom
+    pw = w - left - right
+    tmax, ymax, lmax = scale["tmax"], scale["tasks"], scale["lost"]
+    ticks_y = top + tasks_h
+    lost_top = ticks_y + ticks_h + gap
+    x = lambda t: left + pw * min(max(t, 0), tmax) / tmax  # noqa: E731
+    y = lambda n: top + tasks_h - tasks_h * n / ymax  # noqa: E731
+    ly = lambda n: lost_top + lost_h - lost_h * n / lmax  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="run" data-mode="{mode}" width="100%" '
+           f'viewBox="0 0 {w} {height}" preserveAspectRatio="xMidYMid meet" font-family="sans-serif" '
+           f'font-size="12">',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{tasks_h}" fill="#fafafa" stroke="#ccc"/>',
+           f'<rect x="{left}" y="{lost_top}" width="{pw}" height="{lost_h}" fill="#fff5f5" stroke="#e0b4b4"/>']
     for i in range(6):
         t = tmax * i / 5
-        out.append(f'<line x1="{x(t):.1f}" y1="{top + ph}" x2="{x(t):.1f}" y2="{top + ph + 4}" stroke="#666"/>'
-                   f'<text x="{x(t):.1f}" y="{top + ph + 16}" text-anchor="middle">{t:.1f}s</text>')
+        out.append(f'<line x1="{x(t):.1f}" y1="{lost_top + lost_h}" x2="{x(t):.1f}" y2="{lost_top + lost_h + 4}" '
+                   f'stroke="#666"/><text x="{x(t):.1f}" y="{lost_top + lost_h + 17}" text-anchor="middle">'
+                   f'{t:.1f}s</text>')
         n = ymax * i / 5
         out.append(f'<line x1="{left - 4}" y1="{y(n):.1f}" x2="{left + pw}" y2="{y(n):.1f}" stroke="#eee"/>'
                    f'<text x="{left - 6}" y="{y(n) + 4:.1f}" text-anchor="end">{n:.0f}</text>')
+    for n in sorted({0, lmax // 2, lmax}):
+        out.append(f'<line x1="{left - 4}" y1="{ly(n):.1f}" x2="{left + pw}" y2="{ly(n):.1f}" stroke="#f3dede"/>'
+                   f'<text x="{left - 6}" y="{ly(n) + 4:.1f}" text-anchor="end">{n}</text>')
+    out.append(f'<text x="{left - 48}" y="{top + tasks_h / 2:.0f}" transform="rotate(-90 {left - 48} '
+               f'{top + tasks_h / 2:.0f})" text-anchor="middle">tasks</text>'
+               f'<text x="{left - 48}" y="{lost_top + lost_h / 2:.0f}" transform="rotate(-90 {left - 48} '
+               f'{lost_top + lost_h / 2:.0f})" text-anchor="middle" fill="#b00">lost</text>')
+
+    # Resets: a light tick each, under the task plot (after a publish: red, periodic: orange).
     colors = {PUBLISH_RULE: "#d62728", PERIODIC_RULE: "#ff7f0e"}
     for e in tl["resets"]:
         c = colors.get(e["rule"], "#9467bd")
         title = html.escape(f'{e["t"]:.3f}s {e["rule"]} ({e["cause"]}): discarded {e["discarded_upstream"]} B up, '
                             f'{e["discarded_downstream"]} B down')
-        out.append(f'<line x1="{x(e["t"]):.1f}" y1="{top}" x2="{x(e["t"]):.1f}" y2="{top + ph}" stroke="{c}" '
-                   f'stroke-opacity="0.45"><title>{title}</title></line>')
+        out.append(f'<line class="reset" x1="{x(e["t"]):.1f}" y1="{ticks_y + 2}" x2="{x(e["t"]):.1f}" '
+                   f'y2="{ticks_y + ticks_h - 2}" stroke="{c}" stroke-opacity="0.4" stroke-width="1.5">'
+                   f'<title>{title}</title></line>')
 
-    def curve(times: list[float], color: str, dash: str = "") -> str:
+    def curve(times: list[float], color: str, dash: str = "", width: float = 2, cls: str = "") -> str:
         if not times:
             return ""
         step = max(1, len(times) // 400)  # at most ~400 points per curve
@@ -469,21 +530,50 @@ def svg_panel(r: dict, width: int = 860, height: int = 300) -> str:
             pts.append(f"{x(times[i]):.1f},{y(i + 1):.1f}")
         pts.append(f"{x(times[-1]):.1f},{y(len(times)):.1f}")
         d = f' stroke-dasharray="{dash}"' if dash else ""
-        return f'<polyline fill="none" stroke="{color}" stroke-width="2"{d} points="{" ".join(pts)}"/>'
+        c = f' class="{cls}"' if cls else ""
+        return f'<polyline{c} fill="none" stroke="{color}" stroke-width="{width}"{d} points="{" ".join(pts)}"/>'
 
-    out.append(curve(tl["publishes"], "#1f77b4"))
-    out.append(curve(tl["confirms"], "#2ca02c", "6 3"))
-    out.append(curve(tl["executions"], "#444", "2 2"))
-    legend = [("#1f77b4", "published (send_task returned)", ""), ("#2ca02c", "confirmed", "6 3"),
-              ("#444", "executed (first run of each task)", "2 2"),
-              ("#d62728", "reset after a basic.publish", ""), ("#ff7f0e", "periodic reset", "")]
+    # With confirm_publish, send_task returns after the confirm: published and confirmed are one line.
+    published = "published = confirmed (send_task returned after the ack)" if mode == "confirm" \
+        else "published (send_task returned; no confirm)"
+    out.append(curve(tl["publishes"], "#1f77b4", width=3, cls="published"))
+    out.append(curve(tl["executions"], "#2ca02c", "7 4", cls="executed"))
+
+    # The lost series: cumulative lost tasks, a step at each reset that lost some, dotted there.
+    lost = tl.get("lost", [])
+    pts, total = [f"{x(0):.1f},{ly(0):.1f}"], 0
+    for e in lost:
+        pts.append(f"{x(e['t']):.1f},{ly(total):.1f}")
+        total = e["total"]
+        pts.append(f"{x(e['t']):.1f},{ly(total):.1f}")
+    pts.append(f"{x(tmax):.1f},{ly(total):.1f}")
+    out.append(f'<polyline class="lost" data-lost="{r["lost"]}" fill="none" stroke="#b00" stroke-width="3" '
+               f'points="{" ".join(pts)}"/>')
+    for e in lost:
+        title = html.escape(f'{e["t"]:.3f}s: the reset by {e["rule"] or "?"} lost {e["lost"]} '
+                            f'task{"s" if e["lost"] != 1 else ""} ({e["total"]} so far)')
+        out.append(f'<circle class="lost-at-reset" cx="{x(e["t"]):.1f}" cy="{ly(e["total"]):.1f}" r="4" '
+                   f'fill="#b00"><title>{title}</title></circle>'
+                   f'<line x1="{x(e["t"]):.1f}" y1="{ticks_y + ticks_h}" x2="{x(e["t"]):.1f}" '
+                   f'y2="{ly(e["total"]):.1f}" stroke="#b00" stroke-opacity="0.25"/>')
+    verdict = f'{r["lost"]} lost' if r["lost"] else "none lost"
+    out.append(f'<text class="verdict" x="{left + pw - 8}" y="{lost_top + 22}" text-anchor="end" '
+               f'font-size="18" font-weight="bold" fill="{"#b00" if r["lost"] else "#2a7a2a"}">{verdict}</text>')
+
+    legend = [("#1f77b4", published, "", 3), ("#2ca02c", "executed (first run of each task)", "7 4", 2),
+              ("#b00", "lost (cumulative; dot: the reset that lost them)", "", 3)]
     lx = left + 10
-    for i, (c, label, dash) in enumerate(legend):
-        ly = top + 14 + 14 * i
+    for i, (c, label, dash, sw) in enumerate(legend):
+        ly_ = top + 16 + 15 * i
         d = f' stroke-dasharray="{dash}"' if dash else ""
-        out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{c}" stroke-width="2"{d}/>'
-                   f'<text x="{lx + 24}" y="{ly}">{html.escape(label)}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">time since the first publish</text>')
+        out.append(f'<line x1="{lx}" y1="{ly_ - 4}" x2="{lx + 22}" y2="{ly_ - 4}" stroke="{c}" stroke-width="{sw}"{d}/>'
+                   f'<text x="{lx + 28}" y="{ly_}">{html.escape(label)}</text>')
+    ly_ = top + 16 + 15 * len(legend)
+    out.append(f'<line x1="{lx + 4}" y1="{ly_ - 9}" x2="{lx + 4}" y2="{ly_ + 1}" stroke="#d62728" stroke-opacity="0.5"/>'
+               f'<line x1="{lx + 12}" y1="{ly_ - 9}" x2="{lx + 12}" y2="{ly_ + 1}" stroke="#ff7f0e" stroke-opacity="0.5"/>'
+               f'<text x="{lx + 28}" y="{ly_}">resets (ticks below: red after a basic.publish, orange periodic)</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">seconds since the run\'s first '
+               f'publish (same scale for both runs)</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -493,13 +583,15 @@ def html_report(report: dict) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                    for row in table_rows(report["runs"]))
     panels = []
+    scale = chart_scale(report["runs"])
     for r in report["runs"]:
         title = "with confirm_publish" if r["mode"] == "confirm" else "without publisher confirms"
-        panels.append(f"<h2>{title}: {r['lost']} lost, {r['duplicated']} duplicated</h2>\n{svg_panel(r)}")
+        panels.append(f"<h2>{title}: {r['lost']} lost, {r['duplicated']} duplicated</h2>\n{svg_panel(r, scale)}")
     cfg = report["config"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>confirm_publish experiment</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
+svg.run{{display:block;width:100%;height:auto}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}
 code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
 <h1>Celery tasks through a resetting load balancer</h1>
