@@ -468,6 +468,11 @@ impl AuthDb {
     }
 
     /// Vhosts with their metadata, sorted by name.
+    /// The description and tags of one vhost.
+    pub fn vhost_meta(&self, vhost: &str) -> Option<VhostMeta> {
+        self.inner.read().vhosts.get(vhost).cloned()
+    }
+
     pub fn vhosts_meta(&self) -> Vec<(String, VhostMeta)> {
         let st = self.inner.read();
         st.vhosts

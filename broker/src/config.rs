@@ -68,10 +68,25 @@ pub struct Config {
     pub mgmt: Vec<SocketAddr>,
     /// Prometheus /metrics listeners.
     pub prometheus: Vec<SocketAddr>,
-    /// Inter-node listeners (accepted, clustering not implemented yet).
+    /// Inter-node listeners (port 0 allowed); set, the node is a cluster member (see
+    /// [`crate::cluster`]).
     pub cluster_listen: Vec<SocketAddr>,
+    /// Nodes to join through: `name@host:port`, `host:port` or a DNS name resolving to several
+    /// peers (port 25672 when none is given).
     pub join: Vec<String>,
+    /// The shared cluster secret (the Erlang cookie's role); needed with `cluster-listen`.
     pub cluster_secret_file: Option<PathBuf>,
+    /// A voter of the cluster that holds no queues and serves no clients (the third vote that
+    /// lets a two-node cluster survive the death of either node).
+    pub witness: bool,
+    /// What a node that loses its peers does: `ignore` (keep serving) or `pause_minority`.
+    pub cluster_partition_handling: crate::cluster::settings::PartitionHandling,
+    /// TLS on inter-node links: this node's certificate chain, key, and the CA of its peers.
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
+    pub cluster_tls_ca: Option<PathBuf>,
+    /// A peer silent for this long is down, milliseconds (the other cluster clocks follow).
+    pub cluster_failure_detection_ms: u64,
     /// Log filter (RUST_LOG syntax).
     pub log: Option<String>,
     /// Largest frame the broker accepts and offers in connection.tune.
@@ -151,6 +166,12 @@ impl Default for Config {
             cluster_listen: Vec::new(),
             join: Vec::new(),
             cluster_secret_file: None,
+            witness: false,
+            cluster_partition_handling: Default::default(),
+            cluster_tls_cert: None,
+            cluster_tls_key: None,
+            cluster_tls_ca: None,
+            cluster_failure_detection_ms: crate::cluster::settings::DEFAULT_FAILURE_DETECTION_MS,
             log: None,
             frame_max: 131_072,
             channel_max: 2047,
@@ -261,9 +282,10 @@ impl Config {
                  a value above 1 disables paging before the memory alarm"
             )));
         }
-        if self.amqp.is_empty() && self.amqps.is_empty() {
+        if self.amqp.is_empty() && self.amqps.is_empty() && !self.witness {
             return Err(ConfigError::Invalid("no amqp or amqps listener".into()));
         }
+        crate::cluster::settings::validate(self).map_err(ConfigError::Invalid)?;
         if self.proxy_protocol && self.proxy_protocol_from.is_empty() {
             return Err(ConfigError::Invalid(
                 "proxy-protocol is on but proxy-protocol-from is empty: every connection would be \

@@ -41,6 +41,7 @@ pub mod alarm;
 pub mod auth;
 pub mod channel;
 pub mod class;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -95,6 +96,8 @@ pub enum StartError {
     },
     #[error("definitions: {0}")]
     Definitions(String),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// State shared by every connection.
@@ -125,6 +128,15 @@ pub struct BrokerShared {
     /// Bytes of management request bodies that may be buffered at once, node-wide (4 times
     /// `mgmt-max-body-size`); see [`mgmt`].
     pub(crate) mgmt_body_budget: Arc<tokio::sync::Semaphore>,
+    /// The cluster this node belongs to (set once at start when `cluster-listen` is set).
+    cluster: std::sync::OnceLock<Arc<cluster::link::ClusterLink>>,
+}
+
+impl BrokerShared {
+    /// The cluster, when this node is clustered.
+    pub fn cluster(&self) -> Option<&Arc<cluster::link::ClusterLink>> {
+        self.cluster.get()
+    }
 }
 
 /// The broker before binding.
@@ -151,15 +163,6 @@ impl Broker {
     pub async fn bind(cfg: Config) -> Result<Bound, StartError> {
         cfg.validate()?;
         let (node, monitor) = node::Node::configure(&cfg);
-        if !cfg.cluster_listen.is_empty() {
-            warn!(
-                flag = "cluster-listen",
-                "listener accepted but not implemented yet; not bound"
-            );
-        }
-        if !cfg.join.is_empty() {
-            warn!("--join accepted but clustering is not implemented yet");
-        }
         let tls = if cfg.amqps.is_empty() {
             None
         } else {
@@ -168,7 +171,9 @@ impl Broker {
         let mut amqp = Vec::new();
         let mut amqp_addrs = Vec::new();
         let default_listeners = cfg.amqp == Config::default().amqp;
-        for a in &cfg.amqp {
+        // A witness votes in the cluster and serves no clients.
+        let amqp_cfg = if cfg.witness { &[][..] } else { &cfg.amqp[..] };
+        for a in amqp_cfg {
             let l = match TcpListener::bind(a).await {
                 Ok(l) => l,
                 // A host without IPv6 loopback must still start with the default listeners.
@@ -194,7 +199,8 @@ impl Broker {
         }
         let mut amqps = Vec::new();
         let mut amqps_addrs = Vec::new();
-        for a in &cfg.amqps {
+        let amqps_cfg = if cfg.witness { &[][..] } else { &cfg.amqps[..] };
+        for a in amqps_cfg {
             let l = TcpListener::bind(a)
                 .await
                 .map_err(|source| StartError::Bind { addr: *a, source })?;
@@ -252,10 +258,19 @@ impl Broker {
             .collect(),
             store,
             mgmt_body_budget,
+            cluster: std::sync::OnceLock::new(),
         });
         // Stored definitions (and the durable queues' contents) come back before any listener
         // accepts a client (listeners are bound, but nothing accepts before `run`).
         definitions::boot(&shared).map_err(StartError::Definitions)?;
+        // Clustered: the cluster's vhosts, users, permissions and policies replace the stored
+        // ones (a fresh cluster is seeded with them) before any client is served.
+        if cluster::settings::clustered(&shared.config) {
+            let link = cluster::link::ClusterLink::start(&shared)
+                .await
+                .map_err(StartError::Cluster)?;
+            let _ = shared.cluster.set(link);
+        }
         // Stored messages of queues whose definitions are gone are dropped now.
         shared.store.drop_unclaimed();
         Ok(Bound {
@@ -337,6 +352,9 @@ impl Bound {
         }
         monitor_stop.cancel();
         let _ = monitor.await;
+        if let Some(c) = self.shared.cluster() {
+            c.shutdown().await;
+        }
         // Settles and deliveries still pending reach the disk before the process exits.
         let store = self.shared.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

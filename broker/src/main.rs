@@ -43,16 +43,43 @@ struct Cli {
     /// Prometheus /metrics listener (repeatable; none by default), e.g. 127.0.0.1:15692.
     #[arg(long)]
     prometheus: Vec<SocketAddr>,
-    /// Inter-node listener (accepted but clustering is NOT implemented yet).
+    /// Inter-node listener, e.g. 127.0.0.1:25672 (repeatable; port 0 allowed): the node is a
+    /// cluster member. Needs --cluster-secret-file.
     #[arg(long)]
     cluster_listen: Vec<SocketAddr>,
-    /// Node to join (accepted but clustering is NOT implemented yet).
-    #[arg(long)]
+    /// Node to join: NAME@HOST:PORT, HOST:PORT, or a DNS name resolving to several peers
+    /// (repeatable; port 25672 when none is given). Without it a new node starts a cluster of
+    /// its own, and a restarted one rejoins the cluster in its data directory.
+    #[arg(long, value_name = "NODE")]
     join: Vec<String>,
-    /// Shared cluster secret file (accepted but clustering is NOT implemented yet).
-    #[arg(long)]
+    /// File with the secret shared by every node of the cluster (the Erlang cookie's role;
+    /// never sent on the wire).
+    #[arg(long, value_name = "FILE")]
     cluster_secret_file: Option<PathBuf>,
-    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set.
+    /// Run as a witness: a cluster voter that holds no queues and serves no clients, so that a
+    /// two-node cluster keeps a majority when either node dies.
+    #[arg(long)]
+    witness: bool,
+    /// What a node cut off from the others does: ignore (keep serving, RabbitMQ's default) or
+    /// pause_minority (stop serving without a majority of the voters).
+    #[arg(long, value_name = "ignore|pause_minority")]
+    cluster_partition_handling: Option<warren_broker::cluster::settings::PartitionHandling>,
+    /// TLS on inter-node links: this node's PEM certificate chain (with --cluster-tls-key and
+    /// --cluster-tls-ca).
+    #[arg(long, value_name = "FILE")]
+    cluster_tls_cert: Option<PathBuf>,
+    /// PEM private key of --cluster-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    cluster_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) the peers' certificates are checked against.
+    #[arg(long, value_name = "FILE")]
+    cluster_tls_ca: Option<PathBuf>,
+    /// A peer silent for this long counts as down, milliseconds (default 3000; the other
+    /// cluster clocks follow from it).
+    #[arg(long, value_name = "MS")]
+    cluster_failure_detection_ms: Option<u64>,
+    /// Log filter (RUST_LOG syntax); RUST_LOG wins when set. The Raft library's own log
+    /// (openraft) is off unless the filter names it.
     #[arg(long)]
     log: Option<String>,
     /// Memory alarm threshold: fraction of total memory (0.4) or a size ("200MiB", "1GB").
@@ -137,6 +164,24 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
     if cli.cluster_secret_file.is_some() {
         cfg.cluster_secret_file = cli.cluster_secret_file;
     }
+    if cli.witness {
+        cfg.witness = true;
+    }
+    if let Some(v) = cli.cluster_partition_handling {
+        cfg.cluster_partition_handling = v;
+    }
+    if cli.cluster_tls_cert.is_some() {
+        cfg.cluster_tls_cert = cli.cluster_tls_cert;
+    }
+    if cli.cluster_tls_key.is_some() {
+        cfg.cluster_tls_key = cli.cluster_tls_key;
+    }
+    if cli.cluster_tls_ca.is_some() {
+        cfg.cluster_tls_ca = cli.cluster_tls_ca;
+    }
+    if let Some(v) = cli.cluster_failure_detection_ms {
+        cfg.cluster_failure_detection_ms = v;
+    }
     if cli.log.is_some() {
         cfg.log = cli.log;
     }
@@ -198,6 +243,13 @@ fn run() -> anyhow::Result<()> {
         .ok()
         .or_else(|| cfg.log.clone())
         .unwrap_or_else(|| "info".into());
+    // openraft logs every failed call to a peer that is down (10 a second, at error level);
+    // warren_cluster reports links, quorum and membership. Named in the filter, it shows.
+    let filter = if filter.contains("openraft") {
+        filter
+    } else {
+        format!("{filter},openraft=off")
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -73,7 +73,7 @@ fn ha_policy(vhost: &str) -> Policy {
 async fn rabbitmq_export_imports_and_its_hash_authenticates_over_amqp() {
     let b = start().await;
     let d = parse_definitions(FIXTURE).expect("parse RabbitMQ export");
-    b.shared.import_definitions(&d).expect("import");
+    b.shared.import_definitions(&d).await.expect("import");
 
     // alice's RabbitMQ sha256 hash logs in over AMQP with her password, on her vhost.
     let c = connect_as(b.addr, "alice", "s3cret-pass", "celery-vh")
@@ -143,6 +143,7 @@ async fn export_then_import_round_trips() {
     let a = start().await;
     a.shared
         .import_definitions(&parse_definitions(FIXTURE).expect("parse"))
+        .await
         .expect("import");
     let exported = a.shared.export_definitions(ExportScope::All);
     let text = serde_json::to_vec(&exported).expect("json");
@@ -164,11 +165,12 @@ async fn export_then_import_round_trips() {
     let b = start().await;
     b.shared
         .import_definitions(&parse_definitions(&text).expect("reparse"))
+        .await
         .expect("import into a second broker");
     let again = b.shared.export_definitions(ExportScope::All);
     assert_eq!(again, exported);
     // Importing the same document again changes nothing (additive, idempotent).
-    b.shared.import_definitions(&again).expect("reimport");
+    b.shared.import_definitions(&again).await.expect("reimport");
     assert_eq!(b.shared.export_definitions(ExportScope::All), exported);
     // The hash survived the trip: alice still logs in on the second broker.
     let c = connect_as(b.addr, "alice", "s3cret-pass", "celery-vh")
@@ -236,7 +238,7 @@ async fn bad_definitions_are_refused_with_the_entry_named_and_nothing_applied() 
     for (doc, want) in cases {
         let err = match parse_definitions(doc.as_bytes()) {
             Err(e) => e,
-            Ok(d) => b.shared.import_definitions(&d).expect_err(doc),
+            Ok(d) => b.shared.import_definitions(&d).await.expect_err(doc),
         };
         let DefError::Invalid(msg) = err else {
             panic!("{doc}: expected Invalid, got {err:?}");
@@ -248,7 +250,7 @@ async fn bad_definitions_are_refused_with_the_entry_named_and_nothing_applied() 
         br#"{"vhosts": [{"name": "half"}], "queues": [{"name": "q", "vhost": "half", "arguments": {"x-overflow": "sideways"}}]}"#,
     )
     .expect("parse");
-    assert!(b.shared.import_definitions(&d).is_err());
+    assert!(b.shared.import_definitions(&d).await.is_err());
     assert!(b.shared.vhost("half").is_none());
     assert_eq!(b.shared.export_definitions(ExportScope::All), before);
     b.shutdown().await;
@@ -258,10 +260,16 @@ async fn bad_definitions_are_refused_with_the_entry_named_and_nothing_applied() 
 async fn api_manages_vhosts_users_permissions_and_policies() {
     let b = start().await;
     let s = &b.shared;
-    assert!(s.add_vhost("apps", VhostMeta::default()).expect("add"));
-    assert!(!s.add_vhost("apps", VhostMeta::default()).expect("again"));
+    assert!(s
+        .add_vhost("apps", VhostMeta::default())
+        .await
+        .expect("add"));
+    assert!(!s
+        .add_vhost("apps", VhostMeta::default())
+        .await
+        .expect("again"));
     assert!(matches!(
-        s.add_vhost("", VhostMeta::default()),
+        s.add_vhost("", VhostMeta::default()).await,
         Err(DefError::Invalid(_))
     ));
     assert!(s
@@ -270,6 +278,7 @@ async fn api_manages_vhosts_users_permissions_and_policies() {
             Some(PasswordHash::new("pw1")),
             vec!["monitoring".into()]
         )
+        .await
         .expect("user"));
     assert_eq!(
         s.set_permissions(
@@ -279,29 +288,33 @@ async fn api_manages_vhosts_users_permissions_and_policies() {
                 configure: "(".into(),
                 ..PermissionSpec::all()
             }
-        ),
+        )
+        .await,
         Err(DefError::Invalid(
             "invalid configure regex '(': regex parse error:\n    (\n    ^\nerror: unclosed group"
                 .into()
         ))
     );
     assert!(matches!(
-        s.set_permissions("nobody", "apps", PermissionSpec::all()),
+        s.set_permissions("nobody", "apps", PermissionSpec::all())
+            .await,
         Err(DefError::NotFound(_))
     ));
     assert!(matches!(
-        s.set_permissions("bob", "nowhere", PermissionSpec::all()),
+        s.set_permissions("bob", "nowhere", PermissionSpec::all())
+            .await,
         Err(DefError::NotFound(_))
     ));
     // No permissions yet: access to the vhost refused.
     assert!(connect_as(b.addr, "bob", "pw1", "apps").await.is_err());
     s.set_permissions("bob", "apps", PermissionSpec::all())
+        .await
         .expect("perms");
     let c = connect_as(b.addr, "bob", "pw1", "apps")
         .await
         .expect("bob in apps");
     c.close(200, "bye".into()).await.ok();
-    s.change_password("bob", "pw2").expect("change");
+    s.change_password("bob", "pw2").await.expect("change");
     assert!(connect_as(b.addr, "bob", "pw1", "apps").await.is_err());
     connect_as(b.addr, "bob", "pw2", "apps")
         .await
@@ -310,10 +323,11 @@ async fn api_manages_vhosts_users_permissions_and_policies() {
         .await
         .ok();
     s.set_user_tags("bob", vec!["administrator".into()])
+        .await
         .expect("tags");
     assert_eq!(s.auth.user("bob").expect("bob").tags, vec!["administrator"]);
     // put_user without a credential keeps the password.
-    s.put_user("bob", None, vec![]).expect("retag");
+    s.put_user("bob", None, vec![]).await.expect("retag");
     connect_as(b.addr, "bob", "pw2", "apps")
         .await
         .expect("kept")
@@ -321,29 +335,36 @@ async fn api_manages_vhosts_users_permissions_and_policies() {
         .await
         .ok();
 
-    s.set_policy(ha_policy("apps")).expect("policy");
+    s.set_policy(ha_policy("apps")).await.expect("policy");
     let mut bad = ha_policy("apps");
     bad.definition
         .insert("ha-sync-mode".into(), "sometimes".into());
-    assert!(matches!(s.set_policy(bad), Err(DefError::Invalid(m)) if m.contains("ha-sync-mode")));
+    assert!(
+        matches!(s.set_policy(bad).await, Err(DefError::Invalid(m)) if m.contains("ha-sync-mode"))
+    );
     assert!(matches!(
-        s.set_policy(ha_policy("nowhere")),
+        s.set_policy(ha_policy("nowhere")).await,
         Err(DefError::NotFound(_))
     ));
     assert_eq!(s.policies.list(Some("apps")).len(), 1);
-    s.clear_policy("apps", "ha-all").expect("clear");
+    s.clear_policy("apps", "ha-all").await.expect("clear");
     assert!(matches!(
-        s.clear_policy("apps", "ha-all"),
+        s.clear_policy("apps", "ha-all").await,
         Err(DefError::NotFound(_))
     ));
 
-    s.clear_permissions("bob", "apps").expect("clear perms");
+    s.clear_permissions("bob", "apps")
+        .await
+        .expect("clear perms");
     assert!(matches!(
-        s.clear_permissions("bob", "apps"),
+        s.clear_permissions("bob", "apps").await,
         Err(DefError::NotFound(_))
     ));
-    s.delete_user("bob").expect("delete user");
-    assert!(matches!(s.delete_user("bob"), Err(DefError::NotFound(_))));
+    s.delete_user("bob").await.expect("delete user");
+    assert!(matches!(
+        s.delete_user("bob").await,
+        Err(DefError::NotFound(_))
+    ));
     assert!(connect_as(b.addr, "bob", "pw2", "apps").await.is_err());
     b.shutdown().await;
 }
@@ -352,10 +373,13 @@ async fn api_manages_vhosts_users_permissions_and_policies() {
 async fn deleting_a_vhost_closes_its_connections_and_deletes_its_queues() {
     let b = start().await;
     let s = &b.shared;
-    s.add_vhost("doomed", VhostMeta::default()).expect("add");
+    s.add_vhost("doomed", VhostMeta::default())
+        .await
+        .expect("add");
     s.set_permissions("guest", "doomed", PermissionSpec::all())
+        .await
         .expect("perms");
-    s.set_policy(ha_policy("doomed")).expect("policy");
+    s.set_policy(ha_policy("doomed")).await.expect("policy");
     let c = connect_as(b.addr, "guest", "guest", "doomed")
         .await
         .expect("connect");
@@ -514,12 +538,14 @@ async fn definitions_survive_restart_of_the_binary_and_transients_do_not() {
             tags: vec!["prod".into()],
         },
     )
+    .await
     .expect("vhost");
     s.put_user(
         "carol",
         Some(PasswordHash::new("c-pass")),
         vec!["management".into()],
     )
+    .await
     .expect("user");
     s.set_permissions(
         "carol",
@@ -530,8 +556,9 @@ async fn definitions_survive_restart_of_the_binary_and_transients_do_not() {
             read: ".*".into(),
         },
     )
+    .await
     .expect("perms");
-    s.set_policy(ha_policy("billing")).expect("policy");
+    s.set_policy(ha_policy("billing")).await.expect("policy");
     let c = connect_as(addr, "carol", "c-pass", "billing")
         .await
         .expect("carol");
@@ -687,8 +714,13 @@ async fn deleted_guest_stays_deleted_and_config_users_are_applied_on_top() {
         bound
             .shared
             .put_user("admin", Some(PasswordHash::new("a")), vec![])
+            .await
             .expect("admin");
-        bound.shared.delete_user("guest").expect("delete guest");
+        bound
+            .shared
+            .delete_user("guest")
+            .await
+            .expect("delete guest");
     }
     let bound = warren_broker::Broker::bind(cfg.clone())
         .await

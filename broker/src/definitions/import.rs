@@ -79,7 +79,34 @@ fn arguments_ok(arguments: &Map<String, Value>) -> Result<(), String> {
 impl BrokerShared {
     /// Imports a document additively in strict mode (see the module docs): an error names the
     /// entry and nothing is applied.
-    pub fn import_definitions(&self, d: &Definitions) -> Result<(), super::DefError> {
+    pub async fn import_definitions(&self, d: &Definitions) -> Result<(), super::DefError> {
+        if let Some(c) = self.cluster() {
+            // Checked whole first; the vhosts, users, permissions and policies then go
+            // through the cluster (every node applies them), the rest is declared here.
+            let mut verdicts = Verdicts {
+                mode: ImportMode::Strict,
+                rejected: Vec::new(),
+            };
+            let plan = self
+                .check_import(d, &mut verdicts)
+                .map_err(super::DefError::Invalid)?;
+            let mut replicated = d.clone();
+            replicated.users = plan
+                .users
+                .iter()
+                .map(|(i, cred)| {
+                    crate::cluster::link::user_def(&User {
+                        name: d.users[*i].name.clone(),
+                        password: cred.clone(),
+                        tags: d.users[*i].tags.0.clone(),
+                    })
+                })
+                .collect();
+            let ops = crate::cluster::link::definition_ops(&replicated);
+            c.propose(ops)
+                .await
+                .map_err(crate::cluster::link::def_error)?;
+        }
         self.persister.begin_batch();
         let r = self.import_in_memory(d, ImportMode::Strict);
         self.persister.end_batch();

@@ -66,6 +66,8 @@ pub use import::ImportMode;
 pub use json::{parse, Definitions};
 
 use crate::auth::{PasswordHash, PermissionSpec, User, VhostMeta};
+use crate::cluster::keys;
+use crate::cluster::link::{def_error, user_def, vhost_def};
 use crate::exchange::Destination;
 use crate::policy::{Policy, PolicyKind};
 use crate::vhost::Vhost;
@@ -77,6 +79,7 @@ use json::{
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use tracing::{error, info, warn};
+use warren_cluster::Op;
 
 /// The RabbitMQ version whose definitions format (and field names) warren follows.
 pub const RABBITMQ_COMPAT_VERSION: &str = "3.10.8";
@@ -93,6 +96,9 @@ pub enum DefError {
     /// The change is in memory but could not be written to disk (HTTP 500).
     #[error("cannot write definitions: {0}")]
     Io(String),
+    /// Clustered and the change could not be committed (no quorum, HTTP 503); nothing changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What [`BrokerShared::export_definitions`] includes.
@@ -103,6 +109,13 @@ pub enum ExportScope {
     All,
     /// Only what survives a restart (the content of `definitions.json`).
     Durable,
+}
+
+fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
+    Op::Put {
+        key,
+        value: keys::to_value(v),
+    }
 }
 
 /// Parses a definitions document ([`DefError::Invalid`] names the entry at fault).
@@ -134,16 +147,22 @@ impl BrokerShared {
     }
 
     /// Creates a vhost (or updates the metadata of an existing one); true if it was created.
-    pub fn add_vhost(&self, name: &str, meta: VhostMeta) -> Result<bool, DefError> {
+    pub async fn add_vhost(&self, name: &str, meta: VhostMeta) -> Result<bool, DefError> {
         if name.is_empty() {
             return Err(DefError::Invalid("vhost name must not be empty".into()));
+        }
+        if self.cluster().is_some() {
+            let created = self.vhost(name).is_none();
+            let op = put(keys::vhost(name), &vhost_def(name, meta));
+            self.replicate(vec![op]).await?;
+            return Ok(created);
         }
         let created = self.add_vhost_in_memory(name, meta);
         self.persist_definitions()?;
         Ok(created)
     }
 
-    fn add_vhost_in_memory(&self, name: &str, meta: VhostMeta) -> bool {
+    pub(crate) fn add_vhost_in_memory(&self, name: &str, meta: VhostMeta) -> bool {
         let created = {
             let mut m = self.vhosts.write();
             if m.contains_key(name) {
@@ -160,15 +179,36 @@ impl BrokerShared {
     /// Deletes a vhost: its connections are closed (320 CONNECTION_FORCED), its queues
     /// deleted (consumers get basic.cancel), its exchanges, permissions and policies dropped.
     pub async fn delete_vhost(&self, name: &str) -> Result<(), DefError> {
-        let vh = self
-            .vhosts
-            .write()
-            .remove(name)
-            .ok_or_else(|| not_found_vhost(name))?;
+        if self.cluster().is_some() {
+            if self.vhost(name).is_none() {
+                return Err(not_found_vhost(name));
+            }
+            let mut ops = vec![Op::Delete {
+                key: keys::vhost(name),
+            }];
+            ops.extend(
+                keys::vhost_prefixes(name)
+                    .into_iter()
+                    .map(|prefix| Op::DeletePrefix { prefix }),
+            );
+            return self.replicate(ops).await;
+        }
+        if self.vhost(name).is_none() {
+            return Err(not_found_vhost(name));
+        }
+        self.remove_vhost_locally(name).await;
+        self.persist_definitions()
+    }
+
+    /// The vhost goes from this node: its connections are closed, its queues deleted, its
+    /// permissions and policies dropped (no-op when it is not here).
+    pub(crate) async fn remove_vhost_locally(&self, name: &str) {
+        let Some(vh) = self.vhosts.write().remove(name) else {
+            return;
+        };
         self.auth.remove_vhost(name);
         self.policies.remove_vhost(name);
         vh.close_connections();
-        let persisted = self.persist_definitions();
         let queues: Vec<_> = vh.snapshot().queues.values().cloned().collect();
         for q in queues {
             if let Err(e) = vh.delete_queue(&q, false, false).await {
@@ -176,7 +216,6 @@ impl BrokerShared {
             }
         }
         info!(vhost = name, "vhost deleted");
-        persisted
     }
 
     // === users ===
@@ -184,7 +223,7 @@ impl BrokerShared {
     /// Creates or replaces a user. `credential` None keeps the password of an existing user
     /// (a new user then has none: password login refused, as RabbitMQ's empty hash).
     /// Returns true if the user was created.
-    pub fn put_user(
+    pub async fn put_user(
         &self,
         name: &str,
         credential: Option<PasswordHash>,
@@ -197,32 +236,63 @@ impl BrokerShared {
             Some(c) => c,
             None => self.auth.user(name).map(|u| u.password).unwrap_or_default(),
         };
-        let created = self.auth.put_user(User {
+        let user = User {
             name: name.to_owned(),
             password,
             tags,
-        });
+        };
+        if self.cluster().is_some() {
+            let created = self.auth.user(name).is_none();
+            self.replicate(vec![put(keys::user(name), &user_def(&user))])
+                .await?;
+            return Ok(created);
+        }
+        let created = self.auth.put_user(user);
         self.persist_definitions()?;
         Ok(created)
     }
 
-    pub fn delete_user(&self, name: &str) -> Result<(), DefError> {
+    pub async fn delete_user(&self, name: &str) -> Result<(), DefError> {
+        if self.cluster().is_some() {
+            if self.auth.user(name).is_none() {
+                return Err(not_found_user(name));
+            }
+            let mut ops = vec![Op::Delete {
+                key: keys::user(name),
+            }];
+            for (user, vhost, _) in self.auth.all_permissions() {
+                if user == name {
+                    ops.push(Op::Delete {
+                        key: keys::perm(&vhost, &user),
+                    });
+                }
+            }
+            return self.replicate(ops).await;
+        }
         if !self.auth.remove_user(name) {
             return Err(not_found_user(name));
         }
         self.persist_definitions()
     }
 
-    pub fn change_password(&self, name: &str, password: &str) -> Result<(), DefError> {
+    pub async fn change_password(&self, name: &str, password: &str) -> Result<(), DefError> {
         let hash = PasswordHash::new(password);
-        if !self.auth.update_user(name, |u| u.password = hash) {
-            return Err(not_found_user(name));
-        }
-        self.persist_definitions()
+        self.update_user(name, |u| u.password = hash).await
     }
 
-    pub fn set_user_tags(&self, name: &str, tags: Vec<String>) -> Result<(), DefError> {
-        if !self.auth.update_user(name, |u| u.tags = tags) {
+    pub async fn set_user_tags(&self, name: &str, tags: Vec<String>) -> Result<(), DefError> {
+        self.update_user(name, |u| u.tags = tags).await
+    }
+
+    async fn update_user(&self, name: &str, f: impl FnOnce(&mut User)) -> Result<(), DefError> {
+        if self.cluster().is_some() {
+            let mut u = self.auth.user(name).ok_or_else(|| not_found_user(name))?;
+            f(&mut u);
+            return self
+                .replicate(vec![put(keys::user(name), &user_def(&u))])
+                .await;
+        }
+        if !self.auth.update_user(name, f) {
             return Err(not_found_user(name));
         }
         self.persist_definitions()
@@ -230,7 +300,7 @@ impl BrokerShared {
 
     // === permissions ===
 
-    pub fn set_permissions(
+    pub async fn set_permissions(
         &self,
         user: &str,
         vhost: &str,
@@ -243,15 +313,40 @@ impl BrokerShared {
             return Err(not_found_vhost(vhost));
         }
         spec.validate().map_err(DefError::Invalid)?;
+        if self.cluster().is_some() {
+            let def = PermissionDef {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                configure: spec.configure,
+                write: spec.write,
+                read: spec.read,
+            };
+            return self
+                .replicate(vec![put(keys::perm(vhost, user), &def)])
+                .await;
+        }
         self.auth.put_permissions(user, vhost, spec);
         self.persist_definitions()
     }
 
-    pub fn clear_permissions(&self, user: &str, vhost: &str) -> Result<(), DefError> {
-        if !self.auth.remove_permissions(user, vhost) {
-            return Err(DefError::NotFound(format!(
+    pub async fn clear_permissions(&self, user: &str, vhost: &str) -> Result<(), DefError> {
+        let missing = || {
+            DefError::NotFound(format!(
                 "user '{user}' has no permissions on vhost '{vhost}'"
-            )));
+            ))
+        };
+        if self.cluster().is_some() {
+            if self.auth.permissions(user, vhost).is_none() {
+                return Err(missing());
+            }
+            return self
+                .replicate(vec![Op::Delete {
+                    key: keys::perm(vhost, user),
+                }])
+                .await;
+        }
+        if !self.auth.remove_permissions(user, vhost) {
+            return Err(missing());
         }
         self.persist_definitions()
     }
@@ -260,20 +355,26 @@ impl BrokerShared {
 
     /// Creates or replaces a policy (validated, see [`Policy::validate`]); it applies to the
     /// vhost's queues and exchanges at once.
-    pub fn set_policy(&self, p: Policy) -> Result<(), DefError> {
-        self.set_policy_kind(PolicyKind::User, p)
+    pub async fn set_policy(&self, p: Policy) -> Result<(), DefError> {
+        self.set_policy_kind(PolicyKind::User, p).await
     }
 
-    pub fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), DefError> {
-        self.clear_policy_kind(PolicyKind::User, vhost, name)
+    pub async fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), DefError> {
+        self.clear_policy_kind(PolicyKind::User, vhost, name).await
     }
 
     /// Creates or replaces a policy or an operator policy.
-    pub fn set_policy_kind(&self, kind: PolicyKind, p: Policy) -> Result<(), DefError> {
+    pub async fn set_policy_kind(&self, kind: PolicyKind, p: Policy) -> Result<(), DefError> {
         if !self.auth.vhost_exists(&p.vhost) {
             return Err(not_found_vhost(&p.vhost));
         }
         p.validate_as(kind).map_err(DefError::Invalid)?;
+        if self.cluster().is_some() {
+            let key = keys::policy(kind, &p.vhost, &p.name);
+            return self
+                .replicate(vec![put(key, &PolicyDef::from_policy(&p))])
+                .await;
+        }
         let vhost = p.vhost.clone();
         if self.policies.put_kind(kind, p) {
             self.apply_policies(&vhost);
@@ -282,13 +383,18 @@ impl BrokerShared {
         Ok(())
     }
 
-    pub fn clear_policy_kind(
+    pub async fn clear_policy_kind(
         &self,
         kind: PolicyKind,
         vhost: &str,
         name: &str,
     ) -> Result<(), DefError> {
-        if !self.policies.remove_kind(kind, vhost, name) {
+        let exists = self
+            .policies
+            .list_kind(kind, Some(vhost))
+            .iter()
+            .any(|p| p.name == name);
+        if !exists {
             return Err(DefError::NotFound(format!(
                 "{} '{name}' in vhost '{vhost}' does not exist",
                 match kind {
@@ -297,8 +403,24 @@ impl BrokerShared {
                 }
             )));
         }
+        if self.cluster().is_some() {
+            return self
+                .replicate(vec![Op::Delete {
+                    key: keys::policy(kind, vhost, name),
+                }])
+                .await;
+        }
+        self.policies.remove_kind(kind, vhost, name);
         self.apply_policies(vhost);
         self.persist_definitions()
+    }
+
+    /// Clustered: commit `ops` through the cluster and wait until this node applied them.
+    async fn replicate(&self, ops: Vec<Op>) -> Result<(), DefError> {
+        let c = self
+            .cluster()
+            .ok_or_else(|| DefError::Unavailable("not clustered".into()))?;
+        c.propose(ops).await.map(|_| ()).map_err(def_error)
     }
 
     /// Re-applies the policies to the queues and exchanges of `vhost` (after a change).

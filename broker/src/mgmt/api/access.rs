@@ -23,9 +23,13 @@ pub(super) fn vhost_json(shared: &BrokerShared, v: &Vhost) -> Value {
         .sum();
     let mut m = Map::new();
     m.insert("name".into(), json!(&*v.name));
-    m.insert("description".into(), json!(""));
-    m.insert("tags".into(), json!([]));
-    m.insert("metadata".into(), json!({"description": "", "tags": []}));
+    let meta = shared.auth.vhost_meta(&v.name).unwrap_or_default();
+    m.insert("description".into(), json!(meta.description));
+    m.insert("tags".into(), json!(meta.tags));
+    m.insert(
+        "metadata".into(),
+        json!({"description": meta.description, "tags": meta.tags}),
+    );
     m.insert("tracing".into(), json!(false));
     m.insert("default_queue_type".into(), json!("classic"));
     m.insert(
@@ -80,6 +84,7 @@ pub(super) async fn vhost_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
             let tags = tags_of(body.get("tags"))?;
             let is_new = shared
                 .add_vhost(name, crate::auth::VhostMeta { description, tags })
+                .await
                 .map_err(def_err)?;
             Ok(if is_new { created() } else { no_content() })
         }
@@ -110,7 +115,7 @@ pub(super) fn user(shared: &BrokerShared, r: &Req, name: &str) -> R {
 }
 
 /// PUT|DELETE /api/users/{name}.
-pub(super) fn user_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
+pub(super) async fn user_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
     admin(r)?;
     match r.method {
         Method::PUT => {
@@ -148,11 +153,11 @@ pub(super) fn user_ep(shared: &BrokerShared, r: &Req, name: &str) -> R {
                     None
                 }
             };
-            let is_new = shared.put_user(name, cred, tags).map_err(def_err)?;
+            let is_new = shared.put_user(name, cred, tags).await.map_err(def_err)?;
             Ok(if is_new { created() } else { no_content() })
         }
         Method::DELETE => {
-            shared.delete_user(name).map_err(def_err)?;
+            shared.delete_user(name).await.map_err(def_err)?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
@@ -182,7 +187,7 @@ pub(super) fn user_permissions(shared: &BrokerShared, r: &Req, name: &str) -> R 
 }
 
 /// GET|PUT|DELETE /api/permissions/{vhost}/{user}.
-pub(super) fn permission_ep(shared: &BrokerShared, r: &Req, vh: &str, user: &str) -> R {
+pub(super) async fn permission_ep(shared: &BrokerShared, r: &Req, vh: &str, user: &str) -> R {
     admin(r)?;
     match r.method {
         Method::GET => shared
@@ -198,11 +203,14 @@ pub(super) fn permission_ep(shared: &BrokerShared, r: &Req, vh: &str, user: &str
                 read: field("read")?,
             };
             let existed = shared.auth.permissions(user, vh).is_some();
-            shared.set_permissions(user, vh, spec).map_err(def_err)?;
+            shared
+                .set_permissions(user, vh, spec)
+                .await
+                .map_err(def_err)?;
             Ok(if existed { no_content() } else { created() })
         }
         Method::DELETE => {
-            shared.clear_permissions(user, vh).map_err(def_err)?;
+            shared.clear_permissions(user, vh).await.map_err(def_err)?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),

@@ -10,7 +10,7 @@ use crate::BrokerShared;
 use hyper::Method;
 
 /// GET|POST /api/definitions.
-pub(super) fn definitions(shared: &BrokerShared, r: &Req) -> R {
+pub(super) async fn definitions(shared: &BrokerShared, r: &Req) -> R {
     match r.method {
         Method::GET => {
             admin(r)?;
@@ -20,7 +20,7 @@ pub(super) fn definitions(shared: &BrokerShared, r: &Req) -> R {
         Method::POST => {
             admin(r)?;
             let d = crate::definitions::parse_definitions(&r.body).map_err(def_err)?;
-            shared.import_definitions(&d).map_err(def_err)?;
+            shared.import_definitions(&d).await.map_err(def_err)?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),

@@ -21,6 +21,7 @@
 
 mod access;
 mod bindings;
+mod cluster;
 mod connections;
 mod definitions;
 mod exchanges;
@@ -58,8 +59,8 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
     match segs.as_slice() {
         ["overview"] if get => ok(overview::overview(shared)),
         ["cluster-name"] if get => ok(json!({"name": overview::cluster_name(shared)})),
-        ["nodes"] if get => ok(json!([overview::node(shared)])),
-        ["nodes", name] if get => overview::node_named(shared, name),
+        ["nodes"] if get => ok(json!(cluster::nodes(shared))),
+        ["nodes", name] if get => cluster::node_named(shared, name),
         ["whoami"] if get => ok(json!({"name": r.caller.name, "tags": r.caller.tags})),
         ["connections"] if get => ok(connections::list(shared, r)),
         ["connections", name] => connections::one(shared, r, name),
@@ -126,17 +127,19 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["vhosts", vh, "permissions"] if get => access::vhost_permissions(shared, r, vh),
         ["users", name, "permissions"] if get => access::user_permissions(shared, r, name),
         ["vhosts", name] => access::vhost_ep(shared, r, name).await,
-        ["users", name] => access::user_ep(shared, r, name),
-        ["permissions", vh, user] => access::permission_ep(shared, r, vh, user),
+        ["users", name] => access::user_ep(shared, r, name).await,
+        ["permissions", vh, user] => access::permission_ep(shared, r, vh, user).await,
         ["policies"] if get => policies::list(shared, r, PolicyKind::User, None),
         ["policies", vh] if get => policies::list(shared, r, PolicyKind::User, Some(vh)),
-        ["policies", vh, name] => policies::one(shared, r, PolicyKind::User, vh, name),
+        ["policies", vh, name] => policies::one(shared, r, PolicyKind::User, vh, name).await,
         ["operator-policies"] if get => policies::list(shared, r, PolicyKind::Operator, None),
         ["operator-policies", vh] if get => {
             policies::list(shared, r, PolicyKind::Operator, Some(vh))
         }
-        ["operator-policies", vh, name] => policies::one(shared, r, PolicyKind::Operator, vh, name),
-        ["definitions"] => definitions::definitions(shared, r),
+        ["operator-policies", vh, name] => {
+            policies::one(shared, r, PolicyKind::Operator, vh, name).await
+        }
+        ["definitions"] => definitions::definitions(shared, r).await,
         ["health", "checks", "alarms"] if get => overview::health_alarms(shared),
         ["health", "checks", "node-is-quorum-critical"] if get => {
             ok(json!({"status": "ok", "reason": "single node cluster"}))
@@ -244,6 +247,7 @@ fn def_err(e: crate::definitions::DefError) -> ApiError {
         crate::definitions::DefError::NotFound(_) => ApiError::NotFound,
         crate::definitions::DefError::Invalid(m) => ApiError::BadRequest(m),
         crate::definitions::DefError::Io(m) => ApiError::Internal(m),
+        crate::definitions::DefError::Unavailable(m) => ApiError::Unavailable(m),
     }
 }
 

@@ -33,8 +33,20 @@ const NODE_KEYS: &[&str] = &[
     "return_unroutable",
 ];
 
+/// As RabbitMQ's default: the name of the node that formed the cluster (this node when alone).
 pub(super) fn cluster_name(shared: &BrokerShared) -> String {
-    shared.config.node_name.clone()
+    shared
+        .cluster()
+        .and_then(|c| {
+            let st = c.state();
+            let by = st
+                .get(crate::cluster::link::SEEDED_KEY)?
+                .value
+                .get("by")?
+                .as_str()?;
+            Some(by.to_owned())
+        })
+        .unwrap_or_else(|| shared.config.node_name.clone())
 }
 
 fn exchange_types() -> Value {
@@ -207,15 +219,6 @@ pub(super) fn node(shared: &BrokerShared) -> Value {
         "config_files": [],
         "db_dir": shared.config.data_dir.display().to_string(),
     })
-}
-
-/// GET /api/nodes/{node}: this node, the only one.
-pub(super) fn node_named(shared: &BrokerShared, name: &str) -> R {
-    if name == shared.config.node_name {
-        ok(node(shared))
-    } else {
-        Err(ApiError::NotFound)
-    }
 }
 
 /// RabbitMQ's alarms health check: 200 without alarms, 503 listing them.

@@ -43,7 +43,13 @@ pub(super) fn list(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: Option<
 }
 
 /// GET|PUT|DELETE /api/policies/{vhost}/{name} and /api/operator-policies/{vhost}/{name}.
-pub(super) fn one(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: &str, name: &str) -> R {
+pub(super) async fn one(
+    shared: &BrokerShared,
+    r: &Req,
+    kind: PolicyKind,
+    vh: &str,
+    name: &str,
+) -> R {
     let v = vhost(shared, r, vh)?;
     // Operator policies are for administrators only, as in RabbitMQ.
     let may_change = match kind {
@@ -91,6 +97,7 @@ pub(super) fn one(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: &str, na
                         definition,
                     },
                 )
+                .await
                 .map_err(def_err)?;
             Ok(if existed { no_content() } else { created() })
         }
@@ -100,6 +107,7 @@ pub(super) fn one(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: &str, na
             }
             shared
                 .clear_policy_kind(kind, &v.name, name)
+                .await
                 .map_err(def_err)?;
             Ok(no_content())
         }

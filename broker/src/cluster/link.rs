@@ -1,0 +1,309 @@
+//! A broker's running cluster: started by [`crate::Broker::bind`] when `cluster-listen` is set.
+//!
+//! [`ClusterLink::propose`] is how every replicated change is made: the batch is committed
+//! through Raft and the call returns once this node's broker has applied it (the apply loop
+//! of [`super::apply`] publishes how far it got), so a caller that changed something reads its
+//! own write. Without a quorum a proposal fails with [`ClusterError::Timeout`] after the
+//! propose timeout (the management API answers 503).
+
+use super::apply::Applier;
+use super::keys;
+use super::settings;
+use crate::definitions::{DefError, Definitions, ExportScope};
+use crate::BrokerShared;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use warren_cluster::{Cluster, ClusterError, ClusterState, MemberStatus, Op};
+
+/// The key a fresh cluster's first node claims (with `CheckVersion 0`) when it seeds the
+/// cluster with its definitions: whoever commits first seeds, nobody twice.
+pub const SEEDED_KEY: &str = "meta/seeded";
+
+/// How long [`ClusterLink::propose`] waits for the local apply after the commit.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// The cluster of this broker.
+pub struct ClusterLink {
+    pub cluster: Cluster,
+    /// Log index up to which the broker has applied the replicated state.
+    applied: watch::Sender<u64>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("node", &self.cluster.node_name())
+            .field("applied", &*self.applied.borrow())
+            .finish()
+    }
+}
+
+/// What a failed proposal means to a definitions call.
+pub fn def_error(e: ClusterError) -> DefError {
+    match e {
+        ClusterError::Conflict { key, .. } => DefError::Invalid(format!(
+            "changed concurrently on another node ({key}); retry"
+        )),
+        e => DefError::Unavailable(format!("cluster: {e}")),
+    }
+}
+
+impl ClusterLink {
+    /// Start (bootstrap, join or restart) the cluster of `shared`, seed a fresh cluster with this
+    /// node's definitions, apply the replicated state, and spawn the apply loop.
+    pub async fn start(shared: &Arc<BrokerShared>) -> Result<Arc<ClusterLink>, String> {
+        let cfg = settings::cluster_config(&shared.config)?;
+        let cluster = Cluster::start(cfg)
+            .await
+            .map_err(|e| format!("cluster: {e}"))?;
+        for a in cluster.listen_addrs() {
+            info!(proto = %"cluster", addr = %a, "listening");
+        }
+        let link = Arc::new(ClusterLink {
+            cluster,
+            applied: watch::channel(0).0,
+            stop: CancellationToken::new(),
+        });
+        link.catch_up().await;
+        link.seed(shared).await?;
+        let mut applier = Applier::from_local(shared);
+        let mut state = link.cluster.state();
+        let st = state.borrow_and_update().clone();
+        applier.reconcile(shared, &st).await;
+        link.applied.send_replace(st.last_applied);
+        link.apply_config(shared).await;
+        let me = link.clone();
+        let weak = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = me.stop.cancelled() => return,
+                    r = state.changed() => if r.is_err() { return },
+                }
+                let st = state.borrow_and_update().clone();
+                let Some(shared) = weak.upgrade() else { return };
+                applier.reconcile(&shared, &st).await;
+                me.applied.send_replace(st.last_applied);
+            }
+        });
+        Ok(link)
+    }
+
+    /// Commit `ops` and wait until this node's broker has applied them. Fails at once when a
+    /// majority of the voters is out of reach.
+    pub async fn propose(&self, ops: Vec<Op>) -> Result<u64, ClusterError> {
+        if !self.cluster.has_quorum() {
+            return Err(ClusterError::Timeout(
+                "no quorum: a majority of the cluster's voters is out of reach".into(),
+            ));
+        }
+        let idx = self.cluster.propose(ops).await?;
+        let mut rx = self.applied.subscribe();
+        let applied = tokio::time::timeout(APPLY_WAIT, async {
+            rx.wait_for(|a| *a >= idx).await.is_ok()
+        })
+        .await;
+        match applied {
+            Ok(true) => Ok(idx),
+            _ => Err(ClusterError::Timeout(format!(
+                "committed at index {idx} but not applied here in time"
+            ))),
+        }
+    }
+
+    /// The replicated state as applied by the cluster layer (may be ahead of the broker).
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.cluster.state().borrow().clone()
+    }
+
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.cluster.members()
+    }
+
+    pub fn node_name(&self) -> &str {
+        self.cluster.node_name()
+    }
+
+    /// Stop the apply loop and the cluster node.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.cluster.shutdown().await;
+    }
+
+    /// A restarted node commits an empty batch before it serves: once that is applied here,
+    /// so is everything committed before it (what changed while this node was away). Without
+    /// a quorum for 30 s it starts with what it has and says so.
+    async fn catch_up(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.cluster.propose(Vec::new()).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    warn!(
+                        error = %e,
+                        "cannot reach a quorum to catch up: serving with the definitions this \
+                         node has; changes made meanwhile arrive when the cluster is back"
+                    );
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// A cluster that nobody seeded yet takes this node's definitions (vhosts, users,
+    /// permissions, policies): what it loaded from its data dir, or the defaults of a first
+    /// start. A node that joins an existing cluster takes the cluster's instead.
+    async fn seed(&self, shared: &BrokerShared) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.state().get(SEEDED_KEY).is_some() {
+                return Ok(());
+            }
+            let d = shared.export_definitions(ExportScope::Durable);
+            let mut ops = vec![
+                Op::CheckVersion {
+                    key: SEEDED_KEY.into(),
+                    version: 0,
+                },
+                Op::Put {
+                    key: SEEDED_KEY.into(),
+                    value: json!({ "by": self.node_name() }),
+                },
+            ];
+            ops.extend(definition_ops(&d));
+            match self.cluster.propose(ops).await {
+                Ok(_) => {
+                    info!(
+                        vhosts = d.vhosts.len(),
+                        users = d.users.len(),
+                        policies = d.policies.len() + d.operator_policies.len(),
+                        "seeded the cluster with this node's definitions"
+                    );
+                    return Ok(());
+                }
+                Err(ClusterError::Conflict { .. }) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "seeding the cluster's definitions; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(format!("cluster: cannot seed the definitions: {e}")),
+            }
+        }
+    }
+
+    /// Users, vhosts and permissions written in the config file win, as on a single node:
+    /// the entries that differ from the cluster's are proposed (in the background when there
+    /// is no quorum now).
+    async fn apply_config(&self, shared: &BrokerShared) {
+        let cfg = &shared.config;
+        if cfg.vhosts.is_empty() && cfg.users.is_empty() && cfg.permissions.is_empty() {
+            return;
+        }
+        let st = self.state();
+        let mut ops = Vec::new();
+        for v in &cfg.vhosts {
+            if st.get(&keys::vhost(v)).is_none() {
+                ops.push(put(keys::vhost(v), &vhost_def(v, Default::default())));
+            }
+        }
+        for u in &cfg.users {
+            let same = shared
+                .auth
+                .user(&u.name)
+                .is_some_and(|cur| cur.password.verify(&u.password) && cur.tags == u.tags);
+            if !same || st.get(&keys::user(&u.name)).is_none() {
+                let user = crate::auth::User {
+                    name: u.name.clone(),
+                    password: crate::auth::PasswordHash::new(&u.password),
+                    tags: u.tags.clone(),
+                };
+                ops.push(put(keys::user(&u.name), &user_def(&user)));
+            }
+        }
+        for p in &cfg.permissions {
+            let def = crate::definitions::json::PermissionDef {
+                user: p.user.clone(),
+                vhost: p.vhost.clone(),
+                configure: p.configure.clone(),
+                write: p.write.clone(),
+                read: p.read.clone(),
+            };
+            let key = keys::perm(&p.vhost, &p.user);
+            if st.get(&key).map(|v| &*v.value) != Some(&keys::to_value(&def)) {
+                ops.push(put(key, &def));
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.propose(ops).await {
+            error!(error = %e, "cannot apply the config file's users, vhosts and permissions to the cluster");
+        }
+    }
+}
+
+fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
+    Op::Put {
+        key,
+        value: keys::to_value(v),
+    }
+}
+
+/// A vhost as the cluster stores it.
+pub fn vhost_def(name: &str, meta: crate::auth::VhostMeta) -> crate::definitions::json::VhostDef {
+    use crate::definitions::json::{Tags, VhostDef, VhostMetadata};
+    VhostDef {
+        name: name.to_owned(),
+        limits: Value::Array(Vec::new()),
+        metadata: VhostMetadata {
+            description: meta.description,
+            tags: Tags(meta.tags),
+        },
+        description: None,
+        tags: None,
+    }
+}
+
+/// A user as the cluster stores it (the password hash, never the password).
+pub fn user_def(u: &crate::auth::User) -> crate::definitions::json::UserDef {
+    use crate::definitions::json::{Tags, UserDef};
+    UserDef {
+        name: u.name.clone(),
+        password_hash: u.password.hash.clone(),
+        hashing_algorithm: u.password.algorithm.as_str().to_owned(),
+        password: None,
+        tags: Tags(u.tags.clone()),
+        limits: Value::Object(Default::default()),
+    }
+}
+
+/// The `Put`s that store a document's vhosts, users, permissions and policies.
+pub fn definition_ops(d: &Definitions) -> Vec<Op> {
+    use crate::policy::PolicyKind;
+    let mut ops = Vec::new();
+    for v in &d.vhosts {
+        ops.push(put(keys::vhost(&v.name), v));
+    }
+    for u in &d.users {
+        ops.push(put(keys::user(&u.name), u));
+    }
+    for p in &d.permissions {
+        ops.push(put(keys::perm(&p.vhost, &p.user), p));
+    }
+    for p in &d.policies {
+        ops.push(put(keys::policy(PolicyKind::User, &p.vhost, &p.name), p));
+    }
+    for p in &d.operator_policies {
+        ops.push(put(
+            keys::policy(PolicyKind::Operator, &p.vhost, &p.name),
+            p,
+        ));
+    }
+    ops
+}

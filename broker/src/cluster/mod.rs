@@ -1,0 +1,17 @@
+//! The broker's side of clustering: how a node joins and runs a warren cluster
+//! (`warren_cluster` is the AMQP-agnostic substrate: Raft-replicated key-value state, links,
+//! failure detection).
+//!
+//! - [`settings`]: the cluster flags and config keys, validated; the `warren_cluster` config
+//!   derived from them.
+//! - [`keys`]: how definitions map onto replicated keys and values.
+//! - [`link`]: the running cluster of a broker: start, propose-and-wait, member status.
+//! - [`apply`]: replicated definitions applied to the node (vhosts, users, permissions,
+//!   policies), by key as they commit and whole after a restart.
+//! - [`wire`]: the binary protocol of queue operations between nodes (for queues whose master
+//!   is another node).
+pub mod apply;
+pub mod keys;
+pub mod link;
+pub mod settings;
+pub mod wire;

@@ -1,0 +1,394 @@
+//! Clustered warren-broker processes on loopback: nodes that join share their vhosts, users,
+//! permissions and policies; a change made on any node is seen and enforced on every other;
+//! a node killed with SIGKILL catches up when it restarts; a node with the wrong secret is
+//! refused and says why; /api/nodes and warren-ctl-shaped cluster_status list every member.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use support::http::http;
+use support::proc::{spawn, BrokerProc};
+
+const FD_MS: &str = "600";
+
+struct Node {
+    name: String,
+    proc: BrokerProc,
+}
+
+impl Node {
+    fn mgmt(&self) -> SocketAddr {
+        self.proc.addr("mgmt").parse().expect("mgmt addr")
+    }
+    fn cluster(&self) -> String {
+        self.proc.addr("cluster").to_string()
+    }
+    async fn get(&self, path: &str) -> Value {
+        let r = http(self.mgmt(), "GET", path, Some(("guest", "guest")), None).await;
+        assert_eq!(r.status, 200, "GET {path} on {}: {}", self.name, r.text());
+        r.json()
+    }
+    async fn put(&self, path: &str, body: Value) -> u16 {
+        let r = http(
+            self.mgmt(),
+            "PUT",
+            path,
+            Some(("guest", "guest")),
+            Some(body),
+        )
+        .await;
+        assert!(
+            r.status == 201 || r.status == 204,
+            "PUT {path} on {}: {} {}",
+            self.name,
+            r.status,
+            r.text()
+        );
+        r.status
+    }
+    async fn delete(&self, path: &str) -> u16 {
+        http(self.mgmt(), "DELETE", path, Some(("guest", "guest")), None)
+            .await
+            .status
+    }
+}
+
+async fn start(name: &str, dir: &Path, secret: &Path, join: Option<&str>) -> Node {
+    let mut args: Vec<String> = vec![
+        "--node-name".into(),
+        name.into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--amqp".into(),
+        "127.0.0.1:0".into(),
+        "--mgmt".into(),
+        "127.0.0.1:0".into(),
+        "--cluster-listen".into(),
+        "127.0.0.1:0".into(),
+        "--cluster-secret-file".into(),
+        secret.display().to_string(),
+        "--cluster-failure-detection-ms".into(),
+        FD_MS.into(),
+    ];
+    if let Some(j) = join {
+        args.extend(["--join".into(), j.into()]);
+    }
+    let proc = spawn(&args, &[], &["amqp", "mgmt", "cluster"]).await;
+    Node {
+        name: name.into(),
+        proc,
+    }
+}
+
+/// Polls `f` until it is true (10 s at most), then asserts it.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < end, "never true: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn amqp_login(n: &Node, user: &str, pass: &str, vhost: &str) -> Result<(), String> {
+    let uri = format!(
+        "amqp://{user}:{pass}@{}/{}",
+        n.proc.addr("amqp"),
+        urlencoding(vhost)
+    );
+    match lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await {
+        Ok(c) => {
+            let _ = c.close(200, "bye".into()).await;
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn urlencoding(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2f")
+}
+
+fn names(nodes: &Value) -> Vec<(String, bool)> {
+    nodes
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().expect("name").to_owned(),
+                n["running"].as_bool().expect("running"),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `n` lists `count` voters (a joined node is a learner until it caught up).
+async fn voters(n: &Node, count: usize) {
+    eventually(&format!("{count} voters"), || async {
+        let nodes = n.get("/api/nodes").await;
+        nodes
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .count()
+            == count
+    })
+    .await;
+}
+
+fn secret_file(dir: &Path, secret: &str) -> std::path::PathBuf {
+    let p = dir.join(format!("secret-{secret}"));
+    std::fs::write(&p, secret).expect("secret");
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_made_on_any_node_hold_on_every_node_and_survive_a_kill() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "s3cret-cookie");
+    let dirs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let d = root.path().join(n);
+            std::fs::create_dir_all(&d).expect("dir");
+            d
+        })
+        .collect();
+    let a = start("a@test", &dirs[0], &secret, None).await;
+    let b = start("b@test", &dirs[1], &secret, Some(&a.cluster())).await;
+    let c = start("c@test", &dirs[2], &secret, Some(&a.cluster())).await;
+    assert!(a
+        .proc
+        .logged("seeded the cluster with this node's definitions"));
+    assert!(!b.proc.logged("seeded the cluster"));
+
+    // Every node lists every member, running (once its links are up), and names the cluster
+    // after its first node.
+    let all = vec![
+        ("a@test".to_owned(), true),
+        ("b@test".to_owned(), true),
+        ("c@test".to_owned(), true),
+    ];
+    for n in [&a, &b, &c] {
+        eventually(
+            &format!("{} lists every member running", n.name),
+            || async { names(&n.get("/api/nodes").await) == all },
+        )
+        .await;
+        assert_eq!(n.get("/api/overview").await["cluster_name"], "a@test");
+    }
+
+    // Made on b: a vhost, a user, permissions, a policy. b reads its own writes at once.
+    b.put("/api/vhosts/apps", json!({})).await;
+    b.put(
+        "/api/users/bob",
+        json!({"password": "bob-pw", "tags": "management"}),
+    )
+    .await;
+    b.put(
+        "/api/permissions/apps/bob",
+        json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    )
+    .await;
+    b.put(
+        "/api/policies/apps/cap",
+        json!({"pattern": "^capped", "apply-to": "queues", "definition": {"max-length": 3}}),
+    )
+    .await;
+    assert_eq!(b.get("/api/users/bob").await["tags"], json!(["management"]));
+
+    // The others see them and enforce them: bob logs in on c, the policy caps a queue on a.
+    for n in [&a, &c] {
+        for path in ["/api/permissions/apps/bob", "/api/policies/apps/cap"] {
+            eventually(&format!("{path} on {}", n.name), || async {
+                let r = http(n.mgmt(), "GET", path, Some(("guest", "guest")), None).await;
+                r.status == 200
+            })
+            .await;
+        }
+        assert_eq!(
+            n.get("/api/policies/apps/cap").await["definition"]["max-length"],
+            3
+        );
+    }
+    amqp_login(&c, "bob", "bob-pw", "apps")
+        .await
+        .expect("bob logs in on c");
+    assert!(amqp_login(&c, "bob", "wrong", "apps").await.is_err());
+    {
+        let uri = format!("amqp://bob:bob-pw@{}/apps", a.proc.addr("amqp"));
+        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("bob on a");
+        let ch = conn.create_channel().await.expect("channel");
+        support::declare(&ch, "capped-1", Default::default()).await;
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        for i in 0..10 {
+            ch.basic_publish(
+                "".into(),
+                "capped-1".into(),
+                Default::default(),
+                format!("m{i}").as_bytes(),
+                Default::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
+        let q = ch
+            .queue_declare(
+                "capped-1".into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("passive");
+        assert_eq!(q.message_count(), 3, "b's policy caps a's queue");
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
+    // c is killed; meanwhile bob is deleted and a vhost added on a.
+    voters(&a, 3).await;
+    let c_name = c.name.clone();
+    c.proc.kill9().await;
+    eventually("a sees c down", || async {
+        names(&a.get("/api/nodes").await).contains(&(c_name.clone(), false))
+    })
+    .await;
+    assert_eq!(a.delete("/api/users/bob").await, 204);
+    a.put(
+        "/api/vhosts/late",
+        json!({"description": "made while c was away"}),
+    )
+    .await;
+
+    // c restarts from its data dir (no --join) and catches up before it serves clients.
+    let c = start("c@test", &dirs[2], &secret, None).await;
+    assert_eq!(
+        c.get("/api/vhosts/late").await["description"],
+        "made while c was away"
+    );
+    let r = http(
+        c.mgmt(),
+        "GET",
+        "/api/users/bob",
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "bob was deleted while c was away");
+    assert!(amqp_login(&c, "bob", "bob-pw", "apps").await.is_err());
+    eventually("every node running again", || async {
+        names(&b.get("/api/nodes").await).iter().all(|(_, r)| *r)
+    })
+    .await;
+
+    // A node of another cluster (another secret) is refused, and both sides say why.
+    let other_secret = secret_file(root.path(), "not-the-cookie");
+    let d_dir = root.path().join("d");
+    let d = tokio::spawn({
+        let a_cluster = a.cluster();
+        async move {
+            let mut args: Vec<String> = vec![
+                "--node-name".into(),
+                "d@test".into(),
+                "--data-dir".into(),
+                d_dir.display().to_string(),
+                "--amqp".into(),
+                "127.0.0.1:0".into(),
+                "--cluster-listen".into(),
+                "127.0.0.1:0".into(),
+                "--cluster-secret-file".into(),
+                other_secret.display().to_string(),
+                "--join".into(),
+                a_cluster,
+            ];
+            args.extend(["--cluster-failure-detection-ms".into(), FD_MS.into()]);
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_warren-broker"))
+                .args(&args)
+                .env("RUST_LOG", "info")
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn d")
+        }
+    })
+    .await
+    .expect("spawn task");
+    eventually("a refuses d's secret", || async {
+        a.proc.logged("peer presented a wrong cluster secret")
+    })
+    .await;
+    drop(d);
+    assert_eq!(names(&a.get("/api/nodes").await).len(), 3);
+    for l in a.proc.log.lock().iter() {
+        assert!(
+            !l.contains("s3cret-cookie") && !l.contains("not-the-cookie"),
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_definition_changes_are_refused_with_503_and_nothing_changes() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie");
+    let da = root.path().join("a");
+    let db = root.path().join("b");
+    let dc = root.path().join("c");
+    let a = start("a@q", &da, &secret, None).await;
+    let b = start("b@q", &db, &secret, Some(&a.cluster())).await;
+    let c = start("c@q", &dc, &secret, Some(&a.cluster())).await;
+    // Three voters first: with two (c still a learner) a would carry on alone when b dies,
+    // as partition handling `ignore` does.
+    voters(&a, 3).await;
+    let lost_before = a.proc.log_count("cluster quorum lost");
+    b.proc.kill9().await;
+    c.proc.kill9().await;
+    // The node knows it lost its majority once the others missed their pings for the lease.
+    eventually("a says it lost its quorum", || async {
+        a.proc.log_count("cluster quorum lost") > lost_before
+    })
+    .await;
+    let t0 = tokio::time::Instant::now();
+    let r = http(
+        a.mgmt(),
+        "PUT",
+        "/api/vhosts/orphan",
+        Some(("guest", "guest")),
+        Some(json!({})),
+    )
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "refused at once");
+    assert!(t0.elapsed() < Duration::from_secs(2), "refused at once");
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = http(
+        a.mgmt(),
+        "GET",
+        "/api/vhosts/orphan",
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // Reads still answer from what this node has.
+    assert_eq!(a.get("/api/users/guest").await["name"], "guest");
+}
