@@ -41,7 +41,7 @@ impl Node {
         )
         .await;
         assert!(
-            r.status == 201 || r.status == 204,
+            matches!(r.status, 200 | 201 | 204),
             "PUT {path} on {}: {} {}",
             self.name,
             r.status,
@@ -391,4 +391,74 @@ async fn without_a_quorum_definition_changes_are_refused_with_503_and_nothing_ch
     assert_eq!(r.status, 404);
     // Reads still answer from what this node has.
     assert_eq!(a.get("/api/users/guest").await["name"], "guest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_cluster_and_forget_cluster_node_as_warren_ctl_calls_them() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-j");
+    let a = start("a@j", &root.path().join("a"), &secret, None).await;
+    // b runs as a cluster of its own first, with a user a does not have.
+    let b = start("b@j", &root.path().join("b"), &secret, None).await;
+    a.put("/api/users/from-a", json!({"password": "x", "tags": ""}))
+        .await;
+    b.put("/api/users/b-only", json!({"password": "y", "tags": ""}))
+        .await;
+    let join = |n: &Node| {
+        let mgmt = n.mgmt();
+        let seed = a.cluster();
+        async move {
+            http(
+                mgmt,
+                "POST",
+                "/api/warren/cluster/join",
+                Some(("guest", "guest")),
+                Some(json!({ "node": seed })),
+            )
+            .await
+        }
+    };
+    // As RabbitMQ: the application must be stopped first.
+    join(&b).await.bad_request("stop_app");
+    b.put("/api/warren/app", json!({"running": false})).await;
+    let r = join(&b).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    b.put("/api/warren/app", json!({"running": true})).await;
+    // b now has a's definitions and only those.
+    assert_eq!(b.get("/api/users/from-a").await["name"], "from-a");
+    let r = http(
+        b.mgmt(),
+        "GET",
+        "/api/users/b-only",
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "b's own definitions were replaced");
+    assert_eq!(b.get("/api/overview").await["cluster_name"], "a@j");
+    let c = start("c@j", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+
+    // forget_cluster_node: a stopped member goes from every node's list.
+    c.proc.kill9().await;
+    let forget = |path: &'static str| {
+        let mgmt = a.mgmt();
+        async move { http(mgmt, "DELETE", path, Some(("guest", "guest")), None).await }
+    };
+    forget("/api/warren/cluster/nodes/a@j")
+        .await
+        .bad_request("cannot forget itself");
+    assert_eq!(
+        forget("/api/warren/cluster/nodes/nobody@j").await.status,
+        404
+    );
+    let r = forget("/api/warren/cluster/nodes/c@j").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    for n in [&a, &b] {
+        eventually(&format!("c gone from {}", n.name), || async {
+            names(&n.get("/api/nodes").await)
+                == vec![("a@j".to_owned(), true), ("b@j".to_owned(), true)]
+        })
+        .await;
+    }
 }

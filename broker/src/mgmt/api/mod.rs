@@ -146,6 +146,8 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         }
         ["aliveness-test", vh] if get => messages::aliveness(shared, r, vh).await,
         ["warren", "app"] => overview::app(shared, r),
+        ["warren", "cluster", "join"] => cluster::join(shared, r).await,
+        ["warren", "cluster", "nodes", name] => cluster::forget(shared, r, name).await,
         _ => Err(ApiError::NotFound),
     }
 }
