@@ -1,7 +1,8 @@
 //! Clustered warren-broker processes on loopback: nodes that join share their vhosts, users,
 //! permissions and policies; a change made on any node is seen and enforced on every other;
 //! a node killed with SIGKILL catches up when it restarts; a node with the wrong secret is
-//! refused and says why; /api/nodes and warren-ctl-shaped cluster_status list every member.
+//! refused and says why; /api/nodes lists every member; join_cluster and forget_cluster_node
+//! as warren-ctl calls them; pause_minority; two nodes and a witness.
 
 mod support;
 
@@ -57,6 +58,17 @@ impl Node {
 }
 
 async fn start(name: &str, dir: &Path, secret: &Path, join: Option<&str>) -> Node {
+    start_with(name, dir, secret, join, &[], &["amqp", "mgmt", "cluster"]).await
+}
+
+async fn start_with(
+    name: &str,
+    dir: &Path,
+    secret: &Path,
+    join: Option<&str>,
+    extra: &[&str],
+    protos: &[&str],
+) -> Node {
     let mut args: Vec<String> = vec![
         "--node-name".into(),
         name.into(),
@@ -76,7 +88,8 @@ async fn start(name: &str, dir: &Path, secret: &Path, join: Option<&str>) -> Nod
     if let Some(j) = join {
         args.extend(["--join".into(), j.into()]);
     }
-    let proc = spawn(&args, &[], &["amqp", "mgmt", "cluster"]).await;
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proc = spawn(&args, &[], protos).await;
     Node {
         name: name.into(),
         proc,
@@ -461,4 +474,110 @@ async fn join_cluster_and_forget_cluster_node_as_warren_ctl_calls_them() {
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_minority_stops_serving_clients_in_a_minority_and_resumes_with_the_majority() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-p");
+    let pm = ["--cluster-partition-handling", "pause_minority"];
+    let all = ["amqp", "mgmt", "cluster"];
+    let a = start_with("a@p", &root.path().join("a"), &secret, None, &pm, &all).await;
+    let b = start_with(
+        "b@p",
+        &root.path().join("b"),
+        &secret,
+        Some(&a.cluster()),
+        &pm,
+        &all,
+    )
+    .await;
+    let c = start_with(
+        "c@p",
+        &root.path().join("c"),
+        &secret,
+        Some(&a.cluster()),
+        &pm,
+        &all,
+    )
+    .await;
+    voters(&a, 3).await;
+    let (conn, _ch) = a.proc.connect().await;
+    // One node down: a still has a majority and keeps serving.
+    c.proc.kill9().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(conn.status().connected(), "a keeps its clients with 2 of 3");
+    amqp_login(&a, "guest", "guest", "/")
+        .await
+        .expect("a serves with 2 of 3");
+    // Two down: a is a minority of one; its clients are closed, new ones refused.
+    b.proc.kill9().await;
+    eventually("a closes its client", || async {
+        !conn.status().connected()
+    })
+    .await;
+    assert!(a.proc.logged("this node is in a minority"));
+    assert!(amqp_login(&a, "guest", "guest", "/").await.is_err());
+    assert_eq!(a.get("/api/warren/app").await["paused_by_partition"], true);
+    // b comes back: the majority is back, a serves again.
+    let _b = start_with("b@p", &root.path().join("b"), &secret, None, &pm, &all).await;
+    eventually("a serves again", || async {
+        amqp_login(&a, "guest", "guest", "/").await.is_ok()
+    })
+    .await;
+    assert_eq!(a.get("/api/warren/app").await["paused_by_partition"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_and_a_witness_keep_a_majority_when_either_node_dies() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-w");
+    let a = start("a@w", &root.path().join("a"), &secret, None).await;
+    let b = start("b@w", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    // The witness serves no clients: only its cluster (and management) listeners.
+    let w = start_with(
+        "w@w",
+        &root.path().join("w"),
+        &secret,
+        Some(&a.cluster()),
+        &["--witness"],
+        &["mgmt", "cluster"],
+    )
+    .await;
+    assert!(
+        !w.proc.logged("proto=amqp"),
+        "a witness binds no AMQP listener"
+    );
+    voters(&a, 3).await;
+    let nodes = a.get("/api/nodes").await;
+    let witness: Vec<_> = nodes
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|n| n["witness"] == true)
+        .map(|n| n["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(witness, vec!["w@w".to_owned()]);
+    // a dies: b and the witness are a majority, definitions still change, through b.
+    a.proc.kill9().await;
+    b.put("/api/vhosts/after-a", json!({})).await;
+    assert_eq!(w.get("/api/vhosts/after-a").await["name"], "after-a");
+    // b dies too after a came back: a and the witness carry on.
+    let a = start("a@w", &root.path().join("a"), &secret, None).await;
+    eventually("a caught up", || async {
+        http(
+            a.mgmt(),
+            "GET",
+            "/api/vhosts/after-a",
+            Some(("guest", "guest")),
+            None,
+        )
+        .await
+        .status
+            == 200
+    })
+    .await;
+    voters(&a, 3).await;
+    b.proc.kill9().await;
+    a.put("/api/vhosts/after-b", json!({})).await;
 }

@@ -77,6 +77,9 @@ impl ClusterLink {
         applier.reconcile(shared, &st).await;
         link.applied.send_replace(st.last_applied);
         link.apply_config(shared).await;
+        if shared.config.cluster_partition_handling == settings::PartitionHandling::PauseMinority {
+            link.pause_in_minority(shared);
+        }
         let me = link.clone();
         let weak = Arc::downgrade(shared);
         tokio::spawn(async move {
@@ -92,6 +95,50 @@ impl ClusterLink {
             }
         });
         Ok(link)
+    }
+
+    /// `pause_minority`: while this node cannot reach a majority of the voters it serves no
+    /// client (connections closed with 320, new ones refused, as after stop_app), so clients
+    /// and load balancers go to the majority; it resumes when the majority is back.
+    fn pause_in_minority(self: &Arc<Self>, shared: &Arc<BrokerShared>) {
+        let mut events = self.cluster.peer_events();
+        let weak = Arc::downgrade(shared);
+        let me = self.clone();
+        let pause = move |shared: &BrokerShared, minority: bool| {
+            if shared.registry.set_paused(minority) {
+                if minority {
+                    warn!(
+                        "cluster partition handling pause_minority: this node is in a minority; \
+                         closing client connections and refusing new ones until the majority \
+                         is back"
+                    );
+                    shared
+                        .registry
+                        .close_all("node paused: it cannot reach a majority of the cluster");
+                } else {
+                    info!("majority reachable again: serving clients (pause_minority)");
+                }
+            }
+        };
+        pause(shared, !self.cluster.has_quorum());
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = me.stop.cancelled() => return,
+                    ev = events.recv() => ev,
+                };
+                let Some(shared) = weak.upgrade() else { return };
+                match ev {
+                    Ok(warren_cluster::PeerEvent::QuorumLost) => pause(&shared, true),
+                    Ok(warren_cluster::PeerEvent::QuorumRegained) => pause(&shared, false),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        pause(&shared, !me.cluster.has_quorum());
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// Commit `ops` and wait until this node's broker has applied them. Fails at once when a

@@ -45,6 +45,9 @@ pub struct ConnEntry {
 pub struct Registry {
     conns: Mutex<HashMap<u64, Arc<ConnEntry>>>,
     running: AtomicBool,
+    /// Paused by the cluster (`pause_minority` in a minority): not serving, like stopped, but
+    /// undone when the majority is back, not by start_app.
+    paused: AtomicBool,
     /// The node's totals: connection churn, and what a removed connection leaves behind.
     stats: Arc<NodeStats>,
 }
@@ -55,6 +58,7 @@ impl Registry {
         Self {
             conns: Mutex::new(HashMap::new()),
             running: AtomicBool::new(true),
+            paused: AtomicBool::new(false),
             stats,
         }
     }
@@ -82,12 +86,36 @@ impl Registry {
         self.conns.lock().values().find(|e| e.name == name).cloned()
     }
 
-    /// AMQP accepted and served (false after stop_app).
+    /// AMQP accepted and served (false after stop_app, and while paused by the cluster).
     pub fn running(&self) -> bool {
+        self.started() && !self.paused.load(Ordering::Relaxed)
+    }
+
+    /// The application switch alone (stop_app / start_app).
+    pub fn started(&self) -> bool {
         self.running.load(Ordering::Relaxed)
     }
 
     pub fn set_running(&self, on: bool) {
         self.running.store(on, Ordering::Relaxed);
+    }
+
+    /// Paused by the cluster's partition handling.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Pause or resume serving for the cluster; true if that changed anything.
+    pub fn set_paused(&self, on: bool) -> bool {
+        self.paused.swap(on, Ordering::Relaxed) != on
+    }
+
+    /// Close every client connection with 320 CONNECTION_FORCED and `reason`.
+    pub fn close_all(&self, reason: &str) {
+        for e in self.connections() {
+            let _ = e.events.send(crate::queue::ClientEvent::Close(
+                crate::error::ConnectionError::forced(reason),
+            ));
+        }
     }
 }

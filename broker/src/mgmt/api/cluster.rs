@@ -66,7 +66,7 @@ pub(super) async fn join(shared: &BrokerShared, r: &Req) -> R {
     let body = r.json()?;
     let node = required_str(&body, "node")?;
     let c = clustered(shared)?;
-    if shared.registry.running() {
+    if shared.registry.started() {
         return Err(ApiError::bad(
             "the application is running: stop it first (warren-ctl stop_app), then join_cluster, \
              then start_app",

@@ -248,7 +248,10 @@ pub(super) fn health_alarms(shared: &BrokerShared) -> R {
 /// GET|PUT /api/warren/app: whether the application runs; PUT `{"running": bool}` (admin).
 pub(super) fn app(shared: &BrokerShared, r: &Req) -> R {
     match r.method {
-        Method::GET => ok(json!({"running": shared.registry.running()})),
+        Method::GET => ok(json!({
+            "running": shared.registry.running(),
+            "paused_by_partition": shared.registry.paused(),
+        })),
         Method::PUT => {
             admin(r)?;
             let body = r.json()?;
@@ -268,13 +271,9 @@ pub(super) fn app(shared: &BrokerShared, r: &Req) -> R {
 fn set_running(shared: &BrokerShared, running: bool) {
     shared.registry.set_running(running);
     if !running {
-        for e in shared.registry.connections() {
-            let _ = e.events.send(crate::queue::ClientEvent::Close(
-                crate::error::ConnectionError::forced(
-                    "broker forced connection closure with reason 'shutdown'",
-                ),
-            ));
-        }
+        shared
+            .registry
+            .close_all("broker forced connection closure with reason 'shutdown'");
         tracing::info!("application stopped (stop_app): AMQP connections refused");
     } else {
         tracing::info!("application started (start_app)");
