@@ -18,6 +18,9 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Rates are averaged over this many samples (5 s at the default interval, like RabbitMQ's
 /// statistics interval).
 const RATE_WINDOW: usize = 5;
+/// Node samples kept for the management UI's chart (`?msg_rates_age=`): 10 minutes at the
+/// default interval, about 60 KiB. RabbitMQ keeps its overview samples as long by default.
+pub const HISTORY_LEN: usize = 600;
 
 /// Adds `n` to a counter that has a single writer (cheaper than `fetch_add`).
 #[inline]
@@ -322,6 +325,10 @@ struct SamplerState {
     /// Per connection id: last sample and rate.
     conns: HashMap<u64, (Instant, Counts, Rates)>,
     samples: u64,
+    /// The node totals of the last [`HISTORY_LEN`] samples with their wall-clock time (Unix
+    /// milliseconds), oldest first: what `GET /api/overview?msg_rates_age=N` returns as
+    /// `samples`, so that a chart opened now shows the last minutes instead of starting empty.
+    history: VecDeque<(u64, Counts)>,
 }
 
 impl Sampler {
@@ -350,6 +357,10 @@ impl Sampler {
         let total = self.totals(shared);
         let mut st = self.inner.lock();
         st.samples += 1;
+        st.history.push_back((unix_ms(), total));
+        while st.history.len() > HISTORY_LEN {
+            st.history.pop_front();
+        }
         st.node.push_back((now, total));
         while st.node.len() > RATE_WINDOW + 1 {
             st.node.pop_front();
@@ -416,6 +427,45 @@ impl Sampler {
     pub fn samples(&self) -> u64 {
         self.inner.lock().samples
     }
+
+    /// Node totals of the last `age` (Unix milliseconds, totals), newest first, at most one per
+    /// `incr`: RabbitMQ's `msg_rates_age` / `msg_rates_incr` over the kept history.
+    pub fn history(&self, age: Duration, incr: Duration) -> Vec<(u64, Counts)> {
+        thin(&self.inner.lock().history, age, incr)
+    }
+}
+
+/// The samples of `history` (oldest first) no older than `age` before the newest, newest first,
+/// keeping a sample only when it is at least `incr` older than the last one kept (less half a
+/// sampling interval, so that a late tick does not skip a step).
+fn thin(history: &VecDeque<(u64, Counts)>, age: Duration, incr: Duration) -> Vec<(u64, Counts)> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let Some(&(newest, _)) = history.back() else {
+        return Vec::new();
+    };
+    let oldest = newest.saturating_sub(ms(age));
+    let step = ms(incr).saturating_sub(ms(SAMPLE_INTERVAL) / 2);
+    let mut out: Vec<(u64, Counts)> = Vec::new();
+    for &(t, c) in history.iter().rev() {
+        if t < oldest {
+            break;
+        }
+        if out
+            .last()
+            .is_none_or(|&(kept, _)| kept.saturating_sub(t) >= step)
+        {
+            out.push((t, c));
+        }
+    }
+    out
+}
+
+/// Wall-clock time in Unix milliseconds (the samples' timestamps, as RabbitMQ's API gives them).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -455,6 +505,33 @@ mod tests {
             ..Counts::default()
         });
         assert_eq!((a.publish, a.ack), (10, 7));
+    }
+
+    #[test]
+    fn history_keeps_the_last_minutes_one_per_increment_newest_first() {
+        let mut h = VecDeque::new();
+        for i in 0..100u64 {
+            let c = Counts {
+                publish: i * 10,
+                ..Counts::default()
+            };
+            h.push_back((1_000_000 + i * 1000, c));
+        }
+        let got = thin(&h, Duration::from_secs(30), Duration::from_secs(5));
+        let times: Vec<u64> = got.iter().map(|(t, _)| (t - 1_000_000) / 1000).collect();
+        assert_eq!(times, [99, 94, 89, 84, 79, 74, 69]);
+        assert_eq!(got[0].1.publish, 990);
+        // Every sample when the increment is the interval; nothing from an empty history.
+        assert_eq!(
+            thin(&h, Duration::from_secs(9), Duration::from_secs(1)).len(),
+            10
+        );
+        assert!(thin(
+            &VecDeque::new(),
+            Duration::from_secs(60),
+            Duration::from_secs(5)
+        )
+        .is_empty());
     }
 
     #[test]

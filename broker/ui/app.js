@@ -4,7 +4,9 @@
 // node (/api/...). Credentials live in sessionStorage (gone when the tab
 // closes) and go out as HTTP basic auth on every fetch. Views are chosen
 // by the location hash (#/overview, #/queues, #/queues/<vhost>/<name>, ...)
-// and refresh themselves on a timer while they are shown.
+// and refresh themselves on a timer while they are shown. As in RabbitMQ's UI,
+// #/login/<user>/<password> logs in (and is replaced by #/overview at once,
+// so the password does not stay in the address bar or the history).
 //
 // All text taken from the API is inserted with textContent (never as
 // HTML), so queue names or message bodies cannot inject markup.
@@ -15,12 +17,16 @@
   const USER_KEY = "warren.user";
   const REFRESH_MS = 5000;
   const OVERVIEW_REFRESH_MS = 2000;
-  const CHART_POINTS = 60;
+  // The overview chart shows the last CHART_WINDOW_S seconds; on opening it asks the node for
+  // its samples of that span (RabbitMQ's msg_rates_age / msg_rates_incr), so it never starts empty.
+  const CHART_WINDOW_S = 300;
+  const CHART_INCR_S = 5;
 
   // ===== state =====
   let timer = null;
   let viewToken = 0; // bumped on each route change; stale renders are dropped
-  const rateHistory = []; // [{t, publish, deliver, ack, confirm}]
+  const rateHistory = []; // [{t, publish, deliver, ack, confirm}], oldest first
+  let historyLoaded = false; // the node's samples were read into rateHistory
 
   // ===== small DOM helpers =====
   function $(id) { return document.getElementById(id); }
@@ -46,10 +52,13 @@
   }
   // A colour sample. The colour goes through CSSOM, not a style attribute: the
   // Content-Security-Policy (default-src 'self') blocks inline style attributes.
-  function swatch(color) {
-    const node = el("span", { class: "swatch" });
-    node.style.background = color;
-    return node;
+  // A legend sample of a chart series: its colour, width and dash pattern.
+  function lineSwatch(s) {
+    const box = svg("svg", { width: 30, height: 10, class: "swatch-line", "aria-hidden": "true" });
+    const attrs = { x1: 1, x2: 29, y1: 5, y2: 5, stroke: s.color, "stroke-width": Math.min(s.width, 4) };
+    if (s.dash) attrs["stroke-dasharray"] = s.dash;
+    box.appendChild(svg("line", attrs));
+    return box;
   }
   function svg(tag, attrs) {
     const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
@@ -165,8 +174,10 @@
 
   async function login(ev) {
     ev.preventDefault();
-    const user = $("login-user").value;
-    const pass = $("login-pass").value;
+    await logInAs($("login-user").value, $("login-pass").value);
+  }
+
+  async function logInAs(user, pass) {
     // btoa needs Latin-1; encode UTF-8 first so any password works.
     const token = btoa(String.fromCharCode.apply(null, new TextEncoder().encode(user + ":" + pass)));
     sessionStorage.setItem(AUTH_KEY, token);
@@ -205,6 +216,17 @@
     users: viewUsers,
   };
 
+  // #/login/<user>/<password> (RabbitMQ's UI link): the credentials leave the address bar and
+  // the history before anything else happens, then the login runs as if typed.
+  function loginFromHash() {
+    const m = /^#\/login\/([^/]*)\/(.*)$/.exec(location.hash);
+    if (!m) return false;
+    const dec = (x) => { try { return decodeURIComponent(x); } catch (_) { return x; } };
+    history.replaceState(null, "", location.pathname + location.search + "#/overview");
+    logInAs(dec(m[1]), dec(m[2]));
+    return true;
+  }
+
   function parseHash() {
     const parts = location.hash.replace(/^#\/?/, "").split("/").map((p) => {
       try { return decodeURIComponent(p); } catch (_) { return p; }
@@ -216,6 +238,7 @@
   }
 
   function route() {
+    if (loginFromHash()) return;
     if (!sessionStorage.getItem(AUTH_KEY)) { showLogin(""); return; }
     stopTimer();
     $("login").hidden = true;
@@ -223,6 +246,8 @@
     $("session").hidden = false;
     $("whoami").textContent = "User: " + (sessionStorage.getItem(USER_KEY) || "");
     const r = parseHash();
+    // Away from the overview nothing is sampled: coming back, the chart reads the node's history again.
+    if (r.name !== "overview") historyLoaded = false;
     const navName = r.name === "queue" ? "queues" : r.name;
     document.querySelectorAll("#nav a").forEach((a) => a.classList.toggle("active", a.dataset.route === navName));
     const token = ++viewToken;
@@ -270,7 +295,12 @@
 
   // ===== overview =====
   async function viewOverview(token) {
-    const ov = await api("/overview");
+    const first = !historyLoaded;
+    const ov = await api(first ? `/overview?msg_rates_age=${CHART_WINDOW_S}&msg_rates_incr=${CHART_INCR_S}` : "/overview");
+    if (first && token === viewToken) {
+      historyLoaded = true;
+      seedHistory(ov.message_stats || {});
+    }
     if (ov.product_name || ov.rabbitmq_version) {
       $("product").textContent = (ov.product_name || "") + " " + (ov.product_version || ov.rabbitmq_version || "");
     }
@@ -284,7 +314,7 @@
     };
     if (token === viewToken) {
       rateHistory.push(sample);
-      while (rateHistory.length > CHART_POINTS) rateHistory.shift();
+      while (rateHistory.length && rateHistory[0].t < sample.t - CHART_WINDOW_S * 1000) rateHistory.shift();
     }
     const qt = ov.queue_totals || {};
     const ot = ov.object_totals || {};
@@ -309,12 +339,41 @@
       listenersTable(ov.listeners || []));
   }
 
+  // Colour and line style both differ, so that equal rates (publish = confirm, deliver = ack:
+  // the usual steady state) stay visible: the thick solid line under, the thin dashes on top.
   const SERIES = [
-    { key: "publish", label: "Publish", color: "#e8730c" },
-    { key: "deliver", label: "Deliver / get", color: "#2c7be5" },
-    { key: "ack", label: "Ack", color: "#2ca02c" },
-    { key: "confirm", label: "Confirm", color: "#9467bd" },
+    { key: "publish", label: "Publish", color: "#e8730c", width: 5, dash: "" },
+    { key: "confirm", label: "Confirm", color: "#9467bd", width: 2, dash: "9 5" },
+    { key: "deliver", label: "Deliver / get", color: "#2c7be5", width: 4, dash: "2 6" },
+    { key: "ack", label: "Ack", color: "#1a8a1a", width: 2, dash: "14 4 3 4" },
   ];
+  const SAMPLE_KEYS = { publish: "publish", confirm: "confirm", deliver: "deliver_get", ack: "ack" };
+
+  // Rates between consecutive samples of the node's history (newest first in the API), as
+  // chart points, oldest first.
+  function seedHistory(ms) {
+    const by = {};
+    for (const [k, key] of Object.entries(SAMPLE_KEYS)) {
+      const d = ms[key + "_details"];
+      if (d && Array.isArray(d.samples)) by[k] = d.samples.slice().sort((a, b) => a.timestamp - b.timestamp);
+    }
+    const ref = by.publish || Object.values(by)[0];
+    if (!ref) return;
+    // The node's clock may differ from the browser's: place the newest sample at "now".
+    const shift = ref.length ? Date.now() - ref[ref.length - 1].timestamp : 0;
+    const points = [];
+    for (let i = 1; i < ref.length; i++) {
+      const t0 = ref[i - 1].timestamp, t1 = ref[i].timestamp;
+      if (!(t1 > t0)) continue;
+      const p = { t: t1 + shift };
+      for (const k of Object.keys(SAMPLE_KEYS)) {
+        const s = by[k];
+        p[k] = s && s[i] && s[i - 1] ? Math.max(0, (s[i].sample - s[i - 1].sample) * 1000 / (t1 - t0)) : 0;
+      }
+      points.push(p);
+    }
+    rateHistory.splice(0, rateHistory.length, ...points);
+  }
 
   // The smallest of 1, 2, 5, 10, 20, 50, ... that is >= v (at least 5), for round axis labels.
   function niceCeil(v) {
@@ -339,19 +398,27 @@
       chart.appendChild(t);
     }
     const n = rateHistory.length;
+    const now = n ? rateHistory[n - 1].t : Date.now();
     for (const s of SERIES) {
-      // Newest sample at the right edge; older ones scroll left.
-      const pts = rateHistory.map((p, i) => {
-        const px = W - 4 - (W - 4 - PAD) * (n - 1 - i) / (CHART_POINTS - 1);
+      // Time runs left to right over the last CHART_WINDOW_S seconds; now at the right edge.
+      const pts = rateHistory.map((p) => {
+        const px = W - 4 - (W - 4 - PAD) * Math.min(1, (now - p.t) / (CHART_WINDOW_S * 1000));
         const py = PAD / 2 + (H - PAD) * (1 - p[s.key] / max);
         return px.toFixed(1) + "," + py.toFixed(1);
       });
-      if (pts.length) chart.appendChild(svg("polyline", { points: pts.join(" "), stroke: s.color, class: "series" }));
+      const attrs = { points: pts.join(" "), stroke: s.color, "stroke-width": s.width, class: "series", "data-series": s.key };
+      if (s.dash) attrs["stroke-dasharray"] = s.dash;
+      if (pts.length) chart.appendChild(svg("polyline", attrs));
+    }
+    for (const [i, label] of [[0, `-${CHART_WINDOW_S / 60} min`], [1, "now"]]) {
+      const t = svg("text", { x: i ? W - 4 : PAD, y: H - 2, class: "axis", "text-anchor": i ? "end" : "start" });
+      t.textContent = label;
+      chart.appendChild(t);
     }
     const last = rateHistory[n - 1] || {};
     const legend = el("ul", { class: "legend", id: "rates" }, SERIES.map((s) =>
       el("li", { dataset: { series: s.key } },
-        swatch(s.color), s.label + " ",
+        lineSwatch(s), s.label + " ",
         el("b", null, fmtRate(last[s.key] || 0)))));
     return el("div", { class: "chartbox" }, chart, legend);
   }

@@ -3,7 +3,8 @@
 //!
 //! The shell here accepts connections, reads requests, authenticates them (HTTP basic against
 //! the broker's users) and turns [`ApiError`]s into RabbitMQ's error bodies. The endpoints
-//! live in [`api`], the metrics text in [`prometheus`], JSON conversions in [`json`].
+//! live in [`api`], the metrics text in [`prometheus`], JSON conversions in [`json`], the UI's files
+//! and the overview's sample history (`?msg_rates_age=`) in [`ui`].
 //!
 //! Limits on hostile or broken clients, all from the config:
 //! - connections: at most `mgmt-max-connections` per listener at once (beyond it the listener
@@ -27,6 +28,7 @@
 mod api;
 pub mod json;
 mod prometheus;
+mod ui;
 
 use crate::BrokerShared;
 use bytes::{Bytes, BytesMut};
@@ -390,10 +392,6 @@ impl Req {
     }
 }
 
-static INDEX_HTML: &[u8] = include_bytes!("../../ui/index.html");
-static APP_JS: &[u8] = include_bytes!("../../ui/app.js");
-static STYLE_CSS: &[u8] = include_bytes!("../../ui/style.css");
-
 /// HTTP basic credentials from the Authorization header.
 fn basic_credentials(headers: &hyper::HeaderMap) -> Option<(String, String)> {
     let h = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
@@ -446,17 +444,8 @@ fn authenticate(
 async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    match (method.clone(), path.as_str()) {
-        (Method::GET, "/" | "/index.html") => {
-            return full(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
-        }
-        (Method::GET, "/app.js") => {
-            return full(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS)
-        }
-        (Method::GET, "/style.css") => {
-            return full(StatusCode::OK, "text/css; charset=utf-8", STYLE_CSS)
-        }
-        _ => {}
+    if let Some(resp) = ui::asset(&method, &path) {
+        return resp;
     }
     let Some(rest) = path.strip_prefix("/api") else {
         return ApiError::NotFound.into_response();
@@ -489,7 +478,7 @@ async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incom
         headers,
     };
     match api::route(shared, &r).await {
-        Ok(resp) => resp,
+        Ok(resp) => ui::with_samples(shared, &r, resp).await,
         Err(e) => e.into_response(),
     }
 }
