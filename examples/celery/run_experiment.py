@@ -22,8 +22,11 @@ connections every --reset-every. Per run it reports:
               did not arrive, although the broker may have it: at-least-once)
   failed      send_task raised (retries exhausted): the application knows
 
-Progress is printed once a second; the summary is a table, plus a self-contained HTML chart
-(publishes, confirms, executions and resets over time) and, with --report, JSON.
+Progress is printed once a second; the summary is a table, plus a self-contained HTML chart (per
+run, on one shared scale: publishes, executions, resets as ticks, and the lost tasks as a cumulative
+series marked at the reset that lost them) and, with --report, JSON.
+
+examples/celery/experiment runs this in a virtualenv of its own, after building the binaries.
 
   python examples/celery/run_experiment.py                       # warren-broker behind warren-lb
   python examples/celery/run_experiment.py --n 2000 --report r.json --chart r.html
