@@ -62,6 +62,7 @@ pub mod shutdown;
 pub mod stats;
 pub mod store;
 pub mod tls;
+pub mod topology;
 pub mod vhost;
 
 use crate::auth::AuthDb;

@@ -40,6 +40,23 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Both ends of a binding exist (404 otherwise).
+    fn check_binding(
+        &self,
+        source: &str,
+        destination: &Destination,
+        vhost: &str,
+    ) -> Result<(), ChannelError> {
+        match destination {
+            Destination::Queue(q) if !self.queues.contains_key(q) => Err(no_queue(q, vhost)),
+            Destination::Exchange(e) if !self.exchanges.contains_key(e) => {
+                Err(no_exchange(e, vhost))
+            }
+            _ if !self.exchanges.contains_key(source) => Err(no_exchange(source, vhost)),
+            _ => Ok(()),
+        }
+    }
+
     /// For bind and unbind: both ends must exist (404 otherwise); returns a copy of the source
     /// exchange to change and put back (the topology is copy-on-write).
     fn binding_source(
@@ -98,6 +115,8 @@ pub struct Vhost {
     me: Weak<Vhost>,
     /// Called after a change that may touch durable definitions (persists them).
     durable_hook: OnceLock<DurableHook>,
+    /// Called when a queue leaves the vhost (clustered: the cluster is told).
+    queue_hook: OnceLock<QueueHook>,
     /// Cancelled when the vhost is deleted: its connections close.
     deleted: CancellationToken,
     /// The node's policies (none in a vhost made without a broker, as in unit tests).
@@ -106,6 +125,15 @@ pub struct Vhost {
 
 /// See [`Vhost::set_durable_hook`].
 pub struct DurableHook(Box<dyn Fn() + Send + Sync>);
+
+/// See [`Vhost::set_queue_hook`].
+pub struct QueueHook(Box<dyn Fn(&QueueHandle) + Send + Sync>);
+
+impl std::fmt::Debug for QueueHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueHook")
+    }
+}
 
 impl std::fmt::Debug for DurableHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,6 +191,7 @@ impl Vhost {
             node,
             me: me.clone(),
             durable_hook: OnceLock::new(),
+            queue_hook: OnceLock::new(),
             deleted: CancellationToken::new(),
             policies: OnceLock::new(),
         })
@@ -177,6 +206,11 @@ impl Vhost {
     /// (the definitions layer persists them). Set once, when the vhost is created.
     pub fn set_durable_hook(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.durable_hook.set(DurableHook(f));
+    }
+
+    /// Set once: called with each queue that leaves the vhost (deleted, auto-deleted, expired).
+    pub fn set_queue_hook(&self, f: Box<dyn Fn(&QueueHandle) + Send + Sync>) {
+        let _ = self.queue_hook.set(QueueHook(f));
     }
 
     fn durable_changed(&self) {
@@ -342,6 +376,16 @@ impl Vhost {
     }
 
     // === bindings ===
+
+    /// Whether a binding of `source` to `destination` could be made (both exist; 404 if not).
+    pub fn check_binding(
+        &self,
+        source: &str,
+        destination: &Destination,
+    ) -> Result<(), ChannelError> {
+        self.snapshot()
+            .check_binding(source, destination, &self.name)
+    }
 
     /// queue.bind / exchange.bind.
     pub fn bind(
@@ -537,9 +581,49 @@ impl Vhost {
             }
             Ok(same)
         });
-        if removed.unwrap_or(false) && handle.durable {
-            self.durable_changed();
+        if removed.unwrap_or(false) {
+            if let Some(h) = self.queue_hook.get() {
+                (h.0)(handle);
+            }
+            if handle.durable {
+                self.durable_changed();
+            }
         }
+    }
+
+    /// Puts a queue in the topology whose commands `run` serves instead of a local queue
+    /// actor (a queue whose master is another node). An existing queue of that name is kept
+    /// and returned.
+    pub(crate) fn install_queue(
+        &self,
+        spec: QueueSpec,
+        run: impl FnOnce(QueueHandle, tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>),
+    ) -> Result<QueueHandle, ChannelError> {
+        let vname = self.name.clone();
+        let mut spawn = None;
+        let r = self.update(|t| {
+            if let Some(q) = t.queues.get(spec.name.as_str()) {
+                return Ok(q.clone());
+            }
+            let name: Arc<str> = spec.name.as_str().into();
+            let (handle, rx) = QueueInfo::new(
+                name.clone(),
+                vname.clone(),
+                spec.durable,
+                spec.auto_delete,
+                spec.exclusive_owner,
+                spec.args.clone(),
+                spec.arguments.clone(),
+                self.applied(&spec.name, true),
+            );
+            t.queues.insert(name, handle.clone());
+            spawn = Some((handle.clone(), rx));
+            Ok(handle)
+        });
+        if let Some((handle, rx)) = spawn {
+            run(handle, rx);
+        }
+        r
     }
 
     /// Asks a queue to delete itself (exclusive owner gone, queue.delete).

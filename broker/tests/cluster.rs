@@ -581,3 +581,201 @@ async fn two_nodes_and_a_witness_keep_a_majority_when_either_node_dies() {
     b.proc.kill9().await;
     a.put("/api/vhosts/after-b", json!({})).await;
 }
+
+async fn channel_on(n: &Node) -> (lapin::Connection, lapin::Channel) {
+    n.proc.connect().await
+}
+
+async fn ready_on(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_its_master() {
+    use futures_lite::StreamExt;
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-q");
+    let a = start("a@q1", &root.path().join("a"), &secret, None).await;
+    let b = start("b@q1", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    let c = start("c@q1", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+    let (_ca, cha) = channel_on(&a).await;
+    let (_cb, chb) = channel_on(&b).await;
+    let (_cc, chc) = channel_on(&c).await;
+
+    // Declared on a (its master); an exchange declared on b, bound on c.
+    support::declare(&cha, "tasks", Default::default()).await;
+    chb.exchange_declare(
+        "jobs".into(),
+        lapin::ExchangeKind::Direct,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("exchange on b");
+    chc.queue_bind(
+        "tasks".into(),
+        "jobs".into(),
+        "run".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind on c");
+    // Every node sees the queue, and the management API says where it lives.
+    for n in [&a, &b, &c] {
+        eventually(&format!("tasks listed on {}", n.name), || async {
+            http(
+                n.mgmt(),
+                "GET",
+                "/api/queues/%2F/tasks",
+                Some(("guest", "guest")),
+                None,
+            )
+            .await
+            .status
+                == 200
+        })
+        .await;
+    }
+
+    // Published with confirms on b (through the exchange) and on c (default exchange).
+    chb.confirm_select(Default::default())
+        .await
+        .expect("confirms b");
+    chc.confirm_select(Default::default())
+        .await
+        .expect("confirms c");
+    for i in 0..50 {
+        let (ch, ex, rk) = if i % 2 == 0 {
+            (&chb, "jobs", "run")
+        } else {
+            (&chc, "", "tasks")
+        };
+        let confirm = ch
+            .basic_publish(
+                ex.into(),
+                rk.into(),
+                Default::default(),
+                format!("job-{i}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "job-{i} confirmed");
+    }
+    assert_eq!(
+        ready_on(&cha, "tasks").await,
+        50,
+        "every job is on the master"
+    );
+    // b's copy follows the master's counts.
+    eventually("b shows the master's count", || async {
+        ready_on(&chb, "tasks").await == 50
+    })
+    .await;
+
+    // A basic.get on b, acked; then consumed on c with acks, in order.
+    let got = chb
+        .basic_get("tasks".into(), Default::default())
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(got.delivery.data, b"job-0");
+    got.delivery.ack(Default::default()).await.expect("ack get");
+    let mut consumer = support::consume(&chc, "tasks", false).await;
+    for i in 1..50 {
+        let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("delivery")
+            .expect("ok");
+        assert_eq!(d.data, format!("job-{i}").as_bytes());
+        d.ack(Default::default()).await.expect("ack");
+    }
+    eventually("every ack reached the master", || async {
+        ready_on(&cha, "tasks").await == 0
+            && a.get("/api/queues/%2F/tasks").await["messages_unacknowledged"] == 0
+    })
+    .await;
+
+    // c's consumer goes (cancelled through c's proxy) ...
+    chc.basic_cancel(consumer.tag().as_str().into(), Default::default())
+        .await
+        .expect("cancel on c");
+    eventually("no consumer left on the master", || async {
+        a.get("/api/queues/%2F/tasks").await["consumers"] == 0
+    })
+    .await;
+    // ... and unacked deliveries of a consumer whose node dies go back to the queue,
+    // redelivered.
+    let (_cb2, chb2) = channel_on(&b).await;
+    chb2.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for i in 0..3 {
+        chb2.basic_publish(
+            "".into(),
+            "tasks".into(),
+            Default::default(),
+            format!("late-{i}").as_bytes(),
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let mut held = support::consume(&chb2, "tasks", false).await;
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(5), held.next())
+            .await
+            .expect("delivery in time")
+            .expect("delivery")
+            .expect("ok");
+    }
+    b.proc.kill9().await;
+    eventually("b's unacked messages back on the master", || async {
+        ready_on(&cha, "tasks").await == 3
+    })
+    .await;
+    let got = cha
+        .basic_get("tasks".into(), Default::default())
+        .await
+        .expect("get")
+        .expect("a message");
+    assert!(
+        got.delivery.redelivered,
+        "requeued after b died: redelivered"
+    );
+
+    // Deleted on c: gone everywhere.
+    chc.queue_delete("tasks".into(), Default::default())
+        .await
+        .expect("delete on c");
+    eventually("tasks gone from a", || async {
+        http(
+            a.mgmt(),
+            "GET",
+            "/api/queues/%2F/tasks",
+            Some(("guest", "guest")),
+            None,
+        )
+        .await
+        .status
+            == 404
+    })
+    .await;
+}

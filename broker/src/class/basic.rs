@@ -224,6 +224,9 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
         return Ok(());
     }
     let name = resolve_name(s, ch, c.queue.as_str())?;
+    if vhost.queue(&name).is_none() {
+        crate::topology::catch_up(&s.shared).await;
+    }
     let q = vhost.queue(&name).ok_or_else(|| {
         ChannelError::not_found(format!("no queue '{name}' in vhost '{}'", vhost.name))
     })?;
@@ -276,6 +279,9 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
 async fn get(s: &mut Session, ch: u16, g: basic::Get) -> Result<(), AmqpError> {
     let vhost = s.vhost()?;
     let name = resolve_name(s, ch, g.queue.as_str())?;
+    if vhost.queue(&name).is_none() {
+        crate::topology::catch_up(&s.shared).await;
+    }
     let q = vhost.queue(&name).ok_or_else(|| {
         ChannelError::not_found(format!("no queue '{name}' in vhost '{}'", vhost.name))
     })?;
@@ -437,6 +443,9 @@ pub async fn route_and_enqueue(
         }
     }
     let mut targets: Vec<QueueHandle> = Vec::new();
+    if s.shared.cluster().is_some() && !exchange.is_empty() && vhost.exchange(exchange).is_none() {
+        crate::topology::catch_up(&s.shared).await;
+    }
     {
         let topo = vhost.snapshot();
         if !exchange.is_empty() {

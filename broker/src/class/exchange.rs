@@ -31,6 +31,9 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
             }
             if d.passive {
                 if vhost.exchange(name).is_none() {
+                    crate::topology::catch_up(&s.shared).await;
+                }
+                if vhost.exchange(name).is_none() {
                     return Err(ChannelError::not_found(format!(
                         "no exchange '{name}' in vhost '{}'",
                         vhost.name
@@ -48,14 +51,17 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
                     ))
                     .into());
                 }
-                vhost.declare_exchange(
+                crate::topology::declare_exchange(
+                    &s.shared,
+                    &vhost,
                     name,
                     kind,
                     d.durable,
                     d.auto_delete,
                     d.internal,
                     d.arguments,
-                )?;
+                )
+                .await?;
             }
             if !d.nowait {
                 enc(s.method(
@@ -78,7 +84,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
                 .into());
             }
             s.check_perm(PermKind::Configure, "exchange", name)?;
-            vhost.delete_exchange(name, d.if_unused)?;
+            crate::topology::delete_exchange(&s.shared, &vhost, name, d.if_unused).await?;
             if !d.nowait {
                 enc(s.method(
                     ch,
@@ -89,12 +95,15 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
         }
         exchange::AMQPMethod::Bind(b) => {
             check_e2e(s, b.source.as_str(), b.destination.as_str())?;
-            vhost.bind(
+            crate::topology::bind(
+                &s.shared,
+                &vhost,
                 b.source.as_str(),
                 Destination::Exchange(b.destination.as_str().into()),
                 b.routing_key.as_str(),
                 b.arguments,
-            )?;
+            )
+            .await?;
             if !b.nowait {
                 enc(s.method(
                     ch,
@@ -105,12 +114,15 @@ pub async fn handle(s: &mut Session, ch: u16, m: exchange::AMQPMethod) -> Result
         }
         exchange::AMQPMethod::Unbind(b) => {
             check_e2e(s, b.source.as_str(), b.destination.as_str())?;
-            vhost.unbind(
+            crate::topology::unbind(
+                &s.shared,
+                &vhost,
                 b.source.as_str(),
                 Destination::Exchange(b.destination.as_str().into()),
                 b.routing_key.as_str(),
                 b.arguments,
-            )?;
+            )
+            .await?;
             if !b.nowait {
                 enc(s.method(
                     ch,

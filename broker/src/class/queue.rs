@@ -99,6 +99,9 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                 d.queue.to_string()
             };
             let handle = if d.passive {
+                if vhost.queue(&name).is_none() {
+                    crate::topology::catch_up(&s.shared).await;
+                }
                 let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
                 s.check_exclusive(&q)?;
                 q.touch();
@@ -121,7 +124,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                     arguments: d.arguments,
                     args,
                 };
-                let (q, created) = vhost.declare_queue(spec)?;
+                let (q, created) = crate::topology::declare_queue(&s.shared, &vhost, spec).await?;
                 if created && d.exclusive {
                     s.exclusive_queues.push(q.clone());
                 }
@@ -143,13 +146,21 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
             Ok(())
         }
         queue::AMQPMethod::Bind(b) => {
+            if vhost.queue(b.queue.as_str()).is_none()
+                || vhost.exchange(b.exchange.as_str()).is_none()
+            {
+                crate::topology::catch_up(&s.shared).await;
+            }
             let name = binding_queue(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
-            vhost.bind(
+            crate::topology::bind(
+                &s.shared,
+                &vhost,
                 b.exchange.as_str(),
                 Destination::Queue(name.as_str().into()),
                 b.routing_key.as_str(),
                 b.arguments,
-            )?;
+            )
+            .await?;
             if !b.nowait {
                 enc(s.method(
                     ch,
@@ -161,12 +172,15 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
         queue::AMQPMethod::Unbind(b) => {
             // A queue that is gone has no bindings left: unbind-ok, as RabbitMQ.
             let name = binding_checks(s, ch, &vhost, b.queue.as_str(), b.exchange.as_str())?;
-            vhost.unbind(
+            crate::topology::unbind(
+                &s.shared,
+                &vhost,
                 b.exchange.as_str(),
                 Destination::Queue(name.as_str().into()),
                 b.routing_key.as_str(),
                 b.arguments,
-            )?;
+            )
+            .await?;
             enc(s.method(
                 ch,
                 AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
@@ -174,6 +188,9 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
         }
         queue::AMQPMethod::Purge(p) => {
             let name = resolve_name(s, ch, p.queue.as_str())?;
+            if vhost.queue(&name).is_none() {
+                crate::topology::catch_up(&s.shared).await;
+            }
             let q = vhost.queue(&name).ok_or_else(|| no_queue(&name))?;
             s.check_exclusive(&q)?;
             s.check_perm(PermKind::Read, "queue", &name)?;
@@ -195,7 +212,14 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                 Some(q) => {
                     s.check_exclusive(&q)?;
                     s.check_perm(PermKind::Configure, "queue", &name)?;
-                    let n = vhost.delete_queue(&q, d.if_unused, d.if_empty).await?;
+                    let n = crate::topology::delete_queue(
+                        &s.shared,
+                        &vhost,
+                        &q,
+                        d.if_unused,
+                        d.if_empty,
+                    )
+                    .await?;
                     s.exclusive_queues
                         .retain(|x| !std::sync::Arc::ptr_eq(x, &q));
                     n

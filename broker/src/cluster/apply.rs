@@ -1,41 +1,64 @@
-//! The replicated definitions (vhosts, users, permissions, policies, operator policies)
-//! applied to this node.
+//! The replicated definitions applied to this node: vhosts, users, permissions, policies,
+//! operator policies, exchanges, bindings and queues.
 //!
 //! [`Applier::reconcile`] brings the node's in-memory definitions to a state of the cluster:
 //! every key whose version differs from what it last applied is created or replaced, every key
 //! that disappeared is removed. It is called with the state after each commit (the state watch
 //! coalesces, so a burst of commits costs one pass) and once at start, so a node that was away
 //! catches up the same way as one that saw every change. Creations go parents first (vhosts,
-//! users, then permissions and policies), removals children first.
+//! users, permissions and policies, exchanges, queues, bindings), removals children first.
+//!
+//! A queue runs where its placement's master is: there as a queue actor, on every other node as
+//! a proxy to it ([`super::remote`]).
 
-use super::keys::{self, Key};
+use super::keys::{self, Key, QueueValue};
+use super::link::ClusterLink;
 use crate::auth::{PermissionSpec, User, VhostMeta};
-use crate::definitions::json::{PermissionDef, PolicyDef, UserDef, VhostDef};
+use crate::definitions::json::{
+    json_to_table, BindingDef, ExchangeDef, PermissionDef, PolicyDef, UserDef, VhostDef,
+};
+use crate::exchange::Destination;
+use crate::queue::QueueArgs;
+use crate::vhost::QueueSpec;
 use crate::BrokerShared;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use tracing::warn;
 use warren_cluster::ClusterState;
 
-/// Key prefixes of the definitions this module applies.
-const PREFIXES: [&str; 5] = ["vhost/", "user/", "perm/", "policy/", "opolicy/"];
+/// Key prefixes this module applies.
+const PREFIXES: [&str; 8] = [
+    "vhost/",
+    "user/",
+    "perm/",
+    "policy/",
+    "opolicy/",
+    "exchange/",
+    "queue/",
+    "binding/",
+];
 
-/// What was applied: each key's version.
+/// What was applied: each key's version and value.
 #[derive(Debug, Default)]
 pub struct Applier {
-    seen: BTreeMap<String, u64>,
+    seen: BTreeMap<String, (u64, Arc<Value>)>,
 }
 
 /// One change, in the order it must be applied.
-enum Change<'a> {
-    Put(Key, &'a serde_json::Value),
-    Remove(Key),
+enum Change {
+    Put(Key, Arc<Value>),
+    Remove(Key, Arc<Value>),
 }
 
 fn rank(k: &Key, put: bool) -> u8 {
     let parent = match k {
         Key::Vhost(_) => 0,
         Key::User(_) => 1,
-        _ => 2,
+        Key::Perm { .. } | Key::Policy { .. } => 2,
+        Key::Exchange { .. } => 3,
+        Key::Queue { .. } => 4,
+        Key::Binding { .. } => 5,
     };
     if put {
         parent
@@ -51,10 +74,12 @@ impl Applier {
     /// node that joins).
     pub fn from_local(shared: &BrokerShared) -> Applier {
         let d = shared.export_definitions(crate::definitions::ExportScope::Durable);
-        let seen = super::link::definition_ops(&d)
+        let mut ops = super::link::definition_ops(&d);
+        ops.extend(super::link::topology_ops(&d, &shared.config.node_name));
+        let seen = ops
             .into_iter()
             .filter_map(|op| match op {
-                warren_cluster::Op::Put { key, .. } => Some((key, u64::MAX)),
+                warren_cluster::Op::Put { key, value } => Some((key, (u64::MAX, Arc::new(value)))),
                 _ => None,
             })
             .collect();
@@ -62,25 +87,30 @@ impl Applier {
     }
 
     /// Apply every definition change between what this node applied and `st`.
-    pub async fn reconcile(&mut self, shared: &BrokerShared, st: &ClusterState) {
-        let mut current: BTreeMap<&str, (u64, &serde_json::Value)> = BTreeMap::new();
+    pub async fn reconcile(
+        &mut self,
+        shared: &BrokerShared,
+        link: &ClusterLink,
+        st: &ClusterState,
+    ) {
+        let mut current: BTreeMap<&str, (u64, &Arc<Value>)> = BTreeMap::new();
         for p in PREFIXES {
             for (k, v) in st.prefix(p) {
-                current.insert(k.as_str(), (v.version, &*v.value));
+                current.insert(k.as_str(), (v.version, &v.value));
             }
         }
         let mut changes: Vec<(u8, Change)> = Vec::new();
         for (k, (version, value)) in &current {
-            if self.seen.get(*k) != Some(version) {
+            if self.seen.get(*k).map(|(v, _)| v) != Some(version) {
                 if let Some(key) = keys::parse(k) {
-                    changes.push((rank(&key, true), Change::Put(key, value)));
+                    changes.push((rank(&key, true), Change::Put(key, (*value).clone())));
                 }
             }
         }
-        for k in self.seen.keys() {
+        for (k, (_, old)) in &self.seen {
             if !current.contains_key(k.as_str()) {
                 if let Some(key) = keys::parse(k) {
-                    changes.push((rank(&key, false), Change::Remove(key)));
+                    changes.push((rank(&key, false), Change::Remove(key, old.clone())));
                 }
             }
         }
@@ -89,8 +119,10 @@ impl Applier {
         let mut policy_vhosts = BTreeSet::new();
         for (_, c) in changes {
             match c {
-                Change::Put(key, value) => put(shared, key, value, &mut policy_vhosts),
-                Change::Remove(key) => remove(shared, key, &mut policy_vhosts).await,
+                Change::Put(key, value) => put(shared, link, key, &value, &mut policy_vhosts).await,
+                Change::Remove(key, old) => {
+                    remove(shared, link, key, &old, &mut policy_vhosts).await
+                }
             }
         }
         for v in policy_vhosts {
@@ -98,9 +130,9 @@ impl Applier {
         }
         self.seen = current
             .into_iter()
-            .map(|(k, (v, _))| (k.to_owned(), v))
+            .map(|(k, (v, value))| (k.to_owned(), (v, value.clone())))
             .collect();
-        // definitions.json keeps following (it still holds this node's queues and exchanges).
+        // definitions.json keeps following (a restarted node loads it before it catches up).
         if changed {
             if let Err(e) = shared.persist_definitions() {
                 warn!(error = %e, "cannot write the definitions applied from the cluster");
@@ -116,10 +148,19 @@ fn bad(key: &Key, what: &str) {
     );
 }
 
-fn put(
+fn destination(b: &BindingDef) -> Destination {
+    if b.destination_type == "queue" {
+        Destination::Queue(b.destination.as_str().into())
+    } else {
+        Destination::Exchange(b.destination.as_str().into())
+    }
+}
+
+async fn put(
     shared: &BrokerShared,
+    link: &ClusterLink,
     key: Key,
-    value: &serde_json::Value,
+    value: &Value,
     policy_vhosts: &mut BTreeSet<String>,
 ) {
     match &key {
@@ -167,12 +208,95 @@ fn put(
                 Err(e) => warn!(?key, error = %e, "replicated policy refused on this node"),
             }
         }
-        // Exchanges, bindings and queues are not replicated by this module.
-        Key::Exchange { .. } | Key::Binding { .. } | Key::Queue { .. } => {}
+        Key::Exchange { vhost, name } => {
+            let (Some(d), Some(vh)) = (keys::from_value::<ExchangeDef>(value), shared.vhost(vhost))
+            else {
+                return bad(&key, "exchange");
+            };
+            let r = d
+                .exchange_kind()
+                .map_err(crate::error::ChannelError::precondition_failed)
+                .and_then(|kind| {
+                    vh.declare_exchange(
+                        name,
+                        kind,
+                        d.durable,
+                        d.auto_delete,
+                        d.internal,
+                        json_to_table(&d.arguments),
+                    )
+                });
+            if let Err(e) = r {
+                warn!(?key, error = %e, "replicated exchange not applied on this node");
+            }
+        }
+        Key::Binding { vhost } => {
+            let (Some(b), Some(vh)) = (keys::from_value::<BindingDef>(value), shared.vhost(vhost))
+            else {
+                return bad(&key, "binding");
+            };
+            if let Err(e) = vh.bind(
+                &b.source,
+                destination(&b),
+                &b.routing_key,
+                json_to_table(&b.arguments),
+            ) {
+                warn!(?key, error = %e, "replicated binding not applied on this node");
+            }
+        }
+        Key::Queue { vhost, name } => {
+            let (Some(q), Some(vh)) = (keys::from_value::<QueueValue>(value), shared.vhost(vhost))
+            else {
+                return bad(&key, "queue");
+            };
+            let arguments = json_to_table(&q.def.arguments);
+            let args = match QueueArgs::parse(&arguments, name, vhost) {
+                Ok(a) => a,
+                Err(e) => {
+                    return warn!(?key, error = %e, "replicated queue not applied on this node")
+                }
+            };
+            let spec = QueueSpec {
+                name: name.clone(),
+                durable: q.def.durable,
+                exclusive_owner: None,
+                auto_delete: q.def.auto_delete,
+                arguments,
+                args,
+            };
+            let here = q.placement.master == shared.config.node_name;
+            if let Some(cur) = vh.queue(name) {
+                if link.is_proxy(&cur) != here {
+                    return; // already what it should be
+                }
+                // The master moved: the old form of the queue leaves this node.
+                if link.is_proxy(&cur) {
+                    vh.remove_queue(&cur);
+                } else {
+                    let _ = vh.delete_queue(&cur, false, false).await;
+                }
+            }
+            let r = if here {
+                vh.declare_queue(spec).map(|_| ())
+            } else {
+                let master = warren_cluster::node_id_of(&q.placement.master);
+                vh.install_queue(spec, |h, rx| link.run_proxy(h, rx, master))
+                    .map(|_| ())
+            };
+            if let Err(e) = r {
+                warn!(?key, error = %e, "replicated queue not applied on this node");
+            }
+        }
     }
 }
 
-async fn remove(shared: &BrokerShared, key: Key, policy_vhosts: &mut BTreeSet<String>) {
+async fn remove(
+    shared: &BrokerShared,
+    link: &ClusterLink,
+    key: Key,
+    old: &Value,
+    policy_vhosts: &mut BTreeSet<String>,
+) {
     match key {
         Key::Vhost(name) => shared.remove_vhost_locally(&name).await,
         Key::User(name) => {
@@ -185,6 +309,35 @@ async fn remove(shared: &BrokerShared, key: Key, policy_vhosts: &mut BTreeSet<St
             shared.policies.remove_kind(kind, &vhost, &name);
             policy_vhosts.insert(vhost);
         }
-        Key::Exchange { .. } | Key::Binding { .. } | Key::Queue { .. } => {}
+        Key::Exchange { vhost, name } => {
+            if let Some(vh) = shared.vhost(&vhost) {
+                let _ = vh.delete_exchange(&name, false);
+            }
+        }
+        Key::Binding { vhost } => {
+            if let (Some(b), Some(vh)) = (keys::from_value::<BindingDef>(old), shared.vhost(&vhost))
+            {
+                let _ = vh.unbind(
+                    &b.source,
+                    destination(&b),
+                    &b.routing_key,
+                    json_to_table(&b.arguments),
+                );
+            }
+        }
+        Key::Queue { vhost, name } => {
+            let Some(vh) = shared.vhost(&vhost) else {
+                return;
+            };
+            let Some(q) = vh.queue(&name) else { return };
+            if q.exclusive_owner.is_some() {
+                return;
+            }
+            if link.is_proxy(&q) {
+                vh.remove_queue(&q);
+            } else {
+                let _ = vh.delete_queue(&q, false, false).await;
+            }
+        }
     }
 }

@@ -32,6 +32,12 @@ pub struct ClusterLink {
     /// Log index up to which the broker has applied the replicated state.
     applied: watch::Sender<u64>,
     stop: CancellationToken,
+    /// This node's side of the queues mastered elsewhere.
+    remote: Arc<super::remote::Remote>,
+    /// This node's side of the queues it masters, for the others.
+    _serve: Arc<super::serve::Serve>,
+    /// The queue handles of this node that are proxies (by address).
+    proxies: parking_lot::Mutex<std::collections::HashSet<usize>>,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -64,17 +70,22 @@ impl ClusterLink {
         for a in cluster.listen_addrs() {
             info!(proto = %"cluster", addr = %a, "listening");
         }
+        let remote = super::remote::Remote::start(cluster.clone(), shared.node.memory);
+        let serve = super::serve::Serve::start(shared, cluster.clone());
         let link = Arc::new(ClusterLink {
             cluster,
             applied: watch::channel(0).0,
             stop: CancellationToken::new(),
+            remote,
+            _serve: serve,
+            proxies: parking_lot::Mutex::default(),
         });
         link.catch_up().await;
         link.seed(shared).await?;
         let mut applier = Applier::from_local(shared);
         let mut state = link.cluster.state();
         let st = state.borrow_and_update().clone();
-        applier.reconcile(shared, &st).await;
+        applier.reconcile(shared, &link, &st).await;
         link.applied.send_replace(st.last_applied);
         link.apply_config(shared).await;
         if shared.config.cluster_partition_handling == settings::PartitionHandling::PauseMinority {
@@ -90,7 +101,7 @@ impl ClusterLink {
                 }
                 let st = state.borrow_and_update().clone();
                 let Some(shared) = weak.upgrade() else { return };
-                applier.reconcile(&shared, &st).await;
+                applier.reconcile(&shared, &me, &st).await;
                 me.applied.send_replace(st.last_applied);
             }
         });
@@ -150,17 +161,62 @@ impl ClusterLink {
             ));
         }
         let idx = self.cluster.propose(ops).await?;
+        self.wait_applied(idx).await?;
+        Ok(idx)
+    }
+
+    /// Wait until this node's broker has applied the log up to `idx`.
+    pub async fn wait_applied(&self, idx: u64) -> Result<(), ClusterError> {
         let mut rx = self.applied.subscribe();
         let applied = tokio::time::timeout(APPLY_WAIT, async {
             rx.wait_for(|a| *a >= idx).await.is_ok()
         })
         .await;
         match applied {
-            Ok(true) => Ok(idx),
+            Ok(true) => Ok(()),
             _ => Err(ClusterError::Timeout(format!(
                 "committed at index {idx} but not applied here in time"
             ))),
         }
+    }
+
+    /// Serve `handle` as a proxy of the queue mastered on `master`.
+    pub(crate) fn run_proxy(
+        &self,
+        handle: crate::queue::QueueHandle,
+        rx: tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>,
+        master: warren_cluster::NodeId,
+    ) {
+        self.proxies.lock().insert(Arc::as_ptr(&handle) as usize);
+        self.remote.run_proxy(handle, rx, master);
+    }
+
+    /// Whether `q` is a proxy of a queue mastered on another node.
+    pub fn is_proxy(&self, q: &crate::queue::QueueHandle) -> bool {
+        self.proxies.lock().contains(&(Arc::as_ptr(q) as usize))
+    }
+
+    /// A queue left this node's vhost `vhost` (deleted, auto-deleted, expired): if it was
+    /// mastered here, the cluster is told (the other nodes drop their proxies).
+    pub fn queue_removed(self: &Arc<Self>, q: &crate::queue::QueueHandle) {
+        if self.proxies.lock().remove(&(Arc::as_ptr(q) as usize)) || q.exclusive_owner.is_some() {
+            return;
+        }
+        let key = keys::queue(&q.vhost, &q.name);
+        let st = self.state();
+        let mine = st
+            .get(&key)
+            .is_some_and(|v| v.value["placement"]["master"] == self.node_name());
+        if !mine {
+            return;
+        }
+        let ops = crate::topology::queue_delete_ops(self, &q.vhost, &q.name);
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.propose(ops).await {
+                warn!(error = %e, "cannot tell the cluster a queue is gone; it stays listed until retried");
+            }
+        });
     }
 
     /// The replicated state as applied by the cluster layer (may be ahead of the broker).
@@ -224,6 +280,7 @@ impl ClusterLink {
                 },
             ];
             ops.extend(definition_ops(&d));
+            ops.extend(topology_ops(&d, self.node_name()));
             match self.cluster.propose(ops).await {
                 Ok(_) => {
                     info!(
@@ -351,6 +408,36 @@ pub fn definition_ops(d: &Definitions) -> Vec<Op> {
             keys::policy(PolicyKind::Operator, &p.vhost, &p.name),
             p,
         ));
+    }
+    ops
+}
+
+/// The `Put`s that store a document's exchanges (not the predeclared ones), queues (mastered
+/// by `master`) and bindings.
+pub fn topology_ops(d: &Definitions, master: &str) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for x in &d.exchanges {
+        if x.name.is_empty() || x.name.starts_with("amq.") {
+            continue;
+        }
+        ops.push(put(keys::exchange(&x.vhost, &x.name), x));
+    }
+    for q in &d.queues {
+        let v = keys::QueueValue {
+            def: q.clone(),
+            exclusive: None,
+            placement: keys::Placement {
+                master: master.to_owned(),
+                ..Default::default()
+            },
+        };
+        ops.push(put(keys::queue(&q.vhost, &q.name), &v));
+    }
+    for b in &d.bindings {
+        if b.source.is_empty() {
+            continue;
+        }
+        ops.push(put(keys::binding(b), b));
     }
     ops
 }

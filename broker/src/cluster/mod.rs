@@ -13,5 +13,7 @@
 pub mod apply;
 pub mod keys;
 pub mod link;
+pub mod remote;
+pub mod serve;
 pub mod settings;
 pub mod wire;

@@ -1,6 +1,6 @@
 //! The queue protocol between nodes: what a node sends to a queue's master on behalf of its own
-//! clients ([`ToMaster`]) and what comes back ([`FromMaster`]), over the cluster's app channel
-//! [`QUEUES`]. Pure: encoding and decoding of byte strings, every read bounds-checked, nothing
+//! clients ([`ToMaster`], on the cluster's app channel [`TO_MASTER`]) and what comes back
+//! ([`FromMaster`], on [`FROM_MASTER`]). Pure: encoding and decoding of byte strings, every read bounds-checked, nothing
 //! recursive; a malformed message decodes to `None` and is dropped by the caller.
 //!
 //! Layout: one tag byte, then the fields in order; integers big-endian; strings and byte
@@ -9,8 +9,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The app channel of the queue protocol.
-pub const QUEUES: u8 = 1;
+/// The app channel of requests to a master.
+pub const TO_MASTER: u8 = 1;
+/// The app channel of what masters send back.
+pub const FROM_MASTER: u8 = 2;
 
 /// The longest string or byte string a message may carry (a body is bounded by the link's
 /// frame limit anyway; this keeps a bad length from asking for more).
@@ -102,6 +104,11 @@ pub enum ToMaster {
     Kick {
         queue: QueueRef,
     },
+    /// The queue's counts (answered with [`Reply::Stat`]).
+    Stat {
+        queue: QueueRef,
+        req: u64,
+    },
 }
 
 /// One delivery to a consumer on the receiving node.
@@ -123,6 +130,8 @@ pub enum Reply {
     Done(Result<u32, (u16, String)>),
     /// basic.get: (message id, message, redelivered, messages left), or empty.
     Got(Option<(u64, WireMsg, bool, u32)>),
+    /// Ready messages and consumers (None: no such queue on the master).
+    Stat(Option<(u32, u32)>),
 }
 
 /// What comes back from a master.
@@ -136,9 +145,10 @@ pub enum FromMaster {
         ticket: u64,
         ok: bool,
     },
-    /// Deliveries for consumers of one connection of the receiving node.
+    /// Deliveries from one queue for consumers of one connection of the receiving node.
     Deliver {
         conn: u64,
+        queue: QueueRef,
         deliveries: Vec<WireDelivery>,
     },
     /// A server-side basic.cancel (the queue was deleted).
@@ -297,6 +307,11 @@ impl ToMaster {
                 w.u8(11);
                 w.queue(queue);
             }
+            ToMaster::Stat { queue, req } => {
+                w.u8(12);
+                w.queue(queue);
+                w.u64(*req);
+            }
         }
         w.0.freeze()
     }
@@ -368,6 +383,10 @@ impl ToMaster {
             },
             10 => ToMaster::Touch { queue: r.queue()? },
             11 => ToMaster::Kick { queue: r.queue()? },
+            12 => ToMaster::Stat {
+                queue: r.queue()?,
+                req: r.u64()?,
+            },
             _ => return None,
         };
         r.0.is_empty().then_some(m)
@@ -392,6 +411,12 @@ impl FromMaster {
                         w.str(text);
                     }
                     Reply::Got(None) => w.u8(2),
+                    Reply::Stat(None) => w.u8(4),
+                    Reply::Stat(Some((messages, consumers))) => {
+                        w.u8(5);
+                        w.u32(*messages);
+                        w.u32(*consumers);
+                    }
                     Reply::Got(Some((id, m, redelivered, left))) => {
                         w.u8(3);
                         w.u64(*id);
@@ -406,9 +431,14 @@ impl FromMaster {
                 w.u64(*ticket);
                 w.bool(*ok);
             }
-            FromMaster::Deliver { conn, deliveries } => {
+            FromMaster::Deliver {
+                conn,
+                queue,
+                deliveries,
+            } => {
                 w.u8(3);
                 w.u64(*conn);
+                w.queue(queue);
                 w.u32(deliveries.len() as u32);
                 for d in deliveries {
                     w.u16(d.channel);
@@ -438,6 +468,8 @@ impl FromMaster {
                     1 => Reply::Done(Err((r.u16()?, r.str()?))),
                     2 => Reply::Got(None),
                     3 => Reply::Got(Some((r.u64()?, r.msg()?, r.bool()?, r.u32()?))),
+                    4 => Reply::Stat(None),
+                    5 => Reply::Stat(Some((r.u32()?, r.u32()?))),
                     _ => return None,
                 };
                 FromMaster::Reply { req, reply }
@@ -448,6 +480,7 @@ impl FromMaster {
             },
             3 => {
                 let conn = r.u64()?;
+                let queue = r.queue()?;
                 let n = r.count(32)?;
                 let mut deliveries = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -461,7 +494,11 @@ impl FromMaster {
                         no_ack: r.bool()?,
                     });
                 }
-                FromMaster::Deliver { conn, deliveries }
+                FromMaster::Deliver {
+                    conn,
+                    queue,
+                    deliveries,
+                }
             }
             4 => FromMaster::Cancelled {
                 consumer: r.consumer()?,
@@ -634,6 +671,7 @@ mod tests {
                 if_empty: false,
             },
             ToMaster::Touch { queue: q() },
+            ToMaster::Stat { queue: q(), req: 4 },
             ToMaster::Kick { queue: q() },
         ]
     }
@@ -656,12 +694,20 @@ mod tests {
                 req: 4,
                 reply: Reply::Got(Some((42, m(b"x"), true, 7))),
             },
+            FromMaster::Reply {
+                req: 10,
+                reply: Reply::Stat(Some((5, 2))),
+            },
             FromMaster::Confirm {
                 ticket: 11,
                 ok: false,
             },
             FromMaster::Deliver {
                 conn: 5,
+                queue: QueueRef {
+                    vhost: "/".into(),
+                    name: "q".into(),
+                },
                 deliveries: vec![WireDelivery {
                     channel: 1,
                     generation: 0,

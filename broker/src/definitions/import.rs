@@ -102,7 +102,17 @@ impl BrokerShared {
                     })
                 })
                 .collect();
-            let ops = crate::cluster::link::definition_ops(&replicated);
+            let mut ops = crate::cluster::link::definition_ops(&replicated);
+            // Queues and exchanges that exist stay as they are (a queue keeps its master).
+            let st = c.state();
+            ops.extend(
+                crate::cluster::link::topology_ops(d, c.node_name())
+                    .into_iter()
+                    .filter(|op| match op {
+                        warren_cluster::Op::Put { key, .. } => st.get(key).is_none(),
+                        _ => true,
+                    }),
+            );
             c.propose(ops)
                 .await
                 .map_err(crate::cluster::link::def_error)?;

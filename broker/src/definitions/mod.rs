@@ -630,6 +630,12 @@ impl BrokerShared {
                 let _ = s.persist_definitions();
             }
         }));
+        let me = self.me.clone();
+        vh.set_queue_hook(Box::new(move |q| {
+            if let Some(c) = me.upgrade().and_then(|s| s.cluster().cloned()) {
+                c.queue_removed(q);
+            }
+        }));
         vh
     }
 }

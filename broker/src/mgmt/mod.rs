@@ -279,6 +279,16 @@ fn closing(mut r: Resp) -> Resp {
     r
 }
 
+impl From<crate::error::AmqpError> for ApiError {
+    fn from(e: crate::error::AmqpError) -> Self {
+        match e {
+            crate::error::AmqpError::Channel(e) => e.into(),
+            // Only the cluster's unavailability comes this way.
+            crate::error::AmqpError::Connection(e) => ApiError::Unavailable(e.reply_text()),
+        }
+    }
+}
+
 impl From<crate::error::ChannelError> for ApiError {
     fn from(e: crate::error::ChannelError) -> Self {
         match e.reply_code() {

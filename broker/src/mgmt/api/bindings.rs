@@ -189,7 +189,7 @@ pub(super) async fn pair(
             check_perm(shared, r, &v, Perm::Write, dst)?;
             check_perm(shared, r, &v, Perm::Read, src)?;
             let key = properties_key(&rk, &conv::table(&args));
-            v.bind(src, destination(kind, dst), &rk, args)?;
+            crate::topology::bind(shared, &v, src, destination(kind, dst), &rk, args).await?;
             let mut resp = created();
             let loc = format!(
                 "/api/bindings/{}/e/{}/{kind}/{}/{}",
@@ -254,7 +254,7 @@ pub(super) async fn one(
             check_perm(shared, r, &v, Perm::Read, src)?;
             let rk = b["routing_key"].as_str().unwrap_or("").to_owned();
             let args = conv::to_table(&b["arguments"]).unwrap_or_default();
-            v.unbind(src, destination(kind, dst), &rk, args)?;
+            crate::topology::unbind(shared, &v, src, destination(kind, dst), &rk, args).await?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),

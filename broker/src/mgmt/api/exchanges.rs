@@ -97,7 +97,17 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
             let internal = body_bool(&body, "internal", false)?;
             let args = body_arguments(&body)?;
             let existed = v.exchange(name).is_some();
-            v.declare_exchange(name, kind, durable, auto_delete, internal, args)?;
+            crate::topology::declare_exchange(
+                shared,
+                &v,
+                name,
+                kind,
+                durable,
+                auto_delete,
+                internal,
+                args,
+            )
+            .await?;
             Ok(if existed { no_content() } else { created() })
         }
         Method::DELETE => {
@@ -110,7 +120,7 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
             if v.exchange(name).is_none() {
                 return Err(ApiError::NotFound);
             }
-            v.delete_exchange(name, r.query_flag("if-unused"))?;
+            crate::topology::delete_exchange(shared, &v, name, r.query_flag("if-unused")).await?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),

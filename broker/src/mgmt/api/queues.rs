@@ -130,21 +130,22 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
             let auto_delete = body_bool(&body, "auto_delete", false)?;
             let arguments = body_arguments(&body)?;
             let args = QueueArgs::parse(&arguments, name, &v.name)?;
-            let (_, created_now) = v.declare_queue(QueueSpec {
+            let spec = QueueSpec {
                 name: name.to_owned(),
                 durable,
                 exclusive_owner: None,
                 auto_delete,
                 arguments,
                 args,
-            })?;
+            };
+            let (_, created_now) = crate::topology::declare_queue(shared, &v, spec).await?;
             Ok(if created_now { created() } else { no_content() })
         }
         Method::DELETE => {
             check_perm(shared, r, &v, Perm::Configure, name)?;
             let q = v.queue(name).ok_or(ApiError::NotFound)?;
-            v.delete_queue(&q, r.query_flag("if-unused"), r.query_flag("if-empty"))
-                .await?;
+            let (if_unused, if_empty) = (r.query_flag("if-unused"), r.query_flag("if-empty"));
+            crate::topology::delete_queue(shared, &v, &q, if_unused, if_empty).await?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),

@@ -1,0 +1,614 @@
+//! Queues whose master is another node, as this node's clients use them.
+//!
+//! Such a queue is in the vhost like any other (routing, passive declares, the management API
+//! find it), but behind its mailbox runs a proxy instead of a queue actor: each command goes to
+//! the master as a [`ToMaster`] message and what comes back ([`FromMaster`]: replies, confirms,
+//! deliveries, server-side cancels) is handed to the local connections as if the queue were
+//! here. Message ids are the master's; a client's ack goes back to the master with them.
+//!
+//! When the link to a master goes down, what waits on it is answered at once: publishes still
+//! unconfirmed get basic.nack (the master may not have them), requests fail, and consumers get
+//! basic.cancel (their unacked messages are requeued by the master, which saw the same link go).
+
+use super::wire::{
+    FromMaster, QueueRef, RemoteConsumer, Reply, ToMaster, WireDelivery, WireMsg, FROM_MASTER,
+    TO_MASTER,
+};
+use crate::error::ChannelError;
+use crate::queue::{
+    ClientEvent, ConfirmTicket, ConsumerSpec, Delivery, GetResult, Message, QueueCmd, QueueHandle,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+use warren_cluster::{Cluster, NodeId, PeerEvent};
+
+/// How often a proxy refreshes the master's counts.
+const STAT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a request to a master may go unanswered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+type ConsumerKey = (u64, u16, u64, Arc<str>);
+
+struct RemoteConsumerState {
+    master: NodeId,
+    spec: ConsumerSpec,
+    queue: QueueHandle,
+}
+
+/// This node's side of every queue mastered elsewhere.
+pub struct Remote {
+    cluster: Cluster,
+    memory: &'static crate::memory::Memory,
+    next: AtomicU64,
+    tickets: Mutex<HashMap<u64, (NodeId, ConfirmTicket)>>,
+    replies: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Reply>)>>,
+    consumers: Mutex<HashMap<ConsumerKey, RemoteConsumerState>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").finish_non_exhaustive()
+    }
+}
+
+/// The wire form of a message.
+pub fn wire_msg(m: &Message) -> WireMsg {
+    WireMsg {
+        exchange: m.exchange.to_string(),
+        routing_key: m.routing_key.to_string(),
+        header: m.header_payload.clone(),
+        body: m.body.clone(),
+    }
+}
+
+/// A message back from its wire form, charged to `memory`.
+pub fn local_msg(memory: &'static crate::memory::Memory, m: WireMsg) -> Option<Arc<Message>> {
+    crate::store::message_from_parts(memory, &m.exchange, &m.routing_key, &m.header, m.body)
+        .map(Arc::new)
+}
+
+fn queue_ref(q: &QueueHandle) -> QueueRef {
+    QueueRef {
+        vhost: q.vhost.to_string(),
+        name: q.name.to_string(),
+    }
+}
+
+fn channel_error(code: u16, text: String) -> ChannelError {
+    use amq_protocol::protocol::AMQPSoftError as S;
+    let kind = match code {
+        404 => S::NOTFOUND,
+        403 => S::ACCESSREFUSED,
+        405 => S::RESOURCELOCKED,
+        406 => S::PRECONDITIONFAILED,
+        _ => S::PRECONDITIONFAILED,
+    };
+    ChannelError::new(kind, text)
+}
+
+impl Remote {
+    /// Starts the dispatcher of what masters send back.
+    pub fn start(cluster: Cluster, memory: &'static crate::memory::Memory) -> Arc<Remote> {
+        let me = Arc::new(Remote {
+            cluster: cluster.clone(),
+            memory,
+            next: AtomicU64::new(1),
+            tickets: Mutex::default(),
+            replies: Mutex::default(),
+            consumers: Mutex::default(),
+        });
+        let mut inbox = cluster.subscribe_app(FROM_MASTER);
+        let mut events = cluster.peer_events();
+        let weak = Arc::downgrade(&me);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inbox.recv() => {
+                        let Some(m) = m else { return };
+                        let Some(me) = weak.upgrade() else { return };
+                        match FromMaster::decode(&m.payload) {
+                            Some(msg) => me.on_message(m.from, msg),
+                            None => warn!(from = m.from, "undecodable queue message from a master; dropped"),
+                        }
+                    }
+                    ev = events.recv() => {
+                        let Some(me) = weak.upgrade() else { return };
+                        match ev {
+                            Ok(PeerEvent::Down(peer)) => me.master_gone(peer),
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+        });
+        me
+    }
+
+    fn id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, master: NodeId, msg: &ToMaster) -> bool {
+        match self.cluster.send(master, TO_MASTER, msg.encode()) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(master, error = %e, "queue request not sent");
+                false
+            }
+        }
+    }
+
+    /// A request that waits for its reply (None: no answer, the master is out of reach).
+    async fn request(&self, master: NodeId, req: u64, msg: ToMaster) -> Option<Reply> {
+        let (tx, rx) = oneshot::channel();
+        self.replies.lock().insert(req, (master, tx));
+        if !self.send(master, &msg) {
+            self.replies.lock().remove(&req);
+            return None;
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(r)) => Some(r),
+            _ => {
+                self.replies.lock().remove(&req);
+                None
+            }
+        }
+    }
+
+    /// Serve `handle`'s mailbox for the queue mastered on `master`.
+    pub(crate) fn run_proxy(
+        self: &Arc<Self>,
+        handle: QueueHandle,
+        rx: mpsc::Receiver<QueueCmd>,
+        master: NodeId,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move { me.proxy(handle, rx, master).await });
+    }
+
+    async fn proxy(
+        self: Arc<Self>,
+        handle: QueueHandle,
+        mut rx: mpsc::Receiver<QueueCmd>,
+        master: NodeId,
+    ) {
+        let queue = queue_ref(&handle);
+        // The counts shown here (declare-ok, the management API) follow the master's.
+        let stats = {
+            let me = Arc::downgrade(&self);
+            let h = Arc::downgrade(&handle);
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(STAT_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    let (Some(me), Some(h)) = (me.upgrade(), h.upgrade()) else {
+                        return;
+                    };
+                    let req = me.id();
+                    if let Some(Reply::Stat(Some((m, c)))) = me
+                        .request(
+                            master,
+                            req,
+                            ToMaster::Stat {
+                                queue: queue.clone(),
+                                req,
+                            },
+                        )
+                        .await
+                    {
+                        h.message_count.store(m, Ordering::Relaxed);
+                        h.consumer_count.store(c, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let unreachable = || {
+            ChannelError::new(
+                amq_protocol::protocol::AMQPSoftError::RESOURCELOCKED,
+                format!(
+                    "queue '{}' in vhost '{}' is on a node that cannot be reached",
+                    handle.name, handle.vhost
+                ),
+            )
+        };
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                QueueCmd::Publish { msg, confirm } => {
+                    self.publish(master, &queue, vec![(msg, confirm)]);
+                }
+                QueueCmd::PublishBatch(items) => self.publish(master, &queue, items),
+                QueueCmd::Consume { spec, reply } => {
+                    let key: ConsumerKey = (
+                        spec.conn_id,
+                        spec.channel,
+                        spec.generation,
+                        spec.tag.clone(),
+                    );
+                    let msg = ToMaster::Consume {
+                        queue: queue.clone(),
+                        req: 0,
+                        consumer: RemoteConsumer {
+                            conn: spec.conn_id,
+                            channel: spec.channel,
+                            generation: spec.generation,
+                            tag: spec.tag.to_string(),
+                        },
+                        no_ack: spec.no_ack,
+                        exclusive: spec.exclusive,
+                        prefetch: spec.prefetch,
+                        priority: spec.priority,
+                        flow_active: spec.flow_active,
+                    };
+                    self.consumers.lock().insert(
+                        key.clone(),
+                        RemoteConsumerState {
+                            master,
+                            spec,
+                            queue: handle.clone(),
+                        },
+                    );
+                    let me = self.clone();
+                    let unreachable = unreachable();
+                    tokio::spawn(async move {
+                        let req = me.id();
+                        let msg = match msg {
+                            ToMaster::Consume {
+                                queue,
+                                consumer,
+                                no_ack,
+                                exclusive,
+                                prefetch,
+                                priority,
+                                flow_active,
+                                ..
+                            } => ToMaster::Consume {
+                                queue,
+                                req,
+                                consumer,
+                                no_ack,
+                                exclusive,
+                                prefetch,
+                                priority,
+                                flow_active,
+                            },
+                            m => m,
+                        };
+                        let r = match me.request(master, req, msg).await {
+                            Some(Reply::Done(Ok(_))) => Ok(()),
+                            Some(Reply::Done(Err((code, text)))) => Err(channel_error(code, text)),
+                            _ => Err(unreachable),
+                        };
+                        if r.is_err() {
+                            me.consumers.lock().remove(&key);
+                        }
+                        let _ = reply.send(r);
+                    });
+                }
+                QueueCmd::Cancel {
+                    conn_id,
+                    channel,
+                    generation,
+                    tag,
+                } => {
+                    self.consumers
+                        .lock()
+                        .remove(&(conn_id, channel, generation, tag.clone()));
+                    self.send(
+                        master,
+                        &ToMaster::Cancel {
+                            queue: queue.clone(),
+                            consumer: RemoteConsumer {
+                                conn: conn_id,
+                                channel,
+                                generation,
+                                tag: tag.to_string(),
+                            },
+                        },
+                    );
+                }
+                QueueCmd::Prefetch { consumer, prefetch } => {
+                    self.send(
+                        master,
+                        &ToMaster::Prefetch {
+                            queue: queue.clone(),
+                            consumer: RemoteConsumer {
+                                conn: consumer.conn_id,
+                                channel: consumer.channel,
+                                generation: consumer.generation,
+                                tag: consumer.tag.to_string(),
+                            },
+                            prefetch,
+                        },
+                    );
+                }
+                QueueCmd::Flow {
+                    conn_id,
+                    channel,
+                    generation,
+                    active,
+                } => {
+                    self.send(
+                        master,
+                        &ToMaster::Flow {
+                            queue: queue.clone(),
+                            conn: conn_id,
+                            channel,
+                            generation,
+                            active,
+                        },
+                    );
+                }
+                QueueCmd::Ack { ids } => {
+                    self.send(
+                        master,
+                        &ToMaster::Settle {
+                            queue: queue.clone(),
+                            ids,
+                            how: 0,
+                        },
+                    );
+                }
+                QueueCmd::Reject { ids, requeue } => {
+                    let how = if requeue { 1 } else { 2 };
+                    self.send(
+                        master,
+                        &ToMaster::Settle {
+                            queue: queue.clone(),
+                            ids,
+                            how,
+                        },
+                    );
+                }
+                QueueCmd::Get { no_ack, reply } => {
+                    let me = self.clone();
+                    let queue = queue.clone();
+                    tokio::spawn(async move {
+                        let req = me.id();
+                        let got = match me
+                            .request(master, req, ToMaster::Get { queue, req, no_ack })
+                            .await
+                        {
+                            Some(Reply::Got(Some((msg_id, m, redelivered, remaining)))) => {
+                                local_msg(me.memory, m).map(|msg| GetResult {
+                                    msg_id,
+                                    msg,
+                                    redelivered,
+                                    remaining,
+                                })
+                            }
+                            _ => None,
+                        };
+                        let _ = reply.send(got);
+                    });
+                }
+                QueueCmd::Purge { reply } => {
+                    let me = self.clone();
+                    let queue = queue.clone();
+                    tokio::spawn(async move {
+                        let req = me.id();
+                        if let Some(Reply::Done(Ok(n))) = me
+                            .request(master, req, ToMaster::Purge { queue, req })
+                            .await
+                        {
+                            let _ = reply.send(n);
+                        }
+                    });
+                }
+                QueueCmd::Delete {
+                    if_unused,
+                    if_empty,
+                    reply,
+                } => {
+                    let me = self.clone();
+                    let queue = queue.clone();
+                    let unreachable = unreachable();
+                    tokio::spawn(async move {
+                        let req = me.id();
+                        let r = match me
+                            .request(
+                                master,
+                                req,
+                                ToMaster::Delete {
+                                    queue,
+                                    req,
+                                    if_unused,
+                                    if_empty,
+                                },
+                            )
+                            .await
+                        {
+                            Some(Reply::Done(Ok(n))) => Ok(n),
+                            Some(Reply::Done(Err((code, text)))) => Err(channel_error(code, text)),
+                            _ => Err(unreachable),
+                        };
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    });
+                }
+                QueueCmd::Touch => {
+                    self.send(
+                        master,
+                        &ToMaster::Touch {
+                            queue: queue.clone(),
+                        },
+                    );
+                }
+                QueueCmd::Kick => {
+                    self.send(
+                        master,
+                        &ToMaster::Kick {
+                            queue: queue.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        stats.abort();
+        // The proxy is gone (the queue left this node): its consumers with it.
+        self.consumers
+            .lock()
+            .retain(|_, c| !Arc::ptr_eq(&c.queue, &handle));
+    }
+
+    fn publish(&self, master: NodeId, queue: &QueueRef, items: Vec<crate::queue::PublishItem>) {
+        let mut wire = Vec::with_capacity(items.len());
+        let mut mine = Vec::new();
+        for (msg, confirm) in items {
+            let ticket = confirm.map(|t| {
+                let id = self.id();
+                mine.push(id);
+                self.tickets.lock().insert(id, (master, t));
+                id
+            });
+            wire.push((wire_msg(&msg), ticket));
+        }
+        let sent = self.send(
+            master,
+            &ToMaster::Publish {
+                queue: queue.clone(),
+                items: wire,
+            },
+        );
+        if !sent {
+            // Not sent: the master never has these. basic.nack, so a publisher retries.
+            let mut t = self.tickets.lock();
+            for id in mine {
+                if let Some((_, ticket)) = t.remove(&id) {
+                    ticket.send(false);
+                }
+            }
+        }
+    }
+
+    fn on_message(&self, from: NodeId, msg: FromMaster) {
+        match msg {
+            FromMaster::Reply { req, reply } => {
+                let waiter = self.replies.lock().remove(&req);
+                if let Some((_, tx)) = waiter {
+                    let _ = tx.send(reply);
+                }
+            }
+            FromMaster::Confirm { ticket, ok } => {
+                let t = self.tickets.lock().remove(&ticket);
+                if let Some((_, t)) = t {
+                    t.send(ok);
+                }
+            }
+            FromMaster::Deliver {
+                conn,
+                queue,
+                deliveries,
+            } => self.deliver(from, conn, queue, deliveries),
+            FromMaster::Cancelled { consumer } => {
+                let key: ConsumerKey = (
+                    consumer.conn,
+                    consumer.channel,
+                    consumer.generation,
+                    consumer.tag.as_str().into(),
+                );
+                let c = self.consumers.lock().remove(&key);
+                if let Some(c) = c {
+                    let _ = c.spec.events.send(ClientEvent::Cancelled {
+                        channel: c.spec.channel,
+                        generation: c.spec.generation,
+                        tag: c.spec.tag.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, from: NodeId, conn: u64, queue: QueueRef, deliveries: Vec<WireDelivery>) {
+        let mut orphans: Vec<u64> = Vec::new();
+        let mut out: HashMap<u64, (ConsumerSpec, Vec<Delivery>)> = HashMap::new();
+        {
+            let consumers = self.consumers.lock();
+            for d in deliveries {
+                let key: ConsumerKey = (conn, d.channel, d.generation, d.tag.as_str().into());
+                let Some(c) = consumers.get(&key) else {
+                    if !d.no_ack {
+                        // The consumer went while this was on its way: back to the queue.
+                        orphans.push(d.msg_id);
+                    }
+                    continue;
+                };
+                let Some(msg) = local_msg(self.memory, d.msg) else {
+                    continue;
+                };
+                let e = out
+                    .entry(conn)
+                    .or_insert_with(|| (c.spec.clone(), Vec::new()));
+                e.1.push(Delivery {
+                    channel: d.channel,
+                    generation: d.generation,
+                    consumer_tag: c.spec.tag.clone(),
+                    queue: Some(c.queue.clone()),
+                    msg_id: d.msg_id,
+                    msg,
+                    redelivered: d.redelivered,
+                    no_ack: d.no_ack,
+                });
+            }
+        }
+        for (_, (spec, ds)) in out {
+            spec.conn.pending.fetch_add(ds.len(), Ordering::Relaxed);
+            let _ = spec.events.send(ClientEvent::Deliveries(ds));
+        }
+        if !orphans.is_empty() {
+            self.send(
+                from,
+                &ToMaster::Settle {
+                    queue,
+                    ids: orphans,
+                    how: 1,
+                },
+            );
+        }
+    }
+
+    /// The link to `peer` went down: what waits on it is answered now.
+    fn master_gone(&self, peer: NodeId) {
+        let tickets: Vec<ConfirmTicket> = {
+            let mut t = self.tickets.lock();
+            let ids: Vec<u64> = t
+                .iter()
+                .filter(|(_, (m, _))| *m == peer)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| t.remove(&id))
+                .map(|(_, t)| t)
+                .collect()
+        };
+        for t in tickets {
+            t.send(false);
+        }
+        self.replies.lock().retain(|_, (m, _)| *m != peer);
+        let gone: Vec<RemoteConsumerState> = {
+            let mut c = self.consumers.lock();
+            let keys: Vec<ConsumerKey> = c
+                .iter()
+                .filter(|(_, s)| s.master == peer)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter().filter_map(|k| c.remove(&k)).collect()
+        };
+        for c in gone {
+            let _ = c.spec.events.send(ClientEvent::Cancelled {
+                channel: c.spec.channel,
+                generation: c.spec.generation,
+                tag: c.spec.tag.clone(),
+            });
+        }
+    }
+}
