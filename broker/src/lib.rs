@@ -261,16 +261,21 @@ impl Broker {
             mgmt_body_budget,
             cluster: std::sync::OnceLock::new(),
         });
-        // Stored definitions (and the durable queues' contents) come back before any listener
-        // accepts a client (listeners are bound, but nothing accepts before `run`).
-        definitions::boot(&shared).map_err(StartError::Definitions)?;
-        // Clustered: the cluster's vhosts, users, permissions and policies replace the stored
-        // ones (a fresh cluster is seeded with them) before any client is served.
+        // Clustered: the cluster first (its queues' logs stream to their mirrors from the
+        // start), then the stored definitions, then the cluster's replace them.
         if cluster::settings::clustered(&shared.config) {
             let link = cluster::link::ClusterLink::start(&shared)
                 .await
                 .map_err(StartError::Cluster)?;
             let _ = shared.cluster.set(link);
+        }
+        // Stored definitions (and the durable queues' contents) come back before any listener
+        // accepts a client (listeners are bound, but nothing accepts before `run`).
+        definitions::boot(&shared).map_err(StartError::Definitions)?;
+        // Clustered: the cluster's vhosts, users, permissions and policies replace the stored
+        // ones (a fresh cluster is seeded with them) before any client is served.
+        if let Some(link) = shared.cluster().cloned() {
+            link.begin(&shared).await.map_err(StartError::Cluster)?;
         }
         // Stored messages of queues whose definitions are gone are dropped now.
         shared.store.drop_unclaimed();

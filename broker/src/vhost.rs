@@ -117,6 +117,8 @@ pub struct Vhost {
     durable_hook: OnceLock<DurableHook>,
     /// Called when a queue leaves the vhost (clustered: the cluster is told).
     queue_hook: OnceLock<QueueHook>,
+    /// Wraps the log of each new non-exclusive queue (clustered: mirroring).
+    log_hook: OnceLock<LogHook>,
     /// Cancelled when the vhost is deleted: its connections close.
     deleted: CancellationToken,
     /// The node's policies (none in a vhost made without a broker, as in unit tests).
@@ -128,6 +130,24 @@ pub struct DurableHook(Box<dyn Fn() + Send + Sync>);
 
 /// See [`Vhost::set_queue_hook`].
 pub struct QueueHook(Box<dyn Fn(&QueueHandle) + Send + Sync>);
+
+/// A queue's log and the store events its actor reads, as a [`LogHook`] takes and returns them.
+pub type LogParts = (
+    Box<dyn crate::store::QueueLog>,
+    Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::StoreEvent>>,
+);
+
+/// Wraps a queue's log (see [`Vhost::set_log_hook`]).
+pub type LogWrap = Box<dyn Fn(&QueueHandle, LogParts) -> LogParts + Send + Sync>;
+
+/// See [`Vhost::set_log_hook`].
+pub struct LogHook(LogWrap);
+
+impl std::fmt::Debug for LogHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogHook")
+    }
+}
 
 impl std::fmt::Debug for QueueHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,6 +212,7 @@ impl Vhost {
             me: me.clone(),
             durable_hook: OnceLock::new(),
             queue_hook: OnceLock::new(),
+            log_hook: OnceLock::new(),
             deleted: CancellationToken::new(),
             policies: OnceLock::new(),
         })
@@ -206,6 +227,11 @@ impl Vhost {
     /// (the definitions layer persists them). Set once, when the vhost is created.
     pub fn set_durable_hook(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.durable_hook.set(DurableHook(f));
+    }
+
+    /// Set once: wraps the log of every non-exclusive queue created from then on.
+    pub fn set_log_hook(&self, f: LogWrap) {
+        let _ = self.log_hook.set(LogHook(f));
     }
 
     /// Set once: called with each queue that leaves the vhost (deleted, auto-deleted, expired).
@@ -456,6 +482,17 @@ impl Vhost {
 
     /// queue.declare (non-passive). Returns the handle and whether it was created.
     pub fn declare_queue(&self, spec: QueueSpec) -> Result<(QueueHandle, bool), ChannelError> {
+        self.declare_queue_seeded(spec, Vec::new())
+    }
+
+    /// [`Vhost::declare_queue`] for a queue that starts with `seed` (queue order): a mirror
+    /// promoted to master brings its copy. The persistent ones of a durable queue are logged
+    /// before the queue runs. Ignored if the queue exists.
+    pub(crate) fn declare_queue_seeded(
+        &self,
+        spec: QueueSpec,
+        seed: Vec<crate::store::Recovered>,
+    ) -> Result<(QueueHandle, bool), ChannelError> {
         let vname = self.name.clone();
         let mut spawn = None;
         let r = self.update(|t| {
@@ -553,12 +590,32 @@ impl Vhost {
             // the store recovered for them (also when a client redeclares after a restart).
             let host: std::sync::Weak<dyn crate::queue::QueueHost> = self.me.clone();
             let node = self.node.clone();
-            let actor = match &self.store {
-                Some(store) if handle.durable && handle.exclusive_owner.is_none() => {
-                    let (log, recovered, events) = store.attach(&self.name, &handle.name);
-                    QueueActor::new(handle, host, Box::new(log), node).recover(events, recovered)
+            let (log, mut recovered, events): (Box<dyn crate::store::QueueLog>, _, _) = match &self
+                .store
+            {
+                Some(store) if durable => {
+                    let (mut log, recovered, events) = store.attach(&self.name, &handle.name);
+                    for r in &seed {
+                        if r.msg.persistent() {
+                            let ttl = r
+                                .expires_at_ms
+                                .map(|e| e.saturating_sub(crate::stats::epoch_ms()));
+                            let _ = crate::store::QueueLog::enqueue(&mut log, r.id, &r.msg, ttl);
+                        }
+                    }
+                    (Box::new(log), recovered, Some(events))
                 }
-                _ => QueueActor::new(handle, host, Box::new(TransientLog), node),
+                _ => (Box::new(TransientLog), Vec::new(), None),
+            };
+            recovered.extend(seed);
+            let (log, events) = match self.log_hook.get() {
+                Some(h) if handle.exclusive_owner.is_none() => (h.0)(&handle, (log, events)),
+                _ => (log, events),
+            };
+            let actor = QueueActor::new(handle, host, log, node);
+            let actor = match events {
+                Some(events) => actor.recover(events, recovered),
+                None => actor,
             };
             tokio::spawn(actor.run(rx));
             if durable {

@@ -779,3 +779,157 @@ async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_it
     })
     .await;
 }
+
+/// The queue as a node's management API shows it (Null while it does not know it).
+async fn queue_info(n: &Node, name: &str) -> Value {
+    let path = format!("/api/queues/%2F/{name}");
+    let r = http(n.mgmt(), "GET", &path, Some(("guest", "guest")), None).await;
+    if r.status == 404 {
+        return Value::Null;
+    }
+    assert_eq!(r.status, 200, "GET {path} on {}: {}", n.name, r.text());
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_message() {
+    use futures_lite::StreamExt;
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-ha");
+    let a = start("a@ha", &root.path().join("a"), &secret, None).await;
+    let b = start("b@ha", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    let c = start("c@ha", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+    // The seed's policy, as warren-ctl set_policy / rabbitmqadmin send it.
+    b.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "apply-to": "queues",
+               "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    )
+    .await;
+    let (_ca, cha) = channel_on(&a).await;
+    support::declare_durable(&cha, "ha").await;
+    eventually("b and c in sync", || async {
+        let q = queue_info(&c, "ha").await;
+        q["node"] == "a@ha" && q["synchronised_slave_nodes"] == json!(["b@ha", "c@ha"])
+    })
+    .await;
+    assert_eq!(queue_info(&a, "ha").await["policy"], "ha-all");
+
+    // 100 persistent messages, confirmed through b (so held by a, b and c).
+    let (_cb, chb) = channel_on(&b).await;
+    chb.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for i in 0..100 {
+        let ok = chb
+            .basic_publish(
+                "".into(),
+                "ha".into(),
+                Default::default(),
+                format!("m{i}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        let ok = match tokio::time::timeout(Duration::from_secs(10), ok).await {
+            Ok(ok) => ok.expect("confirm"),
+            Err(_) => {
+                for (n, node) in [("A", &a), ("B", &b), ("C", &c)] {
+                    for l in node.proc.log.lock().iter() {
+                        eprintln!("{n}: {l}");
+                    }
+                }
+                panic!("confirm of m{i} not in time");
+            }
+        };
+        assert!(ok.is_ack());
+    }
+    // 10 consumed and acked on c; 5 more delivered and left unacked there.
+    let (_cc, chc) = channel_on(&c).await;
+    chc.basic_qos(5, Default::default()).await.expect("qos");
+    for i in 0..10 {
+        let g = chc
+            .basic_get("ha".into(), Default::default())
+            .await
+            .expect("get")
+            .expect("message");
+        assert_eq!(g.delivery.data, format!("m{i}").as_bytes());
+        g.delivery.ack(Default::default()).await.expect("ack");
+    }
+    let mut held = support::consume(&chc, "ha", false).await;
+    for i in 10..15 {
+        let d = tokio::time::timeout(Duration::from_secs(5), held.next())
+            .await
+            .expect("in time")
+            .expect("delivery")
+            .expect("ok");
+        assert_eq!(d.data, format!("m{i}").as_bytes());
+    }
+
+    // The master dies. A mirror takes over; nothing confirmed is lost.
+    a.proc.kill9().await;
+    eventually("a mirror promoted", || async {
+        let q = queue_info(&b, "ha").await;
+        q["node"] == "b@ha" || q["node"] == "c@ha"
+    })
+    .await;
+    let new_master = queue_info(&b, "ha").await["node"]
+        .as_str()
+        .expect("node")
+        .to_owned();
+    assert!(
+        b.proc.logged("promoted to master") || c.proc.logged("promoted to master"),
+        "the promotion is logged"
+    );
+    // c's consumer was cancelled with its channel's unacked messages going back.
+    drop(held);
+    let (_cb2, chb2) = channel_on(&b).await;
+    eventually("90 messages on the new master", || async {
+        ready_on(&chb2, "ha").await == 90
+    })
+    .await;
+    let mut seen = Vec::new();
+    let mut redelivered = 0;
+    for _ in 0..90 {
+        let g = chb2
+            .basic_get("ha".into(), Default::default())
+            .await
+            .expect("get")
+            .expect("message");
+        if g.delivery.redelivered {
+            redelivered += 1;
+        }
+        seen.push(String::from_utf8(g.delivery.data.clone()).expect("utf8"));
+        g.delivery.ack(Default::default()).await.expect("ack");
+    }
+    let want: Vec<String> = (10..100).map(|i| format!("m{i}")).collect();
+    let mut sorted = seen.clone();
+    sorted.sort_by_key(|s| s[1..].parse::<u32>().expect("number"));
+    assert_eq!(
+        sorted, want,
+        "every confirmed, unacked message survived on {new_master}"
+    );
+    assert!(
+        redelivered >= 5,
+        "the 5 unacked ones come back redelivered ({redelivered})"
+    );
+    // Publishing goes on through any surviving node.
+    let (_cc2, chc2) = channel_on(&c).await;
+    chc2.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let ok = chc2
+        .basic_publish(
+            "".into(),
+            "ha".into(),
+            Default::default(),
+            b"after",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(ok.is_ack());
+}

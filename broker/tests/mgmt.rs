@@ -1101,7 +1101,10 @@ async fn message_counts_and_rates_follow_amqp_traffic() {
 #[tokio::test]
 async fn stop_app_closes_clients_and_refuses_amqp_until_started() {
     let n = start().await;
-    assert_eq!(n.get("/api/warren/app").await, json!({"running": true, "paused_by_partition": false}));
+    assert_eq!(
+        n.get("/api/warren/app").await,
+        json!({"running": true, "paused_by_partition": false})
+    );
     let conn = n.connect().await;
     let ch = conn.create_channel().await.expect("channel");
     n.req("PUT", "/api/warren/app", Some(json!({"running": "no"})))
@@ -1138,7 +1141,10 @@ async fn stop_app_closes_clients_and_refuses_amqp_until_started() {
     )
     .await;
     assert!(refused.is_err(), "connected while stopped");
-    assert_eq!(n.get("/api/warren/app").await, json!({"running": false, "paused_by_partition": false}));
+    assert_eq!(
+        n.get("/api/warren/app").await,
+        json!({"running": false, "paused_by_partition": false})
+    );
     no_connections_left(&n).await;
     let r = n
         .req("PUT", "/api/warren/app", Some(json!({"running": true})))

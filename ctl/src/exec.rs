@@ -198,19 +198,31 @@ impl Ctx<'_> {
                 vhost,
                 columns,
             } => self.list(*kind, vhost, columns),
-            Command::JoinCluster { .. } | Command::ForgetClusterNode { .. } => {
-                let verb = if matches!(inv.command, Command::JoinCluster { .. }) {
-                    "join_cluster"
-                } else {
-                    "forget_cluster_node"
-                };
-                Err(CtlError::new(
-                    exit::SOFTWARE,
-                    format!(
-                        "{verb}: clustering is not available in this build of warren; \
-                         each node runs on its own"
-                    ),
-                ))
+            Command::JoinCluster { node } => {
+                self.info(&format!("Clustering node {} with {node}", self.node()))?;
+                let body = json!({ "node": node });
+                match self.send(Method::Post, "/api/warren/cluster/join", Some(&body))? {
+                    Ok(_) => Ok(()),
+                    Err(f) if no_endpoint(f.status) => Err(CtlError::new(
+                        exit::SOFTWARE,
+                        format!(
+                            "node {} cannot join a cluster (is it a warren node?)",
+                            self.node()
+                        ),
+                    )),
+                    Err(f) => Err(CtlError::new(exit::SOFTWARE, f.reason)),
+                }
+            }
+            Command::ForgetClusterNode { node } => {
+                self.info(&format!("Removing node {node} from the cluster"))?;
+                let path = format!("/api/warren/cluster/nodes/{}", enc(node));
+                self.or_missing(Method::Delete, &path, None, || {
+                    CtlError::new(
+                        exit::SOFTWARE,
+                        format!("Node {node} is not a member of this cluster"),
+                    )
+                })
+                .map(|_| ())
             }
             Command::StopApp => {
                 self.info(&format!(
@@ -1034,22 +1046,18 @@ mod tests {
     }
 
     #[test]
-    fn clustering_verbs_say_so_without_a_request() {
-        for args in [
-            &["join_cluster", "warren@h2"][..],
-            &["forget_cluster_node", "warren@h2"],
-        ] {
-            let mut api = Fake::default();
-            let (r, _) = go(args, &mut api);
-            let e = r.expect_err("not available");
-            assert_eq!(e.code, exit::SOFTWARE);
-            assert!(
-                e.message.contains("clustering is not available"),
-                "{}",
-                e.message
-            );
-            assert!(api.seen.is_empty());
-        }
+    fn clustering_verbs_call_the_cluster_endpoints() {
+        let mut api = Fake::default().answer(204, Value::Null);
+        let (r, _) = go(&["join_cluster", "warren@h2:25672"], &mut api);
+        r.expect("joined");
+        assert_eq!(api.seen.len(), 1, "{:?}", api.seen);
+        assert!(format!("{:?}", api.seen[0]).contains("/api/warren/cluster/join"));
+        assert!(format!("{:?}", api.seen[0]).contains("warren@h2:25672"));
+        let mut api = Fake::default().answer(404, Value::Null);
+        let (r, _) = go(&["forget_cluster_node", "warren@h9"], &mut api);
+        let e = r.expect_err("not a member");
+        assert!(e.message.contains("not a member"), "{}", e.message);
+        assert!(format!("{:?}", api.seen[0]).contains("/api/warren/cluster/nodes/warren"));
     }
 
     #[test]

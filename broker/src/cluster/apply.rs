@@ -265,19 +265,62 @@ async fn put(
                 args,
             };
             let here = q.placement.master == shared.config.node_name;
+            let qref = super::wire::QueueRef {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            };
+            let ids = |names: &[String]| -> Vec<warren_cluster::NodeId> {
+                names
+                    .iter()
+                    .map(|n| warren_cluster::node_id_of(n))
+                    .collect()
+            };
+            let mut seed = Vec::new();
+            let master_id = warren_cluster::node_id_of(&q.placement.master);
             if let Some(cur) = vh.queue(name) {
-                if link.is_proxy(&cur) != here {
-                    return; // already what it should be
+                let same_master = here || link.proxy_master(&cur) == Some(master_id);
+                if link.is_proxy(&cur) != here && same_master {
+                    // Already what it should be; a master learns its mirrors.
+                    if here {
+                        link.replication.placement(
+                            &qref,
+                            q.placement.epoch,
+                            ids(&q.placement.mirrors),
+                            ids(&q.placement.in_sync),
+                        );
+                    }
+                    return;
                 }
                 // The master moved: the old form of the queue leaves this node.
-                if link.is_proxy(&cur) {
+                if link.is_proxy(&cur) && !here {
+                    vh.remove_queue(&cur);
+                } else if link.is_proxy(&cur) {
+                    // Promoted: this node's copy becomes the queue.
+                    seed = link
+                        .mirrors
+                        .take(&qref, q.placement.epoch)
+                        .unwrap_or_default();
+                    tracing::info!(
+                        queue = %name,
+                        vhost = %vhost,
+                        messages = seed.len(),
+                        epoch = q.placement.epoch,
+                        "promoted to master"
+                    );
                     vh.remove_queue(&cur);
                 } else {
                     let _ = vh.delete_queue(&cur, false, false).await;
                 }
             }
             let r = if here {
-                vh.declare_queue(spec).map(|_| ())
+                let r = vh.declare_queue_seeded(spec, seed).map(|_| ());
+                link.replication.placement(
+                    &qref,
+                    q.placement.epoch,
+                    ids(&q.placement.mirrors),
+                    ids(&q.placement.in_sync),
+                );
+                r
             } else {
                 let master = warren_cluster::node_id_of(&q.placement.master);
                 vh.install_queue(spec, |h, rx| link.run_proxy(h, rx, master))
@@ -333,6 +376,10 @@ async fn remove(
             if q.exclusive_owner.is_some() {
                 return;
             }
+            link.mirrors.drop_copy(&super::wire::QueueRef {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            });
             if link.is_proxy(&q) {
                 vh.remove_queue(&q);
             } else {

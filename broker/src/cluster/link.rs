@@ -34,10 +34,15 @@ pub struct ClusterLink {
     stop: CancellationToken,
     /// This node's side of the queues mastered elsewhere.
     remote: Arc<super::remote::Remote>,
+    /// The mirror streams of the queues mastered here.
+    pub(crate) replication: Arc<super::replicate::Replication>,
+    /// The copies of the queues this node mirrors.
+    pub(crate) mirrors: Arc<super::mirror::Mirrors>,
+    failure_detection: Duration,
     /// This node's side of the queues it masters, for the others.
     _serve: Arc<super::serve::Serve>,
-    /// The queue handles of this node that are proxies (by address).
-    proxies: parking_lot::Mutex<std::collections::HashSet<usize>>,
+    /// The queue handles of this node that are proxies (by address), and their masters.
+    proxies: parking_lot::Mutex<std::collections::HashMap<usize, warren_cluster::NodeId>>,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -60,10 +65,11 @@ pub fn def_error(e: ClusterError) -> DefError {
 }
 
 impl ClusterLink {
-    /// Start (bootstrap, join or restart) the cluster of `shared`, seed a fresh cluster with this
-    /// node's definitions, apply the replicated state, and spawn the apply loop.
+    /// Start (bootstrap, join or restart) the cluster of `shared` and catch up with it; the
+    /// broker then loads its stored definitions and calls [`ClusterLink::begin`].
     pub async fn start(shared: &Arc<BrokerShared>) -> Result<Arc<ClusterLink>, String> {
         let cfg = settings::cluster_config(&shared.config)?;
+        let failure_detection = cfg.timing.failure_detection;
         let cluster = Cluster::start(cfg)
             .await
             .map_err(|e| format!("cluster: {e}"))?;
@@ -72,15 +78,36 @@ impl ClusterLink {
         }
         let remote = super::remote::Remote::start(cluster.clone(), shared.node.memory);
         let serve = super::serve::Serve::start(shared, cluster.clone());
+        let replication = super::replicate::Replication::start(cluster.clone());
+        let fenced: super::mirror::Fenced = {
+            let state = cluster.state();
+            Box::new(move |q, epoch| {
+                let st = state.borrow();
+                st.get(&keys::queue(&q.vhost, &q.name))
+                    .and_then(|v| v.value["placement"]["epoch"].as_u64())
+                    .is_some_and(|current| current > epoch)
+            })
+        };
+        let mirrors = super::mirror::Mirrors::start(cluster.clone(), shared.node.memory, fenced);
         let link = Arc::new(ClusterLink {
             cluster,
             applied: watch::channel(0).0,
             stop: CancellationToken::new(),
             remote,
+            replication,
+            mirrors,
+            failure_detection,
             _serve: serve,
             proxies: parking_lot::Mutex::default(),
         });
         link.catch_up().await;
+        Ok(link)
+    }
+
+    /// Seed a fresh cluster with this node's definitions, apply the replicated state, and
+    /// spawn the apply loop and the placement controller.
+    pub async fn begin(self: &Arc<Self>, shared: &Arc<BrokerShared>) -> Result<(), String> {
+        let link = self.clone();
         link.seed(shared).await?;
         let mut applier = Applier::from_local(shared);
         let mut state = link.cluster.state();
@@ -105,7 +132,27 @@ impl ClusterLink {
                 me.applied.send_replace(st.last_applied);
             }
         });
-        Ok(link)
+        super::controller::spawn(&link, shared);
+        Ok(())
+    }
+
+    /// Whether [`ClusterLink::shutdown`] was called.
+    pub fn stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// `cluster-failure-detection-ms`.
+    pub fn failure_detection(&self) -> Duration {
+        self.failure_detection
+    }
+
+    /// Whether the queue mastered here streams its changes to `mirror`.
+    pub fn streams_to(
+        &self,
+        queue: &super::wire::QueueRef,
+        mirror: warren_cluster::NodeId,
+    ) -> bool {
+        self.replication.streams_to(queue, mirror)
     }
 
     /// `pause_minority`: while this node cannot reach a majority of the voters it serves no
@@ -187,19 +234,32 @@ impl ClusterLink {
         rx: tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>,
         master: warren_cluster::NodeId,
     ) {
-        self.proxies.lock().insert(Arc::as_ptr(&handle) as usize);
+        self.proxies
+            .lock()
+            .insert(Arc::as_ptr(&handle) as usize, master);
         self.remote.run_proxy(handle, rx, master);
     }
 
     /// Whether `q` is a proxy of a queue mastered on another node.
     pub fn is_proxy(&self, q: &crate::queue::QueueHandle) -> bool {
-        self.proxies.lock().contains(&(Arc::as_ptr(q) as usize))
+        self.proxies.lock().contains_key(&(Arc::as_ptr(q) as usize))
+    }
+
+    /// The master `q` is a proxy of.
+    pub fn proxy_master(&self, q: &crate::queue::QueueHandle) -> Option<warren_cluster::NodeId> {
+        self.proxies.lock().get(&(Arc::as_ptr(q) as usize)).copied()
     }
 
     /// A queue left this node's vhost `vhost` (deleted, auto-deleted, expired): if it was
     /// mastered here, the cluster is told (the other nodes drop their proxies).
     pub fn queue_removed(self: &Arc<Self>, q: &crate::queue::QueueHandle) {
-        if self.proxies.lock().remove(&(Arc::as_ptr(q) as usize)) || q.exclusive_owner.is_some() {
+        if self
+            .proxies
+            .lock()
+            .remove(&(Arc::as_ptr(q) as usize))
+            .is_some()
+            || q.exclusive_owner.is_some()
+        {
             return;
         }
         let key = keys::queue(&q.vhost, &q.name);

@@ -11,9 +11,13 @@
 //! - [`wire`]: the binary protocol of queue operations between nodes (for queues whose master
 //!   is another node).
 pub mod apply;
+pub mod controller;
 pub mod keys;
 pub mod link;
+pub mod mirror;
+pub mod mirror_wire;
 pub mod remote;
+pub mod replicate;
 pub mod serve;
 pub mod settings;
 pub mod wire;

@@ -159,45 +159,45 @@ pub enum FromMaster {
 
 // === encoding ===
 
-struct W(BytesMut);
+pub(super) struct W(pub(super) BytesMut);
 
 impl W {
-    fn u8(&mut self, v: u8) {
+    pub(super) fn u8(&mut self, v: u8) {
         self.0.put_u8(v);
     }
-    fn bool(&mut self, v: bool) {
+    pub(super) fn bool(&mut self, v: bool) {
         self.0.put_u8(u8::from(v));
     }
-    fn u16(&mut self, v: u16) {
+    pub(super) fn u16(&mut self, v: u16) {
         self.0.put_u16(v);
     }
-    fn u32(&mut self, v: u32) {
+    pub(super) fn u32(&mut self, v: u32) {
         self.0.put_u32(v);
     }
-    fn u64(&mut self, v: u64) {
+    pub(super) fn u64(&mut self, v: u64) {
         self.0.put_u64(v);
     }
-    fn i64(&mut self, v: i64) {
+    pub(super) fn i64(&mut self, v: i64) {
         self.0.put_i64(v);
     }
-    fn bytes(&mut self, b: &[u8]) {
+    pub(super) fn bytes(&mut self, b: &[u8]) {
         self.0.put_u32(b.len() as u32);
         self.0.put_slice(b);
     }
-    fn str(&mut self, s: &str) {
+    pub(super) fn str(&mut self, s: &str) {
         self.bytes(s.as_bytes());
     }
-    fn queue(&mut self, q: &QueueRef) {
+    pub(super) fn queue(&mut self, q: &QueueRef) {
         self.str(&q.vhost);
         self.str(&q.name);
     }
-    fn msg(&mut self, m: &WireMsg) {
+    pub(super) fn msg(&mut self, m: &WireMsg) {
         self.str(&m.exchange);
         self.str(&m.routing_key);
         self.bytes(&m.header);
         self.bytes(&m.body);
     }
-    fn consumer(&mut self, c: &RemoteConsumer) {
+    pub(super) fn consumer(&mut self, c: &RemoteConsumer) {
         self.u64(c.conn);
         self.u16(c.channel);
         self.u64(c.generation);
@@ -511,10 +511,10 @@ impl FromMaster {
 
 // === decoding ===
 
-struct R<'a>(&'a [u8]);
+pub(super) struct R<'a>(pub(super) &'a [u8]);
 
 impl R<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&[u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -522,59 +522,59 @@ impl R<'_> {
         self.0 = b;
         Some(a)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(super) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    fn bool(&mut self) -> Option<bool> {
+    pub(super) fn bool(&mut self) -> Option<bool> {
         match self.u8()? {
             0 => Some(false),
             1 => Some(true),
             _ => None,
         }
     }
-    fn u16(&mut self) -> Option<u16> {
+    pub(super) fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(super) fn u32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(super) fn u64(&mut self) -> Option<u64> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Some(u64::from_be_bytes(a))
     }
-    fn i64(&mut self) -> Option<i64> {
+    pub(super) fn i64(&mut self) -> Option<i64> {
         self.u64().map(|v| v as i64)
     }
     /// A count of items of at least `min` bytes each: bounded by what is left, so a bad count
     /// never reserves more than the message could hold.
-    fn count(&mut self, min: usize) -> Option<usize> {
+    pub(super) fn count(&mut self, min: usize) -> Option<usize> {
         let n = self.u32()? as usize;
         (n.saturating_mul(min) <= self.0.len()).then_some(n)
     }
-    fn bytes(&mut self) -> Option<Bytes> {
+    pub(super) fn bytes(&mut self) -> Option<Bytes> {
         let n = self.u32()? as usize;
         if n > MAX_FIELD {
             return None;
         }
         self.take(n).map(Bytes::copy_from_slice)
     }
-    fn str(&mut self) -> Option<String> {
+    pub(super) fn str(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
         if n > MAX_FIELD {
             return None;
         }
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
-    fn queue(&mut self) -> Option<QueueRef> {
+    pub(super) fn queue(&mut self) -> Option<QueueRef> {
         Some(QueueRef {
             vhost: self.str()?,
             name: self.str()?,
         })
     }
-    fn msg(&mut self) -> Option<WireMsg> {
+    pub(super) fn msg(&mut self) -> Option<WireMsg> {
         Some(WireMsg {
             exchange: self.str()?,
             routing_key: self.str()?,
@@ -582,7 +582,7 @@ impl R<'_> {
             body: self.bytes()?,
         })
     }
-    fn consumer(&mut self) -> Option<RemoteConsumer> {
+    pub(super) fn consumer(&mut self) -> Option<RemoteConsumer> {
         Some(RemoteConsumer {
             conn: self.u64()?,
             channel: self.u16()?,

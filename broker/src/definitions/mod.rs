@@ -631,6 +631,16 @@ impl BrokerShared {
             }
         }));
         let me = self.me.clone();
+        vh.set_log_hook(Box::new(move |q, (log, events)| {
+            match me.upgrade().and_then(|s| s.cluster().cloned()) {
+                Some(c) => {
+                    let (log, events) = c.replication.wrap(&q.vhost, &q.name, log, events);
+                    (log, Some(events))
+                }
+                None => (log, events),
+            }
+        }));
+        let me = self.me.clone();
         vh.set_queue_hook(Box::new(move |q| {
             if let Some(c) = me.upgrade().and_then(|s| s.cluster().cloned()) {
                 c.queue_removed(q);

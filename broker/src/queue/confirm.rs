@@ -24,6 +24,8 @@ struct Waiting {
     ticket: ConfirmTicket,
     /// Still waits for the log to sync it.
     disk: bool,
+    /// Still waits for the queue's in-sync mirrors to have it.
+    mirrors: bool,
 }
 
 /// The confirms one queue owes.
@@ -53,6 +55,17 @@ impl ConfirmTracker {
         ttl_ms: Option<u64>,
         ticket: ConfirmTicket,
     ) {
+        if log.replicated() {
+            let disk = log.enqueue(id, msg, ttl_ms) == Safety::Pending;
+            debug_assert!(self.waiting.back().is_none_or(|w| w.id < id));
+            self.waiting.push_back(Waiting {
+                id,
+                ticket,
+                disk,
+                mirrors: true,
+            });
+            return;
+        }
         let Some((safety, ticket)) = log.enqueue_confirmed(id, msg, ttl_ms, ticket) else {
             return; // the log confirms after its sync
         };
@@ -64,6 +77,7 @@ impl ConfirmTracker {
                     id,
                     ticket,
                     disk: true,
+                    mirrors: false,
                 });
             }
         }
@@ -87,6 +101,17 @@ impl ConfirmTracker {
                 break;
             }
             w.disk = false;
+        }
+        self.confirm_ready();
+    }
+
+    /// Every in-sync mirror has everything up to and including `up_to`.
+    pub fn mirrors_acked(&mut self, up_to: u64) {
+        for w in self.waiting.iter_mut() {
+            if w.id > up_to {
+                break;
+            }
+            w.mirrors = false;
         }
         self.confirm_ready();
     }
@@ -123,7 +148,7 @@ impl ConfirmTracker {
     /// Sends the confirms of the oldest publishes that wait for nothing more. Confirms leave in
     /// id order: a publish never overtakes an older one still waiting.
     fn confirm_ready(&mut self) {
-        while self.waiting.front().is_some_and(|w| !w.disk) {
+        while self.waiting.front().is_some_and(|w| !w.disk && !w.mirrors) {
             if let Some(w) = self.waiting.pop_front() {
                 w.ticket.send(true);
             }
@@ -197,6 +222,48 @@ mod tests {
         assert_eq!(t.len(), 2);
         t.disk_synced(5);
         assert_eq!(sent(&mut rx), vec![(4, true), (5, true)]);
+        assert!(t.is_empty());
+    }
+
+    /// A log whose queue has mirrors: syncs some ids to disk, keeps others in memory.
+    struct Mirrored;
+    impl QueueLog for Mirrored {
+        fn enqueue(&mut self, id: u64, _: &Message, _: Option<u64>) -> Safety {
+            if id % 2 == 0 {
+                Safety::Pending
+            } else {
+                Safety::Safe
+            }
+        }
+        fn settle(&mut self, _: &[u64]) {}
+        fn delivered(&mut self, _: &[u64]) {}
+        fn requeue(&mut self, _: &[u64]) {}
+        fn delete(&mut self) {}
+        fn replicated(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn with_mirrors_a_publish_waits_for_both_its_disk_and_its_mirrors_in_order() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut t = ConfirmTracker::default();
+        let mut log = Mirrored;
+        for id in 1..=4 {
+            t.enqueue(&mut log, id, &msg(), None, ticket(&tx, id));
+        }
+        assert!(
+            sent(&mut rx).is_empty(),
+            "odd ids are safe locally, yet wait for the mirrors"
+        );
+        t.mirrors_acked(3);
+        assert_eq!(sent(&mut rx), vec![(1, true)], "2 still waits for its disk");
+        t.disk_synced(2);
+        assert_eq!(sent(&mut rx), vec![(2, true), (3, true)]);
+        t.disk_synced(4);
+        assert!(sent(&mut rx).is_empty(), "4 still waits for the mirrors");
+        t.mirrors_acked(4);
+        assert_eq!(sent(&mut rx), vec![(4, true)]);
         assert!(t.is_empty());
     }
 

@@ -364,6 +364,7 @@ impl QueueCore {
     pub fn store_event(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Synced { up_to } => self.confirms.disk_synced(up_to),
+            StoreEvent::MirrorsAcked { up_to } => self.confirms.mirrors_acked(up_to),
             StoreEvent::WriteFailed { ids, tickets } => {
                 let nack = self.confirms.disk_failed(&ids, tickets);
                 // Nacked: the publisher keeps responsibility, so the copy here goes unless a

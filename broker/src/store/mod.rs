@@ -77,6 +77,9 @@ pub enum StoreEvent {
         ids: Vec<u64>,
         tickets: Vec<ConfirmTicket>,
     },
+    /// Every in-sync mirror of the queue has every id up to and including `up_to` (clustered
+    /// queues with mirrors; see [`QueueLog::replicated`]).
+    MirrorsAcked { up_to: u64 },
 }
 
 /// Whether a logged enqueue is already safe to confirm.
@@ -116,6 +119,11 @@ pub trait QueueLog: Send + 'static {
     fn requeue(&mut self, ids: &[u64]);
     /// The queue was deleted.
     fn delete(&mut self);
+    /// Whether a publish also waits for the queue's in-sync mirrors (reported as
+    /// [`StoreEvent::MirrorsAcked`]): then the confirm is never delegated to the log.
+    fn replicated(&self) -> bool {
+        false
+    }
     /// The queue has handled a round of commands: records logged since the last call are
     /// to be written now. `idle`: no command waits, so the log may write on the caller's
     /// thread. `woke`: the round woke other tasks (deliveries to connections), which another

@@ -91,6 +91,19 @@ pub async fn declare(ch: &Channel, name: &str, args: FieldTable) -> lapin::Queue
         .expect("queue.declare")
 }
 
+pub async fn declare_durable(ch: &Channel, name: &str) -> lapin::Queue {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare")
+}
+
 pub async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
     publish_props(ch, exchange, key, body, BasicProperties::default()).await;
 }

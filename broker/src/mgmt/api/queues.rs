@@ -46,7 +46,20 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("auto_delete", json!(q.auto_delete));
     put("exclusive", json!(q.exclusive_owner.is_some()));
     put("arguments", conv::table(&q.arguments));
-    put("node", json!(shared.config.node_name));
+    // Clustered: where the queue lives (its master) and its mirrors, as RabbitMQ shows them.
+    let placement = shared.cluster().and_then(|c| {
+        let st = c.state();
+        let v = st.get(&crate::cluster::keys::queue(&q.vhost, &q.name))?;
+        crate::cluster::keys::from_value::<crate::cluster::keys::QueueValue>(&v.value)
+    });
+    match placement {
+        Some(qv) => {
+            put("node", json!(qv.placement.master));
+            put("slave_nodes", json!(qv.placement.mirrors));
+            put("synchronised_slave_nodes", json!(qv.placement.in_sync));
+        }
+        None => put("node", json!(shared.config.node_name)),
+    }
     put("type", json!("classic"));
     put("state", json!("running"));
     let policy = q.policy();

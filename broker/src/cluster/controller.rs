@@ -1,0 +1,193 @@
+//! Who mirrors each queue and who takes over when its master dies, decided through the
+//! cluster log.
+//!
+//! Every few hundred milliseconds each node looks at the queues it masters and their policy
+//! (`ha-mode` all | exactly with `ha-params` N | nodes with `ha-params` [names]):
+//! - the mirrors are the nodes the policy names (witnesses never);
+//! - a mirror joins the in-sync set once the master streams to it and the queue holds nothing
+//!   older than the stream (the queue is empty then: RabbitMQ's natural sync);
+//! - a mirror out of reach for the failure-detection time leaves the in-sync set, so it stops
+//!   holding confirms back.
+//!
+//! The Raft leader also watches the masters: a master out of reach for the failure-detection
+//! time is replaced by its oldest in-sync mirror that is reachable (`ha-promote-on-failure`
+//! `when-synced`, the default; with `always` an unsynchronised mirror too), epoch + 1. Every
+//! change is a committed placement guarded by the queue key's version, so two nodes never
+//! both promote, and a node applies a promotion only from the log.
+
+use super::keys::{self, QueueValue};
+use super::link::ClusterLink;
+use super::wire::QueueRef;
+use crate::BrokerShared;
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tracing::{info, warn};
+use warren_cluster::{node_id_of, Op};
+
+/// How often the placements are looked at.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The mirrors a queue's effective policy asks for (not the master itself), in a stable order.
+pub fn desired_mirrors(
+    definition: &serde_json::Map<String, Value>,
+    master: &str,
+    nodes: &[String],
+) -> Vec<String> {
+    let others: Vec<String> = nodes.iter().filter(|n| *n != master).cloned().collect();
+    match definition.get("ha-mode").and_then(Value::as_str) {
+        Some("all") => others,
+        Some("exactly") => {
+            let n = definition
+                .get("ha-params")
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            others
+                .into_iter()
+                .take(n.saturating_sub(1) as usize)
+                .collect()
+        }
+        Some("nodes") => {
+            let named: BTreeSet<&str> = definition
+                .get("ha-params")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            others
+                .into_iter()
+                .filter(|n| named.contains(n.as_str()))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
+    let link = Arc::downgrade(link);
+    let shared: Weak<BrokerShared> = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (Some(link), Some(shared)) = (link.upgrade(), shared.upgrade()) else {
+                return;
+            };
+            if link.stopped() {
+                return;
+            }
+            round(&link, &shared).await;
+        }
+    });
+}
+
+async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
+    let st = link.state();
+    let me = shared.config.node_name.clone();
+    let fd = link.failure_detection();
+    let members = link.members();
+    // Nodes that can hold queues, by name, in name order; and which of them are reachable.
+    let mut nodes: Vec<String> = members
+        .iter()
+        .filter(|m| !m.witness)
+        .map(|m| m.name.clone())
+        .collect();
+    nodes.sort();
+    let reachable: HashMap<String, bool> = members
+        .iter()
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.name == me || m.last_contact.is_some_and(|c| c < fd),
+            )
+        })
+        .collect();
+    let up = |n: &str| reachable.get(n).copied().unwrap_or(false);
+    let leader = link.cluster.leader() == Some(link.cluster.node_id());
+    let mut ops_list: Vec<Vec<Op>> = Vec::new();
+    for (key, v) in st.prefix("queue/") {
+        let Some(qv) = keys::from_value::<QueueValue>(&v.value) else {
+            continue;
+        };
+        let p = &qv.placement;
+        let qref = QueueRef {
+            vhost: qv.def.vhost.clone(),
+            name: qv.def.name.clone(),
+        };
+        let mut next = qv.clone();
+        if p.master == me {
+            let Some(q) = shared
+                .vhost(&qref.vhost)
+                .and_then(|vh| vh.queue(&qref.name))
+            else {
+                continue;
+            };
+            if link.is_proxy(&q) {
+                continue;
+            }
+            let definition = q.policy().applied.definition.clone();
+            let mirrors = desired_mirrors(&definition, &me, &nodes);
+            let empty = q.message_count() == 0
+                && q.stats.unacked.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            let mut in_sync: Vec<String> = p
+                .in_sync
+                .iter()
+                .filter(|n| mirrors.contains(n) && up(n))
+                .cloned()
+                .collect();
+            for m in &mirrors {
+                if !in_sync.contains(m) && up(m) && empty && link.streams_to(&qref, node_id_of(m)) {
+                    in_sync.push(m.clone());
+                }
+            }
+            next.placement.mirrors = mirrors;
+            next.placement.in_sync = in_sync;
+        } else if leader && !up(&p.master) {
+            let always = shared
+                .vhost(&qref.vhost)
+                .and_then(|vh| vh.queue(&qref.name))
+                .and_then(|q| {
+                    q.policy()
+                        .applied
+                        .definition
+                        .get("ha-promote-on-failure")
+                        .cloned()
+                })
+                == Some(Value::from("always"));
+            let candidate = p
+                .in_sync
+                .iter()
+                .chain(p.mirrors.iter().filter(|_| always))
+                .find(|n| **n != p.master && up(n))
+                .cloned();
+            let Some(c) = candidate else { continue };
+            info!(queue = %qref.name, vhost = %qref.vhost, from = %p.master, to = %c, "promoting a mirror: the master is out of reach");
+            next.placement.master = c.clone();
+            next.placement.mirrors.retain(|n| *n != c && *n != p.master);
+            next.placement.in_sync.retain(|n| *n != c && *n != p.master);
+            next.placement.epoch = p.epoch + 1;
+        }
+        if next != qv {
+            ops_list.push(vec![
+                Op::CheckVersion {
+                    key: key.clone(),
+                    version: v.version,
+                },
+                Op::Put {
+                    key: key.clone(),
+                    value: keys::to_value(&next),
+                },
+            ]);
+        }
+    }
+    for ops in ops_list {
+        match link.propose(ops).await {
+            Ok(_) | Err(warren_cluster::ClusterError::Conflict { .. }) => {}
+            Err(e) => {
+                warn!(error = %e, "queue placement not committed; retried next round");
+                return;
+            }
+        }
+    }
+}

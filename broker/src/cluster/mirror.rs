@@ -1,0 +1,152 @@
+//! The mirror's side of mirrored queues: this node keeps a copy of each queue it mirrors,
+//! built from its master's stream ([`MirrorBatch`]), acknowledges each batch once applied
+//! ([`MirrorAck`]: the highest id it has), and hands the copy over when it is promoted.
+//!
+//! The copy is in memory: a mirror that restarts comes back empty and is in sync again only
+//! after a resync (see [`super::controller`]). A batch from an older epoch than the newest seen
+//! (a master that was replaced) is ignored.
+
+use super::mirror_wire::{MirrorAck, MirrorBatch, MirrorOp, MIRROR, MIRROR_ACK};
+use super::remote::local_msg;
+use super::wire::QueueRef;
+use crate::queue::Message;
+use crate::store::Recovered;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tracing::{debug, warn};
+use warren_cluster::Cluster;
+
+#[derive(Default)]
+struct Copy {
+    epoch: u64,
+    /// id -> (message, delivered and not settled, expiry in Unix ms or 0).
+    msgs: BTreeMap<u64, (Arc<Message>, bool, u64)>,
+    top: u64,
+}
+
+/// Whether batches of `epoch` for a queue are from a master the cluster already replaced.
+pub type Fenced = Box<dyn Fn(&QueueRef, u64) -> bool + Send + Sync>;
+
+/// The queues this node mirrors.
+pub struct Mirrors {
+    copies: Mutex<HashMap<QueueRef, Copy>>,
+    /// Per queue, the lowest epoch still accepted (after this node was promoted).
+    retired: Mutex<HashMap<QueueRef, u64>>,
+    fenced: Fenced,
+}
+
+impl Mirrors {
+    pub fn start(
+        cluster: Cluster,
+        memory: &'static crate::memory::Memory,
+        fenced: Fenced,
+    ) -> Arc<Mirrors> {
+        let me = Arc::new(Mirrors {
+            copies: Mutex::default(),
+            retired: Mutex::default(),
+            fenced,
+        });
+        let mut inbox = cluster.subscribe_app(MIRROR);
+        let weak = Arc::downgrade(&me);
+        tokio::spawn(async move {
+            while let Some(m) = inbox.recv().await {
+                let Some(me) = weak.upgrade() else { return };
+                let Some(batch) = MirrorBatch::decode(&m.payload) else {
+                    warn!(from = m.from, "undecodable mirror batch; dropped");
+                    continue;
+                };
+                if let Some(ack) = me.apply(memory, batch) {
+                    if let Err(e) = cluster.send(m.from, MIRROR_ACK, ack.encode()) {
+                        debug!(error = %e, "mirror ack not sent");
+                    }
+                }
+            }
+        });
+        me
+    }
+
+    fn apply(&self, memory: &'static crate::memory::Memory, b: MirrorBatch) -> Option<MirrorAck> {
+        // A replaced master is not acknowledged (it must not confirm anything more).
+        let floor = self.retired.lock().get(&b.queue).copied().unwrap_or(0);
+        if b.epoch < floor || (self.fenced)(&b.queue, b.epoch) {
+            return None;
+        }
+        let mut copies = self.copies.lock();
+        let c = copies.entry(b.queue.clone()).or_default();
+        if b.epoch < c.epoch {
+            return None;
+        }
+        c.epoch = b.epoch;
+        for op in b.ops {
+            match op {
+                MirrorOp::Enqueue {
+                    id,
+                    msg,
+                    expires_at_ms,
+                } => {
+                    if let Some(m) = local_msg(memory, msg) {
+                        c.msgs.insert(id, (m, false, expires_at_ms));
+                    }
+                    c.top = c.top.max(id);
+                }
+                MirrorOp::Settle(ids) => {
+                    for id in ids {
+                        c.msgs.remove(&id);
+                    }
+                }
+                MirrorOp::Delivered(ids) => {
+                    for id in ids {
+                        if let Some(e) = c.msgs.get_mut(&id) {
+                            e.1 = true;
+                        }
+                    }
+                }
+                MirrorOp::Requeue(ids) => {
+                    for id in ids {
+                        if let Some(e) = c.msgs.get_mut(&id) {
+                            e.1 = true;
+                        }
+                    }
+                }
+                MirrorOp::Delete => {
+                    copies.remove(&b.queue);
+                    return None;
+                }
+            }
+        }
+        Some(MirrorAck {
+            queue: b.queue,
+            epoch: c.epoch,
+            up_to: c.top,
+        })
+    }
+
+    /// Promoted: the copy of `queue`, in queue order; messages that had been delivered come
+    /// back redelivered. None if this node has no copy.
+    pub fn take(&self, queue: &QueueRef, epoch: u64) -> Option<Vec<Recovered>> {
+        self.retired.lock().insert(queue.clone(), epoch);
+        let c = self.copies.lock().remove(queue)?;
+        Some(
+            c.msgs
+                .into_iter()
+                .map(|(id, (msg, delivered, exp))| Recovered {
+                    id,
+                    msg,
+                    redelivered: delivered,
+                    expires_at_ms: (exp != 0).then_some(exp),
+                })
+                .collect(),
+        )
+    }
+
+    /// This node no longer mirrors `queue`.
+    pub fn drop_copy(&self, queue: &QueueRef) {
+        self.copies.lock().remove(queue);
+    }
+
+    /// How many messages the copy of `queue` holds (for the management API and tests).
+    pub fn len(&self, queue: &QueueRef) -> Option<usize> {
+        self.copies.lock().get(queue).map(|c| c.msgs.len())
+    }
+}
