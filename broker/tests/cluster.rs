@@ -9,6 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use support::http::http;
 use support::proc::{spawn, BrokerProc};
@@ -932,4 +933,153 @@ async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_messa
         .await
         .expect("confirm");
     assert!(ok.is_ack());
+}
+
+/// When the master was killed, and when the first publish sent after that was confirmed.
+#[derive(Default)]
+struct Outage {
+    killed: Option<tokio::time::Instant>,
+    resumed: Option<tokio::time::Instant>,
+}
+
+/// A publisher that keeps publishing persistent messages with confirms through `node`,
+/// one at a time; a nack or a broken connection means the message is sent again (after a
+/// reconnect). Returns every body that was confirmed, and how many sends were retried.
+async fn confirmed_publisher(
+    addr: String,
+    queue: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+    outage: Arc<parking_lot::Mutex<Outage>>,
+) -> (Vec<String>, usize) {
+    let mut confirmed = Vec::new();
+    let mut retries = 0;
+    let mut i = 0u32;
+    'outer: while !stop.is_cancelled() {
+        let uri = format!("amqp://guest:guest@{addr}/%2f");
+        let Ok(conn) =
+            lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        if ch.confirm_select(Default::default()).await.is_err() {
+            continue;
+        }
+        while !stop.is_cancelled() {
+            let body = format!("p{i}");
+            let after_kill = outage.lock().killed.is_some();
+            let sent = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    Default::default(),
+                    body.as_bytes(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await;
+            let confirm = match sent {
+                Ok(c) => tokio::time::timeout(Duration::from_secs(10), c).await,
+                Err(_) => continue 'outer,
+            };
+            match confirm {
+                Ok(Ok(c)) if c.is_ack() => {
+                    confirmed.push(body);
+                    i += 1;
+                    let mut o = outage.lock();
+                    if after_kill && o.resumed.is_none() {
+                        o.resumed = Some(tokio::time::Instant::now());
+                    }
+                }
+                Ok(Ok(_)) => {
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => {
+                    retries += 1;
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    (confirmed, retries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_two_nodes_lose_no_confirmed_message_when_the_master_is_killed_mid_stream() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-r");
+    let r1 = start("r1@seed", &root.path().join("r1"), &secret, None).await;
+    let r2 = start(
+        "r2@seed",
+        &root.path().join("r2"),
+        &secret,
+        Some(&r1.cluster()),
+    )
+    .await;
+    voters(&r1, 2).await;
+    r2.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    )
+    .await;
+    let (_c1, ch1) = channel_on(&r1).await;
+    support::declare_durable(&ch1, "celery").await;
+    eventually("r2 in sync", || async {
+        queue_info(&r2, "celery").await["synchronised_slave_nodes"] == json!(["r2@seed"])
+    })
+    .await;
+    // Publishing through r2 (the node that survives), as a Celery producer with
+    // confirm_publish behind a load balancer would after its reconnect.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let outage: Arc<parking_lot::Mutex<Outage>> = Arc::default();
+    let publisher = tokio::spawn(confirmed_publisher(
+        r2.proc.addr("amqp").to_string(),
+        "celery",
+        stop.clone(),
+        outage.clone(),
+    ));
+    eventually("100 confirmed before the kill", || async {
+        ready_on(&ch1, "celery").await >= 100
+    })
+    .await;
+    let killed = tokio::time::Instant::now();
+    outage.lock().killed = Some(killed);
+    r1.proc.kill9().await;
+    // The survivor carries on alone (partition handling ignore) and promotes its mirror.
+    eventually("r2 masters the queue", || async {
+        queue_info(&r2, "celery").await["node"] == "r2@seed"
+    })
+    .await;
+    eventually("publishing confirmed again", || async {
+        outage.lock().resumed.is_some()
+    })
+    .await;
+    let gap = outage.lock().resumed.map(|t| t - killed);
+    eprintln!("confirmed publishing resumed {gap:?} after kill -9 of the master");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (confirmed, retries) = publisher.await.expect("publisher");
+    assert!(confirmed.len() > 100, "{} confirmed", confirmed.len());
+    // Every confirmed message is in the queue on r2.
+    let (_c2, ch2) = channel_on(&r2).await;
+    let mut have = std::collections::HashSet::new();
+    while let Some(g) = ch2
+        .basic_get(
+            "celery".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+    {
+        have.insert(String::from_utf8(g.delivery.data.clone()).expect("utf8"));
+    }
+    let lost: Vec<&String> = confirmed.iter().filter(|b| !have.contains(*b)).collect();
+    assert!(
+        lost.is_empty(),
+        "confirmed and lost: {lost:?} (of {}, {retries} resent)",
+        confirmed.len()
+    );
 }

@@ -49,6 +49,8 @@ pub struct Remote {
     tickets: Mutex<HashMap<u64, (NodeId, ConfirmTicket)>>,
     replies: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Reply>)>>,
     consumers: Mutex<HashMap<ConsumerKey, RemoteConsumerState>>,
+    /// Masters whose link is down: what is sent to them now is refused at once.
+    down: Mutex<std::collections::HashSet<NodeId>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -102,6 +104,7 @@ impl Remote {
             tickets: Mutex::default(),
             replies: Mutex::default(),
             consumers: Mutex::default(),
+            down: Mutex::default(),
         });
         let mut inbox = cluster.subscribe_app(FROM_MASTER);
         let mut events = cluster.peer_events();
@@ -120,7 +123,13 @@ impl Remote {
                     ev = events.recv() => {
                         let Some(me) = weak.upgrade() else { return };
                         match ev {
-                            Ok(PeerEvent::Down(peer)) => me.master_gone(peer),
+                            Ok(PeerEvent::Down(peer)) => {
+                                me.down.lock().insert(peer);
+                                me.master_gone(peer);
+                            }
+                            Ok(PeerEvent::Up(peer)) => {
+                                me.down.lock().remove(&peer);
+                            }
                             Ok(_) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(_) => return,
@@ -137,6 +146,9 @@ impl Remote {
     }
 
     fn send(&self, master: NodeId, msg: &ToMaster) -> bool {
+        if self.down.lock().contains(&master) {
+            return false;
+        }
         match self.cluster.send(master, TO_MASTER, msg.encode()) {
             Ok(()) => true,
             Err(e) => {
