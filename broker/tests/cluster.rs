@@ -1009,6 +1009,19 @@ async fn confirmed_publisher(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_two_nodes_lose_no_confirmed_message_when_the_master_is_killed_mid_stream() {
+    seed_failover(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_witness_the_seeds_two_nodes_fail_over_through_a_majority() {
+    seed_failover(true).await;
+}
+
+/// The seed's R1/R2 with ha-all: kill -9 of the master while a publisher with confirms
+/// publishes through the other node. Without a witness the survivor carries on alone
+/// (partition handling ignore); with one, the survivor and the witness are a majority and the
+/// promotion is an ordinary commit.
+async fn seed_failover(witness: bool) {
     let root = tempfile::tempdir().expect("tmp");
     let secret = secret_file(root.path(), "cookie-r");
     let r1 = start("r1@seed", &root.path().join("r1"), &secret, None).await;
@@ -1019,7 +1032,22 @@ async fn the_seeds_two_nodes_lose_no_confirmed_message_when_the_master_is_killed
         Some(&r1.cluster()),
     )
     .await;
-    voters(&r1, 2).await;
+    let _w = if witness {
+        Some(
+            start_with(
+                "w@seed",
+                &root.path().join("w"),
+                &secret,
+                Some(&r1.cluster()),
+                &["--witness"],
+                &["mgmt", "cluster"],
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    voters(&r1, if witness { 3 } else { 2 }).await;
     r2.put(
         "/api/policies/%2F/ha-all",
         json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
@@ -1053,12 +1081,20 @@ async fn the_seeds_two_nodes_lose_no_confirmed_message_when_the_master_is_killed
         queue_info(&r2, "celery").await["node"] == "r2@seed"
     })
     .await;
+    // With a witness, r2 never forced a one-voter cluster: the majority promoted.
+    assert_eq!(
+        r2.proc.logged("forced a one-voter cluster"),
+        !witness,
+        "ignore mode alone forces; a witness keeps the majority"
+    );
     eventually("publishing confirmed again", || async {
         outage.lock().resumed.is_some()
     })
     .await;
     let gap = outage.lock().resumed.map(|t| t - killed);
-    eprintln!("confirmed publishing resumed {gap:?} after kill -9 of the master");
+    eprintln!(
+        "confirmed publishing resumed {gap:?} after kill -9 of the master (witness: {witness})"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let (confirmed, retries) = publisher.await.expect("publisher");
