@@ -1119,3 +1119,74 @@ async fn seed_failover(witness: bool) {
         confirmed.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mirror_resyncs_and_can_take_over_the_queue() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-rr");
+    let a = start("a@rr", &root.path().join("a"), &secret, None).await;
+    let b = start("b@rr", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    let c = start("c@rr", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+    a.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "definition": {"ha-mode": "all"}}),
+    )
+    .await;
+    let (_ca, cha) = channel_on(&a).await;
+    support::declare_durable(&cha, "jobs").await;
+    eventually("b and c in sync", || async {
+        queue_info(&a, "jobs").await["synchronised_slave_nodes"] == json!(["b@rr", "c@rr"])
+    })
+    .await;
+    // b restarts (SIGTERM, as in a rolling restart): it leaves the in-sync set, comes back with
+    // an empty copy, and is in sync again once the queue holds nothing older than its stream.
+    b.proc.term().await;
+    eventually("b out of sync while away", || async {
+        queue_info(&a, "jobs").await["synchronised_slave_nodes"] == json!(["c@rr"])
+    })
+    .await;
+    let b = start("b@rr", &root.path().join("b"), &secret, None).await;
+    // Back in sync, after c: the in-sync list is oldest first (the promotion order).
+    eventually("b in sync again", || async {
+        queue_info(&a, "jobs").await["synchronised_slave_nodes"] == json!(["c@rr", "b@rr"])
+    })
+    .await;
+    // c restarts the same way: b is now the oldest in-sync mirror.
+    c.proc.term().await;
+    let c = start("c@rr", &root.path().join("c"), &secret, None).await;
+    eventually("b, then c, in sync", || async {
+        queue_info(&a, "jobs").await["synchronised_slave_nodes"] == json!(["b@rr", "c@rr"])
+    })
+    .await;
+    // Confirmed through c; then the master goes, and b (restarted mirror) takes over with all.
+    let (_cc, chc) = channel_on(&c).await;
+    chc.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for i in 0..20 {
+        let ok = chc
+            .basic_publish(
+                "".into(),
+                "jobs".into(),
+                Default::default(),
+                format!("j{i}").as_bytes(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(ok.is_ack());
+    }
+    a.proc.kill9().await;
+    eventually("b promoted", || async {
+        queue_info(&c, "jobs").await["node"] == "b@rr"
+    })
+    .await;
+    let (_cb, chb) = channel_on(&b).await;
+    eventually("20 messages on the new master", || async {
+        ready_on(&chb, "jobs").await == 20
+    })
+    .await;
+}

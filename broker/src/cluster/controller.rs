@@ -128,16 +128,25 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
             }
             let definition = q.policy().applied.definition.clone();
             let mirrors = desired_mirrors(&definition, &me, &nodes);
+            // A mirror's stream starts with the queue's next round: an idle queue is woken.
+            if p.mirrors
+                .iter()
+                .any(|m| !link.streams_to(&qref, node_id_of(m)))
+            {
+                q.kick();
+            }
             let empty = q.message_count() == 0
                 && q.stats.unacked.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            let broken = |n: &str| link.replication.broken(&qref, node_id_of(n));
             let mut in_sync: Vec<String> = p
                 .in_sync
                 .iter()
-                .filter(|n| mirrors.contains(n) && up(n))
+                .filter(|n| mirrors.contains(n) && up(n) && !broken(n))
                 .cloned()
                 .collect();
             for m in &mirrors {
-                if !in_sync.contains(m) && up(m) && empty && link.streams_to(&qref, node_id_of(m)) {
+                if !p.in_sync.contains(m) && up(m) && empty && link.streams_to(&qref, node_id_of(m))
+                {
                     in_sync.push(m.clone());
                 }
             }

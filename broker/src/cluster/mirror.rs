@@ -19,6 +19,8 @@ use warren_cluster::Cluster;
 
 #[derive(Default)]
 struct Copy {
+    /// The master it follows (its link going down ends the copy: batches may be missed).
+    master: Option<warren_cluster::NodeId>,
     epoch: u64,
     /// id -> (message, delivered and not settled, expiry in Unix ms or 0).
     msgs: BTreeMap<u64, (Arc<Message>, bool, u64)>,
@@ -48,15 +50,23 @@ impl Mirrors {
             fenced,
         });
         let mut inbox = cluster.subscribe_app(MIRROR);
+        let mut events = cluster.peer_events();
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
-            while let Some(m) = inbox.recv().await {
+            loop {
+                let m = tokio::select! {
+                    m = inbox.recv() => m,
+                    // A master that dies leaves its copy here to be promoted; one whose link only
+                    // flapped starts the next batch with a Reset.
+                    _ = events.recv() => continue,
+                };
+                let Some(m) = m else { return };
                 let Some(me) = weak.upgrade() else { return };
                 let Some(batch) = MirrorBatch::decode(&m.payload) else {
                     warn!(from = m.from, "undecodable mirror batch; dropped");
                     continue;
                 };
-                if let Some(ack) = me.apply(memory, batch) {
+                if let Some(ack) = me.apply(memory, m.from, batch) {
                     if let Err(e) = cluster.send(m.from, MIRROR_ACK, ack.encode()) {
                         debug!(error = %e, "mirror ack not sent");
                     }
@@ -66,7 +76,12 @@ impl Mirrors {
         me
     }
 
-    fn apply(&self, memory: &'static crate::memory::Memory, b: MirrorBatch) -> Option<MirrorAck> {
+    fn apply(
+        &self,
+        memory: &'static crate::memory::Memory,
+        from: warren_cluster::NodeId,
+        b: MirrorBatch,
+    ) -> Option<MirrorAck> {
         // A replaced master is not acknowledged (it must not confirm anything more).
         let floor = self.retired.lock().get(&b.queue).copied().unwrap_or(0);
         if b.epoch < floor || (self.fenced)(&b.queue, b.epoch) {
@@ -78,6 +93,7 @@ impl Mirrors {
             return None;
         }
         c.epoch = b.epoch;
+        c.master = Some(from);
         for op in b.ops {
             match op {
                 MirrorOp::Enqueue {
@@ -108,6 +124,10 @@ impl Mirrors {
                             e.1 = true;
                         }
                     }
+                }
+                MirrorOp::Reset => {
+                    c.msgs.clear();
+                    c.top = 0;
                 }
                 MirrorOp::Delete => {
                     copies.remove(&b.queue);

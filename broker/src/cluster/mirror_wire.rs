@@ -27,6 +27,9 @@ pub enum MirrorOp {
     Requeue(Vec<u64>),
     /// The queue was deleted.
     Delete,
+    /// Start the copy afresh (the first batch to a new mirror, or after its link dropped:
+    /// batches may have been missed).
+    Reset,
 }
 
 /// Changes for one queue, from the master of `epoch`.
@@ -88,6 +91,7 @@ impl MirrorBatch {
                     ids(&mut w, v);
                 }
                 MirrorOp::Delete => w.u8(5),
+                MirrorOp::Reset => w.u8(6),
             }
         }
         w.0.freeze()
@@ -110,6 +114,7 @@ impl MirrorBatch {
                 3 => MirrorOp::Delivered(read_ids(&mut r)?),
                 4 => MirrorOp::Requeue(read_ids(&mut r)?),
                 5 => MirrorOp::Delete,
+                6 => MirrorOp::Reset,
                 _ => return None,
             });
         }
@@ -162,6 +167,7 @@ mod tests {
                 MirrorOp::Delivered(vec![7]),
                 MirrorOp::Requeue(vec![7]),
                 MirrorOp::Settle(vec![7, 8]),
+                MirrorOp::Reset,
                 MirrorOp::Delete,
             ],
         }

@@ -40,6 +40,13 @@ struct RepState {
     epoch: u64,
     mirrors: Vec<NodeId>,
     in_sync: Vec<NodeId>,
+    /// In-sync mirrors whose link dropped since (they may have missed batches): their acks no
+    /// longer count, and the controller takes them out of the in-sync set, a commit that
+    /// publishes wait for.
+    broken: std::collections::HashSet<NodeId>,
+    /// Mirrors whose next batch starts with a Reset (new, or their link dropped): they do not
+    /// count as streamed to until it is sent.
+    fresh: std::collections::HashSet<NodeId>,
     acked: HashMap<NodeId, u64>,
     /// The highest id enqueued so far.
     top: u64,
@@ -55,6 +62,12 @@ impl QueueRep {
         st.epoch = epoch;
         self.mirrored.store(!mirrors.is_empty(), Ordering::Release);
         self.waits.store(!in_sync.is_empty(), Ordering::Release);
+        st.broken.retain(|n| in_sync.contains(n));
+        for m in &mirrors {
+            if !st.mirrors.contains(m) {
+                st.fresh.insert(*m);
+            }
+        }
         st.mirrors = mirrors;
         st.in_sync = in_sync;
         // Publishes enqueued so far waited for nobody's acks (or are counted again below).
@@ -64,7 +77,7 @@ impl QueueRep {
 
     fn ack(&self, from: NodeId, epoch: u64, up_to: u64) {
         let mut st = self.state.lock();
-        if epoch != st.epoch {
+        if epoch != st.epoch || st.broken.contains(&from) {
             return;
         }
         let a = st.acked.entry(from).or_insert(0);
@@ -89,6 +102,18 @@ impl QueueRep {
             st.reported = up_to;
             let _ = self.events.send(StoreEvent::MirrorsAcked { up_to });
         }
+    }
+
+    /// The link to `peer` dropped: if it is an in-sync mirror of this queue, it is broken.
+    fn link_down(&self, peer: NodeId) {
+        let mut st = self.state.lock();
+        if st.in_sync.contains(&peer) {
+            st.broken.insert(peer);
+        }
+        if st.mirrors.contains(&peer) {
+            st.fresh.insert(peer);
+        }
+        st.acked.remove(&peer);
     }
 
     fn push(&self, op: MirrorOp) {
@@ -177,25 +202,37 @@ impl QueueLog for MirroredLog {
 
 impl MirroredLog {
     fn send_pending(&self) {
-        let (ops, mirrors, epoch) = {
+        let (ops, mirrors, fresh, epoch) = {
             let mut st = self.rep.state.lock();
-            if st.pending.is_empty() {
+            if st.pending.is_empty() && st.fresh.is_empty() {
                 return;
             }
+            let fresh = std::mem::take(&mut st.fresh);
             (
                 std::mem::take(&mut st.pending),
                 st.mirrors.clone(),
+                fresh,
                 st.epoch,
             )
         };
+        let mut reset_ops = Vec::with_capacity(ops.len() + 1);
+        reset_ops.push(MirrorOp::Reset);
+        reset_ops.extend(ops.iter().cloned());
         let batch = MirrorBatch {
             queue: self.rep.queue.clone(),
             epoch,
             ops,
         }
         .encode();
+        let reset = MirrorBatch {
+            queue: self.rep.queue.clone(),
+            epoch,
+            ops: reset_ops,
+        }
+        .encode();
         for m in mirrors {
-            if let Err(e) = self.cluster.send(m, MIRROR, batch.clone()) {
+            let b = if fresh.contains(&m) { &reset } else { &batch };
+            if let Err(e) = self.cluster.send(m, MIRROR, b.clone()) {
                 // The mirror misses this batch: the controller drops it from the in-sync
                 // set when it stays out of reach (it resyncs from an empty queue).
                 debug!(mirror = m, error = %e, "mirror batch not sent");
@@ -217,9 +254,25 @@ impl Replication {
             queues: Mutex::default(),
         });
         let mut acks = cluster.subscribe_app(MIRROR_ACK);
+        let mut events = cluster.peer_events();
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
-            while let Some(m) = acks.recv().await {
+            loop {
+                let m = tokio::select! {
+                    m = acks.recv() => m,
+                    ev = events.recv() => {
+                        let Some(me) = weak.upgrade() else { return };
+                        if let Ok(warren_cluster::PeerEvent::Down(peer)) = ev {
+                            let reps: Vec<Arc<QueueRep>> =
+                                me.queues.lock().values().filter_map(Weak::upgrade).collect();
+                            for r in reps {
+                                r.link_down(peer);
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let Some(m) = m else { return };
                 let Some(me) = weak.upgrade() else { return };
                 let Some(a) = MirrorAck::decode(&m.payload) else {
                     continue;
@@ -291,6 +344,15 @@ impl Replication {
         }
     }
 
+    /// Whether `mirror` of the queue mastered here lost its link since it was in sync.
+    pub fn broken(&self, queue: &QueueRef, mirror: NodeId) -> bool {
+        self.queues
+            .lock()
+            .get(queue)
+            .and_then(Weak::upgrade)
+            .is_some_and(|r| r.state.lock().broken.contains(&mirror))
+    }
+
     /// Whether the queue mastered here streams to `mirror` (it may count as in sync once
     /// the queue holds nothing older than the stream).
     pub fn streams_to(&self, queue: &QueueRef, mirror: NodeId) -> bool {
@@ -298,6 +360,9 @@ impl Replication {
             .lock()
             .get(queue)
             .and_then(Weak::upgrade)
-            .is_some_and(|r| r.state.lock().mirrors.contains(&mirror))
+            .is_some_and(|r| {
+                let st = r.state.lock();
+                st.mirrors.contains(&mirror) && !st.fresh.contains(&mirror)
+            })
     }
 }
