@@ -138,10 +138,12 @@ impl ConfirmTracker {
     }
 
     /// The queue is deleted: whatever waits is acked (its message was accepted, and is now
-    /// gone with the queue, as in RabbitMQ).
+    /// gone with the queue, as in RabbitMQ), except what still waits for the in-sync mirrors:
+    /// that is nacked. A master replaced by a promoted mirror is deleted this way, and the new
+    /// master may not have those messages; the publisher sends them again.
     pub fn queue_deleted(&mut self) {
         for w in self.waiting.drain(..) {
-            w.ticket.send(true);
+            w.ticket.send(!w.mirrors);
         }
     }
 
@@ -265,6 +267,22 @@ mod tests {
         t.mirrors_acked(4);
         assert_eq!(sent(&mut rx), vec![(4, true)]);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_queue_nacks_what_its_mirrors_never_acknowledged() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut t = ConfirmTracker::default();
+        let mut log = Mirrored;
+        for id in 1..=3 {
+            t.enqueue(&mut log, id, &msg(), None, ticket(&tx, id));
+        }
+        t.mirrors_acked(1);
+        t.disk_synced(1);
+        assert_eq!(sent(&mut rx), vec![(1, true)]);
+        // Demoted (a promoted mirror took over): 2 and 3 may be missing on the new master.
+        t.queue_deleted();
+        assert_eq!(sent(&mut rx), vec![(2, false), (3, false)]);
     }
 
     #[test]

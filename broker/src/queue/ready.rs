@@ -721,7 +721,7 @@ mod tests {
 
     #[test]
     fn a_paged_message_costs_a_small_index_entry() {
-        // The README promises about 70 bytes per paged message.
+        // docs/storage.md promises about 70 bytes per paged message.
         assert!(
             std::mem::size_of::<Slot>() <= 72,
             "{}",
