@@ -264,7 +264,33 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
             prefetch: chan.prefetch,
         },
     );
-    if let Err(e) = q.consume(spec).await {
+    let mut q = q;
+    let mut r = q.consume(spec.clone()).await;
+    // Clustered: a queue whose master just died is promoted on another node within a few
+    // failure-detection periods; the consume waits for it rather than failing (clients such
+    // as Celery's worker treat a failed consume as fatal).
+    if let (Err(e), Some(link)) = (&r, s.shared.cluster()) {
+        if crate::cluster::remote::is_unreachable(e) {
+            let deadline = tokio::time::Instant::now()
+                + link.failure_detection() * 3
+                + std::time::Duration::from_secs(2);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                if let Some(now) = vhost.queue(&name) {
+                    q = now;
+                }
+                r = q.consume(spec.clone()).await;
+                match &r {
+                    Err(e) if crate::cluster::remote::is_unreachable(e) => continue,
+                    _ => break,
+                }
+            }
+            if let Some(c) = s.channels.get_mut(&ch).and_then(|c| c.consumers.get_mut(&tag)) {
+                c.queue = Some(q.clone());
+            }
+        }
+    }
+    if let Err(e) = r {
         if let Some(chan) = s.channels.get_mut(&ch) {
             chan.consumers.remove(&tag);
         }

@@ -82,6 +82,14 @@ fn queue_ref(q: &QueueHandle) -> QueueRef {
     }
 }
 
+/// How the error of a queue whose master cannot be reached begins.
+const UNREACHABLE: &str = "queue master unreachable:";
+
+/// Whether `e` says the queue's master cannot be reached (it may be promoted elsewhere soon).
+pub fn is_unreachable(e: &ChannelError) -> bool {
+    e.reply_text().contains(UNREACHABLE)
+}
+
 fn channel_error(code: u16, text: String) -> ChannelError {
     use amq_protocol::protocol::AMQPSoftError as S;
     let kind = match code {
@@ -227,7 +235,7 @@ impl Remote {
             ChannelError::new(
                 amq_protocol::protocol::AMQPSoftError::RESOURCELOCKED,
                 format!(
-                    "queue '{}' in vhost '{}' is on a node that cannot be reached",
+                    "{UNREACHABLE} queue '{}' in vhost '{}' is on a node that cannot be reached",
                     handle.name, handle.vhost
                 ),
             )

@@ -1,0 +1,206 @@
+"""The seed's setup with Celery: two clustered warren-broker nodes (R1, R2) with the `ha-all` policy
+behind warren-lb (round robin), a Celery worker and a producer with `confirm_publish` both going
+through the balancer, and the master of the task queue killed with SIGKILL while tasks flow.
+Every task whose publish was confirmed runs at least once (a redelivered one may run twice).
+
+warren only: it clusters warren-broker processes (the RabbitMQ comparison of clustering is the
+cluster benchmark's business)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TARGET, _STARTED, register_log, stop_process, tail, unregister_log, warren_binary
+
+pytestmark = pytest.mark.skipif(TARGET != "warren", reason="clusters warren-broker processes")
+
+N = 150
+KILL_AT = 50
+
+WORKER_APP = '''
+import os
+from celery import Celery
+
+app = Celery("failover")
+app.conf.update(
+    broker_url=os.environ["FAILOVER_BROKER"],
+    broker_transport_options={"confirm_publish": True},
+    broker_connection_retry=True,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    task_acks_late=True,
+    task_default_queue="tasks",
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    task_serializer="json",
+    accept_content=["json"],
+)
+
+
+@app.task(name="failover.record")
+def record(n):
+    with open(os.environ["FAILOVER_RECORD"], "a") as f:
+        f.write(f"{n}\\n")
+'''
+
+
+class Node:
+    def __init__(self, name: str, proc, log: Path, addrs: dict[str, str]):
+        self.name, self.proc, self.log, self.addrs = name, proc, log, addrs
+
+    def api(self, method: str, path: str, body=None):
+        req = urllib.request.Request(f"http://{self.addrs['mgmt']}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode())
+        req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            data = r.read()
+            return json.loads(data) if data else None
+
+
+def start_node(tmp: Path, name: str, secret: Path, join: str | None) -> Node:
+    data = tmp / name.split("@")[0]
+    data.mkdir(parents=True, exist_ok=True)
+    args = [str(warren_binary()), "--node-name", name, "--data-dir", str(data),
+            "--amqp", "127.0.0.1:0", "--mgmt", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0",
+            "--cluster-secret-file", str(secret), "--cluster-failure-detection-ms", "1000"]
+    if join:
+        args += ["--join", join]
+    log = data.with_suffix(".log")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, RUST_LOG="info"), start_new_session=True)
+    _STARTED.append(proc)
+    register_log(f"{name} log ({log})", log)
+    deadline = time.monotonic() + 30
+    while True:
+        found = dict(re.findall(r"listening proto=(\w+) addr=(\S+)", log.read_text("utf-8", "replace")))
+        if {"amqp", "mgmt", "cluster"} <= found.keys():
+            return Node(name, proc, log, found)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{name} did not start:\n{tail(log)}", pytrace=False)
+        time.sleep(0.05)
+
+
+def eventually(what: str, f, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if f():
+                return
+        except Exception:  # a node that is still starting or just killed
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never true: {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("celery-failover-secret")
+    r1 = start_node(tmp_path, "r1@celery", secret, None)
+    r2 = start_node(tmp_path, "r2@celery", secret, r1.addrs["cluster"])
+    eventually("two voters", lambda: sum(1 for n in r1.api("GET", "/api/nodes") if n.get("voter")) == 2)
+    r1.api("PUT", "/api/policies/%2F/ha-all",
+           {"pattern": "", "apply-to": "queues", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}})
+    lb_bin = warren_binary().parent / "warren-lb"
+    if not (lb_bin.is_file() and os.access(lb_bin, os.X_OK)):
+        pytest.fail(f"{lb_bin} is missing: build the binaries first (`cargo build --bins`)", pytrace=False)
+    lb_log = tmp_path / "warren-lb.log"
+    with open(lb_log, "wb") as f:
+        lb = subprocess.Popen([str(lb_bin), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                               "--backend", r1.addrs["amqp"], "--backend", r2.addrs["amqp"]],
+                              stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, RUST_LOG="info"), start_new_session=True)
+    _STARTED.append(lb)
+    register_log(f"warren-lb log ({lb_log})", lb_log)
+    deadline = time.monotonic() + 20
+    while not (m := re.search(r"listening listener=default addr=(\S+)", lb_log.read_text("utf-8", "replace"))):
+        if lb.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"warren-lb did not listen:\n{tail(lb_log)}", pytrace=False)
+        time.sleep(0.05)
+    yield r1, r2, m.group(1)
+    for p in (lb, r1.proc, r2.proc):
+        stop_process(p)
+    for name in (f"warren-lb log ({lb_log})", f"r1@celery log ({r1.log})", f"r2@celery log ({r2.log})"):
+        unregister_log(name)
+
+
+@pytest.mark.timeout(240)
+def test_celery_with_confirm_publish_loses_no_task_when_the_master_is_killed(cluster, tmp_path):
+    r1, r2, lb_addr = cluster
+    broker_url = f"pyamqp://guest:guest@{lb_addr}//"
+    (tmp_path / "failover_app.py").write_text(WORKER_APP)
+    record = tmp_path / "record.txt"
+    env = dict(os.environ, FAILOVER_BROKER=broker_url, FAILOVER_RECORD=str(record), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "wb") as f:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "failover_app", "worker", "--pool=solo", "-Q", "tasks",
+             "-n", "failover@localhost", "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "--loglevel=INFO"],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            start_new_session=True)
+    _STARTED.append(worker)
+    register_log(f"celery worker log ({worker_log})", worker_log)
+    try:
+        eventually("worker ready", lambda: "failover@localhost ready." in worker_log.read_text("utf-8", "replace"),
+                   timeout=60)
+        sys.path.insert(0, str(tmp_path))
+        os.environ["FAILOVER_BROKER"], os.environ["FAILOVER_RECORD"] = broker_url, str(record)
+        import failover_app  # noqa: E402  (written above, configured from the environment)
+
+        queue = r1.api("GET", "/api/queues/%2F/tasks")
+        eventually("the task queue mirrored and in sync",
+                   lambda: len(r1.api("GET", "/api/queues/%2F/tasks")["synchronised_slave_nodes"]) == 1)
+        master = r1 if queue["node"] == r1.name else r2
+        survivor = r2 if master is r1 else r1
+        sent, resent = [], 0
+        for n in range(N):
+            if n == KILL_AT:
+                master.proc.kill()
+                master.proc.wait(timeout=10)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    failover_app.record.apply_async((n,), retry=False)
+                    sent.append(n)
+                    break
+                except Exception:  # nacked, or the connection went with the killed node
+                    resent += 1
+                    assert time.monotonic() < deadline, f"task {n} never confirmed"
+                    time.sleep(0.2)
+        eventually("a mirror promoted", lambda: survivor.api("GET", "/api/queues/%2F/tasks")["node"] == survivor.name)
+
+        def done():
+            have = {int(x) for x in record.read_text().split()} if record.exists() else set()
+            return all(n in have for n in sent)
+        try:
+            eventually("every confirmed task ran", done, timeout=90)
+        except AssertionError:
+            have = {int(x) for x in record.read_text().split()} if record.exists() else set()
+            missing = [n for n in sent if n not in have]
+            q = survivor.api("GET", "/api/queues/%2F/tasks")
+            raise AssertionError(
+                f"confirmed but never run: {missing}; queue on {survivor.name}: ready {q['messages_ready']}, "
+                f"unacked {q['messages_unacknowledged']}, consumers {q['consumers']}\n"
+                f"worker log:\n{tail(worker_log, max_lines=60)}") from None
+        ran = [int(x) for x in record.read_text().split()]
+        assert len(sent) == N and resent >= 0
+        print(f"{N} tasks confirmed ({resent} sends retried), {len(ran)} runs "
+              f"({len(ran) - len(set(ran))} duplicates), master {master.name} killed at task {KILL_AT}")
+    finally:
+        stop_process(worker)
+        unregister_log(f"celery worker log ({worker_log})")
