@@ -285,7 +285,11 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
                     _ => break,
                 }
             }
-            if let Some(c) = s.channels.get_mut(&ch).and_then(|c| c.consumers.get_mut(&tag)) {
+            if let Some(c) = s
+                .channels
+                .get_mut(&ch)
+                .and_then(|c| c.consumers.get_mut(&tag))
+            {
                 c.queue = Some(q.clone());
             }
         }
