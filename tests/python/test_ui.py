@@ -195,6 +195,16 @@ def page(browser, mgmt):
     assert not errors, f"JavaScript errors in the UI: {errors}"
 
 
+
+def wait_js(page, expr: str, timeout: float = 10.0) -> None:
+    """Polls `expr` from here: playwright's wait_for_function evaluates a string with eval inside
+    the page once the condition is not true at once, and the UI's Content-Security-Policy
+    (rightly) refuses eval."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expr):
+        assert time.monotonic() < deadline, f"never true in the page: {expr}"
+        time.sleep(0.05)
+
 def login(page, mgmt, password="guest"):
     page.goto(mgmt.ui + "/")
     page.wait_for_selector("#login-form", state="visible")
@@ -225,13 +235,13 @@ def test_overview_loads_after_login(page, mgmt):
     assert exchanges >= 7, exchanges
     assert page.text_content("#whoami").strip() == "User: guest"
     # The rate chart draws one line per series once it has samples from the polling.
-    page.wait_for_function("document.querySelectorAll('svg.chart polyline.series').length == 4")
+    wait_js(page, "document.querySelectorAll('svg.chart polyline.series').length == 4")
     assert page.locator("#rates li").count() == 4
 
 
 def test_login_with_a_wrong_password_is_refused(page, mgmt):
     login(page, mgmt, password="not-the-password")
-    page.wait_for_function("document.getElementById('login-error').textContent.length > 0")
+    wait_js(page, "document.getElementById('login-error').textContent.length > 0")
     assert page.is_visible("#login-form")
     assert not page.is_visible("#nav")
     assert page.evaluate("sessionStorage.getItem('warren.auth')") is None
@@ -281,7 +291,7 @@ def test_purge_and_delete_from_queue_page(page, mgmt, amqp, request):
     page.wait_for_selector(".flash.ok")
     assert amqp.queue_declare(q, passive=True).method.message_count == 0
     page.click("text=Delete queue")
-    page.wait_for_function("location.hash === '#/queues'")
+    wait_js(page, "location.hash === '#/queues'")
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
         amqp.queue_declare(q, passive=True)
     assert e.value.reply_code == 404
