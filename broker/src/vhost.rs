@@ -566,18 +566,7 @@ impl Vhost {
                 }
                 return Ok((q.clone(), false));
             }
-            let name: Arc<str> = spec.name.as_str().into();
-            let (handle, rx) = QueueInfo::new(
-                name.clone(),
-                vname.clone(),
-                spec.durable,
-                spec.auto_delete,
-                spec.exclusive_owner,
-                spec.args.clone(),
-                spec.arguments.clone(),
-                self.applied(&spec.name, true),
-            );
-            t.queues.insert(name, handle.clone());
+            let (handle, rx) = self.new_queue_in(t, &spec);
             spawn = Some((handle.clone(), rx));
             Ok((handle, true))
         })?;
@@ -648,6 +637,30 @@ impl Vhost {
         }
     }
 
+    /// A new queue's handle and mailbox, put in the topology `t` (its actor is the caller's).
+    fn new_queue_in(
+        &self,
+        t: &mut Topology,
+        spec: &QueueSpec,
+    ) -> (
+        QueueHandle,
+        tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>,
+    ) {
+        let name: Arc<str> = spec.name.as_str().into();
+        let (handle, rx) = QueueInfo::new(
+            name.clone(),
+            self.name.clone(),
+            spec.durable,
+            spec.auto_delete,
+            spec.exclusive_owner,
+            spec.args.clone(),
+            spec.arguments.clone(),
+            self.applied(&spec.name, true),
+        );
+        t.queues.insert(name, handle.clone());
+        (handle, rx)
+    }
+
     /// Puts a queue in the topology whose commands `run` serves instead of a local queue
     /// actor (a queue whose master is another node). An existing queue of that name is kept
     /// and returned.
@@ -656,24 +669,12 @@ impl Vhost {
         spec: QueueSpec,
         run: impl FnOnce(QueueHandle, tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>),
     ) -> Result<QueueHandle, ChannelError> {
-        let vname = self.name.clone();
         let mut spawn = None;
         let r = self.update(|t| {
             if let Some(q) = t.queues.get(spec.name.as_str()) {
                 return Ok(q.clone());
             }
-            let name: Arc<str> = spec.name.as_str().into();
-            let (handle, rx) = QueueInfo::new(
-                name.clone(),
-                vname.clone(),
-                spec.durable,
-                spec.auto_delete,
-                spec.exclusive_owner,
-                spec.args.clone(),
-                spec.arguments.clone(),
-                self.applied(&spec.name, true),
-            );
-            t.queues.insert(name, handle.clone());
+            let (handle, rx) = self.new_queue_in(t, &spec);
             spawn = Some((handle.clone(), rx));
             Ok(handle)
         });
