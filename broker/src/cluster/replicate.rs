@@ -116,9 +116,11 @@ impl QueueRep {
         st.acked.remove(&peer);
     }
 
-    fn push(&self, op: MirrorOp) {
+    /// Queues the op for the mirrors, built only when there are mirrors (this is called per
+    /// message and per settle).
+    fn push(&self, op: impl FnOnce() -> MirrorOp) {
         if self.mirrored.load(Ordering::Acquire) {
-            self.state.lock().pending.push(op);
+            self.state.lock().pending.push(op());
         }
     }
 }
@@ -139,15 +141,15 @@ fn unix_ms() -> u64 {
 impl QueueLog for MirroredLog {
     fn enqueue(&mut self, id: u64, msg: &Message, ttl_ms: Option<u64>) -> Safety {
         let s = self.inner.enqueue(id, msg, ttl_ms);
-        {
-            let mut st = self.rep.state.lock();
-            st.top = st.top.max(id);
+        let mut st = self.rep.state.lock();
+        st.top = st.top.max(id);
+        if self.rep.mirrored.load(Ordering::Acquire) {
+            st.pending.push(MirrorOp::Enqueue {
+                id,
+                msg: wire_msg(msg),
+                expires_at_ms: ttl_ms.map_or(0, |t| unix_ms().saturating_add(t)),
+            });
         }
-        self.rep.push(MirrorOp::Enqueue {
-            id,
-            msg: wire_msg(msg),
-            expires_at_ms: ttl_ms.map_or(0, |t| unix_ms().saturating_add(t)),
-        });
         s
     }
 
@@ -170,22 +172,22 @@ impl QueueLog for MirroredLog {
 
     fn settle(&mut self, ids: &[u64]) {
         self.inner.settle(ids);
-        self.rep.push(MirrorOp::Settle(ids.to_vec()));
+        self.rep.push(|| MirrorOp::Settle(ids.to_vec()));
     }
 
     fn delivered(&mut self, ids: &[u64]) {
         self.inner.delivered(ids);
-        self.rep.push(MirrorOp::Delivered(ids.to_vec()));
+        self.rep.push(|| MirrorOp::Delivered(ids.to_vec()));
     }
 
     fn requeue(&mut self, ids: &[u64]) {
         self.inner.requeue(ids);
-        self.rep.push(MirrorOp::Requeue(ids.to_vec()));
+        self.rep.push(|| MirrorOp::Requeue(ids.to_vec()));
     }
 
     fn delete(&mut self) {
         self.inner.delete();
-        self.rep.push(MirrorOp::Delete);
+        self.rep.push(|| MirrorOp::Delete);
         self.send_pending();
     }
 
