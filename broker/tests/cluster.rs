@@ -251,17 +251,9 @@ async fn definitions_made_on_any_node_hold_on_every_node_and_survive_a_kill() {
             .await
             .expect("confirms");
         for i in 0..10 {
-            ch.basic_publish(
-                "".into(),
-                "capped-1".into(),
-                Default::default(),
-                format!("m{i}").as_bytes(),
-                Default::default(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+            assert!(
+                publish_confirmed(&ch, "", "capped-1", format!("m{i}").as_bytes(), false).await
+            );
         }
         let q = ch
             .queue_declare(
@@ -663,19 +655,11 @@ async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_it
         } else {
             (&chc, "", "tasks")
         };
-        let confirm = ch
-            .basic_publish(
-                ex.into(),
-                rk.into(),
-                Default::default(),
-                format!("job-{i}").as_bytes(),
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "job-{i} confirmed");
+        let body = format!("job-{i}");
+        assert!(
+            publish_confirmed(ch, ex, rk, body.as_bytes(), true).await,
+            "{body} confirmed"
+        );
     }
     assert_eq!(
         ready_on(&cha, "tasks").await,
@@ -727,17 +711,7 @@ async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_it
         .await
         .expect("confirms");
     for i in 0..3 {
-        chb2.basic_publish(
-            "".into(),
-            "tasks".into(),
-            Default::default(),
-            format!("late-{i}").as_bytes(),
-            Default::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+        assert!(publish_confirmed(&chb2, "", "tasks", format!("late-{i}").as_bytes(), false).await);
     }
     let mut held = support::consume(&chb2, "tasks", false).await;
     for _ in 0..3 {
@@ -779,6 +753,28 @@ async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_it
             == 404
     })
     .await;
+}
+
+/// Publishes one message (persistent or not) on a channel in confirm mode and waits for its
+/// confirm; true for basic.ack.
+async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    persistent: bool,
+) -> bool {
+    let props = if persistent {
+        lapin::BasicProperties::default().with_delivery_mode(2)
+    } else {
+        lapin::BasicProperties::default()
+    };
+    ch.basic_publish(exchange.into(), key.into(), Default::default(), body, props)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm")
+        .is_ack()
 }
 
 /// The queue as a node's management API shows it (Null while it does not know it).
@@ -920,19 +916,7 @@ async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_messa
     chc2.confirm_select(Default::default())
         .await
         .expect("confirms");
-    let ok = chc2
-        .basic_publish(
-            "".into(),
-            "ha".into(),
-            Default::default(),
-            b"after",
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(ok.is_ack());
+    assert!(publish_confirmed(&chc2, "", "ha", b"after", true).await);
 }
 
 /// When the master was killed, and when the first publish sent after that was confirmed.
@@ -1165,19 +1149,7 @@ async fn a_restarted_mirror_resyncs_and_can_take_over_the_queue() {
         .await
         .expect("confirms");
     for i in 0..20 {
-        let ok = chc
-            .basic_publish(
-                "".into(),
-                "jobs".into(),
-                Default::default(),
-                format!("j{i}").as_bytes(),
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(ok.is_ack());
+        assert!(publish_confirmed(&chc, "", "jobs", format!("j{i}").as_bytes(), true).await);
     }
     a.proc.kill9().await;
     eventually("b promoted", || async {
