@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use clap::Parser;
 use serde::Serialize;
 
-use crate::connection::{Endpoint, QueueSpec};
+use crate::{
+    codec::STAMP_LEN,
+    connection::{Endpoint, QueueSpec},
+};
 
 /// Largest body accepted with `-s` (RabbitMQ's default max message size).
 pub const MAX_SIZE: usize = 128 * 1024 * 1024;
@@ -17,6 +20,10 @@ pub struct Args {
     /// Broker URI.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub uri: String,
+    /// Broker URI for the consumers (default: --uri), e.g. another node of a cluster than the
+    /// producers'.
+    #[arg(long)]
+    pub consumer_uri: Option<String>,
     /// Producers (one connection each).
     #[arg(short = 'x', long = "producers", default_value_t = 1)]
     pub producers: u32,
@@ -76,6 +83,15 @@ pub struct Args {
     /// A label stored in the JSON summary (e.g. the broker's name).
     #[arg(long)]
     pub label: Option<String>,
+    /// `idle`: each consumer stops once nothing arrived for a second, and the run ends when
+    /// every producer and consumer has stopped (-z stays the limit); for draining a queue.
+    #[arg(long, value_parser = ["idle"])]
+    pub exit_when: Option<String>,
+    /// Write the ids (body sequence numbers) of the confirmed publishes and of the consumed
+    /// deliveries to this JSON file, as ranges with counts and duplicates: a loss check.
+    /// At most one producer (ids are per producer); needs bodies of 12 bytes or more.
+    #[arg(long)]
+    pub ids_out: Option<PathBuf>,
 }
 
 /// Validated settings of one run.
@@ -83,6 +99,8 @@ pub struct Args {
 pub struct Config {
     /// Broker address and credentials.
     pub endpoint: Endpoint,
+    /// Where the consumers connect (the same as `endpoint` unless --consumer-uri).
+    pub consumer_endpoint: Endpoint,
     /// Producers.
     pub producers: u32,
     /// Consumers.
@@ -109,6 +127,10 @@ pub struct Config {
     pub batch_bytes: usize,
     /// Broker process to measure.
     pub broker_pid: Option<u32>,
+    /// Consumers stop after this long without a delivery, and the run when all tasks stopped.
+    pub exit_idle: Option<Duration>,
+    /// Track message ids (for --ids-out).
+    pub track_ids: bool,
     /// Echo of the settings for the report.
     pub echo: ConfigEcho,
 }
@@ -120,6 +142,8 @@ pub struct ConfigEcho {
     pub label: Option<String>,
     /// Host and port (no credentials).
     pub broker: String,
+    /// The consumers' host and port when not `broker`.
+    pub consumer_broker: Option<String>,
     /// -x
     pub producers: u32,
     /// -y
@@ -146,12 +170,18 @@ pub struct ConfigEcho {
     pub durable: bool,
     /// Queue declare flags.
     pub auto_delete: bool,
+    /// --exit-when.
+    pub exit_when: Option<String>,
 }
 
 impl Config {
     /// Checks the arguments and builds the configuration.
     pub fn from_args(a: &Args) -> Result<Self, String> {
         let endpoint = Endpoint::from_uri(&a.uri).map_err(|e| format!("--uri: {e}"))?;
+        let consumer_endpoint = match &a.consumer_uri {
+            Some(u) => Endpoint::from_uri(u).map_err(|e| format!("--consumer-uri: {e}"))?,
+            None => endpoint.clone(),
+        };
         let mut persistent = false;
         for f in &a.flags {
             match f.as_str() {
@@ -177,6 +207,16 @@ impl Config {
         if a.confirm == Some(0) {
             return Err("-c must be >= 1".into());
         }
+        if a.ids_out.is_some() {
+            if a.producers > 1 {
+                return Err("--ids-out: at most one producer (ids are per producer)".into());
+            }
+            if a.size < STAMP_LEN {
+                return Err(format!(
+                    "--ids-out: -s must be at least {STAMP_LEN} (ids are in the body)"
+                ));
+            }
+        }
         if a.batch_bytes == 0 {
             return Err("--batch-bytes must be > 0".into());
         }
@@ -193,6 +233,8 @@ impl Config {
         let echo = ConfigEcho {
             label: a.label.clone(),
             broker: format!("{}:{}", endpoint.host, endpoint.port),
+            consumer_broker: (consumer_endpoint != endpoint)
+                .then(|| format!("{}:{}", consumer_endpoint.host, consumer_endpoint.port)),
             producers: a.producers,
             consumers: a.consumers,
             size: a.size,
@@ -206,9 +248,11 @@ impl Config {
             multi_ack_every: ack_every,
             durable: queue.durable,
             auto_delete: queue.auto_delete,
+            exit_when: a.exit_when.clone(),
         };
         Ok(Self {
             endpoint,
+            consumer_endpoint,
             producers: a.producers,
             consumers: a.consumers,
             size: a.size,
@@ -222,6 +266,8 @@ impl Config {
             ack_every,
             batch_bytes: a.batch_bytes,
             broker_pid: a.broker_pid,
+            exit_idle: a.exit_when.as_deref().map(|_| Duration::from_secs(1)),
+            track_ids: a.ids_out.is_some(),
             echo,
         })
     }
@@ -287,11 +333,40 @@ mod tests {
         assert!(parse(&["-x", "0", "-y", "0"]).is_err());
         // Ack batches never exceed the prefetch.
         assert_eq!(parse(&["-q", "5", "-A", "50"]).unwrap().ack_every, 5);
+        assert_eq!(c.consumer_endpoint, c.endpoint);
+        assert!(c.exit_idle.is_none() && !c.track_ids);
         assert!(
             !parse(&["--auto-delete", "false"])
                 .unwrap()
                 .queue
                 .auto_delete
         );
+    }
+
+    #[test]
+    fn consumers_on_another_node_drain_and_ids() {
+        let c = parse(&[
+            "--uri",
+            "amqp://127.0.0.1:5001",
+            "--consumer-uri",
+            "amqp://127.0.0.1:5002",
+            "-x",
+            "0",
+            "--exit-when",
+            "idle",
+            "--ids-out",
+            "/tmp/ids.json",
+            "-s",
+            "1024",
+        ])
+        .unwrap();
+        assert_eq!((c.endpoint.port, c.consumer_endpoint.port), (5001, 5002));
+        assert_eq!(c.echo.consumer_broker.as_deref(), Some("127.0.0.1:5002"));
+        assert_eq!(c.exit_idle, Some(Duration::from_secs(1)));
+        assert!(c.track_ids);
+        assert!(parse(&["--exit-when", "empty"]).is_err());
+        // Ids are per producer and live in the body.
+        assert!(parse(&["-x", "2", "-s", "1024", "--ids-out", "/tmp/x"]).is_err());
+        assert!(parse(&["-s", "4", "--ids-out", "/tmp/x"]).is_err());
     }
 }

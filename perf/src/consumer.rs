@@ -12,6 +12,7 @@ use tokio::{io::AsyncWriteExt, time::Instant};
 use crate::{
     codec::{self, BASIC_DELIVER, CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD},
     connection::{Conn, ConnError, CHANNEL},
+    ids::IdSet,
     producer::unix_ns,
     stats::Stats,
 };
@@ -30,6 +31,10 @@ pub struct ConsumerConfig {
     /// counted as stale, left out of the latency (0 = no check, e.g. when the producers run
     /// in another process).
     pub not_before: u64,
+    /// Stop after this long without a delivery (--exit-when idle).
+    pub exit_idle: Option<std::time::Duration>,
+    /// Record the ids of the deliveries (--ids-out).
+    pub track_ids: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +47,7 @@ enum Content {
         tag: u64,
         left: u64,
         first: bool,
-        stamp: Option<u64>,
+        stamp: Option<(u32, u64)>,
     },
 }
 
@@ -54,6 +59,8 @@ struct Walker {
     ack_every: u32,
     auto_ack: bool,
     not_before: u64,
+    /// Delivered ids, with --ids-out.
+    ids: Option<IdSet>,
 }
 
 /// What one walk over the buffered bytes found.
@@ -113,7 +120,7 @@ impl Walker {
                     },
                 ) => {
                     let stamp = if first {
-                        codec::read_stamp(f.payload).map(|(_, ns)| ns)
+                        codec::read_stamp(f.payload)
                     } else {
                         stamp
                     };
@@ -135,7 +142,10 @@ impl Walker {
             if let Some((tag, stamp)) = done {
                 self.content = Content::Idle;
                 w.delivered += 1;
-                if let Some(sent) = stamp {
+                if let Some((id, sent)) = stamp {
+                    if let Some(ids) = &mut self.ids {
+                        ids.insert(id);
+                    }
                     if sent < self.not_before {
                         w.stale += 1;
                     } else if sent <= now_unix.saturating_add(1_000_000_000)
@@ -157,9 +167,10 @@ impl Walker {
     }
 }
 
-/// Runs until `deadline`, then hands the connection back for closing.
+/// Runs until `deadline` (or until idle for `exit_idle`), then hands the connection back for
+/// closing. The delivered ids go to `stats` whether it ends well or not.
 pub async fn run(
-    mut conn: Conn,
+    conn: Conn,
     cfg: ConsumerConfig,
     stats: Arc<Stats>,
     deadline: Instant,
@@ -170,7 +181,29 @@ pub async fn run(
         ack_every: cfg.ack_every.max(1),
         auto_ack: cfg.auto_ack,
         not_before: cfg.not_before,
+        ids: cfg.track_ids.then(IdSet::default),
     };
+    let result = consume(conn, &cfg, &stats, deadline, &mut walker).await;
+    if let (Some(ids), Ok(mut all)) = (&walker.ids, stats.consumed_ids.lock()) {
+        all.merge(ids);
+    }
+    result
+}
+
+async fn consume(
+    mut conn: Conn,
+    cfg: &ConsumerConfig,
+    stats: &Stats,
+    deadline: Instant,
+    walker: &mut Walker,
+) -> Result<Conn, ConnError> {
+    // Without --exit-when idle this timer is the deadline and is never moved.
+    let idle_after = |now: Instant| match cfg.exit_idle {
+        Some(d) => (now + d).min(deadline),
+        None => deadline,
+    };
+    let idle = tokio::time::sleep_until(idle_after(Instant::now()));
+    tokio::pin!(idle);
     let mut acks: Vec<u8> = Vec::with_capacity(64 * 1024);
     let max_payload = conn.max_payload();
     let end = tokio::time::sleep_until(deadline);
@@ -200,10 +233,15 @@ pub async fn run(
         tokio::select! {
             r = conn.stream.readable() => { r?; }
             _ = &mut end => break,
+            _ = &mut idle => break,
         }
         match conn.inbuf.try_fill(&conn.stream) {
             Ok(0) => return Err(ConnError::Eof),
-            Ok(_) => {}
+            Ok(_) => {
+                if cfg.exit_idle.is_some() {
+                    idle.as_mut().reset(idle_after(Instant::now()));
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
         }
@@ -248,6 +286,7 @@ mod tests {
             ack_every,
             auto_ack,
             not_before: 0,
+            ids: None,
         }
     }
 
@@ -345,5 +384,24 @@ mod tests {
         assert_eq!(r.delivered, 1);
         assert!(lats.is_empty());
         assert_eq!(r.controls.len(), 1);
+    }
+
+    #[test]
+    fn delivered_ids_are_recorded_with_duplicates() {
+        let mut data = Vec::new();
+        for (tag, id) in [(1, 7), (2, 8), (3, 7)] {
+            let mut d = delivery(tag, 1024, 0, 4096);
+            // The id is the first 4 body bytes: patch it in the last (body) frame.
+            let at = d.len() - 1 - 1024;
+            d[at..at + 4].copy_from_slice(&(id as u32).to_be_bytes());
+            data.extend(d);
+        }
+        let mut w = walker(true, 1);
+        w.ids = Some(IdSet::default());
+        let r = w.walk(&data, 1 << 20, 0, &mut Vec::new(), |_| {}).unwrap();
+        assert_eq!(r.delivered, 3);
+        let ids = w.ids.unwrap().ranges();
+        assert_eq!((ids.count, ids.duplicates), (2, 1));
+        assert_eq!(ids.ranges, vec![[7, 8]]);
     }
 }

@@ -14,6 +14,7 @@
 //! - [`producer`]: publisher loop with the confirm window and rate limit.
 //! - [`consumer`]: delivery loop with (multi-)acks and body-stamp latency.
 //! - [`histogram`]: allocation-free log-linear latency histogram.
+//! - [`ids`]: sets of message ids (confirmed, delivered) for a loss check.
 //! - [`stats`]: counters and histograms shared with the reporter.
 //! - [`cpu`]: CPU time and RSS from `/proc`.
 //! - [`report`]: progress lines, text and JSON summary.
@@ -26,6 +27,7 @@ pub mod connection;
 pub mod consumer;
 pub mod cpu;
 pub mod histogram;
+pub mod ids;
 pub mod producer;
 pub mod report;
 pub mod stats;
@@ -39,7 +41,7 @@ use crate::{
     config::Config,
     connection::{Conn, ConnError, CHANNEL},
     cpu::Proc,
-    report::{Cpu, Latency, Second, Summary},
+    report::{ConfirmGap, Cpu, Ids, Latency, Second, Summary},
     stats::{Stats, StatsSnapshot},
 };
 
@@ -91,9 +93,12 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
     let mut consumers = Vec::new();
     for i in 0..cfg.consumers {
         let what = format!("consumer {i}");
-        let mut c = connection::connect(&cfg.endpoint, &format!("warren-perf {what}"))
+        let mut c = connection::connect(&cfg.consumer_endpoint, &format!("warren-perf {what}"))
             .await
-            .map_err(setup(format!("{what}: connect to {}", cfg.echo.broker)))?;
+            .map_err(setup(format!(
+                "{what}: connect to {}:{}",
+                cfg.consumer_endpoint.host, cfg.consumer_endpoint.port
+            )))?;
         c.declare_queue(&cfg.queue)
             .await
             .map_err(setup(format!("{what}: queue.declare {}", cfg.queue.name)))?;
@@ -134,6 +139,7 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
     }
 
     let start = Instant::now();
+    let start_unix_ns = producer::unix_ns();
     let deadline = start + cfg.duration;
     let self0 = cpu::cpu_time_ns(Proc::SelfProc, hz).ok();
     let broker0 = cfg
@@ -146,6 +152,8 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
             auto_ack: cfg.auto_ack,
             ack_every: cfg.ack_every,
             not_before,
+            exit_idle: cfg.exit_idle,
+            track_ids: cfg.track_ids,
         };
         let stats = stats.clone();
         tasks.spawn(async move {
@@ -161,6 +169,7 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
             rate: cfg.rate,
             confirms: cfg.confirms,
             batch_bytes: cfg.batch_bytes,
+            track_ids: cfg.track_ids,
         };
         let stats = stats.clone();
         tasks.spawn(async move {
@@ -171,13 +180,31 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         });
     }
 
-    // One line per second until the deadline.
+    // One line per second until the deadline (with --exit-when idle: or until every task ended).
     let mut per_second = Vec::new();
     let mut prev = StatsSnapshot::default();
     let mut prev_t = start;
     let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    let mut conns = Vec::new();
+    let mut errors = Vec::new();
+    let mut joined = |j: Result<(String, Result<Conn, ConnError>), tokio::task::JoinError>| match j
+    {
+        Ok((_, Ok(c))) => conns.push(c),
+        Ok((who, Err(e))) => errors.push(format!("{who}: {e}")),
+        Err(e) => errors.push(format!("task failed: {e}")),
+    };
     loop {
-        let t = tick.tick().await;
+        let t = if cfg.exit_idle.is_some() {
+            tokio::select! {
+                t = tick.tick() => t,
+                j = tasks.join_next() => match j {
+                    Some(j) => { joined(j); continue; }
+                    None => break,
+                },
+            }
+        } else {
+            tick.tick().await
+        };
         if t > deadline + Duration::from_millis(100) {
             break;
         }
@@ -197,14 +224,8 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         }
     }
 
-    let mut conns = Vec::new();
-    let mut errors = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((_, Ok(c))) => conns.push(c),
-            Ok((who, Err(e))) => errors.push(format!("{who}: {e}")),
-            Err(e) => errors.push(format!("task failed: {e}")),
-        }
+    while let Some(j) = tasks.join_next().await {
+        joined(j);
     }
     let elapsed = (Instant::now().min(deadline) - start)
         .as_secs_f64()
@@ -215,6 +236,16 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         .and_then(|pid| cpu::cpu_time_ns(Proc::Pid(pid), hz).ok());
     let broker_rss_kib = cfg.broker_pid.and_then(|pid| cpu::rss_kib(Proc::Pid(pid)));
     let fin = stats.snapshot();
+    let gap = stats.longest_gap.lock().ok().and_then(|g| *g);
+    let longest_confirm_gap = gap.map(|g| ConfirmGap::new(&g, start_unix_ns));
+    let ids = cfg.track_ids.then(|| {
+        let confirmed = stats.confirmed_ids.lock().map(|s| s.ranges()).ok();
+        let consumed = stats.consumed_ids.lock().map(|s| s.ranges()).ok();
+        Ids {
+            confirmed: (cfg.producers > 0).then_some(confirmed).flatten(),
+            consumed: (cfg.consumers > 0).then_some(consumed).flatten(),
+        }
+    });
 
     let mut closing = JoinSet::new();
     for c in conns {
@@ -248,6 +279,20 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         confirmed_rate: fin.confirmed as f64 / elapsed,
         confirm_latency_us: Latency::from_snapshot(&fin.confirm_latency),
         consumer_latency_us: Latency::from_snapshot(&fin.consumer_latency),
+        longest_confirm_gap,
+        confirmed_ids: ids
+            .as_ref()
+            .and_then(|i| i.confirmed.as_ref())
+            .map(|r| r.count),
+        consumed_ids: ids
+            .as_ref()
+            .and_then(|i| i.consumed.as_ref())
+            .map(|r| r.count),
+        duplicate_deliveries: ids
+            .as_ref()
+            .and_then(|i| i.consumed.as_ref())
+            .map(|r| r.duplicates),
+        ids,
         perf_cpu: cpu_of(self0, self1),
         broker_pid: cfg.broker_pid,
         broker_cpu: cpu_of(broker0, broker1),

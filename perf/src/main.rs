@@ -55,6 +55,11 @@ fn real_main(args: &Args, cfg: &Config) -> anyhow::Result<bool> {
     } else {
         print!("{text}");
     }
+    if let (Some(path), Some(ids)) = (&args.ids_out, &summary.ids) {
+        let text = serde_json::to_string(ids).context("ids")?;
+        std::fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.json_out {
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("writing {}", path.display()))?;

@@ -28,7 +28,8 @@ use crate::{
         self, PublishTemplate, BASIC_ACK, BASIC_NACK, BASIC_RETURN, CLASS_BASIC, FRAME_METHOD,
     },
     connection::{Conn, ConnError},
-    stats::Stats,
+    ids::IdSet,
+    stats::{Gap, Stats},
 };
 
 /// Settings of one producer.
@@ -42,6 +43,8 @@ pub struct ProducerConfig {
     pub confirms: Option<u32>,
     /// Bytes of publishes written per batch.
     pub batch_bytes: usize,
+    /// Record the ids of confirmed publishes (--ids-out).
+    pub track_ids: bool,
 }
 
 /// Time in nanoseconds since the Unix epoch for body stamps: the wall clock read once, then advanced
@@ -90,8 +93,15 @@ impl Confirms {
         self.ring[(tag & self.mask) as usize] = at;
     }
 
-    /// Applies an ack or nack; returns how many outstanding publishes it settled. `now` and the
-    /// stored send times are ns since the run start, plus one.
+    /// Whether publishes wait for their confirm.
+    #[inline]
+    fn outstanding(&self, published: u64) -> bool {
+        self.low <= published
+    }
+
+    /// Applies an ack or nack; returns how many outstanding publishes it settled, calling
+    /// `on_settled(tag, latency)` for each. `now` and the stored send times are ns since the run
+    /// start, plus one.
     #[inline]
     fn settle(
         &mut self,
@@ -99,7 +109,7 @@ impl Confirms {
         multiple: bool,
         published: u64,
         now: u64,
-        mut on_latency: impl FnMut(u64),
+        mut on_settled: impl FnMut(u64, u64),
     ) -> u64 {
         if tag < self.low || tag > published {
             return 0;
@@ -109,7 +119,7 @@ impl Confirms {
         for t in first..=tag {
             let slot = &mut self.ring[(t & self.mask) as usize];
             if *slot != 0 {
-                on_latency(now.saturating_sub(*slot));
+                on_settled(t, now.saturating_sub(*slot));
                 *slot = 0;
                 n += 1;
             }
@@ -121,20 +131,87 @@ impl Confirms {
     }
 }
 
-/// Runs until `deadline`, then hands the connection back for closing.
+/// What a producer knows about its publishes, kept outside its loop so that it is reported
+/// however the loop ends.
+struct Progress {
+    published: u64,
+    confirms: Option<Confirms>,
+    /// Confirmed ids, with --ids-out.
+    ids: Option<IdSet>,
+    /// The last basic.ack that confirmed something, ns since the start plus one (0: none yet).
+    last_ack: u64,
+    longest_gap: Gap,
+}
+
+impl Progress {
+    /// A basic.ack confirmed something at `now`.
+    #[inline]
+    fn acked(&mut self, now: u64) {
+        let gap = Gap {
+            from_ns: self.last_ack,
+            to_ns: now,
+            ended_by_ack: true,
+        };
+        if gap.len_ns() > self.longest_gap.len_ns() {
+            self.longest_gap = gap;
+        }
+        self.last_ack = now;
+    }
+}
+
+/// Runs until `deadline`, then hands the connection back for closing. The longest wait for a
+/// confirm and the confirmed ids go to `stats` whether it ends well or not.
 pub async fn run(
-    mut conn: Conn,
+    conn: Conn,
     cfg: ProducerConfig,
     stats: Arc<Stats>,
     start: Instant,
     deadline: Instant,
 ) -> Result<Conn, ConnError> {
+    let mut p = Progress {
+        published: 0,
+        confirms: cfg.confirms.map(Confirms::new),
+        ids: cfg.track_ids.then(IdSet::default),
+        last_ack: 0,
+        longest_gap: Gap::default(),
+    };
+    let result = publish(conn, &cfg, &stats, start, deadline, &mut p).await;
+    if let Some(c) = &p.confirms {
+        // Still waiting at the end: the time since the last ack is a gap too (perhaps one that
+        // never ended).
+        if c.outstanding(p.published) {
+            let now = (Instant::now().min(deadline) - start).as_nanos() as u64 + 1;
+            let tail = Gap {
+                from_ns: p.last_ack,
+                to_ns: now,
+                ended_by_ack: false,
+            };
+            if tail.len_ns() > p.longest_gap.len_ns() {
+                p.longest_gap = tail;
+            }
+        }
+        if p.published > 0 {
+            stats.report_gap(p.longest_gap);
+        }
+    }
+    if let (Some(ids), Ok(mut all)) = (&p.ids, stats.confirmed_ids.lock()) {
+        all.merge(ids);
+    }
+    result
+}
+
+async fn publish(
+    mut conn: Conn,
+    cfg: &ProducerConfig,
+    stats: &Stats,
+    start: Instant,
+    deadline: Instant,
+    p: &mut Progress,
+) -> Result<Conn, ConnError> {
     let per_msg = cfg.template.len().max(1);
     let max_batch = (cfg.batch_bytes / per_msg).max(1) as u64;
     let mut wbuf: Vec<u8> = Vec::with_capacity(max_batch as usize * per_msg);
     let mut wpos = 0usize;
-    let mut published: u64 = 0;
-    let mut confirms = cfg.confirms.map(Confirms::new);
     let mut controls: Vec<(u16, Vec<u8>)> = Vec::new();
     let max_payload = conn.max_payload();
     let end = tokio::time::sleep_until(deadline);
@@ -159,13 +236,21 @@ pub async fn run(
                     match codec::method_ids(f.payload) {
                         Some((CLASS_BASIC, m @ (BASIC_ACK | BASIC_NACK))) => {
                             let (tag, multiple) = codec::ack_fields(f.payload)?;
-                            if let Some(c) = confirms.as_mut() {
+                            if let Some(c) = p.confirms.as_mut() {
                                 if m == BASIC_ACK {
-                                    acked += c.settle(tag, multiple, published, now, |ns| {
-                                        stats.confirm_latency.record(ns)
+                                    let ids = &mut p.ids;
+                                    let n = c.settle(tag, multiple, p.published, now, |t, ns| {
+                                        stats.confirm_latency.record(ns);
+                                        if let Some(ids) = ids {
+                                            ids.insert(t as u32);
+                                        }
                                     });
+                                    if n > 0 {
+                                        p.acked(now);
+                                    }
+                                    acked += n;
                                 } else {
-                                    nacked += c.settle(tag, multiple, published, now, |_| {});
+                                    nacked += c.settle(tag, multiple, p.published, now, |_, _| {});
                                 }
                             }
                         }
@@ -197,17 +282,17 @@ pub async fn run(
             wbuf.clear();
             wpos = 0;
             let mut n = max_batch;
-            if let Some(c) = &confirms {
-                let room = c.room(published);
+            if let Some(c) = &p.confirms {
+                let room = c.room(p.published);
                 window_full = room == 0;
                 n = n.min(room);
             }
             if cfg.rate > 0.0 {
                 let elapsed = (now - start).as_secs_f64();
                 let allowed = (cfg.rate * elapsed) as u64 + 1;
-                let room = allowed.saturating_sub(published);
+                let room = allowed.saturating_sub(p.published);
                 if room == 0 {
-                    let next = published as f64 / cfg.rate;
+                    let next = p.published as f64 / cfg.rate;
                     let wait = std::time::Duration::try_from_secs_f64(next)
                         .ok()
                         .and_then(|d| start.checked_add(d))
@@ -220,10 +305,10 @@ pub async fn run(
                 let stamp = unix_ns();
                 let at = (now - start).as_nanos() as u64 + 1;
                 for _ in 0..n {
-                    published += 1;
-                    cfg.template.append(&mut wbuf, published as u32, stamp);
-                    if let Some(c) = confirms.as_mut() {
-                        c.sent(published, at);
+                    p.published += 1;
+                    cfg.template.append(&mut wbuf, p.published as u32, stamp);
+                    if let Some(c) = p.confirms.as_mut() {
+                        c.sent(p.published, at);
                     }
                 }
                 stats.sent.add(n);
@@ -278,13 +363,13 @@ mod tests {
         }
         assert_eq!(c.room(3), 0);
         let mut lats = Vec::new();
-        assert_eq!(c.settle(2, true, 3, 100, |l| lats.push(l)), 2);
-        assert_eq!(lats, vec![90, 80]);
+        assert_eq!(c.settle(2, true, 3, 100, |t, l| lats.push((t, l))), 2);
+        assert_eq!(lats, vec![(1, 90), (2, 80)]);
         assert_eq!(c.room(3), 2);
         // Duplicate and out-of-range acks settle nothing.
-        assert_eq!(c.settle(2, false, 3, 100, |_| {}), 0);
-        assert_eq!(c.settle(9, false, 3, 100, |_| {}), 0);
-        assert_eq!(c.settle(3, false, 3, 100, |_| {}), 1);
+        assert_eq!(c.settle(2, false, 3, 100, |_, _| {}), 0);
+        assert_eq!(c.settle(9, false, 3, 100, |_, _| {}), 0);
+        assert_eq!(c.settle(3, false, 3, 100, |_, _| {}), 1);
         assert_eq!(c.room(3), 3);
     }
 
@@ -294,17 +379,46 @@ mod tests {
         for tag in 1..=4 {
             c.sent(tag, 1);
         }
-        assert_eq!(c.settle(2, false, 4, 5, |_| {}), 1);
-        assert_eq!(c.settle(3, false, 4, 5, |_| {}), 1);
+        assert_eq!(c.settle(2, false, 4, 5, |_, _| {}), 1);
+        assert_eq!(c.settle(3, false, 4, 5, |_, _| {}), 1);
         // Tag 1 still outstanding: the span is still 4.
         assert_eq!(c.room(4), 0);
-        assert_eq!(c.settle(1, false, 4, 5, |_| {}), 1);
+        assert_eq!(c.settle(1, false, 4, 5, |_, _| {}), 1);
         assert_eq!(c.room(4), 3);
         // Slots reused after wrap-around.
         for tag in 5..=7 {
             c.sent(tag, 2);
         }
-        assert_eq!(c.settle(7, true, 7, 9, |_| {}), 4);
+        assert_eq!(c.settle(7, true, 7, 9, |_, _| {}), 4);
         assert_eq!(c.room(7), 4);
+    }
+
+    #[test]
+    fn the_longest_gap_between_acks_is_kept() {
+        let mut p = Progress {
+            published: 0,
+            confirms: None,
+            ids: None,
+            last_ack: 0,
+            longest_gap: Gap::default(),
+        };
+        for now in [5, 10, 40, 45] {
+            p.acked(now);
+        }
+        assert_eq!(
+            p.longest_gap,
+            Gap {
+                from_ns: 10,
+                to_ns: 40,
+                ended_by_ack: true
+            }
+        );
+        assert_eq!(p.longest_gap.len_ns(), 30);
+        let mut c = Confirms::new(2);
+        assert!(!c.outstanding(0));
+        c.sent(1, 1);
+        assert!(c.outstanding(1));
+        c.settle(1, false, 1, 2, |_, _| {});
+        assert!(!c.outstanding(1));
     }
 }

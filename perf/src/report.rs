@@ -4,7 +4,12 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{config::ConfigEcho, histogram::Snapshot, stats::StatsSnapshot};
+use crate::{
+    config::ConfigEcho,
+    histogram::Snapshot,
+    ids::IdRanges,
+    stats::{Gap, StatsSnapshot},
+};
 
 /// Latency percentiles in microseconds.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -115,6 +120,46 @@ pub struct Cpu {
     pub core_percent: f64,
 }
 
+/// The longest time a producer waited for a confirm (see [`Gap`]), with wall-clock ends so that
+/// it can be matched with outside events (e.g. a broker killed at a known time).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConfirmGap {
+    /// Length in milliseconds.
+    pub ms: f64,
+    /// Its start (the ack before it, or the run's start), ms since the Unix epoch.
+    pub from_unix_ms: f64,
+    /// Its end, ms since the Unix epoch.
+    pub to_unix_ms: f64,
+    /// Whether a confirm ended it (false: still waiting when the producer stopped).
+    pub ended_by_ack: bool,
+}
+
+impl ConfirmGap {
+    /// From a gap in ns since a run that started at `start_unix_ns`.
+    pub fn new(g: &Gap, start_unix_ns: u64) -> Self {
+        let unix_ms = |ns: u64| (start_unix_ns + ns.saturating_sub(1)) as f64 / 1e6;
+        Self {
+            ms: g.len_ns() as f64 / 1e6,
+            from_unix_ms: if g.from_ns == 0 {
+                start_unix_ns as f64 / 1e6
+            } else {
+                unix_ms(g.from_ns)
+            },
+            to_unix_ms: unix_ms(g.to_ns),
+            ended_by_ack: g.ended_by_ack,
+        }
+    }
+}
+
+/// Ids of confirmed publishes and of deliveries (with --ids-out): the file's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ids {
+    /// Confirmed by the broker (none without producers).
+    pub confirmed: Option<IdRanges>,
+    /// Delivered to the consumers (none without consumers).
+    pub consumed: Option<IdRanges>,
+}
+
 /// The final report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -150,6 +195,17 @@ pub struct Summary {
     pub confirm_latency_us: Option<Latency>,
     /// Publish to delivery, from the stamp in the body (µs).
     pub consumer_latency_us: Option<Latency>,
+    /// The longest wait for a confirm (with confirms).
+    pub longest_confirm_gap: Option<ConfirmGap>,
+    /// Distinct ids confirmed (with --ids-out and producers).
+    pub confirmed_ids: Option<u64>,
+    /// Distinct ids delivered (with --ids-out and consumers).
+    pub consumed_ids: Option<u64>,
+    /// Deliveries of an id already delivered (with --ids-out and consumers).
+    pub duplicate_deliveries: Option<u64>,
+    /// The id sets, for the --ids-out file.
+    #[serde(skip)]
+    pub ids: Option<Ids>,
     /// This process.
     pub perf_cpu: Option<Cpu>,
     /// Broker pid given with --broker-pid.
@@ -215,6 +271,24 @@ impl Summary {
                 );
             }
         }
+        if let Some(g) = &self.longest_confirm_gap {
+            let _ = writeln!(
+                s,
+                "longest wait for a confirm: {:.1} ms{}",
+                g.ms,
+                if g.ended_by_ack {
+                    ""
+                } else {
+                    " (not confirmed by the end)"
+                }
+            );
+        }
+        if let (Some(c), Some(d)) = (self.consumed_ids, self.duplicate_deliveries) {
+            let _ = writeln!(s, "consumed ids: {c} distinct, {d} duplicate deliveries");
+        }
+        if let Some(c) = self.confirmed_ids {
+            let _ = writeln!(s, "confirmed ids: {c}");
+        }
         if let Some(kib) = self.broker_rss_kib {
             let _ = writeln!(s, "broker RSS: {:.1} MiB", kib as f64 / 1024.0);
         }
@@ -253,5 +327,30 @@ mod tests {
         let line = Second::new(2.0, 1.0, &d).line();
         assert!(line.contains("consumer p50/p99"), "{line}");
         assert!(!line.contains("confirm p50"), "{line}");
+    }
+
+    #[test]
+    fn confirm_gaps_in_wall_clock_milliseconds() {
+        let g = ConfirmGap::new(
+            &Gap {
+                from_ns: 2_000_001,
+                to_ns: 5_000_001,
+                ended_by_ack: true,
+            },
+            1_000_000_000_000,
+        );
+        assert_eq!(g.ms, 3.0);
+        assert_eq!((g.from_unix_ms, g.to_unix_ms), (1_000_002.0, 1_000_005.0));
+        // A gap from the start (no ack yet) starts at the run's start.
+        let g = ConfirmGap::new(
+            &Gap {
+                from_ns: 0,
+                to_ns: 1_000_001,
+                ended_by_ack: false,
+            },
+            1_000_000_000_000,
+        );
+        assert_eq!(g.from_unix_ms, 1_000_000.0);
+        assert!(!g.ended_by_ack);
     }
 }

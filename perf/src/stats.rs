@@ -3,9 +3,15 @@
 //! Tasks add to the counters once per batch, not per message. Latencies are recorded per message
 //! into the lock-free [`Histogram`]s.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Mutex,
+};
 
-use crate::histogram::{Histogram, Snapshot};
+use crate::{
+    histogram::{Histogram, Snapshot},
+    ids::IdSet,
+};
 
 /// A counter on its own cache line, so producer and consumer threads do not share lines.
 #[derive(Debug, Default)]
@@ -46,6 +52,33 @@ pub struct Stats {
     pub confirm_latency: Histogram,
     /// Publish (timestamp in the body) to delivery, nanoseconds.
     pub consumer_latency: Histogram,
+    /// The longest time any producer waited for its next confirm (see [`Gap`]); each producer
+    /// reports once, at its end.
+    pub longest_gap: Mutex<Option<Gap>>,
+    /// Ids confirmed (with --ids-out), merged in by each producer at its end.
+    pub confirmed_ids: Mutex<IdSet>,
+    /// Ids delivered (with --ids-out), merged in by each consumer at its end.
+    pub consumed_ids: Mutex<IdSet>,
+}
+
+/// A time without confirms while publishes were outstanding: from one basic.ack (or the
+/// producer's start) to the next (or the producer's end, if none came). Nanoseconds since the
+/// run start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gap {
+    /// The ack before the gap (0: the start).
+    pub from_ns: u64,
+    /// The ack that ended it, or the producer's end.
+    pub to_ns: u64,
+    /// Whether an ack ended it (false: the producer stopped waiting).
+    pub ended_by_ack: bool,
+}
+
+impl Gap {
+    /// Length in nanoseconds.
+    pub fn len_ns(&self) -> u64 {
+        self.to_ns.saturating_sub(self.from_ns)
+    }
 }
 
 /// Copy of [`Stats`] at one instant.
@@ -70,6 +103,15 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
+    /// Keeps `gap` if it is the longest reported so far.
+    pub fn report_gap(&self, gap: Gap) {
+        if let Ok(mut g) = self.longest_gap.lock() {
+            if g.is_none_or(|old| gap.len_ns() > old.len_ns()) {
+                *g = Some(gap);
+            }
+        }
+    }
+
     /// Reads every counter and histogram.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {

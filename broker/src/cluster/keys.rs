@@ -229,6 +229,21 @@ pub type Pol = PolicyDef;
 pub type Exch = ExchangeDef;
 pub type Bind = BindingDef;
 
+/// `node/<name>`: what a node tells the others about itself, beyond the Raft membership
+/// ([`NodeValue`]). Written by the node itself (see [`super::status`]).
+pub fn node(name: &str) -> String {
+    format!("node/{}", enc(name))
+}
+
+/// What `node/<name>` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeValue {
+    /// `host:port` of its management API (plain HTTP), None without one: where the other
+    /// nodes ask for its connections, channels and consumers.
+    #[serde(default)]
+    pub mgmt: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

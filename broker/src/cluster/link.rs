@@ -133,6 +133,7 @@ impl ClusterLink {
             }
         });
         super::controller::spawn(&link, shared);
+        super::status::announce(&link, shared);
         Ok(())
     }
 

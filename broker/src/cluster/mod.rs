@@ -8,6 +8,8 @@
 //! - [`link`]: the running cluster of a broker: start, propose-and-wait, member status.
 //! - [`apply`]: replicated definitions applied to the node (vhosts, users, permissions,
 //!   policies), by key as they commit and whole after a restart.
+//! - [`status`]: read-only views for the management API and metrics (who is up, quorum,
+//!   the queues mastered and mirrored here) and this node's `node/<name>` record.
 //! - [`wire`]: the binary protocol of queue operations between nodes (for queues whose master
 //!   is another node).
 pub mod apply;
@@ -20,4 +22,5 @@ pub mod remote;
 pub mod replicate;
 pub mod serve;
 pub mod settings;
+pub mod status;
 pub mod wire;

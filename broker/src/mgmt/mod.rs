@@ -4,7 +4,8 @@
 //! The shell here accepts connections, reads requests, authenticates them (HTTP basic against
 //! the broker's users) and turns [`ApiError`]s into RabbitMQ's error bodies. The endpoints
 //! live in [`api`], the metrics text in [`prometheus`], JSON conversions in [`json`], the UI's files
-//! and the overview's sample history (`?msg_rates_age=`) in [`ui`].
+//! and the overview's sample history (`?msg_rates_age=`) in [`ui`], and the client side that
+//! asks the other nodes of a cluster for their part of a listing in [`peers`].
 //!
 //! Limits on hostile or broken clients, all from the config:
 //! - connections: at most `mgmt-max-connections` per listener at once (beyond it the listener
@@ -27,6 +28,7 @@
 
 mod api;
 pub mod json;
+mod peers;
 mod prometheus;
 mod ui;
 

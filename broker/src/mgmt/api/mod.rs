@@ -4,8 +4,13 @@
 //! [`route`] is the route table: the one `match` on path segments, each arm calling into the
 //! file that serves it (a few one-line answers, such as whoami, are given in place). The files,
 //! one per resource group:
-//! - `overview`: overview, cluster name, nodes, whoami, health checks, the stop/start switch;
-//! - `connections`: connections, channels, consumers;
+//! - `overview`: overview, cluster name, whoami, the alarms health check, the stop/start
+//!   switch;
+//! - `cluster`: nodes (every member's figures, running, partitions), join and forget;
+//! - `health`: the health checks of what stopping this node costs (mirror sync, quorum);
+//! - `connections`: connections, channels, consumers of this node;
+//! - `cluster_wide`: the same listed through any node (every member's, merged), and one
+//!   connection or channel served by the node that has it;
 //! - `exchanges`: exchanges;
 //! - `queues`: queues;
 //! - `messages`: everything that sends a command to a queue: publish to an exchange, get from
@@ -17,20 +22,22 @@
 //!
 //! The helpers below (answers, vhost lookup and visibility, permission checks, body fields,
 //! message stats) are shared by all of them; the files do not import each other, except
-//! `queues` listing a queue's consumers through `connections`.
+//! `queues` listing a queue's consumers through `connections` and `cluster_wide`.
 
 mod access;
 mod bindings;
 mod cluster;
+mod cluster_wide;
 mod connections;
 mod definitions;
 mod exchanges;
+mod health;
 mod messages;
 mod overview;
 mod policies;
 mod queues;
 
-pub use overview::{fds, rss_bytes};
+pub use overview::{cluster_name, fds, rss_bytes};
 
 use super::{json as conv, json_resp, ApiError, Req, Resp};
 use crate::connection::registry::ConnEntry;
@@ -59,18 +66,36 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
     match segs.as_slice() {
         ["overview"] if get => ok(overview::overview(shared)),
         ["cluster-name"] if get => ok(json!({"name": overview::cluster_name(shared)})),
-        ["nodes"] if get => ok(json!(cluster::nodes(shared))),
-        ["nodes", name] if get => cluster::node_named(shared, name),
+        ["nodes"] if get => cluster::list(shared, r).await,
+        ["nodes", name] if get => cluster::node_named(shared, r, name).await,
         ["whoami"] if get => ok(json!({"name": r.caller.name, "tags": r.caller.tags})),
-        ["connections"] if get => ok(connections::list(shared, r)),
-        ["connections", name] => connections::one(shared, r, name),
-        ["connections", name, "channels"] if get => connections::channels_of(shared, r, name).await,
-        ["channels"] if get => ok(connections::channels(shared, r).await),
-        ["channels", name] if get => connections::channel(shared, r, name).await,
-        ["consumers"] if get => ok(connections::consumers(shared, r, None).await),
+        ["connections"] if get => {
+            cluster_wide::merged(shared, r, &segs, connections::list(shared, r)).await
+        }
+        ["connections", name] => {
+            let here = connections::one(shared, r, name);
+            cluster_wide::on_its_node(shared, r, &segs, here).await
+        }
+        ["connections", name, "channels"] if get => {
+            let here = connections::channels_of(shared, r, name).await;
+            cluster_wide::on_its_node(shared, r, &segs, here).await
+        }
+        ["channels"] if get => {
+            let local = connections::channels(shared, r).await;
+            cluster_wide::merged(shared, r, &segs, local).await
+        }
+        ["channels", name] if get => {
+            let here = connections::channel(shared, r, name).await;
+            cluster_wide::on_its_node(shared, r, &segs, here).await
+        }
+        ["consumers"] if get => {
+            let local = connections::consumers(shared, r, None).await;
+            cluster_wide::merged(shared, r, &segs, local).await
+        }
         ["consumers", vh] if get => {
             let v = vhost(shared, r, vh)?;
-            ok(connections::consumers(shared, r, Some(&v.name)).await)
+            let local = connections::consumers(shared, r, Some(&v.name)).await;
+            cluster_wide::merged(shared, r, &segs, local).await
         }
         ["exchanges"] if get => ok(Value::Array(
             visible_vhosts(shared, r)
@@ -141,8 +166,9 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         }
         ["definitions"] => definitions::definitions(shared, r).await,
         ["health", "checks", "alarms"] if get => overview::health_alarms(shared),
-        ["health", "checks", "node-is-quorum-critical"] if get => {
-            ok(json!({"status": "ok", "reason": "single node cluster"}))
+        ["health", "checks", "node-is-quorum-critical"] if get => health::quorum_critical(shared),
+        ["health", "checks", "node-is-mirror-sync-critical"] if get => {
+            health::mirror_sync_critical(shared)
         }
         ["aliveness-test", vh] if get => messages::aliveness(shared, r, vh).await,
         ["warren", "app"] => overview::app(shared, r),

@@ -1,10 +1,8 @@
 //! The node as a whole:
 //! - `GET /api/overview`
 //! - `GET /api/cluster-name`
-//! - `GET /api/nodes`, `GET /api/nodes/{node}`
 //! - `GET /api/whoami` (answered in the route table from the caller alone)
 //! - `GET /api/health/checks/alarms`
-//! - `GET /api/health/checks/node-is-quorum-critical` (always ok on one node; in the route table)
 //! - `GET|PUT /api/warren/app`: warren's stop_app / start_app switch.
 //!
 //! The aliveness test moves messages, so it lives in `messages`.
@@ -34,7 +32,7 @@ const NODE_KEYS: &[&str] = &[
 ];
 
 /// As RabbitMQ's default: the name of the node that formed the cluster (this node when alone).
-pub(super) fn cluster_name(shared: &BrokerShared) -> String {
+pub fn cluster_name(shared: &BrokerShared) -> String {
     shared
         .cluster()
         .and_then(|c| {

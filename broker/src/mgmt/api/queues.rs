@@ -1,12 +1,13 @@
 //! Queues:
 //! - `GET /api/queues`, `GET /api/queues/{vhost}`
 //! - `GET|PUT|DELETE /api/queues/{vhost}/{name}` (GET adds `consumer_details` from
-//!   `connections`)
+//!   `connections`, every node's through `cluster_wide`)
 //!
 //! Getting and purging messages are in `messages`, a queue's bindings in `bindings`.
 
 use super::{
-    body_arguments, body_bool, check_perm, connections, details, message_stats, ok, vhost, Perm, R,
+    body_arguments, body_bool, check_perm, cluster_wide, connections, details, message_stats, ok,
+    vhost, Perm, R,
 };
 use crate::mgmt::json as conv;
 use crate::mgmt::{created, no_content, ApiError, Req};
@@ -113,7 +114,9 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
         Method::GET => {
             let q = v.queue(name).ok_or(ApiError::NotFound)?;
             let mut j = queue_json(shared, &q);
-            let cons = connections::consumers(shared, r, Some(&v.name)).await;
+            // Its consumers on every node (they consume through their own node's proxy).
+            let local = connections::consumers(shared, r, Some(&v.name)).await;
+            let (cons, _) = cluster_wide::gather(shared, r, &["consumers", &*v.name], local).await;
             if let (Some(obj), Value::Array(all)) = (j.as_object_mut(), cons) {
                 let mine: Vec<_> = all
                     .into_iter()
