@@ -63,12 +63,11 @@ RESULTS=${RESULTS:-$TARGET_DIR/broker-bench/$STAMP}
 BIN=$TARGET_DIR/release
 RABBIT_SBIN=${RABBIT_SBIN:-/usr/lib/rabbitmq/bin}
 
-log() { printf '[broker-bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME="broker-bench"
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
-for tool in jq ss timeout python3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
+require_tools jq ss timeout python3
 
 # ---------------------------------------------------------------- cleanup: stop what we started
 WORK=$(mktemp -d /tmp/broker-bench.XXXXXX)
@@ -92,11 +91,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 mkdir -p "$RESULTS"
 
@@ -122,18 +116,7 @@ if [[ $WARREN_OK == 1 && ! -x $BIN/warren-broker ]]; then
 fi
 
 # ---------------------------------------------------------------- priority (after the build)
-if [[ -n ${BENCH_NICE:-} ]]; then
-    renice -n "$BENCH_NICE" -p $$ >/dev/null || die "cannot renice to $BENCH_NICE"
-    # With scheduler autogroups (one per session) nice only ranks processes inside a session; a
-    # session of its own (setsid) can carry the nice value against the others.
-    if [[ $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null) == 1 ]]; then
-        if [[ $(ps -o sid= -p $$ | tr -d ' ') == "$$" ]]; then
-            echo "$BENCH_NICE" >"/proc/$$/autogroup" || log "cannot set the autogroup nice value"
-        else
-            log "note: scheduler autogroups are on: start with setsid for BENCH_NICE to count against other sessions"
-        fi
-    fi
-fi
+apply_bench_nice
 
 # ---------------------------------------------------------------- RabbitMQ
 start_rabbitmq() {
@@ -150,11 +133,8 @@ start_rabbitmq() {
     EPMD_PORT=$(free_port)
     epmd -port "$EPMD_PORT" -address 127.0.0.1 >"$WORK/epmd.out" 2>&1 &
     PIDS+=($!)
+    wait_listen "$EPMD_PORT" 50 || true
     local i
-    for ((i = 0; i < 50; i++)); do
-        ss -ltn "sport = :$EPMD_PORT" | grep -q LISTEN && break
-        sleep 0.1
-    done
     RABBIT_NODE="bench-$$@localhost"
     log "starting RabbitMQ node $RABBIT_NODE on 127.0.0.1:$port (no plugins)"
     RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
@@ -244,7 +224,6 @@ fi
 # ---------------------------------------------------------------- idle cost
 # Both brokers stay up for the whole run, so what one costs while idle is charged to the machine
 # during the other's runs: measure it (percent of one core over 3 s, both at once).
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 HZ=$(getconf CLK_TCK)
 IDLE_RABBIT=null
 IDLE_WARREN=null
@@ -360,8 +339,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # ---------------------------------------------------------------- report
-CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-MEM_GIB=$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)
+CPU_MODEL=$(cpu_model)
+MEM_GIB=$(mem_gib)
 shopt -s nullglob
 runs=("$RESULTS"/*-r*.json)
 jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg cpu "$CPU_MODEL" --arg nproc "$(nproc)" \
