@@ -436,7 +436,9 @@
     const nodes = await api("/nodes");
     render(token, el("h2", null, "Nodes"), table("nodes", [
       { title: "Name", get: (n) => n.name },
-      { title: "Running", get: (n) => n.running === false ? "no" : "yes" },
+      { title: "Running", get: (n) => n.running === false ? el("span", { class: "down" }, "no") : "yes" },
+      { title: "Partitions", get: (n) => (n.partitions || []).length ? el("span", { class: "down" }, "cannot reach " + n.partitions.join(", ")) : "" },
+      { title: "Role", get: (n) => n.witness ? "witness" : (n.voter === false ? "learner" : (n.voter ? "voter" : "")) },
       { title: "Memory", get: (n) => fmtBytes(n.mem_used) + (n.mem_alarm ? " (alarm)" : "") },
       { title: "Disk free", get: (n) => fmtBytes(n.disk_free) + (n.disk_free_alarm ? " (alarm)" : "") },
       { title: "File descriptors", get: (n) => n.fd_used === undefined ? "" : fmtNum(n.fd_used) + " / " + fmtNum(n.fd_total), num: true },
@@ -450,6 +452,7 @@
     const conns = await api("/connections");
     render(token, el("h2", null, "Connections"), table("connections", [
       { title: "Name", get: (c) => c.name },
+      { title: "Node", get: (c) => c.node || "" },
       { title: "Virtual host", get: (c) => vhostName(c.vhost) },
       { title: "User", get: (c) => c.user },
       { title: "State", get: (c) => c.state },
@@ -471,6 +474,7 @@
     const chans = await api("/channels");
     render(token, el("h2", null, "Channels"), table("channels", [
       { title: "Channel", get: (c) => c.name },
+      { title: "Node", get: (c) => c.node || "" },
       { title: "Virtual host", get: (c) => vhostName(c.vhost) },
       { title: "User", get: (c) => c.user },
       { title: "Mode", get: (c) => (c.confirm ? "C" : "") + (c.transactional ? "T" : "") },
@@ -530,6 +534,7 @@
       { title: "Virtual host", get: (q) => vhostName(q.vhost) },
       { title: "Name", get: (q) => el("a", { href: "#/queues/" + enc(q.vhost) + "/" + enc(q.name), class: "qname" }, q.name) },
       { title: "Type", get: (q) => q.type || "classic" },
+      { title: "Node", get: (q) => placement(q) },
       { title: "Features", get: (q) => [q.durable ? "D" : "", q.auto_delete ? "AD" : "", q.exclusive ? "Excl" : "", q.policy ? "Pol: " + q.policy : ""].filter(Boolean).join(" ") },
       { title: "State", get: (q) => q.state || "" },
       { title: "Ready", get: (q) => fmtNum(q.messages_ready), num: true },
@@ -539,6 +544,18 @@
       { title: "Incoming", get: (q) => fmtRate(rate(q.message_stats, "publish")), num: true },
       { title: "Deliver / get", get: (q) => fmtRate(rate(q.message_stats, "deliver_get")), num: true },
     ], qs, (q) => ({ dataset: { vhost: q.vhost, queue: q.name } })), addQueueForm(vhosts));
+  }
+
+  // A queue's master and its mirrors; synchronised mirrors are marked (as RabbitMQ's "+2").
+  function mirrorList(q) {
+    const synced = q.synchronised_slave_nodes || [];
+    return (q.slave_nodes || []).map((m) => synced.includes(m)
+      ? el("span", { class: "mirror synced", title: "synchronised mirror" }, "+" + m + " \u2713")
+      : el("span", { class: "mirror unsynced", title: "mirror not synchronised" }, "+" + m + " (unsynchronised)"));
+  }
+
+  function placement(q) {
+    return el("span", { class: "placement" }, q.node || "", mirrorList(q));
   }
 
   function addQueueForm(vhosts) {
@@ -578,7 +595,8 @@
           kv("Exclusive", String(!!q.exclusive)),
           kv("Policy", q.policy || ""),
           kv("Arguments", fmtArgs(q.arguments)),
-          kv("Node", q.node || "")),
+          kv("Node", q.node || ""),
+          kv("Mirrors", mirrorList(q))),
         el("dl", { class: "props", id: "queue-counts" },
           kv("Ready", fmtNum(q.messages_ready || 0)),
           kv("Unacked", fmtNum(q.messages_unacknowledged || 0)),
