@@ -1145,6 +1145,30 @@ mod tests {
     }
 
     #[test]
+    fn cluster_status_lists_partitions_and_nodes_not_running() {
+        let mut api = Fake::default()
+            .answer(200, json!({"cluster_name": "a@h", "node": "a@h"}))
+            .answer(
+                200,
+                json!([
+                    {"name": "a@h", "running": true, "partitions": ["c@h"]},
+                    {"name": "b@h", "running": true, "partitions": []},
+                    {"name": "c@h", "running": false, "partitions": ["a@h"]},
+                ]),
+            );
+        let (r, out) = go(&["cluster_status"], &mut api);
+        r.expect("ok");
+        assert!(out.contains("Running Nodes\n\na@h\nb@h\n\n"), "{out}");
+        assert!(
+            out.contains(
+                "Network Partitions\n\nNode a@h cannot communicate with c@h\n\
+                 Node c@h cannot communicate with a@h\n"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn cluster_status_lists_nodes_and_alarms() {
         let mut api = Fake::default()
             .answer(200, json!({"cluster_name": "c1", "node": "warren@a"}))
