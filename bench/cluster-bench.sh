@@ -503,7 +503,9 @@ run_failover() { # broker round
         [[ -n $after ]] && break
         sleep 0.3
     done
-    log "after the kill: $after"
+    local after_c
+    after_c=$(queue_info "$broker" c "$q")
+    log "after the kill: as b sees it $after, as c sees it ${after_c:-?}"
     # Drain through c, recording every delivered id.
     timeout 300 "$PERF" --uri "$(node_uri "$broker" c)" -x 0 -y 1 -f persistent -q 500 \
         --multi-ack-every 50 --auto-delete false -u "$q" -z 240 --exit-when idle \
@@ -531,9 +533,10 @@ PY
     if [[ -s $out.pub ]]; then
         jq --arg b "$broker" --argjson r "$round" --argjson kill_ms "$kill_ms" --argjson check "$check" \
             --argjson before "$info" --argjson after "${after:-null}" --argjson rc "$perf_rc" \
+            --argjson after_c "${after_c:-null}" \
             --slurpfile drain <(cat "$out.drain" 2>/dev/null || echo null) \
             '. + {scenario: "failover", broker: $b, round: $r, kill_unix_ms: $kill_ms,
-                  queue_before: $before, queue_after: $after, perf_exit: $rc, loss_check: $check,
+                  queue_before: $before, queue_after: $after, queue_after_on_c: $after_c, perf_exit: $rc, loss_check: $check,
                   drain: ($drain[0] | if . == null then null else {received, elapsed_s, errors} end),
                   gap_began_after_kill_ms: (.longest_confirm_gap as $g
                     | if $g != null then $g.from_unix_ms - $kill_ms else null end),
