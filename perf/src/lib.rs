@@ -236,8 +236,16 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         .and_then(|pid| cpu::cpu_time_ns(Proc::Pid(pid), hz).ok());
     let broker_rss_kib = cfg.broker_pid.and_then(|pid| cpu::rss_kib(Proc::Pid(pid)));
     let fin = stats.snapshot();
-    let gap = stats.longest_gap.lock().ok().and_then(|g| *g);
-    let longest_confirm_gap = gap.map(|g| ConfirmGap::new(&g, start_unix_ns));
+    let confirm_gaps: Vec<ConfirmGap> = stats
+        .gaps
+        .lock()
+        .map(|g| {
+            g.gaps()
+                .iter()
+                .map(|g| ConfirmGap::new(g, start_unix_ns))
+                .collect()
+        })
+        .unwrap_or_default();
     let ids = cfg.track_ids.then(|| {
         let confirmed = stats.confirmed_ids.lock().map(|s| s.ranges()).ok();
         let consumed = stats.consumed_ids.lock().map(|s| s.ranges()).ok();
@@ -279,7 +287,8 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
         confirmed_rate: fin.confirmed as f64 / elapsed,
         confirm_latency_us: Latency::from_snapshot(&fin.confirm_latency),
         consumer_latency_us: Latency::from_snapshot(&fin.consumer_latency),
-        longest_confirm_gap,
+        longest_confirm_gap: confirm_gaps.first().cloned(),
+        confirm_gaps,
         confirmed_ids: ids
             .as_ref()
             .and_then(|i| i.confirmed.as_ref())

@@ -29,7 +29,7 @@ use crate::{
     },
     connection::{Conn, ConnError},
     ids::IdSet,
-    stats::{Gap, Stats},
+    stats::{Gap, LongestGaps, Stats},
 };
 
 /// Settings of one producer.
@@ -140,21 +140,18 @@ struct Progress {
     ids: Option<IdSet>,
     /// The last basic.ack that confirmed something, ns since the start plus one (0: none yet).
     last_ack: u64,
-    longest_gap: Gap,
+    gaps: LongestGaps,
 }
 
 impl Progress {
     /// A basic.ack confirmed something at `now`.
     #[inline]
     fn acked(&mut self, now: u64) {
-        let gap = Gap {
+        self.gaps.offer(Gap {
             from_ns: self.last_ack,
             to_ns: now,
             ended_by_ack: true,
-        };
-        if gap.len_ns() > self.longest_gap.len_ns() {
-            self.longest_gap = gap;
-        }
+        });
         self.last_ack = now;
     }
 }
@@ -173,7 +170,7 @@ pub async fn run(
         confirms: cfg.confirms.map(Confirms::new),
         ids: cfg.track_ids.then(IdSet::default),
         last_ack: 0,
-        longest_gap: Gap::default(),
+        gaps: LongestGaps::default(),
     };
     let result = publish(conn, &cfg, &stats, start, deadline, &mut p).await;
     if let Some(c) = &p.confirms {
@@ -181,18 +178,13 @@ pub async fn run(
         // never ended).
         if c.outstanding(p.published) {
             let now = (Instant::now().min(deadline) - start).as_nanos() as u64 + 1;
-            let tail = Gap {
+            p.gaps.offer(Gap {
                 from_ns: p.last_ack,
                 to_ns: now,
                 ended_by_ack: false,
-            };
-            if tail.len_ns() > p.longest_gap.len_ns() {
-                p.longest_gap = tail;
-            }
+            });
         }
-        if p.published > 0 {
-            stats.report_gap(p.longest_gap);
-        }
+        stats.report_gaps(&p.gaps);
     }
     if let (Some(ids), Ok(mut all)) = (&p.ids, stats.confirmed_ids.lock()) {
         all.merge(ids);
@@ -394,26 +386,27 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_gap_between_acks_is_kept() {
+    fn the_longest_gaps_between_acks_are_kept() {
         let mut p = Progress {
             published: 0,
             confirms: None,
             ids: None,
             last_ack: 0,
-            longest_gap: Gap::default(),
+            gaps: LongestGaps::default(),
         };
         for now in [5, 10, 40, 45] {
             p.acked(now);
         }
         assert_eq!(
-            p.longest_gap,
+            p.gaps.gaps()[0],
             Gap {
                 from_ns: 10,
                 to_ns: 40,
                 ended_by_ack: true
             }
         );
-        assert_eq!(p.longest_gap.len_ns(), 30);
+        let lens: Vec<u64> = p.gaps.gaps().iter().map(Gap::len_ns).collect();
+        assert_eq!(lens, vec![30, 5, 5, 5]);
         let mut c = Confirms::new(2);
         assert!(!c.outstanding(0));
         c.sent(1, 1);

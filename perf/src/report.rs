@@ -120,8 +120,8 @@ pub struct Cpu {
     pub core_percent: f64,
 }
 
-/// The longest time a producer waited for a confirm (see [`Gap`]), with wall-clock ends so that
-/// it can be matched with outside events (e.g. a broker killed at a known time).
+/// A time a producer waited for a confirm (see [`Gap`]), with wall-clock ends so that it can be
+/// matched with outside events (e.g. a broker killed at a known time).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConfirmGap {
     /// Length in milliseconds.
@@ -197,6 +197,9 @@ pub struct Summary {
     pub consumer_latency_us: Option<Latency>,
     /// The longest wait for a confirm (with confirms).
     pub longest_confirm_gap: Option<ConfirmGap>,
+    /// The longest waits for a confirm, longest first (at most
+    /// [`crate::stats::KEPT_GAPS`]).
+    pub confirm_gaps: Vec<ConfirmGap>,
     /// Distinct ids confirmed (with --ids-out and producers).
     pub confirmed_ids: Option<u64>,
     /// Distinct ids delivered (with --ids-out and consumers).

@@ -52,9 +52,9 @@ pub struct Stats {
     pub confirm_latency: Histogram,
     /// Publish (timestamp in the body) to delivery, nanoseconds.
     pub consumer_latency: Histogram,
-    /// The longest time any producer waited for its next confirm (see [`Gap`]); each producer
-    /// reports once, at its end.
-    pub longest_gap: Mutex<Option<Gap>>,
+    /// The longest times the producers waited for their next confirm (see [`Gap`]); each
+    /// producer reports once, at its end.
+    pub gaps: Mutex<LongestGaps>,
     /// Ids confirmed (with --ids-out), merged in by each producer at its end.
     pub confirmed_ids: Mutex<IdSet>,
     /// Ids delivered (with --ids-out), merged in by each consumer at its end.
@@ -81,6 +81,45 @@ impl Gap {
     }
 }
 
+/// How many of the longest gaps are kept.
+pub const KEPT_GAPS: usize = 8;
+
+/// The [`KEPT_GAPS`] longest [`Gap`]s, longest first: enough to find the one around an outside
+/// event (a broker killed at a known time) even when another pause of the run was longer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LongestGaps {
+    gaps: Vec<Gap>,
+}
+
+impl LongestGaps {
+    /// Keeps `g` if it is among the longest so far (one comparison once the list is full).
+    #[inline]
+    pub fn offer(&mut self, g: Gap) {
+        let len = g.len_ns();
+        if self.gaps.len() == KEPT_GAPS && len <= self.gaps[KEPT_GAPS - 1].len_ns() {
+            return;
+        }
+        if self.gaps.capacity() == 0 {
+            self.gaps.reserve_exact(KEPT_GAPS + 1);
+        }
+        let at = self.gaps.partition_point(|x| x.len_ns() >= len);
+        self.gaps.insert(at, g);
+        self.gaps.truncate(KEPT_GAPS);
+    }
+
+    /// Adds the gaps of `other`.
+    pub fn merge(&mut self, other: &LongestGaps) {
+        for g in &other.gaps {
+            self.offer(*g);
+        }
+    }
+
+    /// Longest first.
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+}
+
 /// Copy of [`Stats`] at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
@@ -103,12 +142,10 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
-    /// Keeps `gap` if it is the longest reported so far.
-    pub fn report_gap(&self, gap: Gap) {
-        if let Ok(mut g) = self.longest_gap.lock() {
-            if g.is_none_or(|old| gap.len_ns() > old.len_ns()) {
-                *g = Some(gap);
-            }
+    /// Adds a producer's longest gaps.
+    pub fn report_gaps(&self, gaps: &LongestGaps) {
+        if let Ok(mut all) = self.gaps.lock() {
+            all.merge(gaps);
         }
     }
 
@@ -140,5 +177,38 @@ impl StatsSnapshot {
             confirm_latency: self.confirm_latency.since(&earlier.confirm_latency),
             consumer_latency: self.consumer_latency.since(&earlier.consumer_latency),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap(from_ns: u64, to_ns: u64) -> Gap {
+        Gap {
+            from_ns,
+            to_ns,
+            ended_by_ack: true,
+        }
+    }
+
+    #[test]
+    fn only_the_longest_gaps_are_kept_longest_first() {
+        let mut g = LongestGaps::default();
+        for i in 0..20u64 {
+            // Lengths 0, 10, ..., 190, offered in a scrambled order.
+            let len = (i * 7 % 20) * 10;
+            g.offer(gap(1_000 * i, 1_000 * i + len));
+        }
+        let lens: Vec<u64> = g.gaps().iter().map(Gap::len_ns).collect();
+        assert_eq!(lens, vec![190, 180, 170, 160, 150, 140, 130, 120]);
+        // A merge keeps the longest of both.
+        let mut other = LongestGaps::default();
+        other.offer(gap(5, 1_005));
+        other.offer(gap(0, 1));
+        g.merge(&other);
+        assert_eq!(g.gaps().len(), KEPT_GAPS);
+        assert_eq!(g.gaps()[0], gap(5, 1_005));
+        assert_eq!(g.gaps()[KEPT_GAPS - 1].len_ns(), 130);
     }
 }
