@@ -226,6 +226,28 @@ impl PublishTemplate {
         persistent: bool,
         frame_max: u32,
     ) -> Result<Self, CodecError> {
+        Self::with_mandatory(
+            channel,
+            exchange,
+            routing_key,
+            body_size,
+            persistent,
+            false,
+            frame_max,
+        )
+    }
+
+    /// As [`PublishTemplate::new`], with the `mandatory` flag of `basic.publish` chosen (an
+    /// unroutable mandatory publish comes back as `basic.return` instead of being dropped).
+    pub fn with_mandatory(
+        channel: u16,
+        exchange: &str,
+        routing_key: &str,
+        body_size: usize,
+        persistent: bool,
+        mandatory: bool,
+        frame_max: u32,
+    ) -> Result<Self, CodecError> {
         let mut bytes = Vec::with_capacity(64 + exchange.len() + routing_key.len() + body_size);
         encode_method(
             &mut bytes,
@@ -233,7 +255,7 @@ impl PublishTemplate {
             AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
                 exchange: exchange.into(),
                 routing_key: routing_key.into(),
-                mandatory: false,
+                mandatory,
                 immediate: false,
             })),
         )?;
@@ -427,6 +449,16 @@ mod tests {
             AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(p))) => {
                 assert_eq!(p.routing_key.as_str(), "perf-q");
                 assert_eq!(p.exchange.as_str(), "");
+                assert!(!p.mandatory);
+            }
+            f => panic!("{f:?}"),
+        }
+        let m = PublishTemplate::with_mandatory(1, "", "perf-q", 16, false, true, 4096).unwrap();
+        let mut out = Vec::new();
+        m.append(&mut out, 1, 1);
+        match &parse_all(&out)[0] {
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(p))) => {
+                assert!(p.mandatory && !p.immediate);
             }
             f => panic!("{f:?}"),
         }

@@ -42,7 +42,8 @@ pub struct Args {
     /// Publisher confirms: most unconfirmed publishes per producer (absent = no confirms).
     #[arg(short = 'c', long = "confirm")]
     pub confirm: Option<u32>,
-    /// Message flags; `persistent` sets delivery-mode 2 and declares the queue durable.
+    /// Message flags; `persistent` sets delivery-mode 2 and declares the queue durable;
+    /// `mandatory` publishes with the mandatory flag (unroutable ones are returned and counted).
     #[arg(short = 'f', long = "flag")]
     pub flags: Vec<String>,
     /// Run time in seconds.
@@ -115,6 +116,8 @@ pub struct Config {
     pub confirms: Option<u32>,
     /// delivery-mode 2 and a durable queue.
     pub persistent: bool,
+    /// basic.publish's mandatory flag.
+    pub mandatory: bool,
     /// Run time.
     pub duration: Duration,
     /// Queue declaration.
@@ -158,6 +161,8 @@ pub struct ConfigEcho {
     pub confirm: Option<u32>,
     /// -f persistent
     pub persistent: bool,
+    /// -f mandatory
+    pub mandatory: bool,
     /// -z
     pub time_s: u64,
     /// -u
@@ -182,11 +187,16 @@ impl Config {
             Some(u) => Endpoint::from_uri(u).map_err(|e| format!("--consumer-uri: {e}"))?,
             None => endpoint.clone(),
         };
-        let mut persistent = false;
+        let (mut persistent, mut mandatory) = (false, false);
         for f in &a.flags {
             match f.as_str() {
                 "persistent" => persistent = true,
-                other => return Err(format!("-f {other}: only `persistent` is supported")),
+                "mandatory" => mandatory = true,
+                other => {
+                    return Err(format!(
+                        "-f {other}: only `persistent` and `mandatory` are supported"
+                    ))
+                }
             }
         }
         if a.time == 0 {
@@ -242,6 +252,7 @@ impl Config {
             qos: a.qos,
             confirm: a.confirm,
             persistent,
+            mandatory,
             time_s: a.time,
             queue: a.queue.clone(),
             auto_ack: a.auto_ack,
@@ -260,6 +271,7 @@ impl Config {
             prefetch: a.qos,
             confirms: a.confirm,
             persistent,
+            mandatory,
             duration: Duration::from_secs(a.time),
             queue,
             auto_ack: a.auto_ack,
@@ -326,7 +338,9 @@ mod tests {
         let c = parse(&["-a"]).unwrap();
         assert!(c.auto_ack && !c.persistent && c.confirms.is_none());
         assert_eq!(c.ack_every, 1);
-        assert!(parse(&["-f", "mandatory"]).is_err());
+        assert!(parse(&["-f", "immediate"]).is_err());
+        let m = parse(&["-f", "mandatory", "-f", "persistent"]).unwrap();
+        assert!(m.mandatory && m.persistent && !c.mandatory);
         assert!(parse(&["-s", "200000000"]).is_err());
         assert!(parse(&["-z", "0"]).is_err());
         assert!(parse(&["-c", "0"]).is_err());

@@ -126,12 +126,13 @@ pub async fn run(cfg: &Config, progress: ProgressTo) -> Result<Summary, SetupErr
                 .await
                 .map_err(setup(format!("{what}: confirm.select")))?;
         }
-        let template = PublishTemplate::new(
+        let template = PublishTemplate::with_mandatory(
             CHANNEL,
             "",
             &cfg.queue.name,
             cfg.size,
             cfg.persistent,
+            cfg.mandatory,
             c.frame_max,
         )
         .map_err(|e| setup(format!("{what}: encode publish"))(e.into()))?;
