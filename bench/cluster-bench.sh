@@ -38,6 +38,8 @@
 #   DURATION=15             seconds per throughput scenario and broker
 #   SCENARIOS="c100-x1 c100-x4 c1-x1 c1-x4 failover"
 #   FAILOVER_DURATION=20    seconds of the failover run; FAILOVER_KILL_AT=8 seconds into it
+#   FAILOVER_MANDATORY=1    the failover's producer publishes with the mandatory flag: a publish
+#                           that finds no queue comes back (basic.return, counted as returned)
 #   BROKERS="rabbitmq warren"
 #   ROUNDS=1                repeat every scenario, brokers alternating (table = medians)
 #   PERF_THREADS=1          warren-perf threads
@@ -482,8 +484,10 @@ run_failover() { # broker round
         return 0
     fi
     log "failover on $broker (round $round): producer on b at c1, kill -9 of a (master $(jq -r .master <<<"$info"), $(jq .in_sync <<<"$info") in-sync mirrors) after ${FAILOVER_KILL_AT}s [load $(load)]"
+    local flags=(-f persistent)
+    [[ -n ${FAILOVER_MANDATORY:-} ]] && flags+=(-f mandatory)
     timeout $((FAILOVER_DURATION + 60)) "$PERF" --uri "$(node_uri "$broker" b)" -x 1 -y 0 -s 1024 \
-        -f persistent -c 1 --auto-delete false -u "$q" -z "$FAILOVER_DURATION" --label "$broker" \
+        "${flags[@]}" -c 1 --auto-delete false -u "$q" -z "$FAILOVER_DURATION" --label "$broker" \
         --ids-out "$ids_pub" --json-out "$out.pub" >"$WORK/failover-pub.out" 2>&1 &
     local perf_pid=$!
     sleep "$FAILOVER_KILL_AT"
@@ -552,7 +556,7 @@ PY
                                                   then .confirm_gaps[-1].ms else null end)}' \
             "$out.pub" >"$out"
         jq -r 'def r: if . == null then "-" else round end;
-            "    confirm gap around the kill \(.failover_gap.ms | r) ms (began \(.gap_began_after_kill_ms | r) ms after the kill), confirms resumed \(.resumed_after_kill_ms | r) ms after the kill; longest gap of the run \(.longest_confirm_gap.ms | r) ms; confirmed \(.confirmed), nacked \(.nacked), loss check \(.loss_check)"' "$out" >&2
+            "    confirm gap around the kill \(.failover_gap.ms | r) ms (began \(.gap_began_after_kill_ms | r) ms after the kill), confirms resumed \(.resumed_after_kill_ms | r) ms after the kill; longest gap of the run \(.longest_confirm_gap.ms | r) ms; confirmed \(.confirmed), nacked \(.nacked), returned \(.returned), loss check \(.loss_check)"' "$out" >&2
     fi
     rm -f "$out.pub" "$out.drain"
     delete_queue "$broker" b "$q" || log "warning: could not delete $q on $broker"
@@ -644,7 +648,7 @@ FAILOVER_TABLE=$(jq -r '
       elif .failover_gap_shorter_than_ms != null then "< \(.failover_gap_shorter_than_ms | f(0))"
       else "-" end),
      (.gap_began_after_kill_ms | f(0)), (.resumed_after_kill_ms | f(0)), (.longest_confirm_gap.ms | f(0)),
-     (.confirmed | tostring), (.nacked | tostring),
+     (.confirmed | tostring), (.nacked | tostring), (.returned | tostring),
      (.loss_check.lost // "-" | tostring), (.loss_check.duplicates // "-" | tostring),
      (.loss_check.consumed_unconfirmed // "-" | tostring),
      (.queue_after.master // "-"), ((.errors | length) | tostring)]
@@ -658,8 +662,8 @@ FAILOVER_TABLE=$(jq -r '
         printf '| %s |\n' "$(printf '%s | ' "${row[@]}" | sed 's/ | $//')"
     done <<<"$TABLE"
     echo
-    echo "| failover | round | confirm gap around the kill ms | it began ms after the kill | confirms resumed ms after the kill | longest confirm gap of the run ms | confirmed | nacked | confirmed but lost | duplicates | delivered, not confirmed | master after | errors |"
-    echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"
+    echo "| failover | round | confirm gap around the kill ms | it began ms after the kill | confirms resumed ms after the kill | longest confirm gap of the run ms | confirmed | nacked | returned | confirmed but lost | duplicates | delivered, not confirmed | master after | errors |"
+    echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"
     while IFS=$'\t' read -r -a row; do
         [[ ${#row[@]} -gt 0 ]] || continue
         printf '| %s |\n' "$(printf '%s | ' "${row[@]}" | sed 's/ | $//')"
@@ -677,7 +681,7 @@ FAILOVER_TABLE=$(jq -r '
     fi
     if [[ -n $FAILOVER_TABLE ]]; then
         echo
-        printf '%s\n' "failover	round	gap at kill ms	began after kill ms	resumed after kill ms	longest gap ms	confirmed	nacked	lost	duplicates	delivered unconfirmed	master after	errors" \
+        printf '%s\n' "failover	round	gap at kill ms	began after kill ms	resumed after kill ms	longest gap ms	confirmed	nacked	returned	lost	duplicates	delivered unconfirmed	master after	errors" \
             "$FAILOVER_TABLE" | column -t -s $'\t'
     fi
     echo
