@@ -482,21 +482,27 @@ impl Vhost {
 
     /// queue.declare (non-passive). Returns the handle and whether it was created.
     pub fn declare_queue(&self, spec: QueueSpec) -> Result<(QueueHandle, bool), ChannelError> {
-        self.declare_queue_seeded(spec, Vec::new())
+        self.declare_queue_seeded(spec, Vec::new(), None)
     }
 
     /// [`Vhost::declare_queue`] for a queue that starts with `seed` (queue order): a mirror
     /// promoted to master brings its copy. The persistent ones of a durable queue are logged
-    /// before the queue runs. Ignored if the queue exists.
+    /// before the queue runs. Ignored if the queue exists, unless it is `replace`: then the
+    /// new queue takes its place in one step (see [`Vhost::replaced`]).
     pub(crate) fn declare_queue_seeded(
         &self,
         spec: QueueSpec,
         seed: Vec<crate::store::Recovered>,
+        replace: Option<&QueueHandle>,
     ) -> Result<(QueueHandle, bool), ChannelError> {
         let vname = self.name.clone();
         let mut spawn = None;
         let r = self.update(|t| {
-            if let Some(q) = t.queues.get(spec.name.as_str()) {
+            if let Some(q) = t
+                .queues
+                .get(spec.name.as_str())
+                .filter(|q| !replace.is_some_and(|r| Arc::ptr_eq(r, q)))
+            {
                 // Strict, as RabbitMQ on a non-passive declare: the exclusive flag must match
                 // too, not only the owner.
                 if q.exclusive_owner != spec.exclusive_owner {
@@ -607,11 +613,23 @@ impl Vhost {
                 None => actor,
             };
             tokio::spawn(actor.run(rx));
-            if durable {
-                self.durable_changed();
+            match replace {
+                Some(old) => self.replaced(old),
+                None if durable => self.durable_changed(),
+                None => {}
             }
         }
         Ok(r)
+    }
+
+    /// `old` left the topology for a queue of the same name that took its place in the same
+    /// update (the queue's master moved: a proxy became the queue, or the other way round):
+    /// its bindings stay, since they name the queue, and no publish ever finds the name
+    /// missing. The vhost's hook hears of `old` as of a removed queue.
+    fn replaced(&self, old: &QueueHandle) {
+        if let Some(h) = self.queue_hook.get() {
+            (h.0)(old);
+        }
     }
 
     /// Called by a queue actor when it goes away: forget it and its bindings.
@@ -663,15 +681,20 @@ impl Vhost {
 
     /// Puts a queue in the topology whose commands `run` serves instead of a local queue
     /// actor (a queue whose master is another node). An existing queue of that name is kept
-    /// and returned.
+    /// and returned, unless it is `replace` (see [`Vhost::replaced`]).
     pub(crate) fn install_queue(
         &self,
         spec: QueueSpec,
+        replace: Option<&QueueHandle>,
         run: impl FnOnce(QueueHandle, tokio::sync::mpsc::Receiver<crate::queue::QueueCmd>),
     ) -> Result<QueueHandle, ChannelError> {
         let mut spawn = None;
         let r = self.update(|t| {
-            if let Some(q) = t.queues.get(spec.name.as_str()) {
+            if let Some(q) = t
+                .queues
+                .get(spec.name.as_str())
+                .filter(|q| !replace.is_some_and(|r| Arc::ptr_eq(r, q)))
+            {
                 return Ok(q.clone());
             }
             let (handle, rx) = self.new_queue_in(t, &spec);
@@ -680,6 +703,9 @@ impl Vhost {
         });
         if let Some((handle, rx)) = spawn {
             run(handle, rx);
+            if let Some(old) = replace {
+                self.replaced(old);
+            }
         }
         r
     }

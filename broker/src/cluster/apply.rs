@@ -277,9 +277,13 @@ async fn put(
             };
             let mut seed = Vec::new();
             let master_id = warren_cluster::node_id_of(&q.placement.master);
+            // The queue this node has now, and whether it is a proxy: replaced in one step
+            // (bindings kept, the name never missing for a publish) when the master moved.
+            let mut replace = None;
             if let Some(cur) = vh.queue(name) {
+                let proxy = link.is_proxy(&cur);
                 let same_master = here || link.proxy_master(&cur) == Some(master_id);
-                if link.is_proxy(&cur) != here && same_master {
+                if proxy != here && same_master {
                     // Already what it should be; a master learns its mirrors.
                     if here {
                         link.replication.placement(
@@ -291,10 +295,7 @@ async fn put(
                     }
                     return;
                 }
-                // The master moved: the old form of the queue leaves this node.
-                if link.is_proxy(&cur) && !here {
-                    vh.remove_queue(&cur);
-                } else if link.is_proxy(&cur) {
+                if proxy && here {
                     // Promoted: this node's copy becomes the queue.
                     seed = link
                         .mirrors
@@ -307,13 +308,12 @@ async fn put(
                         epoch = q.placement.epoch,
                         "promoted to master"
                     );
-                    vh.remove_queue(&cur);
-                } else {
-                    let _ = vh.delete_queue(&cur, false, false).await;
                 }
+                replace = Some((cur, proxy));
             }
+            let old = replace.as_ref().map(|(h, _)| h);
             let r = if here {
-                let r = vh.declare_queue_seeded(spec, seed).map(|_| ());
+                let r = vh.declare_queue_seeded(spec, seed, old).map(|_| ());
                 link.replication.placement(
                     &qref,
                     q.placement.epoch,
@@ -322,10 +322,15 @@ async fn put(
                 );
                 r
             } else {
-                let master = warren_cluster::node_id_of(&q.placement.master);
-                vh.install_queue(spec, |h, rx| link.run_proxy(h, rx, master))
+                vh.install_queue(spec, old, |h, rx| link.run_proxy(h, rx, master_id))
                     .map(|_| ())
             };
+            if let Some((old, false)) = &replace {
+                // This node mastered the queue and another does now: its copy goes (the
+                // replaced master's mirrors ignore it, fenced by the epoch).
+                tracing::info!(queue = %name, vhost = %vhost, master = %q.placement.master, "the queue's master moved elsewhere: the queue here becomes a proxy");
+                let _ = vh.delete_queue(old, false, false).await;
+            }
             if let Err(e) = r {
                 warn!(?key, error = %e, "replicated queue not applied on this node");
             }

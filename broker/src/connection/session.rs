@@ -286,11 +286,27 @@ impl Session {
         requeue_held(std::mem::take(&mut chan.held)).await;
     }
 
-    /// Releases every channel and deletes exclusive queues (connection end).
+    /// Releases every channel and deletes exclusive queues (connection end). Deliveries still
+    /// on their way to this connection go back to their queues: no queue is left holding a
+    /// message as unacknowledged by a connection that is gone.
     pub async fn release_all(&mut self) {
         let chans: Vec<u16> = self.channels.keys().copied().collect();
         for ch in chans {
             self.release_channel(ch).await;
+        }
+        // From now on a queue's send to this connection fails (and the queue takes its
+        // delivery back itself); what was sent before is given back here.
+        self.events_rx.close();
+        while let Ok(ev) = self.events_rx.try_recv() {
+            match ev {
+                ClientEvent::Deliver(d) => self.deliver(d).await,
+                ClientEvent::Deliveries(v) => {
+                    for d in v {
+                        self.deliver(d).await;
+                    }
+                }
+                _ => {}
+            }
         }
         if let Some(v) = self.vhost.clone() {
             for q in std::mem::take(&mut self.exclusive_queues) {

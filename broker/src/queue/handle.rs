@@ -53,6 +53,9 @@ impl QueueInfo {
                 QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
                 _ => Vec::new(),
             };
+            if !tickets.is_empty() {
+                tracing::debug!(queue = %self.name, confirms = tickets.len(), "publish to a queue that is gone: acked");
+            }
             for t in tickets {
                 t.send(true);
             }
