@@ -414,6 +414,12 @@ pub enum Command {
         vhost: String,
         name: String,
     },
+    /// `sync_queue` (`cancel`: `cancel_sync_queue`).
+    SyncQueue {
+        vhost: String,
+        name: String,
+        cancel: bool,
+    },
     DeleteQueue {
         vhost: String,
         name: String,
@@ -453,6 +459,8 @@ pub const VERBS: &[(&str, &str)] = &[
     ("list_users", "[<column> ...]"),
     ("list_vhosts", "[<column> ...]"),
     ("purge_queue", "[-p <vhost>] <queue>"),
+    ("sync_queue", "[-p <vhost>] <queue>"),
+    ("cancel_sync_queue", "[-p <vhost>] <queue>"),
     (
         "set_permissions",
         "[-p <vhost>] <username> <conf> <write> <read>",
@@ -797,6 +805,11 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
         "purge_queue" => Command::PurgeQueue {
             vhost,
             name: exact(1)?[0].clone(),
+        },
+        verb @ ("sync_queue" | "cancel_sync_queue") => Command::SyncQueue {
+            vhost,
+            name: exact(1)?[0].clone(),
+            cancel: verb == "cancel_sync_queue",
         },
         "delete_queue" => Command::DeleteQueue {
             vhost,

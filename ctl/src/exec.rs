@@ -392,6 +392,24 @@ impl Ctx<'_> {
                 self.or_missing(Method::Delete, &path, None, || queue_missing(vhost, name))
                     .map(drop)
             }
+            Command::SyncQueue {
+                vhost,
+                name,
+                cancel,
+            } => {
+                let (verb, action) = if *cancel {
+                    ("Stopping synchronising", "cancel_sync")
+                } else {
+                    ("Synchronising", "sync")
+                };
+                self.info(&format!("{verb} queue '{name}' in vhost '{vhost}' ..."))?;
+                let path = format!("/api/queues/{}/{}/actions", enc(vhost), enc(name));
+                let body = serde_json::json!({ "action": action });
+                self.or_missing(Method::Post, &path, Some(&body), || {
+                    queue_missing(vhost, name)
+                })
+                .map(drop)
+            }
             Command::DeleteQueue {
                 vhost,
                 name,

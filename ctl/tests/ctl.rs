@@ -341,6 +341,19 @@ async fn lists_show_what_an_amqp_client_made() {
         "queue_name\tconsumer_tag\tack_required\nctl.q2\tctl-tag\ttrue\n"
     );
 
+    // sync_queue and cancel_sync_queue: a single node has no mirrors to synchronise, and
+    // says so by succeeding, as RabbitMQ does for an unmirrored queue.
+    let out = node.ctl(&["sync_queue", "ctl.q1"]).ok();
+    assert_eq!(
+        out.stdout,
+        "Synchronising queue 'ctl.q1' in vhost '/' ...\n"
+    );
+    let out = node.ctl(&["cancel_sync_queue", "ctl.q1"]).ok();
+    assert_eq!(
+        out.stdout,
+        "Stopping synchronising queue 'ctl.q1' in vhost '/' ...\n"
+    );
+
     // purge_queue and delete_queue.
     let out = node.ctl(&["purge_queue", "ctl.q1"]).ok();
     assert_eq!(out.stdout, "Purging queue 'ctl.q1' in vhost '/' ...\n");

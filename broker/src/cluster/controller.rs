@@ -4,14 +4,17 @@
 //! Every few hundred milliseconds each node looks at the queues it masters and their policy
 //! (`ha-mode` all | exactly with `ha-params` N | nodes with `ha-params` [names]):
 //! - the mirrors are the nodes the policy names (witnesses never);
-//! - a mirror joins the in-sync set once the master streams to it and the queue holds nothing
-//!   older than the stream (the queue is empty then: RabbitMQ's natural sync);
+//! - a mirror joins the in-sync set once the master streams to it and it holds the whole queue:
+//!   synchronised (`ha-sync-mode` automatic, or `sync_queue`: the backlog in batches, see
+//!   [`super::replicate`]), or the queue holds nothing older than the stream (it is empty
+//!   then: RabbitMQ's natural sync, all `ha-sync-mode` manual gets without `sync_queue`);
 //! - a mirror out of reach for the failure-detection time leaves the in-sync set, so it stops
 //!   holding confirms back.
 //!
 //! The Raft leader also watches the masters: a master out of reach for the failure-detection
 //! time is replaced by its oldest in-sync mirror that is reachable (`ha-promote-on-failure`
-//! `when-synced`, the default; with `always` an unsynchronised mirror too), epoch + 1. Every
+//! `when-synced`, the default; with `always` an unsynchronised mirror too), epoch + 1; the
+//! other mirrors are out of sync until they hold the new master's queue. Every
 //! change is a committed placement guarded by the queue key's version, so two nodes never
 //! both promote, and a node applies a promotion only from the log.
 
@@ -106,6 +109,9 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
     let up = |n: &str| reachable.get(n).copied().unwrap_or(false);
     let leader = link.cluster.leader() == Some(link.cluster.node_id());
     let mut ops_list: Vec<Vec<Op>> = Vec::new();
+    // Mirrors announced to their masters (`Replication::expect`) by the changes in
+    // `ops_list`, withdrawn if the change is not committed.
+    let mut expected: Vec<(QueueRef, Vec<warren_cluster::NodeId>)> = Vec::new();
     for (key, v) in st.prefix("queue/") {
         let Some(qv) = keys::from_value::<QueueValue>(&v.value) else {
             continue;
@@ -128,11 +134,11 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
             }
             let definition = q.policy().applied.definition.clone();
             let mirrors = desired_mirrors(&definition, &me, &nodes);
+            let auto = definition.get("ha-sync-mode").and_then(Value::as_str) == Some("automatic");
+            link.replication.set_auto_sync(&qref, auto);
+            let progress = |m: &str| link.replication.progress(&qref, node_id_of(m));
             // A mirror's stream starts with the queue's next round: an idle queue is woken.
-            if p.mirrors
-                .iter()
-                .any(|m| !link.streams_to(&qref, node_id_of(m)))
-            {
+            if p.mirrors.iter().any(|m| !progress(m).streaming) {
                 q.kick();
             }
             let empty = q.message_count() == 0
@@ -144,14 +150,31 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
                 .filter(|n| mirrors.contains(n) && up(n) && !broken(n))
                 .cloned()
                 .collect();
+            let mut added = Vec::new();
             for m in &mirrors {
-                if !p.in_sync.contains(m) && up(m) && empty && link.streams_to(&qref, node_id_of(m))
+                if p.in_sync.contains(m) || !up(m) {
+                    continue;
+                }
+                let pr = progress(m);
+                // In sync: it has the whole queue (synchronised, or nothing older than its
+                // stream is left), and publishes wait for it before the commit says so.
+                if pr.streaming
+                    && (empty || pr.synced)
+                    && link.replication.expect(&qref, node_id_of(m))
                 {
                     in_sync.push(m.clone());
+                    added.push(node_id_of(m));
                 }
             }
             next.placement.mirrors = mirrors;
             next.placement.in_sync = in_sync;
+            if next != qv {
+                expected.push((qref.clone(), added));
+            } else {
+                for m in added {
+                    link.replication.unexpect(&qref, m);
+                }
+            }
         } else if leader && !up(&p.master) {
             let always = shared
                 .vhost(&qref.vhost)
@@ -174,7 +197,11 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
             info!(queue = %qref.name, vhost = %qref.vhost, from = %p.master, to = %c, "promoting a mirror: the master is out of reach");
             next.placement.master = c.clone();
             next.placement.mirrors.retain(|n| *n != c && *n != p.master);
-            next.placement.in_sync.retain(|n| *n != c && *n != p.master);
+            // The other mirrors followed the old master's stream, which may have reached
+            // them further or less far than the new master: the new master's stream starts
+            // them afresh, and they are in sync again once they hold its queue (synchronised,
+            // or the queue drained).
+            next.placement.in_sync.clear();
             next.placement.epoch = p.epoch + 1;
         }
         if next != qv {
@@ -190,13 +217,25 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
             ]);
         }
     }
+    let mut failed = false;
     for ops in ops_list {
+        if failed {
+            break;
+        }
         match link.propose(ops).await {
-            Ok(_) | Err(warren_cluster::ClusterError::Conflict { .. }) => {}
+            Ok(_) => {}
+            Err(warren_cluster::ClusterError::Conflict { .. }) => {}
             Err(e) => {
                 warn!(error = %e, "queue placement not committed; retried next round");
-                return;
+                failed = true;
             }
+        }
+    }
+    // A committed addition is in the placement now (applied before propose returned), so
+    // withdrawing the announcement changes nothing for it; the others stop holding confirms.
+    for (qref, added) in expected {
+        for m in added {
+            link.replication.unexpect(&qref, m);
         }
     }
 }

@@ -147,13 +147,38 @@ impl ClusterLink {
         self.failure_detection
     }
 
-    /// Whether the queue mastered here streams its changes to `mirror`.
-    pub fn streams_to(
-        &self,
-        queue: &super::wire::QueueRef,
-        mirror: warren_cluster::NodeId,
-    ) -> bool {
-        self.replication.streams_to(queue, mirror)
+    /// `sync_queue` (`cancel`: `cancel_sync_queue`) of the queue mastered here; false if it
+    /// is not.
+    pub fn sync_local(&self, queue: &super::wire::QueueRef, cancel: bool) -> bool {
+        if cancel {
+            self.replication.cancel_sync(queue)
+        } else {
+            self.replication.sync_now(queue)
+        }
+    }
+
+    /// `sync_queue` / `cancel_sync_queue` asked of any node: carried out by the queue's
+    /// master. Err: no such clustered queue, or its master cannot be asked.
+    pub async fn sync_queue(&self, vhost: &str, name: &str, cancel: bool) -> Result<(), String> {
+        let queue = super::wire::QueueRef {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+        };
+        let st = self.state();
+        let master = st
+            .get(&keys::queue(vhost, name))
+            .and_then(|v| v.value["placement"]["master"].as_str().map(str::to_owned))
+            .ok_or_else(|| format!("no queue '{name}' in vhost '{vhost}'"))?;
+        if master == self.node_name() {
+            return if self.sync_local(&queue, cancel) {
+                Ok(())
+            } else {
+                Err(format!("queue '{name}' is not running here yet"))
+            };
+        }
+        self.remote
+            .sync(warren_cluster::node_id_of(&master), queue, cancel)
+            .await
     }
 
     /// `pause_minority`: while this node cannot reach a majority of the voters it serves no
@@ -271,6 +296,7 @@ impl ClusterLink {
         if !mine {
             return;
         }
+        info!(queue = %q.name, vhost = %q.vhost, "a queue mastered here is gone: the cluster drops it");
         let ops = crate::topology::queue_delete_ops(self, &q.vhost, &q.name);
         let me = self.clone();
         tokio::spawn(async move {

@@ -3,7 +3,8 @@
 //! ([`MirrorAck`]: the highest id it has), and hands the copy over when it is promoted.
 //!
 //! The copy is in memory: a mirror that restarts comes back empty and is in sync again only
-//! after a resync (see [`super::controller`]). A batch from an older epoch than the newest seen
+//! after a synchronisation (the master's backlog in batches, see [`super::replicate`]) or
+//! once the queue has drained (see [`super::controller`]). A batch from an older epoch than the newest seen
 //! (a master that was replaced) is ignored.
 
 use super::mirror_wire::{MirrorAck, MirrorBatch, MirrorOp, MIRROR, MIRROR_ACK};
@@ -25,6 +26,8 @@ struct Copy {
     /// id -> (message, delivered and not settled, expiry in Unix ms or 0).
     msgs: BTreeMap<u64, (Arc<Message>, bool, u64)>,
     top: u64,
+    /// The last synchronisation batch applied since the last Reset.
+    sync_seq: u64,
 }
 
 /// Whether batches of `epoch` for a queue are from a master the cluster already replaced.
@@ -128,7 +131,9 @@ impl Mirrors {
                 MirrorOp::Reset => {
                     c.msgs.clear();
                     c.top = 0;
+                    c.sync_seq = 0;
                 }
+                MirrorOp::SyncPoint(seq) => c.sync_seq = seq,
                 MirrorOp::Delete => {
                     copies.remove(&b.queue);
                     return None;
@@ -139,6 +144,7 @@ impl Mirrors {
             queue: b.queue,
             epoch: c.epoch,
             up_to: c.top,
+            sync_seq: c.sync_seq,
         })
     }
 

@@ -30,6 +30,10 @@ pub enum MirrorOp {
     /// Start the copy afresh (the first batch to a new mirror, or after its link dropped:
     /// batches may have been missed).
     Reset,
+    /// The end of synchronisation batch `seq` (its messages are the Enqueue and Delivered
+    /// ops before it): acknowledged as [`MirrorAck::sync_seq`], so the master sends one batch
+    /// at a time and knows when the mirror holds the whole queue.
+    SyncPoint(u64),
 }
 
 /// Changes for one queue, from the master of `epoch`.
@@ -40,12 +44,14 @@ pub struct MirrorBatch {
     pub ops: Vec<MirrorOp>,
 }
 
-/// The mirror has every enqueue up to and including `up_to` of the master of `epoch`.
+/// The mirror has every enqueue up to and including `up_to` of the master of `epoch`, and
+/// applied synchronisation batch `sync_seq` (0: none since its last Reset).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorAck {
     pub queue: QueueRef,
     pub epoch: u64,
     pub up_to: u64,
+    pub sync_seq: u64,
 }
 
 fn ids(w: &mut W, ids: &[u64]) {
@@ -92,6 +98,10 @@ impl MirrorBatch {
                 }
                 MirrorOp::Delete => w.u8(5),
                 MirrorOp::Reset => w.u8(6),
+                MirrorOp::SyncPoint(seq) => {
+                    w.u8(7);
+                    w.u64(*seq);
+                }
             }
         }
         w.0.freeze()
@@ -115,6 +125,7 @@ impl MirrorBatch {
                 4 => MirrorOp::Requeue(read_ids(&mut r)?),
                 5 => MirrorOp::Delete,
                 6 => MirrorOp::Reset,
+                7 => MirrorOp::SyncPoint(r.u64()?),
                 _ => return None,
             });
         }
@@ -128,6 +139,7 @@ impl MirrorAck {
         w.queue(&self.queue);
         w.u64(self.epoch);
         w.u64(self.up_to);
+        w.u64(self.sync_seq);
         w.0.freeze()
     }
 
@@ -137,6 +149,7 @@ impl MirrorAck {
             queue: r.queue()?,
             epoch: r.u64()?,
             up_to: r.u64()?,
+            sync_seq: r.u64()?,
         };
         r.0.is_empty().then_some(m)
     }
@@ -168,6 +181,7 @@ mod tests {
                 MirrorOp::Requeue(vec![7]),
                 MirrorOp::Settle(vec![7, 8]),
                 MirrorOp::Reset,
+                MirrorOp::SyncPoint(u64::MAX - 1),
                 MirrorOp::Delete,
             ],
         }
@@ -184,6 +198,7 @@ mod tests {
             },
             epoch: 1,
             up_to: 99,
+            sync_seq: 12,
         };
         assert_eq!(MirrorAck::decode(&a.encode()), Some(a));
     }

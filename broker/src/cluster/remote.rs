@@ -183,6 +183,19 @@ impl Remote {
         }
     }
 
+    /// `sync_queue` / `cancel_sync_queue` of a queue mastered on `master`.
+    pub async fn sync(&self, master: NodeId, queue: QueueRef, cancel: bool) -> Result<(), String> {
+        let req = self.id();
+        match self
+            .request(master, req, ToMaster::Sync { queue, req, cancel })
+            .await
+        {
+            Some(Reply::Done(Ok(_))) => Ok(()),
+            Some(Reply::Done(Err((_, text)))) => Err(text),
+            _ => Err("the queue's master did not answer".into()),
+        }
+    }
+
     /// Serve `handle`'s mailbox for the queue mastered on `master`.
     pub(crate) fn run_proxy(
         self: &Arc<Self>,
@@ -563,6 +576,9 @@ impl Remote {
                     continue;
                 };
                 let Some(msg) = local_msg(self.memory, d.msg) else {
+                    if !d.no_ack {
+                        orphans.push(d.msg_id);
+                    }
                     continue;
                 };
                 let e = out
@@ -582,7 +598,13 @@ impl Remote {
         }
         for (_, (spec, ds)) in out {
             spec.conn.pending.fetch_add(ds.len(), Ordering::Relaxed);
-            let _ = spec.events.send(ClientEvent::Deliveries(ds));
+            if let Err(e) = spec.events.send(ClientEvent::Deliveries(ds)) {
+                // The connection is gone: what it was to acknowledge goes back to the queue.
+                if let ClientEvent::Deliveries(ds) = e.0 {
+                    spec.conn.pending.fetch_sub(ds.len(), Ordering::Relaxed);
+                    orphans.extend(ds.iter().filter(|d| !d.no_ack).map(|d| d.msg_id));
+                }
+            }
         }
         if !orphans.is_empty() {
             self.send(

@@ -14,9 +14,9 @@ use super::mirror_wire::{MirrorAck, MirrorBatch, MirrorOp, MIRROR, MIRROR_ACK};
 use super::remote::wire_msg;
 use super::wire::QueueRef;
 use crate::queue::Message;
-use crate::store::{QueueLog, Safety, StoreEvent};
+use crate::store::{QueueLog, Safety, StoreEvent, SyncMsg, SyncRange};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
@@ -53,6 +53,50 @@ struct RepState {
     /// Reported to the queue as acknowledged by every in-sync mirror.
     reported: u64,
     pending: Vec<MirrorOp>,
+    /// `ha-sync-mode` automatic: a mirror that joins the stream gets the queue's backlog.
+    auto_sync: bool,
+    /// Mirrors to synchronise when their stream starts (`sync_queue` for a fresh mirror).
+    sync_requested: HashSet<NodeId>,
+    /// Synchronisations under way or done, per mirror (dropped with its stream).
+    syncs: HashMap<NodeId, Sync>,
+    /// The last synchronisation batch number used (starts at the clock, so an ack from an
+    /// earlier run of this master never matches).
+    seq: u64,
+    /// Mirrors the controller is about to add to the in-sync set: publishes wait for them
+    /// already, so nothing is confirmed without them between the commit and its apply here.
+    expected: HashSet<NodeId>,
+}
+
+/// One mirror's synchronisation: the messages that were in the queue when its stream began,
+/// sent in batches (one at a time) while the stream carries everything newer.
+#[derive(Debug, Clone, Copy)]
+struct Sync {
+    range: SyncRange,
+    /// The last batch sent and the last one the mirror applied.
+    sent: u64,
+    acked: u64,
+    /// The last batch is sent: once it is acknowledged the mirror holds the whole queue.
+    done: bool,
+}
+
+impl Sync {
+    fn idle(&self) -> bool {
+        self.sent == self.acked
+    }
+    fn complete(&self) -> bool {
+        self.done && self.idle()
+    }
+}
+
+/// Where a mirror of a queue mastered here stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MirrorProgress {
+    /// The master streams every change to it.
+    pub streaming: bool,
+    /// It holds every message that was in the queue when its stream began.
+    pub synced: bool,
+    /// A synchronisation is under way.
+    pub syncing: bool,
 }
 
 impl QueueRep {
@@ -68,36 +112,102 @@ impl QueueRep {
                 st.fresh.insert(*m);
             }
         }
+        st.syncs.retain(|n, _| mirrors.contains(n));
+        st.sync_requested.retain(|n| mirrors.contains(n));
+        st.expected
+            .retain(|n| mirrors.contains(n) && !in_sync.contains(n));
         st.mirrors = mirrors;
         st.in_sync = in_sync;
+        self.waits.store(
+            !st.in_sync.is_empty() || !st.expected.is_empty(),
+            Ordering::Release,
+        );
         // Publishes enqueued so far waited for nobody's acks (or are counted again below).
         st.reported = st.reported.min(st.top);
         self.report(&mut st);
     }
 
-    fn ack(&self, from: NodeId, epoch: u64, up_to: u64) {
+    /// The controller is about to commit `mirror` into the in-sync set: from now on publishes
+    /// wait for its acks (false if it no longer qualifies: not streaming, or broken).
+    fn expect(&self, mirror: NodeId) -> bool {
         let mut st = self.state.lock();
-        if epoch != st.epoch || st.broken.contains(&from) {
+        if !st.mirrors.contains(&mirror)
+            || st.fresh.contains(&mirror)
+            || st.broken.contains(&mirror)
+        {
+            return false;
+        }
+        st.expected.insert(mirror);
+        self.waits.store(true, Ordering::Release);
+        st.reported = st.reported.min(st.top);
+        true
+    }
+
+    /// The commit of `expect(mirror)` failed: publishes stop waiting for it.
+    fn unexpect(&self, mirror: NodeId) {
+        let mut st = self.state.lock();
+        if st.expected.remove(&mirror) {
+            self.waits.store(
+                !st.in_sync.is_empty() || !st.expected.is_empty(),
+                Ordering::Release,
+            );
+            self.report(&mut st);
+        }
+    }
+
+    fn progress(&self, mirror: NodeId) -> MirrorProgress {
+        let st = self.state.lock();
+        let streaming = st.mirrors.contains(&mirror) && !st.fresh.contains(&mirror);
+        let sync = st.syncs.get(&mirror).filter(|_| streaming);
+        MirrorProgress {
+            streaming,
+            synced: sync.is_some_and(Sync::complete),
+            syncing: sync.is_some_and(|s| !s.complete()),
+        }
+    }
+
+    /// Starts synchronising `mirror` from the queue's current contents (its stream goes on).
+    fn start_sync(&self, st: &mut RepState, mirror: NodeId) {
+        st.syncs.insert(
+            mirror,
+            Sync {
+                range: SyncRange {
+                    after: 0,
+                    up_to: st.top,
+                },
+                sent: 0,
+                acked: 0,
+                done: false,
+            },
+        );
+        let _ = self.events.send(StoreEvent::MirrorSyncReady);
+    }
+
+    fn ack(&self, from: NodeId, a: &MirrorAck) {
+        let mut st = self.state.lock();
+        if a.epoch != st.epoch || st.broken.contains(&from) {
             return;
         }
-        let a = st.acked.entry(from).or_insert(0);
-        *a = (*a).max(up_to);
+        let acked = st.acked.entry(from).or_insert(0);
+        *acked = (*acked).max(a.up_to);
+        if let Some(sync) = st.syncs.get_mut(&from) {
+            if a.sync_seq == sync.sent && !sync.idle() {
+                sync.acked = sync.sent;
+                if !sync.done {
+                    let _ = self.events.send(StoreEvent::MirrorSyncReady);
+                }
+            }
+        }
         self.report(&mut st);
     }
 
     /// Tells the queue how far every in-sync mirror got (everything, when none is in sync).
     fn report(&self, st: &mut RepState) {
-        let up_to = st
-            .in_sync
-            .iter()
+        let waited = st.in_sync.iter().chain(st.expected.iter());
+        let up_to = waited
             .map(|n| st.acked.get(n).copied().unwrap_or(0))
             .min()
-            .unwrap_or(u64::MAX)
-            .min(if st.in_sync.is_empty() {
-                u64::MAX
-            } else {
-                st.top
-            });
+            .map_or(u64::MAX, |a| a.min(st.top));
         if up_to > st.reported {
             st.reported = up_to;
             let _ = self.events.send(StoreEvent::MirrorsAcked { up_to });
@@ -114,6 +224,14 @@ impl QueueRep {
             st.fresh.insert(peer);
         }
         st.acked.remove(&peer);
+        st.syncs.remove(&peer);
+        if st.expected.remove(&peer) {
+            self.waits.store(
+                !st.in_sync.is_empty() || !st.expected.is_empty(),
+                Ordering::Release,
+            );
+        }
+        self.report(&mut st);
     }
 
     /// Queues the op for the mirrors, built only when there are mirrors (this is called per
@@ -200,6 +318,77 @@ impl QueueLog for MirroredLog {
         self.send_pending();
         wrote
     }
+
+    fn sync_wanted(&self) -> Option<SyncRange> {
+        if !self.rep.mirrored.load(Ordering::Acquire) {
+            return None;
+        }
+        let st = self.rep.state.lock();
+        st.syncs
+            .iter()
+            .find(|(m, s)| !s.done && s.idle() && !st.fresh.contains(m))
+            .map(|(_, s)| s.range)
+    }
+
+    fn sync_batch(&mut self, range: SyncRange, msgs: Vec<SyncMsg>, done: bool) {
+        // The stream so far goes first: the batch shows the queue as it is after it.
+        self.send_pending();
+        let (targets, seq, epoch) = {
+            let mut st = self.rep.state.lock();
+            let targets: Vec<NodeId> = st
+                .syncs
+                .iter()
+                .filter(|(m, s)| s.range == range && !s.done && s.idle() && !st.fresh.contains(m))
+                .map(|(m, _)| *m)
+                .collect();
+            if targets.is_empty() {
+                return;
+            }
+            st.seq += 1;
+            (targets, st.seq, st.epoch)
+        };
+        let last = msgs.last().map(|m| m.id);
+        let delivered: Vec<u64> = msgs.iter().filter(|m| m.delivered).map(|m| m.id).collect();
+        let mut ops: Vec<MirrorOp> = msgs
+            .into_iter()
+            .map(|m| MirrorOp::Enqueue {
+                id: m.id,
+                msg: wire_msg(&m.msg),
+                expires_at_ms: m.expires_at_ms,
+            })
+            .collect();
+        if !delivered.is_empty() {
+            ops.push(MirrorOp::Delivered(delivered));
+        }
+        ops.push(MirrorOp::SyncPoint(seq));
+        let batch = MirrorBatch {
+            queue: self.rep.queue.clone(),
+            epoch,
+            ops,
+        }
+        .encode();
+        let mut failed = Vec::new();
+        let mut st = self.rep.state.lock();
+        for m in targets {
+            if let Err(e) = self.cluster.send(m, MIRROR, batch.clone()) {
+                // Its link is down or far behind: stream and synchronisation start over.
+                debug!(mirror = m, error = %e, "synchronisation batch not sent");
+                failed.push(m);
+                continue;
+            }
+            if let Some(s) = st.syncs.get_mut(&m) {
+                s.sent = seq;
+                s.done = done;
+                if let Some(last) = last {
+                    s.range.after = last;
+                }
+            }
+        }
+        drop(st);
+        for m in failed {
+            self.rep.link_down(m);
+        }
+    }
 }
 
 impl MirroredLog {
@@ -210,6 +399,14 @@ impl MirroredLog {
                 return;
             }
             let fresh = std::mem::take(&mut st.fresh);
+            // A stream that starts now lacks what the queue already holds: automatic (or
+            // requested) synchronisation sends it in batches from the next round on.
+            for m in &fresh {
+                st.syncs.remove(m);
+                if st.auto_sync || st.sync_requested.remove(m) {
+                    self.rep.start_sync(&mut st, *m);
+                }
+            }
             (
                 std::mem::take(&mut st.pending),
                 st.mirrors.clone(),
@@ -235,9 +432,11 @@ impl MirroredLog {
         for m in mirrors {
             let b = if fresh.contains(&m) { &reset } else { &batch };
             if let Err(e) = self.cluster.send(m, MIRROR, b.clone()) {
-                // The mirror misses this batch: the controller drops it from the in-sync
-                // set when it stays out of reach (it resyncs from an empty queue).
-                debug!(mirror = m, error = %e, "mirror batch not sent");
+                // The mirror misses this batch (its outbound queue is full: it is far behind
+                // or away for long): its copy has a gap, so its acks stop counting and its
+                // stream starts over with a Reset.
+                debug!(mirror = m, error = %e, "mirror batch not sent; its stream starts over");
+                self.rep.link_down(m);
             }
         }
     }
@@ -281,7 +480,7 @@ impl Replication {
                 };
                 let rep = me.queues.lock().get(&a.queue).and_then(Weak::upgrade);
                 if let Some(rep) = rep {
-                    rep.ack(m.from, a.epoch, a.up_to);
+                    rep.ack(m.from, &a);
                 }
             }
         });
@@ -319,6 +518,9 @@ impl Replication {
             state: Mutex::default(),
             events: tx,
         });
+        rep.state.lock().seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
         self.queues.lock().insert(queue, Arc::downgrade(&rep));
         let log = MirroredLog {
             inner,
@@ -346,6 +548,84 @@ impl Replication {
         }
     }
 
+    fn rep(&self, queue: &QueueRef) -> Option<Arc<QueueRep>> {
+        self.queues.lock().get(queue).and_then(Weak::upgrade)
+    }
+
+    /// Where `mirror` of the queue mastered here stands (all false for a queue not mastered
+    /// here).
+    pub fn progress(&self, queue: &QueueRef, mirror: NodeId) -> MirrorProgress {
+        self.rep(queue)
+            .map(|r| r.progress(mirror))
+            .unwrap_or_default()
+    }
+
+    /// `ha-sync-mode` of the queue mastered here (automatic: true); turning it on starts
+    /// synchronising every streamed mirror that is not synchronised yet.
+    pub fn set_auto_sync(&self, queue: &QueueRef, auto: bool) {
+        if let Some(r) = self.rep(queue) {
+            let mut st = r.state.lock();
+            if st.auto_sync != auto {
+                st.auto_sync = auto;
+                if auto {
+                    Self::sync_unsynced(&r, &mut st);
+                }
+            }
+        }
+    }
+
+    /// `sync_queue`: synchronise every mirror of the queue mastered here that is not in sync
+    /// yet. False if the queue is not mastered here.
+    pub fn sync_now(&self, queue: &QueueRef) -> bool {
+        let Some(r) = self.rep(queue) else {
+            return false;
+        };
+        let mut st = r.state.lock();
+        Self::sync_unsynced(&r, &mut st);
+        true
+    }
+
+    fn sync_unsynced(r: &QueueRep, st: &mut RepState) {
+        let todo: Vec<NodeId> = st
+            .mirrors
+            .iter()
+            .filter(|m| !st.in_sync.contains(m) && !st.syncs.contains_key(m))
+            .copied()
+            .collect();
+        for m in todo {
+            if st.fresh.contains(&m) {
+                st.sync_requested.insert(m);
+            } else {
+                r.start_sync(st, m);
+            }
+        }
+    }
+
+    /// `cancel_sync_queue`: stops the synchronisations under way (the mirrors stay
+    /// streamed, out of sync until the queue drains or a new sync).
+    pub fn cancel_sync(&self, queue: &QueueRef) -> bool {
+        let Some(r) = self.rep(queue) else {
+            return false;
+        };
+        let mut st = r.state.lock();
+        st.sync_requested.clear();
+        st.syncs.retain(|_, s| s.complete());
+        true
+    }
+
+    /// The controller is about to commit `mirror` into the in-sync set of the queue mastered
+    /// here: publishes wait for it from now on. False if it no longer qualifies.
+    pub fn expect(&self, queue: &QueueRef, mirror: NodeId) -> bool {
+        self.rep(queue).is_some_and(|r| r.expect(mirror))
+    }
+
+    /// The commit announced with [`Replication::expect`] did not happen.
+    pub fn unexpect(&self, queue: &QueueRef, mirror: NodeId) {
+        if let Some(r) = self.rep(queue) {
+            r.unexpect(mirror);
+        }
+    }
+
     /// Whether `mirror` of the queue mastered here lost its link since it was in sync.
     pub fn broken(&self, queue: &QueueRef, mirror: NodeId) -> bool {
         self.queues
@@ -353,18 +633,5 @@ impl Replication {
             .get(queue)
             .and_then(Weak::upgrade)
             .is_some_and(|r| r.state.lock().broken.contains(&mirror))
-    }
-
-    /// Whether the queue mastered here streams to `mirror` (it may count as in sync once
-    /// the queue holds nothing older than the stream).
-    pub fn streams_to(&self, queue: &QueueRef, mirror: NodeId) -> bool {
-        self.queues
-            .lock()
-            .get(queue)
-            .and_then(Weak::upgrade)
-            .is_some_and(|r| {
-                let st = r.state.lock();
-                st.mirrors.contains(&mirror) && !st.fresh.contains(&mirror)
-            })
     }
 }

@@ -439,6 +439,19 @@ impl Serve {
                     .map(|q| (q.message_count(), q.consumer_count()));
                 self.reply(from, req, Reply::Stat(stat));
             }
+            ToMaster::Sync { queue, req, cancel } => {
+                let done = self
+                    .shared
+                    .upgrade()
+                    .and_then(|s| s.cluster().cloned())
+                    .is_some_and(|link| link.sync_local(&queue, cancel));
+                let r = if done {
+                    Ok(0)
+                } else {
+                    Err((404, format!("queue '{}' is not mastered here", queue.name)))
+                };
+                self.reply(from, req, Reply::Done(r));
+            }
         }
     }
 

@@ -109,6 +109,12 @@ pub enum ToMaster {
         queue: QueueRef,
         req: u64,
     },
+    /// `sync_queue` (or `cancel_sync_queue` with `cancel`), answered with [`Reply::Done`].
+    Sync {
+        queue: QueueRef,
+        req: u64,
+        cancel: bool,
+    },
 }
 
 /// One delivery to a consumer on the receiving node.
@@ -312,6 +318,12 @@ impl ToMaster {
                 w.queue(queue);
                 w.u64(*req);
             }
+            ToMaster::Sync { queue, req, cancel } => {
+                w.u8(13);
+                w.queue(queue);
+                w.u64(*req);
+                w.bool(*cancel);
+            }
         }
         w.0.freeze()
     }
@@ -386,6 +398,11 @@ impl ToMaster {
             12 => ToMaster::Stat {
                 queue: r.queue()?,
                 req: r.u64()?,
+            },
+            13 => ToMaster::Sync {
+                queue: r.queue()?,
+                req: r.u64()?,
+                cancel: r.bool()?,
             },
             _ => return None,
         };
@@ -672,6 +689,11 @@ mod tests {
             },
             ToMaster::Touch { queue: q() },
             ToMaster::Stat { queue: q(), req: 4 },
+            ToMaster::Sync {
+                queue: q(),
+                req: 5,
+                cancel: true,
+            },
             ToMaster::Kick { queue: q() },
         ]
     }

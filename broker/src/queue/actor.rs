@@ -116,6 +116,7 @@ impl QueueActor {
             // Last, once this round's deliveries are handed to their connections (if the log
             // syncs on this thread, another runtime thread sends them meanwhile).
             let woke = self.core.take_round_delivered();
+            self.core.sync_mirrors();
             self.core.log_mut().flush(rx.is_empty(), woke);
         }
         // Answer what is still queued so nobody waits forever.

@@ -17,13 +17,17 @@ use super::ready::{Entry, Ready};
 use super::*;
 use crate::intmap::IntMap;
 use crate::stats;
-use crate::store::{QueueLog, StoreEvent};
+use crate::store::{QueueLog, StoreEvent, SyncMsg};
 use tokio::time::Instant;
 
 /// Most deliveries per dispatch pass (and per event sent to one connection).
 const DISPATCH_PASS: usize = 256;
 /// Most bytes paged out per turn of the actor loop (more is paged in the next turns).
 const PAGE_OUT_TURN: u64 = 16 << 20;
+/// Most messages and body bytes (at least one message) per batch of a mirror's
+/// synchronisation; the next batch goes when the mirror has applied this one.
+const SYNC_BATCH: usize = 4096;
+const SYNC_BATCH_BYTES: u64 = 8 << 20;
 
 #[derive(Debug)]
 struct Unacked {
@@ -365,6 +369,8 @@ impl QueueCore {
         match ev {
             StoreEvent::Synced { up_to } => self.confirms.disk_synced(up_to),
             StoreEvent::MirrorsAcked { up_to } => self.confirms.mirrors_acked(up_to),
+            // The wake-up was the point: the actor's round feeds the mirror.
+            StoreEvent::MirrorSyncReady => {}
             StoreEvent::WriteFailed { ids, tickets } => {
                 let nack = self.confirms.disk_failed(&ids, tickets);
                 // Nacked: the publisher keeps responsibility, so the copy here goes unless a
@@ -802,6 +808,56 @@ impl QueueCore {
         self.log.delete();
         self.effects.push(Effect::Deleted);
         self.publish_counts();
+    }
+
+    /// Hands the log the next batch of the queue's messages for a mirror being synchronised,
+    /// if it wants one: ready and unacked messages of the range, lowest ids first. The queue
+    /// keeps serving meanwhile: one batch per round.
+    pub fn sync_mirrors(&mut self) {
+        let Some(range) = self.log.sync_wanted() else {
+            return;
+        };
+        let unix = |t: Option<Instant>, wall: (Instant, u64)| {
+            t.map_or(0, |t| {
+                (wall.1 + t.saturating_duration_since(wall.0).as_millis() as u64).max(1)
+            })
+        };
+        let wall = self.wall;
+        let mut msgs: Vec<SyncMsg> = self
+            .ready
+            .copy_range(range.after, range.up_to, SYNC_BATCH + 1)
+            .into_iter()
+            .map(|c| SyncMsg {
+                id: c.id,
+                msg: c.msg,
+                delivered: c.redelivered,
+                expires_at_ms: unix(c.expires_at, wall),
+            })
+            .collect();
+        msgs.extend(
+            self.unacked
+                .iter()
+                .filter(|(id, _)| **id > range.after && **id <= range.up_to)
+                .map(|(id, u)| SyncMsg {
+                    id: *id,
+                    msg: u.entry.msg.clone(),
+                    delivered: true,
+                    expires_at_ms: unix(u.entry.expires_at, wall),
+                }),
+        );
+        msgs.sort_unstable_by_key(|m| m.id);
+        let mut keep = msgs.len().min(SYNC_BATCH);
+        let mut bytes = 0u64;
+        for (i, m) in msgs.iter().take(keep).enumerate() {
+            bytes += m.msg.body.len() as u64;
+            if i > 0 && bytes > SYNC_BATCH_BYTES {
+                keep = i;
+                break;
+            }
+        }
+        let done = keep == msgs.len();
+        msgs.truncate(keep);
+        self.log.sync_batch(range, msgs, done);
     }
 
     /// Sends a copy of `msg` to the dead-letter exchange, if the queue has one.

@@ -612,6 +612,10 @@ fn decode_message(memory: &'static Memory, buf: &Bytes, rel: usize, len: usize) 
     )
 }
 
+#[path = "ready_copy.rs"]
+mod copy;
+pub use copy::Copied;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,7 +627,7 @@ mod tests {
 
     /// Segments in memory, with switches to make writes or reads fail.
     #[derive(Debug, Default)]
-    struct Disk {
+    pub(super) struct Disk {
         files: Mutex<HashMap<u64, Vec<u8>>>,
         fail_writes: AtomicBool,
         fail_reads: AtomicBool,
@@ -667,7 +671,7 @@ mod tests {
         }
     }
 
-    fn limits() -> PagerLimits {
+    pub(super) fn limits() -> PagerLimits {
         PagerLimits {
             segment_bytes: 1000,
             head_count: 2,
@@ -677,7 +681,7 @@ mod tests {
         }
     }
 
-    fn paged_ready(max_priority: Option<u8>, lim: PagerLimits) -> (Ready, Arc<Disk>) {
+    pub(super) fn paged_ready(max_priority: Option<u8>, lim: PagerLimits) -> (Ready, Arc<Disk>) {
         let disk = Arc::new(Disk::default());
         let pager = Pager::new(
             Box::new(MemIo(disk.clone())),
@@ -706,7 +710,7 @@ mod tests {
         )
     }
 
-    fn entry(id: u64, prio: u8, size: usize) -> Entry {
+    pub(super) fn entry(id: u64, prio: u8, size: usize) -> Entry {
         Entry {
             id,
             msg: msg(id, prio, size),

@@ -80,6 +80,28 @@ pub enum StoreEvent {
     /// Every in-sync mirror of the queue has every id up to and including `up_to` (clustered
     /// queues with mirrors; see [`QueueLog::replicated`]).
     MirrorsAcked { up_to: u64 },
+    /// A mirror being synchronised is ready for the next batch of the queue's messages (see
+    /// [`QueueLog::sync_wanted`]): the queue takes a turn even when nothing else happens.
+    MirrorSyncReady,
+}
+
+/// Ids a mirror being synchronised still needs the queue's messages of: those in
+/// (`after`, `up_to`], sent lowest id first (see [`QueueLog::sync_wanted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SyncRange {
+    pub after: u64,
+    pub up_to: u64,
+}
+
+/// One message of a synchronisation batch, as the queue holds it now.
+#[derive(Debug, Clone)]
+pub struct SyncMsg {
+    pub id: u64,
+    pub msg: std::sync::Arc<Message>,
+    /// Redelivered, or delivered and not acked yet: it comes back redelivered after a failover.
+    pub delivered: bool,
+    /// Unix ms; 0 for none.
+    pub expires_at_ms: u64,
 }
 
 /// Whether a logged enqueue is already safe to confirm.
@@ -132,6 +154,14 @@ pub trait QueueLog: Send + 'static {
     fn flush(&mut self, _idle: bool, _woke: bool) -> bool {
         false
     }
+    /// The range of messages a mirror being synchronised needs next, if any: the queue answers
+    /// with [`QueueLog::sync_batch`] in the same round (clustered queues with mirrors).
+    fn sync_wanted(&self) -> Option<SyncRange> {
+        None
+    }
+    /// The queue's messages in `range`, lowest ids first, as many as fit one batch; `done`:
+    /// the range holds no more.
+    fn sync_batch(&mut self, _range: SyncRange, _msgs: Vec<SyncMsg>, _done: bool) {}
 }
 
 /// Keeps nothing: every message is safe as soon as it is in memory.

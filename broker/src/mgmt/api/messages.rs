@@ -211,6 +211,29 @@ pub(super) async fn purge(shared: &BrokerShared, r: &Req, vh: &str, name: &str) 
     Ok(no_content())
 }
 
+/// POST /api/queues/{vhost}/{name}/actions: `{"action": "sync"}` synchronises the queue's
+/// mirrors that are not in sync (`sync_queue`), `{"action": "cancel_sync"}` stops that
+/// (`cancel_sync_queue`); carried out by the queue's master, wherever it runs. On a single
+/// node (nothing to synchronise) both succeed.
+pub(super) async fn action(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+    let v = vhost(shared, r, vh)?;
+    check_perm(shared, r, &v, Perm::Configure, name)?;
+    let body = r.json()?;
+    let cancel = match body.get("action").and_then(Value::as_str) {
+        Some("sync") => false,
+        Some("cancel_sync") => true,
+        Some(other) => return Err(ApiError::bad(format!("unknown action: {other}"))),
+        None => return Err(ApiError::bad("Missing key: action")),
+    };
+    v.queue(name).ok_or(ApiError::NotFound)?;
+    if let Some(link) = shared.cluster() {
+        link.sync_queue(vh, name, cancel)
+            .await
+            .map_err(ApiError::Unavailable)?;
+    }
+    Ok(no_content())
+}
+
 /// GET /api/aliveness-test/{vhost}.
 pub(super) async fn aliveness(shared: &BrokerShared, r: &Req, vh: &str) -> R {
     let v = vhost(shared, r, vh)?;

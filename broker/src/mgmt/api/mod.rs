@@ -14,7 +14,7 @@
 //! - `exchanges`: exchanges;
 //! - `queues`: queues;
 //! - `messages`: everything that sends a command to a queue: publish to an exchange, get from
-//!   a queue, purge, the aliveness test;
+//!   a queue, purge, the queue actions (sync, cancel_sync), the aliveness test;
 //! - `bindings`: bindings, and the bindings of one exchange or queue;
 //! - `access`: vhosts, users, permissions;
 //! - `policies`: policies and operator policies;
@@ -124,6 +124,9 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         }
         ["queues", vh, name, "contents"] if m == Method::DELETE => {
             messages::purge(shared, r, vh, name).await
+        }
+        ["queues", vh, name, "actions"] if m == Method::POST => {
+            messages::action(shared, r, vh, name).await
         }
         ["queues", vh, name, "bindings"] if get => bindings::of_queue(shared, r, vh, name),
         ["bindings"] if get => ok(Value::Array(
