@@ -6,166 +6,11 @@
 
 mod support;
 
-use serde_json::{json, Value};
-use std::net::SocketAddr;
-use std::path::Path;
+use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use support::cluster::*;
 use support::http::http;
-use support::proc::{spawn, BrokerProc};
-
-const FD_MS: &str = "600";
-
-struct Node {
-    name: String,
-    proc: BrokerProc,
-}
-
-impl Node {
-    fn mgmt(&self) -> SocketAddr {
-        self.proc.addr("mgmt").parse().expect("mgmt addr")
-    }
-    fn cluster(&self) -> String {
-        self.proc.addr("cluster").to_string()
-    }
-    async fn get(&self, path: &str) -> Value {
-        let r = http(self.mgmt(), "GET", path, Some(("guest", "guest")), None).await;
-        assert_eq!(r.status, 200, "GET {path} on {}: {}", self.name, r.text());
-        r.json()
-    }
-    async fn put(&self, path: &str, body: Value) -> u16 {
-        let r = http(
-            self.mgmt(),
-            "PUT",
-            path,
-            Some(("guest", "guest")),
-            Some(body),
-        )
-        .await;
-        assert!(
-            matches!(r.status, 200 | 201 | 204),
-            "PUT {path} on {}: {} {}",
-            self.name,
-            r.status,
-            r.text()
-        );
-        r.status
-    }
-    async fn delete(&self, path: &str) -> u16 {
-        http(self.mgmt(), "DELETE", path, Some(("guest", "guest")), None)
-            .await
-            .status
-    }
-}
-
-async fn start(name: &str, dir: &Path, secret: &Path, join: Option<&str>) -> Node {
-    start_with(name, dir, secret, join, &[], &["amqp", "mgmt", "cluster"]).await
-}
-
-async fn start_with(
-    name: &str,
-    dir: &Path,
-    secret: &Path,
-    join: Option<&str>,
-    extra: &[&str],
-    protos: &[&str],
-) -> Node {
-    let mut args: Vec<String> = vec![
-        "--node-name".into(),
-        name.into(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--amqp".into(),
-        "127.0.0.1:0".into(),
-        "--mgmt".into(),
-        "127.0.0.1:0".into(),
-        "--cluster-listen".into(),
-        "127.0.0.1:0".into(),
-        "--cluster-secret-file".into(),
-        secret.display().to_string(),
-        "--cluster-failure-detection-ms".into(),
-        FD_MS.into(),
-    ];
-    if let Some(j) = join {
-        args.extend(["--join".into(), j.into()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let proc = spawn(&args, &[], protos).await;
-    Node {
-        name: name.into(),
-        proc,
-    }
-}
-
-/// Polls `f` until it is true (10 s at most), then asserts it.
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < end, "never true: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn amqp_login(n: &Node, user: &str, pass: &str, vhost: &str) -> Result<(), String> {
-    let uri = format!(
-        "amqp://{user}:{pass}@{}/{}",
-        n.proc.addr("amqp"),
-        urlencoding(vhost)
-    );
-    match lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await {
-        Ok(c) => {
-            let _ = c.close(200, "bye".into()).await;
-            Ok(())
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn urlencoding(s: &str) -> String {
-    s.replace('%', "%25").replace('/', "%2f")
-}
-
-fn names(nodes: &Value) -> Vec<(String, bool)> {
-    nodes
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|n| {
-            (
-                n["name"].as_str().expect("name").to_owned(),
-                n["running"].as_bool().expect("running"),
-            )
-        })
-        .collect()
-}
-
-/// Waits until `n` lists `count` voters (a joined node is a learner until it caught up).
-async fn voters(n: &Node, count: usize) {
-    eventually(&format!("{count} voters"), || async {
-        let nodes = n.get("/api/nodes").await;
-        nodes
-            .as_array()
-            .expect("array")
-            .iter()
-            .filter(|m| m["voter"] == true)
-            .count()
-            == count
-    })
-    .await;
-}
-
-fn secret_file(dir: &Path, secret: &str) -> std::path::PathBuf {
-    let p = dir.join(format!("secret-{secret}"));
-    std::fs::write(&p, secret).expect("secret");
-    p
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_made_on_any_node_hold_on_every_node_and_survive_a_kill() {
@@ -575,24 +420,6 @@ async fn two_nodes_and_a_witness_keep_a_majority_when_either_node_dies() {
     a.put("/api/vhosts/after-b", json!({})).await;
 }
 
-async fn channel_on(n: &Node) -> (lapin::Connection, lapin::Channel) {
-    n.proc.connect().await
-}
-
-async fn ready_on(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .expect("passive declare")
-    .message_count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_its_master() {
     use futures_lite::StreamExt;
@@ -755,39 +582,6 @@ async fn any_node_serves_any_queue_declares_publishes_consumes_and_acks_go_to_it
     .await;
 }
 
-/// Publishes one message (persistent or not) on a channel in confirm mode and waits for its
-/// confirm; true for basic.ack.
-async fn publish_confirmed(
-    ch: &lapin::Channel,
-    exchange: &str,
-    key: &str,
-    body: &[u8],
-    persistent: bool,
-) -> bool {
-    let props = if persistent {
-        lapin::BasicProperties::default().with_delivery_mode(2)
-    } else {
-        lapin::BasicProperties::default()
-    };
-    ch.basic_publish(exchange.into(), key.into(), Default::default(), body, props)
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm")
-        .is_ack()
-}
-
-/// The queue as a node's management API shows it (Null while it does not know it).
-async fn queue_info(n: &Node, name: &str) -> Value {
-    let path = format!("/api/queues/%2F/{name}");
-    let r = http(n.mgmt(), "GET", &path, Some(("guest", "guest")), None).await;
-    if r.status == 404 {
-        return Value::Null;
-    }
-    assert_eq!(r.status, 200, "GET {path} on {}: {}", n.name, r.text());
-    r.json()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_message() {
     use futures_lite::StreamExt;
@@ -919,78 +713,6 @@ async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_messa
     assert!(publish_confirmed(&chc2, "", "ha", b"after", true).await);
 }
 
-/// When the master was killed, and when the first publish sent after that was confirmed.
-#[derive(Default)]
-struct Outage {
-    killed: Option<tokio::time::Instant>,
-    resumed: Option<tokio::time::Instant>,
-}
-
-/// A publisher that keeps publishing persistent messages with confirms through `node`,
-/// one at a time; a nack or a broken connection means the message is sent again (after a
-/// reconnect). Returns every body that was confirmed, and how many sends were retried.
-async fn confirmed_publisher(
-    addr: String,
-    queue: &'static str,
-    stop: tokio_util::sync::CancellationToken,
-    outage: Arc<parking_lot::Mutex<Outage>>,
-) -> (Vec<String>, usize) {
-    let mut confirmed = Vec::new();
-    let mut retries = 0;
-    let mut i = 0u32;
-    'outer: while !stop.is_cancelled() {
-        let uri = format!("amqp://guest:guest@{addr}/%2f");
-        let Ok(conn) =
-            lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()).await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else {
-            continue;
-        };
-        if ch.confirm_select(Default::default()).await.is_err() {
-            continue;
-        }
-        while !stop.is_cancelled() {
-            let body = format!("p{i}");
-            let after_kill = outage.lock().killed.is_some();
-            let sent = ch
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    Default::default(),
-                    body.as_bytes(),
-                    lapin::BasicProperties::default().with_delivery_mode(2),
-                )
-                .await;
-            let confirm = match sent {
-                Ok(c) => tokio::time::timeout(Duration::from_secs(10), c).await,
-                Err(_) => continue 'outer,
-            };
-            match confirm {
-                Ok(Ok(c)) if c.is_ack() => {
-                    confirmed.push(body);
-                    i += 1;
-                    let mut o = outage.lock();
-                    if after_kill && o.resumed.is_none() {
-                        o.resumed = Some(tokio::time::Instant::now());
-                    }
-                }
-                Ok(Ok(_)) => {
-                    retries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                _ => {
-                    retries += 1;
-                    continue 'outer;
-                }
-            }
-        }
-    }
-    (confirmed, retries)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_two_nodes_lose_no_confirmed_message_when_the_master_is_killed_mid_stream() {
     seed_failover(false).await;
@@ -1049,6 +771,7 @@ async fn seed_failover(witness: bool) {
     let outage: Arc<parking_lot::Mutex<Outage>> = Arc::default();
     let publisher = tokio::spawn(confirmed_publisher(
         r2.proc.addr("amqp").to_string(),
+        "",
         "celery",
         stop.clone(),
         outage.clone(),
@@ -1097,6 +820,10 @@ async fn seed_failover(witness: bool) {
         have.insert(String::from_utf8(g.delivery.data.clone()).expect("utf8"));
     }
     let lost: Vec<&String> = confirmed.iter().filter(|b| !have.contains(*b)).collect();
+    if !lost.is_empty() {
+        eprintln!("r2's log:\n{}", r2.proc.log.lock().join("\n"));
+        eprintln!("r2's overview: {}", r2.get("/api/overview").await);
+    }
     assert!(
         lost.is_empty(),
         "confirmed and lost: {lost:?} (of {}, {retries} resent)",

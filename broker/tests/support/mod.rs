@@ -1,6 +1,7 @@
 //! Shared helpers: start the broker in-process on 127.0.0.1:0 and connect lapin to it.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod drive;
 pub mod http;
 pub mod proc;
