@@ -420,7 +420,8 @@ async fn promise(three: bool, seed: u64) {
         h.confirmed.len(),
         h.delivered.len(),
     );
-    if !lost.is_empty() {
+    // WARREN_TEST_DUMP=1 prints the same diagnostics for a run that passes.
+    if !lost.is_empty() || std::env::var_os("WARREN_TEST_DUMP").is_some() {
         let t0 = kills[0].1;
         for b in lost.iter().take(5) {
             let (sent, confirmed) = h.confirmed[*b];

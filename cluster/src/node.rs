@@ -60,6 +60,10 @@ pub struct MemberStatus {
     pub running: bool,
     /// Time since something last arrived from it (zero for this node).
     pub last_contact: Option<Duration>,
+    /// Its link is down and its address refused a connection since: its process is gone
+    /// (the host answers, nothing listens), so there is no need to wait for the failure
+    /// detection time to call it down.
+    pub refused: bool,
 }
 
 /// A cluster node. Cheap to clone.
@@ -308,6 +312,32 @@ impl Cluster {
     /// The current Raft leader, as this node knows it.
     pub fn leader(&self) -> Option<NodeId> {
         self.inner.leader()
+    }
+
+    /// If the leader this node follows is gone (its link dropped and its address refused a
+    /// connection: the process died), start an election now instead of waiting for the
+    /// election timeout, if this node is the running voter with the lowest id (the others
+    /// wait for its vote request). Returns whether one was started.
+    pub async fn elect_if_leader_gone(&self) -> bool {
+        let inner = &self.inner;
+        let Some(leader) = inner.leader() else {
+            return false;
+        };
+        if leader == inner.id || !inner.net.status(leader).refused {
+            return false;
+        }
+        // One candidate, so that the votes do not split: the running voter with the lowest id.
+        let first = inner
+            .members()
+            .into_iter()
+            .filter(|m| m.voter && m.running && m.id != leader)
+            .map(|m| m.id)
+            .min();
+        if first != Some(inner.id) {
+            return false;
+        }
+        let raft = inner.raft();
+        raft.trigger().elect().await.is_ok()
     }
 
     /// Whether this node answered pings from a majority of voters (itself included if it votes)
@@ -817,12 +847,12 @@ impl Inner {
         st.members
             .values()
             .map(|m| {
-                let (running, last_contact) = if m.id == self.id {
-                    (true, Some(Duration::ZERO))
+                let (running, last_contact, refused) = if m.id == self.id {
+                    (true, Some(Duration::ZERO), false)
                 } else {
                     let s = self.net.status(m.id);
                     let ago = s.last_rx.map(|t| now.saturating_duration_since(t));
-                    (s.up && ago.is_some_and(|a| a <= fd), ago)
+                    (s.up && ago.is_some_and(|a| a <= fd), ago, s.refused)
                 };
                 MemberStatus {
                     id: m.id,
@@ -832,6 +862,7 @@ impl Inner {
                     witness: m.witness,
                     running,
                     last_contact,
+                    refused,
                 }
             })
             .collect()

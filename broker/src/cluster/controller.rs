@@ -12,7 +12,8 @@
 //!   holding confirms back.
 //!
 //! The Raft leader also watches the masters: a master out of reach for the failure-detection
-//! time is replaced by its oldest in-sync mirror that is reachable (`ha-promote-on-failure`
+//! time (or at once when its process is gone: its link dropped and its address refuses
+//! connections; a dead Raft leader is replaced at once the same way) is replaced by its oldest in-sync mirror that is reachable (`ha-promote-on-failure`
 //! `when-synced`, the default; with `always` an unsynchronised mirror too), epoch + 1; the
 //! other mirrors are out of sync until they hold the new master's queue. Every
 //! change is a committed placement guarded by the queue key's version, so two nodes never
@@ -31,6 +32,9 @@ use warren_cluster::{node_id_of, Op};
 
 /// How often the placements are looked at.
 const TICK: Duration = Duration::from_millis(200);
+/// After a link drops, how long before the placements are looked at (the first redial,
+/// 50 ms later at most, tells a dead process from a silent one).
+const DOWN_SETTLE: Duration = Duration::from_millis(60);
 
 /// The mirrors a queue's effective policy asks for (not the master itself), in a stable order.
 pub fn desired_mirrors(
@@ -72,8 +76,25 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = match link.upgrade() {
+            Some(l) => l.cluster.peer_events(),
+            None => return,
+        };
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                // A link that drops is looked at at once (a peer whose process is gone is
+                // known as such a dial later: give that dial a moment).
+                ev = events.recv() => {
+                    if matches!(ev, Ok(warren_cluster::PeerEvent::Down(_))) {
+                        tokio::time::sleep(DOWN_SETTLE).await;
+                    } else if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                        return;
+                    } else {
+                        continue;
+                    }
+                }
+            }
             let (Some(link), Some(shared)) = (link.upgrade(), shared.upgrade()) else {
                 return;
             };
@@ -86,6 +107,9 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
 }
 
 async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
+    // A dead leader (its process gone, not merely silent) is replaced at once: the promotions
+    // below need one.
+    link.cluster.elect_if_leader_gone().await;
     let st = link.state();
     let me = shared.config.node_name.clone();
     let fd = link.failure_detection();
@@ -102,7 +126,7 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
         .map(|m| {
             (
                 m.name.clone(),
-                m.name == me || m.last_contact.is_some_and(|c| c < fd),
+                m.name == me || (m.last_contact.is_some_and(|c| c < fd) && !m.refused),
             )
         })
         .collect();

@@ -298,6 +298,7 @@ mod tests {
             witness: false,
             running,
             last_contact: None,
+            refused: false,
         }
     }
 

@@ -177,6 +177,9 @@ struct Peer {
     last_rx: Mutex<Option<Instant>>,
     down_since: Mutex<Option<Instant>>,
     ever_up: AtomicBool,
+    /// Since its link last dropped, a dial of its address was refused: the host answers and
+    /// nothing listens there, so the process is gone (not merely out of reach).
+    refused: AtomicBool,
 }
 
 struct LinkState {
@@ -194,6 +197,7 @@ struct LinkState {
 pub(crate) struct PeerStatus {
     pub(crate) up: bool,
     pub(crate) last_rx: Option<Instant>,
+    pub(crate) refused: bool,
 }
 
 // === impl Net ===
@@ -390,6 +394,7 @@ impl Net {
                     last_ack: Mutex::new(None),
                     last_rx: Mutex::new(None),
                     down_since: Mutex::new(None),
+                    refused: AtomicBool::new(false),
                     ever_up: AtomicBool::new(false),
                 })
             })
@@ -505,6 +510,7 @@ impl Net {
         *peer.last_rx.lock() = Some(now);
         *peer.down_since.lock() = None;
         peer.ever_up.store(true, Ordering::Relaxed);
+        peer.refused.store(false, Ordering::Relaxed);
         info!(peer = %hello.name, addr = %hello.addr, dialed, "cluster link up");
         let _ = self.s.events.send(PeerEvent::Up(hello.id));
         let net = self.clone();
@@ -772,7 +778,14 @@ impl Net {
                 Ok(other) => {
                     warn!(expected = peer.id, found = other, %addr, "dialed address belongs to another node");
                 }
-                Err(e) => debug!(peer = peer.id, %addr, error = %e, "cluster dial failed"),
+                Err(e) => {
+                    if matches!(&e, HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+                        && peer.link.lock().is_none()
+                    {
+                        peer.refused.store(true, Ordering::Relaxed);
+                    }
+                    debug!(peer = peer.id, %addr, error = %e, "cluster dial failed");
+                }
             }
             let jitter = Duration::from_millis(
                 rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2),
@@ -875,11 +888,16 @@ impl Net {
             None => PeerStatus {
                 up: false,
                 last_rx: None,
+                refused: false,
             },
-            Some(p) => PeerStatus {
-                up: p.link.lock().is_some(),
-                last_rx: *p.last_rx.lock(),
-            },
+            Some(p) => {
+                let up = p.link.lock().is_some();
+                PeerStatus {
+                    up,
+                    last_rx: *p.last_rx.lock(),
+                    refused: !up && p.refused.load(Ordering::Relaxed),
+                }
+            }
         }
     }
 
