@@ -113,7 +113,14 @@ pub async fn declare_queue(
         },
         exclusive: None,
         placement: Placement {
-            master: shared.config.node_name.clone(),
+            master: crate::cluster::locator::master_for(
+                link,
+                &shared.config.node_name,
+                spec.args
+                    .resolve(&vh.applied(&spec.name, true).definition)
+                    .master_locator
+                    .as_deref(),
+            ),
             ..Placement::default()
         },
     };

@@ -287,7 +287,7 @@ impl Vhost {
     }
 
     /// The policies that apply to a queue (`is_queue`) or exchange of this vhost.
-    fn applied(&self, name: &str, is_queue: bool) -> Applied {
+    pub(crate) fn applied(&self, name: &str, is_queue: bool) -> Applied {
         match self.policies.get() {
             Some(p) => p.applied(&self.name, name, is_queue),
             None => Applied::default(),

@@ -13,8 +13,10 @@
 //!
 //! The Raft leader also watches the masters: a master out of reach for the failure-detection
 //! time (or at once when its process is gone: its link dropped and its address refuses
-//! connections; a dead Raft leader is replaced at once the same way) is replaced by its oldest in-sync mirror that is reachable (`ha-promote-on-failure`
-//! `when-synced`, the default; with `always` an unsynchronised mirror too), epoch + 1; the
+//! connections; a dead Raft leader is replaced at once the same way) is replaced by its
+//! oldest in-sync mirror that is reachable (`ha-promote-on-failure` `when-synced`, the
+//! default; with `always` an unsynchronised mirror too; for a master stopped on purpose,
+//! whose node marked itself stopping, `ha-promote-on-shutdown` decides), epoch + 1; the
 //! other mirrors are out of sync until they hold the new master's queue. Every
 //! change is a committed placement guarded by the queue key's version, so two nodes never
 //! both promote, and a node applies a promotion only from the log.
@@ -200,6 +202,8 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
                 }
             }
         } else if leader && !up(&p.master) {
+            // Stopped on purpose (its stopping mark is in the state) or failed.
+            let stopped_on_purpose = st.get(&keys::stopping(&p.master)).is_some();
             let always = shared
                 .vhost(&qref.vhost)
                 .and_then(|vh| vh.queue(&qref.name))
@@ -207,7 +211,11 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
                     q.policy()
                         .applied
                         .definition
-                        .get("ha-promote-on-failure")
+                        .get(if stopped_on_purpose {
+                            "ha-promote-on-shutdown"
+                        } else {
+                            "ha-promote-on-failure"
+                        })
                         .cloned()
                 })
                 == Some(Value::from("always"));

@@ -10,6 +10,8 @@
 //! | `exchange/<v>/<x>` | [`ExchangeDef`] |
 //! | `binding/<v>/<source>/<q|x>/<destination>/<routing key>/<arguments digest>` | [`BindingDef`] |
 //! | `queue/<v>/<q>` | [`QueueValue`]: the definition, its exclusive owner and its placement |
+//! | `node/<n>` | [`NodeValue`]: what node `n` tells the others (its management address) |
+//! | `stopping/<n>` | present while node `n` is stopped on purpose |
 //!
 //! Every name is percent-encoded (`%` and `/`) so that a `/` in a name never splits a key, and a
 //! vhost's keys all share the prefix `…/<v>/` (deleting a vhost is one `DeletePrefix` per kind).
@@ -233,6 +235,13 @@ pub type Bind = BindingDef;
 /// ([`NodeValue`]). Written by the node itself (see [`super::status`]).
 pub fn node(name: &str) -> String {
     format!("node/{}", enc(name))
+}
+
+/// Present while node `name` is stopping or stopped on purpose (SIGTERM, `stop`), so that its
+/// queues fail over by `ha-promote-on-shutdown` rather than `ha-promote-on-failure`; removed
+/// when the node starts again.
+pub fn stopping(name: &str) -> String {
+    format!("stopping/{}", enc(name))
 }
 
 /// What `node/<name>` holds.

@@ -132,6 +132,16 @@ impl ClusterLink {
                 me.applied.send_replace(st.last_applied);
             }
         });
+        // Started again: a failover from here is a failure again.
+        let stopping = keys::stopping(link.node_name());
+        if link.state().get(&stopping).is_some() {
+            let me = link.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.propose(vec![Op::Delete { key: stopping }]).await {
+                    warn!(error = %e, "cannot clear this node's stopping mark");
+                }
+            });
+        }
         super::controller::spawn(&link, shared);
         super::status::announce(&link, shared);
         Ok(())
@@ -321,6 +331,14 @@ impl ClusterLink {
 
     /// Stop the apply loop and the cluster node.
     pub async fn shutdown(&self) {
+        // A stop on purpose: the queues mastered here fail over by ha-promote-on-shutdown.
+        let mark = vec![Op::Put {
+            key: keys::stopping(self.node_name()),
+            value: json!({ "at_ms": crate::stats::epoch_ms() }),
+        }];
+        if self.cluster.has_quorum() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.cluster.propose(mark)).await;
+        }
         self.stop.cancel();
         self.cluster.shutdown().await;
     }

@@ -10,12 +10,17 @@
 //!   policies), by key as they commit and whole after a restart.
 //! - [`status`]: read-only views for the management API and metrics (who is up, quorum,
 //!   the queues mastered and mirrored here) and this node's `node/<name>` record.
-//! - [`wire`]: the binary protocol of queue operations between nodes (for queues whose master
-//!   is another node).
+//! - [`wire`], [`remote`], [`serve`]: queue operations between nodes (a proxy here, the
+//!   master's side there) for queues whose master is another node.
+//! - [`controller`]: placements: mirrors, the in-sync set, promotions.
+//! - [`replicate`], [`mirror`], [`mirror_wire`]: the stream from a master to its mirrors and
+//!   the mirrors' copies; synchronisation.
+//! - [`locator`]: where a new queue's master goes.
 pub mod apply;
 pub mod controller;
 pub mod keys;
 pub mod link;
+pub mod locator;
 pub mod mirror;
 pub mod mirror_wire;
 pub mod remote;
