@@ -65,6 +65,9 @@ struct RepState {
     /// Mirrors the controller is about to add to the in-sync set: publishes wait for them
     /// already, so nothing is confirmed without them between the commit and its apply here.
     expected: HashSet<NodeId>,
+    /// Mirrors whose link is down: nothing is sent to them (their stream starts afresh when
+    /// the link is back), so a dead node costs no work and no queued batches.
+    down: HashSet<NodeId>,
 }
 
 /// One mirror's synchronisation: the messages that were in the queue when its stream began,
@@ -234,6 +237,18 @@ impl QueueRep {
         self.report(&mut st);
     }
 
+    /// The link to `peer` went down: as [`QueueRep::link_down`], and nothing more is sent to
+    /// it until it is back.
+    fn peer_down(&self, peer: NodeId) {
+        self.state.lock().down.insert(peer);
+        self.link_down(peer);
+    }
+
+    /// The link to `peer` is back: its stream starts afresh with the next round.
+    fn peer_up(&self, peer: NodeId) {
+        self.state.lock().down.remove(&peer);
+    }
+
     /// Queues the op for the mirrors, built only when there are mirrors (this is called per
     /// message and per settle).
     fn push(&self, op: impl FnOnce() -> MirrorOp) {
@@ -326,7 +341,7 @@ impl QueueLog for MirroredLog {
         let st = self.rep.state.lock();
         st.syncs
             .iter()
-            .find(|(m, s)| !s.done && s.idle() && !st.fresh.contains(m))
+            .find(|(m, s)| !s.done && s.idle() && !st.fresh.contains(m) && !st.down.contains(m))
             .map(|(_, s)| s.range)
     }
 
@@ -338,7 +353,13 @@ impl QueueLog for MirroredLog {
             let targets: Vec<NodeId> = st
                 .syncs
                 .iter()
-                .filter(|(m, s)| s.range == range && !s.done && s.idle() && !st.fresh.contains(m))
+                .filter(|(m, s)| {
+                    s.range == range
+                        && !s.done
+                        && s.idle()
+                        && !st.fresh.contains(m)
+                        && !st.down.contains(m)
+                })
                 .map(|(m, _)| *m)
                 .collect();
             if targets.is_empty() {
@@ -393,27 +414,32 @@ impl QueueLog for MirroredLog {
 
 impl MirroredLog {
     fn send_pending(&self) {
-        let (ops, mirrors, fresh, epoch) = {
+        let (ops, targets, fresh, epoch) = {
             let mut st = self.rep.state.lock();
             if st.pending.is_empty() && st.fresh.is_empty() {
                 return;
             }
-            let fresh = std::mem::take(&mut st.fresh);
-            // A stream that starts now lacks what the queue already holds: automatic (or
-            // requested) synchronisation sends it in batches from the next round on.
+            let ops = std::mem::take(&mut st.pending);
+            let targets: Vec<NodeId> = st
+                .mirrors
+                .iter()
+                .filter(|m| !st.down.contains(m))
+                .copied()
+                .collect();
+            let fresh: HashSet<NodeId> = targets
+                .iter()
+                .filter(|m| st.fresh.contains(m))
+                .copied()
+                .collect();
             for m in &fresh {
+                st.fresh.remove(m);
                 st.syncs.remove(m);
-                if st.auto_sync || st.sync_requested.remove(m) {
-                    self.rep.start_sync(&mut st, *m);
-                }
             }
-            (
-                std::mem::take(&mut st.pending),
-                st.mirrors.clone(),
-                fresh,
-                st.epoch,
-            )
+            (ops, targets, fresh, st.epoch)
         };
+        if targets.is_empty() {
+            return;
+        }
         let mut reset_ops = Vec::with_capacity(ops.len() + 1);
         reset_ops.push(MirrorOp::Reset);
         reset_ops.extend(ops.iter().cloned());
@@ -429,15 +455,34 @@ impl MirroredLog {
             ops: reset_ops,
         }
         .encode();
-        for m in mirrors {
+        let mut started = Vec::new();
+        let mut failed = Vec::new();
+        for m in targets {
             let b = if fresh.contains(&m) { &reset } else { &batch };
-            if let Err(e) = self.cluster.send(m, MIRROR, b.clone()) {
-                // The mirror misses this batch (its outbound queue is full: it is far behind
-                // or away for long): its copy has a gap, so its acks stop counting and its
-                // stream starts over with a Reset.
-                debug!(mirror = m, error = %e, "mirror batch not sent; its stream starts over");
-                self.rep.link_down(m);
+            match self.cluster.send(m, MIRROR, b.clone()) {
+                Ok(()) if fresh.contains(&m) => started.push(m),
+                Ok(()) => {}
+                Err(e) => {
+                    // The mirror misses this batch (its outbound queue is full: it is far
+                    // behind): its copy has a gap, so its acks stop counting and its stream
+                    // starts over with a Reset.
+                    debug!(mirror = m, error = %e, "mirror batch not sent; its stream starts over");
+                    failed.push(m);
+                }
             }
+        }
+        if !started.is_empty() {
+            // A stream that started now lacks what the queue already holds: automatic (or
+            // requested) synchronisation sends it in batches from the next round on.
+            let mut st = self.rep.state.lock();
+            for m in started {
+                if st.auto_sync || st.sync_requested.remove(&m) {
+                    self.rep.start_sync(&mut st, m);
+                }
+            }
+        }
+        for m in failed {
+            self.rep.link_down(m);
         }
     }
 }
@@ -446,6 +491,8 @@ impl MirroredLog {
 pub struct Replication {
     cluster: Cluster,
     queues: Mutex<HashMap<QueueRef, Weak<QueueRep>>>,
+    /// Peers whose link is down (a queue mastered later starts with them).
+    down: Mutex<HashSet<NodeId>>,
 }
 
 impl Replication {
@@ -453,6 +500,7 @@ impl Replication {
         let me = Arc::new(Replication {
             cluster: cluster.clone(),
             queues: Mutex::default(),
+            down: Mutex::default(),
         });
         let mut acks = cluster.subscribe_app(MIRROR_ACK);
         let mut events = cluster.peer_events();
@@ -463,12 +511,23 @@ impl Replication {
                     m = acks.recv() => m,
                     ev = events.recv() => {
                         let Some(me) = weak.upgrade() else { return };
-                        if let Ok(warren_cluster::PeerEvent::Down(peer)) = ev {
-                            let reps: Vec<Arc<QueueRep>> =
-                                me.queues.lock().values().filter_map(Weak::upgrade).collect();
-                            for r in reps {
-                                r.link_down(peer);
+                        let reps = || -> Vec<Arc<QueueRep>> {
+                            me.queues.lock().values().filter_map(Weak::upgrade).collect()
+                        };
+                        match ev {
+                            Ok(warren_cluster::PeerEvent::Down(peer)) => {
+                                me.down.lock().insert(peer);
+                                for r in reps() {
+                                    r.peer_down(peer);
+                                }
                             }
+                            Ok(warren_cluster::PeerEvent::Up(peer)) => {
+                                me.down.lock().remove(&peer);
+                                for r in reps() {
+                                    r.peer_up(peer);
+                                }
+                            }
+                            _ => {}
                         }
                         continue;
                     }
@@ -518,6 +577,7 @@ impl Replication {
             state: Mutex::default(),
             events: tx,
         });
+        rep.state.lock().down = self.down.lock().clone();
         rep.state.lock().seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
