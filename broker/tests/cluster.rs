@@ -673,8 +673,10 @@ async fn ha_all_mirrors_every_queue_and_a_killed_master_loses_no_confirmed_messa
         b.proc.logged("promoted to master") || c.proc.logged("promoted to master"),
         "the promotion is logged"
     );
-    // c's consumer was cancelled with its channel's unacked messages going back.
+    // c's consumer consumes on from the new master (no x-cancel-on-ha-failover); its
+    // channel closes, and what it held goes back.
     drop(held);
+    chc.close(200, "bye".into()).await.expect("channel close");
     let (_cb2, chb2) = channel_on(&b).await;
     eventually("90 messages on the new master", || async {
         ready_on(&chb2, "ha").await == 90

@@ -238,6 +238,10 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
         .get("x-priority")
         .and_then(crate::queue::args::as_i64)
         .unwrap_or(0);
+    let cancel_on_ha_failover = matches!(
+        c.arguments.inner().get("x-cancel-on-ha-failover"),
+        Some(amq_protocol::types::AMQPValue::Boolean(true))
+    );
     let Some(chan) = s.channels.get_mut(&ch) else {
         return Ok(());
     };
@@ -251,6 +255,7 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
         prefetch: chan.consumer_prefetch(),
         flow_active: chan.flow_active,
         priority,
+        cancel_on_ha_failover,
         events: s.events_tx.clone(),
         conn: s.conn_shared.clone(),
     };
@@ -271,9 +276,7 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
     // as Celery's worker treat a failed consume as fatal).
     if let (Err(e), Some(link)) = (&r, s.shared.cluster()) {
         if crate::cluster::remote::is_unreachable(e) {
-            let deadline = tokio::time::Instant::now()
-                + link.failure_detection() * 3
-                + std::time::Duration::from_secs(2);
+            let deadline = tokio::time::Instant::now() + link.promotion_wait();
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 if let Some(now) = vhost.queue(&name) {

@@ -313,7 +313,7 @@ async fn put(
             }
             let old = replace.as_ref().map(|(h, _)| h);
             let r = if here {
-                let r = vh.declare_queue_seeded(spec, seed, old).map(|_| ());
+                let r = vh.declare_queue_seeded(spec, seed, old).map(|(h, _)| h);
                 link.replication.placement(
                     &qref,
                     q.placement.epoch,
@@ -323,8 +323,11 @@ async fn put(
                 r
             } else {
                 vh.install_queue(spec, old, |h, rx| link.run_proxy(h, rx, master_id))
-                    .map(|_| ())
             };
+            if let (Some((old, true)), Ok(new)) = (&replace, &r) {
+                link.proxy_replaced(old, new);
+            }
+            let r = r.map(|_| ());
             if let Some((old, false)) = &replace {
                 // This node mastered the queue and another does now: its copy goes (the
                 // replaced master's mirrors ignore it, fenced by the epoch).

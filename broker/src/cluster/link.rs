@@ -55,6 +55,12 @@ impl std::fmt::Debug for ClusterLink {
 }
 
 /// What a failed proposal means to a definitions call.
+/// Three failure-detection periods and 2 s: time enough for a promotion after the master's
+/// node dies.
+fn promotion_wait(failure_detection: Duration) -> Duration {
+    failure_detection * 3 + Duration::from_secs(2)
+}
+
 pub fn def_error(e: ClusterError) -> DefError {
     match e {
         ClusterError::Conflict { key, .. } => DefError::Invalid(format!(
@@ -76,7 +82,11 @@ impl ClusterLink {
         for a in cluster.listen_addrs() {
             info!(proto = %"cluster", addr = %a, "listening");
         }
-        let remote = super::remote::Remote::start(cluster.clone(), shared.node.memory);
+        let remote = super::remote::Remote::start(
+            cluster.clone(),
+            shared.node.memory,
+            promotion_wait(failure_detection),
+        );
         let serve = super::serve::Serve::start(shared, cluster.clone());
         let replication = super::replicate::Replication::start(cluster.clone());
         let fenced: super::mirror::Fenced = {
@@ -155,6 +165,23 @@ impl ClusterLink {
     /// `cluster-failure-detection-ms`.
     pub fn failure_detection(&self) -> Duration {
         self.failure_detection
+    }
+
+    /// How long a consumer of a queue whose master died waits for the promotion (a consume
+    /// that arrives meanwhile, or a consumer that was attached) before it is refused or
+    /// cancelled.
+    pub fn promotion_wait(&self) -> Duration {
+        promotion_wait(self.failure_detection)
+    }
+
+    /// The proxy `old` was replaced by `new`: commands still sent to `old` go to `new`, and
+    /// the consumers that waited for the promotion consume on through it.
+    pub(crate) fn proxy_replaced(
+        &self,
+        old: &crate::queue::QueueHandle,
+        new: &crate::queue::QueueHandle,
+    ) {
+        self.remote.replaced(old, new);
     }
 
     /// `sync_queue` (`cancel`: `cancel_sync_queue`) of the queue mastered here; false if it

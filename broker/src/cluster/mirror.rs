@@ -148,18 +148,20 @@ impl Mirrors {
         })
     }
 
-    /// Promoted: the copy of `queue`, in queue order; messages that had been delivered come
-    /// back redelivered. None if this node has no copy.
+    /// Promoted: the copy of `queue`, in queue order, every message marked redelivered: the
+    /// old master may have handed any of them to a consumer in its last moments, after the
+    /// batch that would have said so (AMQP's redelivered means "may have been delivered
+    /// before"). None if this node has no copy.
     pub fn take(&self, queue: &QueueRef, epoch: u64) -> Option<Vec<Recovered>> {
         self.retired.lock().insert(queue.clone(), epoch);
         let c = self.copies.lock().remove(queue)?;
         Some(
             c.msgs
                 .into_iter()
-                .map(|(id, (msg, delivered, exp))| Recovered {
+                .map(|(id, (msg, _delivered, exp))| Recovered {
                     id,
                     msg,
-                    redelivered: delivered,
+                    redelivered: true,
                     expires_at_ms: (exp != 0).then_some(exp),
                 })
                 .collect(),

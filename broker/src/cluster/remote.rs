@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 use warren_cluster::{Cluster, NodeId, PeerEvent};
 
@@ -51,6 +52,13 @@ pub struct Remote {
     consumers: Mutex<HashMap<ConsumerKey, RemoteConsumerState>>,
     /// Masters whose link is down: what is sent to them now is refused at once.
     down: Mutex<std::collections::HashSet<NodeId>>,
+    /// Consumers whose master died, waiting for its queue's promotion to consume on (those
+    /// without x-cancel-on-ha-failover); cancelled if none comes within `park_for`.
+    parked: Mutex<Vec<(Instant, RemoteConsumerState)>>,
+    park_for: Duration,
+    /// Retired proxies (by address, while their task runs) and the queue that replaced each:
+    /// what their holders still send them goes there.
+    successors: Mutex<HashMap<usize, QueueHandle>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -83,7 +91,7 @@ fn queue_ref(q: &QueueHandle) -> QueueRef {
 }
 
 /// How the error of a queue whose master cannot be reached begins.
-const UNREACHABLE: &str = "queue master unreachable:";
+pub(super) const UNREACHABLE: &str = "queue master unreachable:";
 
 /// Whether `e` says the queue's master cannot be reached (it may be promoted elsewhere soon).
 pub fn is_unreachable(e: &ChannelError) -> bool {
@@ -104,7 +112,12 @@ fn channel_error(code: u16, text: String) -> ChannelError {
 
 impl Remote {
     /// Starts the dispatcher of what masters send back.
-    pub fn start(cluster: Cluster, memory: &'static crate::memory::Memory) -> Arc<Remote> {
+    /// `park_for`: how long a consumer of a queue whose master died waits for the promotion.
+    pub fn start(
+        cluster: Cluster,
+        memory: &'static crate::memory::Memory,
+        park_for: Duration,
+    ) -> Arc<Remote> {
         let me = Arc::new(Remote {
             cluster: cluster.clone(),
             memory,
@@ -113,6 +126,9 @@ impl Remote {
             replies: Mutex::default(),
             consumers: Mutex::default(),
             down: Mutex::default(),
+            parked: Mutex::default(),
+            park_for,
+            successors: Mutex::default(),
         });
         let mut inbox = cluster.subscribe_app(FROM_MASTER);
         let mut events = cluster.peer_events();
@@ -134,6 +150,14 @@ impl Remote {
                             Ok(PeerEvent::Down(peer)) => {
                                 me.down.lock().insert(peer);
                                 me.master_gone(peer);
+                                let w = Arc::downgrade(&me);
+                                let wait = me.park_for;
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(wait).await;
+                                    if let Some(me) = w.upgrade() {
+                                        me.expire_parked();
+                                    }
+                                });
                             }
                             Ok(PeerEvent::Up(peer)) => {
                                 me.down.lock().remove(&peer);
@@ -214,10 +238,16 @@ impl Remote {
         master: NodeId,
     ) {
         let queue = queue_ref(&handle);
+        let addr = Arc::as_ptr(&handle) as usize;
+        // The task holds the handle weakly: once nobody else does, the mailbox closes and
+        // the task ends.
+        let weak_handle = Arc::downgrade(&handle);
+        let (name, vhost) = (handle.name.clone(), handle.vhost.clone());
+        drop(handle);
         // The counts shown here (declare-ok, the management API) follow the master's.
         let stats = {
             let me = Arc::downgrade(&self);
-            let h = Arc::downgrade(&handle);
+            let h = weak_handle.clone();
             let queue = queue.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(STAT_INTERVAL);
@@ -248,12 +278,17 @@ impl Remote {
             ChannelError::new(
                 amq_protocol::protocol::AMQPSoftError::RESOURCELOCKED,
                 format!(
-                    "{UNREACHABLE} queue '{}' in vhost '{}' is on a node that cannot be reached",
-                    handle.name, handle.vhost
+                    "{UNREACHABLE} queue '{name}' in vhost '{vhost}' is on a node that cannot be reached"
                 ),
             )
         };
         while let Some(cmd) = rx.recv().await {
+            // Retired (the master moved): the queue that took this one's place serves it.
+            let next = self.successors.lock().get(&addr).cloned();
+            if let Some(next) = next {
+                next.forward(cmd).await;
+                continue;
+            }
             match cmd {
                 QueueCmd::Publish { msg, confirm } => {
                     self.publish(master, &queue, vec![(msg, confirm)]);
@@ -281,12 +316,16 @@ impl Remote {
                         priority: spec.priority,
                         flow_active: spec.flow_active,
                     };
+                    let Some(handle) = weak_handle.upgrade() else {
+                        let _ = reply.send(Err(unreachable()));
+                        continue;
+                    };
                     self.consumers.lock().insert(
                         key.clone(),
                         RemoteConsumerState {
                             master,
                             spec,
-                            queue: handle.clone(),
+                            queue: handle,
                         },
                     );
                     let me = self.clone();
@@ -487,10 +526,61 @@ impl Remote {
             }
         }
         stats.abort();
+        self.successors.lock().remove(&addr);
         // The proxy is gone (the queue left this node): its consumers with it.
         self.consumers
             .lock()
-            .retain(|_, c| !Arc::ptr_eq(&c.queue, &handle));
+            .retain(|_, c| Arc::as_ptr(&c.queue) as usize != addr);
+    }
+
+    /// The proxy `old` was replaced by `new` (its master moved): what still reaches `old`
+    /// goes to `new`, and the consumers parked when the old master died consume on there.
+    pub fn replaced(&self, old: &QueueHandle, new: &QueueHandle) {
+        self.successors
+            .lock()
+            .insert(Arc::as_ptr(old) as usize, new.clone());
+        let resume: Vec<RemoteConsumerState> = {
+            let mut parked = self.parked.lock();
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|(_, c)| Arc::ptr_eq(&c.queue, old));
+            *parked = rest;
+            mine.into_iter().map(|(_, c)| c).collect()
+        };
+        debug!(queue = %new.name, consumers = resume.len(), "proxy replaced; parked consumers consume on");
+        let deadline = tokio::time::Instant::now() + self.park_for;
+        for c in resume {
+            let new = new.clone();
+            tokio::spawn(async move {
+                // The new master may apply its promotion a moment after this node: until then
+                // it answers as its old proxy would, unreachable.
+                loop {
+                    match new.consume(c.spec.clone()).await {
+                        Ok(()) => return,
+                        Err(e) if is_unreachable(&e) && tokio::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(_) => return cancelled(&c.spec),
+                    }
+                }
+            });
+        }
+    }
+
+    /// Parked consumers whose queue was not promoted in time are cancelled.
+    fn expire_parked(&self) {
+        let now = Instant::now();
+        let gone: Vec<RemoteConsumerState> = {
+            let mut parked = self.parked.lock();
+            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|(since, _)| now.duration_since(*since) >= self.park_for);
+            *parked = keep;
+            old.into_iter().map(|(_, c)| c).collect()
+        };
+        for c in gone {
+            cancelled(&c.spec);
+        }
     }
 
     fn publish(&self, master: NodeId, queue: &QueueRef, items: Vec<crate::queue::PublishItem>) {
@@ -645,12 +735,25 @@ impl Remote {
                 .collect();
             keys.into_iter().filter_map(|k| c.remove(&k)).collect()
         };
+        // A consumer with x-cancel-on-ha-failover gets basic.cancel now; the others wait
+        // for the promotion and consume on (RabbitMQ's default).
+        let now = Instant::now();
         for c in gone {
-            let _ = c.spec.events.send(ClientEvent::Cancelled {
-                channel: c.spec.channel,
-                generation: c.spec.generation,
-                tag: c.spec.tag.clone(),
-            });
+            debug!(master = peer, tag = %c.spec.tag, cancel = c.spec.cancel_on_ha_failover, "master gone: consumer cancelled or parked");
+            if c.spec.cancel_on_ha_failover {
+                cancelled(&c.spec);
+            } else {
+                self.parked.lock().push((now, c));
+            }
         }
     }
+}
+
+/// Tells a consumer's channel that the server cancelled it (basic.cancel).
+fn cancelled(spec: &ConsumerSpec) {
+    let _ = spec.events.send(ClientEvent::Cancelled {
+        channel: spec.channel,
+        generation: spec.generation,
+        tag: spec.tag.clone(),
+    });
 }

@@ -11,7 +11,7 @@
 //! for anything else (stale ids after a restart) are ignored. When the link to a peer goes
 //! down, that peer's consumers are cancelled and its unsettled messages requeued (redelivered).
 
-use super::remote::{local_msg, wire_msg};
+use super::remote::{local_msg, wire_msg, UNREACHABLE};
 use super::wire::{FromMaster, QueueRef, RemoteConsumer, Reply, ToMaster, FROM_MASTER, TO_MASTER};
 use crate::queue::{
     ClientEvent, ClientTx, ConfirmTicket, ConnShared, ConsumerRef, ConsumerSpec, QueueHandle,
@@ -253,14 +253,26 @@ impl Serve {
                 flow_active,
             } => {
                 let Some(q) = self.queue(&queue) else {
-                    self.reply(
-                        from,
-                        req,
-                        Reply::Done(Err((
+                    // A queue the cluster has, mastered elsewhere as this node sees it (its
+                    // promotion here not applied yet): the asker tries again shortly.
+                    let known = self
+                        .shared
+                        .upgrade()
+                        .and_then(|s| s.cluster().cloned())
+                        .is_some_and(|l| {
+                            l.state()
+                                .get(&super::keys::queue(&queue.vhost, &queue.name))
+                                .is_some()
+                        });
+                    let err = if known {
+                        (405, format!("{UNREACHABLE} queue '{}' in vhost '{}' is not mastered on this node (yet)", queue.name, queue.vhost))
+                    } else {
+                        (
                             404,
                             format!("no queue '{}' in vhost '{}'", queue.name, queue.vhost),
-                        ))),
-                    );
+                        )
+                    };
+                    self.reply(from, req, Reply::Done(Err(err)));
                     return;
                 };
                 let Some((id, events, conn)) = self.conn(from, consumer.conn) else {
@@ -277,6 +289,7 @@ impl Serve {
                     prefetch,
                     flow_active,
                     priority,
+                    cancel_on_ha_failover: false,
                     events,
                     conn,
                 };

@@ -225,6 +225,7 @@ fn consumer(events: &ClientTx, conn: &Arc<ConnShared>) -> ConsumerSpec {
         exclusive: false,
         prefetch: 0,
         priority: 0,
+        cancel_on_ha_failover: false,
         events: events.clone(),
         flow_active: true,
         conn: conn.clone(),

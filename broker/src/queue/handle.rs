@@ -62,6 +62,23 @@ impl QueueInfo {
         }
     }
 
+    /// Hands a command to this queue's mailbox as it is: a retired proxy passes on what its
+    /// holders still send it to the queue that took its place. If this queue is gone too, a
+    /// publish is confirmed (as a publish to a deleted queue) and replies are dropped (their
+    /// callers see the queue gone).
+    pub(crate) async fn forward(&self, cmd: QueueCmd) {
+        if let Err(e) = self.tx.send(cmd).await {
+            let tickets: Vec<ConfirmTicket> = match e.0 {
+                QueueCmd::Publish { confirm, .. } => confirm.into_iter().collect(),
+                QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
+                _ => Vec::new(),
+            };
+            for t in tickets {
+                t.send(true);
+            }
+        }
+    }
+
     /// Publishes without waiting (from queue actors: one queue never waits on another); a
     /// full mailbox gets the publish from a task of its own.
     pub fn publish_detached(self: &Arc<Self>, msg: Arc<Message>) {

@@ -196,6 +196,9 @@ pub struct ConsumerSpec {
     pub flow_active: bool,
     /// x-priority.
     pub priority: i64,
+    /// x-cancel-on-ha-failover: when the queue's master dies, basic.cancel rather than
+    /// consuming on from the promoted mirror.
+    pub cancel_on_ha_failover: bool,
     pub events: ClientTx,
     pub conn: Arc<ConnShared>,
 }

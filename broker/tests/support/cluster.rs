@@ -294,3 +294,19 @@ pub async fn confirmed_publisher(
     }
     (confirmed, retries)
 }
+
+/// Prints the nodes' logs (without the Raft library's lines), for a test that is about to
+/// fail.
+pub fn dump_logs(nodes: &[&Node]) {
+    for n in nodes {
+        let lines: Vec<String> = n
+            .proc
+            .log
+            .lock()
+            .iter()
+            .filter(|l| !l.contains("openraft"))
+            .cloned()
+            .collect();
+        eprintln!("--- {}:\n{}", n.name, lines.join("\n"));
+    }
+}

@@ -1,0 +1,148 @@
+//! Consumers of a mirrored queue whose master dies (real broker processes on loopback): as
+//! RabbitMQ's, they consume on from the promoted mirror through their own node without
+//! noticing, unless they asked for basic.cancel with `x-cancel-on-ha-failover`.
+
+mod support;
+
+use futures_lite::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+use support::cluster::*;
+
+async fn consume(ch: &lapin::Channel, tag: &str, cancel_on_failover: bool) -> lapin::Consumer {
+    let mut args = FieldTable::default();
+    if cancel_on_failover {
+        args.insert("x-cancel-on-ha-failover".into(), AMQPValue::Boolean(true));
+    }
+    ch.basic_consume(
+        "work".into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        args,
+    )
+    .await
+    .expect("consume")
+}
+
+/// The next delivery's body (acked), None once the consumer was cancelled; panics after 10 s.
+async fn next_body(c: &mut lapin::Consumer) -> Option<String> {
+    let d = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .ok()??
+        .ok()?;
+    d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    Some(String::from_utf8(d.data).expect("utf8"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_go_on_after_a_failover_unless_they_asked_to_be_cancelled() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-cf");
+    let a = start("a@cf", &root.path().join("a"), &secret, None).await;
+    let b = start("b@cf", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    let c = start("c@cf", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+    a.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    )
+    .await;
+    let (_ca, cha) = channel_on(&a).await;
+    support::declare_durable(&cha, "work").await;
+    eventually("b and c in sync", || async {
+        queue_info(&a, "work").await["synchronised_slave_nodes"] == json!(["b@cf", "c@cf"])
+    })
+    .await;
+
+    // On b (the node that will master the queue next) a plain consumer and one that asked
+    // to be cancelled; on c a plain one. Each on its own channel, prefetch 1.
+    let (_cb, chb) = channel_on(&b).await;
+    let chb2 = _cb.create_channel().await.expect("channel");
+    let (_cc, chc) = channel_on(&c).await;
+    for ch in [&chb, &chb2, &chc] {
+        ch.basic_qos(1, Default::default()).await.expect("qos");
+    }
+    let mut on_b = consume(&chb, "plain-b", false).await;
+    let mut cancel_me = consume(&chb2, "cancel-me", true).await;
+    let mut on_c = consume(&chc, "plain-c", false).await;
+    let (_cp, pub_ch) = channel_on(&c).await;
+    pub_ch
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for i in 0..3 {
+        assert!(
+            publish_confirmed(&pub_ch, "", "work", format!("before{i}").as_bytes(), true).await
+        );
+    }
+    let mut got = HashSet::new();
+    for consumer in [&mut on_b, &mut cancel_me, &mut on_c] {
+        got.insert(
+            next_body(consumer)
+                .await
+                .expect("a message before the failover"),
+        );
+    }
+    assert_eq!(got.len(), 3);
+
+    a.proc.kill9().await;
+    eventually("a mirror promoted", || async {
+        queue_info(&c, "work").await["node"] != "a@cf"
+    })
+    .await;
+    // The one that asked is cancelled; the others get what is published after the failover
+    // on the same consumers, wherever the queue went.
+    let t = tokio::time::Instant::now();
+    assert_eq!(next_body(&mut cancel_me).await, None, "basic.cancel");
+    assert!(
+        t.elapsed() < Duration::from_secs(9),
+        "cancelled, not silent"
+    );
+    // Both plain consumers attached to the new master (not only one of them draining all).
+    let master = queue_info(&c, "work").await["node"].clone();
+    let new_master = if master == "b@cf" { &b } else { &c };
+    eventually("two consumers on the new master", || async {
+        queue_info(new_master, "work").await["consumers"] == 2
+    })
+    .await;
+    for i in 0..10 {
+        assert!(publish_confirmed(&pub_ch, "", "work", format!("after{i}").as_bytes(), true).await);
+    }
+    // Each plain consumer drains into a channel of its own task (a select over both would
+    // drop a delivery taken but not yet acked).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
+    for (who, mut consumer) in [("b", on_b), ("c", on_c)] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(m) = next_body(&mut consumer).await {
+                if tx.send((who, m)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let mut after = HashSet::new();
+    let (mut from_b, mut from_c) = (0, 0);
+    while after.len() < 10 {
+        let Ok(Some((who, m))) = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await
+        else {
+            dump_logs(&[&b, &c]);
+            panic!("only {after:?} after the failover");
+        };
+        if who == "b" {
+            from_b += 1;
+        } else {
+            from_c += 1;
+        }
+        if m.starts_with("after") {
+            after.insert(m);
+        }
+    }
+    assert!(
+        from_b > 0 && from_c > 0,
+        "both plain consumers consume on (b {from_b}, c {from_c})"
+    );
+}
