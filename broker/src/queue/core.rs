@@ -758,16 +758,15 @@ impl QueueCore {
     }
 
     /// Deliveries the shell could not hand over: their connection is gone. Its messages go
-    /// back (not redelivered: the client never saw them) and its consumers go; an auto-delete
-    /// queue may go with them (the connection ended before its cancels reached the queue).
+    /// back as they were (this client never saw them; one seen by an earlier client stays
+    /// redelivered) and its consumers go; an auto-delete queue may go with them (the
+    /// connection ended before its cancels reached the queue).
     pub fn undeliverable(&mut self, conn: &Arc<ConnShared>, lost: Vec<Delivery>, now: Instant) {
         self.now = now;
         conn.pending.fetch_sub(lost.len(), Ordering::Relaxed);
         for d in lost.iter().filter(|d| !d.no_ack) {
             if let Some(u) = self.unacked.remove(&d.msg_id) {
-                let mut e = u.entry;
-                e.redelivered = false;
-                self.ready.requeue(e);
+                self.ready.requeue(u.entry);
             }
         }
         let before = self.consumers.len();

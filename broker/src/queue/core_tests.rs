@@ -281,6 +281,64 @@ fn deliveries_to_a_vanished_connection_come_back_unredelivered() {
 }
 
 #[test]
+fn a_message_seen_before_stays_redelivered_when_a_later_delivery_is_undeliverable() {
+    let t0 = Instant::now();
+    let mut c = core(QueueArgs::default(), t0);
+    let (events, _erx) = mpsc::unbounded_channel();
+    let first = Arc::new(ConnShared::default());
+    let deliver_to = |c: &mut QueueCore, conn: &Arc<ConnShared>| {
+        let (reply, _r) = tokio::sync::oneshot::channel();
+        c.command(
+            QueueCmd::Consume {
+                spec: consumer(&events, conn),
+                reply,
+            },
+            t0,
+        );
+        c.turn(t0, false);
+        match c.take_effects().pop() {
+            Some(Effect::Deliver { deliveries, .. }) => deliveries,
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    };
+    publish(&mut c, "m", None, t0);
+    let seen = deliver_to(&mut c, &first);
+    assert!(!seen[0].redelivered);
+    // The first client saw it and gave it back (its channel closed).
+    c.command(
+        QueueCmd::Reject {
+            ids: vec![seen[0].msg_id],
+            requeue: true,
+        },
+        t0,
+    );
+    c.command(
+        QueueCmd::Cancel {
+            conn_id: 7,
+            channel: 1,
+            generation: 0,
+            tag: "c".into(),
+        },
+        t0,
+    );
+    // The next delivery never reaches its client: back in the queue, still redelivered.
+    let second = Arc::new(ConnShared::default());
+    let lost = deliver_to(&mut c, &second);
+    assert!(lost[0].redelivered);
+    c.undeliverable(&second, lost, t0);
+    let (reply, r) = tokio::sync::oneshot::channel();
+    c.command(
+        QueueCmd::Get {
+            no_ack: true,
+            reply,
+        },
+        t0,
+    );
+    let got = r.blocking_recv().expect("reply").expect("a message");
+    assert!(got.redelivered, "the first client saw it");
+}
+
+#[test]
 fn a_quorum_queue_dead_letters_a_message_returned_past_its_delivery_limit() {
     let t0 = Instant::now();
     let mut c = core(
