@@ -127,19 +127,12 @@ async fn cluster_of(count: usize, suffix: &str, root: &Path) -> Vec<Node> {
 }
 
 /// Polls `f` until it is true (15 s at most), then asserts it.
-async fn eventually<F, Fut>(what: &str, mut f: F)
+async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < end, "never true: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    support::cluster::eventually_within(what, Duration::from_secs(15), f).await
 }
 
 /// The value of an unlabelled sample `name` in a Prometheus text.

@@ -120,25 +120,7 @@ async fn unsynced_pair(
     tag: &str,
     definition: serde_json::Value,
 ) -> (Node, Node, Node) {
-    let secret = secret_file(root, &format!("cookie-{tag}"));
-    let a = start(&format!("a@{tag}"), &root.join("a"), &secret, None).await;
-    let b = start(
-        &format!("b@{tag}"),
-        &root.join("b"),
-        &secret,
-        Some(&a.cluster()),
-    )
-    .await;
-    let w = start_with(
-        &format!("w@{tag}"),
-        &root.join("w"),
-        &secret,
-        Some(&a.cluster()),
-        &["--witness"],
-        &["mgmt", "cluster"],
-    )
-    .await;
-    voters(&a, 3).await;
+    let (a, b, w) = pair_with_witness(root, tag).await;
     let (_ca, cha) = channel_on(&a).await;
     support::declare_durable(&cha, "jobs").await;
     cha.confirm_select(Default::default())

@@ -164,18 +164,6 @@ impl Rng {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + limit;
-    while !f().await {
-        assert!(Instant::now() < end, "never true within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The queue as the first of `nodes` that answers shows it.
 async fn placement(nodes: &[Option<Node>]) -> Value {
     for n in nodes.iter().flatten() {
@@ -245,7 +233,7 @@ async fn promise(three: bool, seed: u64) {
     let (_c, ch) = channel_on(first).await;
     support::declare_durable(&ch, QUEUE).await;
     let mirrors = members.len() - 1;
-    wait_until("every mirror in sync", Duration::from_secs(20), || async {
+    eventually_within("every mirror in sync", Duration::from_secs(20), || async {
         placement(&nodes).await["synchronised_slave_nodes"]
             .as_array()
             .is_some_and(|a| a.len() == mirrors)
@@ -317,7 +305,7 @@ async fn promise(three: bool, seed: u64) {
         logs.push((format!("{master} (killed {k})"), victim.proc.log.clone()));
         victim.proc.kill9().await;
         kills.push((master.clone(), killed_at));
-        wait_until(
+        eventually_within(
             &format!("kill {k}: a mirror of {master} promoted"),
             Duration::from_secs(30),
             || async {
@@ -338,7 +326,7 @@ async fn promise(three: bool, seed: u64) {
             )
             .await,
         );
-        wait_until(
+        eventually_within(
             &format!("kill {k}: {master} back in sync"),
             Duration::from_secs(30),
             || async {

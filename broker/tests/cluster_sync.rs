@@ -7,34 +7,8 @@ mod support;
 
 use futures_lite::StreamExt;
 use serde_json::json;
-use std::path::Path;
 use support::cluster::*;
 use support::http::http;
-
-/// Two nodes and a witness: the seed's pair with a third voter, so either node can be
-/// promoted through a majority while the other is down.
-async fn pair(root: &Path, tag: &str) -> (Node, Node, Node) {
-    let secret = secret_file(root, &format!("cookie-{tag}"));
-    let a = start(&format!("a@{tag}"), &root.join("a"), &secret, None).await;
-    let b = start(
-        &format!("b@{tag}"),
-        &root.join("b"),
-        &secret,
-        Some(&a.cluster()),
-    )
-    .await;
-    let w = start_with(
-        &format!("w@{tag}"),
-        &root.join("w"),
-        &secret,
-        Some(&a.cluster()),
-        &["--witness"],
-        &["mgmt", "cluster"],
-    )
-    .await;
-    voters(&a, 3).await;
-    (a, b, w)
-}
 
 /// Publishes `n` persistent messages `m0`.. to the default exchange with confirms in flight
 /// (pipelined), and asserts every one was acked.
@@ -107,7 +81,7 @@ async fn a_policy_mirrors_a_backlog_in_batches_while_the_queue_serves_and_the_mi
 ) {
     const BACKLOG: usize = 12_000;
     let root = tempfile::tempdir().expect("tmp");
-    let (a, b, _w) = pair(root.path(), "sy").await;
+    let (a, b, _w) = pair_with_witness(root.path(), "sy").await;
     let (_ca, cha) = channel_on(&a).await;
     support::declare_durable(&cha, "backlog").await;
     cha.confirm_select(Default::default())
@@ -155,7 +129,7 @@ async fn a_policy_mirrors_a_backlog_in_batches_while_the_queue_serves_and_the_mi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_manual_sync_a_mirror_is_in_sync_only_after_sync_queue_asked_of_any_node() {
     let root = tempfile::tempdir().expect("tmp");
-    let (a, b, _w) = pair(root.path(), "ms").await;
+    let (a, b, _w) = pair_with_witness(root.path(), "ms").await;
     let (_ca, cha) = channel_on(&a).await;
     support::declare_durable(&cha, "manual").await;
     cha.confirm_select(Default::default())

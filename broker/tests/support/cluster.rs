@@ -101,17 +101,29 @@ pub async fn start_with(
 }
 
 /// Polls `f` until it is true (10 s at most), then asserts it.
-pub async fn eventually<F, Fut>(what: &str, mut f: F)
+pub async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(what, Duration::from_secs(10), f).await
+}
+
+/// Polls `f` every 50 ms until it is true (`limit` at most), then asserts it.
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + limit;
     loop {
         if f().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < end, "never true: {what}");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "never true within {limit:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -309,4 +321,30 @@ pub fn dump_logs(nodes: &[&Node]) {
             .collect();
         eprintln!("--- {}:\n{}", n.name, lines.join("\n"));
     }
+}
+
+/// Two nodes `a@tag` and `b@tag` and a witness `w@tag` (the seed's pair with a third voter,
+/// so either node can be promoted through a majority while the other is down), once all
+/// three are voters.
+pub async fn pair_with_witness(root: &Path, tag: &str) -> (Node, Node, Node) {
+    let secret = secret_file(root, &format!("cookie-{tag}"));
+    let a = start(&format!("a@{tag}"), &root.join("a"), &secret, None).await;
+    let b = start(
+        &format!("b@{tag}"),
+        &root.join("b"),
+        &secret,
+        Some(&a.cluster()),
+    )
+    .await;
+    let w = start_with(
+        &format!("w@{tag}"),
+        &root.join("w"),
+        &secret,
+        Some(&a.cluster()),
+        &["--witness"],
+        &["mgmt", "cluster"],
+    )
+    .await;
+    voters(&a, 3).await;
+    (a, b, w)
 }
