@@ -168,8 +168,10 @@ start_warren() {
     local args=(--amqp 127.0.0.1:0)
     local help flag
     help=$("$bin" --help 2>&1 || true)
-    # Keep its other listeners off the default ports when it has them.
-    for flag in --mgmt --prometheus --cluster-listen; do
+    # Keep its other listeners off the default ports when it has them. No --cluster-listen: this
+    # is a single node, standalone (clustering is off without it, and the broker refuses it
+    # without --cluster-secret-file).
+    for flag in --mgmt --prometheus; do
         grep -q -- "$flag" <<<"$help" && args+=("$flag" 127.0.0.1:0)
     done
     grep -q -- "--data-dir" <<<"$help" && args+=(--data-dir "$WORK/$lower-data")
