@@ -124,7 +124,12 @@ fn raft_config(cfg: &ClusterConfig) -> Result<openraft::Config, ClusterError> {
         cluster_name: "warren".into(),
         heartbeat_interval: ms(t.raft_heartbeat),
         election_timeout_min: ms(t.election_timeout),
-        election_timeout_max: ms(t.election_timeout) * 2,
+        // openraft's follower-side leader lease is election_timeout_max: a voter refuses
+        // every vote request that long after the last heartbeat of a leader, even one whose
+        // process is known dead. A narrow range keeps that (and so a failover whose dead
+        // master was also the Raft leader) short; randomisation over 20 % still spreads the
+        // candidates of a split vote.
+        election_timeout_max: ms(t.election_timeout) * 6 / 5,
         install_snapshot_timeout: ms(t.election_timeout * 2).max(1000),
         max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot.every),
@@ -317,7 +322,8 @@ impl Cluster {
     /// If the leader this node follows is gone (its link dropped and its address refused a
     /// connection: the process died), start an election now instead of waiting for the
     /// election timeout, if this node is the running voter with the lowest id (the others
-    /// wait for its vote request). Returns whether one was started.
+    /// wait for its vote request), and repeat it until a new leader is known (the voters
+    /// refuse it until their leader lease runs out). Returns whether it did.
     pub async fn elect_if_leader_gone(&self) -> bool {
         let inner = &self.inner;
         let Some(leader) = inner.leader() else {
@@ -336,8 +342,18 @@ impl Cluster {
         if first != Some(inner.id) {
             return false;
         }
+        // Voters refuse votes for a leader lease after the dead leader's last heartbeat: ask
+        // again every 50 ms until another leader is known, for three election timeouts at most.
         let raft = inner.raft();
-        raft.trigger().elect().await.is_ok()
+        let end = tokio::time::Instant::now() + inner.cfg.timing.election_timeout * 3;
+        while tokio::time::Instant::now() < end {
+            let _ = raft.trigger().elect().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if inner.leader().is_some_and(|l| l != leader) {
+                break;
+            }
+        }
+        true
     }
 
     /// Whether this node answered pings from a majority of voters (itself included if it votes)
