@@ -8,19 +8,15 @@ cluster benchmark's business)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-import re
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import TARGET, _STARTED, register_log, stop_process, tail, unregister_log, warren_binary
+from cluster_support import eventually, set_ha_all, start_lb, start_node, voters
+from conftest import TARGET, _STARTED, register_log, stop_process, tail, unregister_log
 
 pytestmark = pytest.mark.skipif(TARGET != "warren", reason="clusters warren-broker processes")
 
@@ -54,87 +50,19 @@ def record(n):
 '''
 
 
-class Node:
-    def __init__(self, name: str, proc, log: Path, addrs: dict[str, str]):
-        self.name, self.proc, self.log, self.addrs = name, proc, log, addrs
-
-    def api(self, method: str, path: str, body=None):
-        req = urllib.request.Request(f"http://{self.addrs['mgmt']}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode())
-        req.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            data = r.read()
-            return json.loads(data) if data else None
-
-
-def start_node(tmp: Path, name: str, secret: Path, join: str | None) -> Node:
-    data = tmp / name.split("@")[0]
-    data.mkdir(parents=True, exist_ok=True)
-    args = [str(warren_binary()), "--node-name", name, "--data-dir", str(data),
-            "--amqp", "127.0.0.1:0", "--mgmt", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0",
-            "--cluster-secret-file", str(secret), "--cluster-failure-detection-ms", "1000"]
-    if join:
-        args += ["--join", join]
-    log = data.with_suffix(".log")
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, RUST_LOG="info"), start_new_session=True)
-    _STARTED.append(proc)
-    register_log(f"{name} log ({log})", log)
-    deadline = time.monotonic() + 30
-    while True:
-        found = dict(re.findall(r"listening proto=(\w+) addr=(\S+)", log.read_text("utf-8", "replace")))
-        if {"amqp", "mgmt", "cluster"} <= found.keys():
-            return Node(name, proc, log, found)
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{name} did not start:\n{tail(log)}", pytrace=False)
-        time.sleep(0.05)
-
-
-def eventually(what: str, f, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if f():
-                return
-        except Exception:  # a node that is still starting or just killed
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never true: {what}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def cluster(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("celery-failover-secret")
     r1 = start_node(tmp_path, "r1@celery", secret, None)
     r2 = start_node(tmp_path, "r2@celery", secret, r1.addrs["cluster"])
-    eventually("two voters", lambda: sum(1 for n in r1.api("GET", "/api/nodes") if n.get("voter")) == 2)
-    r1.api("PUT", "/api/policies/%2F/ha-all",
-           {"pattern": "", "apply-to": "queues", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}})
-    lb_bin = warren_binary().parent / "warren-lb"
-    if not (lb_bin.is_file() and os.access(lb_bin, os.X_OK)):
-        pytest.fail(f"{lb_bin} is missing: build the binaries first (`cargo build --bins`)", pytrace=False)
-    lb_log = tmp_path / "warren-lb.log"
-    with open(lb_log, "wb") as f:
-        lb = subprocess.Popen([str(lb_bin), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-                               "--backend", r1.addrs["amqp"], "--backend", r2.addrs["amqp"]],
-                              stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, RUST_LOG="info"), start_new_session=True)
-    _STARTED.append(lb)
-    register_log(f"warren-lb log ({lb_log})", lb_log)
-    deadline = time.monotonic() + 20
-    while not (m := re.search(r"listening listener=default addr=(\S+)", lb_log.read_text("utf-8", "replace"))):
-        if lb.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"warren-lb did not listen:\n{tail(lb_log)}", pytrace=False)
-        time.sleep(0.05)
-    yield r1, r2, m.group(1)
-    for p in (lb, r1.proc, r2.proc):
-        stop_process(p)
-    for name in (f"warren-lb log ({lb_log})", f"r1@celery log ({r1.log})", f"r2@celery log ({r2.log})"):
-        unregister_log(name)
+    eventually("two voters", lambda: voters(r1) == 2)
+    set_ha_all(r1)
+    lb = start_lb(tmp_path, ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                             "--backend", r1.addrs["amqp"], "--backend", r2.addrs["amqp"]])
+    yield r1, r2, lb.addr
+    for p in (lb, r1, r2):
+        p.stop()
 
 
 @pytest.mark.timeout(240)
