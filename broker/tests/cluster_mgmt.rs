@@ -12,47 +12,13 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use support::cluster::{start_with, Node};
 use support::http::{http, Resp};
-use support::proc::{spawn, BrokerProc};
 
-const FD_MS: &str = "600";
-
-struct Node {
-    name: String,
-    proc: BrokerProc,
-}
-
+/// What these tests ask of a node beyond the shared harness.
 impl Node {
-    fn mgmt(&self) -> SocketAddr {
-        self.proc.addr("mgmt").parse().expect("mgmt addr")
-    }
-    fn cluster(&self) -> String {
-        self.proc.addr("cluster").to_string()
-    }
     async fn req(&self, method: &str, path: &str) -> Resp {
         http(self.mgmt(), method, path, Some(("guest", "guest")), None).await
-    }
-    async fn get(&self, path: &str) -> Value {
-        let r = self.req("GET", path).await;
-        assert_eq!(r.status, 200, "GET {path} on {}: {}", self.name, r.text());
-        r.json()
-    }
-    async fn put(&self, path: &str, body: Value) {
-        let r = http(
-            self.mgmt(),
-            "PUT",
-            path,
-            Some(("guest", "guest")),
-            Some(body),
-        )
-        .await;
-        assert!(
-            matches!(r.status, 201 | 204),
-            "PUT {path} on {}: {} {}",
-            self.name,
-            r.status,
-            r.text()
-        );
     }
     async fn metrics(&self) -> String {
         let addr: SocketAddr = self.proc.addr("prometheus").parse().expect("addr");
@@ -72,32 +38,15 @@ impl Node {
 }
 
 async fn start(name: &str, dir: &Path, secret: &Path, join: Option<&str>) -> Node {
-    let mut args: Vec<String> = vec![
-        "--node-name".into(),
-        name.into(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--amqp".into(),
-        "127.0.0.1:0".into(),
-        "--mgmt".into(),
-        "127.0.0.1:0".into(),
-        "--prometheus".into(),
-        "127.0.0.1:0".into(),
-        "--cluster-listen".into(),
-        "127.0.0.1:0".into(),
-        "--cluster-secret-file".into(),
-        secret.display().to_string(),
-        "--cluster-failure-detection-ms".into(),
-        FD_MS.into(),
-    ];
-    if let Some(j) = join {
-        args.extend(["--join".into(), j.into()]);
-    }
-    let proc = spawn(&args, &[], &["amqp", "mgmt", "prometheus", "cluster"]).await;
-    Node {
-        name: name.into(),
-        proc,
-    }
+    start_with(
+        name,
+        dir,
+        secret,
+        join,
+        &["--prometheus", "127.0.0.1:0"],
+        &["amqp", "mgmt", "prometheus", "cluster"],
+    )
+    .await
 }
 
 /// `count` nodes named `<x>@<suffix>` (a, b, c, ...) in one cluster, every one a voter.

@@ -56,6 +56,19 @@ fn publish(c: &mut QueueCore, body: &str, confirm: Option<ConfirmTicket>, now: I
 }
 
 /// Ready messages (the core's own count; the handle's is published at the end of a turn).
+/// basic.get with no_ack, answered in the same call.
+fn get_no_ack(c: &mut QueueCore, now: Instant) -> Option<GetResult> {
+    let (reply, r) = tokio::sync::oneshot::channel();
+    c.command(
+        QueueCmd::Get {
+            no_ack: true,
+            reply,
+        },
+        now,
+    );
+    r.blocking_recv().expect("reply")
+}
+
 fn ready(c: &QueueCore) -> usize {
     c.ready.len
 }
@@ -183,15 +196,7 @@ fn a_new_policy_takes_effect_at_the_next_turn() {
     assert_eq!(ready(&c), 10, "nothing happens before the turn");
     c.turn(t0, false);
     assert_eq!(ready(&c), 4);
-    let (reply, r) = tokio::sync::oneshot::channel();
-    c.command(
-        QueueCmd::Get {
-            no_ack: true,
-            reply,
-        },
-        t0,
-    );
-    let got = r.blocking_recv().expect("reply").expect("a message");
+    let got = get_no_ack(&mut c, t0).expect("a message");
     assert_eq!(&got.msg.body[..], b"6", "the oldest six went");
     assert_eq!(ready(&c), 3);
 }
@@ -268,15 +273,7 @@ fn deliveries_to_a_vanished_connection_come_back_unredelivered() {
         c.consumers.is_empty(),
         "the consumer went with its connection"
     );
-    let (reply, r) = tokio::sync::oneshot::channel();
-    c.command(
-        QueueCmd::Get {
-            no_ack: true,
-            reply,
-        },
-        t0,
-    );
-    let got = r.blocking_recv().expect("reply").expect("a message");
+    let got = get_no_ack(&mut c, t0).expect("a message");
     assert!(!got.redelivered, "the client never saw it");
 }
 
@@ -326,15 +323,7 @@ fn a_message_seen_before_stays_redelivered_when_a_later_delivery_is_undeliverabl
     let lost = deliver_to(&mut c, &second);
     assert!(lost[0].redelivered);
     c.undeliverable(&second, lost, t0);
-    let (reply, r) = tokio::sync::oneshot::channel();
-    c.command(
-        QueueCmd::Get {
-            no_ack: true,
-            reply,
-        },
-        t0,
-    );
-    let got = r.blocking_recv().expect("reply").expect("a message");
+    let got = get_no_ack(&mut c, t0).expect("a message");
     assert!(got.redelivered, "the first client saw it");
 }
 
