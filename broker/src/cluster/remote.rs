@@ -33,6 +33,8 @@ const STAT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long a request to a master may go unanswered.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a proxy holding publishes for a promotion looks whether it can pass them on.
+const HELD_CHECK: Duration = Duration::from_millis(50);
 
 type ConsumerKey = (u64, u16, u64, Arc<str>);
 
@@ -282,7 +284,28 @@ impl Remote {
                 ),
             )
         };
-        while let Some(cmd) = rx.recv().await {
+        // Publishes that arrived while the master was out of reach, held (in order) for the
+        // promotion rather than nacked, as RabbitMQ's channels hold them: they go to the queue
+        // that replaces this proxy, or to the master if it comes back, or are nacked after the
+        // promotion wait.
+        let mut held: std::collections::VecDeque<(Instant, Vec<crate::queue::PublishItem>)> =
+            std::collections::VecDeque::new();
+        loop {
+            let cmd = if held.is_empty() {
+                rx.recv().await
+            } else {
+                tokio::select! {
+                    cmd = rx.recv() => cmd,
+                    _ = tokio::time::sleep(HELD_CHECK) => {
+                        self.release_held(addr, master, &queue, &mut held).await;
+                        continue;
+                    }
+                }
+            };
+            let Some(cmd) = cmd else { break };
+            if !held.is_empty() {
+                self.release_held(addr, master, &queue, &mut held).await;
+            }
             // Retired (the master moved): the queue that took this one's place serves it.
             let next = self.successors.lock().get(&addr).cloned();
             if let Some(next) = next {
@@ -291,9 +314,11 @@ impl Remote {
             }
             match cmd {
                 QueueCmd::Publish { msg, confirm } => {
-                    self.publish(master, &queue, vec![(msg, confirm)]);
+                    self.publish_or_hold(master, &queue, vec![(msg, confirm)], &mut held);
                 }
-                QueueCmd::PublishBatch(items) => self.publish(master, &queue, items),
+                QueueCmd::PublishBatch(items) => {
+                    self.publish_or_hold(master, &queue, items, &mut held)
+                }
                 QueueCmd::Consume { spec, reply } => {
                     let key: ConsumerKey = (
                         spec.conn_id,
@@ -526,6 +551,14 @@ impl Remote {
             }
         }
         stats.abort();
+        // Nobody can reach this proxy any more: what it still held is nacked.
+        for (_, items) in held {
+            for (_, t) in items {
+                if let Some(t) = t {
+                    t.send(false);
+                }
+            }
+        }
         self.successors.lock().remove(&addr);
         // The proxy is gone (the queue left this node): its consumers with it.
         self.consumers
@@ -539,6 +572,8 @@ impl Remote {
         self.successors
             .lock()
             .insert(Arc::as_ptr(old) as usize, new.clone());
+        // Wakes the old proxy: what it holds goes to its successor now.
+        old.kick();
         let resume: Vec<RemoteConsumerState> = {
             let mut parked = self.parked.lock();
             let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *parked)
@@ -580,6 +615,58 @@ impl Remote {
         };
         for c in gone {
             cancelled(&c.spec);
+        }
+    }
+
+    /// Publishes to the master, or holds the items while it is out of reach (or while
+    /// earlier ones are held: order is kept).
+    fn publish_or_hold(
+        &self,
+        master: NodeId,
+        queue: &QueueRef,
+        items: Vec<crate::queue::PublishItem>,
+        held: &mut std::collections::VecDeque<(Instant, Vec<crate::queue::PublishItem>)>,
+    ) {
+        if held.is_empty() && !self.down.lock().contains(&master) {
+            self.publish(master, queue, items);
+        } else {
+            held.push_back((Instant::now(), items));
+        }
+    }
+
+    /// Held publishes go where they can: to this proxy's successor, or to its master when
+    /// it is back; those held longer than the promotion wait are nacked.
+    async fn release_held(
+        &self,
+        addr: usize,
+        master: NodeId,
+        queue: &QueueRef,
+        held: &mut std::collections::VecDeque<(Instant, Vec<crate::queue::PublishItem>)>,
+    ) {
+        let next = self.successors.lock().get(&addr).cloned();
+        if let Some(next) = next {
+            for (_, items) in held.drain(..) {
+                next.forward(QueueCmd::PublishBatch(items)).await;
+            }
+            return;
+        }
+        if !self.down.lock().contains(&master) {
+            for (_, items) in held.drain(..) {
+                self.publish(master, queue, items);
+            }
+            return;
+        }
+        while held
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() >= self.park_for)
+        {
+            if let Some((_, items)) = held.pop_front() {
+                for (_, t) in items {
+                    if let Some(t) = t {
+                        t.send(false);
+                    }
+                }
+            }
         }
     }
 

@@ -26,6 +26,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use warren_cluster::{Cluster, NodeId, PeerEvent};
 
+/// How long a publish for a queue this node is about to master waits for this node to apply
+/// its promotion (a peer that applied it first already sends here).
+const PROMOTION_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Default)]
 struct Peer {
     /// Remote connection -> (local id, its forwarder's sender, its output state).
@@ -74,6 +78,18 @@ impl Serve {
             }
         });
         me
+    }
+
+    /// Whether the cluster has queue `q` at all (mastered here or not).
+    fn known(&self, q: &QueueRef) -> bool {
+        self.shared
+            .upgrade()
+            .and_then(|s| s.cluster().cloned())
+            .is_some_and(|l| {
+                l.state()
+                    .get(&super::keys::queue(&q.vhost, &q.name))
+                    .is_some()
+            })
     }
 
     /// The local queue `q` mastered here (None: unknown here, or a proxy of another node's).
@@ -216,7 +232,16 @@ impl Serve {
                     return;
                 };
                 let memory = shared.node.memory;
-                let q = self.queue(&queue);
+                let mut q = self.queue(&queue);
+                // A peer that already applied this node's promotion may ask before this node
+                // has: wait a moment for it rather than nack (requests keep their order).
+                if q.is_none() && self.known(&queue) {
+                    let end = tokio::time::Instant::now() + PROMOTION_CATCH_UP;
+                    while q.is_none() && tokio::time::Instant::now() < end {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        q = self.queue(&queue);
+                    }
+                }
                 let confirms = self.confirms(from);
                 let mut batch = Vec::with_capacity(items.len());
                 for (m, ticket) in items {
@@ -255,16 +280,7 @@ impl Serve {
                 let Some(q) = self.queue(&queue) else {
                     // A queue the cluster has, mastered elsewhere as this node sees it (its
                     // promotion here not applied yet): the asker tries again shortly.
-                    let known = self
-                        .shared
-                        .upgrade()
-                        .and_then(|s| s.cluster().cloned())
-                        .is_some_and(|l| {
-                            l.state()
-                                .get(&super::keys::queue(&queue.vhost, &queue.name))
-                                .is_some()
-                        });
-                    let err = if known {
+                    let err = if self.known(&queue) {
                         (405, format!("{UNREACHABLE} queue '{}' in vhost '{}' is not mastered on this node (yet)", queue.name, queue.vhost))
                     } else {
                         (
