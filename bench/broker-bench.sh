@@ -95,19 +95,7 @@ trap 'exit 130' INT TERM
 mkdir -p "$RESULTS"
 
 # ---------------------------------------------------------------- build
-WARREN_OK=1
-WARREN_WHY=""
-if [[ -z ${SKIP_BUILD:-} ]]; then
-    log "building warren-broker and warren-perf (release)"
-    if ! (cd "$ROOT" && cargo build --release -p warren-broker -p warren-perf) >"$WORK/build.log" 2>&1; then
-        tail -20 "$WORK/build.log" >&2
-        log "warren-broker does not build: measuring RabbitMQ only"
-        WARREN_OK=0
-        WARREN_WHY="does not build"
-        (cd "$ROOT" && cargo build --release -p warren-perf) >"$WORK/build-perf.log" 2>&1 ||
-            { tail -20 "$WORK/build-perf.log" >&2; die "warren-perf does not build"; }
-    fi
-fi
+build_release warren-broker
 PERF=$BIN/warren-perf
 [[ -x $PERF ]] || die "$PERF missing (build it or unset SKIP_BUILD)"
 if [[ $WARREN_OK == 1 && ! -x $BIN/warren-broker ]]; then

@@ -52,3 +52,24 @@ apply_bench_nice() {
 # The machine, for the reports.
 cpu_model() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1; }
 mem_gib() { awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo; }
+
+# Builds the release binaries of warren-perf and the given packages (unless SKIP_BUILD is set).
+# If they do not build, the run measures RabbitMQ only: WARREN_OK=0 and WARREN_WHY say so; a
+# warren-perf that does not build ends the run. Needs ROOT and WORK.
+# shellcheck disable=SC2034  # WARREN_OK and WARREN_WHY are read by the scripts that source this
+build_release() {
+    WARREN_OK=1
+    WARREN_WHY=""
+    [[ -z ${SKIP_BUILD:-} ]] || return 0
+    log "building $* and warren-perf (release)"
+    local args=(-p warren-perf) p
+    for p in "$@"; do args+=(-p "$p"); done
+    if ! (cd "$ROOT" && cargo build --release "${args[@]}") >"$WORK/build.log" 2>&1; then
+        tail -20 "$WORK/build.log" >&2
+        log "warren-broker does not build: measuring RabbitMQ only"
+        WARREN_OK=0
+        WARREN_WHY="does not build"
+        (cd "$ROOT" && cargo build --release -p warren-perf) >"$WORK/build-perf.log" 2>&1 ||
+            { tail -20 "$WORK/build-perf.log" >&2; die "warren-perf does not build"; }
+    fi
+}
