@@ -23,8 +23,8 @@ struct Copy {
     /// The master it follows (its link going down ends the copy: batches may be missed).
     master: Option<warren_cluster::NodeId>,
     epoch: u64,
-    /// id -> (message, delivered and not settled, expiry in Unix ms or 0).
-    msgs: BTreeMap<u64, (Arc<Message>, bool, u64)>,
+    /// id -> (message, expiry in Unix ms or 0).
+    msgs: BTreeMap<u64, (Arc<Message>, u64)>,
     top: u64,
     /// The last synchronisation batch applied since the last Reset.
     sync_seq: u64,
@@ -105,27 +105,13 @@ impl Mirrors {
                     expires_at_ms,
                 } => {
                     if let Some(m) = local_msg(memory, msg) {
-                        c.msgs.insert(id, (m, false, expires_at_ms));
+                        c.msgs.insert(id, (m, expires_at_ms));
                     }
                     c.top = c.top.max(id);
                 }
                 MirrorOp::Settle(ids) => {
                     for id in ids {
                         c.msgs.remove(&id);
-                    }
-                }
-                MirrorOp::Delivered(ids) => {
-                    for id in ids {
-                        if let Some(e) = c.msgs.get_mut(&id) {
-                            e.1 = true;
-                        }
-                    }
-                }
-                MirrorOp::Requeue(ids) => {
-                    for id in ids {
-                        if let Some(e) = c.msgs.get_mut(&id) {
-                            e.1 = true;
-                        }
                     }
                 }
                 MirrorOp::Reset => {
@@ -158,7 +144,7 @@ impl Mirrors {
         Some(
             c.msgs
                 .into_iter()
-                .map(|(id, (msg, _delivered, exp))| Recovered {
+                .map(|(id, (msg, exp))| Recovered {
                     id,
                     msg,
                     redelivered: true,
@@ -171,10 +157,5 @@ impl Mirrors {
     /// This node no longer mirrors `queue`.
     pub fn drop_copy(&self, queue: &QueueRef) {
         self.copies.lock().remove(queue);
-    }
-
-    /// How many messages the copy of `queue` holds (for the management API and tests).
-    pub fn len(&self, queue: &QueueRef) -> Option<usize> {
-        self.copies.lock().get(queue).map(|c| c.msgs.len())
     }
 }

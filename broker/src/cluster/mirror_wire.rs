@@ -21,10 +21,6 @@ pub enum MirrorOp {
     },
     /// Left the queue for good.
     Settle(Vec<u64>),
-    /// Handed to a consumer that must ack them.
-    Delivered(Vec<u64>),
-    /// Back to ready.
-    Requeue(Vec<u64>),
     /// The queue was deleted.
     Delete,
     /// Start the copy afresh (the first batch to a new mirror, or after its link dropped:
@@ -88,14 +84,6 @@ impl MirrorBatch {
                     w.u8(2);
                     ids(&mut w, v);
                 }
-                MirrorOp::Delivered(v) => {
-                    w.u8(3);
-                    ids(&mut w, v);
-                }
-                MirrorOp::Requeue(v) => {
-                    w.u8(4);
-                    ids(&mut w, v);
-                }
                 MirrorOp::Delete => w.u8(5),
                 MirrorOp::Reset => w.u8(6),
                 MirrorOp::SyncPoint(seq) => {
@@ -121,8 +109,6 @@ impl MirrorBatch {
                     expires_at_ms: r.u64()?,
                 },
                 2 => MirrorOp::Settle(read_ids(&mut r)?),
-                3 => MirrorOp::Delivered(read_ids(&mut r)?),
-                4 => MirrorOp::Requeue(read_ids(&mut r)?),
                 5 => MirrorOp::Delete,
                 6 => MirrorOp::Reset,
                 7 => MirrorOp::SyncPoint(r.u64()?),
@@ -177,8 +163,6 @@ mod tests {
                     },
                     expires_at_ms: 0,
                 },
-                MirrorOp::Delivered(vec![7]),
-                MirrorOp::Requeue(vec![7]),
                 MirrorOp::Settle(vec![7, 8]),
                 MirrorOp::Reset,
                 MirrorOp::SyncPoint(u64::MAX - 1),

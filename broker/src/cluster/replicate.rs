@@ -1,7 +1,8 @@
 //! The master's side of mirrored queues: every queue mastered here runs with a
-//! [`MirroredLog`] around its own log, which streams the queue's changes (the
-//! [`QueueLog`] calls: enqueue, deliver, settle, requeue, delete) to the queue's mirrors, one
-//! batch per queue round, and makes publishes wait for the in-sync mirrors.
+//! [`MirroredLog`] around its own log, which streams what enters and leaves the queue (the
+//! [`QueueLog`] calls enqueue, settle, delete; deliveries and requeues need not travel, since
+//! a promoted copy comes back redelivered whole) to the queue's mirrors, one batch per queue
+//! round, and makes publishes wait for the in-sync mirrors.
 //!
 //! A publish is confirmed once the local log has it (disk sync for a persistent message) and
 //! every in-sync mirror acknowledged it ([`crate::store::StoreEvent::MirrorsAcked`], fed to the
@@ -98,8 +99,6 @@ pub struct MirrorProgress {
     pub streaming: bool,
     /// It holds every message that was in the queue when its stream began.
     pub synced: bool,
-    /// A synchronisation is under way.
-    pub syncing: bool,
 }
 
 impl QueueRep {
@@ -165,7 +164,6 @@ impl QueueRep {
         MirrorProgress {
             streaming,
             synced: sync.is_some_and(Sync::complete),
-            syncing: sync.is_some_and(|s| !s.complete()),
         }
     }
 
@@ -308,14 +306,14 @@ impl QueueLog for MirroredLog {
         self.rep.push(|| MirrorOp::Settle(ids.to_vec()));
     }
 
+    // Deliveries and requeues are not streamed: a promoted copy comes back redelivered whole
+    // (see `super::mirror`), so the mirrors need only what is in the queue.
     fn delivered(&mut self, ids: &[u64]) {
         self.inner.delivered(ids);
-        self.rep.push(|| MirrorOp::Delivered(ids.to_vec()));
     }
 
     fn requeue(&mut self, ids: &[u64]) {
         self.inner.requeue(ids);
-        self.rep.push(|| MirrorOp::Requeue(ids.to_vec()));
     }
 
     fn delete(&mut self) {
@@ -369,7 +367,6 @@ impl QueueLog for MirroredLog {
             (targets, st.seq, st.epoch)
         };
         let last = msgs.last().map(|m| m.id);
-        let delivered: Vec<u64> = msgs.iter().filter(|m| m.delivered).map(|m| m.id).collect();
         let mut ops: Vec<MirrorOp> = msgs
             .into_iter()
             .map(|m| MirrorOp::Enqueue {
@@ -378,9 +375,6 @@ impl QueueLog for MirroredLog {
                 expires_at_ms: m.expires_at_ms,
             })
             .collect();
-        if !delivered.is_empty() {
-            ops.push(MirrorOp::Delivered(delivered));
-        }
         ops.push(MirrorOp::SyncPoint(seq));
         let batch = MirrorBatch {
             queue: self.rep.queue.clone(),

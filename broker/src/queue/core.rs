@@ -829,7 +829,6 @@ impl QueueCore {
             .map(|c| SyncMsg {
                 id: c.id,
                 msg: c.msg,
-                delivered: c.redelivered,
                 expires_at_ms: unix(c.expires_at, wall),
             })
             .collect();
@@ -840,7 +839,6 @@ impl QueueCore {
                 .map(|(id, u)| SyncMsg {
                     id: *id,
                     msg: u.entry.msg.clone(),
-                    delivered: true,
                     expires_at_ms: unix(u.entry.expires_at, wall),
                 }),
         );

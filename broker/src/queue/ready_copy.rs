@@ -10,7 +10,6 @@ use super::*;
 pub struct Copied {
     pub id: u64,
     pub msg: Arc<Message>,
-    pub redelivered: bool,
     pub expires_at: Option<Instant>,
 }
 
@@ -39,7 +38,6 @@ impl Ready {
                 Slot::Mem(e) => out.push(Copied {
                     id: e.id,
                     msg: e.msg.clone(),
-                    redelivered: e.redelivered,
                     expires_at: e.expires_at,
                 }),
                 Slot::Paged(p) => {
@@ -56,7 +54,6 @@ impl Ready {
                         Some(m) => out.push(Copied {
                             id: p.id,
                             msg: Arc::new(m),
-                            redelivered: p.redelivered,
                             expires_at: p.expires_at,
                         }),
                         None => {
@@ -98,7 +95,6 @@ mod tests {
         );
         for c in first.iter().chain(&next) {
             assert!(c.msg.body.starts_with(format!("m{}:", c.id).as_bytes()));
-            assert_eq!(c.redelivered, c.id % 3 == 0);
         }
         assert!(r.copy_range(30, u64::MAX, 10).is_empty());
         // Copying changed nothing: the queue still pops every message in its order.

@@ -98,8 +98,6 @@ pub struct SyncRange {
 pub struct SyncMsg {
     pub id: u64,
     pub msg: std::sync::Arc<Message>,
-    /// Redelivered, or delivered and not acked yet: it comes back redelivered after a failover.
-    pub delivered: bool,
     /// Unix ms; 0 for none.
     pub expires_at_ms: u64,
 }
