@@ -43,18 +43,9 @@ fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
+/// Declares durable queue `name`; the number of messages it holds.
 async fn declare_durable(ch: &Channel, name: &str) -> u32 {
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare")
-    .message_count()
+    support::declare_durable(ch, name).await.message_count()
 }
 
 /// Reads `n` messages with a consumer (no ack: they stay in the queue); bodies and

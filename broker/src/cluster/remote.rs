@@ -58,9 +58,9 @@ pub struct Remote {
     /// without x-cancel-on-ha-failover); cancelled if none comes within `park_for`.
     parked: Mutex<Vec<(Instant, RemoteConsumerState)>>,
     park_for: Duration,
-    /// Retired proxies (by address, while their task runs) and the queue that replaced each:
-    /// what their holders still send them goes there.
-    successors: Mutex<HashMap<usize, QueueHandle>>,
+    /// Every running proxy (by address) and, once it is replaced, its successor: what its
+    /// holders still send it goes there.
+    successors: Mutex<HashMap<usize, Successor>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -246,6 +246,9 @@ impl Remote {
         let weak_handle = Arc::downgrade(&handle);
         let (name, vhost) = (handle.name.clone(), handle.vhost.clone());
         drop(handle);
+        // Set when this proxy is replaced; read per command without the shared map's lock.
+        let successor = Successor::default();
+        self.successors.lock().insert(addr, successor.clone());
         // The counts shown here (declare-ok, the management API) follow the master's.
         let stats = {
             let me = Arc::downgrade(&self);
@@ -297,18 +300,18 @@ impl Remote {
                 tokio::select! {
                     cmd = rx.recv() => cmd,
                     _ = tokio::time::sleep(HELD_CHECK) => {
-                        self.release_held(addr, master, &queue, &mut held).await;
+                        self.release_held(&successor, master, &queue, &mut held).await;
                         continue;
                     }
                 }
             };
             let Some(cmd) = cmd else { break };
             if !held.is_empty() {
-                self.release_held(addr, master, &queue, &mut held).await;
+                self.release_held(&successor, master, &queue, &mut held)
+                    .await;
             }
             // Retired (the master moved): the queue that took this one's place serves it.
-            let next = self.successors.lock().get(&addr).cloned();
-            if let Some(next) = next {
+            if let Some(next) = successor.get() {
                 next.forward(cmd).await;
                 continue;
             }
@@ -569,9 +572,14 @@ impl Remote {
     /// The proxy `old` was replaced by `new` (its master moved): what still reaches `old`
     /// goes to `new`, and the consumers parked when the old master died consume on there.
     pub fn replaced(&self, old: &QueueHandle, new: &QueueHandle) {
-        self.successors
+        let cell = self
+            .successors
             .lock()
-            .insert(Arc::as_ptr(old) as usize, new.clone());
+            .get(&(Arc::as_ptr(old) as usize))
+            .cloned();
+        if let Some(cell) = cell {
+            let _ = cell.set(new.clone());
+        }
         // Wakes the old proxy: what it holds goes to its successor now.
         old.kick();
         let resume: Vec<RemoteConsumerState> = {
@@ -638,13 +646,12 @@ impl Remote {
     /// it is back; those held longer than the promotion wait are nacked.
     async fn release_held(
         &self,
-        addr: usize,
+        successor: &Successor,
         master: NodeId,
         queue: &QueueRef,
         held: &mut std::collections::VecDeque<(Instant, Vec<crate::queue::PublishItem>)>,
     ) {
-        let next = self.successors.lock().get(&addr).cloned();
-        if let Some(next) = next {
+        if let Some(next) = successor.get() {
             for (_, items) in held.drain(..) {
                 next.forward(QueueCmd::PublishBatch(items)).await;
             }
@@ -835,6 +842,9 @@ impl Remote {
         }
     }
 }
+
+/// The queue that replaced a proxy, once it was replaced.
+type Successor = Arc<std::sync::OnceLock<QueueHandle>>;
 
 /// Tells a consumer's channel that the server cancelled it (basic.cancel).
 fn cancelled(spec: &ConsumerSpec) {

@@ -80,6 +80,39 @@ impl Serve {
         me
     }
 
+    /// [`Serve::queue`], waiting a moment (requests keep their order) while this node is
+    /// about to master `q`: the state names it and it has not applied that yet, or the
+    /// state's master is down (a promotion in progress that a peer already applied).
+    async fn master_queue(&self, q: &QueueRef) -> Option<QueueHandle> {
+        let mut h = self.queue(q);
+        if h.is_none() && self.promotion_pending(q) {
+            let end = tokio::time::Instant::now() + PROMOTION_CATCH_UP;
+            while h.is_none() && tokio::time::Instant::now() < end {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                h = self.queue(q);
+            }
+        }
+        h
+    }
+
+    fn promotion_pending(&self, q: &QueueRef) -> bool {
+        let Some(shared) = self.shared.upgrade() else {
+            return false;
+        };
+        let Some(link) = shared.cluster() else {
+            return false;
+        };
+        let st = link.state();
+        let Some(v) = st.get(&super::keys::queue(&q.vhost, &q.name)) else {
+            return false;
+        };
+        let Some(master) = v.value["placement"]["master"].as_str() else {
+            return false;
+        };
+        master == shared.config.node_name
+            || !link.members().iter().any(|m| m.name == master && m.running)
+    }
+
     /// Whether the cluster has queue `q` at all (mastered here or not).
     fn known(&self, q: &QueueRef) -> bool {
         self.shared
@@ -232,16 +265,7 @@ impl Serve {
                     return;
                 };
                 let memory = shared.node.memory;
-                let mut q = self.queue(&queue);
-                // A peer that already applied this node's promotion may ask before this node
-                // has: wait a moment for it rather than nack (requests keep their order).
-                if q.is_none() && self.known(&queue) {
-                    let end = tokio::time::Instant::now() + PROMOTION_CATCH_UP;
-                    while q.is_none() && tokio::time::Instant::now() < end {
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        q = self.queue(&queue);
-                    }
-                }
+                let q = self.master_queue(&queue).await;
                 let confirms = self.confirms(from);
                 let mut batch = Vec::with_capacity(items.len());
                 for (m, ticket) in items {
@@ -277,7 +301,7 @@ impl Serve {
                 priority,
                 flow_active,
             } => {
-                let Some(q) = self.queue(&queue) else {
+                let Some(q) = self.master_queue(&queue).await else {
                     // A queue the cluster has, mastered elsewhere as this node sees it (its
                     // promotion here not applied yet): the asker tries again shortly.
                     let err = if self.known(&queue) {
