@@ -2,7 +2,9 @@
 //!
 //! - **Memory**: raised when the node's message memory ([`Memory::used`]) reaches its
 //!   [`Memory::high_watermark`], cleared when it falls below. The monitor is woken the moment
-//!   the counter crosses the watermark and also polls it every second.
+//!   the counter crosses the watermark (and then publishes its reading, changed or not) and
+//!   also polls it every second. A publishing connection does not wait for it: it compares
+//!   the counter with the watermark itself on each publish and blocks at once.
 //! - **Disk**: raised when free space on the file system of the data directory (statvfs, for
 //!   the unprivileged user) falls below `disk-free-limit`, cleared when it is back at or above.
 //!   Checked every 10 s when far from the limit and down to every 100 ms when close to it.
@@ -155,7 +157,7 @@ pub fn configure(alarms: &NodeAlarms, paging: &Paging, cfg: &Config) -> Monitor 
         logic: AlarmLogic::default(),
         disk_error_logged: false,
     };
-    m.check_memory(alarms, paging);
+    m.check_memory(alarms, paging, false);
     m.check_disk(alarms);
     m
 }
@@ -181,10 +183,10 @@ impl Monitor {
             let wake = (Instant::now() + MEMORY_POLL).min(disk_at);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = alarms.memory.crossed() => self.check_memory(alarms, paging),
+                _ = alarms.memory.crossed() => self.check_memory(alarms, paging, true),
                 _ = alarms.recheck.notified() => disk_at = Instant::now() + self.check_disk(alarms),
                 _ = tokio::time::sleep_until(wake) => {
-                    self.check_memory(alarms, paging);
+                    self.check_memory(alarms, paging, false);
                     if Instant::now() >= disk_at {
                         disk_at = Instant::now() + self.check_disk(alarms);
                     }
@@ -194,15 +196,21 @@ impl Monitor {
         alarms.alarms.send_replace(Alarms::default());
     }
 
-    fn check_memory(&mut self, alarms: &NodeAlarms, paging: &Paging) {
+    /// `crossed`: woken because the counter crossed the watermark. The reading is then
+    /// published even when the alarm did not change: a connection that saw the counter at the
+    /// watermark blocked on its own before this check (see `connection/throttle.rs`) and
+    /// learns from it whether the alarm holds.
+    fn check_memory(&mut self, alarms: &NodeAlarms, paging: &Paging, crossed: bool) {
         // Also keeps the paging state (and its log lines) current when queues are idle.
         paging.pressure();
         let (used, limit) = (alarms.memory.used(), alarms.memory.high_watermark());
-        if let Some(change) = self.logic.memory(used, limit) {
-            match change {
-                Change::Set => warn!(resource = %"memory", used, limit, "alarm set"),
-                Change::Cleared => info!(resource = %"memory", used, limit, "alarm cleared"),
-            }
+        let change = self.logic.memory(used, limit);
+        match change {
+            Some(Change::Set) => warn!(resource = %"memory", used, limit, "alarm set"),
+            Some(Change::Cleared) => info!(resource = %"memory", used, limit, "alarm cleared"),
+            None => {}
+        }
+        if change.is_some() || crossed {
             self.publish(alarms);
         }
     }

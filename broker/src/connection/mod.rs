@@ -10,6 +10,7 @@ pub mod throttle;
 
 use crate::codec::{self, HeaderCheck};
 use crate::error::ConnectionError;
+use crate::memory::Memory;
 use crate::BrokerShared;
 use bytes::{Buf, BytesMut};
 use session::Session;
@@ -128,6 +129,7 @@ pub async fn serve<S>(
                 &mut header_done,
                 &mut state,
                 &mut throttle,
+                shared.node.memory,
                 Instant::now(),
             );
         }
@@ -216,7 +218,7 @@ pub async fn serve<S>(
                     crate::stats::bump(&s.stats.recv_cnt, 1);
                     let now = Instant::now();
                     state.note_received(now);
-                    stalled = decode_all(&mut rbuf, &mut header_done, &mut state, &mut throttle, now);
+                    stalled = decode_all(&mut rbuf, &mut header_done, &mut state, &mut throttle, shared.node.memory, now);
                 }
             },
             r = alarm_rx.changed(), if alarms_live => match r {
@@ -315,6 +317,7 @@ fn decode_all(
     header_done: &mut bool,
     state: &mut ConnectionState,
     throttle: &mut Throttle,
+    memory: &Memory,
     now: Instant,
 ) -> bool {
     if !*header_done {
@@ -346,7 +349,10 @@ fn decode_all(
                         | amq_protocol::frame::AMQPFrame::Body(..)
                 );
                 state.handle_input(frame, now);
-                if content && state.state() == State::Open && throttle.on_publish() {
+                if content
+                    && state.state() == State::Open
+                    && throttle.on_publish(memory.used() >= memory.high_watermark())
+                {
                     return true;
                 }
             }

@@ -46,8 +46,17 @@ impl Throttle {
         self.publishing && self.alarms.any()
     }
 
-    /// A content frame of a publish was read. Returns whether the connection is now blocked.
-    pub fn on_publish(&mut self) -> bool {
+    /// A content frame of a publish was read; `memory_over`: the node's message memory is at
+    /// or above its watermark right now. Returns whether the connection is now blocked.
+    ///
+    /// `memory_over` blocks at once, before the alarm monitor has raised the alarm: under a
+    /// flood the monitor task may run milliseconds later, and a pipelining publisher would
+    /// add a lot in between. The monitor then publishes its reading (also when nothing
+    /// changed, see `crate::alarm`), which [`Throttle::on_alarms`] takes as the truth.
+    pub fn on_publish(&mut self, memory_over: bool) -> bool {
+        if memory_over {
+            self.alarms.memory = true;
+        }
         if self.alarms.any() {
             self.publishing = true;
             self.maybe_send_blocked();
@@ -125,7 +134,7 @@ mod tests {
     fn no_alarm_never_blocks() {
         let mut t = Throttle::new(Alarms::default());
         t.set_notify(true);
-        assert!(!t.on_publish());
+        assert!(!t.on_publish(false));
         assert!(t.poll_output().is_none());
     }
 
@@ -139,7 +148,7 @@ mod tests {
             "not publishing: still reading (consumers drain)"
         );
         assert!(t.poll_output().is_none());
-        assert!(t.on_publish());
+        assert!(t.on_publish(false));
         assert_eq!(blocked_reason(&mut t).as_deref(), Some("low on memory"));
         t.on_alarms(BOTH);
         assert!(t.is_blocked());
@@ -157,17 +166,44 @@ mod tests {
         // The next alarm needs a new publish to block again.
         t.on_alarms(DISK);
         assert!(!t.is_blocked());
-        assert!(t.on_publish());
+        assert!(t.on_publish(false));
         assert_eq!(blocked_reason(&mut t).as_deref(), Some("low on disk"));
     }
 
     #[test]
     fn a_client_without_the_capability_is_blocked_silently() {
         let mut t = Throttle::new(MEM);
-        assert!(t.on_publish());
+        assert!(t.on_publish(false));
         assert!(t.poll_output().is_none());
         t.on_alarms(Alarms::default());
         assert!(!t.is_blocked());
         assert!(t.poll_output().is_none());
+    }
+
+    #[test]
+    fn memory_at_the_watermark_blocks_before_the_monitor_speaks_and_its_reading_decides() {
+        let mut t = Throttle::new(Alarms::default());
+        t.set_notify(true);
+        assert!(t.on_publish(true), "blocked on the counter alone");
+        assert_eq!(blocked_reason(&mut t).as_deref(), Some("low on memory"));
+        // The monitor confirms: still blocked, nothing new sent.
+        t.on_alarms(MEM);
+        assert!(t.is_blocked());
+        assert!(t.poll_output().is_none());
+        t.on_alarms(Alarms::default());
+        assert!(unblocked(&mut t));
+        // The monitor found memory already back below the watermark: that reading unblocks.
+        assert!(t.on_publish(true));
+        assert_eq!(blocked_reason(&mut t).as_deref(), Some("low on memory"));
+        t.on_alarms(Alarms::default());
+        assert!(!t.is_blocked());
+        assert!(unblocked(&mut t));
+        // A disk alarm set meanwhile is kept and named with memory.
+        t.on_alarms(DISK);
+        assert!(t.on_publish(true));
+        assert_eq!(
+            blocked_reason(&mut t).as_deref(),
+            Some("low on memory & disk")
+        );
     }
 }
