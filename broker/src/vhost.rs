@@ -123,6 +123,9 @@ pub struct Vhost {
     deleted: CancellationToken,
     /// The node's policies (none in a vhost made without a broker, as in unit tests).
     policies: OnceLock<Arc<PolicyStore>>,
+    /// RabbitMQ's vhost limits, as set through the management API (`max-connections`,
+    /// `max-queues`; a negative value is no limit). Kept by this node in memory.
+    limits: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 /// See [`Vhost::set_durable_hook`].
@@ -215,7 +218,38 @@ impl Vhost {
             log_hook: OnceLock::new(),
             deleted: CancellationToken::new(),
             policies: OnceLock::new(),
+            limits: Mutex::new(Default::default()),
         })
+    }
+
+    /// The vhost's limits (RabbitMQ's `vhost-limits` parameter), by name.
+    pub fn limits(&self) -> std::collections::BTreeMap<String, i64> {
+        self.limits.lock().clone()
+    }
+
+    /// Sets one limit (`max-connections` or `max-queues`), or clears it with None.
+    pub fn set_limit(&self, name: &str, value: Option<i64>) {
+        let mut l = self.limits.lock();
+        match value {
+            Some(v) => l.insert(name.to_owned(), v),
+            None => l.remove(name),
+        };
+    }
+
+    /// The `max-connections` limit when `open` connections reach it (as RabbitMQ: 0 admits
+    /// none, a negative limit is none).
+    pub fn connection_limit_reached(&self, open: usize) -> Option<i64> {
+        Self::limit_reached(&self.limits, "max-connections", open)
+    }
+
+    fn limit_reached(
+        limits: &Mutex<std::collections::BTreeMap<String, i64>>,
+        name: &str,
+        count: usize,
+    ) -> Option<i64> {
+        let limit = *limits.lock().get(name)?;
+        let reached = limit >= 0 && i64::try_from(count).unwrap_or(i64::MAX) >= limit;
+        reached.then_some(limit)
     }
 
     /// The node this vhost belongs to.
@@ -571,6 +605,16 @@ impl Vhost {
                     }
                 }
                 return Ok((q.clone(), false));
+            }
+            if replace.is_none() {
+                if let Some(limit) = Self::limit_reached(&self.limits, "max-queues", t.queues.len())
+                {
+                    return Err(ChannelError::precondition_failed(format!(
+                        "cannot declare queue '{}': queue limit in vhost '{vname}' ({limit}) \
+                         is reached",
+                        spec.name
+                    )));
+                }
             }
             let (handle, rx) = self.new_queue_in(t, &spec);
             spawn = Some((handle.clone(), rx));

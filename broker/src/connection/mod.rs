@@ -30,6 +30,24 @@ const OUT_HIGH_WATER: usize = 1 << 20;
 /// Events handled per wake-up before going back to the socket.
 const EVENT_BATCH: usize = 512;
 
+/// RabbitMQ's `max-connections` vhost limit: the connections opened on the vhost (on this
+/// node) are counted when another asks to open it.
+fn vhost_connection_limit(shared: &Arc<BrokerShared>) -> state::VhostConnectionLimit {
+    let weak = Arc::downgrade(shared);
+    state::VhostConnectionLimit(Arc::new(move |vhost: &str| {
+        let shared = weak.upgrade()?;
+        let v = shared.vhost(vhost)?;
+        v.limits().get("max-connections")?;
+        let open = shared
+            .registry
+            .connections()
+            .iter()
+            .filter(|e| e.opened.lock().as_ref().is_some_and(|o| o.vhost == vhost))
+            .count();
+        v.connection_limit_reached(open)
+    }))
+}
+
 /// Serves one client connection until it closes. `peer` is the client (from the PROXY header
 /// when `proxy-protocol` is on) and `local` the address it reached: they decide the guest
 /// loopback rule, the failed-login source and the connection's name.
@@ -59,6 +77,7 @@ pub async fn serve<S>(
             close_timeout: Duration::from_secs(3),
             server_properties: state::server_properties(cfg.server_identity, &cfg.node_name),
             over_connection_limit,
+            vhost_connection_limit: Some(vhost_connection_limit(&shared)),
         },
         now,
     );

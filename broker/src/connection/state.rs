@@ -104,6 +104,22 @@ pub struct StateConfig {
     /// Set when the node was at its connection limit as this client arrived: the handshake
     /// runs so the client gets a readable reason, and connection.open is refused with 530.
     pub over_connection_limit: Option<u32>,
+    /// Whether the vhost named in connection.open is at its `max-connections` limit
+    /// (RabbitMQ's vhost limits): refused with 530 then.
+    pub vhost_connection_limit: Option<VhostConnectionLimit>,
+}
+
+/// Given a vhost's name: its connection limit when the vhost is at it.
+pub type VhostLimitFn = dyn Fn(&str) -> Option<i64> + Send + Sync;
+
+/// Tells whether a vhost is at its connection limit (see [`VhostLimitFn`]).
+#[derive(Clone)]
+pub struct VhostConnectionLimit(pub Arc<VhostLimitFn>);
+
+impl std::fmt::Debug for VhostConnectionLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VhostConnectionLimit")
+    }
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -647,6 +663,18 @@ impl ConnectionState {
                     ))
                     .with_method(10, 40));
                 }
+                if let Some(limit) = self
+                    .cfg
+                    .vhost_connection_limit
+                    .as_ref()
+                    .and_then(|check| (check.0)(&vhost))
+                {
+                    return Err(ConnectionError::not_allowed(format!(
+                        "access to vhost '{vhost}' refused for user '{user}': \
+                         connection limit ({limit}) is reached"
+                    ))
+                    .with_method(10, 40));
+                }
                 self.state = State::Open;
                 self.deadline = None;
                 self.last_sent = now;
@@ -938,6 +966,7 @@ mod tests {
             close_timeout: Duration::from_secs(1),
             server_properties: server_properties(ServerIdentity::Warren, "warren@test"),
             over_connection_limit: None,
+            vhost_connection_limit: None,
         };
         (ConnectionState::new(cfg, now), now)
     }
