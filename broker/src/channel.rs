@@ -172,6 +172,8 @@ pub struct Channel {
     pub reply_to: Option<String>,
     /// Last queue declared on this channel (queue name "" means this one).
     pub last_queue: Option<String>,
+    /// A message was published on this channel: a publisher, in RabbitMQ's metrics.
+    pub publishing: bool,
 }
 
 impl Channel {
@@ -191,6 +193,7 @@ impl Channel {
             tx: None,
             reply_to: None,
             last_queue: None,
+            publishing: false,
         }
     }
 

@@ -58,6 +58,8 @@ pub struct QueueStats {
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Counts {
     pub publish: u64,
+    /// Messages received on channels in confirm mode (a subset of `publish`).
+    pub publish_confirm: u64,
     pub confirm: u64,
     pub deliver: u64,
     pub deliver_no_ack: u64,
@@ -79,6 +81,7 @@ impl Counts {
 
     fn add(&mut self, o: &Counts) {
         self.publish += o.publish;
+        self.publish_confirm += o.publish_confirm;
         self.confirm += o.confirm;
         self.deliver += o.deliver;
         self.deliver_no_ack += o.deliver_no_ack;
@@ -99,6 +102,7 @@ impl Counts {
         }
         m!(
             publish,
+            publish_confirm,
             confirm,
             deliver,
             deliver_no_ack,
@@ -191,6 +195,8 @@ impl QueueStats {
 pub struct ConnStats {
     /// Messages received from the client (basic.publish).
     pub publish: AtomicU64,
+    /// Of `publish`, those received on a channel in confirm mode.
+    pub publish_confirm: AtomicU64,
     /// Publisher confirms sent (ack or nack).
     pub confirm: AtomicU64,
     pub return_unroutable: AtomicU64,
@@ -201,12 +207,15 @@ pub struct ConnStats {
     pub send_cnt: AtomicU64,
     /// Open channels (gauge).
     pub channels: AtomicU32,
+    /// Body sizes of the messages received (`publish`).
+    pub msg_sizes: SizeHistogram,
 }
 
 impl ConnStats {
     pub fn counts(&self) -> Counts {
         Counts {
             publish: get(&self.publish),
+            publish_confirm: get(&self.publish_confirm),
             confirm: get(&self.confirm),
             return_unroutable: get(&self.return_unroutable),
             drop_unroutable: get(&self.drop_unroutable),
@@ -223,6 +232,8 @@ impl ConnStats {
 pub struct NodeStats {
     gone: Mutex<Counts>,
     pub churn: Churn,
+    /// Message sizes: what finished connections left, and the highest node totals answered.
+    sizes: Mutex<(SizeCounts, SizeCounts)>,
 }
 
 // === impl NodeStats ===
@@ -236,12 +247,97 @@ impl NodeStats {
     /// Called once when a connection ends.
     pub fn conn_gone(&self, s: &ConnStats) {
         self.gone.lock().add(&s.counts());
+        self.sizes.lock().0.add(&s.msg_sizes.counts());
     }
 
     /// What finished queues and connections left behind.
     pub fn gone(&self) -> Counts {
         *self.gone.lock()
     }
+}
+
+/// Upper bounds (bytes, inclusive) of the message size histogram's buckets, RabbitMQ's
+/// (`rabbit_msg_size_metrics`); a last bucket takes the larger ones.
+pub const SIZE_BUCKETS: [u64; 8] = [
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// A histogram of message sizes with a single writer (a connection task): one counter per
+/// bucket, not cumulative, and the sum of the sizes.
+#[derive(Debug, Default)]
+pub struct SizeHistogram {
+    buckets: [AtomicU64; SIZE_BUCKETS.len() + 1],
+    sum: AtomicU64,
+}
+
+/// A copy of a [`SizeHistogram`].
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct SizeCounts {
+    /// Observations per bucket (not cumulative); the last is above the largest bound.
+    pub buckets: [u64; SIZE_BUCKETS.len() + 1],
+    pub sum: u64,
+}
+
+// === impl SizeHistogram ===
+
+impl SizeHistogram {
+    /// Counts one message of `size` bytes.
+    #[inline]
+    pub fn observe(&self, size: u64) {
+        let i = SIZE_BUCKETS.partition_point(|&b| b < size);
+        bump(&self.buckets[i], 1);
+        bump(&self.sum, size);
+    }
+
+    pub fn counts(&self) -> SizeCounts {
+        SizeCounts {
+            buckets: std::array::from_fn(|i| get(&self.buckets[i])),
+            sum: get(&self.sum),
+        }
+    }
+}
+
+// === impl SizeCounts ===
+
+impl SizeCounts {
+    fn add(&mut self, o: &SizeCounts) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
+        self.sum += o.sum;
+    }
+
+    fn max(&mut self, o: &SizeCounts) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a = (*a).max(b);
+        }
+        self.sum = self.sum.max(o.sum);
+    }
+
+    /// Observations in all buckets.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// The node's message sizes: live connections plus what finished ones left, never lower than
+/// an earlier answer (a connection between the registry and the totals for an instant must
+/// not make a counter go down).
+pub fn node_msg_sizes(shared: &crate::BrokerShared) -> SizeCounts {
+    let mut c = shared.node.stats.sizes.lock().0;
+    for e in shared.registry.connections() {
+        c.add(&e.stats.msg_sizes.counts());
+    }
+    let mut st = shared.node.stats.sizes.lock();
+    st.1.max(&c);
+    st.1
 }
 
 /// Churn counters (per node, rare events).
@@ -272,6 +368,8 @@ pub struct ChannelSnapshot {
     pub unacked: usize,
     pub unconfirmed: usize,
     pub consumers: Vec<ConsumerSnapshot>,
+    /// The channel has published a message (RabbitMQ counts it as a publisher from then on).
+    pub publishing: bool,
 }
 
 /// One consumer of a channel.
@@ -532,6 +630,18 @@ mod tests {
             Duration::from_secs(5)
         )
         .is_empty());
+    }
+
+    #[test]
+    fn sizes_fall_in_rabbitmq_buckets_bounds_included() {
+        let h = SizeHistogram::default();
+        for size in [0, 100, 101, 1_000, 100_000_000, 100_000_001] {
+            h.observe(size);
+        }
+        let c = h.counts();
+        assert_eq!(c.buckets, [2, 2, 0, 0, 0, 0, 0, 1, 1]);
+        assert_eq!(c.count(), 6);
+        assert_eq!(c.sum, 200_001_202);
     }
 
     #[test]

@@ -419,11 +419,16 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
             // every frame of a read went through the state machine, so an ack followed by
             // channel.close in the same read must still be applied (the ChannelClosed effect
             // comes after it). Channels released after a soft error are gone from the session.
-            if !s.channels.contains_key(&ch) {
+            let Some(chan) = s.channels.get_mut(&ch) else {
                 return;
-            }
-            if matches!(cmd, state::Command::Publish(_)) {
+            };
+            if let state::Command::Publish(p) = &cmd {
                 crate::stats::bump(&s.stats.publish, 1);
+                if chan.confirms.is_some() {
+                    crate::stats::bump(&s.stats.publish_confirm, 1);
+                }
+                s.stats.msg_sizes.observe(p.body.len() as u64);
+                chan.publishing = true;
             } else {
                 // Anything else may need to observe earlier publishes (get, purge, ...).
                 s.flush_publishes().await;

@@ -117,6 +117,7 @@ impl Session {
                 transactional: c.tx.is_some(),
                 unacked: c.unacked.len(),
                 unconfirmed: c.confirms.as_ref().map_or(0, |x| x.pending.len()),
+                publishing: c.publishing,
                 consumers: c
                     .consumers
                     .iter()
