@@ -175,7 +175,7 @@ async fn two_brokers_in_one_process_keep_their_own_memory_alarms_paging_and_tota
         ((SMALL * SMALL_COUNT) as u64..WATERMARK).contains(&a_used),
         "A's message memory {a_used}"
     );
-    assert_eq!(node(&a).await["mem_used"], a_used);
+    assert_eq!(node(&a).await["mem_messages"], a_used);
     assert!(metric(&b, "warren_message_memory_bytes").await >= BIG as u64);
 
     // B's publisher leaves: what it did stays in B's totals (its counts move to them just after

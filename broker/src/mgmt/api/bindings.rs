@@ -95,38 +95,45 @@ pub(super) fn list(v: &Vhost) -> Vec<Value> {
 }
 
 /// GET /api/exchanges/{vhost}/{name}/bindings/{source|destination}.
-pub(super) fn of_exchange(shared: &BrokerShared, r: &Req, vh: &str, name: &str, dir: &str) -> R {
+pub(super) fn of_exchange(
+    shared: &BrokerShared,
+    r: &Req,
+    vh: &str,
+    name: &str,
+    dir: &str,
+) -> Result<Vec<Value>, ApiError> {
     let v = vhost(shared, r, vh)?;
     let name = exchange_url_name(name);
     if v.exchange(name).is_none() {
         return Err(ApiError::NotFound);
     }
-    ok(Value::Array(
-        list(&v)
-            .into_iter()
-            .filter(|b| {
-                if dir == "source" {
-                    b["source"] == name
-                } else {
-                    b["destination"] == name && b["destination_type"] == "exchange"
-                }
-            })
-            .collect(),
-    ))
+    Ok(list(&v)
+        .into_iter()
+        .filter(|b| {
+            if dir == "source" {
+                b["source"] == name
+            } else {
+                b["destination"] == name && b["destination_type"] == "exchange"
+            }
+        })
+        .collect())
 }
 
 /// GET /api/queues/{vhost}/{name}/bindings.
-pub(super) fn of_queue(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+pub(super) fn of_queue(
+    shared: &BrokerShared,
+    r: &Req,
+    vh: &str,
+    name: &str,
+) -> Result<Vec<Value>, ApiError> {
     let v = vhost(shared, r, vh)?;
     if v.queue(name).is_none() {
         return Err(ApiError::NotFound);
     }
-    ok(Value::Array(
-        list(&v)
-            .into_iter()
-            .filter(|b| b["destination"] == name && b["destination_type"] == "queue")
-            .collect(),
-    ))
+    Ok(list(&v)
+        .into_iter()
+        .filter(|b| b["destination"] == name && b["destination_type"] == "queue")
+        .collect())
 }
 
 fn destination(kind: &str, name: &str) -> Destination {

@@ -12,13 +12,13 @@
 //! symmetric: when a cannot reach c, a lists c and c lists a.
 
 use super::overview::node;
-use super::{admin, ok, required_str, Req, R};
+use super::{admin, listed, ok, required_str, Req, PLAIN, R};
 use crate::cluster::link::ClusterLink;
+use crate::mgmt::no_content;
 use crate::mgmt::peers::{self, LOCAL_PARAM, MISSING_HEADER};
 use crate::mgmt::ApiError;
-use crate::mgmt::{json_resp, no_content};
 use crate::BrokerShared;
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -128,7 +128,7 @@ pub(super) async fn nodes(shared: &BrokerShared, r: &Req) -> (Vec<Value>, peers:
 /// GET /api/nodes.
 pub(super) async fn list(shared: &BrokerShared, r: &Req) -> R {
     let (rows, gathered) = nodes(shared, r).await;
-    let mut resp = json_resp(StatusCode::OK, &json!(rows));
+    let mut resp = listed(r, rows, &PLAIN)?;
     if let Some(h) = gathered.header() {
         resp.headers_mut().insert(MISSING_HEADER, h);
     }

@@ -10,9 +10,9 @@
 //! is also how a node answers for itself only. A member that does not answer is left out and
 //! named in the `x-warren-missing-nodes` header.
 
-use super::R;
+use super::{listed, ListSpec, R};
 use crate::mgmt::peers::{self, LOCAL_PARAM, MISSING_HEADER};
-use crate::mgmt::{full, json_resp, ApiError, Req, Resp};
+use crate::mgmt::{full, ApiError, Req, Resp};
 use crate::BrokerShared;
 use hyper::header::AUTHORIZATION;
 use hyper::{Method, StatusCode};
@@ -47,10 +47,21 @@ pub(super) async fn gather(
     (Value::Array(items), g)
 }
 
-/// [`gather`] as an answer, with the missing nodes in a header.
-pub(super) async fn merged(shared: &BrokerShared, r: &Req, segs: &[&str], local: Value) -> R {
+/// [`gather`] as an answer under the request's list parameters (sorted, paged, ... as
+/// `spec` says: see `listing`), with the missing nodes in a header.
+pub(super) async fn merged(
+    shared: &BrokerShared,
+    r: &Req,
+    segs: &[&str],
+    local: Value,
+    spec: &ListSpec,
+) -> R {
     let (items, g) = gather(shared, r, segs, local).await;
-    let mut resp = json_resp(StatusCode::OK, &items);
+    let items = match items {
+        Value::Array(a) => a,
+        other => vec![other],
+    };
+    let mut resp = listed(r, items, spec)?;
     if let Some(h) = g.header() {
         resp.headers_mut().insert(MISSING_HEADER, h);
     }

@@ -55,7 +55,11 @@ pub(super) fn one(shared: &BrokerShared, r: &Req, name: &str) -> R {
 }
 
 /// GET /api/connections/{name}/channels.
-pub(super) async fn channels_of(shared: &BrokerShared, r: &Req, name: &str) -> R {
+pub(super) async fn channels_of(
+    shared: &BrokerShared,
+    r: &Req,
+    name: &str,
+) -> Result<Vec<Value>, ApiError> {
     let conns: Vec<_> = visible_conns(shared, r)
         .into_iter()
         .filter(|e| e.name == name)
@@ -63,13 +67,11 @@ pub(super) async fn channels_of(shared: &BrokerShared, r: &Req, name: &str) -> R
     if conns.is_empty() {
         return Err(ApiError::NotFound);
     }
-    ok(Value::Array(
-        inspect(&conns)
-            .await
-            .iter()
-            .flat_map(|(e, chans)| chans.iter().map(|c| channel_json(shared, e, c)))
-            .collect(),
-    ))
+    Ok(inspect(&conns)
+        .await
+        .iter()
+        .flat_map(|(e, chans)| chans.iter().map(|c| channel_json(shared, e, c)))
+        .collect())
 }
 
 /// GET /api/channels.

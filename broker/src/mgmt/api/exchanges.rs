@@ -92,7 +92,8 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
                     "exchange name '{name}' contains reserved prefix 'amq.*'"
                 )));
             }
-            let durable = body_bool(&body, "durable", true)?;
+            // Not durable unless asked, as RabbitMQ's PUT (exchange.declare's default).
+            let durable = body_bool(&body, "durable", false)?;
             let auto_delete = body_bool(&body, "auto_delete", false)?;
             let internal = body_bool(&body, "internal", false)?;
             let args = body_arguments(&body)?;

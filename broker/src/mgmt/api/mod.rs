@@ -5,9 +5,10 @@
 //! file that serves it (a few one-line answers, such as whoami, are given in place). The files,
 //! one per resource group:
 //! - `overview`: overview, cluster name, whoami, the alarms health check, the stop/start
-//!   switch;
+//!   switch, this node's figures and memory breakdown;
 //! - `cluster`: nodes (every member's figures, running, partitions), join and forget;
-//! - `health`: the health checks of what stopping this node costs (mirror sync, quorum);
+//! - `health`: the health checks of what stopping this node costs (mirror sync, quorum) and
+//!   RabbitMQ's probes (listeners, local alarms, certificate expiration, ...);
 //! - `connections`: connections, channels, consumers of this node;
 //! - `cluster_wide`: the same listed through any node (every member's, merged), and one
 //!   connection or channel served by the node that has it;
@@ -18,7 +19,11 @@
 //! - `bindings`: bindings, and the bindings of one exchange or queue;
 //! - `access`: vhosts, users, permissions;
 //! - `policies`: policies and operator policies;
-//! - `definitions`: definitions export and import.
+//! - `definitions`: definitions export and import, whole or of one vhost;
+//! - `params`: vhost limits, runtime and global parameters, feature flags, topic permissions
+//!   and the other small lists RabbitMQ's tools ask for;
+//! - `listing`: RabbitMQ's list parameters (`sort`, `page`, `columns`, ...), applied by
+//!   [`listed`] to every list endpoint.
 //!
 //! The helpers below (answers, vhost lookup and visibility, permission checks, body fields,
 //! message stats) are shared by all of them; the files do not import each other, except
@@ -32,8 +37,10 @@ mod connections;
 mod definitions;
 mod exchanges;
 mod health;
+mod listing;
 mod messages;
 mod overview;
+mod params;
 mod policies;
 mod queues;
 
@@ -68,9 +75,18 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["cluster-name"] if get => ok(json!({"name": overview::cluster_name(shared)})),
         ["nodes"] if get => cluster::list(shared, r).await,
         ["nodes", name] if get => cluster::node_named(shared, r, name).await,
+        ["nodes", name, "memory"] if get => {
+            let here = if *name == shared.config.node_name {
+                ok(overview::memory(shared))
+            } else {
+                Err(ApiError::NotFound)
+            };
+            cluster_wide::on_its_node(shared, r, &segs, here).await
+        }
         ["whoami"] if get => ok(json!({"name": r.caller.name, "tags": r.caller.tags})),
         ["connections"] if get => {
-            cluster_wide::merged(shared, r, &segs, connections::list(shared, r)).await
+            let local = connections::list(shared, r);
+            cluster_wide::merged(shared, r, &segs, local, &CONNECTIONS).await
         }
         ["connections", name] => {
             let here = connections::one(shared, r, name);
@@ -78,46 +94,58 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         }
         ["connections", name, "channels"] if get => {
             let here = connections::channels_of(shared, r, name).await;
+            let here = match here {
+                Ok(items) => listed(r, items, &CHANNELS_OF),
+                Err(e) => Err(e),
+            };
             cluster_wide::on_its_node(shared, r, &segs, here).await
         }
         ["channels"] if get => {
             let local = connections::channels(shared, r).await;
-            cluster_wide::merged(shared, r, &segs, local).await
+            cluster_wide::merged(shared, r, &segs, local, &CHANNELS).await
         }
         ["channels", name] if get => {
             let here = connections::channel(shared, r, name).await;
             cluster_wide::on_its_node(shared, r, &segs, here).await
         }
         ["consumers"] if get => {
+            no_stats_disabled(r)?;
             let local = connections::consumers(shared, r, None).await;
-            cluster_wide::merged(shared, r, &segs, local).await
+            cluster_wide::merged(shared, r, &segs, local, &CONSUMERS).await
         }
         ["consumers", vh] if get => {
+            no_stats_disabled(r)?;
             let v = vhost(shared, r, vh)?;
             let local = connections::consumers(shared, r, Some(&v.name)).await;
-            cluster_wide::merged(shared, r, &segs, local).await
+            cluster_wide::merged(shared, r, &segs, local, &CONSUMERS).await
         }
-        ["exchanges"] if get => ok(Value::Array(
+        ["exchanges"] if get => listed(
+            r,
             visible_vhosts(shared, r)
                 .iter()
                 .flat_map(|v| exchanges::list(v))
                 .collect(),
-        )),
-        ["exchanges", vh] if get => ok(Value::Array(exchanges::list(&*vhost(shared, r, vh)?))),
+            &EXCHANGES,
+        ),
+        ["exchanges", vh] if get => listed(r, exchanges::list(&*vhost(shared, r, vh)?), &EXCHANGES),
         ["exchanges", vh, name] => exchanges::one(shared, r, vh, name).await,
         ["exchanges", vh, name, "publish"] if m == Method::POST => {
             messages::publish(shared, r, vh, name).await
         }
-        ["exchanges", vh, name, "bindings", dir @ ("source" | "destination")] if get => {
-            bindings::of_exchange(shared, r, vh, name, dir)
-        }
-        ["queues"] if get => ok(Value::Array(
+        ["exchanges", vh, name, "bindings", dir @ ("source" | "destination")] if get => listed(
+            r,
+            bindings::of_exchange(shared, r, vh, name, dir)?,
+            &BINDINGS,
+        ),
+        ["queues"] if get => listed(
+            r,
             visible_vhosts(shared, r)
                 .iter()
                 .flat_map(|v| queues::list(shared, v))
                 .collect(),
-        )),
-        ["queues", vh] if get => ok(Value::Array(queues::list(shared, &*vhost(shared, r, vh)?))),
+            &QUEUES,
+        ),
+        ["queues", vh] if get => listed(r, queues::list(shared, &*vhost(shared, r, vh)?), &QUEUES),
         ["queues", vh, name] => queues::one(shared, r, vh, name).await,
         ["queues", vh, name, "get"] if m == Method::POST => {
             messages::get(shared, r, vh, name).await
@@ -128,47 +156,136 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["queues", vh, name, "actions"] if m == Method::POST => {
             messages::action(shared, r, vh, name).await
         }
-        ["queues", vh, name, "bindings"] if get => bindings::of_queue(shared, r, vh, name),
-        ["bindings"] if get => ok(Value::Array(
+        ["queues", vh, name, "bindings"] if get => {
+            listed(r, bindings::of_queue(shared, r, vh, name)?, &BINDINGS)
+        }
+        ["bindings"] if get => listed(
+            r,
             visible_vhosts(shared, r)
                 .iter()
                 .flat_map(|v| bindings::list(v))
                 .collect(),
-        )),
-        ["bindings", vh] if get => ok(Value::Array(bindings::list(&*vhost(shared, r, vh)?))),
+            &BINDINGS,
+        ),
+        ["bindings", vh] if get => listed(r, bindings::list(&*vhost(shared, r, vh)?), &BINDINGS),
         ["bindings", vh, "e", src, kind @ ("q" | "e"), dst] => {
             bindings::pair(shared, r, vh, src, kind, dst).await
         }
         ["bindings", vh, "e", src, kind @ ("q" | "e"), dst, props] => {
             bindings::one(shared, r, vh, src, kind, dst, props).await
         }
-        ["vhosts"] if get => ok(Value::Array(
+        ["vhosts"] if get => listed(
+            r,
             visible_vhosts(shared, r)
                 .iter()
                 .map(|v| access::vhost_json(shared, v))
                 .collect(),
-        )),
+            &VHOSTS,
+        ),
         ["vhosts", vh] if get => ok(access::vhost_json(shared, &*vhost(shared, r, vh)?)),
-        ["users"] if get => access::users(shared, r),
+        ["vhosts", vh, kind @ ("connections" | "channels")] if get => {
+            let v = vhost(shared, r, vh)?;
+            let local = if *kind == "connections" {
+                connections::list(shared, r)
+            } else {
+                connections::channels(shared, r).await
+            };
+            let (all, _) = cluster_wide::gather(shared, r, &[kind], local).await;
+            let mine = match all {
+                Value::Array(a) => a.into_iter().filter(|c| c["vhost"] == *v.name).collect(),
+                _ => Vec::new(),
+            };
+            listed(r, mine, &CHANNELS_OF)
+        }
+        ["vhosts", vh, "topic-permissions"] if get => {
+            admin(r)?;
+            vhost(shared, r, vh)?;
+            listed(r, Vec::new(), &PERMISSIONS)
+        }
+        ["users", "without-permissions"] if get => {
+            listed(r, params::users_without_permissions(shared, r)?, &USERS)
+        }
+        ["users", name, "topic-permissions"] if get => {
+            admin(r)?;
+            shared.auth.user(name).ok_or(ApiError::NotFound)?;
+            listed(r, Vec::new(), &PERMISSIONS)
+        }
+        ["topic-permissions"] if get => {
+            admin(r)?;
+            listed(r, Vec::new(), &PERMISSIONS)
+        }
+        ["topic-permissions", _, _] if get => {
+            admin(r)?;
+            Err(ApiError::NotFound)
+        }
+        ["vhost-limits"] if get => listed(r, params::vhost_limits(shared, r, None)?, &UNSORTED),
+        ["vhost-limits", vh] if get => {
+            listed(r, params::vhost_limits(shared, r, Some(vh))?, &UNSORTED)
+        }
+        ["vhost-limits", vh, name] => params::vhost_limit(shared, r, vh, name),
+        ["parameters"] if get => listed(r, params::parameters(shared, r, None, None)?, &PLAIN),
+        ["parameters", c] if get => {
+            listed(r, params::parameters(shared, r, Some(c), None)?, &PLAIN)
+        }
+        ["parameters", c, vh] if get => {
+            listed(r, params::parameters(shared, r, Some(c), Some(vh))?, &PLAIN)
+        }
+        ["parameters", c, vh, name] => params::parameter(shared, r, c, vh, name),
+        ["global-parameters"] if get => listed(r, params::global_parameters(shared), &PLAIN),
+        ["global-parameters", name] => params::global_parameter(shared, r, name),
+        ["feature-flags"] if get => listed(r, params::feature_flags(), &PLAIN),
+        ["extensions"] if get => ok(json!([])),
+        ["auth"] if get => ok(params::auth()),
+        ["users"] if get => listed(r, access::users(shared, r)?, &USERS),
         ["users", name] if get => access::user(shared, r, name),
-        ["permissions"] if get => access::permissions(shared, r),
-        ["vhosts", vh, "permissions"] if get => access::vhost_permissions(shared, r, vh),
-        ["users", name, "permissions"] if get => access::user_permissions(shared, r, name),
+        ["permissions"] if get => listed(r, access::permissions(shared, r)?, &PERMISSIONS),
+        ["vhosts", vh, "permissions"] if get => {
+            listed(r, access::vhost_permissions(shared, r, vh)?, &PERMISSIONS)
+        }
+        ["users", name, "permissions"] if get => {
+            listed(r, access::user_permissions(shared, r, name)?, &PERMISSIONS)
+        }
         ["vhosts", name] => access::vhost_ep(shared, r, name).await,
         ["users", name] => access::user_ep(shared, r, name).await,
         ["permissions", vh, user] => access::permission_ep(shared, r, vh, user).await,
-        ["policies"] if get => policies::list(shared, r, PolicyKind::User, None),
-        ["policies", vh] if get => policies::list(shared, r, PolicyKind::User, Some(vh)),
+        ["policies"] if get => listed(
+            r,
+            policies::list(shared, r, PolicyKind::User, None)?,
+            &POLICIES,
+        ),
+        ["policies", vh] if get => listed(
+            r,
+            policies::list(shared, r, PolicyKind::User, Some(vh))?,
+            &POLICIES,
+        ),
         ["policies", vh, name] => policies::one(shared, r, PolicyKind::User, vh, name).await,
-        ["operator-policies"] if get => policies::list(shared, r, PolicyKind::Operator, None),
-        ["operator-policies", vh] if get => {
-            policies::list(shared, r, PolicyKind::Operator, Some(vh))
-        }
+        ["operator-policies"] if get => listed(
+            r,
+            policies::list(shared, r, PolicyKind::Operator, None)?,
+            &POLICIES,
+        ),
+        ["operator-policies", vh] if get => listed(
+            r,
+            policies::list(shared, r, PolicyKind::Operator, Some(vh))?,
+            &POLICIES,
+        ),
         ["operator-policies", vh, name] => {
             policies::one(shared, r, PolicyKind::Operator, vh, name).await
         }
         ["definitions"] => definitions::definitions(shared, r).await,
+        ["definitions", vh] => definitions::vhost_definitions(shared, r, vh).await,
         ["health", "checks", "alarms"] if get => overview::health_alarms(shared),
+        ["healthchecks", "node"] if get => health::node_check(shared, None),
+        ["healthchecks", "node", node] if get => health::node_check(shared, Some(node)),
+        ["health", "checks", "local-alarms"] if get => health::local_alarms(shared),
+        ["health", "checks", "port-listener", port] if get => health::port_listener(shared, port),
+        ["health", "checks", "protocol-listener", proto] if get => {
+            health::protocol_listener(shared, proto)
+        }
+        ["health", "checks", "virtual-hosts"] if get => health::virtual_hosts(),
+        ["health", "checks", "certificate-expiration", within, unit] if get => {
+            health::certificate_expiration(shared, within, unit)
+        }
         ["health", "checks", "node-is-quorum-critical"] if get => health::quorum_critical(shared),
         ["health", "checks", "node-is-mirror-sync-critical"] if get => {
             health::mirror_sync_critical(shared)
@@ -179,6 +296,115 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["warren", "cluster", "nodes", name] => cluster::forget(shared, r, name).await,
         _ => Err(ApiError::NotFound),
     }
+}
+
+// === list endpoints ===
+
+/// How one list endpoint answers RabbitMQ's list parameters (see `listing`).
+pub(super) struct ListSpec {
+    /// The default sort keys.
+    sort: &'static [&'static str],
+    /// Whether `page` applies (RabbitMQ pages queues, exchanges, connections, channels and
+    /// vhosts only).
+    paged: bool,
+    /// With `disable_stats=true`: the keys kept (None: statistics dropped, see
+    /// [`listing::strip_stats`]).
+    basic: Option<&'static [&'static str]>,
+    /// With `disable_stats=true` and no `basic`: further keys dropped.
+    stats: &'static [&'static str],
+}
+
+const fn spec(sort: &'static [&'static str], paged: bool) -> ListSpec {
+    ListSpec {
+        sort,
+        paged,
+        basic: None,
+        stats: &[],
+    }
+}
+
+/// RabbitMQ's basic queue columns: what a queue listing keeps with `disable_stats=true`.
+const QUEUE_BASIC: &[&str] = &[
+    "name",
+    "vhost",
+    "durable",
+    "auto_delete",
+    "exclusive",
+    "arguments",
+    "node",
+    "type",
+    "state",
+    "policy",
+];
+
+const QUEUES: ListSpec = ListSpec {
+    basic: Some(QUEUE_BASIC),
+    ..spec(listing::BY_VHOST_NAME, true)
+};
+const EXCHANGES: ListSpec = spec(listing::BY_VHOST_NAME, true);
+const CONNECTIONS: ListSpec = ListSpec {
+    stats: &["recv_oct", "recv_cnt", "send_oct", "send_cnt", "send_pend"],
+    ..spec(listing::BY_VHOST_NAME, true)
+};
+const CHANNELS: ListSpec = spec(listing::BY_VHOST_NAME, true);
+/// A connection's channels, and the connections and channels of one vhost: not paged.
+const CHANNELS_OF: ListSpec = spec(listing::BY_VHOST_NAME, false);
+const CONSUMERS: ListSpec = spec(listing::BY_VHOST_NAME, false);
+const VHOSTS: ListSpec = ListSpec {
+    stats: &[
+        "messages",
+        "messages_ready",
+        "messages_unacknowledged",
+        "recv_oct",
+        "send_oct",
+    ],
+    ..spec(&["name"], true)
+};
+const BINDINGS: ListSpec = spec(
+    &[
+        "vhost",
+        "source",
+        "type",
+        "destination",
+        "routing_key",
+        "properties_key",
+    ],
+    false,
+);
+const USERS: ListSpec = spec(listing::BY_VHOST_NAME, false);
+const PERMISSIONS: ListSpec = spec(&["vhost", "user"], false);
+const POLICIES: ListSpec = spec(&["priority"], false);
+/// Most other lists (parameters, feature flags, ...).
+pub(super) const PLAIN: ListSpec = spec(listing::BY_VHOST_NAME, false);
+/// Limits: RabbitMQ does not sort them.
+const UNSORTED: ListSpec = spec(&[], false);
+
+/// A list endpoint's answer under the request's list parameters (a 400 of RabbitMQ's when
+/// they are invalid).
+pub(super) fn listed(r: &Req, mut items: Vec<Value>, spec: &ListSpec) -> R {
+    let q = match listing::ListQuery::parse(&r.query) {
+        Ok(q) => q,
+        Err(e) => return Ok(json_resp(StatusCode::BAD_REQUEST, &e.body())),
+    };
+    if q.disable_stats {
+        for it in &mut items {
+            listing::strip_stats(it, spec.basic, spec.stats);
+        }
+    }
+    match q.apply(items, spec.sort, spec.paged) {
+        Ok(v) => ok(v),
+        Err(e) => Ok(json_resp(StatusCode::BAD_REQUEST, &e.body())),
+    }
+}
+
+/// Consumers are statistics: RabbitMQ refuses to list them with `disable_stats=true`.
+fn no_stats_disabled(r: &Req) -> Result<(), ApiError> {
+    if r.query_flag("disable_stats") {
+        return Err(ApiError::bad(
+            "Stats in management UI are disabled on this node",
+        ));
+    }
+    Ok(())
 }
 
 // === who may see and change what ===
@@ -312,9 +538,13 @@ fn body_bool(body: &Value, k: &str, default: bool) -> Result<bool, ApiError> {
     }
 }
 
+/// The `arguments` of a request body: an object, absent or null (none), or an empty list,
+/// which RabbitMQ takes for none (pyrabbit2 sends `"arguments": []`).
 fn body_arguments(body: &Value) -> Result<amq_protocol::types::FieldTable, ApiError> {
-    conv::input_table(body.get("arguments").unwrap_or(&Value::Null), "arguments")
-        .map_err(ApiError::bad)
+    match body.get("arguments") {
+        Some(Value::Array(a)) if a.is_empty() => Ok(Default::default()),
+        a => conv::input_table(a.unwrap_or(&Value::Null), "arguments").map_err(ApiError::bad),
+    }
 }
 
 /// "amq.default" in a URL names the default exchange.

@@ -153,25 +153,107 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-/// Open file descriptors and their limit.
+/// Open file descriptors and their limit (the soft limit; when it reads "unlimited", the
+/// kernel's per-process ceiling `fs.nr_open`).
 pub fn fds() -> (u64, u64) {
     let used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    let limit = std::fs::read_to_string("/proc/self/limits")
+    let limit = proc_limit("Max open files")
+        .or_else(|| read_number("/proc/sys/fs/nr_open"))
+        .unwrap_or(1024);
+    (used, limit)
+}
+
+/// A soft limit of this process from /proc/self/limits (None when unlimited or unknown).
+fn proc_limit(name: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(name))?
+        .get(name.len()..)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Threads of this process and how many it may have: RabbitMQ's `proc_used` / `proc_total`
+/// count Erlang processes against their limit; warren's units of execution that the system
+/// limits are threads (tasks are not limited). The limit is `RLIMIT_NPROC`, or the kernel's
+/// `threads-max` when that is unlimited.
+fn threads() -> (u64, u64) {
+    let used = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("Max open files"))?
+                .find(|l| l.starts_with("Threads:"))?
                 .split_whitespace()
-                .nth(3)?
+                .nth(1)?
                 .parse()
                 .ok()
         })
-        .unwrap_or(0);
+        .unwrap_or(1);
+    let limit = proc_limit("Max processes")
+        .or_else(|| read_number("/proc/sys/kernel/threads-max"))
+        .unwrap_or(used)
+        .max(1);
     (used, limit)
+}
+
+/// `GET /api/nodes/{node}/memory`: RabbitMQ's breakdown, as far as warren knows it. Message
+/// bodies and headers held by queues are `queue_procs`; the rest of the resident set is
+/// `other_proc`; the Erlang-only categories (atoms, code, ETS, ...) are 0.
+pub(super) fn memory(shared: &BrokerShared) -> Value {
+    let rss = rss_bytes();
+    let messages = shared.node.alarms.state().mem_used.min(rss);
+    let mut m = Map::new();
+    for k in [
+        "connection_readers",
+        "connection_writers",
+        "connection_channels",
+        "connection_other",
+        "queue_slave_procs",
+        "quorum_queue_procs",
+        "quorum_queue_dlx_procs",
+        "stream_queue_procs",
+        "stream_queue_replica_reader_procs",
+        "stream_queue_coordinator_procs",
+        "plugins",
+        "metrics",
+        "mgmt_db",
+        "mnesia",
+        "quorum_ets",
+        "other_ets",
+        "binary",
+        "msg_index",
+        "code",
+        "atom",
+        "other_system",
+        "allocated_unused",
+        "reserved_unallocated",
+    ] {
+        m.insert(k.into(), json!(0));
+    }
+    m.insert("queue_procs".into(), json!(messages));
+    m.insert("other_proc".into(), json!(rss - messages));
+    m.insert("strategy".into(), json!("rss"));
+    m.insert(
+        "total".into(),
+        json!({"erlang": rss, "rss": rss, "allocated": rss}),
+    );
+    json!({ "memory": m })
 }
 
 pub(super) fn node(shared: &BrokerShared) -> Value {
     let (fd_used, fd_total) = fds();
+    let (proc_used, proc_total) = threads();
+    let sockets_total = match shared.config.max_connections {
+        0 => fd_total,
+        n => u64::from(n).min(fd_total),
+    };
     let uptime = shared.started_at.elapsed().as_millis() as u64;
     let alarms = shared.node.alarms.state();
     json!({
@@ -182,9 +264,10 @@ pub(super) fn node(shared: &BrokerShared) -> Value {
         "uptime": uptime,
         "os_pid": std::process::id().to_string(),
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        // mem_used is what the memory alarm compares with mem_limit (message memory);
-        // mem_rss is the process's resident set.
-        "mem_used": alarms.mem_used,
+        // mem_used is the process's memory (resident set), as RabbitMQ's; the memory alarm
+        // compares the bytes held by messages (mem_messages) with mem_limit.
+        "mem_used": rss_bytes(),
+        "mem_messages": alarms.mem_used,
         "mem_used_details": {"rate": 0.0},
         "mem_rss": rss_bytes(),
         "mem_limit": alarms.mem_limit,
@@ -197,9 +280,9 @@ pub(super) fn node(shared: &BrokerShared) -> Value {
         "fd_used": fd_used,
         "fd_total": fd_total,
         "sockets_used": shared.registry.connections().len(),
-        "sockets_total": fd_total,
-        "proc_used": 0,
-        "proc_total": 0,
+        "sockets_total": sockets_total,
+        "proc_used": proc_used,
+        "proc_total": proc_total,
         "run_queue": 0,
         "rates_mode": "basic",
         "net_ticktime": 60,

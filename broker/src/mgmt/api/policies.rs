@@ -26,20 +26,23 @@ fn policy_json(p: &crate::policy::Policy) -> Value {
 }
 
 /// GET /api/policies[/{vhost}] and /api/operator-policies[/{vhost}].
-pub(super) fn list(shared: &BrokerShared, r: &Req, kind: PolicyKind, vh: Option<&str>) -> R {
+pub(super) fn list(
+    shared: &BrokerShared,
+    r: &Req,
+    kind: PolicyKind,
+    vh: Option<&str>,
+) -> Result<Vec<Value>, ApiError> {
     let only = match vh {
         Some(vh) => Some(vhost(shared, r, vh)?.name.to_string()),
         None => None,
     };
-    ok(Value::Array(
-        shared
-            .policies
-            .list_kind(kind, only.as_deref())
-            .iter()
-            .filter(|p| can_see(shared, r, &p.vhost))
-            .map(policy_json)
-            .collect(),
-    ))
+    Ok(shared
+        .policies
+        .list_kind(kind, only.as_deref())
+        .iter()
+        .filter(|p| can_see(shared, r, &p.vhost))
+        .map(policy_json)
+        .collect())
 }
 
 /// GET|PUT|DELETE /api/policies/{vhost}/{name} and /api/operator-policies/{vhost}/{name}.

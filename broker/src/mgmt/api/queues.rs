@@ -75,7 +75,19 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     );
     put("exclusive_consumer_tag", Value::Null);
     put("single_active_consumer_tag", Value::Null);
-    put("consumers", json!(q.consumer_count()));
+    let consumers = q.consumer_count();
+    put("consumers", json!(consumers));
+    // RabbitMQ's share of time the queue could hand a message to a consumer at once, here as
+    // it is at this moment: none without consumers, all when nothing waits for one (consumers
+    // take every message as it comes), none when messages wait (consumers are at their
+    // prefetch limit).
+    let capacity = if consumers > 0 && ready == 0 {
+        1.0
+    } else {
+        0.0
+    };
+    put("consumer_capacity", json!(capacity));
+    put("consumer_utilisation", json!(capacity));
     put("message_bytes", json!(bytes));
     put("message_bytes_ready", json!(bytes));
     put("message_bytes_unacknowledged", json!(0));
@@ -142,7 +154,8 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
                     "queue name '{name}' contains reserved prefix 'amq.*'"
                 )));
             }
-            let durable = body_bool(&body, "durable", true)?;
+            // Not durable unless asked, as RabbitMQ's PUT (queue.declare's default).
+            let durable = body_bool(&body, "durable", false)?;
             let auto_delete = body_bool(&body, "auto_delete", false)?;
             let arguments = body_arguments(&body)?;
             let args = QueueArgs::parse(&arguments, name, &v.name)?;
