@@ -11,6 +11,7 @@
 //!   its changes at runtime, and each connection's life cycle.
 //! - `listener::state`: `ListenerState` (settings snapshot, backend pool, connection registry,
 //!   fault rules): what health checks, fault injection and the admin API read.
+//! - `listener_set`: listeners added, stopped, started again and removed at run time.
 //! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
 //! - `chaos::plan`: pure fault decisions (seeded RNG streams, triggers, cuts, pacing).
 //! - `chaos::amqp`: the pure incremental AMQP frame scanner behind `on_amqp`.
@@ -33,7 +34,8 @@
 //! No module imports one that imports it back: `listener` imports `backend::health` and
 //! `chaos::inject`, which read `listener::state`; `config` validates fault rules itself and
 //! `chaos::plan` reads its types; `backend::addr` reports its own `BadBackend`, which `config`
-//! turns into a `ValidationError`. (`admin` and `shutdown` use `Shared` from this root.)
+//! turns into a `ValidationError`. (`admin`, `listener_set` and `shutdown` use `Shared` from this
+//! root.)
 
 pub mod admin;
 pub mod backend;
@@ -42,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod listener;
+pub mod listener_set;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -99,6 +102,10 @@ pub struct Shared {
     pub(crate) admin_cfg: Option<AdminConfig>,
     /// The admin API's token; `None` = no authentication (loopback only). Replaced on reload.
     pub(crate) admin_token: ArcSwapOption<String>,
+    /// Listeners stopped at run time, `bind` = the address they had (see `listener_set`).
+    pub(crate) stopped: Mutex<Vec<config::ListenerConfig>>,
+    /// Held by every change of the listener set (reload, `listener_set`).
+    pub(crate) changes: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -230,6 +237,8 @@ impl Lb {
             admin_addr: admin.as_ref().map(|(_, a)| *a),
             admin_cfg: config.admin.clone(),
             admin_token: ArcSwapOption::from_pointee(token),
+            stopped: Mutex::new(Vec::new()),
+            changes: tokio::sync::Mutex::new(()),
         });
         Ok(Bound {
             shared,
@@ -357,10 +366,12 @@ impl Handle {
     /// Applies a new configuration without dropping established connections: listeners are added
     /// and removed (a removed one stops accepting, its connections drain), settings replaced,
     /// backends replaced (removed ones drain). A listener whose `bind` changed is rebound.
+    /// Listeners added at run time and not in the file are removed; stopped ones are forgotten.
     /// Backends are resolved and refused if they reach warren-lb itself (the listeners of the new
     /// configuration, the admin API). The admin address and settings cannot change without a
     /// restart; its token can (re-read from `token_file`). On error nothing is applied.
     pub async fn reload(&self, config: Config) -> Result<(), LbError> {
+        let _changes = self.shared.changes.lock().await;
         config.validate()?;
         let token = self.reload_token(&config)?;
         let resolved = resolve_backends(&config).await?;
@@ -427,6 +438,7 @@ impl Handle {
             }
         }
         *self.shared.listeners.lock() = next;
+        self.shared.stopped.lock().clear();
         if config.admin.as_ref().map(|a| a.listen) != self.shared.admin_addr
             && config.admin.as_ref().is_some_and(|a| a.listen.port() != 0)
         {
