@@ -27,6 +27,8 @@
 //! - `admin`: the HTTP/1.1 JSON admin API, `/metrics`, `/events`; its limits (timeouts,
 //!   connection cap, body size).
 //! - `admin::guard`: the checks before any admin route (browser origin, token, body type).
+//! - `admin::toxiproxy`: Toxiproxy's JSON (proxies, toxics, errors) mapped to listeners and
+//!   fault rules (pure); `admin::toxiproxy_api` serves it on the admin port.
 //! - `events`: the event ring buffer and broadcast.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `shutdown`: graceful drain and signal handling.

@@ -13,6 +13,7 @@
 //! | GET `/events` | recent events as JSON lines; `?follow=1` streams |
 //! | GET `/metrics` | Prometheus text |
 //! | GET `/healthz` | 200 while serving |
+//! | `/proxies...`, `/reset`, `/version`, `/populate` | Toxiproxy's API (`toxiproxy_api`) |
 //!
 //! # Security
 //! The API can reconfigure every listener (backends, fault rules that refuse or reset every
@@ -32,6 +33,8 @@
 //!   `{"error": "..."}`.
 
 pub mod guard;
+pub mod toxiproxy;
+mod toxiproxy_api;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -404,6 +407,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 full(StatusCode::OK, "application/x-ndjson", text)
             }
         }
+        (_, s) if toxiproxy_api::serves(s) => toxiproxy_api::handle(shared, req, s).await,
         _ => error(StatusCode::NOT_FOUND, format!("no route {method} {path}")),
     }
 }
