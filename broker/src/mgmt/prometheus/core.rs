@@ -171,14 +171,19 @@ fn node(o: &mut Out, s: &Scope, d: &Scrape) {
         "Open file descriptors limit",
         d.fds.1,
     );
-    // A socket takes a file descriptor: the descriptor limit is the socket limit.
+    // A client socket takes a file descriptor, and `max_connections` (when set) caps them:
+    // the lower of the two, as the management API's `sockets_total`.
+    let max_sockets = match d.shared.config.max_connections {
+        0 => d.fds.1,
+        n => u64::from(n).min(d.fds.1),
+    };
     one(
         o,
         s,
         "process_max_tcp_sockets",
         "gauge",
         "Open TCP sockets limit",
-        d.fds.1,
+        max_sockets,
     );
     one(
         o,
