@@ -579,5 +579,65 @@ async fn the_admin_guard_still_applies() {
     .await;
     assert_eq!(r.status, 403);
     assert_eq!(api(&lb, "GET", "/proxies/p", None).await.0, 404);
+
+    // Toxiproxy's Java client (Testcontainers) sends its JSON typed as a form: taken from a
+    // client that is not a browser, refused from a browser.
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    let firefox = (
+        "User-Agent",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Firefox/128.0",
+    );
+    let r = request(
+        lb.admin(),
+        "POST",
+        "/proxies",
+        &[form, firefox],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    let java = ("User-Agent", "Java/17.0.9");
+    let r = request(
+        lb.admin(),
+        "POST",
+        "/proxies",
+        &[form, java, ("Origin", "http://evil.example")],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = request(lb.admin(), "POST", "/proxies", &[form, java], Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let toxic = r#"{"name": "lat", "stream": "upstream", "toxicity": 1.0, "type": "latency",
+                    "attributes": {"latency": 5, "jitter": 0}}"#;
+    let r = request(
+        lb.admin(),
+        "POST",
+        "/proxies/p/toxics",
+        &[form, java],
+        Some(toxic),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Still JSON or nothing: a real form body is a bad body.
+    let r = request(
+        lb.admin(),
+        "POST",
+        "/proxies",
+        &[form, java],
+        Some("name=q&upstream=x"),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Elsewhere on the admin API the rule holds.
+    let r = request(
+        lb.admin(),
+        "PUT",
+        "/listeners/seed/faults",
+        &[form, java],
+        Some("[]"),
+    )
+    .await;
+    assert_eq!(r.status, 415);
     lb.stop().await;
 }

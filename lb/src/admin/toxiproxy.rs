@@ -26,6 +26,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use hyper::header::{HeaderMap, CONTENT_TYPE, ORIGIN, USER_AGENT};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -564,6 +565,40 @@ fn own_keys(rule: &FaultRule) -> Map<String, Value> {
     m
 }
 
+/// The first path segments Toxiproxy's API owns.
+pub const PATHS: &[&str] = &["proxies", "reset", "version", "populate"];
+
+/// True for a request to Toxiproxy's API whose body may skip the admin API's
+/// `Content-Type: application/json` rule: the Java client (toxiproxy-java, which Testcontainers
+/// uses) sends its JSON with HttpURLConnection's default type,
+/// `application/x-www-form-urlencoded`. The rule is there against browsers (a page can send a
+/// form-typed body without a CORS preflight), so the exception holds only where nothing says a
+/// browser sent the request: no `Origin`, no `Sec-Fetch-*`, and a `User-Agent` that is not a
+/// browser's (every browser's starts with `Mozilla/`, and a page cannot set another without a
+/// preflight, which the admin API never grants). The body must still be a JSON object or
+/// list, which a browser form cannot encode that way.
+pub fn form_typed_json_allowed(path: &str, headers: &HeaderMap) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let form = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    let browser_ua = match headers.get(USER_AGENT).map(|v| v.as_bytes()) {
+        None => true,
+        Some(ua) => ua.len() < 8 || ua[..8].eq_ignore_ascii_case(b"mozilla/"),
+    };
+    let fetch_metadata = headers.keys().any(|k| k.as_str().starts_with("sec-fetch-"));
+    PATHS.contains(&first)
+        && form
+        && !browser_ua
+        && !fetch_metadata
+        && !headers.contains_key(ORIGIN)
+}
+
 /// A free run-time address for `listen` never given: `127.0.0.1:0`.
 pub fn default_listen() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
@@ -777,6 +812,56 @@ mod tests {
         assert_eq!(a("toxiproxy.internal:80"), "name toxiproxy.internal 80");
         for bad in ["127.0.0.1", "a:b", "a b:1", "host:70000", "::1:1:"] {
             assert_eq!(parse_listen(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn form_typed_json_only_from_what_is_not_a_browser() {
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, v.parse().unwrap());
+            }
+            m
+        };
+        let form = ("content-type", "application/x-www-form-urlencoded");
+        let java = ("user-agent", "Java/17.0.9");
+        assert!(form_typed_json_allowed("/proxies", &h(&[form, java])));
+        assert!(form_typed_json_allowed(
+            "/proxies/a/toxics/b",
+            &h(&[form, java])
+        ));
+        assert!(form_typed_json_allowed("/populate", &h(&[form, java])));
+        // Not Toxiproxy's API, not a form type, a browser, or no user agent at all.
+        assert!(!form_typed_json_allowed(
+            "/listeners/a/faults",
+            &h(&[form, java])
+        ));
+        for ct in ["text/plain", "multipart/form-data; boundary=x"] {
+            assert!(!form_typed_json_allowed(
+                "/proxies",
+                &h(&[("content-type", ct), java])
+            ));
+        }
+        assert!(!form_typed_json_allowed("/proxies", &h(&[java])));
+        let firefox = (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Firefox/128.0",
+        );
+        assert!(!form_typed_json_allowed("/proxies", &h(&[form, firefox])));
+        assert!(!form_typed_json_allowed("/proxies", &h(&[form])));
+        assert!(!form_typed_json_allowed(
+            "/proxies",
+            &h(&[form, ("user-agent", "x")])
+        ));
+        for browserish in [
+            ("origin", "http://127.0.0.1:1"),
+            ("sec-fetch-mode", "no-cors"),
+        ] {
+            assert!(!form_typed_json_allowed(
+                "/proxies",
+                &h(&[form, java, browserish])
+            ));
         }
     }
 

@@ -16,7 +16,8 @@
 //! `listener_set`. Errors have Toxiproxy's shape and codes (`{"error", "status"}`: 404 proxy or
 //! toxic not found, 409 already exists, 400 bad input, 500 when a listener cannot bind). The
 //! guard of the admin API runs before these routes as before any other (token, JSON bodies,
-//! browser origins).
+//! browser origins), with one exception: a JSON body typed as a form by a client that is not a
+//! browser (`toxiproxy::form_typed_json_allowed`: Testcontainers' Java client).
 //!
 //! The whole listener set is what this API sees: `/reset` removes the fault rules of listeners
 //! from the configuration file too, as Toxiproxy's removes every toxic.
@@ -39,10 +40,7 @@ use crate::Shared;
 
 /// True for the paths this API owns.
 pub(super) fn serves(segs: &[&str]) -> bool {
-    matches!(
-        segs,
-        ["proxies", ..] | ["reset"] | ["version"] | ["populate"]
-    )
+    segs.first().is_some_and(|s| tp::PATHS.contains(s))
 }
 
 pub(super) async fn handle(
