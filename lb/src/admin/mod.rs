@@ -23,7 +23,9 @@
 //!   any:TOKEN`); 401 otherwise. Without a token the API must listen on loopback (`config`
 //!   refuses anything else) and accepts only `Host`s that are IP literals or `localhost`.
 //! - Browsers: a foreign or `null` `Origin` and `Sec-Fetch-Site: cross-site` get 403; a body that
-//!   is not `application/json` gets 415 (see `guard`, which runs before any route).
+//!   is not `application/json` gets 415 (see `guard`, which runs before any route; on
+//!   Toxiproxy's paths, JSON typed as a form by a client that is not a browser is taken:
+//!   `toxiproxy::form_typed_json_allowed`).
 //! - Slow or many clients: headers must arrive within `[admin] request_timeout` (also the idle
 //!   keep-alive limit), bodies within it too and up to 1 MiB; at most `[admin] max_connections`
 //!   connections, beyond which a new one is closed at once. `/events?follow=1` streams as long as
