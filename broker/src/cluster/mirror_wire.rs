@@ -32,22 +32,27 @@ pub enum MirrorOp {
     SyncPoint(u64),
 }
 
-/// Changes for one queue, from the master of `epoch`.
+/// Changes for one queue, from the master of `epoch`; `durable`: the queue keeps persistent
+/// messages on disk (so does the mirror's copy).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorBatch {
     pub queue: QueueRef,
     pub epoch: u64,
+    pub durable: bool,
     pub ops: Vec<MirrorOp>,
 }
 
-/// The mirror has every enqueue up to and including `up_to` of the master of `epoch`, and
-/// applied synchronisation batch `sync_seq` (0: none since its last Reset).
+/// The mirror has every enqueue up to and including `up_to` of the master of `epoch` safe
+/// (in memory, or on disk for a persistent message of a durable queue), and the same for
+/// synchronisation batch `sync_seq` (0: none since its last Reset). `failed`: the mirror's
+/// disk refused its copy: it is out of sync until its stream starts over.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorAck {
     pub queue: QueueRef,
     pub epoch: u64,
     pub up_to: u64,
     pub sync_seq: u64,
+    pub failed: bool,
 }
 
 fn ids(w: &mut W, ids: &[u64]) {
@@ -67,6 +72,7 @@ impl MirrorBatch {
         let mut w = W(BytesMut::with_capacity(64));
         w.queue(&self.queue);
         w.u64(self.epoch);
+        w.u8(u8::from(self.durable));
         w.u32(self.ops.len() as u32);
         for op in &self.ops {
             match op {
@@ -99,6 +105,11 @@ impl MirrorBatch {
         let mut r = R(b);
         let queue = r.queue()?;
         let epoch = r.u64()?;
+        let durable = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
         let n = r.count(1)?;
         let mut ops = Vec::with_capacity(n);
         for _ in 0..n {
@@ -115,7 +126,12 @@ impl MirrorBatch {
                 _ => return None,
             });
         }
-        r.0.is_empty().then_some(MirrorBatch { queue, epoch, ops })
+        r.0.is_empty().then_some(MirrorBatch {
+            queue,
+            epoch,
+            durable,
+            ops,
+        })
     }
 }
 
@@ -126,6 +142,7 @@ impl MirrorAck {
         w.u64(self.epoch);
         w.u64(self.up_to);
         w.u64(self.sync_seq);
+        w.u8(u8::from(self.failed));
         w.0.freeze()
     }
 
@@ -136,6 +153,11 @@ impl MirrorAck {
             epoch: r.u64()?,
             up_to: r.u64()?,
             sync_seq: r.u64()?,
+            failed: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
         };
         r.0.is_empty().then_some(m)
     }
@@ -152,6 +174,7 @@ mod tests {
                 name: "q".into(),
             },
             epoch: 3,
+            durable: true,
             ops: vec![
                 MirrorOp::Enqueue {
                     id: 7,
@@ -183,8 +206,16 @@ mod tests {
             epoch: 1,
             up_to: 99,
             sync_seq: 12,
+            failed: true,
         };
-        assert_eq!(MirrorAck::decode(&a.encode()), Some(a));
+        let bytes = a.encode();
+        assert_eq!(MirrorAck::decode(&bytes), Some(a));
+        for n in 0..bytes.len() {
+            assert_eq!(MirrorAck::decode(&bytes[..n]), None, "cut at {n}");
+        }
+        let mut bad = bytes.to_vec();
+        *bad.last_mut().expect("flag") = 2;
+        assert_eq!(MirrorAck::decode(&bad), None);
     }
 
     #[test]
@@ -198,7 +229,7 @@ mod tests {
         assert_eq!(MirrorBatch::decode(&long), None);
         let mut huge = bytes.to_vec();
         // The op count claims more ops than bytes left.
-        let at = 4 + 1 + 4 + 1 + 8;
+        let at = 4 + 1 + 4 + 1 + 8 + 1;
         huge[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(MirrorBatch::decode(&huge), None);
     }

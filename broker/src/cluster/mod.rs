@@ -14,7 +14,8 @@
 //!   master's side there) for queues whose master is another node.
 //! - [`controller`]: placements: mirrors, the in-sync set, promotions.
 //! - [`replicate`], [`mirror`], [`mirror_wire`]: the stream from a master to its mirrors and
-//!   the mirrors' copies; synchronisation.
+//!   the mirrors' copies; synchronisation. [`mirror_copy`]: one copy, in memory and (durable
+//!   queues) on disk, and what of it is safe to acknowledge.
 //! - [`locator`]: where a new queue's master goes.
 pub mod apply;
 pub mod controller;
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod link;
 pub mod locator;
 pub mod mirror;
+pub mod mirror_copy;
 pub mod mirror_wire;
 pub mod remote;
 pub mod replicate;

@@ -31,6 +31,8 @@ pub struct QueueRep {
     mirrored: AtomicBool,
     /// Has in-sync mirrors: publishes wait for them.
     waits: AtomicBool,
+    /// Keeps persistent messages on disk: so do the mirrors' copies.
+    durable: bool,
     state: Mutex<RepState>,
     /// The queue actor's store events.
     events: mpsc::UnboundedSender<StoreEvent>,
@@ -187,6 +189,16 @@ impl QueueRep {
     fn ack(&self, from: NodeId, a: &MirrorAck) {
         let mut st = self.state.lock();
         if a.epoch != st.epoch || st.broken.contains(&from) {
+            return;
+        }
+        if a.failed {
+            // Its disk refused the copy: as if its link dropped (out of sync, stream anew).
+            drop(st);
+            debug!(
+                mirror = from,
+                "mirror copy failed on its disk; its stream starts over"
+            );
+            self.link_down(from);
             return;
         }
         let acked = st.acked.entry(from).or_insert(0);
@@ -379,6 +391,7 @@ impl QueueLog for MirroredLog {
         let batch = MirrorBatch {
             queue: self.rep.queue.clone(),
             epoch,
+            durable: self.rep.durable,
             ops,
         }
         .encode();
@@ -440,12 +453,14 @@ impl MirroredLog {
         let batch = MirrorBatch {
             queue: self.rep.queue.clone(),
             epoch,
+            durable: self.rep.durable,
             ops,
         }
         .encode();
         let reset = MirrorBatch {
             queue: self.rep.queue.clone(),
             epoch,
+            durable: self.rep.durable,
             ops: reset_ops,
         }
         .encode();
@@ -550,6 +565,8 @@ impl Replication {
         store_events: Option<mpsc::UnboundedReceiver<StoreEvent>>,
     ) -> (Box<dyn QueueLog>, mpsc::UnboundedReceiver<StoreEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        // A queue with store events keeps persistent messages on disk.
+        let durable = store_events.is_some();
         if let Some(mut from_store) = store_events {
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -568,6 +585,7 @@ impl Replication {
             queue: queue.clone(),
             mirrored: AtomicBool::new(false),
             waits: AtomicBool::new(false),
+            durable,
             state: Mutex::default(),
             events: tx,
         });

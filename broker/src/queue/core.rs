@@ -367,7 +367,7 @@ impl QueueCore {
     /// What the store reports about this queue's enqueues.
     pub fn store_event(&mut self, ev: StoreEvent) {
         match ev {
-            StoreEvent::Synced { up_to } => self.confirms.disk_synced(up_to),
+            StoreEvent::Synced { up_to, .. } => self.confirms.disk_synced(up_to),
             StoreEvent::MirrorsAcked { up_to } => self.confirms.mirrors_acked(up_to),
             // The wake-up was the point: the actor's round feeds the mirror.
             StoreEvent::MirrorSyncReady => {}

@@ -288,7 +288,17 @@ impl Store {
         vhost: &str,
         name: &str,
     ) -> (DiskLog, Vec<Recovered>, mpsc::UnboundedReceiver<StoreEvent>) {
-        let key = queue_key(vhost, name);
+        self.attach_key(queue_key(vhost, name))
+    }
+
+    /// [`Store::attach`] by the log's key itself: a queue's is `vhost NUL name`; a mirror's
+    /// copy uses keys of its own ([`Store::unclaimed_keys`] finds them again at boot).
+    pub fn attach_key(
+        self: &Arc<Self>,
+        key: String,
+    ) -> (DiskLog, Vec<Recovered>, mpsc::UnboundedReceiver<StoreEvent>) {
+        let (vhost, name) = key.split_once('\0').unwrap_or(("", key.as_str()));
+        let (vhost, name) = (vhost.to_owned(), name.to_owned());
         let (tx, rx) = mpsc::unbounded_channel();
         let (key, live, base) = {
             let mut st = self.shared.state.lock();
@@ -341,13 +351,25 @@ impl Store {
             top: top.unwrap_or(base),
         };
         if !bad.is_empty() {
-            warn!(queue = %name, vhost = %vhost, count = bad.len(), "store: unreadable recovered messages dropped");
+            warn!(key = %log.key.escape_debug(), count = bad.len(), "store: unreadable recovered messages dropped");
             log.settle(&bad);
         }
-        if !out.is_empty() {
+        // Other logs than queues' (a mirror's copies) are reported by their owners.
+        if !out.is_empty() && !log.key.starts_with('\0') {
             info!(queue = %name, vhost = %vhost, messages = out.len(), "store: queue recovered");
         }
         (log, out, rx)
+    }
+
+    /// The keys recovered from disk that start with `prefix` and are not attached yet (at
+    /// boot: a mirror finds its copies).
+    pub fn unclaimed_keys(&self, prefix: &str) -> Vec<String> {
+        let st = self.shared.state.lock();
+        st.unclaimed
+            .iter()
+            .filter(|(k, live)| k.starts_with(prefix) && !live.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Drops the data of recovered queues that nobody claimed (called once the boot-time

@@ -296,7 +296,10 @@ mod tests {
         log.enqueue_confirmed(5, &persistent_msg(b"c"), None, ticket(&ctx, 5));
         assert!(log.flush(true, false));
         assert_eq!(confirms(&mut crx), vec![(5, true)]);
-        assert!(matches!(rx.try_recv(), Ok(StoreEvent::Synced { up_to: 4 })));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(StoreEvent::Synced { up_to: 4, .. })
+        ));
         // Another publisher (channel 2 of the connection): left to the writer thread, which
         // keeps the disk busy while the queue takes in what the others send.
         let other = ConfirmTicket {

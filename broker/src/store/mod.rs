@@ -68,8 +68,10 @@ pub fn message_from_parts(
 /// [`Store::attach`]).
 #[derive(Debug)]
 pub enum StoreEvent {
-    /// Every id up to and including `up_to` is on disk.
-    Synced { up_to: u64 },
+    /// Every id up to and including `up_to` is on disk (for a queue, whose ids are logged in
+    /// increasing order). `ids`: exactly the ids this report covers, for a log whose ids do
+    /// not arrive in order (a mirror's copy, see `crate::cluster::mirror`).
+    Synced { up_to: u64, ids: Vec<u64> },
     /// These enqueues could not be written (disk full, I/O error): their publishes get
     /// basic.nack and the messages leave the queue if not yet delivered. `tickets`: the
     /// confirms the log held for them, nacked by the queue once the messages are out.

@@ -80,7 +80,7 @@ pub(super) fn seg_files(dir: &Path) -> Vec<PathBuf> {
 pub(super) fn wait_synced(rx: &mut mpsc::UnboundedReceiver<StoreEvent>, n: u64) {
     loop {
         match rx.blocking_recv().expect("store events") {
-            StoreEvent::Synced { up_to } if up_to >= n => return,
+            StoreEvent::Synced { up_to, .. } if up_to >= n => return,
             StoreEvent::Synced { .. } => {}
             other => panic!("unexpected store event {other:?}"),
         }

@@ -179,7 +179,10 @@ pub(super) fn finish_batch(sh: &Shared, b: Batch) -> bool {
     drop(st);
     for (_, (tx, r)) in per_queue {
         let cmd = match result {
-            Ok(()) => StoreEvent::Synced { up_to: r.up_to },
+            Ok(()) => StoreEvent::Synced {
+                up_to: r.up_to,
+                ids: r.ids,
+            },
             Err(_) => StoreEvent::WriteFailed {
                 ids: r.ids,
                 tickets: r.tickets,
