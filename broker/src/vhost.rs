@@ -526,7 +526,7 @@ impl Vhost {
     pub(crate) fn declare_queue_seeded(
         &self,
         spec: QueueSpec,
-        seed: Vec<crate::store::Recovered>,
+        mut seed: Vec<crate::store::Recovered>,
         replace: Option<&QueueHandle>,
     ) -> Result<(QueueHandle, bool), ChannelError> {
         let vname = self.name.clone();
@@ -634,6 +634,13 @@ impl Vhost {
             {
                 Some(store) if durable => {
                     let (mut log, recovered, events) = store.attach(&self.name, &handle.name);
+                    // A seed from a promotion cut short by a crash may repeat what the
+                    // store has: the store's records win.
+                    if !recovered.is_empty() && !seed.is_empty() {
+                        let have: std::collections::HashSet<u64> =
+                            recovered.iter().map(|r| r.id).collect();
+                        seed.retain(|r| !have.contains(&r.id));
+                    }
                     for r in &seed {
                         if r.msg.persistent() {
                             let ttl = r

@@ -160,11 +160,11 @@ async fn mirror_sync_critical_is_ok_while_the_mirror_is_in_sync_and_failed_once_
     assert_eq!(metric(&mb, "warren_queue_mirrors"), 1.0);
     assert_eq!(metric(&mb, "warren_queue_mirrors_synchronised"), 1.0);
     assert!(
-        ma.contains("rabbitmq_identity_info{rabbitmq_node=\"a@ms\",rabbitmq_cluster=\"a@ms\"} 1"),
+        ma.contains("rabbitmq_identity_info{rabbitmq_node=\"a@ms\",rabbitmq_cluster=\"a@ms\",rabbitmq_endpoint=\"aggregated\"} 1"),
         "{ma}"
     );
     assert!(
-        mb.contains("rabbitmq_identity_info{rabbitmq_node=\"b@ms\",rabbitmq_cluster=\"a@ms\"} 1"),
+        mb.contains("rabbitmq_identity_info{rabbitmq_node=\"b@ms\",rabbitmq_cluster=\"a@ms\",rabbitmq_endpoint=\"aggregated\"} 1"),
         "{mb}"
     );
 

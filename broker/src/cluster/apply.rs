@@ -276,6 +276,8 @@ async fn put(
                     .collect()
             };
             let mut seed = Vec::new();
+            // The promoted copy's own log: deleted once the queue has logged its messages.
+            let mut retired = None;
             let master_id = warren_cluster::node_id_of(&q.placement.master);
             // The queue this node has now, and whether it is a proxy: replaced in one step
             // (bindings kept, the name never missing for a publish) when the master moved.
@@ -285,6 +287,12 @@ async fn put(
                 let same_master = here || link.proxy_master(&cur) == Some(master_id);
                 if proxy != here && same_master {
                     // Already what it should be; a master learns its mirrors.
+                    let me = &shared.config.node_name;
+                    link.mirrors.placement(
+                        &qref,
+                        q.placement.epoch,
+                        !here && q.placement.mirrors.contains(me),
+                    );
                     if here {
                         link.replication.placement(
                             &qref,
@@ -297,10 +305,10 @@ async fn put(
                 }
                 if proxy && here {
                     // Promoted: this node's copy becomes the queue.
-                    seed = link
-                        .mirrors
-                        .take(&qref, q.placement.epoch)
-                        .unwrap_or_default();
+                    if let Some((msgs, log)) = link.mirrors.take(&qref, q.placement.epoch) {
+                        seed = msgs;
+                        retired = Some(log);
+                    }
                     tracing::info!(
                         queue = %name,
                         vhost = %vhost,
@@ -310,6 +318,21 @@ async fn put(
                     );
                 }
                 replace = Some((cur, proxy));
+            }
+            if here && replace.is_none() {
+                // Master here and no queue yet (this node is starting). Promoted while it was
+                // down (every node died and this mirror came back first), or promoted and
+                // killed before the queue's own records of the copy were written: the copy it
+                // kept on disk is the queue's content (the queue's own records win).
+                if let Some((msgs, log)) = link.mirrors.take(&qref, q.placement.epoch) {
+                    tracing::info!(queue = %name, vhost = %vhost, messages = msgs.len(), epoch = q.placement.epoch, "the mirror copy on disk becomes the queue");
+                    seed = msgs;
+                    retired = Some(log);
+                }
+            } else if !here {
+                let me = &shared.config.node_name;
+                link.mirrors
+                    .placement(&qref, q.placement.epoch, q.placement.mirrors.contains(me));
             }
             let old = replace.as_ref().map(|(h, _)| h);
             let r = if here {
@@ -324,6 +347,9 @@ async fn put(
             } else {
                 vh.install_queue(spec, old, |h, rx| link.run_proxy(h, rx, master_id))
             };
+            // After the declare: the queue's records of the seed are in the store before the
+            // copy's delete record.
+            drop(retired);
             if let (Some((old, true)), Ok(new)) = (&replace, &r) {
                 link.proxy_replaced(old, new);
             }

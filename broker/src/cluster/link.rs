@@ -98,7 +98,12 @@ impl ClusterLink {
                     .is_some_and(|current| current > epoch)
             })
         };
-        let mirrors = super::mirror::Mirrors::start(cluster.clone(), shared.node.memory, fenced);
+        let mirrors = super::mirror::Mirrors::start(
+            cluster.clone(),
+            shared.node.memory,
+            shared.store.clone(),
+            fenced,
+        );
         let link = Arc::new(ClusterLink {
             cluster,
             applied: watch::channel(0).0,
@@ -301,6 +306,15 @@ impl ClusterLink {
             .lock()
             .insert(Arc::as_ptr(&handle) as usize, master);
         self.remote.run_proxy(handle, rx, master);
+    }
+
+    /// Whether the cluster state has this queue: it is then made on this node from the state
+    /// (a local queue where this node is its master, a proxy elsewhere), not from the stored
+    /// definitions.
+    pub fn knows_queue(&self, vhost: &str, name: &str) -> bool {
+        let state = self.cluster.state();
+        let known = state.borrow().get(&keys::queue(vhost, name)).is_some();
+        known
     }
 
     /// Whether `q` is a proxy of a queue mastered on another node.

@@ -199,6 +199,14 @@ impl BrokerShared {
             if !plan.queues.contains(&i) {
                 continue;
             }
+            // Clustered: a queue the cluster knows is made from its state (on its master with
+            // what that node holds for it, a mirror's copy on disk included; a proxy elsewhere).
+            if self
+                .cluster()
+                .is_some_and(|c| c.knows_queue(&q.vhost, &q.name))
+            {
+                continue;
+            }
             let r = (|| {
                 let vh = self
                     .vhost(&q.vhost)

@@ -29,6 +29,7 @@ pub fn machine(now: tokio::time::Instant) -> ConnectionState {
                 "warren@127.0.0.1",
             ),
             over_connection_limit: None,
+            vhost_connection_limit: None,
         },
         now,
     )

@@ -86,6 +86,18 @@ impl BrokerProc {
         (c, ch)
     }
 
+    /// SIGKILL to every process first, then waits for each: they die together, with no time
+    /// for one of them to notice another's death (a whole cluster losing power).
+    pub async fn kill9_together(procs: Vec<BrokerProc>) {
+        let mut procs = procs;
+        for p in &mut procs {
+            p.child.start_kill().expect("SIGKILL");
+        }
+        for mut p in procs {
+            let _ = p.child.wait().await;
+        }
+    }
+
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("SIGKILL");
         let _ = self.child.wait().await;
