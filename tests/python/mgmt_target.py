@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -135,3 +136,34 @@ def mgmt_target(tmp_path_factory) -> tuple[Broker, Api]:
     register_log(f"{TARGET} broker with management ({broker.log_path})", broker.log_path)
     yield broker, api
     stop_process(broker.proc, timeout=4 if TARGET == "rabbitmq" else 10)
+
+
+@pytest.fixture
+def vhost(mgmt_target, request):
+    """A fresh vhost (named after the test module) where guest has every permission, deleted
+    after the test."""
+    _, api = mgmt_target
+    prefix = request.module.__name__.removeprefix("test_").replace("_", "-")
+    v = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    api.ok("PUT", f"/api/vhosts/{v}", {})
+    api.ok("PUT", f"/api/permissions/{v}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
+    yield v
+    api.call("DELETE", f"/api/vhosts/{v}")
+
+
+def poll(fn, timeout=15.0, interval=0.2):
+    """fn() until it returns something truthy (the value), or fail with the last value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out; last value {last!r}")
+
+
+# Debian's rabbitmq-server ships rabbitmqadmin inside the management plugin (on PATH or not).
+_PLUGIN_CLI = Path("/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/plugins/"
+                   "rabbitmq_management-3.10.8/priv/www/cli/rabbitmqadmin")
+RABBITMQADMIN = shutil.which("rabbitmqadmin") or (str(_PLUGIN_CLI) if _PLUGIN_CLI.exists() else None)

@@ -3,35 +3,14 @@ enforces, per-vhost definitions and connections, and the fields monitoring reads
 3.10's shapes and status codes. Every test passes against Debian's RabbitMQ 3.10.8
 (WARREN_TEST_TARGET=rabbitmq), whose statistics lag by up to 5 s: such fields are polled."""
 
-import time
 import uuid
 
 import pika
 import pytest
 
 from conftest import free_port
-from mgmt_target import mgmt_target  # noqa: F401 (fixture)
-
-
-def poll(fn, timeout=15.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out; last value {last!r}")
-
-
-@pytest.fixture
-def vhost(mgmt_target):
-    _, api = mgmt_target
-    v = f"health-{uuid.uuid4().hex[:8]}"
-    api.ok("PUT", f"/api/vhosts/{v}", {})
-    api.ok("PUT", f"/api/permissions/{v}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-    yield v
-    api.call("DELETE", f"/api/vhosts/{v}")
+from mgmt_target import mgmt_target, vhost  # noqa: F401 (fixtures)
+from mgmt_target import poll
 
 
 def connect(broker, vhost, **kw):

@@ -4,22 +4,11 @@ and RabbitMQ's errors for bad values. Every test passes against Debian's RabbitM
 (WARREN_TEST_TARGET=rabbitmq): each works in a vhost of its own, so that other tests' objects
 do not show."""
 
-import uuid
 from urllib.parse import quote
 
 import pytest
 
-from mgmt_target import mgmt_target  # noqa: F401 (fixture)
-
-
-@pytest.fixture
-def vhost(mgmt_target):
-    _, api = mgmt_target
-    v = f"listing-{uuid.uuid4().hex[:8]}"
-    api.ok("PUT", f"/api/vhosts/{v}", {})
-    api.ok("PUT", f"/api/permissions/{v}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-    yield v
-    api.call("DELETE", f"/api/vhosts/{v}")
+from mgmt_target import mgmt_target, vhost  # noqa: F401 (fixtures)
 
 
 def declare(api, vhost, names):

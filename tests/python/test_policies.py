@@ -3,7 +3,6 @@ AMQP, the management API the way rabbitmqadmin and scripts call it, and rabbitmq
 Every test passes against Debian's RabbitMQ 3.10.8 (WARREN_TEST_TARGET=rabbitmq), whose
 management statistics lag by up to 5 s: API fields are polled until they settle."""
 
-import shutil
 import subprocess
 import time
 import uuid
@@ -11,21 +10,8 @@ import uuid
 import pika
 import pytest
 
-from mgmt_target import mgmt_target  # noqa: F401 (fixture)
-
-RABBITMQADMIN = shutil.which("rabbitmqadmin")
-
-
-def poll(fn, timeout=15.0, interval=0.2):
-    """fn() until it returns something truthy (the value), or fail with the last value."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out; last value {last!r}")
+from mgmt_target import mgmt_target  # noqa: F401 (fixtures)
+from mgmt_target import poll, RABBITMQADMIN
 
 
 def name(prefix):

@@ -3,42 +3,15 @@ API: list (sorted, with columns), declare, publish, get, delete, export, and pyr
 name filter. Every test passes against Debian's RabbitMQ 3.10.8 (WARREN_TEST_TARGET=rabbitmq)."""
 
 import json
-import shutil
 import subprocess
-import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from mgmt_target import mgmt_target  # noqa: F401 (fixture)
+from mgmt_target import mgmt_target, vhost  # noqa: F401 (fixtures)
+from mgmt_target import poll, RABBITMQADMIN
 
-PLUGIN_CLI = Path("/usr/lib/rabbitmq/lib/rabbitmq_server-3.10.8/plugins/"
-                  "rabbitmq_management-3.10.8/priv/www/cli/rabbitmqadmin")
-RABBITMQADMIN = shutil.which("rabbitmqadmin") or (str(PLUGIN_CLI) if PLUGIN_CLI.exists() else None)
 needs_admin = pytest.mark.skipif(RABBITMQADMIN is None, reason="rabbitmqadmin not installed "
                                  "(Debian's rabbitmq-server ships it)")
-
-
-def poll(fn, timeout=15.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out; last value {last!r}")
-
-
-@pytest.fixture
-def vhost(mgmt_target):
-    _, api = mgmt_target
-    v = f"admin-{uuid.uuid4().hex[:8]}"
-    api.ok("PUT", f"/api/vhosts/{v}", {})
-    api.ok("PUT", f"/api/permissions/{v}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-    yield v
-    api.call("DELETE", f"/api/vhosts/{v}")
 
 
 def admin(api, vhost, *args):
