@@ -33,17 +33,7 @@ async fn publish_persistent(ch: &lapin::Channel, queue: &str, tag: &str, n: usiz
 /// missing included).
 async fn try_ready(n: &Node, queue: &str) -> Option<u32> {
     let (_c, ch) = channel_on(n).await;
-    ch.queue_declare(
-        queue.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .ok()
-    .map(|q| q.message_count())
+    passive_count(&ch, queue).await.ok()
 }
 
 /// Consumes everything in `queue` through `ch` (manual acks) until `n` distinct bodies were

@@ -187,6 +187,12 @@ pub async fn channel_on(n: &Node) -> (lapin::Connection, lapin::Channel) {
 }
 
 pub async fn ready_on(ch: &lapin::Channel, queue: &str) -> u32 {
+    passive_count(ch, queue).await.expect("passive declare")
+}
+
+/// Ready messages of `queue` by a passive declare (an error, the queue missing included,
+/// closes the channel).
+pub async fn passive_count(ch: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
     ch.queue_declare(
         queue.into(),
         lapin::options::QueueDeclareOptions {
@@ -196,8 +202,7 @@ pub async fn ready_on(ch: &lapin::Channel, queue: &str) -> u32 {
         Default::default(),
     )
     .await
-    .expect("passive declare")
-    .message_count()
+    .map(|q| q.message_count())
 }
 
 /// Publishes one message (persistent or not) on a channel in confirm mode and waits for its
