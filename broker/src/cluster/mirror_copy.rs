@@ -83,9 +83,7 @@ pub struct Copy {
     /// id -> (message, expiry in Unix ms or 0).
     msgs: BTreeMap<u64, (Arc<Message>, u64)>,
     top: u64,
-    /// The last synchronisation point applied since the last Reset.
-    sync_seq: u64,
-    /// The last synchronisation point whose messages are all safe.
+    /// The last synchronisation point (since the last Reset) whose messages are all safe.
     safe_sync: u64,
     /// The highest id reported safe (acks never go back).
     safe_up_to: u64,
@@ -110,7 +108,6 @@ impl Copy {
             gen,
             msgs: BTreeMap::new(),
             top: 0,
-            sync_seq: 0,
             safe_sync: 0,
             safe_up_to: 0,
             recovered: false,
@@ -180,7 +177,6 @@ impl Copy {
     pub fn reset(&mut self) {
         self.msgs.clear();
         self.top = 0;
-        self.sync_seq = 0;
         self.safe_sync = 0;
         self.safe_up_to = 0;
         if let Some(d) = &mut self.disk {
@@ -193,7 +189,6 @@ impl Copy {
 
     /// The end of synchronisation batch `seq`.
     pub fn sync_point(&mut self, seq: u64) {
-        self.sync_seq = seq;
         match &mut self.disk {
             Some(d) if !d.pending.is_empty() => {
                 d.marks.push_back((seq, d.next_order.saturating_sub(1)));
@@ -250,12 +245,7 @@ impl Copy {
             None => self.top,
         };
         self.safe_up_to = self.safe_up_to.max(up_to);
-        let sync = if self.disk.is_some() {
-            self.safe_sync
-        } else {
-            self.sync_seq
-        };
-        (self.safe_up_to, sync)
+        (self.safe_up_to, self.safe_sync)
     }
 
     /// The copy as a queue's messages (queue order), every one redelivered (see
