@@ -259,6 +259,17 @@ impl QueueRep {
         self.state.lock().down.remove(&peer);
     }
 
+    /// `ops` of this queue from its master of `epoch`, encoded for the mirrors.
+    fn batch(&self, epoch: u64, ops: Vec<MirrorOp>) -> bytes::Bytes {
+        MirrorBatch {
+            queue: self.queue.clone(),
+            epoch,
+            durable: self.durable,
+            ops,
+        }
+        .encode()
+    }
+
     /// Queues the op for the mirrors, built only when there are mirrors (this is called per
     /// message and per settle).
     fn push(&self, op: impl FnOnce() -> MirrorOp) {
@@ -388,13 +399,7 @@ impl QueueLog for MirroredLog {
             })
             .collect();
         ops.push(MirrorOp::SyncPoint(seq));
-        let batch = MirrorBatch {
-            queue: self.rep.queue.clone(),
-            epoch,
-            durable: self.rep.durable,
-            ops,
-        }
-        .encode();
+        let batch = self.rep.batch(epoch, ops);
         let mut failed = Vec::new();
         let mut st = self.rep.state.lock();
         for m in targets {
@@ -447,27 +452,21 @@ impl MirroredLog {
         if targets.is_empty() {
             return;
         }
-        let mut reset_ops = Vec::with_capacity(ops.len() + 1);
-        reset_ops.push(MirrorOp::Reset);
-        reset_ops.extend(ops.iter().cloned());
-        let batch = MirrorBatch {
-            queue: self.rep.queue.clone(),
-            epoch,
-            durable: self.rep.durable,
-            ops,
-        }
-        .encode();
-        let reset = MirrorBatch {
-            queue: self.rep.queue.clone(),
-            epoch,
-            durable: self.rep.durable,
-            ops: reset_ops,
-        }
-        .encode();
+        // Mirrors whose stream starts now get the same ops after a Reset (built only then).
+        let reset = (!fresh.is_empty()).then(|| {
+            let mut reset_ops = Vec::with_capacity(ops.len() + 1);
+            reset_ops.push(MirrorOp::Reset);
+            reset_ops.extend(ops.iter().cloned());
+            self.rep.batch(epoch, reset_ops)
+        });
+        let batch = self.rep.batch(epoch, ops);
         let mut started = Vec::new();
         let mut failed = Vec::new();
         for m in targets {
-            let b = if fresh.contains(&m) { &reset } else { &batch };
+            let b = match &reset {
+                Some(reset) if fresh.contains(&m) => reset,
+                _ => &batch,
+            };
             match self.cluster.send(m, MIRROR, b.clone()) {
                 Ok(()) if fresh.contains(&m) => started.push(m),
                 Ok(()) => {}
