@@ -119,3 +119,34 @@ impl Registry {
         }
     }
 }
+
+/// How long [`inspect`] waits for the connections' answers.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Asks each connection with channels to describe them (concurrently, bounded in time: a
+/// connection that does not answer in time is left out), for the management API and metrics.
+pub async fn inspect(
+    conns: &[Arc<ConnEntry>],
+) -> Vec<(Arc<ConnEntry>, Vec<crate::stats::ChannelSnapshot>)> {
+    let mut waiting = Vec::new();
+    for e in conns {
+        if e.stats.channels.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if e.events
+            .send(crate::queue::ClientEvent::Inspect(tx))
+            .is_ok()
+        {
+            waiting.push((e.clone(), rx));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + INSPECT_TIMEOUT;
+    let mut out = Vec::new();
+    for (e, rx) in waiting {
+        if let Ok(Ok(chans)) = tokio::time::timeout_at(deadline, rx).await {
+            out.push((e, chans));
+        }
+    }
+    out
+}

@@ -129,7 +129,7 @@ fn add_rates(to: &mut Rates, r: &Rates, conn: bool) {
     }
 }
 
-fn user_json(u: &crate::auth::User) -> Value {
+pub(super) fn user_json(u: &crate::auth::User) -> Value {
     json!({
         "name": u.name,
         "password_hash": u.password.hash,

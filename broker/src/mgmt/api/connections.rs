@@ -15,8 +15,6 @@ use crate::stats::ChannelSnapshot;
 use crate::BrokerShared;
 use hyper::Method;
 use serde_json::{json, Value};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// GET /api/connections.
 pub(super) fn list(shared: &BrokerShared, r: &Req) -> Value {
@@ -67,7 +65,7 @@ pub(super) async fn channels_of(
     if conns.is_empty() {
         return Err(ApiError::NotFound);
     }
-    Ok(inspect(&conns)
+    Ok(crate::connection::registry::inspect(&conns)
         .await
         .iter()
         .flat_map(|(e, chans)| chans.iter().map(|c| channel_json(shared, e, c)))
@@ -78,7 +76,7 @@ pub(super) async fn channels_of(
 pub(super) async fn channels(shared: &BrokerShared, r: &Req) -> Value {
     let conns = visible_conns(shared, r);
     Value::Array(
-        inspect(&conns)
+        crate::connection::registry::inspect(&conns)
             .await
             .iter()
             .flat_map(|(e, chans)| chans.iter().map(|c| channel_json(shared, e, c)))
@@ -89,7 +87,7 @@ pub(super) async fn channels(shared: &BrokerShared, r: &Req) -> Value {
 /// GET /api/channels/{name}.
 pub(super) async fn channel(shared: &BrokerShared, r: &Req, name: &str) -> R {
     let conns = visible_conns(shared, r);
-    inspect(&conns)
+    crate::connection::registry::inspect(&conns)
         .await
         .iter()
         .flat_map(|(e, chans)| chans.iter().map(|c| channel_json(shared, e, c)))
@@ -147,31 +145,6 @@ fn connection(shared: &BrokerShared, e: &ConnEntry) -> Value {
     })
 }
 
-/// Asks each connection for its channels (concurrently, bounded in time).
-async fn inspect(conns: &[Arc<ConnEntry>]) -> Vec<(Arc<ConnEntry>, Vec<ChannelSnapshot>)> {
-    let mut waiting = Vec::new();
-    for e in conns {
-        if e.stats.channels.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-            continue;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if e.events
-            .send(crate::queue::ClientEvent::Inspect(tx))
-            .is_ok()
-        {
-            waiting.push((e.clone(), rx));
-        }
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let mut out = Vec::new();
-    for (e, rx) in waiting {
-        if let Ok(Ok(chans)) = tokio::time::timeout_at(deadline, rx).await {
-            out.push((e, chans));
-        }
-    }
-    out
-}
-
 fn channel_name(e: &ConnEntry, number: u16) -> String {
     format!("{} ({number})", e.name)
 }
@@ -209,7 +182,7 @@ fn channel_json(shared: &BrokerShared, e: &ConnEntry, c: &ChannelSnapshot) -> Va
 pub(super) async fn consumers(shared: &BrokerShared, r: &Req, vhost: Option<&str>) -> Value {
     let conns = visible_conns(shared, r);
     let mut out = Vec::new();
-    for (e, chans) in inspect(&conns).await {
+    for (e, chans) in crate::connection::registry::inspect(&conns).await {
         let o = e.opened.lock().clone().unwrap_or_default();
         if vhost.is_some_and(|v| v != o.vhost) {
             continue;

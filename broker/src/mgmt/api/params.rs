@@ -213,15 +213,7 @@ pub(super) fn users_without_permissions(
         .users()
         .iter()
         .filter(|u| !with.contains(&u.name))
-        .map(|u| {
-            json!({
-                "name": u.name,
-                "password_hash": u.password.hash,
-                "hashing_algorithm": u.password.algorithm.as_str(),
-                "tags": u.tags,
-                "limits": {},
-            })
-        })
+        .map(super::access::user_json)
         .collect())
 }
 

@@ -39,15 +39,11 @@ use std::collections::HashSet;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 const CTYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// RabbitMQ refuses longer `queue` expressions.
 const MAX_QUEUE_FILTER_LEN: usize = 2000;
-
-/// How long a scrape waits for the connections to describe their channels.
-const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn handle(shared: &BrokerShared, req: Request<Incoming>) -> Resp {
     if req.method() != Method::GET {
@@ -177,7 +173,7 @@ impl<'a> Scrape<'a> {
         queues.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
         let conns = shared.registry.connections();
         let channels = if with_channels {
-            inspect(&conns).await
+            crate::connection::registry::inspect(&conns).await
         } else {
             Vec::new()
         };
@@ -193,32 +189,6 @@ impl<'a> Scrape<'a> {
             alarms: shared.node.alarms.state(),
         }
     }
-}
-
-/// Asks each connection with channels to describe them (concurrently, bounded in time: a
-/// connection that does not answer in time is left out of this scrape).
-async fn inspect(conns: &[Arc<ConnEntry>]) -> Vec<(Arc<ConnEntry>, Vec<ChannelSnapshot>)> {
-    let mut waiting = Vec::new();
-    for e in conns {
-        if e.stats.channels.load(Ordering::Relaxed) == 0 {
-            continue;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if e.events
-            .send(crate::queue::ClientEvent::Inspect(tx))
-            .is_ok()
-        {
-            waiting.push((e.clone(), rx));
-        }
-    }
-    let deadline = tokio::time::Instant::now() + INSPECT_TIMEOUT;
-    let mut out = Vec::new();
-    for (e, rx) in waiting {
-        if let Ok(Ok(chans)) = tokio::time::timeout_at(deadline, rx).await {
-            out.push((e, chans));
-        }
-    }
-    out
 }
 
 /// Writes one metric family.
