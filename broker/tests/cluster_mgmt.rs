@@ -2,7 +2,8 @@
 //! a partition, brokers in this process whose cluster links are cut through the cluster's
 //! fault hook): the mirror-sync and quorum health checks, /api/nodes (running, partitions,
 //! every node's own figures), connections, channels and consumers of one node listed and
-//! closed through another, and the cluster gauges at /metrics.
+//! closed through another, /api/overview's totals for the whole cluster, and the cluster
+//! gauges at /metrics.
 
 mod support;
 
@@ -376,6 +377,66 @@ async fn connections_channels_and_consumers_of_one_node_are_listed_and_closed_th
     assert_eq!(r.status, 404);
     let r = a.req("DELETE", "/api/connections/nobody").await;
     assert_eq!(r.status, 404);
+}
+
+/// `/api/overview` answers for the cluster on every node: connections, channels and message
+/// counts of both nodes added up, queues and their messages counted once, every node's
+/// listeners; `node-local=true` gives the node's own share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_of_any_node_counts_every_nodes_connections_channels_and_publishes() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut nodes = cluster_of(2, "ov", root.path()).await;
+    let b = nodes.pop().expect("b");
+    let a = nodes.pop().expect("a");
+    let ca = a.connect("on-a").await;
+    let cha = ca.create_channel().await.expect("channel");
+    let _cha2 = ca.create_channel().await.expect("channel");
+    support::declare_durable(&cha, "ov").await;
+    let cb = b.connect("on-b").await;
+    let chb = cb.create_channel().await.expect("channel");
+    for (ch, n) in [(&cha, 5), (&chb, 3)] {
+        ch.confirm_select(Default::default())
+            .await
+            .expect("confirms");
+        for i in 0..n {
+            assert!(
+                support::cluster::publish_confirmed(ch, "", "ov", format!("m{i}").as_bytes(), true)
+                    .await
+            );
+        }
+    }
+    for n in [&a, &b] {
+        eventually(
+            &format!("{}'s overview counts both nodes", n.name),
+            || async {
+                let o = n.get("/api/overview").await;
+                o["object_totals"]["connections"] == 2
+                    && o["object_totals"]["channels"] == 3
+                    && o["object_totals"]["queues"] == 1
+                    && o["queue_totals"]["messages_ready"] == 8
+                    && o["message_stats"]["publish"] == 8
+            },
+        )
+        .await;
+        let o = n.get("/api/overview").await;
+        let mut listed: Vec<&str> = o["listeners"]
+            .as_array()
+            .expect("listeners")
+            .iter()
+            .filter(|l| l["protocol"] == "amqp")
+            .map(|l| l["node"].as_str().expect("node"))
+            .collect();
+        listed.sort();
+        assert_eq!(listed, ["a@ov", "b@ov"], "{o}");
+    }
+    let own = a.get("/api/overview?node-local=true").await;
+    assert_eq!(own["object_totals"]["connections"], 1);
+    assert_eq!(own["object_totals"]["channels"], 2);
+    assert_eq!(own["message_stats"]["publish"], 5);
+    assert_eq!(
+        own["queue_totals"]["messages_ready"], 8,
+        "queues are the cluster's"
+    );
 }
 
 // === a partition, with the cluster's fault hook (brokers in this process) ===

@@ -71,7 +71,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
     let m = &r.method;
     let get = m == Method::GET;
     match segs.as_slice() {
-        ["overview"] if get => ok(overview::overview(shared)),
+        ["overview"] if get => cluster_wide::overview(shared, r).await,
         ["cluster-name"] if get => ok(json!({"name": overview::cluster_name(shared)})),
         ["nodes"] if get => cluster::list(shared, r).await,
         ["nodes", name] if get => cluster::node_named(shared, r, name).await,
