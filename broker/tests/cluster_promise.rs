@@ -3,7 +3,9 @@
 //! every node, ELB health checks, its periodic resets on), publishers with confirms and
 //! consumers with manual acks all going through the balancer, while the queue's master is
 //! killed with SIGKILL several times on a seeded schedule and restarted (it resyncs, then
-//! the next master goes).
+//! the next master goes); and a rolling restart: every node of three stopped with SIGTERM and
+//! started again in turn, each once `node-is-mirror-sync-critical` says it may go (the
+//! pre-stop check of a rolling upgrade), the master included.
 //!
 //! Checked from the clients' history: every confirmed publish is consumed at least once;
 //! nothing consumed that was never published; a message consumed again comes with
@@ -181,8 +183,21 @@ struct Member {
     amqp: String,
 }
 
-async fn promise(three: bool, seed: u64) {
-    let tag = if three { "p3" } else { "p2" };
+/// What happens to the nodes while the clients run.
+#[derive(Clone, Copy, PartialEq)]
+enum Disruption {
+    /// The master killed with SIGKILL `KILLS` times on a seeded schedule.
+    MasterKills,
+    /// Every node stopped with SIGTERM and started again in turn.
+    RollingRestart,
+}
+
+async fn promise(three: bool, seed: u64, disruption: Disruption) {
+    let tag = match (three, disruption) {
+        (_, Disruption::RollingRestart) => "pr",
+        (true, _) => "p3",
+        (false, _) => "p2",
+    };
     let root = tempfile::tempdir().expect("tmp");
     let secret = secret_file(root.path(), &format!("cookie-{tag}"));
     let names: Vec<String> = if three {
@@ -290,30 +305,64 @@ async fn promise(three: bool, seed: u64) {
     let mut kills = Vec::new();
     // The logs of the killed nodes' runs, printed if the check fails.
     let mut logs = Vec::new();
-    for k in 0..KILLS {
+    let rounds = match disruption {
+        Disruption::MasterKills => KILLS,
+        Disruption::RollingRestart => members.len(),
+    };
+    for k in 0..rounds {
         tokio::time::sleep(Duration::from_millis(800 + rng.next() % 1200)).await;
         let master = placement(&nodes).await["node"]
             .as_str()
             .expect("a master")
             .to_owned();
-        let i = members
-            .iter()
-            .position(|m| m.name == master)
-            .expect("master is a member");
+        let i = match disruption {
+            Disruption::MasterKills => members
+                .iter()
+                .position(|m| m.name == master)
+                .expect("master is a member"),
+            Disruption::RollingRestart => k,
+        };
+        let name = members[i].name.clone();
+        if disruption == Disruption::RollingRestart {
+            // The pre-stop check: no queue would lose its last synchronised copy.
+            let n = nodes[i].as_ref().expect("running");
+            eventually_within(
+                &format!("{name} may stop (node-is-mirror-sync-critical)"),
+                Duration::from_secs(30),
+                || async {
+                    let r = support::http::http(
+                        n.mgmt(),
+                        "GET",
+                        "/api/health/checks/node-is-mirror-sync-critical",
+                        Some(("guest", "guest")),
+                        None,
+                    )
+                    .await;
+                    r.status == 200
+                },
+            )
+            .await;
+        }
         let killed_at = Instant::now();
         let victim = nodes[i].take().expect("running");
-        logs.push((format!("{master} (killed {k})"), victim.proc.log.clone()));
-        victim.proc.kill9().await;
-        kills.push((master.clone(), killed_at));
-        eventually_within(
-            &format!("kill {k}: a mirror of {master} promoted"),
-            Duration::from_secs(30),
-            || async {
-                let node = placement(&nodes).await["node"].clone();
-                node.as_str().is_some_and(|n| n != master)
-            },
-        )
-        .await;
+        logs.push((format!("{name} (stopped {k})"), victim.proc.log.clone()));
+        match disruption {
+            Disruption::MasterKills => victim.proc.kill9().await,
+            // A clean exit (status 0) within 20 s, its queues handed over first.
+            Disruption::RollingRestart => victim.proc.term().await,
+        }
+        kills.push((name.clone(), killed_at));
+        if name == master {
+            eventually_within(
+                &format!("round {k}: a mirror of {master} promoted"),
+                Duration::from_secs(30),
+                || async {
+                    let node = placement(&nodes).await["node"].clone();
+                    node.as_str().is_some_and(|n| n != master)
+                },
+            )
+            .await;
+        }
         let m = &members[i];
         nodes[i] = Some(
             start_with(
@@ -327,7 +376,7 @@ async fn promise(three: bool, seed: u64) {
             .await,
         );
         eventually_within(
-            &format!("kill {k}: {master} back in sync"),
+            &format!("round {k}: {name} back in sync"),
             Duration::from_secs(30),
             || async {
                 placement(&nodes).await["synchronised_slave_nodes"]
@@ -383,7 +432,7 @@ async fn promise(three: bool, seed: u64) {
     lost.sort();
     let phantom: Vec<&&str> = seen.keys().filter(|b| !h.sent.contains(**b)).collect();
     let duplicates = seen.values().filter(|n| **n > 1).count();
-    // Failover: from the kill to the first confirm of a publish sent after it.
+    // Failover: from the kill (or stop) to the first confirm of a publish sent after it.
     let mut failovers: Vec<Duration> = kills
         .iter()
         .map(|(master, at)| {
@@ -400,13 +449,17 @@ async fn promise(three: bool, seed: u64) {
     let max = failovers[failovers.len() - 1];
     eprintln!(
         "promise ({} nodes{}, seed {seed}): {} sent, {} confirmed, {} deliveries ({duplicates} \
-         delivered more than once, all redelivered), {KILLS} master kills; failover p50 {p50:?}, \
-         max {max:?}",
+         delivered more than once, all redelivered), {rounds} {}; confirms resumed after each \
+         p50 {p50:?}, max {max:?}",
         members.len(),
         if three { "" } else { " and a witness" },
         h.sent.len(),
         h.confirmed.len(),
         h.delivered.len(),
+        match disruption {
+            Disruption::MasterKills => "master kills",
+            Disruption::RollingRestart => "nodes restarted in turn",
+        },
     );
     // WARREN_TEST_DUMP=1 prints the same diagnostics for a run that passes.
     if !lost.is_empty() || std::env::var_os("WARREN_TEST_DUMP").is_some() {
@@ -471,10 +524,15 @@ async fn promise(three: bool, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seeds_two_nodes_and_a_witness_keep_every_confirmed_message_through_repeated_master_kills(
 ) {
-    promise(false, 0x5eed_0002).await;
+    promise(false, 0x5eed_0002, Disruption::MasterKills).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_keep_every_confirmed_message_through_repeated_master_kills() {
-    promise(true, 0x5eed_0003).await;
+    promise(true, 0x5eed_0003, Disruption::MasterKills).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_restarted_one_by_one_under_load_keep_every_confirmed_message() {
+    promise(true, 0x5eed_0004, Disruption::RollingRestart).await;
 }
