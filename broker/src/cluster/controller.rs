@@ -34,9 +34,10 @@ use warren_cluster::{node_id_of, Op};
 
 /// How often the placements are looked at.
 const TICK: Duration = Duration::from_millis(200);
-/// After a link drops, how long before the placements are looked at (the first redial,
-/// 50 ms later at most, tells a dead process from a silent one).
-const DOWN_SETTLE: Duration = Duration::from_millis(60);
+/// After a link drops, how long before the placements are looked at: the connect that
+/// follows the drop at once tells a dead process (its address refuses) from a silent one
+/// within a round trip.
+const DOWN_SETTLE: Duration = Duration::from_millis(15);
 
 /// The mirrors a queue's effective policy asks for (not the master itself), in a stable order.
 pub fn desired_mirrors(

@@ -140,7 +140,11 @@ pub fn seed(s: &str) -> Result<String, String> {
 pub fn timing(failure_detection_ms: u64) -> Timing {
     let fd = failure_detection_ms.max(MIN_FAILURE_DETECTION_MS);
     let ms = Duration::from_millis;
-    let election = (fd / 3).max(100);
+    // openraft's followers refuse to vote for 1.2 election timeouts after the last heartbeat
+    // of their leader (its lease), even when its process is known gone: that is what a master
+    // that was also the Raft leader waits before its queues fail over. A sixth of the failure
+    // detection keeps it well under it (600 ms at the default) and spurious elections rare.
+    let election = (fd / 6).max(150);
     Timing {
         raft_heartbeat: ms((election / 10).max(10)),
         election_timeout: ms(election),
@@ -218,7 +222,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("failure detection {fd} ms: {e}"));
             assert_eq!(t.failure_detection, Duration::from_millis(fd));
         }
-        assert_eq!(timing(3000).election_timeout, Duration::from_millis(1000));
+        assert_eq!(timing(3000).election_timeout, Duration::from_millis(500));
         assert_eq!(timing(3000).link_heartbeat, Duration::from_millis(250));
     }
 

@@ -745,11 +745,28 @@ impl Net {
         });
     }
 
+    /// Marks `peer` refused if a TCP connect to `addr` is refused (nothing is sent: the
+    /// other side sees a connection close before its handshake).
+    async fn probe(&self, peer: &Peer, addr: &str) {
+        let timeout = self.s.timing.link_heartbeat;
+        if let Ok(Err(e)) = tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused && peer.link.lock().is_none() {
+                peer.refused.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     async fn dial_loop(&self, peer: &Arc<Peer>) {
         let t = &self.s.timing;
         let mut backoff = Duration::from_millis(50);
-        // The higher id gives the lower one a head start, so that both rarely dial at once.
+        // The higher id gives the lower one a head start, so that both rarely dial at once;
+        // meanwhile one bare TCP connect tells at once whether the peer's process is gone
+        // (its address refuses), which is what the failover of its queues waits for.
         if self.s.me.id > peer.id {
+            let addr = peer.member_addr.lock().clone();
+            if let Some(addr) = addr {
+                self.probe(peer, &addr).await;
+            }
             tokio::time::sleep(t.link_heartbeat).await;
         }
         let mut attempt: u32 = 0;
