@@ -980,7 +980,7 @@ async fn the_stored_messages_of_a_queue_without_definition_are_dropped_and_recla
     let (_c, ch) = b.connect().await;
     let warned = || {
         b.log.lock().iter().any(|l| {
-            l.contains("queue that has no definition")
+            l.contains("dropping the stored messages of a queue not served from this store")
                 && l.contains("queue=orphan")
                 && l.contains("messages=40")
         })

@@ -348,8 +348,12 @@ async fn put(
                 vh.install_queue(spec, old, |h, rx| link.run_proxy(h, rx, master_id))
             };
             // After the declare: the queue's records of the seed are in the store before the
-            // copy's delete record.
-            drop(retired);
+            // copy's delete record. A declare that failed keeps the copy's records on disk
+            // (found again at the next start) rather than losing them.
+            match (retired, &r) {
+                (Some(log), Err(_)) => log.keep(),
+                (retired, _) => drop(retired),
+            }
             if let (Some((old, true)), Ok(new)) = (&replace, &r) {
                 link.proxy_replaced(old, new);
             }

@@ -268,12 +268,14 @@ impl Copy {
 }
 
 /// A copy's log that is no longer needed: deleted when dropped, unless kept with
-/// [`Retired::take`].
+/// [`Retired::keep`].
 pub struct Retired(Option<DiskLog>);
 
 impl Retired {
-    pub fn take(mut self) -> Option<DiskLog> {
-        self.0.take()
+    /// Keeps the records on disk (the log is let go without deleting them): a copy whose
+    /// queue could not be made is found again at the next start.
+    pub fn keep(mut self) {
+        self.0.take();
     }
 }
 

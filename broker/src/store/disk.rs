@@ -389,7 +389,7 @@ impl Store {
                 vhost = %vhost,
                 queue = %name,
                 messages = live.len(),
-                "store: dropping the stored messages of a queue that has no definition"
+                "store: dropping the stored messages of a queue not served from this store (no definition here, or a cluster queue mastered elsewhere)"
             );
             if let Some((k, slots)) = st.queues.remove_entry(key.as_str()) {
                 for s in slots.values() {
