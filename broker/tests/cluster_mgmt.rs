@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-use support::cluster::{start_with, Node};
+use support::cluster::{in_process, start_with, Node};
 use support::http::{http, Resp};
 
 /// What these tests ask of a node beyond the shared harness.
@@ -440,17 +440,6 @@ async fn the_overview_of_any_node_counts_every_nodes_connections_channels_and_pu
 }
 
 // === a partition, with the cluster's fault hook (brokers in this process) ===
-
-async fn in_process(name: &str, secret: &Path, join: Option<String>) -> support::TestBroker {
-    let mut cfg = warren_broker::config::Config::for_tests();
-    cfg.node_name = name.into();
-    cfg.mgmt = vec!["127.0.0.1:0".parse().expect("addr")];
-    cfg.cluster_listen = vec!["127.0.0.1:0".parse().expect("addr")];
-    cfg.cluster_secret_file = Some(secret.to_owned());
-    cfg.cluster_failure_detection_ms = 600;
-    cfg.join = join.into_iter().collect();
-    support::start_with(cfg).await
-}
 
 async fn nodes_of(b: &support::TestBroker) -> Value {
     let r = http(

@@ -1,7 +1,9 @@
 //! Synchronising mirrors of a queue with a backlog (real broker processes on loopback): a
 //! mirror whose stream starts while the queue holds messages gets them in batches while the
 //! queue keeps serving (`ha-sync-mode` automatic), or only when asked (`sync_queue` with
-//! manual sync), and once in sync it can take the queue over with every message.
+//! manual sync), and once in sync it can take the queue over with every message; a mirror that
+//! stops acknowledging (in this process, through the mirrors' test hook) leaves the in-sync set
+//! after the failure-detection time instead of holding confirms back.
 
 mod support;
 
@@ -169,4 +171,90 @@ async fn with_manual_sync_a_mirror_is_in_sync_only_after_sync_queue_asked_of_any
     let (_cb, chb) = channel_on(&b).await;
     let got = consume_all(&chb, "manual", 500).await;
     assert_eq!(got, (0..500).collect::<Vec<_>>());
+}
+
+/// A mirror that stays reachable but acknowledges nothing (its disk stalls) holds confirms back
+/// for the failure-detection time at most: then it is out of the in-sync set and the publish is
+/// confirmed. Once it acknowledges again it is synchronised and in sync again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_stops_acknowledging_leaves_the_in_sync_set_and_confirms_go_on() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-sl");
+    let a = in_process("a@sl", &secret, None).await;
+    let seed = a
+        .shared
+        .cluster()
+        .expect("clustered")
+        .cluster
+        .listen_addrs()[0]
+        .to_string();
+    let b = in_process("b@sl", &secret, Some(seed)).await;
+    let mgmt = a.mgmt.expect("mgmt");
+    let r = http(
+        mgmt,
+        "PUT",
+        "/api/policies/%2F/ha-all",
+        Some(("guest", "guest")),
+        Some(json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}})),
+    )
+    .await;
+    assert!(matches!(r.status, 201 | 204), "{}", r.text());
+    let (_c, ch) = a.channel().await;
+    support::declare_durable(&ch, "slow").await;
+    let in_sync = || async {
+        let r = http(
+            mgmt,
+            "GET",
+            "/api/queues/%2F/slow",
+            Some(("guest", "guest")),
+            None,
+        )
+        .await;
+        r.json()["synchronised_slave_nodes"].clone()
+    };
+    eventually("b in sync", || async { in_sync().await == json!(["b@sl"]) }).await;
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    assert!(publish_confirmed(&ch, "", "slow", b"before", true).await);
+
+    b.shared
+        .cluster()
+        .expect("clustered")
+        .hold_mirror_acks(true);
+    let t0 = tokio::time::Instant::now();
+    let confirmed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        publish_confirmed(&ch, "", "slow", b"during", true),
+    )
+    .await
+    .expect("a confirm within 10 s");
+    let took = t0.elapsed();
+    assert!(confirmed, "nacked");
+    let fd = std::time::Duration::from_millis(FD_MS.parse().expect("fd"));
+    assert!(
+        took >= fd,
+        "confirmed after {took:?}, before the failure-detection time: the mirror's acks were not waited for"
+    );
+    assert_eq!(
+        in_sync().await,
+        json!([]),
+        "the silent mirror is out of sync"
+    );
+
+    b.shared
+        .cluster()
+        .expect("clustered")
+        .hold_mirror_acks(false);
+    eventually("b in sync again", || async {
+        in_sync().await == json!(["b@sl"])
+    })
+    .await;
+    let t1 = tokio::time::Instant::now();
+    assert!(publish_confirmed(&ch, "", "slow", b"after", true).await);
+    assert!(
+        t1.elapsed() < fd,
+        "confirms wait for nothing unusual once it is back"
+    );
+    assert_eq!(ready_on(&ch, "slow").await, 3);
 }

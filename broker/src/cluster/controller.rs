@@ -9,7 +9,8 @@
 //!   [`super::replicate`]), or the queue holds nothing older than the stream (it is empty
 //!   then: RabbitMQ's natural sync, all `ha-sync-mode` manual gets without `sync_queue`);
 //! - a mirror out of reach for the failure-detection time leaves the in-sync set, so it stops
-//!   holding confirms back.
+//!   holding confirms back; so does one that is reachable but has acknowledged nothing for
+//!   that long (a stalled disk or process).
 //!
 //! The Raft leader also watches the masters: a master out of reach for the failure-detection
 //! time (or at once when its process is gone: its link dropped and its address refuses
@@ -170,6 +171,11 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
             }
             let empty = q.message_count() == 0
                 && q.stats.unacked.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            // A mirror that holds confirms back longer than the failure-detection time (its
+            // disk or process stalls while its link answers) goes out of sync like one whose
+            // link dropped.
+            link.replication
+                .drop_slow_mirrors(&qref, link.failure_detection());
             let broken = |n: &str| link.replication.broken(&qref, node_id_of(n));
             let mut in_sync: Vec<String> = p
                 .in_sync

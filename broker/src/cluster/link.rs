@@ -167,6 +167,12 @@ impl ClusterLink {
         self.stop.is_cancelled()
     }
 
+    /// Test hook: this node's mirrors acknowledge nothing while `hold` is set (see
+    /// `Mirrors::hold_acks`).
+    pub fn hold_mirror_acks(&self, hold: bool) {
+        self.mirrors.hold_acks(hold);
+    }
+
     /// `cluster-failure-detection-ms`.
     pub fn failure_detection(&self) -> Duration {
         self.failure_detection

@@ -45,6 +45,10 @@ pub struct Mirrors {
     /// key never repeats one of an earlier run.
     next_gen: AtomicU64,
     disk_tx: mpsc::UnboundedSender<DiskEvent>,
+    /// Test hook: while set, acks wait here, the latest per master and queue (a mirror whose
+    /// disk stalls); sent when it is cleared.
+    held: Mutex<Option<HashMap<(NodeId, QueueRef), MirrorAck>>>,
+    cluster: Cluster,
 }
 
 impl Mirrors {
@@ -63,6 +67,8 @@ impl Mirrors {
             store,
             next_gen: AtomicU64::new(crate::stats::epoch_ms().saturating_mul(1000)),
             disk_tx,
+            held: Mutex::new(None),
+            cluster: cluster.clone(),
         });
         me.recover();
         let mut inbox = cluster.subscribe_app(MIRROR);
@@ -79,14 +85,14 @@ impl Mirrors {
                             continue;
                         };
                         if let Some(ack) = me.apply(memory, m.from, batch) {
-                            send_ack(&cluster, m.from, ack);
+                            me.send_ack(m.from, ack);
                         }
                     }
                     ev = disk_rx.recv() => {
                         let Some((queue, gen, ev)) = ev else { return };
                         let Some(me) = weak.upgrade() else { return };
                         if let Some((to, ack)) = me.on_disk(&queue, gen, ev) {
-                            send_ack(&cluster, to, ack);
+                            me.send_ack(to, ack);
                         }
                     }
                     // A master that dies leaves its copy here to be promoted; one whose link only
@@ -258,6 +264,36 @@ impl Mirrors {
         }
     }
 
+    fn send_ack(&self, to: NodeId, ack: MirrorAck) {
+        if let Some(held) = self.held.lock().as_mut() {
+            held.insert((to, ack.queue.clone()), ack);
+            return;
+        }
+        if let Err(e) = self.cluster.send(to, MIRROR_ACK, ack.encode()) {
+            debug!(error = %e, "mirror ack not sent");
+        }
+    }
+
+    /// Test hook: while `hold` is set this node's acks to the masters of the queues it
+    /// mirrors wait (as those of a mirror whose disk stalls), though its links stay up; when
+    /// it is cleared the latest of each goes out.
+    pub fn hold_acks(&self, hold: bool) {
+        let released = {
+            let mut held = self.held.lock();
+            match (hold, held.is_some()) {
+                (true, false) => {
+                    *held = Some(HashMap::new());
+                    None
+                }
+                (false, true) => held.take(),
+                _ => None,
+            }
+        };
+        for ((to, _), ack) in released.into_iter().flatten() {
+            self.send_ack(to, ack);
+        }
+    }
+
     /// This node no longer mirrors `queue`.
     pub fn drop_copy(&self, queue: &QueueRef) {
         if let Some(c) = self.copies.lock().remove(queue) {
@@ -274,11 +310,5 @@ fn ack_of(queue: &QueueRef, c: &mut Copy) -> MirrorAck {
         up_to,
         sync_seq,
         failed: c.failed,
-    }
-}
-
-fn send_ack(cluster: &Cluster, to: NodeId, ack: MirrorAck) {
-    if let Err(e) = cluster.send(to, MIRROR_ACK, ack.encode()) {
-        debug!(error = %e, "mirror ack not sent");
     }
 }

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::debug;
 use warren_cluster::{Cluster, NodeId};
 
@@ -71,7 +72,15 @@ struct RepState {
     /// Mirrors whose link is down: nothing is sent to them (their stream starts afresh when
     /// the link is back), so a dead node costs no work and no queued batches.
     down: HashSet<NodeId>,
+    /// (top, when) each time the queue's top grew while publishes waited for mirrors, oldest
+    /// first, until every waited-for mirror acknowledged it: how long a mirror has held
+    /// confirms back (see [`Replication::drop_slow_mirrors`]). At most [`WAITING_MAX`].
+    waiting: std::collections::VecDeque<(u64, Instant)>,
 }
+
+/// Entries kept in [`RepState::waiting`]; past it the oldest ones, which are what counts,
+/// stay and newer tops are not noted.
+const WAITING_MAX: usize = 4096;
 
 /// One mirror's synchronisation: the messages that were in the queue when its stream began,
 /// sent in batches (one at a time) while the stream carries everything newer.
@@ -221,6 +230,9 @@ impl QueueRep {
             .map(|n| st.acked.get(n).copied().unwrap_or(0))
             .min()
             .map_or(u64::MAX, |a| a.min(st.top));
+        while st.waiting.front().is_some_and(|(id, _)| *id <= up_to) {
+            st.waiting.pop_front();
+        }
         if up_to > st.reported {
             st.reported = up_to;
             let _ = self.events.send(StoreEvent::MirrorsAcked { up_to });
@@ -430,6 +442,13 @@ impl MirroredLog {
             let mut st = self.rep.state.lock();
             if st.pending.is_empty() && st.fresh.is_empty() {
                 return;
+            }
+            // Enqueues that publishes will wait for: when they were streamed.
+            let waits = !st.in_sync.is_empty() || !st.expected.is_empty();
+            let newer = st.waiting.back().is_none_or(|(id, _)| *id < st.top);
+            if waits && newer && st.waiting.len() < WAITING_MAX && st.top > st.reported {
+                let top = st.top;
+                st.waiting.push_back((top, Instant::now()));
             }
             let ops = std::mem::take(&mut st.pending);
             let targets: Vec<NodeId> = st
@@ -695,6 +714,38 @@ impl Replication {
         if let Some(r) = self.rep(queue) {
             r.unexpect(mirror);
         }
+    }
+
+    /// In-sync (or about to be) mirrors of the queue mastered here that have not acknowledged
+    /// an enqueue streamed more than `limit` ago (reachable, but their disk or process stalls):
+    /// they count as if their link dropped (broken: the controller takes them out of the
+    /// in-sync set, so they stop holding confirms back; their stream starts over). Returns
+    /// them.
+    pub fn drop_slow_mirrors(&self, queue: &QueueRef, limit: std::time::Duration) -> Vec<NodeId> {
+        let Some(r) = self.rep(queue) else {
+            return Vec::new();
+        };
+        let slow: Vec<NodeId> = {
+            let st = r.state.lock();
+            let Some(&(oldest, at)) = st.waiting.front() else {
+                return Vec::new();
+            };
+            if at.elapsed() < limit {
+                return Vec::new();
+            }
+            st.in_sync
+                .iter()
+                .chain(st.expected.iter())
+                .filter(|m| !st.broken.contains(m))
+                .filter(|m| st.acked.get(m).copied().unwrap_or(0) < oldest)
+                .copied()
+                .collect()
+        };
+        for m in &slow {
+            tracing::warn!(queue = %queue.name, vhost = %queue.vhost, mirror = m, waited_ms = limit.as_millis() as u64, "a mirror acknowledged nothing for the failure-detection time: out of the in-sync set");
+            r.link_down(*m);
+        }
+        slow
     }
 
     /// Whether `mirror` of the queue mastered here lost its link since it was in sync.

@@ -353,3 +353,16 @@ pub async fn pair_with_witness(root: &Path, tag: &str) -> (Node, Node, Node) {
     voters(&a, 3).await;
     (a, b, w)
 }
+
+/// A clustered broker in this process (its cluster handle reachable through `shared`, for the
+/// cluster's test hooks), failure detection 600 ms, joining `join` if given.
+pub async fn in_process(name: &str, secret: &Path, join: Option<String>) -> super::TestBroker {
+    let mut cfg = warren_broker::config::Config::for_tests();
+    cfg.node_name = name.into();
+    cfg.mgmt = vec!["127.0.0.1:0".parse().expect("addr")];
+    cfg.cluster_listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    cfg.cluster_secret_file = Some(secret.to_owned());
+    cfg.cluster_failure_detection_ms = FD_MS.parse().expect("fd");
+    cfg.join = join.into_iter().collect();
+    super::start_with(cfg).await
+}
