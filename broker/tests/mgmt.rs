@@ -436,13 +436,24 @@ async fn queues_are_declared_listed_and_deleted() {
 #[tokio::test]
 async fn exchanges_are_declared_listed_and_deleted() {
     let n = start().await;
-    n.req(
-        "PUT",
-        "/api/exchanges/%2F/e1",
-        Some(json!({"durable": true})),
-    )
-    .await
-    .bad_request("type");
+    // No type: direct, as RabbitMQ.
+    let r = n
+        .req(
+            "PUT",
+            "/api/exchanges/%2F/e0",
+            Some(json!({"durable": true})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let e0 = n.get("/api/exchanges/%2F/e0").await;
+    assert_eq!(
+        (&e0["type"], &e0["durable"]),
+        (&json!("direct"), &json!(true))
+    );
+    assert_eq!(
+        n.req("DELETE", "/api/exchanges/%2F/e0", None).await.status,
+        204
+    );
     n.req(
         "PUT",
         "/api/exchanges/%2F/e1",

@@ -3,6 +3,8 @@ enforces, per-vhost definitions and connections, and the fields monitoring reads
 3.10's shapes and status codes. Every test passes against Debian's RabbitMQ 3.10.8
 (WARREN_TEST_TARGET=rabbitmq), whose statistics lag by up to 5 s: such fields are polled."""
 
+import json
+import urllib.request
 import uuid
 
 import pika
@@ -88,6 +90,17 @@ def test_small_lists_have_rabbitmqs_shapes(mgmt_target):
     assert api.get("/api/topic-permissions") == []
     auth = api.get("/api/auth")
     assert auth["enable_uaa"] is False
+    # The login page reads it before logging in: no credentials needed.
+    with urllib.request.urlopen(api.base + "/api/auth", timeout=10) as r:
+        assert r.status == 200
+        assert json.loads(r.read())["enable_uaa"] is False
+
+
+def test_an_exchange_put_without_a_type_is_direct(mgmt_target, vhost):
+    _, api = mgmt_target
+    api.ok("PUT", f"/api/exchanges/{vhost}/no-type", {"durable": True})
+    e = api.get(f"/api/exchanges/{vhost}/no-type")
+    assert (e["type"], e["durable"]) == ("direct", True)
 
 
 def test_users_without_permissions(mgmt_target):

@@ -470,6 +470,11 @@ async fn handle(shared: &Arc<BrokerShared>, peer: SocketAddr, req: Request<Incom
     } else {
         rest.split('/').map(percent_decode).collect()
     };
+    // The login page reads how to log in before anyone has: answered without credentials, as
+    // RabbitMQ does (nothing in it is secret).
+    if method == Method::GET && segs == ["auth"] {
+        return json_resp(StatusCode::OK, &api::auth_settings());
+    }
     let query = parse_query(req.uri().query().unwrap_or(""));
     let headers = req.headers().clone();
     let caller = match authenticate(shared, peer, &headers) {

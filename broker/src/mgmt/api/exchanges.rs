@@ -84,7 +84,11 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
                 ));
             }
             check_perm(shared, r, &v, Perm::Configure, name)?;
-            let t = required_str(&body, "type")?;
+            // RabbitMQ's default when the body names no type.
+            let t = match body.get("type") {
+                None | Some(Value::Null) => "direct".to_owned(),
+                Some(_) => required_str(&body, "type")?,
+            };
             let kind = ExchangeKind::parse(&t)
                 .ok_or_else(|| ApiError::bad(format!("invalid exchange type '{t}'")))?;
             if name.starts_with("amq.") && v.exchange(name).is_none() {

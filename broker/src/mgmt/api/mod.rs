@@ -44,6 +44,8 @@ mod params;
 mod policies;
 mod queues;
 
+pub(super) use params::auth as auth_settings;
+
 pub use overview::{cluster_name, fds, rss_bytes};
 
 use super::{json as conv, json_resp, ApiError, Req, Resp};
@@ -235,7 +237,6 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["global-parameters", name] => params::global_parameter(shared, r, name),
         ["feature-flags"] if get => listed(r, params::feature_flags(), &PLAIN),
         ["extensions"] if get => ok(json!([])),
-        ["auth"] if get => ok(params::auth()),
         ["users"] if get => listed(r, access::users(shared, r)?, &USERS),
         ["users", name] if get => access::user(shared, r, name),
         ["permissions"] if get => listed(r, access::permissions(shared, r)?, &PERMISSIONS),

@@ -250,6 +250,7 @@ pub(super) fn feature_flags() -> Vec<Value> {
 }
 
 /// GET /api/auth: the UI's sign-in is basic auth only.
-pub(super) fn auth() -> Value {
+/// `GET /api/auth`: how to log in (no OAuth here). Served before authentication.
+pub(crate) fn auth() -> Value {
     json!({"enable_uaa": false, "uaa_client_id": "", "uaa_location": ""})
 }
