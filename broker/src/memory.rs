@@ -118,6 +118,12 @@ impl Memory {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Message memory is at or above the watermark: the memory alarm's condition (see
+    /// `crate::alarm::AlarmLogic::memory`), read where a publisher is about to be blocked.
+    pub fn at_watermark(&self) -> bool {
+        self.used() >= self.high_watermark()
+    }
+
     /// Records `bytes` as allocated.
     pub fn charge(&self, bytes: u64) {
         let old = self.used.fetch_add(bytes, Ordering::Relaxed);

@@ -370,7 +370,7 @@ fn decode_all(
                 state.handle_input(frame, now);
                 if content
                     && state.state() == State::Open
-                    && throttle.on_publish(memory.used() >= memory.high_watermark())
+                    && throttle.on_publish(memory.at_watermark())
                 {
                     return true;
                 }
