@@ -174,10 +174,12 @@ pub struct Channel {
     pub last_queue: Option<String>,
     /// A message was published on this channel: a publisher, in RabbitMQ's metrics.
     pub publishing: bool,
+    /// Message counters (the management API's channel `message_stats`).
+    pub stats: Arc<crate::stats::ChannelStats>,
 }
 
 impl Channel {
-    pub fn new(id: u16, generation: u64) -> Self {
+    pub fn new(id: u16, generation: u64, stats: Arc<crate::stats::ChannelStats>) -> Self {
         Self {
             id,
             generation,
@@ -194,6 +196,7 @@ impl Channel {
             reply_to: None,
             last_queue: None,
             publishing: false,
+            stats,
         }
     }
 

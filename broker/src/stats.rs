@@ -79,7 +79,7 @@ impl Counts {
         self.deliver + self.deliver_no_ack + self.get + self.get_no_ack
     }
 
-    fn add(&mut self, o: &Counts) {
+    pub fn add(&mut self, o: &Counts) {
         self.publish += o.publish;
         self.publish_confirm += o.publish_confirm;
         self.confirm += o.confirm;
@@ -96,7 +96,7 @@ impl Counts {
         self.send_oct += o.send_oct;
     }
 
-    fn max(&mut self, o: &Counts) {
+    pub fn max(&mut self, o: &Counts) {
         macro_rules! m {
             ($($f:ident),*) => { $( self.$f = self.$f.max(o.$f); )* };
         }
@@ -120,13 +120,7 @@ impl Counts {
 
     /// Per-second rates between two samples.
     pub fn rate(&self, earlier: &Counts, secs: f64) -> Rates {
-        let r = |a: u64, b: u64| {
-            if secs <= 0.0 {
-                0.0
-            } else {
-                ((a.saturating_sub(b)) as f64 / secs * 10.0).round() / 10.0
-            }
-        };
+        let r = |a: u64, b: u64| per_second(a, b, secs);
         Rates {
             publish: r(self.publish, earlier.publish),
             confirm: r(self.confirm, earlier.confirm),
@@ -144,6 +138,52 @@ impl Counts {
             send_oct: r(self.send_oct, earlier.send_oct),
         }
     }
+}
+
+/// The per-second rate of a counter that went from `earlier` to `now` in `secs`, to one
+/// decimal as RabbitMQ's rates (0 when no time passed; a counter never goes down).
+fn per_second(now: u64, earlier: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        (now.saturating_sub(earlier) as f64 / secs * 10.0).round() / 10.0
+    }
+}
+
+/// Recent samples of some counters, oldest first, and the rates over them: the rate over up to
+/// [`RATE_WINDOW`] sampling intervals, as RabbitMQ's `_details.rate` is over its statistics
+/// interval.
+#[derive(Debug, Default)]
+struct Window {
+    samples: VecDeque<(Instant, Counts)>,
+    rates: Rates,
+}
+
+impl Window {
+    fn push(&mut self, now: Instant, c: Counts) {
+        self.samples.push_back((now, c));
+        while self.samples.len() > RATE_WINDOW + 1 {
+            self.samples.pop_front();
+        }
+        if let (Some((t0, c0)), Some((t1, c1))) = (self.samples.front(), self.samples.back()) {
+            self.rates = c1.rate(c0, (*t1 - *t0).as_secs_f64());
+        }
+    }
+}
+
+/// A vhost's message counts, RabbitMQ's vhost `message_stats`: the sum over the channels open
+/// on it and what its closed channels left behind.
+pub fn vhost_counts(shared: &crate::BrokerShared, v: &crate::vhost::Vhost) -> Counts {
+    let mut c = v.stats_gone();
+    for e in shared.registry.connections() {
+        if e.opened.lock().as_ref().is_none_or(|o| o.vhost != *v.name) {
+            continue;
+        }
+        for (_, cs) in e.stats.channel_stats.list() {
+            c.add(&cs.counts());
+        }
+    }
+    c
 }
 
 /// Per-second rates matching [`Counts`].
@@ -209,6 +249,8 @@ pub struct ConnStats {
     pub channels: AtomicU32,
     /// Body sizes of the messages received (`publish`).
     pub msg_sizes: SizeHistogram,
+    /// The counters of each open channel.
+    pub channel_stats: ChannelRegistry,
 }
 
 impl ConnStats {
@@ -223,6 +265,134 @@ impl ConnStats {
             send_oct: get(&self.send_oct),
             ..Counts::default()
         }
+    }
+}
+
+/// Counters of one channel, written only by its connection task: RabbitMQ's per-channel
+/// message stats (`channel_exchange_metrics` and `channel_queue_metrics` summed over
+/// exchanges and queues).
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Messages received (basic.publish, at routing: a transaction's at tx.commit).
+    pub publish: AtomicU64,
+    /// Publisher confirms sent (ack or nack).
+    pub confirm: AtomicU64,
+    pub return_unroutable: AtomicU64,
+    pub drop_unroutable: AtomicU64,
+    /// Deliveries to consumers (manual ack, automatic ack).
+    pub deliver: AtomicU64,
+    pub deliver_no_ack: AtomicU64,
+    /// basic.get answered with a message (manual ack, automatic ack) or empty.
+    pub get: AtomicU64,
+    pub get_no_ack: AtomicU64,
+    pub get_empty: AtomicU64,
+    /// Deliveries and gets of messages delivered before.
+    pub redeliver: AtomicU64,
+    /// Deliveries the client acknowledged (basic.ack, each message of a multiple ack).
+    pub ack: AtomicU64,
+}
+
+impl ChannelStats {
+    pub fn counts(&self) -> Counts {
+        Counts {
+            publish: get(&self.publish),
+            confirm: get(&self.confirm),
+            return_unroutable: get(&self.return_unroutable),
+            drop_unroutable: get(&self.drop_unroutable),
+            deliver: get(&self.deliver),
+            deliver_no_ack: get(&self.deliver_no_ack),
+            get: get(&self.get),
+            get_no_ack: get(&self.get_no_ack),
+            get_empty: get(&self.get_empty),
+            redeliver: get(&self.redeliver),
+            ack: get(&self.ack),
+            ..Counts::default()
+        }
+    }
+
+    /// A delivery to a consumer (`no_ack`: automatic acknowledgement).
+    pub fn delivered(&self, no_ack: bool, redelivered: bool) {
+        bump(
+            if no_ack {
+                &self.deliver_no_ack
+            } else {
+                &self.deliver
+            },
+            1,
+        );
+        if redelivered {
+            bump(&self.redeliver, 1);
+        }
+    }
+
+    /// A basic.get: None when the queue was empty, else whether the message had been
+    /// delivered before.
+    pub fn got(&self, no_ack: bool, redelivered: Option<bool>) {
+        let Some(redelivered) = redelivered else {
+            return bump(&self.get_empty, 1);
+        };
+        bump(if no_ack { &self.get_no_ack } else { &self.get }, 1);
+        if redelivered {
+            bump(&self.redeliver, 1);
+        }
+    }
+}
+
+/// The channels of one connection and their counters, for the sampler and the management
+/// API (the connection task registers each channel it opens and drops it when it closes).
+#[derive(Debug, Default)]
+pub struct ChannelRegistry(Mutex<Vec<(u16, Arc<ChannelStats>)>>);
+
+impl ChannelRegistry {
+    /// Registers the counters of channel `number` (a reopened number gets new ones).
+    pub fn open(&self, number: u16) -> Arc<ChannelStats> {
+        let s = Arc::new(ChannelStats::default());
+        let mut v = self.0.lock();
+        v.retain(|(n, _)| *n != number);
+        v.push((number, s.clone()));
+        s
+    }
+
+    pub fn close(&self, number: u16) {
+        self.0.lock().retain(|(n, _)| *n != number);
+    }
+
+    /// The open channels' counters.
+    pub fn list(&self) -> Vec<(u16, Arc<ChannelStats>)> {
+        self.0.lock().clone()
+    }
+
+    /// The counters of channel `number`, if open.
+    pub fn get(&self, number: u16) -> Option<Arc<ChannelStats>> {
+        self.0
+            .lock()
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map(|(_, s)| s.clone())
+    }
+}
+
+/// Counters of one exchange (shared by the copies a topology change makes of it): messages
+/// published to it and, of those, the copies it routed to queues. Several connections write
+/// them.
+#[derive(Debug, Default)]
+pub struct ExchangeStats {
+    pub publish_in: AtomicU64,
+    pub publish_out: AtomicU64,
+}
+
+impl ExchangeStats {
+    /// One message published to the exchange, routed to `queues` queues.
+    pub fn published(&self, queues: usize) {
+        self.publish_in.fetch_add(1, Ordering::Relaxed);
+        if queues > 0 {
+            self.publish_out.fetch_add(queues as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// (publish_in, publish_out).
+    pub fn counts(&self) -> (u64, u64) {
+        (get(&self.publish_in), get(&self.publish_out))
     }
 }
 
@@ -410,6 +580,9 @@ pub struct Sampler {
     inner: Mutex<SamplerState>,
 }
 
+/// Recent samples of an exchange's (publish_in, publish_out), oldest first.
+type ExchangeSamples = VecDeque<(Instant, u64, u64)>;
+
 #[derive(Debug, Default)]
 struct SamplerState {
     /// Recent node samples, oldest first.
@@ -422,6 +595,13 @@ struct SamplerState {
     queues: HashMap<(String, String), (Instant, Counts, Rates)>,
     /// Per connection id: last sample and rate.
     conns: HashMap<u64, (Instant, Counts, Rates)>,
+    /// Per channel (connection id, number): its counters (a reused number has new ones) and
+    /// recent samples.
+    channels: HashMap<(u64, u16), (Arc<ChannelStats>, Window)>,
+    /// Per vhost: recent samples of its totals ([`vhost_counts`]).
+    vhosts: HashMap<String, Window>,
+    /// Per exchange (vhost, name): its counters and recent samples of (in, out).
+    exchanges: HashMap<(String, String), (Arc<ExchangeStats>, ExchangeSamples)>,
     samples: u64,
     /// The node totals of the last [`HISTORY_LEN`] samples with their wall-clock time (Unix
     /// milliseconds), oldest first: what `GET /api/overview?msg_rates_age=N` returns as
@@ -489,6 +669,97 @@ impl Sampler {
             conns.insert(e.id, (now, c, r));
         }
         st.conns = conns;
+        let mut channels = HashMap::new();
+        let mut vhost_totals: HashMap<String, Counts> = HashMap::new();
+        for v in shared.vhost_list() {
+            vhost_totals.insert(v.name.to_string(), v.stats_gone());
+        }
+        for e in shared.registry.connections() {
+            let vhost = e.opened.lock().as_ref().map(|o| o.vhost.clone());
+            for (n, cs) in e.stats.channel_stats.list() {
+                let c = cs.counts();
+                if let Some(t) = vhost.as_ref().and_then(|v| vhost_totals.get_mut(v)) {
+                    t.add(&c);
+                }
+                let mut w = match st.channels.remove(&(e.id, n)) {
+                    Some((prev, w)) if Arc::ptr_eq(&prev, &cs) => w,
+                    _ => Window::default(),
+                };
+                w.push(now, c);
+                channels.insert((e.id, n), (cs, w));
+            }
+        }
+        st.channels = channels;
+        let mut vhosts = HashMap::new();
+        for (name, total) in vhost_totals {
+            let mut w = st.vhosts.remove(&name).unwrap_or_default();
+            let mut high = w.samples.back().map(|(_, c)| *c).unwrap_or_default();
+            high.max(&total);
+            w.push(now, high);
+            vhosts.insert(name, w);
+        }
+        st.vhosts = vhosts;
+        let mut exchanges = HashMap::new();
+        for v in shared.vhost_list() {
+            for x in v.snapshot().exchanges.values() {
+                let key = (v.name.to_string(), x.name.to_string());
+                let (i, o) = x.stats.counts();
+                let mut w = match st.exchanges.remove(&key) {
+                    Some((prev, w)) if Arc::ptr_eq(&prev, &x.stats) => w,
+                    _ => VecDeque::new(),
+                };
+                w.push_back((now, i, o));
+                while w.len() > RATE_WINDOW + 1 {
+                    w.pop_front();
+                }
+                exchanges.insert(key, (x.stats.clone(), w));
+            }
+        }
+        st.exchanges = exchanges;
+    }
+
+    /// The per-second rates of a channel over the last samples.
+    pub fn channel_rates(&self, conn: u64, number: u16) -> Rates {
+        self.inner
+            .lock()
+            .channels
+            .get(&(conn, number))
+            .map(|(_, w)| w.rates)
+            .unwrap_or_default()
+    }
+
+    /// A vhost's totals ([`vhost_counts`], never lower than the last sample) and rates.
+    pub fn vhost_stats(
+        &self,
+        shared: &crate::BrokerShared,
+        v: &crate::vhost::Vhost,
+    ) -> (Counts, Rates) {
+        let mut c = vhost_counts(shared, v);
+        let st = self.inner.lock();
+        match st.vhosts.get(&*v.name) {
+            Some(w) => {
+                if let Some((_, last)) = w.samples.back() {
+                    c.max(last);
+                }
+                (c, w.rates)
+            }
+            None => (c, Rates::default()),
+        }
+    }
+
+    /// An exchange's (publish_in, publish_out) rates over the last samples.
+    pub fn exchange_rates(&self, vhost: &str, name: &str) -> (f64, f64) {
+        let st = self.inner.lock();
+        let Some((_, w)) = st.exchanges.get(&(vhost.to_owned(), name.to_owned())) else {
+            return (0.0, 0.0);
+        };
+        match (w.front(), w.back()) {
+            (Some(&(t0, i0, o0)), Some(&(t1, i1, o1))) => {
+                let secs = (t1 - t0).as_secs_f64();
+                (per_second(i1, i0, secs), per_second(o1, o0, secs))
+            }
+            _ => (0.0, 0.0),
+        }
     }
 
     /// Node totals, never lower than an earlier answer.

@@ -126,6 +126,9 @@ pub struct Vhost {
     /// RabbitMQ's vhost limits, as set through the management API (`max-connections`,
     /// `max-queues`; a negative value is no limit). Kept by this node in memory.
     limits: Mutex<std::collections::BTreeMap<String, i64>>,
+    /// What the vhost's closed channels counted (its `message_stats` keep them, as
+    /// RabbitMQ's).
+    stats_gone: Mutex<crate::stats::Counts>,
 }
 
 /// See [`Vhost::set_durable_hook`].
@@ -219,6 +222,7 @@ impl Vhost {
             deleted: CancellationToken::new(),
             policies: OnceLock::new(),
             limits: Mutex::new(Default::default()),
+            stats_gone: Mutex::new(Default::default()),
         })
     }
 
@@ -250,6 +254,16 @@ impl Vhost {
         let limit = *limits.lock().get(name)?;
         let reached = limit >= 0 && i64::try_from(count).unwrap_or(i64::MAX) >= limit;
         reached.then_some(limit)
+    }
+
+    /// Keeps the counts of a channel on this vhost that closed.
+    pub fn channel_gone(&self, c: &crate::stats::Counts) {
+        self.stats_gone.lock().add(c);
+    }
+
+    /// What the vhost's closed channels counted.
+    pub fn stats_gone(&self) -> crate::stats::Counts {
+        *self.stats_gone.lock()
     }
 
     /// The node this vhost belongs to.

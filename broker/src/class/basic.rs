@@ -320,7 +320,12 @@ async fn get(s: &mut Session, ch: u16, g: basic::Get) -> Result<(), AmqpError> {
     })?;
     s.check_exclusive(&q)?;
     s.check_perm(PermKind::Read, "queue", &name)?;
-    match q.get(g.no_ack).await {
+    let got = q.get(g.no_ack).await;
+    if let Some(chan) = s.channels.get(&ch) {
+        chan.stats
+            .got(g.no_ack, got.as_ref().map(|r| r.redelivered));
+    }
+    match got {
         None => enc(s.method(
             ch,
             AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
@@ -507,6 +512,9 @@ pub async fn route_and_enqueue(
             msg.properties.headers().as_ref(),
             &mut targets,
         );
+        if let Some(x) = topo.exchanges.get(exchange) {
+            x.stats.published(targets.len());
+        }
     }
     if targets.is_empty() {
         unroutable(s, ch, mandatory, &msg)?;
@@ -553,6 +561,17 @@ fn unroutable(s: &mut Session, ch: u16, mandatory: bool, msg: &Message) -> Resul
         },
         1,
     );
+    if let Some(c) = s.channels.get(&ch) {
+        let st = &c.stats;
+        crate::stats::bump(
+            if mandatory {
+                &st.return_unroutable
+            } else {
+                &st.drop_unroutable
+            },
+            1,
+        );
+    }
     if mandatory {
         enc(s.method(
             ch,

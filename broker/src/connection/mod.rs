@@ -424,6 +424,7 @@ async fn apply_effect(s: &mut Session, state: &mut ConnectionState, e: Effect) {
             };
             if let state::Command::Publish(p) = &cmd {
                 crate::stats::bump(&s.stats.publish, 1);
+                crate::stats::bump(&chan.stats.publish, 1);
                 if chan.confirms.is_some() {
                     crate::stats::bump(&s.stats.publish_confirm, 1);
                 }

@@ -93,7 +93,8 @@ impl Session {
     pub fn open_channel(&mut self, ch: u16) {
         let g = self.next_generation;
         self.next_generation += 1;
-        self.channels.insert(ch, Channel::new(ch, g));
+        let stats = self.stats.channel_stats.open(ch);
+        self.channels.insert(ch, Channel::new(ch, g, stats));
         self.count_channels();
         crate::stats::churn(&self.shared.node.stats.churn.channel_created);
     }
@@ -220,6 +221,9 @@ impl Session {
                 "unknown delivery tag {tag}"
             )));
         };
+        if matches!(how, Settle::Ack) {
+            crate::stats::bump(&chan.stats.ack, items.len() as u64);
+        }
         self.settle_items(ch, items, how).await;
         Ok(())
     }
@@ -264,6 +268,10 @@ impl Session {
         let Some(mut chan) = self.channels.remove(&ch) else {
             return;
         };
+        self.stats.channel_stats.close(ch);
+        if let Some(v) = &self.vhost {
+            v.channel_gone(&chan.stats.counts());
+        }
         self.count_channels();
         crate::stats::churn(&self.shared.node.stats.churn.channel_closed);
         for (tag, c) in chan.consumers.drain() {
@@ -390,6 +398,7 @@ impl Session {
             return;
         }
         let tag = chan.take_tag();
+        chan.stats.delivered(d.no_ack, d.redelivered);
         if counted {
             if let Some(q) = d.queue.clone() {
                 chan.counted_unacked += 1;
@@ -422,13 +431,15 @@ impl Session {
         dirty.sort_unstable();
         dirty.dedup();
         for ch in dirty {
-            let Some(c) = self.channels.get_mut(&ch).and_then(|c| c.confirms.as_mut()) else {
+            let Some(chan) = self.channels.get_mut(&ch) else {
                 continue;
             };
-            crate::stats::bump(
-                &self.stats.confirm,
-                (c.done_acks.len() + c.done_nacks.len()) as u64,
-            );
+            let Some(c) = chan.confirms.as_mut() else {
+                continue;
+            };
+            let n = (c.done_acks.len() + c.done_nacks.len()) as u64;
+            crate::stats::bump(&self.stats.confirm, n);
+            crate::stats::bump(&chan.stats.confirm, n);
             for (seq, multiple, ack) in c.drain() {
                 let m = if ack {
                     basic::AMQPMethod::Ack(basic::Ack {

@@ -69,6 +69,8 @@ pub struct Exchange {
     bindings: Vec<Binding>,
     /// Direct exchanges: routing key -> indexes into `bindings`.
     direct_index: HashMap<String, Vec<usize>>,
+    /// Message counters, shared by the copies a change makes.
+    pub stats: Arc<crate::stats::ExchangeStats>,
 }
 
 impl Exchange {
@@ -98,6 +100,7 @@ impl Exchange {
             policy: None,
             bindings: Vec::new(),
             direct_index: HashMap::new(),
+            stats: Arc::default(),
         }
     }
 

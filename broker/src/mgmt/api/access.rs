@@ -7,9 +7,10 @@
 //!
 //! Changes go through `BrokerShared`'s definitions methods, which persist them.
 
-use super::{admin, def_err, details, message_stats, ok, optional_str, required_str, vhost, R};
+use super::{
+    admin, def_err, details, grouped_message_stats, ok, optional_str, required_str, vhost, R,
+};
 use crate::mgmt::{created, no_content, ApiError, Req};
-use crate::stats::{Counts, Rates};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use hyper::Method;
@@ -40,18 +41,6 @@ pub(super) fn vhost_json(shared: &BrokerShared, v: &Vhost) -> Value {
     details(&mut m, "messages", ready + unacked, 0.0);
     details(&mut m, "messages_ready", ready, 0.0);
     details(&mut m, "messages_unacknowledged", unacked, 0.0);
-    // The vhost's message stats: its queues' deliveries and acks, and what the connections
-    // open on it published (a connection's counts leave the vhost's totals when it closes).
-    let mut counts = Counts::default();
-    let mut rates = Rates::default();
-    for q in &qs {
-        add_counts(&mut counts, &q.stats.node_share());
-        add_rates(
-            &mut rates,
-            &shared.sampler.queue_rates(&q.vhost, &q.name),
-            false,
-        );
-    }
     let (mut recv, mut send) = (0, 0);
     let (mut recv_rate, mut send_rate) = (0.0, 0.0);
     for e in shared.registry.connections() {
@@ -61,72 +50,19 @@ pub(super) fn vhost_json(shared: &BrokerShared, v: &Vhost) -> Value {
         let c = e.stats.counts();
         recv += c.recv_oct;
         send += c.send_oct;
-        add_counts(&mut counts, &c);
         let r = shared.sampler.conn_rates(e.id);
         recv_rate += r.recv_oct;
         send_rate += r.send_oct;
-        add_rates(&mut rates, &r, true);
     }
     details(&mut m, "recv_oct", recv, recv_rate);
     details(&mut m, "send_oct", send, send_rate);
-    m.insert(
-        "message_stats".into(),
-        message_stats(&counts, &rates, VHOST_KEYS),
-    );
-    Value::Object(m)
-}
-
-const VHOST_KEYS: &[&str] = &[
-    "publish",
-    "confirm",
-    "return_unroutable",
-    "drop_unroutable",
-    "get",
-    "get_no_ack",
-    "deliver",
-    "deliver_no_ack",
-    "redeliver",
-    "ack",
-    "deliver_get",
-    "get_empty",
-];
-
-/// Adds the message counts of `b` to `a` (octets aside).
-fn add_counts(a: &mut Counts, b: &Counts) {
-    *a = Counts {
-        publish: a.publish + b.publish,
-        confirm: a.confirm + b.confirm,
-        deliver: a.deliver + b.deliver,
-        deliver_no_ack: a.deliver_no_ack + b.deliver_no_ack,
-        get: a.get + b.get,
-        get_no_ack: a.get_no_ack + b.get_no_ack,
-        get_empty: a.get_empty + b.get_empty,
-        ack: a.ack + b.ack,
-        redeliver: a.redeliver + b.redeliver,
-        return_unroutable: a.return_unroutable + b.return_unroutable,
-        drop_unroutable: a.drop_unroutable + b.drop_unroutable,
-        ..*a
-    };
-}
-
-/// Adds the message rates of a queue (`conn` false) or a connection (true): each counts
-/// its own side, as in node totals.
-fn add_rates(to: &mut Rates, r: &Rates, conn: bool) {
-    if conn {
-        to.publish += r.publish;
-        to.confirm += r.confirm;
-        to.return_unroutable += r.return_unroutable;
-        to.drop_unroutable += r.drop_unroutable;
-    } else {
-        to.deliver += r.deliver;
-        to.deliver_no_ack += r.deliver_no_ack;
-        to.get += r.get;
-        to.get_no_ack += r.get_no_ack;
-        to.get_empty += r.get_empty;
-        to.deliver_get += r.deliver_get;
-        to.ack += r.ack;
-        to.redeliver += r.redeliver;
+    // The vhost's message stats: what the channels opened on it counted, closed ones
+    // included, as RabbitMQ's (absent until one of them published or consumed).
+    let (counts, rates) = shared.sampler.vhost_stats(shared, v);
+    if let Some(s) = grouped_message_stats(&counts, &rates) {
+        m.insert("message_stats".into(), s);
     }
+    Value::Object(m)
 }
 
 pub(super) fn user_json(u: &crate::auth::User) -> Value {

@@ -151,7 +151,10 @@ fn channel_name(e: &ConnEntry, number: u16) -> String {
 
 fn channel_json(shared: &BrokerShared, e: &ConnEntry, c: &ChannelSnapshot) -> Value {
     let o = e.opened.lock().clone().unwrap_or_default();
-    json!({
+    let stats = e.stats.channel_stats.get(c.number).and_then(|s| {
+        super::grouped_message_stats(&s.counts(), &shared.sampler.channel_rates(e.id, c.number))
+    });
+    let mut v = json!({
         "name": channel_name(e, c.number),
         "number": c.number,
         "node": shared.config.node_name,
@@ -174,7 +177,11 @@ fn channel_json(shared: &BrokerShared, e: &ConnEntry, c: &ChannelSnapshot) -> Va
         "confirm": c.confirm,
         "transactional": c.transactional,
         "state": "running",
-    })
+    });
+    if let (Some(s), Value::Object(m)) = (stats, &mut v) {
+        m.insert("message_stats".into(), s);
+    }
+    v
 }
 
 /// The consumers on the caller's visible connections, of one vhost or all; also a queue's

@@ -17,7 +17,29 @@ use crate::BrokerShared;
 use hyper::Method;
 use serde_json::{json, Value};
 
-fn exchange_json(vhost: &str, e: &crate::exchange::Exchange) -> Value {
+/// RabbitMQ's message stats of an exchange: `publish_in` once a message was published to it,
+/// `publish_out` once it routed one to a queue (each queue counts once); None before either.
+fn exchange_stats(
+    shared: &BrokerShared,
+    vhost: &str,
+    e: &crate::exchange::Exchange,
+) -> Option<Value> {
+    let (pin, pout) = e.stats.counts();
+    if pin == 0 {
+        return None;
+    }
+    let (rin, rout) = shared.sampler.exchange_rates(vhost, &e.name);
+    let mut m = serde_json::Map::new();
+    m.insert("publish_in".into(), json!(pin));
+    m.insert("publish_in_details".into(), json!({ "rate": rin }));
+    if pout > 0 {
+        m.insert("publish_out".into(), json!(pout));
+        m.insert("publish_out_details".into(), json!({ "rate": rout }));
+    }
+    Some(Value::Object(m))
+}
+
+fn exchange_json(shared: &BrokerShared, vhost: &str, e: &crate::exchange::Exchange) -> Value {
     let mut v = json!({
         "name": &*e.name,
         "vhost": vhost,
@@ -28,36 +50,48 @@ fn exchange_json(vhost: &str, e: &crate::exchange::Exchange) -> Value {
         "arguments": conv::table(&e.arguments),
         "user_who_performed_action": "rmq-internal",
     });
-    // Present only when a policy applies, as in RabbitMQ.
-    if let (Some(p), Value::Object(m)) = (&e.policy, &mut v) {
-        m.insert("policy".into(), json!(p.name));
+    if let Value::Object(m) = &mut v {
+        // Present only when a policy applies, as in RabbitMQ.
+        if let Some(p) = &e.policy {
+            m.insert("policy".into(), json!(p.name));
+        }
+        if let Some(s) = exchange_stats(shared, vhost, e) {
+            m.insert("message_stats".into(), s);
+        }
     }
     v
 }
 
-fn default_exchange_json(vhost: &str) -> Value {
-    json!({
+fn default_exchange_json(shared: &BrokerShared, v: &Vhost) -> Value {
+    let mut out = json!({
         "name": "",
-        "vhost": vhost,
+        "vhost": &*v.name,
         "type": "direct",
         "durable": true,
         "auto_delete": false,
         "internal": false,
         "arguments": {},
         "user_who_performed_action": "rmq-internal",
-    })
+    });
+    let stats = v
+        .exchange("")
+        .and_then(|e| exchange_stats(shared, &v.name, &e));
+    if let (Some(s), Value::Object(m)) = (stats, &mut out) {
+        m.insert("message_stats".into(), s);
+    }
+    out
 }
 
 /// The exchanges of one vhost: the default exchange, then the others by name.
-pub(super) fn list(v: &Vhost) -> Vec<Value> {
+pub(super) fn list(shared: &BrokerShared, v: &Vhost) -> Vec<Value> {
     let topo = v.snapshot();
     let mut names: Vec<_> = topo.exchanges.keys().cloned().collect();
     names.sort();
-    let mut out = vec![default_exchange_json(&v.name)];
+    let mut out = vec![default_exchange_json(shared, v)];
     for n in names {
         if let Some(e) = topo.exchanges.get(&n) {
             if !e.name.is_empty() {
-                out.push(exchange_json(&v.name, e));
+                out.push(exchange_json(shared, &v.name, e));
             }
         }
     }
@@ -71,10 +105,10 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
     match r.method {
         Method::GET => {
             if name.is_empty() {
-                return ok(default_exchange_json(&v.name));
+                return ok(default_exchange_json(shared, &v));
             }
             let e = v.exchange(name).ok_or(ApiError::NotFound)?;
-            ok(exchange_json(&v.name, &e))
+            ok(exchange_json(shared, &v.name, &e))
         }
         Method::PUT => {
             let body = r.json()?;

@@ -125,11 +125,15 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
             r,
             visible_vhosts(shared, r)
                 .iter()
-                .flat_map(|v| exchanges::list(v))
+                .flat_map(|v| exchanges::list(shared, v))
                 .collect(),
             &EXCHANGES,
         ),
-        ["exchanges", vh] if get => listed(r, exchanges::list(&*vhost(shared, r, vh)?), &EXCHANGES),
+        ["exchanges", vh] if get => listed(
+            r,
+            exchanges::list(shared, &*vhost(shared, r, vh)?),
+            &EXCHANGES,
+        ),
         ["exchanges", vh, name] => exchanges::one(shared, r, vh, name).await,
         ["exchanges", vh, name, "publish"] if m == Method::POST => {
             messages::publish(shared, r, vh, name).await
@@ -562,6 +566,34 @@ fn exchange_url_name(name: &str) -> &str {
 fn details(m: &mut Map<String, Value>, k: &str, count: u64, rate: f64) {
     m.insert(k.into(), json!(count));
     m.insert(format!("{k}_details"), json!({ "rate": rate }));
+}
+
+/// The keys of RabbitMQ's message stats of a channel or vhost that come from publishing.
+const PUBLISH_KEYS: &[&str] = &["publish", "confirm", "return_unroutable", "drop_unroutable"];
+/// The keys that come from consuming and getting.
+const DELIVER_KEYS: &[&str] = &[
+    "get",
+    "get_no_ack",
+    "deliver",
+    "deliver_no_ack",
+    "redeliver",
+    "ack",
+    "deliver_get",
+    "get_empty",
+];
+
+/// RabbitMQ's message_stats of a channel or vhost: the publishing keys once something was
+/// published, the delivering keys once something was delivered, got (or found empty) or
+/// acknowledged; None while neither happened (RabbitMQ then has no `message_stats` key).
+fn grouped_message_stats(c: &Counts, r: &Rates) -> Option<Value> {
+    let mut keys = Vec::new();
+    if c.publish > 0 {
+        keys.extend_from_slice(PUBLISH_KEYS);
+    }
+    if c.deliver_get() + c.get_empty + c.ack + c.redeliver > 0 {
+        keys.extend_from_slice(DELIVER_KEYS);
+    }
+    (!keys.is_empty()).then(|| message_stats(c, r, &keys))
 }
 
 /// RabbitMQ's message_stats object for the given keys.
