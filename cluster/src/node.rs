@@ -265,6 +265,25 @@ impl Cluster {
         }
         let m = inner.clone();
         inner.tracker.spawn(async move { m.monitor().await });
+        let w = cluster.clone();
+        let mut events = inner.events.subscribe();
+        inner.tracker.spawn(async move {
+            // A leader whose process is known gone is replaced at once (see
+            // `elect_if_leader_gone`), whoever else is listening.
+            loop {
+                let ev = tokio::select! {
+                    _ = w.inner.cancel.cancelled() => return,
+                    ev = events.recv() => ev,
+                };
+                match ev {
+                    Ok(PeerEvent::Gone(id)) if w.leader() == Some(id) => {
+                        w.elect_if_leader_gone().await;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+            }
+        });
         Ok(cluster)
     }
 
@@ -321,9 +340,14 @@ impl Cluster {
 
     /// If the leader this node follows is gone (its link dropped and its address refused a
     /// connection: the process died), start an election now instead of waiting for the
-    /// election timeout, if this node is the running voter with the lowest id (the others
-    /// wait for its vote request), and repeat it until a new leader is known (the voters
-    /// refuse it until their leader lease runs out). Returns whether it did.
+    /// election timeout. Returns whether it did.
+    ///
+    /// openraft's voters refuse every vote request for a leader lease after their leader's last
+    /// heartbeat, while their vote for it stands. So every running voter that knows the leader
+    /// gone stands as a candidate itself once: its vote is then its own, not the dead leader's,
+    /// and it grants a higher term at once. The running voter with the lowest id (one
+    /// candidate, so that the votes do not split) asks again every 10 ms, each time at a higher
+    /// term, until a new leader is known, for three election timeouts at most.
     pub async fn elect_if_leader_gone(&self) -> bool {
         let inner = &self.inner;
         let Some(leader) = inner.leader() else {
@@ -332,23 +356,24 @@ impl Cluster {
         if leader == inner.id || !inner.net.status(leader).refused {
             return false;
         }
-        // One candidate, so that the votes do not split: the running voter with the lowest id.
-        let first = inner
+        let raft = inner.raft();
+        let voters: Vec<NodeId> = inner
             .members()
             .into_iter()
             .filter(|m| m.voter && m.running && m.id != leader)
             .map(|m| m.id)
-            .min();
-        if first != Some(inner.id) {
+            .collect();
+        if !voters.contains(&inner.id) {
             return false;
         }
-        // Voters refuse votes for a leader lease after the dead leader's last heartbeat: ask
-        // again every 50 ms until another leader is known, for three election timeouts at most.
-        let raft = inner.raft();
+        if voters.iter().min() != Some(&inner.id) {
+            let _ = raft.trigger().elect().await;
+            return true;
+        }
         let end = tokio::time::Instant::now() + inner.cfg.timing.election_timeout * 3;
         while tokio::time::Instant::now() < end {
             let _ = raft.trigger().elect().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
             if inner.leader().is_some_and(|l| l != leader) {
                 break;
             }

@@ -180,6 +180,63 @@ async fn leader_killed_new_leader_keeps_every_committed_op() {
     }
 }
 
+/// openraft's voters refuse a new leader for a lease (1.2 election timeouts) after their
+/// leader's last heartbeat. When the leader's process is known gone (its address refuses a
+/// connection), every node replaces it at once by itself (`elect_if_leader_gone`): here the
+/// lease is 3.6 s and openraft alone would elect after 6.6-7.2 s; the survivors must agree on a
+/// new leader, and commit through it, within 2 s of the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_is_replaced_before_its_lease_runs_out() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cfg = |name: &str, dir: &std::path::Path| {
+        let mut c = config(name, dir);
+        c.timing.election_timeout = Duration::from_secs(3);
+        c
+    };
+    let a = start_with(cfg("a@dl", dirs[0].path()), &[]).await;
+    let b = start_with(cfg("b@dl", dirs[1].path()), &[&a]).await;
+    let c = start_with(cfg("c@dl", dirs[2].path()), &[&a]).await;
+    let all = [&a, &b, &c];
+    for n in all {
+        until(
+            Duration::from_secs(10),
+            "3 running voters everywhere",
+            || n.members().iter().filter(|m| m.voter && m.running).count() == 3,
+        )
+        .await;
+    }
+    let old = leader_of(&all).await;
+    let old_id = old.node_id();
+    let others: Vec<warren_cluster::Cluster> = all
+        .iter()
+        .filter(|n| n.node_id() != old_id)
+        .map(|n| (*n).clone())
+        .collect();
+    let killed = tokio::time::Instant::now();
+    old.shutdown().await;
+    until(
+        Duration::from_secs(2),
+        "a new leader on both survivors",
+        || {
+            others.iter().all(|n| {
+                n.leader().is_some_and(|l| l != old_id) && n.leader() == others[0].leader()
+            })
+        },
+    )
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(2).saturating_sub(killed.elapsed()),
+        others[1].propose(vec![put("after", json!(1))]),
+    )
+    .await
+    .expect("a commit through the new leader within 2 s")
+    .unwrap();
+    for n in others {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_catches_up_from_the_log() {
     init_tracing();

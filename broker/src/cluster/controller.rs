@@ -88,16 +88,14 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
             tokio::select! {
                 _ = tick.tick() => {}
                 // A link that drops is looked at at once (a peer whose process is gone is
-                // known as such a dial later: give that dial a moment).
-                ev = events.recv() => {
-                    if matches!(ev, Ok(warren_cluster::PeerEvent::Down(_))) {
-                        tokio::time::sleep(DOWN_SETTLE).await;
-                    } else if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                        return;
-                    } else {
-                        continue;
-                    }
-                }
+                // known as such a dial later: give that dial a moment), and again as soon as
+                // that dial was refused.
+                ev = events.recv() => match ev {
+                    Ok(warren_cluster::PeerEvent::Down(_)) => tokio::time::sleep(DOWN_SETTLE).await,
+                    Ok(warren_cluster::PeerEvent::Gone(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => continue,
+                },
             }
             let (Some(link), Some(shared)) = (link.upgrade(), shared.upgrade()) else {
                 return;

@@ -141,9 +141,10 @@ pub fn timing(failure_detection_ms: u64) -> Timing {
     let fd = failure_detection_ms.max(MIN_FAILURE_DETECTION_MS);
     let ms = Duration::from_millis;
     // openraft's followers refuse to vote for 1.2 election timeouts after the last heartbeat
-    // of their leader (its lease), even when its process is known gone: that is what a master
-    // that was also the Raft leader waits before its queues fail over. A sixth of the failure
-    // detection keeps it well under it (600 ms at the default) and spurious elections rare.
+    // of their leader (its lease). A leader whose process is known gone is replaced at once
+    // (warren_cluster's `elect_if_leader_gone`); one that is merely silent waits the lease: a
+    // sixth of the failure detection keeps it well under it (600 ms at the default) and
+    // spurious elections rare.
     let election = (fd / 6).max(150);
     Timing {
         raft_heartbeat: ms((election / 10).max(10)),

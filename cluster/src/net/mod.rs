@@ -65,6 +65,8 @@ const CONTROL_QUEUE: usize = 1024;
 const WRITE_BATCH: usize = 256 << 10;
 const MAX_PENDING_HANDSHAKES: usize = 128;
 const MAX_INFLIGHT_REQUESTS: usize = 256;
+/// How long a probe's connection must stay open to count as accepted (see `Net::probe`).
+const PROBE_LINGER: Duration = Duration::from_millis(20);
 
 /// A change in what this node can reach (see [`crate::Cluster::peer_events`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +75,9 @@ pub enum PeerEvent {
     Up(NodeId),
     /// The link to the peer broke or timed out.
     Down(NodeId),
+    /// After a `Down`, a dial of the peer's address was refused: the host answers and nothing
+    /// listens, so its process is gone (sent once per `Down`).
+    Gone(NodeId),
     /// `has_quorum()` became false.
     QuorumLost,
     /// `has_quorum()` became true.
@@ -745,13 +750,41 @@ impl Net {
         });
     }
 
+    /// Records that a dial of `peer` was refused; the first time since its link dropped, tells
+    /// the subscribers ([`PeerEvent::Gone`]).
+    fn mark_refused(&self, peer: &Peer) {
+        if !peer.refused.swap(true, Ordering::Relaxed) {
+            let _ = self.s.events.send(PeerEvent::Gone(peer.id));
+        }
+    }
+
     /// Marks `peer` refused if a TCP connect to `addr` is refused (nothing is sent: the
     /// other side sees a connection close before its handshake).
+    ///
+    /// A process being killed may close its links a moment before its listener, which then
+    /// still completes connects (the kernel answers for it) and resets them once it closes: a
+    /// connection closed within [`PROBE_LINGER`] is such a one, and the address is dialled
+    /// again, for one link heartbeat at most. One still open (or answering) is a live peer.
     async fn probe(&self, peer: &Peer, addr: &str) {
-        let timeout = self.s.timing.link_heartbeat;
-        if let Ok(Err(e)) = tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            if e.kind() == std::io::ErrorKind::ConnectionRefused && peer.link.lock().is_none() {
-                peer.refused.store(true, Ordering::Relaxed);
+        let end = Instant::now() + self.s.timing.link_heartbeat;
+        while Instant::now() < end && peer.link.lock().is_none() {
+            match tokio::time::timeout_at(end, TcpStream::connect(addr)).await {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    if peer.link.lock().is_none() {
+                        self.mark_refused(peer);
+                    }
+                    return;
+                }
+                Ok(Ok(mut sock)) => {
+                    let mut b = [0u8; 1];
+                    match tokio::time::timeout(PROBE_LINGER, sock.read(&mut b)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            tokio::time::sleep(PROBE_LINGER / 4).await;
+                        }
+                        _ => return,
+                    }
+                }
+                _ => return,
             }
         }
     }
@@ -759,14 +792,14 @@ impl Net {
     async fn dial_loop(&self, peer: &Arc<Peer>) {
         let t = &self.s.timing;
         let mut backoff = Duration::from_millis(50);
-        // The higher id gives the lower one a head start, so that both rarely dial at once;
-        // meanwhile one bare TCP connect tells at once whether the peer's process is gone
-        // (its address refuses), which is what the failover of its queues waits for.
+        // A bare TCP connect first tells at once whether the peer's process is gone (its
+        // address refuses), which is what the failover of its queues waits for; then the
+        // higher id gives the lower one a head start, so that both rarely dial at once.
+        let addr = peer.member_addr.lock().clone();
+        if let Some(addr) = addr {
+            self.probe(peer, &addr).await;
+        }
         if self.s.me.id > peer.id {
-            let addr = peer.member_addr.lock().clone();
-            if let Some(addr) = addr {
-                self.probe(peer, &addr).await;
-            }
             tokio::time::sleep(t.link_heartbeat).await;
         }
         let mut attempt: u32 = 0;
@@ -799,7 +832,7 @@ impl Net {
                     if matches!(&e, HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
                         && peer.link.lock().is_none()
                     {
-                        peer.refused.store(true, Ordering::Relaxed);
+                        self.mark_refused(peer);
                     }
                     debug!(peer = peer.id, %addr, error = %e, "cluster dial failed");
                 }

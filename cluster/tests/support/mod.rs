@@ -26,7 +26,11 @@ pub fn config(name: &str, dir: &Path) -> ClusterConfig {
 }
 
 pub async fn start(name: &str, dir: &Path, join: &[&Cluster]) -> Cluster {
-    let mut cfg = config(name, dir);
+    start_with(config(name, dir), join).await
+}
+
+/// [`start`] with a config of the test's own.
+pub async fn start_with(mut cfg: ClusterConfig, join: &[&Cluster]) -> Cluster {
     cfg.join = join
         .iter()
         .map(|c| c.advertised_addr().to_string())
