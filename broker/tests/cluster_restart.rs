@@ -149,3 +149,60 @@ async fn every_node_killed_at_once_the_mirror_back_first_takes_over_with_every_c
     assert_eq!(ready_on(&chb, "jobs").await, 0);
     drop(w);
 }
+
+/// A node restarted from its data dir must not refuse to start over a stored binding to a
+/// queue the cluster state makes (the queue is not declared from the stored definitions, so the
+/// binding could not be either): it starts, and the binding routes through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_mirror_keeps_the_bindings_of_cluster_queues() {
+    let root = tempfile::tempdir().expect("tmp");
+    let (a, b, w) = pair_with_witness(root.path(), "rb").await;
+    a.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    )
+    .await;
+    let (_ca, cha) = channel_on(&a).await;
+    cha.exchange_declare(
+        "tasks-ex".into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .expect("exchange");
+    support::declare_durable(&cha, "tasks").await;
+    cha.queue_bind(
+        "tasks".into(),
+        "tasks-ex".into(),
+        "run".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    eventually("b in sync", || async {
+        queue_info(&a, "tasks").await["synchronised_slave_nodes"] == json!(["b@rb"])
+    })
+    .await;
+    let secret = root.path().join("secret-cookie-rb");
+    b.proc.kill9().await;
+    let b = start("b@rb", &root.path().join("b"), &secret, None).await;
+    eventually("b a mirror again", || async {
+        queue_info(&a, "tasks").await["synchronised_slave_nodes"] == json!(["b@rb"])
+    })
+    .await;
+    let (_cb, chb) = channel_on(&b).await;
+    chb.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    assert!(publish_confirmed(&chb, "tasks-ex", "run", b"x", true).await);
+    eventually("routed to the queue through b", || async {
+        ready_on(&cha, "tasks").await == 1
+    })
+    .await;
+    drop((a, w));
+}

@@ -232,6 +232,15 @@ impl BrokerShared {
             if !plan.bindings.contains(&i) {
                 continue;
             }
+            // Clustered: a binding to a queue the cluster knows comes with that queue from the
+            // cluster state (the queue was not declared above).
+            if b.destination_type == "queue"
+                && self
+                    .cluster()
+                    .is_some_and(|c| c.knows_queue(&b.vhost, &b.destination))
+            {
+                continue;
+            }
             let r = (|| {
                 let vh = self
                     .vhost(&b.vhost)
