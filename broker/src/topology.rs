@@ -101,6 +101,7 @@ pub async fn declare_queue(
     if vh.queue(&spec.name).is_some() {
         return Ok(vh.declare_queue(spec)?);
     }
+    vh.check_queue_limit(&spec.name, vh.snapshot().queues.len())?;
     let key = keys::queue(&vh.name, &spec.name);
     let value = QueueValue {
         def: QueueDef {

@@ -123,8 +123,8 @@ pub struct Vhost {
     deleted: CancellationToken,
     /// The node's policies (none in a vhost made without a broker, as in unit tests).
     policies: OnceLock<Arc<PolicyStore>>,
-    /// RabbitMQ's vhost limits, as set through the management API (`max-connections`,
-    /// `max-queues`; a negative value is no limit). Kept by this node in memory.
+    /// RabbitMQ's vhost limits (`max-connections`, `max-queues`; a negative value is no
+    /// limit), kept with the definitions (`BrokerShared::set_vhost_limits`).
     limits: Mutex<std::collections::BTreeMap<String, i64>>,
     /// What the vhost's closed channels counted (its `message_stats` keep them, as
     /// RabbitMQ's).
@@ -231,19 +231,28 @@ impl Vhost {
         self.limits.lock().clone()
     }
 
-    /// Sets one limit (`max-connections` or `max-queues`), or clears it with None.
-    pub fn set_limit(&self, name: &str, value: Option<i64>) {
-        let mut l = self.limits.lock();
-        match value {
-            Some(v) => l.insert(name.to_owned(), v),
-            None => l.remove(name),
-        };
+    /// Replaces the limits (none: every one cleared). Callers persist or replicate them
+    /// (`BrokerShared::set_vhost_limits`).
+    pub fn set_limits(&self, limits: std::collections::BTreeMap<String, i64>) {
+        *self.limits.lock() = limits;
     }
 
     /// The `max-connections` limit when `open` connections reach it (as RabbitMQ: 0 admits
     /// none, a negative limit is none).
     pub fn connection_limit_reached(&self, open: usize) -> Option<i64> {
         Self::limit_reached(&self.limits, "max-connections", open)
+    }
+
+    /// A new queue `name` past the `max-queues` limit, with `count` queues in the vhost:
+    /// refused as RabbitMQ refuses it (406). Clustered, checked before the queue is proposed.
+    pub fn check_queue_limit(&self, name: &str, count: usize) -> Result<(), ChannelError> {
+        match Self::limit_reached(&self.limits, "max-queues", count) {
+            Some(limit) => Err(ChannelError::precondition_failed(format!(
+                "cannot declare queue '{name}': queue limit in vhost '{}' ({limit}) is reached",
+                self.name
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn limit_reached(
@@ -621,14 +630,7 @@ impl Vhost {
                 return Ok((q.clone(), false));
             }
             if replace.is_none() {
-                if let Some(limit) = Self::limit_reached(&self.limits, "max-queues", t.queues.len())
-                {
-                    return Err(ChannelError::precondition_failed(format!(
-                        "cannot declare queue '{}': queue limit in vhost '{vname}' ({limit}) \
-                         is reached",
-                        spec.name
-                    )));
-                }
+                self.check_queue_limit(&spec.name, t.queues.len())?;
             }
             let (handle, rx) = self.new_queue_in(t, &spec);
             spawn = Some((handle.clone(), rx));

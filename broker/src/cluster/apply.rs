@@ -1,5 +1,5 @@
 //! The replicated definitions applied to this node: vhosts, users, permissions, policies,
-//! operator policies, exchanges, bindings and queues.
+//! operator policies, vhost limits, exchanges, bindings and queues.
 //!
 //! [`Applier::reconcile`] brings the node's in-memory definitions to a state of the cluster:
 //! every key whose version differs from what it last applied is created or replaced, every key
@@ -28,12 +28,13 @@ use tracing::warn;
 use warren_cluster::ClusterState;
 
 /// Key prefixes this module applies.
-const PREFIXES: [&str; 8] = [
+const PREFIXES: [&str; 9] = [
     "vhost/",
     "user/",
     "perm/",
     "policy/",
     "opolicy/",
+    "limits/",
     "exchange/",
     "queue/",
     "binding/",
@@ -55,7 +56,7 @@ fn rank(k: &Key, put: bool) -> u8 {
     let parent = match k {
         Key::Vhost(_) => 0,
         Key::User(_) => 1,
-        Key::Perm { .. } | Key::Policy { .. } => 2,
+        Key::Perm { .. } | Key::Policy { .. } | Key::Limits { .. } => 2,
         Key::Exchange { .. } => 3,
         Key::Queue { .. } => 4,
         Key::Binding { .. } => 5,
@@ -207,6 +208,13 @@ async fn put(
                 }
                 Err(e) => warn!(?key, error = %e, "replicated policy refused on this node"),
             }
+        }
+        Key::Limits { vhost } => {
+            let limits = crate::definitions::json::limits_from_parameter(value);
+            let (Ok(Some((_, l))), Some(vh)) = (limits, shared.vhost(vhost)) else {
+                return bad(&key, "vhost limits");
+            };
+            vh.set_limits(l);
         }
         Key::Exchange { vhost, name } => {
             let (Some(d), Some(vh)) = (keys::from_value::<ExchangeDef>(value), shared.vhost(vhost))
@@ -389,6 +397,11 @@ async fn remove(
         Key::Policy { kind, vhost, name } => {
             shared.policies.remove_kind(kind, &vhost, &name);
             policy_vhosts.insert(vhost);
+        }
+        Key::Limits { vhost } => {
+            if let Some(vh) = shared.vhost(&vhost) {
+                vh.set_limits(Default::default());
+            }
         }
         Key::Exchange { vhost, name } => {
             if let Some(vh) = shared.vhost(&vhost) {

@@ -7,6 +7,7 @@
 //! | `user/<u>` | [`UserDef`] (password hash only) |
 //! | `perm/<v>/<u>` | [`PermissionDef`] |
 //! | `policy/<v>/<name>`, `opolicy/<v>/<name>` | [`PolicyDef`] (policy, operator policy) |
+//! | `limits/<v>/limits` | the vhost's limits as RabbitMQ's `vhost-limits` parameter entry |
 //! | `exchange/<v>/<x>` | [`ExchangeDef`] |
 //! | `binding/<v>/<source>/<q|x>/<destination>/<routing key>/<arguments digest>` | [`BindingDef`] |
 //! | `queue/<v>/<q>` | [`QueueValue`]: the definition, its exclusive owner and its placement |
@@ -78,6 +79,11 @@ pub fn policy(kind: PolicyKind, v: &str, name: &str) -> String {
     format!("{p}/{}/{}", enc(v), enc(name))
 }
 
+/// A vhost's limits (the name is the parameter's, so the vhost's prefix covers it).
+pub fn limits(v: &str) -> String {
+    format!("limits/{}/limits", enc(v))
+}
+
 pub fn exchange(v: &str, x: &str) -> String {
     format!("exchange/{}/{}", enc(v), enc(x))
 }
@@ -107,10 +113,12 @@ pub fn binding(b: &BindingDef) -> String {
 /// Every key prefix of one vhost's definitions, for deleting the vhost.
 pub fn vhost_prefixes(v: &str) -> Vec<String> {
     let v = enc(v);
-    ["perm", "policy", "opolicy", "exchange", "binding", "queue"]
-        .iter()
-        .map(|k| format!("{k}/{v}/"))
-        .collect()
+    [
+        "perm", "policy", "opolicy", "limits", "exchange", "binding", "queue",
+    ]
+    .iter()
+    .map(|k| format!("{k}/{v}/"))
+    .collect()
 }
 
 /// A short stable digest of binding arguments (canonical JSON: keys sorted by serde_json).
@@ -136,6 +144,9 @@ pub enum Key {
         kind: PolicyKind,
         vhost: String,
         name: String,
+    },
+    Limits {
+        vhost: String,
     },
     Exchange {
         vhost: String,
@@ -171,6 +182,7 @@ pub fn parse(key: &str) -> Option<Key> {
             vhost: next()?,
             name: next()?,
         },
+        "limits" => Key::Limits { vhost: next()? },
         "exchange" => Key::Exchange {
             vhost: next()?,
             name: next()?,

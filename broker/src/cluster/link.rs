@@ -561,6 +561,11 @@ pub fn definition_ops(d: &Definitions) -> Vec<Op> {
             p,
         ));
     }
+    for p in &d.parameters {
+        if let Ok(Some((vhost, _))) = crate::definitions::json::limits_from_parameter(p) {
+            ops.push(put(keys::limits(&vhost), p));
+        }
+    }
     ops
 }
 

@@ -63,6 +63,8 @@ struct ImportPlan {
     users: Vec<(usize, PasswordHash)>,
     permissions: HashSet<usize>,
     policies: Vec<(PolicyKind, Policy)>,
+    /// Accepted vhost limits (the `vhost-limits` entries of `parameters`), by vhost.
+    limits: Vec<(String, super::json::Limits)>,
     /// Accepted exchanges that are declared (the predeclared ones are accepted and skipped).
     exchanges: HashSet<usize>,
     queues: HashSet<usize>,
@@ -171,6 +173,11 @@ impl BrokerShared {
         for v in &policy_vhosts {
             self.apply_policies(v);
         }
+        for (v, l) in plan.limits {
+            if let Some(vh) = self.vhost(&v) {
+                vh.set_limits(l);
+            }
+        }
         // Declaring can still fail on what the check cannot see; in skip mode that entry is
         // reported and the rest goes on.
         for (i, x) in d.exchanges.iter().enumerate() {
@@ -261,11 +268,17 @@ impl BrokerShared {
             });
             verdicts.judge(r)?;
         }
-        let ignored = d.parameters.len() + d.global_parameters.len() + d.topic_permissions.len();
+        let other_parameters = d
+            .parameters
+            .iter()
+            .filter(|p| matches!(super::json::limits_from_parameter(p), Ok(None)))
+            .count();
+        let ignored = other_parameters + d.global_parameters.len() + d.topic_permissions.len();
         if ignored > 0 {
             info!(
                 count = ignored,
-                "definitions import: parameters, global_parameters and topic_permissions ignored"
+                "definitions import: parameters other than vhost-limits, global_parameters and \
+                 topic_permissions ignored"
             );
         }
         Ok(verdicts.rejected)
@@ -346,6 +359,21 @@ impl BrokerShared {
                     Err(e) => {
                         verdicts.judge(Err(e))?;
                     }
+                }
+            }
+        }
+
+        let mut limits = Vec::new();
+        for (i, p) in d.parameters.iter().enumerate() {
+            let r = super::json::limits_from_parameter(p).and_then(|l| match l {
+                Some((v, l)) => vhost_ok(&format!("parameters[{i}]"), &v).map(|()| Some((v, l))),
+                None => Ok(None),
+            });
+            match r {
+                Ok(Some(l)) => limits.push(l),
+                Ok(None) => {}
+                Err(e) => {
+                    verdicts.judge(Err(format!("parameters[{i}]: {e}")))?;
                 }
             }
         }
@@ -491,6 +519,7 @@ impl BrokerShared {
             users,
             permissions,
             policies,
+            limits,
             exchanges,
             queues,
             bindings,

@@ -48,6 +48,81 @@ pub struct Definitions {
     pub bindings: Vec<BindingDef>,
 }
 
+// === vhost limits ===
+
+/// The runtime-parameter component RabbitMQ keeps a vhost's limits under (with the name
+/// [`LIMITS_NAME`]); its definitions export lists them in `parameters`, as warren does.
+pub const LIMITS_COMPONENT: &str = "vhost-limits";
+pub const LIMITS_NAME: &str = "limits";
+/// The limits RabbitMQ 3.10 knows for a vhost.
+pub const LIMIT_NAMES: &[&str] = &["max-connections", "max-queues"];
+
+/// A vhost's limits by name (a negative value is no limit).
+pub type Limits = std::collections::BTreeMap<String, i64>;
+
+/// RabbitMQ's text for a value that is not a number (its validation of one limit).
+pub fn limit_not_a_number(name: &str, v: &Value) -> String {
+    format!("Validation failed\n\n{name} should be a number, actually was {v}\n")
+}
+
+/// RabbitMQ's text for an unknown limit.
+pub fn unknown_limit(name: &str, v: &Value) -> String {
+    format!("Validation failed\n\nUnrecognised terms [{{<<\"{name}\">>,{v}}}] in limits\n")
+}
+
+/// Checks a limits object (`{"max-connections": 10, ...}`) as RabbitMQ validates the
+/// `vhost-limits` parameter: known names, integer values.
+pub fn limits_of(value: &Value) -> Result<Limits, String> {
+    let Value::Object(m) = value else {
+        return Err(format!("vhost limits must be an object, got {value}"));
+    };
+    let mut out = Limits::new();
+    for (k, v) in m {
+        let n = v.as_i64().ok_or_else(|| limit_not_a_number(k, v))?;
+        if !LIMIT_NAMES.contains(&k.as_str()) {
+            return Err(unknown_limit(k, v));
+        }
+        out.insert(k.clone(), n);
+    }
+    Ok(out)
+}
+
+/// The `parameters` entry of a vhost's limits.
+pub fn limits_parameter(vhost: &str, limits: &Limits) -> Value {
+    let value: Map<String, Value> = limits
+        .iter()
+        .map(|(k, n)| (k.clone(), Value::from(*n)))
+        .collect();
+    serde_json::json!({
+        "value": value,
+        "vhost": vhost,
+        "component": LIMITS_COMPONENT,
+        "name": LIMITS_NAME,
+    })
+}
+
+/// A `parameters` entry read as vhost limits: Ok(None) for another component (warren has no
+/// other runtime parameters), an error for a `vhost-limits` entry RabbitMQ would refuse.
+pub fn limits_from_parameter(p: &Value) -> Result<Option<(String, Limits)>, String> {
+    if p.get("component").and_then(Value::as_str) != Some(LIMITS_COMPONENT) {
+        return Ok(None);
+    }
+    let vhost = p
+        .get("vhost")
+        .and_then(Value::as_str)
+        .ok_or("a vhost-limits parameter needs a vhost")?;
+    match p.get("name").and_then(Value::as_str) {
+        Some(LIMITS_NAME) => {}
+        other => {
+            return Err(format!(
+                "a vhost-limits parameter is named '{LIMITS_NAME}', not {other:?}"
+            ))
+        }
+    }
+    let limits = limits_of(p.get("value").unwrap_or(&Value::Null))?;
+    Ok(Some((vhost.to_owned(), limits)))
+}
+
 /// `tags`: RabbitMQ 3.10 writes a list, older versions a comma-separated string; both accepted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(transparent)]

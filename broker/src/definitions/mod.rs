@@ -30,19 +30,29 @@
 //! ([`BrokerShared::apply_policies`]). The `ha-*` keys are validated and stored; mirroring
 //! follows them once clustering lands.
 //!
+//! # Vhost limits
+//! [`BrokerShared::set_vhost_limits`] sets a vhost's `max-connections` / `max-queues` (the
+//! management API's `/api/vhost-limits` and `/api/parameters/vhost-limits`). They are exported
+//! and persisted as RabbitMQ exports them, a `parameters` entry of component `vhost-limits`
+//! named `limits`, so they survive a restart and an export imports them into RabbitMQ (and
+//! back); clustered, they are replicated like policies (`limits/<v>/limits`).
+//!
 //! # Import semantics
 //! Additive, as RabbitMQ's: entries in the document are created or updated (a user's password
 //! and tags are replaced), nothing absent from it is removed. The whole document is checked
 //! before anything is applied (see [`import`]: unknown vhosts and users, bad regexes, hashes,
 //! policy keys, exchange types, queue arguments and their nesting, inequivalent redeclarations,
-//! bindings to missing ends). `parameters`, `global_parameters` and `topic_permissions` are
-//! accepted and ignored (warren has no runtime parameters or topic permissions); non-durable
+//! bindings to missing ends). Of `parameters`, the `vhost-limits` ones are checked and set
+//! (replacing the vhost's limits, as RabbitMQ's parameter does); other `parameters`,
+//! `global_parameters` and `topic_permissions` are accepted and ignored (warren has no other
+//! runtime parameters and no topic permissions); non-durable
 //! queues and exchanges in a document are declared but, being transient, not persisted.
 //!
 //! # What is persisted
-//! Vhosts, users (hashes only), permissions, policies, durable exchanges, durable non-exclusive
-//! queues, and bindings whose source and destination are both durable. A change that leaves the
-//! rendered file identical (an idempotent redeclare, a transient queue) does not write.
+//! Vhosts, users (hashes only), permissions, policies, vhost limits, durable exchanges, durable
+//! non-exclusive queues, and bindings whose source and destination are both durable. A change
+//! that leaves the rendered file identical (an idempotent redeclare, a transient queue) does
+//! not write.
 //!
 //! # Boot and the config file
 //! [`boot`] runs before the listeners accept. When `definitions.json` exists it is loaded
@@ -415,6 +425,32 @@ impl BrokerShared {
         self.persist_definitions()
     }
 
+    // === vhost limits ===
+
+    /// Replaces a vhost's limits (RabbitMQ's `vhost-limits` parameter; empty clears them):
+    /// persisted with the definitions and, clustered, replicated to every node.
+    pub async fn set_vhost_limits(
+        &self,
+        vhost: &str,
+        limits: json::Limits,
+    ) -> Result<(), DefError> {
+        let v = self.vhost(vhost).ok_or_else(|| not_found_vhost(vhost))?;
+        if self.cluster().is_some() {
+            let key = keys::limits(vhost);
+            let op = if limits.is_empty() {
+                Op::Delete { key }
+            } else {
+                Op::Put {
+                    key,
+                    value: json::limits_parameter(vhost, &limits),
+                }
+            };
+            return self.replicate(vec![op]).await;
+        }
+        v.set_limits(limits);
+        self.persist_definitions()
+    }
+
     /// Clustered: commit `ops` through the cluster and wait until this node applied them.
     async fn replicate(&self, ops: Vec<Op>) -> Result<(), DefError> {
         let c = self
@@ -572,6 +608,15 @@ impl BrokerShared {
                     &b.routing_key,
                 ))
         });
+        // Vhost limits are runtime parameters in RabbitMQ's export.
+        let parameters = self
+            .vhost_list()
+            .iter()
+            .filter_map(|v| {
+                let l = v.limits();
+                (!l.is_empty()).then(|| json::limits_parameter(&v.name, &l))
+            })
+            .collect();
         Definitions {
             rabbit_version: Some(RABBITMQ_COMPAT_VERSION.to_owned()),
             rabbitmq_version: Some(RABBITMQ_COMPAT_VERSION.to_owned()),
@@ -581,7 +626,7 @@ impl BrokerShared {
             vhosts,
             permissions,
             topic_permissions: Vec::new(),
-            parameters: Vec::new(),
+            parameters,
             global_parameters: Vec::new(),
             policies,
             operator_policies,

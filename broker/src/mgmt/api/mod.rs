@@ -228,7 +228,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["vhost-limits", vh] if get => {
             listed(r, params::vhost_limits(shared, r, Some(vh))?, &UNSORTED)
         }
-        ["vhost-limits", vh, name] => params::vhost_limit(shared, r, vh, name),
+        ["vhost-limits", vh, name] => params::vhost_limit(shared, r, vh, name).await,
         ["parameters"] if get => listed(r, params::parameters(shared, r, None, None)?, &PLAIN),
         ["parameters", c] if get => {
             listed(r, params::parameters(shared, r, Some(c), None)?, &PLAIN)
@@ -236,7 +236,7 @@ pub async fn route(shared: &Arc<BrokerShared>, r: &Req) -> R {
         ["parameters", c, vh] if get => {
             listed(r, params::parameters(shared, r, Some(c), Some(vh))?, &PLAIN)
         }
-        ["parameters", c, vh, name] => params::parameter(shared, r, c, vh, name),
+        ["parameters", c, vh, name] => params::parameter(shared, r, c, vh, name).await,
         ["global-parameters"] if get => listed(r, params::global_parameters(shared), &PLAIN),
         ["global-parameters", name] => params::global_parameter(shared, r, name),
         ["feature-flags"] if get => listed(r, params::feature_flags(), &PLAIN),

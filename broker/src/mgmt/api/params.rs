@@ -5,8 +5,8 @@
 //!   administrators only). The broker enforces them as RabbitMQ does: connection.open on a
 //!   vhost at `max-connections` is refused (530), a queue.declare that would pass
 //!   `max-queues` fails (406); a negative value is no limit, 0 admits nothing. Limits are
-//!   kept by each node in memory: they do not survive a restart and are not replicated to
-//!   the other members of a cluster.
+//!   kept with the definitions (`BrokerShared::set_vhost_limits`): persisted, exported as
+//!   RabbitMQ's `vhost-limits` parameter, and replicated to every member of a cluster.
 //! - `GET /api/parameters[/{component}[/{vhost}[/{name}]]]`: the vhost limits, as RabbitMQ
 //!   lists them (component `vhost-limits`, name `limits`); warren has no other runtime
 //!   parameters (no federation or shovel), so every other component is empty.
@@ -19,15 +19,13 @@
 //! - `GET /api/extensions`: none (the UI has no plugins).
 //! - `GET /api/auth`: no OAuth 2 / UAA sign-in.
 
-use super::{admin, ok, vhost, visible_vhosts, R};
+use super::{admin, def_err, ok, vhost, visible_vhosts, R};
+use crate::definitions::json::{limit_not_a_number, unknown_limit, LIMIT_NAMES};
 use crate::mgmt::{json_resp, no_content, ApiError, Req};
 use crate::vhost::Vhost;
 use crate::BrokerShared;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Map, Value};
-
-/// The limits RabbitMQ 3.10 knows for a vhost.
-const LIMIT_NAMES: &[&str] = &["max-connections", "max-queues"];
 
 fn limits_value(v: &Vhost) -> Option<Value> {
     let l = v.limits();
@@ -59,16 +57,14 @@ pub(super) fn vhost_limits(
 fn limit_of(body: &Value, name: &str) -> Result<i64, ApiError> {
     match body.get("value") {
         None => Err(ApiError::bad("[{key_missing,value}]")),
-        Some(v) => v.as_i64().ok_or_else(|| {
-            ApiError::bad(format!(
-                "Validation failed\n\n{name} should be a number, actually was {v}\n"
-            ))
-        }),
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| ApiError::bad(limit_not_a_number(name, v))),
     }
 }
 
 /// PUT|DELETE /api/vhost-limits/{vhost}/{name}.
-pub(super) fn vhost_limit(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
+pub(super) async fn vhost_limit(shared: &BrokerShared, r: &Req, vh: &str, name: &str) -> R {
     admin(r)?;
     let Some(v) = shared.vhost(vh) else {
         return Ok(json_resp(
@@ -81,16 +77,19 @@ pub(super) fn vhost_limit(shared: &BrokerShared, r: &Req, vh: &str, name: &str) 
             let body = r.json()?;
             let n = limit_of(&body, name)?;
             if !LIMIT_NAMES.contains(&name) {
-                return Err(ApiError::bad(format!(
-                    "Validation failed\n\nUnrecognised terms [{{<<\"{name}\">>,{n}}}] in limits\n"
-                )));
+                return Err(ApiError::bad(unknown_limit(name, &json!(n))));
             }
-            v.set_limit(name, Some(n));
+            let mut l = v.limits();
+            l.insert(name.to_owned(), n);
+            shared.set_vhost_limits(&v.name, l).await.map_err(def_err)?;
             tracing::info!(vhost = %v.name, limit = name, value = n, "vhost limit set");
             Ok(no_content())
         }
         Method::DELETE => {
-            v.set_limit(name, None);
+            let mut l = v.limits();
+            if l.remove(name).is_some() {
+                shared.set_vhost_limits(&v.name, l).await.map_err(def_err)?;
+            }
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
@@ -124,7 +123,7 @@ pub(super) fn parameters(
 
 /// GET|PUT|DELETE /api/parameters/{component}/{vhost}/{name}: the vhost limits as one
 /// parameter (`vhost-limits` / `limits`); other components are unknown.
-pub(super) fn parameter(
+pub(super) async fn parameter(
     shared: &BrokerShared,
     r: &Req,
     component: &str,
@@ -148,32 +147,23 @@ pub(super) fn parameter(
         Method::PUT => {
             admin(r)?;
             let body = r.json()?;
-            let Some(Value::Object(m)) = body.get("value") else {
+            let Some(value @ Value::Object(_)) = body.get("value") else {
                 return Err(ApiError::bad("[{key_missing,value}]"));
             };
-            let mut set = Vec::new();
-            for (k, x) in m {
-                let n = limit_of(&json!({"value": x}), k)?;
-                if !LIMIT_NAMES.contains(&k.as_str()) {
-                    return Err(ApiError::bad(format!(
-                        "Validation failed\n\nUnrecognised terms [{{<<\"{k}\">>,{n}}}] in limits\n"
-                    )));
-                }
-                set.push((k.clone(), n));
-            }
-            for k in LIMIT_NAMES {
-                v.set_limit(k, None);
-            }
-            for (k, n) in set {
-                v.set_limit(&k, Some(n));
-            }
+            let limits =
+                crate::definitions::json::limits_of(value).map_err(ApiError::BadRequest)?;
+            shared
+                .set_vhost_limits(&v.name, limits)
+                .await
+                .map_err(def_err)?;
             Ok(no_content())
         }
         Method::DELETE => {
             admin(r)?;
-            for k in LIMIT_NAMES {
-                v.set_limit(k, None);
-            }
+            shared
+                .set_vhost_limits(&v.name, Default::default())
+                .await
+                .map_err(def_err)?;
             Ok(no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
