@@ -557,8 +557,12 @@ impl Inner {
             })
     }
 
-    /// Join through `seeds`, or bootstrap if every seed is as new as we are and our name is the
-    /// lowest (so that nodes started together from the same seed list form one cluster).
+    /// Join through `seeds`, or bootstrap a new cluster when this node has seen every node the
+    /// seeds name, none belongs to a cluster yet and this node's name is the lowest, so that
+    /// nodes started together from the same seed list form one cluster. "Every node": each seed
+    /// resolved and each address it resolved to answered; until then (a name that does not
+    /// resolve yet, a peer not listening yet) the node waits and looks again. Seeds that name
+    /// this node only (a StatefulSet's first pod, alone behind its headless service) bootstrap.
     async fn join(&self, seeds: &[String], within: Duration) -> Result<(), ClusterError> {
         let deadline = self.deadline(within);
         let mut backoff = Duration::from_millis(100);
@@ -566,23 +570,34 @@ impl Inner {
         loop {
             let mut uninit = Vec::new();
             let mut reached = 0usize;
+            let mut seen_all = true;
             for seed in seeds {
                 let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(seed.as_str()).await {
                     Ok(a) => a.collect(),
                     Err(e) => {
                         last_err = format!("{seed}: {e}");
+                        seen_all = false;
                         continue;
                     }
                 };
+                seen_all &= !addrs.is_empty();
                 for addr in addrs {
                     if self.listen.contains(&addr) {
                         continue;
                     }
                     let peer = match self.net.connect(&addr.to_string()).await {
                         Ok(p) => p,
-                        Err(HandshakeError::SelfConnection) => continue,
+                        // Whichever end sees its own id first says so: the dialer, or the
+                        // listener (which rejects the dialer).
+                        Err(
+                            HandshakeError::SelfConnection
+                            | HandshakeError::Refused(
+                                crate::net::handshake::RejectReason::SelfConnection,
+                            ),
+                        ) => continue,
                         Err(e) => {
                             last_err = format!("{addr}: {e}");
+                            seen_all = false;
                             continue;
                         }
                     };
@@ -599,13 +614,19 @@ impl Inner {
                             return Ok(());
                         }
                         Err(OpError::NotInitialized(name)) => uninit.push(name),
-                        Err(e) => last_err = format!("{addr}: {e}"),
+                        Err(e) => {
+                            last_err = format!("{addr}: {e}");
+                            seen_all = false;
+                        }
                     }
                 }
             }
-            if reached > 0 && uninit.len() == reached && uninit.iter().all(|n| self.info.name < *n)
-            {
-                info!("no seed belongs to a cluster yet and this node's name is the lowest: bootstrapping");
+            if seen_all && uninit.len() == reached && uninit.iter().all(|n| self.info.name < *n) {
+                if reached == 0 {
+                    info!("the seeds name this node only: bootstrapping");
+                } else {
+                    info!("no seed belongs to a cluster yet and this node's name is the lowest: bootstrapping");
+                }
                 return self.bootstrap().await;
             }
             if Instant::now() >= deadline || self.cancel.is_cancelled() {

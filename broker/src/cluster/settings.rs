@@ -104,9 +104,61 @@ pub fn validate(cfg: &Config) -> Result<(), String> {
         ));
     }
     for j in &cfg.join {
-        seed(j)?;
+        seeds(j)?;
     }
+    advertise(cfg)?;
     Ok(())
+}
+
+/// A `--join` value as the seeds it names: one [`seed`], or several separated by commas
+/// (`--join a,b,c` is `--join a --join b --join c`).
+pub fn seeds(s: &str) -> Result<Vec<String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(seed)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err(format!("join: '{s}' names no node"))
+            } else {
+                Ok(v)
+            }
+        })
+}
+
+/// The `host:port` the other nodes dial to reach this one. A first `cluster-listen` on a
+/// wildcard address (`0.0.0.0:25672`, `[::]:25672`, as in a container) cannot be dialled, so
+/// the node is reached at the host of its name (`warren@HOST`, as a RabbitMQ node at its
+/// host name) on that port: in a StatefulSet the pod's stable DNS name, which outlives the
+/// pod's IP address across restarts. `None`: the first bound listener, as before.
+pub fn advertise(cfg: &Config) -> Result<Option<String>, String> {
+    let Some(first) = cfg.cluster_listen.first() else {
+        return Ok(None);
+    };
+    if !first.ip().is_unspecified() {
+        return Ok(None);
+    }
+    let host = cfg
+        .node_name
+        .rsplit_once('@')
+        .map(|(_, h)| h.trim())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "cluster-listen {first} listens on every interface, so the other nodes reach                  this one at the host of its node name, and '{}' names none: use NAME@HOST",
+                cfg.node_name
+            )
+        })?;
+    if first.port() == 0 {
+        return Err(format!(
+            "cluster-listen {first}: a wildcard address needs a fixed port (the other nodes              reach this one at {host}:PORT)"
+        ));
+    }
+    Ok(Some(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", first.port())
+    } else {
+        format!("{host}:{}", first.port())
+    }))
 }
 
 /// A `--join` value as the `host:port` the cluster dials: `name@host:port`, `name@host`,
@@ -173,7 +225,13 @@ pub fn cluster_config(cfg: &Config) -> Result<ClusterConfig, String> {
     }
     let mut c = ClusterConfig::new(&cfg.node_name, cfg.data_dir.join("cluster"), secret);
     c.listen = cfg.cluster_listen.clone();
-    c.join = cfg.join.iter().map(|j| seed(j)).collect::<Result<_, _>>()?;
+    c.advertise = advertise(cfg)?;
+    c.join = cfg
+        .join
+        .iter()
+        .map(|j| seeds(j))
+        .collect::<Result<Vec<_>, _>>()?
+        .concat();
     c.witness = cfg.witness;
     c.partition_handling = match cfg.cluster_partition_handling {
         PartitionHandling::Ignore => warren_cluster::PartitionHandling::Ignore,
@@ -213,6 +271,40 @@ mod tests {
         }
         assert!(seed("warren@").is_err());
         assert!(seed("host:notaport").is_err());
+        assert_eq!(
+            seeds("a@h1, h2:4000,[::1]").as_deref(),
+            Ok(&[
+                "h1:25672".to_owned(),
+                "h2:4000".into(),
+                "[::1]:25672".into()
+            ][..])
+        );
+        assert!(seeds(",").is_err());
+        assert!(seeds("h1,h2:x").is_err());
+    }
+
+    #[test]
+    fn a_wildcard_cluster_listener_is_reached_at_the_node_names_host() {
+        let mut c = Config::for_tests();
+        c.cluster_secret_file = Some("/nonexistent".into());
+        c.cluster_listen = vec!["127.0.0.2:25672".parse().expect("addr")];
+        assert_eq!(advertise(&c), Ok(None));
+        c.cluster_listen = vec!["0.0.0.0:25672".parse().expect("addr")];
+        c.node_name = "warren@warren-0.warren-headless.ns.svc.cluster.local".into();
+        assert_eq!(
+            advertise(&c),
+            Ok(Some(
+                "warren-0.warren-headless.ns.svc.cluster.local:25672".into()
+            ))
+        );
+        c.cluster_listen = vec!["[::]:4000".parse().expect("addr")];
+        c.node_name = "warren@fd00::7".into();
+        assert_eq!(advertise(&c), Ok(Some("[fd00::7]:4000".into())));
+        c.node_name = "warren".into();
+        assert!(validate(&c).expect_err("refused").contains("NAME@HOST"));
+        c.node_name = "warren@h".into();
+        c.cluster_listen = vec!["0.0.0.0:0".parse().expect("addr")];
+        assert!(validate(&c).expect_err("refused").contains("fixed port"));
     }
 
     #[test]
