@@ -370,6 +370,14 @@ pub enum Command {
         priority: i64,
         apply_to: String,
     },
+    /// set_vhost_limits: the vhost's whole limits object (`{"max-connections": N, ...}`).
+    SetVhostLimits {
+        vhost: String,
+        definition: String,
+    },
+    ClearVhostLimits {
+        vhost: String,
+    },
     /// clear_policy, or clear_operator_policy when `operator`.
     ClearPolicy {
         operator: bool,
@@ -439,6 +447,7 @@ pub const VERBS: &[(&str, &str)] = &[
     ("change_password", "<username> <password>"),
     ("clear_operator_policy", "[-p <vhost>] <name>"),
     ("clear_policy", "[-p <vhost>] <name>"),
+    ("clear_vhost_limits", "[-p <vhost>]"),
     ("cluster_status", ""),
     ("delete_queue", "[-p <vhost>] [--if-empty] [--if-unused] <queue>"),
     ("delete_user", "<username>"),
@@ -474,6 +483,7 @@ pub const VERBS: &[(&str, &str)] = &[
         "[-p <vhost>] [--priority <n>] [--apply-to <queues|exchanges|all>] <name> <pattern> <definition>",
     ),
     ("set_user_tags", "<username> [<tag> ...]"),
+    ("set_vhost_limits", "[-p <vhost>] <definition>"),
     ("start_app", ""),
     ("status", ""),
     ("stop_app", ""),
@@ -745,6 +755,14 @@ fn build(raw: Raw) -> Result<Invocation, CtlError> {
                 priority,
                 apply_to,
             }
+        }
+        "set_vhost_limits" => Command::SetVhostLimits {
+            vhost,
+            definition: exact(1)?[0].clone(),
+        },
+        "clear_vhost_limits" => {
+            exact(0)?;
+            Command::ClearVhostLimits { vhost }
         }
         verb @ ("clear_policy" | "clear_operator_policy") => Command::ClearPolicy {
             operator: verb == "clear_operator_policy",

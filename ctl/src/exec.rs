@@ -273,6 +273,32 @@ impl Ctx<'_> {
                     )),
                 }
             }
+            Command::SetVhostLimits { vhost, definition } => {
+                self.info(&format!(
+                    "Applying limits \"{definition}\" to vhost \"{vhost}\" ..."
+                ))?;
+                let value = parse_definition(definition)?;
+                let path = format!("/api/parameters/vhost-limits/{}/limits", enc(vhost));
+                let body = json!({"value": value});
+                match self.send(Method::Put, &path, Some(&body))? {
+                    Ok(_) => Ok(()),
+                    Err(f) => Err(CtlError::new(
+                        exit::SOFTWARE,
+                        format!("vhost limits refused: {}", f.reason),
+                    )),
+                }
+            }
+            Command::ClearVhostLimits { vhost } => {
+                self.info(&format!("Clearing vhost \"{vhost}\" limits ..."))?;
+                let path = format!("/api/parameters/vhost-limits/{}/limits", enc(vhost));
+                match self.send(Method::Delete, &path, None)? {
+                    Ok(_) => Ok(()),
+                    Err(f) => Err(CtlError::new(
+                        exit::SOFTWARE,
+                        format!("clearing vhost limits refused: {}", f.reason),
+                    )),
+                }
+            }
             Command::ClearPolicy {
                 operator,
                 vhost,
@@ -955,6 +981,35 @@ mod tests {
                     json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"},
                             "priority": 0, "apply-to": "all"})
                 )
+            )]
+        );
+    }
+
+    #[test]
+    fn set_vhost_limits_puts_the_limits_parameter() {
+        let mut api = Fake::default().answer(204, Value::Null);
+        let (r, _) = go(
+            &["set_vhost_limits", "-p", "v1", r#"{"max-connections": 8}"#],
+            &mut api,
+        );
+        r.expect("succeeds");
+        assert_eq!(
+            api.seen,
+            vec![(
+                Method::Put,
+                "/api/parameters/vhost-limits/v1/limits".to_string(),
+                Some(json!({"value": {"max-connections": 8}}))
+            )]
+        );
+        let mut api = Fake::default().answer(204, Value::Null);
+        let (r, _) = go(&["clear_vhost_limits"], &mut api);
+        r.expect("succeeds");
+        assert_eq!(
+            api.seen,
+            vec![(
+                Method::Delete,
+                "/api/parameters/vhost-limits/%2F/limits".to_string(),
+                None
             )]
         );
     }
