@@ -450,8 +450,17 @@ async fn inequivalent_and_invalid_args_are_406() {
         .expect_err("reserved");
     assert_eq!(amqp_code(&e), Some(403));
     let ch = c.create_channel().await.expect("ch");
-    // quorum is accepted
-    declare(&ch, "qq", table(vec![("x-queue-type", s("quorum"))])).await;
+    // quorum is accepted durable (RabbitMQ refuses a non-durable one)
+    ch.queue_declare(
+        "qq".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        table(vec![("x-queue-type", s("quorum"))]),
+    )
+    .await
+    .expect("quorum declare");
     b.shutdown().await;
 }
 

@@ -232,6 +232,15 @@ async fn consume(s: &mut Session, ch: u16, c: basic::Consume) -> Result<(), Amqp
     })?;
     s.check_exclusive(&q)?;
     s.check_perm(PermKind::Read, "queue", &name)?;
+    if q.args.quorum && chan.global_prefetch > 0 {
+        // RabbitMQ 3.10's quorum queues refuse a consumer under a global prefetch, closing
+        // the connection.
+        return Err(ConnectionError::not_implemented(format!(
+            "queue '{name}' in vhost '{}' does not support global qos",
+            vhost.name
+        ))
+        .into());
+    }
     let priority = c
         .arguments
         .inner()

@@ -116,6 +116,14 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                     .into());
                 }
                 let args = QueueArgs::parse(&d.arguments, &name, &vhost.name)?;
+                args.check_declare(
+                    &d.arguments,
+                    d.durable,
+                    d.exclusive,
+                    d.auto_delete,
+                    &name,
+                    &vhost.name,
+                )?;
                 let spec = QueueSpec {
                     name: name.clone(),
                     durable: d.durable,

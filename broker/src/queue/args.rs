@@ -51,10 +51,13 @@ pub struct QueueArgs {
     pub dead_letter_routing_key: Option<String>,
     pub max_priority: Option<u8>,
     pub single_active_consumer: bool,
+    /// `x-queue-type: quorum`: the quorum semantics one node can honour (see [`QueueArgs::check_declare`]
+    /// and the queue core: `x-delivery-count`, delivery limits, quorum's overflow).
     pub quorum: bool,
-    /// Quorum queues: a message delivered (and returned) more often than this is dropped or
-    /// dead-lettered (`x-delivery-limit`).
-    pub delivery_limit: Option<u64>,
+    /// Quorum queues: a message returned more often than this is dropped or dead-lettered
+    /// (`x-delivery-limit`, or the policy's `delivery-limit`). Any integer, as RabbitMQ 3.10
+    /// takes it: a negative one drops a message at its first return.
+    pub delivery_limit: Option<i64>,
     /// Where a new queue's master goes in a cluster (`x-queue-master-locator`).
     pub master_locator: Option<String>,
 }
@@ -65,18 +68,86 @@ fn bad(name: &str, queue: &str, vhost: &str, what: &str) -> ChannelError {
     ))
 }
 
+/// RabbitMQ's name of a field-table value's type, as its errors print it.
+fn type_name(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) => "shortstr",
+        AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
+    }
+}
+
+/// Arguments RabbitMQ 3.10.8 refuses for a quorum queue ("... of queue type
+/// rabbit_quorum_queue"), checked there one by one.
+const NOT_FOR_QUORUM: &[&str] = &[
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-priority",
+    "x-queue-master-locator",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-stream-max-segment-size-bytes",
+];
+
+/// Arguments RabbitMQ 3.10.8 refuses for a classic queue (they belong to quorum queues or
+/// streams), checked there one by one.
+const NOT_FOR_CLASSIC: &[&str] = &[
+    "x-dead-letter-strategy",
+    "x-delivery-limit",
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-in-memory-bytes",
+    "x-max-in-memory-length",
+    "x-queue-leader-locator",
+    "x-quorum-initial-group-size",
+    "x-stream-max-segment-size-bytes",
+];
+
 impl QueueArgs {
     /// Validates and parses `x-*` arguments; unknown arguments are kept but ignored (RabbitMQ).
     pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<Self, ChannelError> {
         let mut out = QueueArgs::default();
         for (k, v) in args.inner() {
             let k = k.as_str();
+            // RabbitMQ's checks and texts: a negative value, zero where it must be positive,
+            // a value of another type.
             let non_neg = |min: i64| -> Result<u64, ChannelError> {
                 match as_i64(v) {
                     Some(n) if n >= min => Ok(n as u64),
-                    Some(n) => Err(bad(k, queue, vhost, &format!("{{value_too_small,{n}}}"))),
-                    None => Err(bad(k, queue, vhost, "{unacceptable_type}")),
+                    Some(n) if n < 0 => {
+                        Err(bad(k, queue, vhost, &format!("{{value_negative,{n}}}")))
+                    }
+                    Some(n) => Err(bad(k, queue, vhost, &format!("{{value_zero,{n}}}"))),
+                    None => Err(bad(
+                        k,
+                        queue,
+                        vhost,
+                        &format!("\"expected integer, got {}\"", type_name(v)),
+                    )),
                 }
+            };
+            let wrong_type = || {
+                bad(
+                    k,
+                    queue,
+                    vhost,
+                    &format!("{{unacceptable_type,{}}}", type_name(v)),
+                )
             };
             match k {
                 "x-message-ttl" => out.message_ttl = Some(non_neg(0)?),
@@ -84,11 +155,12 @@ impl QueueArgs {
                 "x-max-length" => out.max_length = Some(non_neg(0)?),
                 "x-max-length-bytes" => out.max_length_bytes = Some(non_neg(0)?),
                 "x-max-priority" => {
+                    // 0 is taken and makes no priority queue, as in RabbitMQ.
                     let n = non_neg(0)?;
-                    if !(1..=255).contains(&n) {
-                        return Err(bad(k, queue, vhost, &format!("{{value_out_of_range,{n}}}")));
+                    if n > 255 {
+                        return Err(bad(k, queue, vhost, &format!("{{max_value_exceeded,{n}}}")));
                     }
-                    out.max_priority = Some(n as u8);
+                    out.max_priority = (n > 0).then_some(n as u8);
                 }
                 "x-overflow" => {
                     out.overflow_set = true;
@@ -96,20 +168,26 @@ impl QueueArgs {
                         Some("drop-head") => Overflow::DropHead,
                         Some("reject-publish") => Overflow::RejectPublish,
                         Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-                        _ => return Err(bad(k, queue, vhost, "{unacceptable_value}")),
+                        Some(_) => return Err(bad(k, queue, vhost, "invalid_overflow")),
+                        None => return Err(wrong_type()),
                     }
                 }
-                "x-dead-letter-exchange" => {
-                    out.dead_letter_exchange = Some(
-                        as_string(v).ok_or_else(|| bad(k, queue, vhost, "{unacceptable_type}"))?,
-                    )
+                "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
+                    let name = as_string(v).ok_or_else(|| {
+                        ChannelError::precondition_failed(format!(
+                            "invalid type '{}' for arg '{k}' in queue '{queue}' in vhost '{vhost}'",
+                            type_name(v)
+                        ))
+                    })?;
+                    if k == "x-dead-letter-exchange" {
+                        out.dead_letter_exchange = Some(name);
+                    } else {
+                        out.dead_letter_routing_key = Some(name);
+                    }
                 }
-                "x-dead-letter-routing-key" => {
-                    out.dead_letter_routing_key = Some(
-                        as_string(v).ok_or_else(|| bad(k, queue, vhost, "{unacceptable_type}"))?,
-                    )
-                }
-                "x-delivery-limit" => out.delivery_limit = Some(non_neg(0)?),
+                // RabbitMQ 3.10 checks nothing here: an integer is the limit, anything else
+                // is no limit.
+                "x-delivery-limit" => out.delivery_limit = as_i64(v),
                 "x-queue-master-locator" => match as_string(v).as_deref() {
                     Some(l @ ("client-local" | "min-masters" | "random")) => {
                         out.master_locator = Some(l.to_owned())
@@ -118,12 +196,20 @@ impl QueueArgs {
                 },
                 "x-single-active-consumer" => match v {
                     AMQPValue::Boolean(b) => out.single_active_consumer = *b,
-                    _ => return Err(bad(k, queue, vhost, "{unacceptable_type}")),
+                    _ => return Err(wrong_type()),
                 },
                 "x-queue-type" => match as_string(v).as_deref() {
                     Some("classic") => {}
                     Some("quorum") => out.quorum = true,
-                    _ => return Err(bad(k, queue, vhost, "{unacceptable_value}")),
+                    Some(other) => {
+                        return Err(bad(
+                            k,
+                            queue,
+                            vhost,
+                            &format!("\"unsupported queue type '{other}'\""),
+                        ))
+                    }
+                    None => return Err(wrong_type()),
                 },
                 _ => {}
             }
@@ -135,6 +221,84 @@ impl QueueArgs {
             )));
         }
         Ok(out)
+    }
+
+    /// What RabbitMQ 3.10.8 checks of a queue's type at declare, after the arguments' values
+    /// ([`QueueArgs::parse`]), in its order: the arguments the type refuses, then (quorum)
+    /// the properties a replicated queue cannot have (auto-delete, exclusive, non-durable)
+    /// and the values of quorum's own arguments. `args` is the declared table.
+    pub fn check_declare(
+        &self,
+        args: &FieldTable,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        queue: &str,
+        vhost: &str,
+    ) -> Result<(), ChannelError> {
+        let (refused, kind) = if self.quorum {
+            (NOT_FOR_QUORUM, "rabbit_quorum_queue")
+        } else {
+            (NOT_FOR_CLASSIC, "rabbit_classic_queue")
+        };
+        if let Some(k) = refused.iter().find(|k| args.inner().contains_key(**k)) {
+            return Err(ChannelError::precondition_failed(format!(
+                "invalid arg '{k}' for queue '{queue}' in vhost '{vhost}' of queue type {kind}"
+            )));
+        }
+        if !self.quorum {
+            return Ok(());
+        }
+        let property = |p: &str| {
+            ChannelError::precondition_failed(format!(
+                "invalid property '{p}' for queue '{queue}' in vhost '{vhost}'"
+            ))
+        };
+        if auto_delete {
+            return Err(property("auto-delete"));
+        }
+        if exclusive {
+            return Err(property("exclusive-owner"));
+        }
+        if !durable {
+            return Err(property("non-durable"));
+        }
+        for (k, v) in args.inner() {
+            let k = k.as_str();
+            let int = |min: i64| match as_i64(v) {
+                Some(n) if n >= min => Ok(()),
+                Some(n) if n < 0 => Err(bad(k, queue, vhost, &format!("{{value_negative,{n}}}"))),
+                Some(n) => Err(bad(k, queue, vhost, &format!("{{value_zero,{n}}}"))),
+                None => Err(bad(
+                    k,
+                    queue,
+                    vhost,
+                    &format!("\"expected integer, got {}\"", type_name(v)),
+                )),
+            };
+            match k {
+                "x-quorum-initial-group-size" => int(1)?,
+                "x-max-in-memory-length" | "x-max-in-memory-bytes" => int(0)?,
+                "x-dead-letter-strategy" => match as_string(v).as_deref() {
+                    Some("at-most-once" | "at-least-once") => {}
+                    Some(_) => return Err(bad(k, queue, vhost, "invalid_dlx_strategy")),
+                    None => {
+                        return Err(bad(
+                            k,
+                            queue,
+                            vhost,
+                            &format!("{{unacceptable_type,{}}}", type_name(v)),
+                        ))
+                    }
+                },
+                "x-queue-leader-locator" => match as_string(v).as_deref() {
+                    Some("client-local" | "balanced") => {}
+                    _ => return Err(bad(k, queue, vhost, "invalid_queue_locator_arg")),
+                },
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The settings that take effect once the policies are applied (`def` is the merged
@@ -159,7 +323,14 @@ impl QueueArgs {
         out.message_ttl = lower(self.message_ttl, num("message-ttl"));
         out.max_length = lower(self.max_length, num("max-length"));
         out.max_length_bytes = lower(self.max_length_bytes, num("max-length-bytes"));
-        out.delivery_limit = lower(self.delivery_limit, num("delivery-limit"));
+        out.delivery_limit = match (
+            self.delivery_limit,
+            def.get("delivery-limit")
+                .and_then(serde_json::Value::as_i64),
+        ) {
+            (Some(a), Some(p)) => Some(a.min(p)),
+            (a, p) => a.or(p),
+        };
         if self.dead_letter_exchange.is_none() {
             out.dead_letter_exchange = text("dead-letter-exchange");
         }
@@ -175,6 +346,10 @@ impl QueueArgs {
                 Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
                 _ => Overflow::DropHead,
             };
+        }
+        if out.quorum && out.overflow == Overflow::RejectPublishDlx {
+            // RabbitMQ 3.10's quorum queues take it (logging a warning) and drop the head.
+            out.overflow = Overflow::DropHead;
         }
         out
     }
@@ -226,6 +401,199 @@ mod tests {
                 .expect("object"),
         );
         assert_eq!(rp.overflow, Overflow::RejectPublishDlx);
+    }
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    fn quorum_with(extra: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut pairs = vec![("x-queue-type", AMQPValue::LongString("quorum".into()))];
+        pairs.extend_from_slice(extra);
+        table(&pairs)
+    }
+
+    /// The reply text of declaring `args` (durable, exclusive, auto-delete), or None if taken.
+    fn declare(
+        args: &FieldTable,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+    ) -> Option<String> {
+        let parsed = match QueueArgs::parse(args, "q", "/") {
+            Ok(p) => p,
+            Err(e) => return Some(e.reply_text()),
+        };
+        parsed
+            .check_declare(args, durable, exclusive, auto_delete, "q", "/")
+            .err()
+            .map(|e| {
+                assert_eq!(e.reply_code(), 406);
+                e.reply_text()
+            })
+    }
+
+    #[test]
+    fn quorum_queues_refuse_what_rabbitmq_3_10_refuses_with_its_texts() {
+        let q = quorum_with(&[]);
+        assert_eq!(declare(&q, true, false, false), None);
+        let property = |p: &str| {
+            Some(format!(
+                "PRECONDITION_FAILED - invalid property '{p}' for queue 'q' in vhost '/'"
+            ))
+        };
+        assert_eq!(declare(&q, false, false, false), property("non-durable"));
+        assert_eq!(declare(&q, true, true, false), property("exclusive-owner"));
+        // RabbitMQ's order: auto-delete, then exclusive, then durability.
+        assert_eq!(declare(&q, false, true, true), property("auto-delete"));
+        assert_eq!(declare(&q, false, true, false), property("exclusive-owner"));
+        for k in [
+            "x-max-priority",
+            "x-queue-mode",
+            "x-queue-master-locator",
+            "x-max-age",
+        ] {
+            let v = match k {
+                "x-max-priority" => AMQPValue::LongInt(5),
+                "x-queue-master-locator" => AMQPValue::LongString("min-masters".into()),
+                _ => AMQPValue::LongString("lazy".into()),
+            };
+            // Checked before the properties.
+            assert_eq!(
+                declare(&quorum_with(&[(k, v)]), false, false, false),
+                Some(format!(
+                    "PRECONDITION_FAILED - invalid arg '{k}' for queue 'q' in vhost '/' \
+                     of queue type rabbit_quorum_queue"
+                )),
+                "{k}"
+            );
+        }
+        // Taken: quorum's own arguments and those it shares with classic queues.
+        for (k, v) in [
+            ("x-delivery-limit", AMQPValue::LongInt(-1)),
+            ("x-delivery-limit", AMQPValue::LongString("a".into())),
+            ("x-quorum-initial-group-size", AMQPValue::LongInt(3)),
+            ("x-max-in-memory-length", AMQPValue::LongInt(3)),
+            (
+                "x-dead-letter-strategy",
+                AMQPValue::LongString("at-least-once".into()),
+            ),
+            (
+                "x-overflow",
+                AMQPValue::LongString("reject-publish-dlx".into()),
+            ),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+            ("x-expires", AMQPValue::LongInt(1000)),
+        ] {
+            assert_eq!(
+                declare(&quorum_with(&[(k, v)]), true, false, false),
+                None,
+                "{k}"
+            );
+        }
+        assert_eq!(
+            declare(
+                &quorum_with(&[("x-quorum-initial-group-size", AMQPValue::LongInt(0))]),
+                true,
+                false,
+                false
+            ),
+            Some(
+                "PRECONDITION_FAILED - invalid arg 'x-quorum-initial-group-size' for queue 'q' \
+                 in vhost '/': {value_zero,0}"
+                    .into()
+            )
+        );
+        // reject-publish-dlx is taken and acts as drop-head (RabbitMQ logs a warning).
+        let a = QueueArgs::parse(
+            &quorum_with(&[(
+                "x-overflow",
+                AMQPValue::LongString("reject-publish-dlx".into()),
+            )]),
+            "q",
+            "/",
+        )
+        .expect("ok");
+        assert_eq!(
+            a.resolve(&serde_json::Map::new()).overflow,
+            Overflow::DropHead
+        );
+    }
+
+    #[test]
+    fn classic_queues_refuse_quorum_and_stream_arguments() {
+        for k in [
+            "x-delivery-limit",
+            "x-quorum-initial-group-size",
+            "x-max-in-memory-length",
+        ] {
+            assert_eq!(
+                declare(&table(&[(k, AMQPValue::LongInt(3))]), true, false, false),
+                Some(format!(
+                    "PRECONDITION_FAILED - invalid arg '{k}' for queue 'q' in vhost '/' \
+                     of queue type rabbit_classic_queue"
+                ))
+            );
+        }
+        let classic = |extra: (&str, AMQPValue)| {
+            table(&[
+                ("x-queue-type", AMQPValue::LongString("classic".into())),
+                extra,
+            ])
+        };
+        assert_eq!(
+            declare(
+                &classic(("x-max-priority", AMQPValue::LongInt(0))),
+                false,
+                true,
+                true
+            ),
+            None,
+            "0 is taken (no priorities)"
+        );
+        assert_eq!(
+            declare(
+                &classic(("x-max-length", AMQPValue::LongInt(-1))),
+                false,
+                false,
+                false
+            ),
+            Some(
+                "PRECONDITION_FAILED - invalid arg 'x-max-length' for queue 'q' in vhost '/': \
+                 {value_negative,-1}"
+                    .into()
+            )
+        );
+        assert_eq!(
+            declare(
+                &classic(("x-message-ttl", AMQPValue::LongString("a".into()))),
+                false,
+                false,
+                false
+            ),
+            Some(
+                "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q' in vhost '/': \
+                 \"expected integer, got longstr\""
+                    .into()
+            )
+        );
+        assert_eq!(
+            declare(
+                &table(&[("x-queue-type", AMQPValue::LongString("foo".into()))]),
+                true,
+                false,
+                false
+            ),
+            Some(
+                "PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue 'q' in vhost '/': \
+                 \"unsupported queue type 'foo'\""
+                    .into()
+            )
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - a confirm for a publish is sent exactly once, decided by the queue's
 //!   [`ConfirmTracker`](super::confirm::ConfirmTracker) (see there).
 
+use super::activity::ConsumerUse;
 use super::args::Overflow;
 use super::confirm::ConfirmTracker;
 use super::ready::Pager;
@@ -74,10 +75,13 @@ pub struct QueueCore {
     handle: QueueHandle,
     /// The settings in effect: the declared arguments resolved against the policies.
     args: QueueArgs,
-    /// Quorum queues with a delivery limit: how often each requeued message was delivered.
+    /// Quorum queues: how often each message was returned (`x-delivery-count`, counted
+    /// against the delivery limit). Only messages returned at least once are in it.
     deliveries: IntMap<u64, u32>,
     ready: Ready,
     unacked: IntMap<u64, Unacked>,
+    /// Body bytes of `unacked`.
+    unacked_bytes: u64,
     consumers: Vec<Consumer>,
     next_consumer_key: u64,
     use_counter: u64,
@@ -94,7 +98,14 @@ pub struct QueueCore {
     now: Instant,
     wall: (Instant, u64),
     had_consumers: bool,
+    /// The last use of the queue by a client (x-expires counts from it).
     last_activity: Instant,
+    /// The last work of any kind (commands, deliveries): the API's `idle_since`.
+    last_busy: Instant,
+    /// Whether consumers can take messages as they come (the API's consumer capacity), and
+    /// the value last published to the handle.
+    consumer_use: ConsumerUse,
+    published_use: Option<ConsumerUse>,
     deleted: bool,
     /// Page-out stopped at its per-turn limit with more to do.
     page_more: bool,
@@ -121,6 +132,7 @@ impl QueueCore {
             handle,
             ready,
             unacked: IntMap::default(),
+            unacked_bytes: 0,
             consumers: Vec::new(),
             next_consumer_key: 1,
             use_counter: 0,
@@ -133,6 +145,9 @@ impl QueueCore {
             wall: (now, now_unix_ms),
             had_consumers: false,
             last_activity: now,
+            last_busy: now,
+            consumer_use: ConsumerUse::new(now),
+            published_use: None,
             deleted: false,
             page_more: false,
             paging_started: false,
@@ -152,6 +167,11 @@ impl QueueCore {
             let expires_at = r
                 .expires_at_ms
                 .map(|t| now + std::time::Duration::from_millis(t.saturating_sub(now_ms)));
+            if r.redelivered && self.args.quorum {
+                // Delivered before the restart and not acknowledged: returned once (the
+                // counts themselves are not stored).
+                self.deliveries.insert(r.id, 1);
+            }
             self.ready.requeue(Entry {
                 id: r.id,
                 msg: r.msg,
@@ -228,14 +248,23 @@ impl QueueCore {
             (pressure || started || self.page_more) && self.ready.page_out(PAGE_OUT_TURN, now);
         let lost = self.ready.take_lost();
         if !lost.is_empty() {
-            self.log.settle(&lost);
+            self.settle(&lost);
         }
     }
 
-    fn publish_counts(&self) {
+    fn publish_counts(&mut self) {
         self.handle
             .message_count
             .store(self.ready.len as u32, Ordering::Relaxed);
+        let act = &self.handle.activity;
+        act.unacked_bytes
+            .store(self.unacked_bytes, Ordering::Relaxed);
+        act.busy_at_ms
+            .store(self.unix_ms(self.last_busy).max(1), Ordering::Relaxed);
+        if self.published_use != Some(self.consumer_use) {
+            act.set_use(self.consumer_use);
+            self.published_use = Some(self.consumer_use);
+        }
         let st = &self.handle.stats;
         st.paged_out
             .store(self.ready.paged_len as u64, Ordering::Relaxed);
@@ -277,6 +306,9 @@ impl QueueCore {
     /// One command from the queue's mailbox.
     pub(crate) fn command(&mut self, cmd: QueueCmd, now: Instant) {
         self.now = now;
+        if !matches!(cmd, QueueCmd::Kick) {
+            self.last_busy = now;
+        }
         match cmd {
             QueueCmd::Publish { msg, confirm } => self.publish(msg, confirm, now),
             QueueCmd::PublishBatch(items) => {
@@ -328,10 +360,7 @@ impl QueueCore {
             }
             QueueCmd::Purge { reply } => {
                 let ids = self.ready.drain_ids();
-                for id in &ids {
-                    self.forget_deliveries(*id);
-                }
-                self.log.settle(&ids);
+                self.settle(&ids);
                 self.publish_counts();
                 let _ = reply.send(ids.len() as u32);
             }
@@ -388,6 +417,11 @@ impl QueueCore {
 
     fn is_full(&self, extra_bytes: u64) -> bool {
         let a = &self.args;
+        if a.quorum {
+            // RabbitMQ 3.10's quorum queues refuse a publish once they are over a limit, so
+            // they take one message more than the limit first.
+            return self.over_limit();
+        }
         a.max_length.is_some_and(|m| self.ready.len as u64 >= m)
             || a.max_length_bytes
                 .is_some_and(|m| self.ready.bytes + extra_bytes > m)
@@ -454,7 +488,7 @@ impl QueueCore {
                     if let Some(m) = &p.msg {
                         self.dead_letter(m, "maxlen");
                     }
-                    self.log.settle(&[p.id]);
+                    self.settle(&[p.id]);
                 }
                 None => break,
             }
@@ -466,9 +500,6 @@ impl QueueCore {
     /// messages published from now on, `expires` restarts from the last activity.
     fn apply_policy(&mut self, _now: Instant) {
         self.args = self.handle.policy().args.clone();
-        if self.args.delivery_limit.is_none() {
-            self.deliveries.clear();
-        }
         self.drop_over_limit();
         self.publish_counts();
     }
@@ -491,6 +522,7 @@ impl QueueCore {
         let key = self.next_consumer_key;
         self.next_consumer_key += 1;
         let flow_active = spec.flow_active;
+        self.consumer_use = self.consumer_use.active(now);
         self.consumers.push(Consumer {
             key,
             spec,
@@ -529,14 +561,13 @@ impl QueueCore {
     fn ack(&mut self, ids: &[u64]) {
         let mut n = 0;
         for id in ids {
-            if let Some(u) = self.unacked.remove(id) {
+            if let Some(u) = self.take_unacked(*id) {
                 self.release_consumer(u.consumer);
-                self.forget_deliveries(*id);
                 n += 1;
             }
         }
         stats::bump(&self.handle.stats.ack, n);
-        self.log.settle(ids);
+        self.settle(ids);
     }
 
     fn release_consumer(&mut self, key: Option<u64>) {
@@ -550,24 +581,23 @@ impl QueueCore {
     fn reject(&mut self, ids: &[u64], requeue: bool, _now: Instant) {
         let mut requeued = Vec::new();
         for id in ids {
-            let Some(u) = self.unacked.remove(id) else {
+            let Some(u) = self.take_unacked(*id) else {
                 continue;
             };
             self.release_consumer(u.consumer);
             let mut e = u.entry;
-            if requeue && self.over_delivery_limit(e.id) {
+            if requeue && self.count_return(e.id) {
                 // A quorum queue's delivery limit: dropped or dead-lettered instead, as
                 // RabbitMQ's quorum queues do.
                 self.dead_letter(&e.msg, "delivery_limit");
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
             } else if requeue {
                 e.redelivered = true;
                 requeued.push(e.id);
                 self.ready.requeue(e);
             } else {
-                self.forget_deliveries(e.id);
                 self.dead_letter(&e.msg, "rejected");
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
             }
         }
         if !requeued.is_empty() {
@@ -575,24 +605,71 @@ impl QueueCore {
         }
     }
 
-    /// Counts one more return of a delivered message; true when that takes it past the
-    /// queue's delivery limit (quorum queues only, as in RabbitMQ).
-    fn over_delivery_limit(&mut self, id: u64) -> bool {
-        let Some(limit) = self.args.delivery_limit.filter(|_| self.args.quorum) else {
+    /// Counts one more return of a delivered message (quorum queues only, as in RabbitMQ:
+    /// their `x-delivery-count`); true when that takes it past the queue's delivery limit.
+    fn count_return(&mut self, id: u64) -> bool {
+        if !self.args.quorum {
             return false;
-        };
-        let n = self.deliveries.entry(id).or_insert(0);
-        *n += 1;
-        if u64::from(*n) > limit {
-            self.deliveries.remove(&id);
-            return true;
         }
-        false
+        let n = self.deliveries.entry(id).or_insert(0);
+        *n = n.saturating_add(1);
+        self.args
+            .delivery_limit
+            .is_some_and(|limit| i64::from(*n) > limit)
     }
 
-    fn forget_deliveries(&mut self, id: u64) {
+    /// Messages that leave the queue for good: settled in the log, their return counts gone.
+    fn settle(&mut self, ids: &[u64]) {
         if !self.deliveries.is_empty() {
-            self.deliveries.remove(&id);
+            for id in ids {
+                self.deliveries.remove(id);
+            }
+        }
+        self.log.settle(ids);
+    }
+
+    fn add_unacked(&mut self, id: u64, u: Unacked) {
+        self.unacked_bytes += u.entry.msg.body.len() as u64;
+        self.unacked.insert(id, u);
+    }
+
+    fn take_unacked(&mut self, id: u64) -> Option<Unacked> {
+        let u = self.unacked.remove(&id)?;
+        self.unacked_bytes = self
+            .unacked_bytes
+            .saturating_sub(u.entry.msg.body.len() as u64);
+        Some(u)
+    }
+
+    /// The message as delivered: a quorum queue's deliveries carry `x-delivery-count`, the
+    /// times it was returned, as RabbitMQ 3.10.8's do: basic.get from the first (0), a
+    /// consumer's from the first redelivery (`first_too` false).
+    fn as_delivered(&self, id: u64, msg: &Arc<Message>, first_too: bool) -> Arc<Message> {
+        if !self.args.quorum {
+            return msg.clone();
+        }
+        let n = self.deliveries.get(&id).copied().unwrap_or(0);
+        if n == 0 && !first_too {
+            return msg.clone();
+        }
+        let mut headers = msg.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-delivery-count".into(),
+            amq_protocol::types::AMQPValue::LongLongInt(i64::from(n)),
+        );
+        match msg.with_headers(headers) {
+            Ok(m) => Arc::new(m),
+            // Cannot happen (the original's header encoded); the message goes as published.
+            Err(_) => msg.clone(),
+        }
+    }
+
+    /// Unix milliseconds of `t` by the wall-clock reading the core was given.
+    fn unix_ms(&self, t: Instant) -> u64 {
+        let (at, unix_ms) = self.wall;
+        match t.checked_duration_since(at) {
+            Some(d) => unix_ms + d.as_millis() as u64,
+            None => unix_ms.saturating_sub(at.saturating_duration_since(t).as_millis() as u64),
         }
     }
 
@@ -606,22 +683,22 @@ impl QueueCore {
             };
             if e.expires_at.is_some_and(|t| t <= now) {
                 self.dead_letter(&e.msg, "expired");
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
                 continue;
             }
             let r = GetResult {
                 msg_id: e.id,
-                msg: e.msg.clone(),
+                msg: self.as_delivered(e.id, &e.msg, true),
                 redelivered: e.redelivered,
                 remaining: self.ready.len as u32,
             };
             stats::bump(if no_ack { &st.get_no_ack } else { &st.get }, 1);
             stats::bump(&st.redeliver, u64::from(e.redelivered));
             if no_ack {
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
             } else {
                 self.log.delivered(&[e.id]);
-                self.unacked.insert(
+                self.add_unacked(
                     e.id,
                     Unacked {
                         entry: e,
@@ -671,12 +748,25 @@ impl QueueCore {
     /// Delivers ready messages to consumers with credit, in passes of at most
     /// [`DISPATCH_PASS`] deliveries; each pass sends one event per connection.
     fn dispatch(&mut self, now: Instant) {
+        // RabbitMQ's consumer capacity: a consumer able to take a message makes the queue
+        // active, a message left waiting makes it inactive.
+        if matches!(self.consumer_use, ConsumerUse::Inactive { .. })
+            && self.pick_consumer().is_some()
+        {
+            self.consumer_use = self.consumer_use.active(now);
+        }
         loop {
             let delivered = self.dispatch_pass(now);
             self.round_delivered |= delivered > 0;
+            if delivered > 0 {
+                self.last_busy = now;
+            }
             if delivered < DISPATCH_PASS {
                 break;
             }
+        }
+        if self.ready.len > 0 {
+            self.consumer_use = self.consumer_use.inactive(now);
         }
     }
 
@@ -693,9 +783,10 @@ impl QueueCore {
             };
             if e.expires_at.is_some_and(|t| t <= now) {
                 self.dead_letter(&e.msg, "expired");
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
                 continue;
             }
+            let msg = self.as_delivered(e.id, &e.msg, false);
             self.use_counter += 1;
             let c = &mut self.consumers[ci];
             c.last_used = self.use_counter;
@@ -705,7 +796,7 @@ impl QueueCore {
                 consumer_tag: c.spec.tag.clone(),
                 queue: Some(self.handle.clone()),
                 msg_id: e.id,
-                msg: e.msg.clone(),
+                msg,
                 redelivered: e.redelivered,
                 no_ack: c.spec.no_ack,
             };
@@ -722,12 +813,12 @@ impl QueueCore {
             );
             stats::bump(&st.redeliver, u64::from(e.redelivered));
             if c.spec.no_ack {
-                self.log.settle(&[e.id]);
+                self.settle(&[e.id]);
             } else {
                 c.unacked += 1;
                 to_ack.push(e.id);
                 let key = c.key;
-                self.unacked.insert(
+                self.add_unacked(
                     e.id,
                     Unacked {
                         entry: e,
@@ -765,7 +856,7 @@ impl QueueCore {
         self.now = now;
         conn.pending.fetch_sub(lost.len(), Ordering::Relaxed);
         for d in lost.iter().filter(|d| !d.no_ack) {
-            if let Some(u) = self.unacked.remove(&d.msg_id) {
+            if let Some(u) = self.take_unacked(d.msg_id) {
                 self.ready.requeue(u.entry);
             }
         }
@@ -785,7 +876,7 @@ impl QueueCore {
                 if let Some(m) = &p.msg {
                     self.dead_letter(m, "expired");
                 }
-                self.log.settle(&[p.id]);
+                self.settle(&[p.id]);
             }
         }
     }

@@ -25,6 +25,7 @@ fn handle(args: QueueArgs) -> QueueHandle {
         message_count: Default::default(),
         consumer_count: Default::default(),
         stats: Default::default(),
+        activity: Default::default(),
     })
 }
 
@@ -327,44 +328,289 @@ fn a_message_seen_before_stays_redelivered_when_a_later_delivery_is_undeliverabl
     assert!(got.redelivered, "the first client saw it");
 }
 
+/// basic.get with acknowledgement, answered in the same call.
+fn get_ack(c: &mut QueueCore, now: Instant) -> Option<GetResult> {
+    let (reply, r) = tokio::sync::oneshot::channel();
+    c.command(
+        QueueCmd::Get {
+            no_ack: false,
+            reply,
+        },
+        now,
+    );
+    r.blocking_recv().expect("reply")
+}
+
+fn requeue(c: &mut QueueCore, id: u64, now: Instant) {
+    c.command(
+        QueueCmd::Reject {
+            ids: vec![id],
+            requeue: true,
+        },
+        now,
+    );
+}
+
+fn header(m: &Message, key: &str) -> Option<amq_protocol::types::AMQPValue> {
+    m.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key).cloned())
+}
+
+fn quorum(limit: Option<i64>) -> QueueArgs {
+    QueueArgs {
+        quorum: true,
+        delivery_limit: limit,
+        dead_letter_exchange: Some("dlx".into()),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_quorum_queue_dead_letters_a_message_returned_past_its_delivery_limit() {
     let t0 = Instant::now();
-    let mut c = core(
-        QueueArgs {
-            quorum: true,
-            delivery_limit: Some(1),
-            dead_letter_exchange: Some("dlx".into()),
-            ..Default::default()
-        },
-        t0,
-    );
+    let mut c = core(quorum(Some(2)), t0);
     publish(&mut c, "poison", None, t0);
-    for round in 0..3 {
-        let (reply, r) = tokio::sync::oneshot::channel();
+    // As RabbitMQ 3.10.8: a limit of two returns delivers three times, counted 0, 1, 2.
+    let mut seen = Vec::new();
+    while let Some(got) = get_ack(&mut c, t0) {
+        seen.push((header(&got.msg, "x-delivery-count"), got.redelivered));
+        requeue(&mut c, got.msg_id, t0);
+    }
+    use amq_protocol::types::AMQPValue::LongLongInt;
+    assert_eq!(
+        seen,
+        [
+            (Some(LongLongInt(0)), false),
+            (Some(LongLongInt(1)), true),
+            (Some(LongLongInt(2)), true)
+        ]
+    );
+    let effects = c.take_effects();
+    assert_eq!(
+        dead_letters(&effects),
+        [("poison".to_owned(), "delivery_limit".to_owned())]
+    );
+    // The dead-lettered copy is the message as published: no x-delivery-count (RabbitMQ).
+    let Some(Effect::DeadLetter(m)) = effects.first() else {
+        panic!("expected a dead letter, got {effects:?}");
+    };
+    assert_eq!(header(m, "x-delivery-count"), None);
+    assert!(c.deliveries.is_empty(), "its count went with it");
+}
+
+#[test]
+fn quorum_deliveries_to_consumers_carry_x_delivery_count_and_classic_ones_do_not() {
+    let t0 = Instant::now();
+    let (events, _erx) = mpsc::unbounded_channel();
+    let conn = Arc::new(ConnShared::default());
+    for (args, want) in [
+        (
+            quorum(None),
+            Some(amq_protocol::types::AMQPValue::LongLongInt(2)),
+        ),
+        (QueueArgs::default(), None),
+    ] {
+        let mut c = core(args, t0);
+        // A consumer's first delivery has none (RabbitMQ 3.10.8).
+        let (reply, _r) = tokio::sync::oneshot::channel();
         c.command(
-            QueueCmd::Get {
-                no_ack: false,
+            QueueCmd::Consume {
+                spec: consumer(&events, &conn),
                 reply,
             },
             t0,
         );
-        let Some(got) = r.blocking_recv().expect("reply") else {
-            assert_eq!(round, 2, "delivered twice: the limit is one return");
-            break;
+        publish(&mut c, "m", None, t0);
+        let Some(Effect::Deliver { deliveries, .. }) = c.take_effects().pop() else {
+            panic!("expected a delivery");
         };
+        assert_eq!(header(&deliveries[0].msg, "x-delivery-count"), None);
+        requeue(&mut c, deliveries[0].msg_id, t0);
         c.command(
-            QueueCmd::Reject {
-                ids: vec![got.msg_id],
-                requeue: true,
+            QueueCmd::Cancel {
+                conn_id: 7,
+                channel: 1,
+                generation: 0,
+                tag: "c".into(),
             },
             t0,
         );
+        c.take_effects();
+        let first = get_ack(&mut c, t0).expect("a message");
+        let want_get = want
+            .clone()
+            .map(|_| amq_protocol::types::AMQPValue::LongLongInt(1));
+        assert_eq!(header(&first.msg, "x-delivery-count"), want_get);
+        requeue(&mut c, first.msg_id, t0);
+        let (reply, _r) = tokio::sync::oneshot::channel();
+        c.command(
+            QueueCmd::Consume {
+                spec: consumer(&events, &conn),
+                reply,
+            },
+            t0,
+        );
+        let Some(Effect::Deliver { deliveries, .. }) = c.take_effects().pop() else {
+            panic!("expected a delivery");
+        };
+        assert_eq!(header(&deliveries[0].msg, "x-delivery-count"), want);
+        assert!(deliveries[0].redelivered);
+        // No limit: returned as often as the client likes.
+        for _ in 0..5 {
+            requeue(&mut c, deliveries[0].msg_id, t0);
+            assert_eq!(ready(&c) + c.unacked.len(), 1);
+        }
+        conn.pending.store(0, Ordering::Relaxed);
     }
+}
+
+#[test]
+fn a_negative_delivery_limit_drops_at_the_first_return_and_policies_take_the_lower() {
+    let t0 = Instant::now();
+    let mut c = core(quorum(Some(-1)), t0);
+    publish(&mut c, "m", None, t0);
+    let got = get_ack(&mut c, t0).expect("a message");
+    requeue(&mut c, got.msg_id, t0);
+    assert!(
+        get_ack(&mut c, t0).is_none(),
+        "RabbitMQ 3.10.8 drops it too"
+    );
+    // A delivery-limit policy on a queue without the argument.
+    let mut c = core(quorum(None), t0);
+    let def = serde_json::json!({"delivery-limit": 0});
+    assert!(c.handle.set_policy(Applied {
+        definition: def.as_object().cloned().expect("object"),
+        ..Default::default()
+    }));
+    c.turn(t0, false);
+    publish(&mut c, "m", None, t0);
+    let got = get_ack(&mut c, t0).expect("a message");
+    requeue(&mut c, got.msg_id, t0);
+    assert!(
+        get_ack(&mut c, t0).is_none(),
+        "limit 0: dropped at its first return"
+    );
     assert_eq!(
         dead_letters(&c.take_effects()),
-        [("poison".to_owned(), "delivery_limit".to_owned())]
+        [("m".to_owned(), "delivery_limit".to_owned())]
     );
+}
+
+#[test]
+fn a_quorum_queue_takes_one_message_past_its_limit_before_refusing() {
+    let t0 = Instant::now();
+    let mut c = core(
+        QueueArgs {
+            quorum: true,
+            max_length: Some(1),
+            overflow: Overflow::RejectPublish,
+            overflow_set: true,
+            ..Default::default()
+        },
+        t0,
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for seq in 1..=3 {
+        publish(&mut c, "m", Some(ticket(&tx, seq)), t0);
+    }
+    // RabbitMQ 3.10.8's quorum queues refuse once over the limit: 2 of 3 taken.
+    assert_eq!(confirms(&mut rx), vec![(1, true), (2, true), (3, false)]);
+    assert_eq!(ready(&c), 2);
+}
+
+#[test]
+fn unacked_bytes_follow_deliveries_acks_and_returns() {
+    let t0 = Instant::now();
+    let mut c = core(QueueArgs::default(), t0);
+    for b in ["aa", "bbb", "cccc"] {
+        publish(&mut c, b, None, t0);
+    }
+    let unacked_bytes = |c: &mut QueueCore| {
+        c.turn(t0, false);
+        c.handle.activity.unacked_bytes.load(Ordering::Relaxed)
+    };
+    let a = get_ack(&mut c, t0).expect("aa");
+    let b = get_ack(&mut c, t0).expect("bbb");
+    assert_eq!(unacked_bytes(&mut c), 5);
+    assert_eq!(c.handle.stats.ready_bytes.load(Ordering::Relaxed), 4);
+    c.command(
+        QueueCmd::Ack {
+            ids: vec![a.msg_id],
+        },
+        t0,
+    );
+    assert_eq!(unacked_bytes(&mut c), 3);
+    requeue(&mut c, b.msg_id, t0);
+    assert_eq!(unacked_bytes(&mut c), 0);
+    assert_eq!(c.handle.stats.ready_bytes.load(Ordering::Relaxed), 7);
+    // Deliveries to a connection that is gone come back: their bytes too.
+    let (events, _erx) = mpsc::unbounded_channel();
+    let conn = Arc::new(ConnShared::default());
+    let (reply, _r) = tokio::sync::oneshot::channel();
+    c.command(
+        QueueCmd::Consume {
+            spec: consumer(&events, &conn),
+            reply,
+        },
+        t0,
+    );
+    assert_eq!(unacked_bytes(&mut c), 7);
+    let Some(Effect::Deliver { deliveries, .. }) = c.take_effects().pop() else {
+        panic!("expected a delivery");
+    };
+    c.undeliverable(&conn, deliveries, t0);
+    assert_eq!(unacked_bytes(&mut c), 0);
+}
+
+#[test]
+fn consumer_capacity_falls_while_messages_wait_and_rises_when_consumers_take_them() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs(1);
+    let mut c = core(QueueArgs::default(), t0);
+    let (events, _erx) = mpsc::unbounded_channel();
+    let conn = Arc::new(ConnShared::default());
+    let (reply, _r) = tokio::sync::oneshot::channel();
+    let mut spec = consumer(&events, &conn);
+    spec.prefetch = 1;
+    c.command(QueueCmd::Consume { spec, reply }, t0);
+    c.turn(t0, false);
+    let capacity = |c: &QueueCore, at: Instant| c.handle.activity.consumer_capacity(1, at);
+    assert_eq!(capacity(&c, t0 + s), 1.0, "nothing waited");
+    publish(&mut c, "1", None, t0);
+    publish(&mut c, "2", None, t0);
+    c.turn(t0, false);
+    // "2" waits for the consumer's prefetch from t0: one half-life later, halfway down.
+    assert!((capacity(&c, t0 + s) - 0.5).abs() < 1e-6);
+    let Some(Effect::Deliver { deliveries, .. }) = c.take_effects().into_iter().next() else {
+        panic!("expected a delivery");
+    };
+    c.command(
+        QueueCmd::Ack {
+            ids: vec![deliveries[0].msg_id],
+        },
+        t0 + 2 * s,
+    );
+    c.turn(t0 + 2 * s, false);
+    // "2" went at once; the consumer could take more: rising from a quarter.
+    let later = capacity(&c, t0 + 3 * s);
+    assert!((later - 0.625).abs() < 1e-6, "{later}");
+    assert_eq!(c.handle.activity.consumer_capacity(0, t0 + 3 * s), 0.0);
+}
+
+#[test]
+fn the_queue_publishes_when_it_last_worked() {
+    let t0 = Instant::now();
+    let mut c = core(QueueArgs::default(), t0);
+    c.turn(t0, false);
+    let busy = |c: &QueueCore| c.handle.activity.busy_at_ms.load(Ordering::Relaxed);
+    assert_eq!(busy(&c), 1_000_000, "the wall clock the core was given");
+    publish(&mut c, "m", None, t0 + Duration::from_millis(2500));
+    c.turn(t0 + Duration::from_secs(10), false);
+    assert_eq!(busy(&c), 1_002_500, "a turn with nothing to do is no work");
+    assert_eq!(c.handle.activity.idle_since_ms(1_003_000), None);
+    assert_eq!(c.handle.activity.idle_since_ms(1_003_500), Some(1_002_500));
 }
 
 /// The actor shell under tokio's paused clock: a TTL and an idle expiry fire when (and only

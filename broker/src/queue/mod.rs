@@ -2,6 +2,7 @@
 //! slow queue only slows its own publishers. Connections hold [`QueueHandle`]s; queues talk back
 //! to connections through [`ClientEvent`]s on the connection's own channel.
 
+pub mod activity;
 pub mod actor;
 pub mod args;
 pub mod confirm;
@@ -41,6 +42,8 @@ pub struct Message {
     pub expiration_ms: Option<u64>,
     /// The account charged for this message (a plain reference: nothing to count per message).
     memory: &'static Memory,
+    /// The body is another message's (a copy with other headers): not charged again.
+    body_shared: bool,
 }
 
 impl Message {
@@ -58,7 +61,7 @@ impl Message {
             .expiration()
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok());
-        memory.charge(Self::accounted(&header_payload, &body));
+        memory.charge(Self::accounted(&header_payload, &body, false));
         Ok(Self {
             exchange,
             routing_key,
@@ -67,6 +70,31 @@ impl Message {
             body,
             expiration_ms,
             memory,
+            body_shared: false,
+        })
+    }
+
+    /// A copy of this message for one delivery with `headers` as its headers, sharing the body
+    /// (charged for its header only).
+    pub fn with_headers(
+        &self,
+        headers: amq_protocol::types::FieldTable,
+    ) -> Result<Self, crate::error::CodecError> {
+        let properties = self.properties.clone().with_headers(headers);
+        let header_payload =
+            crate::codec::encode_content_header_payload(self.body.len() as u64, &properties)?
+                .into();
+        self.memory
+            .charge(Self::accounted(&header_payload, &self.body, true));
+        Ok(Self {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            properties,
+            header_payload,
+            body: self.body.clone(),
+            expiration_ms: self.expiration_ms,
+            memory: self.memory,
+            body_shared: true,
         })
     }
 
@@ -77,8 +105,9 @@ impl Message {
     }
 
     /// Bytes this message counts for in its memory account.
-    fn accounted(header_payload: &Bytes, body: &Bytes) -> u64 {
-        (header_payload.len() + body.len() + std::mem::size_of::<Self>()) as u64
+    fn accounted(header_payload: &Bytes, body: &Bytes, body_shared: bool) -> u64 {
+        let body = if body_shared { 0 } else { body.len() };
+        (header_payload.len() + body + std::mem::size_of::<Self>()) as u64
     }
 
     /// delivery-mode 2.
@@ -93,8 +122,11 @@ impl Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.memory
-            .release(Self::accounted(&self.header_payload, &self.body));
+        self.memory.release(Self::accounted(
+            &self.header_payload,
+            &self.body,
+            self.body_shared,
+        ));
     }
 }
 
@@ -301,6 +333,9 @@ pub struct QueueInfo {
     pub consumer_count: AtomicU32,
     /// Message counters for the management API (written by the actor).
     pub stats: crate::stats::QueueStats,
+    /// Unacked bytes, idleness and consumer capacity for the management API (written by the
+    /// actor).
+    pub activity: activity::QueueActivity,
 }
 
 pub type QueueHandle = Arc<QueueInfo>;
@@ -351,6 +386,7 @@ impl QueueInfo {
             message_count: AtomicU32::new(0),
             consumer_count: AtomicU32::new(0),
             stats: Default::default(),
+            activity: Default::default(),
         });
         (handle, rx)
     }

@@ -34,6 +34,8 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     let ready = u64::from(q.message_count());
     let unacked = q.stats.unacked.load(ld);
     let bytes = q.stats.ready_bytes.load(ld);
+    let unacked_bytes = q.activity.unacked_bytes.load(ld);
+    let quorum = q.args.quorum;
     let paged = q.stats.paged_out.load(ld).min(ready);
     let paged_bytes = q.stats.paged_out_bytes.load(ld).min(bytes);
     let rates = shared.sampler.queue_rates(&q.vhost, &q.name);
@@ -53,15 +55,24 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
         let v = st.get(&crate::cluster::keys::queue(&q.vhost, &q.name))?;
         crate::cluster::keys::from_value::<crate::cluster::keys::QueueValue>(&v.value)
     });
-    match placement {
+    let node = match placement {
         Some(qv) => {
-            put("node", json!(qv.placement.master));
             put("slave_nodes", json!(qv.placement.mirrors));
             put("synchronised_slave_nodes", json!(qv.placement.in_sync));
+            json!(qv.placement.master)
         }
-        None => put("node", json!(shared.config.node_name)),
+        None => json!(shared.config.node_name),
+    };
+    put("node", node.clone());
+    if quorum {
+        // A quorum queue of one member, the node it lives on, as RabbitMQ shows one.
+        put("leader", node.clone());
+        put("members", json!([node.clone()]));
+        put("online", json!([node]));
+        put("messages_dlx", json!(0));
+        put("message_bytes_dlx", json!(0));
     }
-    put("type", json!("classic"));
+    put("type", json!(if quorum { "quorum" } else { "classic" }));
     put("state", json!("running"));
     let policy = q.policy();
     put("policy", json!(policy.applied.policy_name()));
@@ -77,21 +88,31 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("single_active_consumer_tag", Value::Null);
     let consumers = q.consumer_count();
     put("consumers", json!(consumers));
-    // RabbitMQ's share of time the queue could hand a message to a consumer at once, here as
-    // it is at this moment: none without consumers, all when nothing waits for one (consumers
-    // take every message as it comes), none when messages wait (consumers are at their
-    // prefetch limit).
-    let capacity = if consumers > 0 && ready == 0 {
-        1.0
-    } else {
-        0.0
-    };
+    // RabbitMQ's share of time the queue could hand a message to a consumer at once, a moving
+    // average with a half-life of a second (0 without consumers).
+    let capacity = q
+        .activity
+        .consumer_capacity(consumers, tokio::time::Instant::now());
     put("consumer_capacity", json!(capacity));
     put("consumer_utilisation", json!(capacity));
-    put("message_bytes", json!(bytes));
+    // Classic queues say since when they have done nothing, once they have been idle for a
+    // second (RabbitMQ's hibernation); RabbitMQ's quorum queues do not.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if let Some(t) = q.activity.idle_since_ms(now_ms).filter(|_| !quorum) {
+        put(
+            "idle_since",
+            json!(crate::queue::activity::format_idle_since(t)),
+        );
+    }
+    put("message_bytes", json!(bytes + unacked_bytes));
     put("message_bytes_ready", json!(bytes));
-    put("message_bytes_unacknowledged", json!(0));
-    put("message_bytes_ram", json!(bytes - paged_bytes));
+    put("message_bytes_unacknowledged", json!(unacked_bytes));
+    put(
+        "message_bytes_ram",
+        json!(bytes - paged_bytes + unacked_bytes),
+    );
     put("message_bytes_persistent", json!(0));
     put("message_bytes_paged_out", json!(paged_bytes));
     put("messages_ram", json!(ready - paged + unacked));
@@ -99,7 +120,7 @@ fn queue_json(shared: &BrokerShared, q: &crate::queue::QueueInfo) -> Value {
     put("messages_unacknowledged_ram", json!(unacked));
     put("messages_persistent", json!(0));
     put("messages_paged_out", json!(paged));
-    put("memory", json!(bytes));
+    put("memory", json!(bytes + unacked_bytes));
     put("head_message_timestamp", Value::Null);
     put(
         "message_stats",
@@ -159,6 +180,7 @@ pub(super) async fn one(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
             let auto_delete = body_bool(&body, "auto_delete", false)?;
             let arguments = body_arguments(&body)?;
             let args = QueueArgs::parse(&arguments, name, &v.name)?;
+            args.check_declare(&arguments, durable, false, auto_delete, name, &v.name)?;
             let spec = QueueSpec {
                 name: name.to_owned(),
                 durable,
