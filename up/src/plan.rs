@@ -302,7 +302,10 @@ mod tests {
             .collect();
         files.sort();
         assert!(files.len() >= 5, "{files:?}");
-        for chaos in ["elb".to_string(), "none".to_string()].into_iter().chain(files) {
+        for chaos in ["elb".to_string(), "none".to_string()]
+            .into_iter()
+            .chain(files)
+        {
             let cfg = Config {
                 chaos: chaos.clone(),
                 ..Config::default()
