@@ -145,13 +145,15 @@ pub fn advertise(cfg: &Config) -> Result<Option<String>, String> {
         .filter(|h| !h.is_empty())
         .ok_or_else(|| {
             format!(
-                "cluster-listen {first} listens on every interface, so the other nodes reach                  this one at the host of its node name, and '{}' names none: use NAME@HOST",
+                "cluster-listen {first} listens on every interface, so the other nodes reach \
+                 this one at the host of its node name, and '{}' names none: use NAME@HOST",
                 cfg.node_name
             )
         })?;
     if first.port() == 0 {
         return Err(format!(
-            "cluster-listen {first}: a wildcard address needs a fixed port (the other nodes              reach this one at {host}:PORT)"
+            "cluster-listen {first}: a wildcard address needs a fixed port (the other nodes \
+             reach this one at {host}:PORT)"
         ));
     }
     Ok(Some(if host.contains(':') && !host.starts_with('[') {
