@@ -160,15 +160,12 @@ in_flight = "drop"
 """
 
 
-class LoadBalancer:
-    def __init__(self, bin_dir: Path, workdir: Path, tag: str, backend: str, nth: int, every: str, seed: int):
-        self.config = workdir / f"lb-{tag}.toml"
-        self.config.write_text(LB_TOML.format(seed=seed, backend=backend, nth=nth, every=every,
-                                              publish_rule=PUBLISH_RULE, periodic_rule=PERIODIC_RULE))
-        self.proc = Proc(f"warren-lb ({tag})", [str(bin_dir / "warren-lb"), "--config", str(self.config)],
-                         workdir / f"lb-{tag}.log")
-        found = self.proc.listening({"amqp", "admin"})
-        self.addr, self.admin = found["amqp"], found["admin"]
+class LbEvents:
+    """A running warren-lb seen through its admin API (`admin`, host:port): every event it reports
+    from the moment this is made (GET /events?follow=1, in a thread), and its metrics."""
+
+    def __init__(self, admin: str):
+        self.admin = admin
         self.events: list[dict] = []
         self._lock = threading.Lock()
         self._follower = threading.Thread(target=self._follow, daemon=True)
@@ -214,12 +211,44 @@ class LoadBalancer:
                     out[m.group(1)] = out.get(m.group(1), 0) + float(line.rsplit(" ", 1)[1])
         return out
 
+
+
+class LoadBalancer(LbEvents):
+    """A warren-lb of the experiment's own, with its fault rules."""
+
+    def __init__(self, bin_dir: Path, workdir: Path, tag: str, backend: str, nth: int, every: str, seed: int):
+        self.config = workdir / f"lb-{tag}.toml"
+        self.config.write_text(LB_TOML.format(seed=seed, backend=backend, nth=nth, every=every,
+                                              publish_rule=PUBLISH_RULE, periodic_rule=PERIODIC_RULE))
+        self.proc = Proc(f"warren-lb ({tag})", [str(bin_dir / "warren-lb"), "--config", str(self.config)],
+                         workdir / f"lb-{tag}.log")
+        found = self.proc.listening({"amqp", "admin"})
+        self.addr = found["amqp"]
+        super().__init__(found["admin"])
+
     def stop(self) -> None:
         self.proc.stop()
         self._follower.join(5)
 
 
 # ---------------------------------------------------------------- the experiment
+
+
+def start_worker(broker_url: str, queue: str, executions: Path, hostname: str, workdir: Path,
+                 procs: list[Proc]) -> Proc:
+    """A Celery worker (tasks.py, solo pool) consuming `queue` from `broker_url`, recording into
+    `executions`, its log workdir/worker.log; added to `procs` (to be stopped) and ready."""
+    env = dict(os.environ, WARREN_EXPERIMENT_BROKER=broker_url, WARREN_EXPERIMENT_QUEUE=queue,
+               WARREN_EXPERIMENT_LOG=str(executions), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    worker = Proc("celery worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=solo",
+                                    "-Q", queue, "-n", hostname, "--loglevel=INFO", "--without-gossip",
+                                    "--without-mingle", "--without-heartbeat"],
+                  workdir / "worker.log", env=env, cwd=HERE)
+    procs.append(worker)
+    worker.wait_for("the worker became ready", lambda t: f"{hostname} ready." in t, 60)
+    return worker
+
 
 
 def with_hostport(url: str, hostport: str) -> str:
@@ -285,30 +314,40 @@ class Run:
 
 
 def publish_run(mode: str, args, lb: LoadBalancer, queue: str, tag: str) -> Run:
+    def resets():
+        r = lb.resets()
+        return f"resets {len(r)} ({sum(1 for e in r if e.get('rule') == PUBLISH_RULE)} after a publish)"
+
+    return publish_tasks(Run(mode=mode, n=args.n), with_hostport(args.broker_url, lb.addr), queue, tag,
+                         args.rate, resets)
+
+
+def publish_tasks(run: Run, producer_url: str, queue: str, tag: str, rate: float, more_status) -> Run:
+    """Publishes run.n `tasks.record` tasks through `producer_url` at `rate` a second (0: as fast
+    as it goes), with confirm_publish when run.mode is "confirm", task ids `<tag>-<mode>-<i>`;
+    records in `run` when each send_task returned or that it raised. A progress line a second ends
+    with more_status()."""
     from tasks import make_app
 
-    run = Run(mode=mode, n=args.n)
+    mode = run.mode
 
     def on_retry(exc, interval):
         run.retries += 1
         name = type(exc).__name__
         run.errors[name] = run.errors.get(name, 0) + 1
 
-    producer_url = with_hostport(args.broker_url, lb.addr)
     app = make_app(producer_url, queue, confirm_publish=(mode == "confirm"), retry_errback=on_retry)
     progress = Progress(mode)
 
     def status():
-        r = lb.resets()
-        pub = sum(1 for e in r if e.get("rule") == PUBLISH_RULE)
         conf = len(run.accepted) if mode == "confirm" else 0
-        return (f"sent {len(run.accepted) + len(run.failed)}/{args.n}  confirmed {conf}  failed {len(run.failed)}  "
-                f"retries {run.retries}  resets {len(r)} ({pub} after a publish)")
+        return (f"sent {len(run.accepted) + len(run.failed)}/{run.n}  confirmed {conf}  failed {len(run.failed)}  "
+                f"retries {run.retries}  {more_status()}")
 
-    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    interval = 1.0 / rate if rate > 0 else 0.0
     run.started = time.time()
     t0 = time.monotonic()
-    for i in range(args.n):
+    for i in range(run.n):
         if interval:
             delay = t0 + i * interval - time.monotonic()
             if delay > 0:
@@ -357,21 +396,38 @@ def wait_for_worker(args, queue: str, tag: str, mode: str, executions: Path, wor
 
 def summarize(run: Run, lb: LoadBalancer, metric: dict[str, float], executions: dict[str, list[float]],
               tag: str) -> dict:
+    resets = lb.resets()
+    out, lost_at = run_counts(run, executions, tag, resets)
+    by_rule: dict[str, int] = {}
+    for e in resets:
+        by_rule[e.get("rule") or "admin"] = by_rule.get(e.get("rule") or "admin", 0) + 1
+    out.update({
+        "resets_by_rule": by_rule,
+        "faults_metric": metric,
+        "discarded_upstream_bytes": sum(e.get("discarded_upstream", 0) for e in resets),
+        "discarded_downstream_bytes": sum(e.get("discarded_downstream", 0) for e in resets),
+    })
+    out["timeline"]["lost"] = attribute_losses(lost_at, out["timeline"]["resets"])
+    return out
+
+
+def event_time(e: dict) -> float:
+    """A balancer event's time (its `ts`), as a unix time."""
+    return dt.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def run_counts(run: Run, executions: dict[str, list[float]], tag: str, resets: list[dict]) -> tuple[dict, list[float]]:
+    """What a run's report says whatever the faults were: the counts (sent, confirmed, executed
+    from the worker's records, lost, duplicated, failed, ...) and the timeline (publishes,
+    confirms, first executions and the balancer's `resets`, in seconds since the run started).
+    Also returns when each lost task's send_task returned (same clock), to charge it to a fault."""
     prefix = f"{tag}-{run.mode}-"
     ran = {k: v for k, v in executions.items() if k.startswith(prefix) and not k.endswith("-sentinel")}
     lost = [t for t in run.accepted if t not in ran]
     published_at = dict(zip(run.accepted, run.publishes))
-    resets = lb.resets()
-    by_rule: dict[str, int] = {}
-    for e in resets:
-        by_rule[e.get("rule") or "admin"] = by_rule.get(e.get("rule") or "admin", 0) + 1
-    t0 = run.started
 
     def rel(t: float) -> float:
-        return round(t - t0, 4)
-
-    def ts(e: dict) -> float:
-        return dt.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+        return round(t - run.started, 4)
 
     return {
         "mode": run.mode,
@@ -388,22 +444,16 @@ def summarize(run: Run, lb: LoadBalancer, metric: dict[str, float], executions: 
         "failures": run.failures,
         "duration_s": round(run.finished - run.started, 3),
         "resets": len(resets),
-        "resets_by_rule": by_rule,
-        "faults_metric": metric,
-        "discarded_upstream_bytes": sum(e.get("discarded_upstream", 0) for e in resets),
-        "discarded_downstream_bytes": sum(e.get("discarded_downstream", 0) for e in resets),
         "lost_ids": lost[:50],
         "timeline": {
             "publishes": [rel(t) for t in run.publishes],
             "confirms": [rel(t) for t in run.publishes] if run.mode == "confirm" else [],
             "executions": sorted(rel(v[0]) for v in ran.values()),
-            "resets": [{"t": rel(ts(e)), "rule": e.get("rule"), "cause": e.get("cause"),
+            "resets": [{"t": rel(event_time(e)), "rule": e.get("rule"), "cause": e.get("cause"),
                         "discarded_upstream": e.get("discarded_upstream", 0),
                         "discarded_downstream": e.get("discarded_downstream", 0)} for e in resets],
-            "lost": attribute_losses([rel(published_at[t]) for t in lost],
-                                     [{"t": rel(ts(e)), "rule": e.get("rule")} for e in resets]),
         },
-    }
+    }, [rel(published_at[t]) for t in lost]
 
 
 def attribute_losses(lost_times: list[float], resets: list[dict], slack: float = 0.05) -> list[dict]:
@@ -436,11 +486,11 @@ COLUMNS = [("run", "mode"), ("sent", "sent"), ("confirmed", "confirmed"), ("exec
            ("resets", "resets"), ("publish cuts", "cuts"), ("retries", "publish_retries")]
 
 
-def table_rows(runs: list[dict]) -> list[list[str]]:
+def table_rows(runs: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> list[list[str]]:
     rows = []
     for r in runs:
         cells = []
-        for _, key in COLUMNS:
+        for _, key in columns:
             if key == "mode":
                 v = "confirm_publish" if r["mode"] == "confirm" else "no confirms"
             elif key == "confirmed" and r["mode"] != "confirm":
@@ -454,9 +504,9 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
-def table(runs: list[dict]) -> str:
-    head = [c for c, _ in COLUMNS]
-    rows = table_rows(runs)
+def table(runs: list[dict], columns: list[tuple[str, str]] = COLUMNS) -> str:
+    head = [c for c, _ in columns]
+    rows = table_rows(runs, columns)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
@@ -477,9 +527,11 @@ def chart_scale(runs: list[dict]) -> dict:
             "lost": max([1] + [r["lost"] for r in runs])}
 
 
-def svg_panel(r: dict, scale: dict) -> str:
+def svg_panel(r: dict, scale: dict, lost_legend: str = "lost (cumulative; dot: the reset that lost them)") -> str:
     """One run: tasks published and executed over time (top), resets as light ticks under it, and
-    the cumulative lost tasks (bottom), stepping up at the reset that lost them, with a dot there.
+    the cumulative lost tasks (bottom), stepping up at the reset that lost them, with a dot there
+    (its tooltip: the entry's `what`, default "the reset by <rule>"). Marks in timeline["marks"]
+    ({"t", "label", "kind"}: a node killed, say) are dashed lines across the task plot, labelled.
     Full width: the SVG scales with the page (viewBox, width 100%)."""
     tl = r["timeline"]
     mode = r["mode"]
@@ -524,6 +576,16 @@ def svg_panel(r: dict, scale: dict) -> str:
                    f'y2="{ticks_y + ticks_h - 2}" stroke="{c}" stroke-opacity="0.4" stroke-width="1.5">'
                    f'<title>{title}</title></line>')
 
+    # Marks: a dashed line across the task plot each, its label at the top, one row per kind.
+    mark_style = {"kill": ("#8b0000", 1), "failover": ("#6a3d9a", 2), "start": ("#2a7a2a", 3),
+                  "start-failed": ("#000", 3)}
+    for m in tl.get("marks", []):
+        c, row = mark_style.get(m.get("kind"), ("#555", 1))
+        mx, label, kind = x(m["t"]), html.escape(m["label"]), html.escape(m.get("kind", ""))
+        out.append(f'<line class="mark" data-kind="{kind}" x1="{mx:.1f}" y1="{top}" x2="{mx:.1f}" y2="{ticks_y}" '
+                   f'stroke="{c}" stroke-width="1.5" stroke-dasharray="4 3"><title>{m["t"]:.3f}s {label}</title></line>'
+                   f'<text x="{mx + 3:.1f}" y="{top + 12 * row}" fill="{c}" font-size="11">{label}</text>')
+
     def curve(times: list[float], color: str, dash: str = "", width: float = 2, cls: str = "") -> str:
         if not times:
             return ""
@@ -553,7 +615,8 @@ def svg_panel(r: dict, scale: dict) -> str:
     out.append(f'<polyline class="lost" data-lost="{r["lost"]}" fill="none" stroke="#b00" stroke-width="3" '
                f'points="{" ".join(pts)}"/>')
     for e in lost:
-        title = html.escape(f'{e["t"]:.3f}s: the reset by {e["rule"] or "?"} lost {e["lost"]} '
+        what = e.get("what") or f'the reset by {e["rule"] or "?"}'
+        title = html.escape(f'{e["t"]:.3f}s: {what} lost {e["lost"]} '
                             f'task{"s" if e["lost"] != 1 else ""} ({e["total"]} so far)')
         out.append(f'<circle class="lost-at-reset" cx="{x(e["t"]):.1f}" cy="{ly(e["total"]):.1f}" r="4" '
                    f'fill="#b00"><title>{title}</title></circle>'
@@ -564,7 +627,7 @@ def svg_panel(r: dict, scale: dict) -> str:
                f'font-size="18" font-weight="bold" fill="{"#b00" if r["lost"] else "#2a7a2a"}">{verdict}</text>')
 
     legend = [("#1f77b4", published, "", 3), ("#2ca02c", "executed (first run of each task)", "7 4", 2),
-              ("#b00", "lost (cumulative; dot: the reset that lost them)", "", 3)]
+              ("#b00", lost_legend, "", 3)]
     lx = left + 10
     for i, (c, label, dash, sw) in enumerate(legend):
         ly_ = top + 16 + 15 * i
@@ -582,25 +645,34 @@ def svg_panel(r: dict, scale: dict) -> str:
 
 
 def html_report(report: dict) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in COLUMNS)
+    cfg = report["config"]
+    intro = (f"{cfg['n']} tasks per run to {html.escape(cfg['broker'])} through warren-lb: reset right after each\n"
+             f"connection's {cfg['nth']}th <code>basic.publish</code> and every {html.escape(cfg['reset_every'])}\n"
+             f"(<code>in_flight = \"drop\"</code>), seed {cfg['seed']}, "
+             f"{html.escape(str(cfg['rate'] or 'unlimited'))} publishes/s.")
+    return html_page("confirm_publish experiment", "Celery tasks through a resetting load balancer", intro, report)
+
+
+def html_page(title: str, heading: str, intro: str, report: dict, columns: list[tuple[str, str]] = COLUMNS,
+              heading_of=lambda r: f"{r['lost']} lost, {r['duplicated']} duplicated", **panel) -> str:
+    """The self-contained page: a heading, `intro` (HTML), the table of report["runs"] in
+    `columns`, and a panel per run (svg_panel with `panel`'s keywords), all on one scale."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in columns)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in table_rows(report["runs"]))
+                   for row in table_rows(report["runs"], columns))
     panels = []
     scale = chart_scale(report["runs"])
     for r in report["runs"]:
-        title = "with confirm_publish" if r["mode"] == "confirm" else "without publisher confirms"
-        panels.append(f"<h2>{title}: {r['lost']} lost, {r['duplicated']} duplicated</h2>\n{svg_panel(r, scale)}")
-    cfg = report["config"]
+        name = "with confirm_publish" if r["mode"] == "confirm" else "without publisher confirms"
+        panels.append(f"<h2>{name}: {html.escape(heading_of(r))}</h2>\n{svg_panel(r, scale, **panel)}")
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>confirm_publish experiment</title>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
 svg.run{{display:block;width:100%;height:auto}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left}}
 code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
-<h1>Celery tasks through a resetting load balancer</h1>
-<p>{cfg['n']} tasks per run to {html.escape(cfg['broker'])} through warren-lb: reset right after each
-connection's {cfg['nth']}th <code>basic.publish</code> and every {html.escape(cfg['reset_every'])}
-(<code>in_flight = "drop"</code>), seed {cfg['seed']}, {html.escape(str(cfg['rate'] or 'unlimited'))} publishes/s.
+<h1>{html.escape(heading)}</h1>
+<p>{intro}
 Started {html.escape(report['started'])}. Command: <code>{html.escape(report['command'])}</code></p>
 <table><tr>{head}</tr>{rows}</table>
 {''.join(panels)}
@@ -660,16 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = backend_of(args.broker_url)
         print(f"broker: {broker_label}; binaries: {bin_dir}; logs: {workdir}", file=sys.stderr)
 
-        hostname = f"experiment-{tag}@localhost"
-        env = dict(os.environ, WARREN_EXPERIMENT_BROKER=args.broker_url, WARREN_EXPERIMENT_QUEUE=queue,
-                   WARREN_EXPERIMENT_LOG=str(executions), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        worker = Proc("celery worker", [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=solo",
-                                        "-Q", queue, "-n", hostname, "--loglevel=INFO", "--without-gossip",
-                                        "--without-mingle", "--without-heartbeat"],
-                      workdir / "worker.log", env=env, cwd=HERE)
-        procs.append(worker)
-        worker.wait_for("the worker became ready", lambda t: f"{hostname} ready." in t, 60)
+        worker = start_worker(args.broker_url, queue, executions, f"experiment-{tag}@localhost", workdir, procs)
         print(f"worker: consumes {queue} straight from the broker", file=sys.stderr)
 
         runs = []
@@ -696,9 +759,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     print()
     print(table(runs))
+    return finish(args, report, html_report, workdir)
+
+
+def finish(args, report: dict, page, workdir: Path) -> int:
+    """The summary's last lines: the chart (page(report), HTML) at --chart, the JSON at --report;
+    the work dir removed unless --workdir named it."""
     print("\nlost: the task's send_task returned, yet it never ran. duplicated: extra runs of a task id.")
     if args.chart:
-        Path(args.chart).write_text(html_report(report))
+        Path(args.chart).write_text(page(report))
         print(f"chart: {args.chart}")
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
@@ -708,9 +777,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(main, stopped: str) -> None:
+    """Runs main() as the program: its exit status, or 130 after Ctrl-C (or SIGTERM, see
+    _interrupt) once its finally blocks stopped `stopped`."""
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("interrupted: broker, balancer and worker stopped", file=sys.stderr)
+        print(f"interrupted: {stopped} stopped", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli(main, "broker, balancer and worker")
