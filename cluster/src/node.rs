@@ -87,6 +87,8 @@ struct Inner {
     events: broadcast::Sender<PeerEvent>,
     restart: tokio::sync::Mutex<()>,
     rejoining: AtomicBool,
+    /// `elect_if_leader_gone` is running.
+    electing: AtomicBool,
     removed_told: AtomicBool,
     /// Why a peer said this node is no longer a member (forget / leave), once told.
     removed: Mutex<Option<EvictReason>>,
@@ -230,6 +232,7 @@ impl Cluster {
             events,
             restart: tokio::sync::Mutex::new(()),
             rejoining: AtomicBool::new(false),
+            electing: AtomicBool::new(false),
             removed_told: AtomicBool::new(false),
             removed: Mutex::new(None),
             rejoined: AtomicBool::new(false),
@@ -338,46 +341,74 @@ impl Cluster {
         self.inner.leader()
     }
 
+    /// Waits until this node's view of the Raft leader is other than `seen`, and returns it
+    /// (never, once the node stopped).
+    pub async fn leader_change(&self, seen: Option<NodeId>) -> Option<NodeId> {
+        let mut m = self.inner.raft().metrics();
+        loop {
+            let now = m.borrow_and_update().current_leader;
+            if now != seen {
+                return now;
+            }
+            if m.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// If the leader this node follows is gone (its link dropped and its address refused a
     /// connection: the process died), start an election now instead of waiting for the
     /// election timeout. Returns whether it did.
     ///
     /// openraft's voters refuse every vote request for a leader lease after their leader's last
     /// heartbeat, while their vote for it stands. So every running voter that knows the leader
-    /// gone stands as a candidate itself once: its vote is then its own, not the dead leader's,
-    /// and it grants a higher term at once. The running voter with the lowest id (one
-    /// candidate, so that the votes do not split) asks again every 10 ms, each time at a higher
-    /// term, until a new leader is known, for three election timeouts at most.
+    /// gone stands as a candidate at once: its vote is then its own, not the dead leader's, and
+    /// it grants any higher term whose log is as complete as its own. Each asks again after a
+    /// random 10-40 ms, each time at a higher term, until the same new leader is seen twice in
+    /// a row (three election timeouts at most), but only while its vote is its own or the dead
+    /// leader's: a voter that granted another candidate lets it win (a new term from it would
+    /// unseat that candidate, whose log may be the more complete). The random spacing ends a
+    /// split vote, and every voter keeps trying, so one whose log is behind cannot keep
+    /// outbidding the one that can win, as a single fixed candidate would.
     pub async fn elect_if_leader_gone(&self) -> bool {
         let inner = &self.inner;
-        let Some(leader) = inner.leader() else {
+        let Some(dead) = inner.leader() else {
             return false;
         };
-        if leader == inner.id || !inner.net.status(leader).refused {
+        if dead == inner.id || !inner.net.status(dead).refused {
+            return false;
+        }
+        let me_voter = inner.members().iter().any(|m| m.id == inner.id && m.voter);
+        if !me_voter || inner.electing.swap(true, Ordering::AcqRel) {
             return false;
         }
         let raft = inner.raft();
-        let voters: Vec<NodeId> = inner
-            .members()
-            .into_iter()
-            .filter(|m| m.voter && m.running && m.id != leader)
-            .map(|m| m.id)
-            .collect();
-        if !voters.contains(&inner.id) {
-            return false;
-        }
-        if voters.iter().min() != Some(&inner.id) {
-            let _ = raft.trigger().elect().await;
-            return true;
-        }
         let end = tokio::time::Instant::now() + inner.cfg.timing.election_timeout * 3;
-        while tokio::time::Instant::now() < end {
-            let _ = raft.trigger().elect().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            if inner.leader().is_some_and(|l| l != leader) {
-                break;
+        let mut seen = None;
+        while tokio::time::Instant::now() < end && !inner.cancel.is_cancelled() {
+            let (leader, voted) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.vote.leader_id().voted_for())
+            };
+            match leader {
+                Some(l) if l != dead => {
+                    if seen == Some(l) {
+                        break;
+                    }
+                    seen = Some(l);
+                }
+                _ => {
+                    seen = None;
+                    if voted.is_none() || voted == Some(dead) || voted == Some(inner.id) {
+                        let _ = raft.trigger().elect().await;
+                    }
+                }
             }
+            let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 10..=40);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
+        inner.electing.store(false, Ordering::Release);
         true
     }
 

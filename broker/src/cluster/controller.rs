@@ -80,13 +80,16 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut events = match link.upgrade() {
-            Some(l) => l.cluster.peer_events(),
+        let (mut events, cluster) = match link.upgrade() {
+            Some(l) => (l.cluster.peer_events(), l.cluster.clone()),
             None => return,
         };
+        let mut leader = cluster.leader();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                // A new leader decides at once what waited for one (a dead master's promotion).
+                l = cluster.leader_change(leader) => leader = l,
                 // A link that drops is looked at at once (a peer whose process is gone is
                 // known as such a dial later: give that dial a moment), and again as soon as
                 // that dial was refused.

@@ -240,11 +240,17 @@ impl BrokerShared {
                 continue;
             }
             // Clustered: a binding to a queue the cluster knows comes with that queue from the
-            // cluster state (the queue was not declared above).
+            // cluster state (the queue was not declared above). At boot the state may not have
+            // replayed the queue's declaration yet (a restarted node applies the log as it learns
+            // what was committed), so a binding to a queue that is not here either waits for the
+            // state too, instead of stopping the start.
             if b.destination_type == "queue"
-                && self
-                    .cluster()
-                    .is_some_and(|c| c.knows_queue(&b.vhost, &b.destination))
+                && self.cluster().is_some_and(|c| {
+                    c.knows_queue(&b.vhost, &b.destination)
+                        || self
+                            .vhost(&b.vhost)
+                            .is_some_and(|vh| vh.queue(&b.destination).is_none())
+                })
             {
                 continue;
             }
