@@ -257,3 +257,15 @@ def test_the_management_api_shows_a_quorum_queue_as_rabbitmq_does(mgmt_target):
                             {"durable": False, "arguments": QUORUM})
     assert status == 400 and "non-durable" in str(body), (status, body)
     conn.close()
+
+
+def test_a_definitions_import_checks_a_quorum_queue_as_a_declare(mgmt_target):
+    broker, api = mgmt_target
+    bad, good = qname("imp-bad"), qname("imp-good")
+    doc = {"queues": [
+        {"name": bad, "vhost": "/", "durable": False, "auto_delete": False, "arguments": QUORUM},
+        {"name": good, "vhost": "/", "durable": True, "auto_delete": False, "arguments": QUORUM},
+    ]}
+    status, body = api.call("POST", "/api/definitions", doc)
+    print("import answered", status, body)
+    assert api.call("GET", f"/api/queues/%2F/{bad}")[0] == 404, "a non-durable quorum queue was imported"

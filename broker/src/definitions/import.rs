@@ -221,6 +221,16 @@ impl BrokerShared {
                 let arguments = json_to_table(&q.arguments);
                 let args =
                     QueueArgs::parse(&arguments, &q.name, &q.vhost).map_err(|e| e.reply_text())?;
+                // What a declare of this queue type refuses (a non-durable quorum queue, ...).
+                args.check_declare(
+                    &arguments,
+                    q.durable,
+                    false,
+                    q.auto_delete,
+                    &q.name,
+                    &q.vhost,
+                )
+                .map_err(|e| e.reply_text())?;
                 vh.declare_queue(QueueSpec {
                     name: q.name.clone(),
                     durable: q.durable,
