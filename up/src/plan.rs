@@ -203,6 +203,8 @@ pub fn lb_config(
             "idle_timeout".into(),
             format!("{}s", cfg.idle_timeout).into(),
         );
+        // A stop (Ctrl-C) closes what is still open after 5 s instead of the ELB's 300 s.
+        l.insert("drain_timeout".into(), "5s".into());
         l.insert("health".into(), health(check));
         l
     };
@@ -256,6 +258,7 @@ mod tests {
         assert_eq!(ls[0]["bind"].as_str(), Some("127.0.0.1:5672"));
         assert_eq!(ls[0]["backends"][0].as_str(), Some("127.0.0.1:1001"));
         assert_eq!(ls[0]["idle_timeout"].as_str(), Some("60s"));
+        assert_eq!(ls[0]["drain_timeout"].as_str(), Some("5s"));
         assert_eq!(ls[0]["fault"][0]["kind"].as_str(), Some("reset"));
         assert_eq!(ls[1]["bind"].as_str(), Some("127.0.0.1:15672"));
         assert_eq!(ls[1]["health"]["check"].as_str(), Some("http"));

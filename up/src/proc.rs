@@ -37,8 +37,9 @@ pub fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// Start `bin args` in a process group of its own (a Ctrl-C in the terminal reaches warren-up,
-/// which stops the children in order), output appended to `log`; its exit goes to `exits`.
+/// Start `bin args` with its output appended to `log`; its exit goes to `exits`. The child stays
+/// in warren-up's process group: a Ctrl-C in the terminal, or a signal to the group, reaches
+/// every process of the topology, so none is left behind even if warren-up itself is killed.
 pub fn spawn(
     bin: &Path,
     args: &[String],
@@ -56,8 +57,7 @@ pub fn spawn(
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
-        .stderr(file)
-        .process_group(0);
+        .stderr(file);
     for (k, v) in env {
         cmd.env(k, v);
     }

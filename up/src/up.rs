@@ -26,8 +26,9 @@ use crate::{api, status};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the nodes have to form the cluster.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(60);
-/// A stopped process still there after this gets SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(30);
+/// A stopped process still there after this gets SIGKILL (warren-lb drains for 5 s, a broker
+/// waits up to 5 s for its clients to close).
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 type Exit = (String, u32, std::io::Result<ExitStatus>);
 
@@ -91,7 +92,7 @@ pub async fn run(cfg: Config) -> Result<(), String> {
             }
         }
     }
-    println!("stopping: warren-lb, then the nodes");
+    println!("stopping warren-lb and the nodes");
     up.shutdown().await;
     Ok(())
 }
@@ -615,16 +616,19 @@ impl Up {
         }
     }
 
-    /// Stop warren-lb, then every node at once (SIGTERM, SIGKILL after the grace period); remove
+    /// Stop warren-lb and every node at once (SIGTERM, SIGKILL after the grace period); remove
     /// the control socket, and the data dir if it is a temporary one.
     async fn shutdown(&mut self) {
-        if let Some(p) = self.lb.take() {
-            proc::stop(p.pid, STOP_GRACE).await;
-        }
         let pids: Vec<u32> = self
-            .nodes
-            .iter_mut()
-            .filter_map(|n| n.proc.take().map(|p| p.pid))
+            .lb
+            .take()
+            .map(|p| p.pid)
+            .into_iter()
+            .chain(
+                self.nodes
+                    .iter_mut()
+                    .filter_map(|n| n.proc.take().map(|p| p.pid)),
+            )
             .collect();
         futures_join(pids.iter().map(|pid| proc::stop(*pid, STOP_GRACE))).await;
         let _ = std::fs::remove_file(control::socket_path(&self.data_dir));
