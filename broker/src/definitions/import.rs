@@ -221,16 +221,6 @@ impl BrokerShared {
                 let arguments = json_to_table(&q.arguments);
                 let args =
                     QueueArgs::parse(&arguments, &q.name, &q.vhost).map_err(|e| e.reply_text())?;
-                // What a declare of this queue type refuses (a non-durable quorum queue, ...).
-                args.check_declare(
-                    &arguments,
-                    q.durable,
-                    false,
-                    q.auto_delete,
-                    &q.name,
-                    &q.vhost,
-                )
-                .map_err(|e| e.reply_text())?;
                 vh.declare_queue(QueueSpec {
                     name: q.name.clone(),
                     durable: q.durable,
@@ -459,7 +449,12 @@ impl BrokerShared {
                     }
                 }
                 arguments_ok(&q.arguments).map_err(|e| format!("{label}: {e}"))?;
-                QueueArgs::parse(&json_to_table(&q.arguments), &q.name, &q.vhost)
+                let table = json_to_table(&q.arguments);
+                QueueArgs::parse(&table, &q.name, &q.vhost)
+                    // What a declare of this queue type refuses (a non-durable quorum queue, ...).
+                    .and_then(|a| {
+                        a.check_declare(&table, q.durable, false, q.auto_delete, &q.name, &q.vhost)
+                    })
                     .map_err(|e| format!("{label}: {}", e.reply_text()))?;
                 if let Some(cur) = self.vhost(&q.vhost).and_then(|v| v.queue(&q.name)) {
                     if cur.durable != q.durable || cur.auto_delete != q.auto_delete {
