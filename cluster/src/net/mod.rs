@@ -792,11 +792,12 @@ impl Net {
     async fn dial_loop(&self, peer: &Arc<Peer>) {
         let t = &self.s.timing;
         let mut backoff = Duration::from_millis(50);
-        // A bare TCP connect first tells at once whether the peer's process is gone (its
-        // address refuses), which is what the failover of its queues waits for; then the
-        // higher id gives the lower one a head start, so that both rarely dial at once.
+        // After a drop, a bare TCP connect first tells at once whether the peer's process is
+        // gone (its address refuses), which is what the failover of its queues waits for; then
+        // the higher id gives the lower one a head start, so that both rarely dial at once.
         let addr = peer.member_addr.lock().clone();
-        if let Some(addr) = addr {
+        let dropped = peer.down_since.lock().is_some();
+        if let (Some(addr), true) = (addr, dropped) {
             self.probe(peer, &addr).await;
         }
         if self.s.me.id > peer.id {
