@@ -275,6 +275,10 @@ impl HealthCheck {
 pub struct HealthConfig {
     pub check: HealthCheck,
     pub path: String,
+    /// `user:password` sent as HTTP basic auth by http checks (the management API's health
+    /// endpoints, RabbitMQ's and warren's, answer 401 without). Never shown by the admin API.
+    #[serde(skip_serializing)]
+    pub auth: Option<String>,
     #[serde(with = "dur")]
     pub interval: Duration,
     #[serde(with = "dur")]
@@ -288,6 +292,7 @@ impl Default for HealthConfig {
         Self {
             check: HealthCheck::Tcp,
             path: "/".to_string(),
+            auth: None,
             interval: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
             healthy_threshold: 10,
@@ -595,6 +600,8 @@ pub enum ValidationError {
     HalfIdleClose { listener: String },
     #[error("listener `{listener}`: health.path must start with `/`")]
     HealthPath { listener: String },
+    #[error("listener `{listener}`: health.auth {problem}")]
+    HealthAuth { listener: String, problem: String },
     #[error("listener `{listener}`: fault rule name `{rule}` is used more than once")]
     DuplicateFault { listener: String, rule: String },
     #[error("listener `{listener}`: fault rule `{rule}`: {problem}")]
@@ -822,6 +829,23 @@ impl ListenerConfig {
         if !h.path.starts_with('/') {
             return Err(ValidationError::HealthPath { listener: name() });
         }
+        if let Some(auth) = &h.auth {
+            let problem = if h.check != HealthCheck::Http {
+                Some("is for http checks only")
+            } else if !auth.contains(':') {
+                Some("must be user:password")
+            } else if auth.chars().any(char::is_control) {
+                Some("must not hold control characters")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ValidationError::HealthAuth {
+                    listener: name(),
+                    problem: problem.to_string(),
+                });
+            }
+        }
         let mut rules = HashSet::new();
         for r in &self.faults {
             let bad = |problem: &str| ValidationError::BadFault {
@@ -943,6 +967,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_auth_is_for_http_checks_and_user_password() {
+        let text = |check: &str, auth: &str| {
+            format!(
+                "[[listener]]\nname = \"m\"\nbind = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n\
+                 [listener.health]\ncheck = \"{check}\"\nauth = \"{auth}\"\n"
+            )
+        };
+        let ok = Config::from_toml_str(&text("http", "guest:guest")).expect("valid");
+        assert_eq!(ok.listeners[0].health.auth.as_deref(), Some("guest:guest"));
+        for (check, auth, why) in [
+            ("tcp", "guest:guest", "http checks only"),
+            ("http", "guest", "user:password"),
+            ("http", "a:b\\r\\nX: y", "control characters"),
+        ] {
+            let e = Config::from_toml_str(&text(check, auth))
+                .expect_err(why)
+                .to_string();
+            assert!(e.contains("health.auth") && e.contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn rates_parse() {

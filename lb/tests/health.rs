@@ -152,6 +152,54 @@ async fn http_check_needs_a_2xx() {
     lb.stop().await;
 }
 
+/// A management API's health endpoint: 401 unless the check sends guest's basic auth.
+async fn authenticated_backend() -> Backend {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    backend_on("127.0.0.1:0".parse().unwrap(), |mut s, _| async move {
+        let mut buf = vec![0u8; 4096];
+        let Ok(n) = s.read(&mut buf).await else {
+            return;
+        };
+        let req = String::from_utf8_lossy(&buf[..n]);
+        // base64("guest:guest")
+        let code = if req.contains("\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n") {
+            200
+        } else {
+            401
+        };
+        let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(resp.as_bytes()).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http_check_sends_its_basic_auth() {
+    let (with, without) = (authenticated_backend().await, authenticated_backend().await);
+    let mut a = listener("auth", &[with.addr]);
+    a.health = fast_health(2, 2);
+    a.health.check = HealthCheck::Http;
+    a.health.path = "/api/health/checks/alarms".to_string();
+    a.health.auth = Some("guest:guest".to_string());
+    let mut b = listener("noauth", &[without.addr]);
+    b.health = a.health.clone();
+    b.health.auth = None;
+    let lb = start(config(vec![a, b])).await;
+    let mut ev = lb.events();
+    let down = ev.wait("backend_down", Some(without.addr)).await;
+    assert!(down["cause"].as_str().unwrap().contains("401"), "{down}");
+    let (_, text) = http(lb.admin(), "GET", "/metrics", None).await;
+    assert!(
+        checks(&text, "auth", &with.addr.to_string(), "ok") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(checks(&text, "auth", &with.addr.to_string(), "fail"), 0.0);
+    // The password is not shown by the admin API.
+    let (_, listing) = http(lb.admin(), "GET", "/listeners/auth", None).await;
+    assert!(!listing.contains("guest:guest"), "{listing}");
+    lb.stop().await;
+}
+
 #[tokio::test]
 async fn amqp_check_expects_connection_start() {
     let good = amqp_backend(CONNECTION_START).await;

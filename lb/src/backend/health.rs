@@ -143,6 +143,7 @@ async fn converse<S>(
     s: &mut S,
     check: HealthCheck,
     path: &str,
+    auth: Option<&str>,
     host: &str,
 ) -> Result<(), CheckError>
 where
@@ -151,8 +152,13 @@ where
     match check {
         HealthCheck::Tcp => Ok(()),
         HealthCheck::Http => {
+            let auth = auth.map_or_else(String::new, |a| {
+                use base64::Engine;
+                let b = base64::engine::general_purpose::STANDARD.encode(a);
+                format!("Authorization: Basic {b}\r\n")
+            });
             let req = format!(
-                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: warren-lb\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: warren-lb\r\nAccept: */*\r\n{auth}Connection: close\r\n\r\n"
             );
             s.write_all(req.as_bytes()).await?;
             s.flush().await?;
@@ -189,9 +195,9 @@ pub async fn check_once(ls: &ListenerState, backend: &Backend) -> Result<(), Che
             Some(tls) => {
                 let name = tls.name_for(&backend.addr)?;
                 let mut s = tls.connector.connect(name, tcp).await?;
-                converse(&mut s, h.check, &h.path, &backend.addr).await
+                converse(&mut s, h.check, &h.path, h.auth.as_deref(), &backend.addr).await
             }
-            None => converse(&mut tcp, h.check, &h.path, &backend.addr).await,
+            None => converse(&mut tcp, h.check, &h.path, h.auth.as_deref(), &backend.addr).await,
         }
     };
     match tokio::time::timeout(h.timeout, work).await {
