@@ -70,6 +70,7 @@ def start_up(tmp: Path, *extra: str) -> WarrenUp:
     binary = up_binary()
     if not binary.is_file():
         pytest.fail(f"{binary} is missing: build the binaries first (`cargo build --bins`)", pytrace=False)
+    tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "up"
     out = tmp / "warren-up.out"
     args = [str(binary), "--amqp", "127.0.0.1:0", "--mgmt", "127.0.0.1:0", "--admin", "127.0.0.1:0",
@@ -269,3 +270,32 @@ def test_a_taken_front_port_is_refused_with_what_to_do(tmp_path):
     assert "--amqp 127.0.0.1:" in r.stderr, r.stderr
     # Nothing was started.
     assert not list((tmp_path / "up").glob("r*/"))
+
+
+@pytest.mark.timeout(180)
+def test_a_node_that_exits_is_reported_and_restarted_only_with_restart(tmp_path):
+    up = start_up(tmp_path / "plain", "--nodes", "1", "--chaos", "none")
+    pid = up.state["nodes"]["r1"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    eventually("the exit reported", lambda: "stays down" in up.out.read_text(), timeout=30)
+    assert "r1@localhost (pid %d) exited: killed by SIGKILL" % pid in up.out.read_text()
+    time.sleep(2)
+    assert "restarted" not in up.out.read_text()
+    interrupt(up)
+
+    up = start_up(tmp_path / "restart", "--nodes", "1", "--chaos", "none", "--restart")
+    pid = up.state["nodes"]["r1"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    eventually("restarted", lambda: up.state["nodes"]["r1"]["pid"] not in (None, pid)
+               and alive(up.state["nodes"]["r1"]["pid"]), timeout=60)
+    assert "r1@localhost restarted" in up.out.read_text()
+    # It serves again through the front port.
+    import pika
+    conn = pika.BlockingConnection(pika_params(up.front("amqp")))
+    conn.channel().queue_declare("after-restart", durable=True)
+    conn.close()
+    # A node stopped through warren-up is not restarted.
+    up.ctl("stop", "r1")
+    time.sleep(2)
+    assert not alive(up.state["nodes"]["r1"]["pid"])
+    interrupt(up)
