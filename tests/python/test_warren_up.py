@@ -299,3 +299,53 @@ def test_a_node_that_exits_is_reported_and_restarted_only_with_restart(tmp_path)
     time.sleep(2)
     assert not alive(up.state["nodes"]["r1"]["pid"])
     interrupt(up)
+
+
+@pytest.mark.timeout(240)
+def test_a_config_file_and_a_data_dir_keep_the_topology_between_runs(tmp_path):
+    """The same TOML config started twice: the second run finds its nodes, ports and the durable
+    queue's persistent messages where the first left them."""
+    import pika
+    data = tmp_path / "kept"
+    conf = tmp_path / "up.toml"
+    conf.write_text(f'nodes = 2\nchaos = "none"\ndata-dir = "{data}"\nstatus-interval = 0\n'
+                    'amqp = "127.0.0.1:0"\nmgmt = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\n')
+
+    def run() -> WarrenUp:
+        binary = up_binary()
+        out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}.out"
+        with open(out, "wb") as f:
+            proc = subprocess.Popen([str(binary), "--config", str(conf)], stdin=subprocess.DEVNULL, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        _STARTED.append(proc)
+        up = WarrenUp(proc, data, out)
+        eventually("warren-up ready", lambda: proc.poll() is None and (data / "warren-up.json").exists()
+                   and up.state.get("ready"), timeout=90)
+        return up
+
+    up = run()
+    first = {n: (s["amqp"], s["mgmt"]) for n, s in up.state["nodes"].items() if n != "witness"}
+    conn = pika.BlockingConnection(pika_params(up.front("amqp")))
+    ch = conn.channel()
+    ch.queue_declare("kept", durable=True)
+    ch.confirm_delivery()
+    for i in range(50):
+        ch.basic_publish("", "kept", f"m{i}".encode(), pika.BasicProperties(delivery_mode=2))
+    conn.close()
+    interrupt(up)
+    assert (data / "r1").is_dir() and not (data / "control.sock").exists()
+
+    up = run()
+    assert {n: (s["amqp"], s["mgmt"]) for n, s in up.state["nodes"].items() if n != "witness"} == first
+    eventually("the queue's 50 messages back", lambda: up.api("/api/queues/%2F/kept").get("messages") == 50,
+               timeout=60)
+    conn = pika.BlockingConnection(pika_params(up.front("amqp")))
+    ch = conn.channel()
+    got = []
+    for _ in range(50):
+        m = ch.basic_get("kept", auto_ack=True)
+        assert m[0] is not None, f"only {len(got)} messages came back"
+        got.append(m[2].decode())
+    conn.close()
+    assert sorted(got) == sorted(f"m{i}" for i in range(50))
+    interrupt(up)
