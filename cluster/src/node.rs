@@ -272,19 +272,21 @@ impl Cluster {
         let mut events = inner.events.subscribe();
         inner.tracker.spawn(async move {
             // A leader whose process is known gone is replaced at once (see
-            // `elect_if_leader_gone`), whoever else is listening.
+            // `elect_if_leader_gone`): on its `Gone`, and each link heartbeat for a leader
+            // learnt of after its `Gone` went by.
+            let mut tick = tokio::time::interval(w.inner.cfg.timing.link_heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let ev = tokio::select! {
+                tokio::select! {
                     _ = w.inner.cancel.cancelled() => return,
-                    ev = events.recv() => ev,
-                };
-                match ev {
-                    Ok(PeerEvent::Gone(id)) if w.leader() == Some(id) => {
-                        w.elect_if_leader_gone().await;
+                    _ = tick.tick() => {}
+                    ev = events.recv() => {
+                        if matches!(ev, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    _ => {}
                 }
+                w.elect_if_leader_gone().await;
             }
         });
         Ok(cluster)

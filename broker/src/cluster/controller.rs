@@ -112,9 +112,6 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
 }
 
 async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
-    // A dead leader (its process gone, not merely silent) is replaced at once: the promotions
-    // below need one.
-    link.cluster.elect_if_leader_gone().await;
     let st = link.state();
     let me = shared.config.node_name.clone();
     let fd = link.failure_detection();
