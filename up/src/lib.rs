@@ -8,7 +8,7 @@
 //! - [`config`]: the settings (defaults, TOML file, flags) and their checks.
 //! - [`plan`]: node names, the state file in the data dir, warren-lb's generated config.
 //! - [`proc`]: child processes: start, read their `listening` lines, signal, exits.
-//! - [`api`]: a small HTTP client for the management and admin APIs.
+//! - [`api`]: the management and admin APIs through warren-ctl's HTTP client.
 //! - [`status`]: the status line.
 //! - [`control`]: the control socket (`kill`, `stop`, `start`, `status`).
 //! - [`up`]: the supervisor that starts the topology and runs until stopped.

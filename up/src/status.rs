@@ -42,7 +42,7 @@ pub async fn read(mgmt: SocketAddr, admin: Option<SocketAddr>) -> Result<Status,
     let overview = api::get_json(mgmt, "/api/overview").await?;
     let mut st = from_api(&nodes, &queues, &overview);
     if let Some(admin) = admin {
-        if let Ok(r) = api::call(admin, "GET", "/metrics", None).await {
+        if let Ok(r) = api::call(admin, warren_ctl::Method::Get, "/metrics", None).await {
             st.resets = resets(&String::from_utf8_lossy(&r.body));
         }
     }

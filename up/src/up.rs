@@ -359,7 +359,13 @@ impl Up {
         // The seed's policy: every queue mirrored on every node, synchronised automatically.
         let policy = json!({"pattern": "", "apply-to": "queues", "priority": 0,
             "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}});
-        let r = api::call(mgmt, "PUT", "/api/policies/%2F/ha-all", Some(&policy)).await?;
+        let r = api::call(
+            mgmt,
+            warren_ctl::Method::Put,
+            "/api/policies/%2F/ha-all",
+            Some(&policy),
+        )
+        .await?;
         if !(200..300).contains(&r.status) {
             return Err(format!(
                 "setting the ha-all policy: HTTP {} {}",
