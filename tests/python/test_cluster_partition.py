@@ -25,13 +25,10 @@ warren only: it clusters warren-broker processes."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -43,6 +40,7 @@ from cluster_support import (History, Node, Procs, check_history, close_quietly,
                              join_all, pika_params, publish_once, publisher, set_ha_all, start_node, start_threads,
                              voters)
 from conftest import TARGET
+from netns_support import clean_leftovers, ip, remove_netns, run_in_netns
 
 pytestmark = pytest.mark.skipif(TARGET != "warren", reason="clusters warren-broker processes")
 
@@ -50,7 +48,6 @@ PREFIX = "warren-pt"
 QUEUE = "part"
 FD_MS = 600
 USER = "partition"
-CLONE_NEWNET = 0x40000000
 USERS_TOML = f"""
 [[users]]
 name = "{USER}"
@@ -70,79 +67,6 @@ def _quiet_pika(caplog):
 
 
 # ---------------------------------------------------------------- namespaces
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-    return r
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_netns(ns: str) -> None:
-    """Kills what still runs in `ns` (by pid: only this test's nodes run there), then deletes it."""
-    for pid in ip("netns", "pids", ns, check=False).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    ip("netns", "del", ns, check=False)
-
-
-def clean_leftovers() -> None:
-    """Namespaces of an earlier run that could not clean up (named PREFIX-<pid of its pytest>-...,
-    that pytest gone)."""
-    for line in ip("netns", "list", check=False).stdout.splitlines():
-        ns = line.split()[0] if line.split() else ""
-        parts = ns[len(PREFIX) + 1:].split("-") if ns.startswith(PREFIX + "-") else []
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
-            remove_netns(ns)
-
-
-def enter_netns(ns: str) -> None:
-    """Moves the calling thread (only it, and the threads it starts later) into `ns`."""
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if hasattr(os, "setns"):
-            os.setns(fd, CLONE_NEWNET)
-        else:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def run_in_netns(ns: str, f, *args, timeout: float):
-    """Runs f(*args) on a thread in `ns` and returns what it returns (or raises what it raised)."""
-    out: dict = {}
-
-    def body():
-        try:
-            enter_netns(ns)
-            out["value"] = f(*args)
-        except BaseException as e:  # handed to the caller's thread, pytest's outcomes included
-            out["error"] = e
-
-    t = threading.Thread(target=body, name=f"in {ns}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError(f"the scenario did not end within {timeout} s")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 class Net:
@@ -221,7 +145,7 @@ def net(request):
         pytest.skip("needs iproute2's `ip` (ip netns)")
     if ip("netns", "list", check=False).returncode != 0:
         pytest.skip("`ip netns` is not available here")
-    clean_leftovers()
+    clean_leftovers(PREFIX)
     n = Net(roles)
     try:
         n.create()

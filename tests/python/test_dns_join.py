@@ -28,7 +28,6 @@ warren only: it clusters warren-broker processes."""
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
 import re
@@ -36,7 +35,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -44,12 +42,12 @@ from pathlib import Path
 import pytest
 
 from conftest import _STARTED, TARGET, register_log, stop_process, unregister_log, warren_binary
+from netns_support import clean_leftovers, ip, remove_netns, run_in_netns
 
 pytestmark = pytest.mark.skipif(TARGET != "warren", reason="clusters warren-broker processes")
 
 PREFIX = "warren-dns"
 HEADLESS = "warren-headless"
-CLONE_NEWNET = 0x40000000
 PODS = 3
 
 
@@ -62,76 +60,6 @@ def node_name(i: int) -> str:
 
 
 # ---------------------------------------------------------------- namespaces
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-    return r
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_netns(ns: str) -> None:
-    """Kills what still runs in `ns` (only this test's nodes run there), deletes it and its
-    /etc/netns directory."""
-    for pid in ip("netns", "pids", ns, check=False).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    ip("netns", "del", ns, check=False)
-    shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-
-
-def clean_leftovers() -> None:
-    """Namespaces (and hosts files) of an earlier run that could not clean up: named
-    PREFIX-<pid of its pytest>-..., that pytest gone."""
-    listed = [line.split()[0] for line in ip("netns", "list", check=False).stdout.splitlines() if line.split()]
-    etc = os.listdir("/etc/netns") if os.path.isdir("/etc/netns") else []
-    for ns in set(listed) | set(etc):
-        parts = ns[len(PREFIX) + 1:].split("-") if ns.startswith(PREFIX + "-") else []
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
-            remove_netns(ns)
-
-
-def run_in_netns(ns: str, f, *args, timeout: float = 15):
-    """Runs f(*args) on a thread that entered `ns` (setns(2) moves the calling thread only)."""
-    out: dict = {}
-
-    def body():
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if hasattr(os, "setns"):
-                    os.setns(fd, CLONE_NEWNET)
-                else:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), f"setns({ns})")
-            finally:
-                os.close(fd)
-            out["value"] = f(*args)
-        except BaseException as e:  # handed to the caller's thread
-            out["error"] = e
-
-    t = threading.Thread(target=body, name=f"in {ns}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError(f"no answer within {timeout} s in {ns}")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 def _get_json(path: str):
@@ -284,7 +212,7 @@ def net(tmp_path):
     binary = warren_binary()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(f"{binary} is missing: build the binaries first (`cargo build --bins`)", pytrace=False)
-    clean_leftovers()
+    clean_leftovers(PREFIX)
     n = Net(tmp_path)
     try:
         n.create()
