@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -209,6 +210,77 @@ def start_lb(tmp: Path, args: list[str], listener: str = "default", config: str 
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"warren-lb did not listen:\n{tail(log)}", pytrace=False)
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- a recording Celery worker
+
+RECORDING_APP = '''
+import os
+from celery import Celery
+
+app = Celery("recording_app")
+app.conf.update(
+    broker_url=os.environ["RECORD_BROKER"],
+    broker_transport_options={"confirm_publish": True},
+    broker_connection_retry=True,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    task_acks_late=True,
+    task_default_queue=os.environ["RECORD_QUEUE"],
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    task_serializer="json",
+    accept_content=["json"],
+)
+
+
+@app.task(name="recording_app.record")
+def record(n):
+    with open(os.environ["RECORD_FILE"], "a") as f:
+        f.write(f"{n}\\n")
+'''
+
+
+@dataclass
+class RecordingWorker:
+    """A Celery worker (solo pool, acks late, one prefetched task) whose task `record(n)` appends
+    n to `record`; `env` and `tmp` (on PYTHONPATH: `import recording_app`) serve a producer."""
+    proc: subprocess.Popen
+    log: Path
+    record: Path
+    env: dict
+    tmp: Path
+
+    def ran(self) -> list[int]:
+        return [int(x) for x in self.record.read_text().split()] if self.record.exists() else []
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        unregister_log(f"celery worker log ({self.log})")
+
+
+def start_recording_worker(tmp: Path, broker_url: str, queue: str, name: str) -> RecordingWorker:
+    """Writes recording_app.py into `tmp` and starts its worker on `queue`, confirm_publish on,
+    against `broker_url`; returns once it is ready."""
+    (tmp / "recording_app.py").write_text(RECORDING_APP)
+    record = tmp / "record.txt"
+    env = dict(os.environ, RECORD_BROKER=broker_url, RECORD_FILE=str(record), RECORD_QUEUE=queue,
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(tmp) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tmp / "worker.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "recording_app", "worker", "--pool=solo", "-Q", queue,
+             "-n", name, "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    _STARTED.append(proc)
+    register_log(f"celery worker log ({log})", log)
+    w = RecordingWorker(proc, log, record, env, tmp)
+    try:
+        eventually("worker ready", lambda: f"{name} ready." in log.read_text("utf-8", "replace"), timeout=60)
+    except AssertionError:
+        w.stop()
+        raise
+    return w
 
 
 # ---------------------------------------------------------------- clients and their history

@@ -9,46 +9,18 @@ cluster benchmark's business)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
-from cluster_support import eventually, set_ha_all, start_lb, start_node, voters
-from conftest import TARGET, _STARTED, register_log, stop_process, tail, unregister_log
+from cluster_support import eventually, set_ha_all, start_lb, start_node, start_recording_worker, voters
+from conftest import TARGET, tail
 
 pytestmark = pytest.mark.skipif(TARGET != "warren", reason="clusters warren-broker processes")
 
 N = 150
 KILL_AT = 50
-
-WORKER_APP = '''
-import os
-from celery import Celery
-
-app = Celery("failover")
-app.conf.update(
-    broker_url=os.environ["FAILOVER_BROKER"],
-    broker_transport_options={"confirm_publish": True},
-    broker_connection_retry=True,
-    broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,
-    task_acks_late=True,
-    task_default_queue="tasks",
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
-    task_serializer="json",
-    accept_content=["json"],
-)
-
-
-@app.task(name="failover.record")
-def record(n):
-    with open(os.environ["FAILOVER_RECORD"], "a") as f:
-        f.write(f"{n}\\n")
-'''
-
 
 @pytest.fixture
 def cluster(tmp_path):
@@ -69,26 +41,12 @@ def cluster(tmp_path):
 def test_celery_with_confirm_publish_loses_no_task_when_the_master_is_killed(cluster, tmp_path):
     r1, r2, lb_addr = cluster
     broker_url = f"pyamqp://guest:guest@{lb_addr}//"
-    (tmp_path / "failover_app.py").write_text(WORKER_APP)
-    record = tmp_path / "record.txt"
-    env = dict(os.environ, FAILOVER_BROKER=broker_url, FAILOVER_RECORD=str(record), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    worker_log = tmp_path / "worker.log"
-    with open(worker_log, "wb") as f:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "failover_app", "worker", "--pool=solo", "-Q", "tasks",
-             "-n", "failover@localhost", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--loglevel=INFO"],
-            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-            start_new_session=True)
-    _STARTED.append(worker)
-    register_log(f"celery worker log ({worker_log})", worker_log)
+    worker = start_recording_worker(tmp_path, broker_url, "tasks", "failover@localhost")
     try:
-        eventually("worker ready", lambda: "failover@localhost ready." in worker_log.read_text("utf-8", "replace"),
-                   timeout=60)
         sys.path.insert(0, str(tmp_path))
-        os.environ["FAILOVER_BROKER"], os.environ["FAILOVER_RECORD"] = broker_url, str(record)
-        import failover_app  # noqa: E402  (written above, configured from the environment)
+        for k in ("RECORD_BROKER", "RECORD_FILE", "RECORD_QUEUE"):
+            os.environ[k] = worker.env[k]
+        import recording_app  # noqa: E402  (written by start_recording_worker, configured from the environment)
 
         queue = r1.api("GET", "/api/queues/%2F/tasks")
         eventually("the task queue mirrored and in sync",
@@ -103,7 +61,7 @@ def test_celery_with_confirm_publish_loses_no_task_when_the_master_is_killed(clu
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    failover_app.record.apply_async((n,), retry=False)
+                    recording_app.record.apply_async((n,), retry=False)
                     sent.append(n)
                     break
                 except Exception:  # nacked, or the connection went with the killed node
@@ -113,22 +71,21 @@ def test_celery_with_confirm_publish_loses_no_task_when_the_master_is_killed(clu
         eventually("a mirror promoted", lambda: survivor.api("GET", "/api/queues/%2F/tasks")["node"] == survivor.name)
 
         def done():
-            have = {int(x) for x in record.read_text().split()} if record.exists() else set()
+            have = set(worker.ran())
             return all(n in have for n in sent)
         try:
             eventually("every confirmed task ran", done, timeout=90)
         except AssertionError:
-            have = {int(x) for x in record.read_text().split()} if record.exists() else set()
+            have = set(worker.ran())
             missing = [n for n in sent if n not in have]
             q = survivor.api("GET", "/api/queues/%2F/tasks")
             raise AssertionError(
                 f"confirmed but never run: {missing}; queue on {survivor.name}: ready {q['messages_ready']}, "
                 f"unacked {q['messages_unacknowledged']}, consumers {q['consumers']}\n"
-                f"worker log:\n{tail(worker_log, max_lines=60)}") from None
-        ran = [int(x) for x in record.read_text().split()]
+                f"worker log:\n{tail(worker.log, max_lines=60)}") from None
+        ran = worker.ran()
         assert len(sent) == N and resent >= 0
         print(f"{N} tasks confirmed ({resent} sends retried), {len(ran)} runs "
               f"({len(ran) - len(set(ran))} duplicates), master {master.name} killed at task {KILL_AT}")
     finally:
-        stop_process(worker)
-        unregister_log(f"celery worker log ({worker_log})")
+        worker.stop()

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from cluster_support import (History, check_history, consumer, drain, eventually, join_all, pika_params,
-                             publisher, start_threads)
-from conftest import TARGET, _STARTED, register_log, stop_process, tail, unregister_log, warren_binary
+                             publisher, start_recording_worker, start_threads)
+from conftest import TARGET, _STARTED, register_log, tail, unregister_log, warren_binary
 
 pytestmark = pytest.mark.skipif(TARGET != "warren", reason="warren-up starts warren processes")
 
@@ -120,57 +120,17 @@ def interrupt(up: WarrenUp) -> None:
     unregister_log(f"warren-up output ({up.out})")
 
 
-CELERY_APP = '''
-import os
-from celery import Celery
-
-app = Celery("upapp")
-app.conf.update(
-    broker_url=os.environ["UP_BROKER"],
-    broker_transport_options={"confirm_publish": True},
-    broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,
-    task_acks_late=True,
-    task_default_queue="up-tasks",
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
-)
-
-
-@app.task(name="upapp.record")
-def record(n):
-    with open(os.environ["UP_RECORD"], "a") as f:
-        f.write(f"{n}\\n")
-'''
-
-
 def celery_round_trip(up: WarrenUp, tmp: Path, n: int = 20) -> None:
     """A Celery worker and a confirm_publish producer through warren-up's AMQP port: n tasks run."""
-    url = f"pyamqp://guest:guest@{up.front('amqp')}//"
-    (tmp / "upapp.py").write_text(CELERY_APP)
-    record = tmp / "record.txt"
-    env = dict(os.environ, UP_BROKER=url, UP_RECORD=str(record), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(tmp) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = tmp / "worker.log"
-    with open(log, "wb") as f:
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "upapp", "worker", "--pool=solo",
-                                   "-Q", "up-tasks", "-n", "up@localhost", "--without-gossip", "--without-mingle",
-                                   "--without-heartbeat", "--loglevel=INFO"],
-                                  stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-                                  start_new_session=True)
-    _STARTED.append(worker)
-    register_log(f"celery worker log ({log})", log)
+    w = start_recording_worker(tmp, f"pyamqp://guest:guest@{up.front('amqp')}//", "up-tasks", "up@localhost")
     try:
-        eventually("worker ready", lambda: "up@localhost ready." in log.read_text("utf-8", "replace"), timeout=60)
         producer = subprocess.run(
-            [sys.executable, "-c", f"import upapp\nfor i in range({n}): upapp.record.apply_async((i,))"],
-            env=env, cwd=tmp, capture_output=True, text=True, timeout=120)
+            [sys.executable, "-c", f"import recording_app\nfor i in range({n}): recording_app.record.apply_async((i,))"],
+            env=w.env, cwd=tmp, capture_output=True, text=True, timeout=120)
         assert producer.returncode == 0, producer.stderr
-        eventually(f"{n} tasks ran", lambda: record.exists() and
-                   {int(x) for x in record.read_text().split()} >= set(range(n)), timeout=60)
+        eventually(f"{n} tasks ran", lambda: set(w.ran()) >= set(range(n)), timeout=60)
     finally:
-        stop_process(worker)
-        unregister_log(f"celery worker log ({log})")
+        w.stop()
 
 
 def promise_through_kills(up: WarrenUp, queue: str, victims: list[str]) -> str:
