@@ -358,6 +358,29 @@ impl Cluster {
         }
     }
 
+    /// Whether this node leads with [`Cluster::state`] holding everything committed before its
+    /// term, waiting up to `within` for that. A new leader learns that its predecessors' last
+    /// entries are committed only when the first entry of its own term commits; until that
+    /// is applied here, its state may lack them (a stopping mark the old leader committed just
+    /// before it exited), and a decision on that state would be made on a stale view.
+    pub async fn leads_with_current_state(&self, within: Duration) -> bool {
+        let mut m = self.inner.raft().metrics();
+        let me = Some(self.inner.id);
+        let ready = |m: &openraft::RaftMetrics<NodeId, _>| {
+            m.current_leader == me
+                && m.last_applied
+                    .is_some_and(|l| l.leader_id.term == m.current_term)
+        };
+        let settled = tokio::time::timeout(within, async {
+            match m.wait_for(|m| ready(m) || m.current_leader != me).await {
+                Ok(m) => ready(&m),
+                Err(_) => false,
+            }
+        })
+        .await;
+        settled.unwrap_or(false)
+    }
+
     /// If the leader this node follows is gone (its link dropped and its address refused a
     /// connection: the process died), start an election now instead of waiting for the
     /// election timeout. Returns whether it did.

@@ -237,6 +237,49 @@ async fn a_dead_leader_is_replaced_before_its_lease_runs_out() {
     }
 }
 
+/// A leader that commits an entry and exits at once may leave the survivors holding that entry
+/// without knowing it is committed; the new leader learns it when its own term's first entry
+/// commits. `leads_with_current_state` answers true only once that is applied: then the state
+/// holds the old leader's last entry (the broker's stopping mark, on which promotions depend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_decides_on_a_state_with_its_predecessors_last_entry() {
+    init_tracing();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start("a@cs", dirs[0].path(), &[]).await;
+    let b = start("b@cs", dirs[1].path(), &[&a]).await;
+    let c = start("c@cs", dirs[2].path(), &[&a]).await;
+    let all = [&a, &b, &c];
+    let old = leader_of(&all).await;
+    let old_id = old.node_id();
+    let others: Vec<warren_cluster::Cluster> = all
+        .iter()
+        .filter(|n| n.node_id() != old_id)
+        .map(|n| (*n).clone())
+        .collect();
+    assert!(
+        !others[0]
+            .leads_with_current_state(Duration::from_millis(50))
+            .await,
+        "a follower does not lead"
+    );
+    old.propose(vec![put("last-words", json!(1))])
+        .await
+        .unwrap();
+    old.shutdown().await;
+    let new = leader_of(&others.iter().collect::<Vec<_>>()).await;
+    assert!(
+        new.leads_with_current_state(Duration::from_secs(2)).await,
+        "the new leader's own entry applies"
+    );
+    assert!(
+        get(new, "last-words").is_some(),
+        "the state a new leader decides on holds what its predecessor committed"
+    );
+    for n in others {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_catches_up_from_the_log() {
     init_tracing();

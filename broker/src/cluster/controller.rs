@@ -12,9 +12,11 @@
 //!   holding confirms back; so does one that is reachable but has acknowledged nothing for
 //!   that long (a stalled disk or process).
 //!
-//! The Raft leader also watches the masters: a master out of reach for the failure-detection
-//! time (or at once when its process is gone: its link dropped and its address refuses
-//! connections; a dead Raft leader is replaced at once the same way) is replaced by its
+//! The Raft leader also watches the masters, once its state holds everything its
+//! predecessors committed (a stopping mark committed just before a node exited counts): a
+//! master out of reach for the failure-detection time (or at once when its process is gone:
+//! its link dropped and its address refuses connections; a dead Raft leader is replaced at
+//! once the same way) is replaced by its
 //! oldest in-sync mirror that is reachable (`ha-promote-on-failure` `when-synced`, the
 //! default; with `always` an unsynchronised mirror too; for a master stopped on purpose,
 //! whose node marked itself stopping, `ha-promote-on-shutdown` decides), epoch + 1; the
@@ -112,6 +114,14 @@ pub fn spawn(link: &Arc<ClusterLink>, shared: &Arc<BrokerShared>) {
 }
 
 async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
+    // The leader decides promotions on a state that holds what its predecessor committed
+    // (a master's stopping mark committed just before its node exited decides between
+    // ha-promote-on-shutdown and -on-failure): it waits for its own term's first entry.
+    let leader = link.cluster.leader() == Some(link.cluster.node_id())
+        && link
+            .cluster
+            .leads_with_current_state(Duration::from_secs(1))
+            .await;
     let st = link.state();
     let me = shared.config.node_name.clone();
     let fd = link.failure_detection();
@@ -133,7 +143,6 @@ async fn round(link: &Arc<ClusterLink>, shared: &BrokerShared) {
         })
         .collect();
     let up = |n: &str| reachable.get(n).copied().unwrap_or(false);
-    let leader = link.cluster.leader() == Some(link.cluster.node_id());
     let mut ops_list: Vec<Vec<Op>> = Vec::new();
     // Mirrors announced to their masters (`Replication::expect`) by the changes in
     // `ops_list`, withdrawn if the change is not committed.
