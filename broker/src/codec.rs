@@ -149,6 +149,109 @@ pub fn encode_content_header_payload(
     }
 }
 
+/// Property flags of the basic class in a content header (AMQP 0-9-1), first property highest.
+pub mod prop {
+    pub const CONTENT_TYPE: u16 = 1 << 15;
+    pub const CONTENT_ENCODING: u16 = 1 << 14;
+    pub const HEADERS: u16 = 1 << 13;
+    pub const DELIVERY_MODE: u16 = 1 << 12;
+    pub const PRIORITY: u16 = 1 << 11;
+    pub const CORRELATION_ID: u16 = 1 << 10;
+    pub const REPLY_TO: u16 = 1 << 9;
+    pub const EXPIRATION: u16 = 1 << 8;
+    pub const MESSAGE_ID: u16 = 1 << 7;
+    pub const TIMESTAMP: u16 = 1 << 6;
+    pub const TYPE: u16 = 1 << 5;
+    pub const USER_ID: u16 = 1 << 4;
+    pub const APP_ID: u16 = 1 << 3;
+    pub const CLUSTER_ID: u16 = 1 << 2;
+}
+
+/// Walks the properties of a content header payload (class, weight, size, flags, values) in
+/// place: calls `f(flag, value)` for each present property, in order, where `value` is a
+/// short string's bytes, the headers table's bytes (its length prefix included), one octet or
+/// the timestamp's eight bytes; stops early when `f` returns true. Returns where the walk
+/// stopped, or None when the payload is malformed (too short, a value beyond the end, a flag
+/// the basic class does not have).
+fn walk_properties<'a>(
+    payload: &'a [u8],
+    mut f: impl FnMut(u16, &'a [u8]) -> bool,
+) -> Option<usize> {
+    let flags = u16::from_be_bytes(payload.get(12..14)?.try_into().ok()?);
+    if flags & 0b11 != 0 {
+        return None;
+    }
+    let mut pos = 14usize;
+    for bit in (2..16).rev() {
+        let flag = 1u16 << bit;
+        if flags & flag == 0 {
+            continue;
+        }
+        let (start, end) = match flag {
+            prop::HEADERS => {
+                let n = u32::from_be_bytes(payload.get(pos..pos + 4)?.try_into().ok()?);
+                (pos, pos.checked_add(4)?.checked_add(n as usize)?)
+            }
+            prop::DELIVERY_MODE | prop::PRIORITY => (pos, pos + 1),
+            prop::TIMESTAMP => (pos, pos + 8),
+            _ => {
+                let n = usize::from(*payload.get(pos)?);
+                (pos + 1, pos + 1 + n)
+            }
+        };
+        let value = payload.get(start..end)?;
+        pos = end;
+        if f(flag, value) {
+            return Some(pos);
+        }
+    }
+    Some(pos)
+}
+
+/// One property's value read in place from a content header payload (see
+/// [`walk_properties`] for what the bytes are); None when absent or malformed.
+pub fn header_property(payload: &[u8], flag: u16) -> Option<&[u8]> {
+    let mut found = None;
+    walk_properties(payload, |f, v| {
+        if f == flag {
+            found = Some(v);
+        }
+        f <= flag
+    })?;
+    found
+}
+
+/// Checks a content header payload received from elsewhere (a record, a page file, another
+/// node): class basic, weight 0, `body_len` as its body size, and properties that decode and
+/// fill it exactly.
+pub fn check_content_header_payload(payload: &[u8], body_len: u64) -> Result<(), CodecError> {
+    let bad = CodecError::Malformed("content header");
+    if payload.get(..4) != Some(&[0, 60, 0, 0][..]) {
+        return Err(bad);
+    }
+    let size = payload
+        .get(4..12)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes);
+    if size != Some(body_len) {
+        return Err(bad);
+    }
+    if walk_properties(payload, |_, _| false) != Some(payload.len()) {
+        return Err(bad);
+    }
+    if header_property(payload, prop::HEADERS).is_some() {
+        // The table's contents (nesting checked first, as for a frame).
+        if crate::nesting::frame_too_deep(constants::FRAME_HEADER, payload) {
+            return Err(bad);
+        }
+        match amq_protocol::protocol::basic::parse_properties(&payload[12..]) {
+            Ok(([], _)) => {}
+            _ => return Err(bad),
+        }
+    }
+    Ok(())
+}
+
 fn put_frame_header(out: &mut Vec<u8>, kind: u8, channel: u16, size: usize) {
     out.push(kind);
     out.extend_from_slice(&channel.to_be_bytes());
@@ -299,6 +402,46 @@ mod tests {
             off += n;
         }
         assert_eq!(total, 10);
+    }
+
+    #[test]
+    fn properties_are_read_in_place() {
+        let mut h = amq_protocol::types::FieldTable::default();
+        h.insert("k".into(), amq_protocol::types::AMQPValue::Boolean(true));
+        let props = AMQPProperties::default()
+            .with_content_type("ct".into())
+            .with_headers(h)
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_expiration("60000".into())
+            .with_timestamp(7)
+            .with_app_id("app".into());
+        let p = encode_content_header_payload(3, &props).expect("payload");
+        assert_eq!(header_property(&p, prop::CONTENT_TYPE), Some(&b"ct"[..]));
+        assert_eq!(header_property(&p, prop::DELIVERY_MODE), Some(&[2u8][..]));
+        assert_eq!(header_property(&p, prop::PRIORITY), Some(&[5u8][..]));
+        assert_eq!(header_property(&p, prop::EXPIRATION), Some(&b"60000"[..]));
+        assert_eq!(
+            header_property(&p, prop::TIMESTAMP),
+            Some(&7u64.to_be_bytes()[..])
+        );
+        assert_eq!(header_property(&p, prop::APP_ID), Some(&b"app"[..]));
+        assert!(header_property(&p, prop::HEADERS).is_some_and(|t| t.len() > 4));
+        for absent in [prop::REPLY_TO, prop::USER_ID, prop::CLUSTER_ID, prop::TYPE] {
+            assert_eq!(header_property(&p, absent), None);
+        }
+        assert!(check_content_header_payload(&p, 3).is_ok());
+        // Truncated: never a value read past the end, and always refused.
+        for cut in 0..p.len() {
+            let _ = header_property(&p[..cut], prop::APP_ID);
+            assert!(
+                check_content_header_payload(&p[..cut], 3).is_err(),
+                "cut {cut}"
+            );
+        }
+        let none = encode_content_header_payload(0, &AMQPProperties::default()).expect("payload");
+        assert_eq!(none.len(), 14);
+        assert_eq!(header_property(&none, prop::PRIORITY), None);
     }
 
     #[test]

@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 impl crate::queue::QueueHost for Vhost {
     fn route_message(&self, msg: &crate::queue::Message, out: &mut Vec<QueueHandle>) {
         self.route(
-            msg.exchange.as_str(),
-            msg.routing_key.as_str(),
-            msg.properties.headers().as_ref(),
+            msg.exchange(),
+            msg.routing_key(),
+            msg.headers().as_ref(),
             out,
         );
     }

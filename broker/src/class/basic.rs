@@ -357,8 +357,8 @@ async fn get(s: &mut Session, ch: u16, g: basic::Get) -> Result<(), AmqpError> {
                 AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                     delivery_tag: tag,
                     redelivered: r.redelivered,
-                    exchange: r.msg.exchange.clone(),
-                    routing_key: r.msg.routing_key.clone(),
+                    exchange: r.msg.exchange().into(),
+                    routing_key: r.msg.routing_key().into(),
                     message_count: r.remaining,
                 })),
             ))?;
@@ -518,7 +518,7 @@ pub async fn route_and_enqueue(
             &topo,
             exchange,
             routing_key,
-            msg.properties.headers().as_ref(),
+            msg.headers().as_ref(),
             &mut targets,
         );
         if let Some(x) = topo.exchanges.get(exchange) {
@@ -587,8 +587,8 @@ fn unroutable(s: &mut Session, ch: u16, mandatory: bool, msg: &Message) -> Resul
             AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                 reply_code: 312,
                 reply_text: "NO_ROUTE".into(),
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
+                exchange: msg.exchange().into(),
+                routing_key: msg.routing_key().into(),
             })),
         ))?;
         s.content(ch, msg);

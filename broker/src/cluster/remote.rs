@@ -72,10 +72,10 @@ impl std::fmt::Debug for Remote {
 /// The wire form of a message.
 pub fn wire_msg(m: &Message) -> WireMsg {
     WireMsg {
-        exchange: m.exchange.to_string(),
-        routing_key: m.routing_key.to_string(),
-        header: m.header_payload.clone(),
-        body: m.body.clone(),
+        exchange: m.exchange().to_string(),
+        routing_key: m.routing_key().to_string(),
+        header: m.header_payload().to_vec().into(),
+        body: bytes::Bytes::copy_from_slice(m.body()),
     }
 }
 

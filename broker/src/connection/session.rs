@@ -148,9 +148,9 @@ impl Session {
 
     /// Writes header and body frames of a message.
     pub fn content(&mut self, ch: u16, msg: &crate::queue::Message) {
-        codec::encode_content_header(&mut self.out, ch, &msg.header_payload);
-        if !msg.body.is_empty() {
-            codec::encode_body(&mut self.out, ch, &msg.body, self.frame_max);
+        codec::encode_content_header(&mut self.out, ch, msg.header_payload());
+        if !msg.body().is_empty() {
+            codec::encode_body(&mut self.out, ch, msg.body(), self.frame_max);
         }
     }
 
@@ -416,8 +416,8 @@ impl Session {
             &d.consumer_tag,
             tag,
             d.redelivered,
-            d.msg.exchange.as_str(),
-            d.msg.routing_key.as_str(),
+            d.msg.exchange(),
+            d.msg.routing_key(),
         );
         self.content(d.channel, &d.msg);
     }

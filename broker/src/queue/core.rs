@@ -442,7 +442,7 @@ impl QueueCore {
             return;
         }
         let overflow = self.args.overflow;
-        if overflow != Overflow::DropHead && self.is_full(msg.body.len() as u64) {
+        if overflow != Overflow::DropHead && self.is_full(msg.body().len() as u64) {
             if let Some(t) = confirm {
                 self.confirms.refuse(t);
             }
@@ -453,7 +453,7 @@ impl QueueCore {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let ttl = match (self.args.message_ttl, msg.expiration_ms) {
+        let ttl = match (self.args.message_ttl, msg.expiration_ms()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -629,7 +629,7 @@ impl QueueCore {
     }
 
     fn add_unacked(&mut self, id: u64, u: Unacked) {
-        self.unacked_bytes += u.entry.msg.body.len() as u64;
+        self.unacked_bytes += u.entry.msg.body().len() as u64;
         self.unacked.insert(id, u);
     }
 
@@ -637,7 +637,7 @@ impl QueueCore {
         let u = self.unacked.remove(&id)?;
         self.unacked_bytes = self
             .unacked_bytes
-            .saturating_sub(u.entry.msg.body.len() as u64);
+            .saturating_sub(u.entry.msg.body().len() as u64);
         Some(u)
     }
 
@@ -652,7 +652,7 @@ impl QueueCore {
         if n == 0 && !first_too {
             return msg.clone();
         }
-        let mut headers = msg.properties.headers().clone().unwrap_or_default();
+        let mut headers = msg.headers().unwrap_or_default();
         headers.insert(
             "x-delivery-count".into(),
             amq_protocol::types::AMQPValue::LongLongInt(i64::from(n)),
@@ -937,7 +937,7 @@ impl QueueCore {
         let mut keep = msgs.len().min(SYNC_BATCH);
         let mut bytes = 0u64;
         for (i, m) in msgs.iter().take(keep).enumerate() {
-            bytes += m.msg.body.len() as u64;
+            bytes += m.msg.body().len() as u64;
             if i > 0 && bytes > SYNC_BATCH_BYTES {
                 keep = i;
                 break;

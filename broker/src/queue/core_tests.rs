@@ -80,7 +80,6 @@ fn dead_letters(effects: &[Effect]) -> Vec<(String, String)> {
         .filter_map(|e| match e {
             Effect::DeadLetter(m) => {
                 let reason = match m
-                    .properties
                     .headers()
                     .as_ref()
                     .and_then(|h| h.inner().get("x-first-death-reason").cloned())
@@ -90,7 +89,7 @@ fn dead_letters(effects: &[Effect]) -> Vec<(String, String)> {
                     }
                     other => format!("{other:?}"),
                 };
-                Some((String::from_utf8_lossy(&m.body).into_owned(), reason))
+                Some((String::from_utf8_lossy(m.body()).into_owned(), reason))
             }
             _ => None,
         })
@@ -198,7 +197,7 @@ fn a_new_policy_takes_effect_at_the_next_turn() {
     c.turn(t0, false);
     assert_eq!(ready(&c), 4);
     let got = get_no_ack(&mut c, t0).expect("a message");
-    assert_eq!(&got.msg.body[..], b"6", "the oldest six went");
+    assert_eq!(got.msg.body(), b"6", "the oldest six went");
     assert_eq!(ready(&c), 3);
 }
 
@@ -352,8 +351,7 @@ fn requeue(c: &mut QueueCore, id: u64, now: Instant) {
 }
 
 fn header(m: &Message, key: &str) -> Option<amq_protocol::types::AMQPValue> {
-    m.properties
-        .headers()
+    m.headers()
         .as_ref()
         .and_then(|h| h.inner().get(key).cloned())
 }

@@ -18,8 +18,8 @@ pub fn dead_letter_copy(
     rk: Option<&str>,
     now_secs: u64,
 ) -> Option<Message> {
-    let rk = rk.map_or_else(|| msg.routing_key.to_string(), str::to_owned);
-    let mut headers = msg.properties.headers().clone().unwrap_or_default();
+    let rk = rk.map_or_else(|| msg.routing_key().to_string(), str::to_owned);
+    let mut headers = msg.headers().unwrap_or_default();
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
         _ => Vec::new(),
@@ -60,12 +60,12 @@ pub fn dead_letter_copy(
             t.insert("time".into(), AMQPValue::Timestamp(now_secs));
             t.insert(
                 "exchange".into(),
-                AMQPValue::LongString(msg.exchange.as_str().into()),
+                AMQPValue::LongString(msg.exchange().into()),
             );
             let mut keys = FieldArray::default();
-            keys.push(AMQPValue::LongString(msg.routing_key.as_str().into()));
+            keys.push(AMQPValue::LongString(msg.routing_key().into()));
             t.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
-            if let Some(exp) = msg.properties.expiration() {
+            if let Some(exp) = msg.properties().expiration() {
                 t.insert(
                     "original-expiration".into(),
                     AMQPValue::LongString(exp.as_str().into()),
@@ -79,13 +79,13 @@ pub fn dead_letter_copy(
     for (k, v) in [
         ("x-first-death-queue", queue),
         ("x-first-death-reason", reason),
-        ("x-first-death-exchange", msg.exchange.as_str()),
+        ("x-first-death-exchange", msg.exchange()),
     ] {
         if !headers.contains_key(k) {
             headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
         }
     }
-    let mut props = msg.properties.clone().with_headers(headers);
+    let mut props = msg.properties().with_headers(headers);
     if props.expiration().is_some() {
         // Drop the per-message TTL so the dead-lettered copy does not expire again at once.
         props = strip_expiration(props);
@@ -96,7 +96,7 @@ pub fn dead_letter_copy(
         dlx.into(),
         rk.as_str().into(),
         props,
-        msg.body.clone(),
+        bytes::Bytes::copy_from_slice(msg.body()),
     )
     .ok()
 }
@@ -166,12 +166,7 @@ mod tests {
     }
 
     fn death(m: &Message, i: usize) -> FieldTable {
-        match m
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-death"))
-        {
+        match m.headers().as_ref().and_then(|h| h.inner().get("x-death")) {
             Some(AMQPValue::FieldArray(a)) => match &a.as_slice()[i] {
                 AMQPValue::FieldTable(t) => t.clone(),
                 other => panic!("{other:?}"),
@@ -183,9 +178,9 @@ mod tests {
     #[test]
     fn the_first_death_records_where_and_why_and_drops_the_ttl() {
         let d = dead_letter_copy(&msg(None), "q", "expired", "dlx", None, 7).expect("copy");
-        assert_eq!(d.exchange.as_str(), "dlx");
-        assert_eq!(d.routing_key.as_str(), "rk");
-        assert!(d.properties.expiration().is_none());
+        assert_eq!(d.exchange(), "dlx");
+        assert_eq!(d.routing_key(), "rk");
+        assert!(d.properties().expiration().is_none());
         let t = death(&d, 0);
         assert_eq!(t.inner().get("count"), Some(&AMQPValue::LongLongInt(1)));
         assert_eq!(
@@ -196,7 +191,7 @@ mod tests {
             t.inner().get("original-expiration"),
             Some(&AMQPValue::LongString("100".into()))
         );
-        let h = d.properties.headers().clone().expect("headers");
+        let h = d.headers().expect("headers");
         assert_eq!(
             h.inner().get("x-first-death-queue"),
             Some(&AMQPValue::LongString("q".into()))
@@ -206,7 +201,7 @@ mod tests {
     #[test]
     fn a_repeated_death_counts_up_and_a_cycle_without_rejection_is_dropped() {
         let once = dead_letter_copy(&msg(None), "q", "rejected", "dlx", Some("k2"), 1).expect("1");
-        assert_eq!(once.routing_key.as_str(), "k2");
+        assert_eq!(once.routing_key(), "k2");
         let twice = dead_letter_copy(&once, "q", "rejected", "dlx", None, 2).expect("2");
         assert_eq!(
             death(&twice, 0).inner().get("count"),

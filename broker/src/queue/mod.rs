@@ -28,26 +28,42 @@ pub const QUEUE_MAILBOX: usize = 8192;
 /// A queue stops delivering to a connection that has this many deliveries not yet encoded.
 pub const CONN_PENDING_LIMIT: usize = 8192;
 
-/// A published message. Shared (`Arc`) by every queue it is routed to; the body is stored once.
-/// Its bytes count in its node's memory account from [`Message::new`] until it is dropped.
-#[derive(Debug)]
+/// A published message. Shared (`Arc`) by every queue it is routed to; stored once.
+///
+/// Its parts live in one buffer, as they go on the wire: `exchange length (u8) | routing key
+/// length (u8) | exchange | routing key | content header payload | body`, where the content
+/// header payload (class, weight, body size, properties) is what deliveries send as is. So a
+/// queued message is two allocations (this struct in its `Arc`, and the buffer) whatever its
+/// properties. Properties are decoded only where needed ([`Message::properties`]); the few read
+/// for every message (delivery mode, priority, expiration, whether it has headers) are read in
+/// place ([`crate::codec::header_property`]).
+///
+/// Its bytes count in its node's memory account from construction until it is dropped.
 pub struct Message {
-    pub exchange: ShortString,
-    pub routing_key: ShortString,
-    pub properties: AMQPProperties,
-    /// Pre-encoded content header payload (class, weight, size, properties).
-    pub header_payload: Bytes,
-    pub body: Bytes,
-    /// Per-message TTL from the `expiration` property, milliseconds.
-    pub expiration_ms: Option<u64>,
+    data: Box<[u8]>,
     /// The account charged for this message (a plain reference: nothing to count per message).
     memory: &'static Memory,
-    /// The body is another message's (a copy with other headers): not charged again.
-    body_shared: bool,
 }
 
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("exchange", &self.exchange())
+            .field("routing_key", &self.routing_key())
+            .field("header_len", &self.header_payload().len())
+            .field("body_len", &self.body().len())
+            .finish()
+    }
+}
+
+/// Reference counts of the `Arc` a message lives in (charged with it).
+const ARC_COUNTS: usize = 2 * std::mem::size_of::<usize>();
+/// Class, weight and body size at the start of a content header payload.
+const HEADER_FIXED: usize = 12;
+
 impl Message {
-    /// A message charged to `memory`, its node's account (see [`crate::memory`]).
+    /// A message charged to `memory`, its node's account (see [`crate::memory`]). The exchange
+    /// and the routing key are short strings (at most 255 bytes).
     pub fn new(
         memory: &'static Memory,
         exchange: ShortString,
@@ -55,47 +71,69 @@ impl Message {
         properties: AMQPProperties,
         body: Bytes,
     ) -> Result<Self, crate::error::CodecError> {
-        let header_payload =
-            crate::codec::encode_content_header_payload(body.len() as u64, &properties)?.into();
-        let expiration_ms = properties
-            .expiration()
-            .as_ref()
-            .and_then(|e| e.as_str().parse::<u64>().ok());
-        memory.charge(Self::accounted(&header_payload, &body, false));
-        Ok(Self {
-            exchange,
-            routing_key,
-            properties,
-            header_payload,
-            body,
-            expiration_ms,
+        let header = crate::codec::encode_content_header_payload(body.len() as u64, &properties)?;
+        Self::build(
             memory,
-            body_shared: false,
-        })
+            exchange.as_str(),
+            routing_key.as_str(),
+            &header,
+            &body,
+        )
     }
 
-    /// A copy of this message for one delivery with `headers` as its headers, sharing the body
-    /// (charged for its header only).
+    /// A message from its stored or transmitted parts (the store's records, page files, the
+    /// cluster's wire): `header` is a content header payload, checked (class basic, the body's
+    /// size, properties that decode and fill it exactly).
+    pub fn from_parts(
+        memory: &'static Memory,
+        exchange: &str,
+        routing_key: &str,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<Self, crate::error::CodecError> {
+        crate::codec::check_content_header_payload(header, body.len() as u64)?;
+        Self::build(memory, exchange, routing_key, header, body)
+    }
+
+    fn build(
+        memory: &'static Memory,
+        exchange: &str,
+        routing_key: &str,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<Self, crate::error::CodecError> {
+        let (ex, rk) = (exchange.as_bytes(), routing_key.as_bytes());
+        let (Ok(ex_len), Ok(rk_len)) = (u8::try_from(ex.len()), u8::try_from(rk.len())) else {
+            return Err(crate::error::CodecError::Encode);
+        };
+        let mut data = Vec::with_capacity(2 + ex.len() + rk.len() + header.len() + body.len());
+        data.push(ex_len);
+        data.push(rk_len);
+        data.extend_from_slice(ex);
+        data.extend_from_slice(rk);
+        data.extend_from_slice(header);
+        data.extend_from_slice(body);
+        let data = data.into_boxed_slice();
+        memory.charge(Self::accounted(&data));
+        Ok(Self { data, memory })
+    }
+
+    /// A copy of this message for one delivery with `headers` as its headers (charged as a
+    /// message of its own).
     pub fn with_headers(
         &self,
         headers: amq_protocol::types::FieldTable,
     ) -> Result<Self, crate::error::CodecError> {
-        let properties = self.properties.clone().with_headers(headers);
-        let header_payload =
-            crate::codec::encode_content_header_payload(self.body.len() as u64, &properties)?
-                .into();
-        self.memory
-            .charge(Self::accounted(&header_payload, &self.body, true));
-        Ok(Self {
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            properties,
-            header_payload,
-            body: self.body.clone(),
-            expiration_ms: self.expiration_ms,
-            memory: self.memory,
-            body_shared: true,
-        })
+        let properties = self.properties().with_headers(headers);
+        let header =
+            crate::codec::encode_content_header_payload(self.body().len() as u64, &properties)?;
+        Self::build(
+            self.memory,
+            self.exchange(),
+            self.routing_key(),
+            &header,
+            self.body(),
+        )
     }
 
     /// The memory account this message is charged to; copies made from it (dead-lettering)
@@ -104,29 +142,103 @@ impl Message {
         self.memory
     }
 
-    /// Bytes this message counts for in its memory account.
-    fn accounted(header_payload: &Bytes, body: &Bytes, body_shared: bool) -> u64 {
-        let body = if body_shared { 0 } else { body.len() };
-        (header_payload.len() + body + std::mem::size_of::<Self>()) as u64
+    /// Bytes this message counts for in its memory account: its buffer, itself and its `Arc`.
+    fn accounted(data: &[u8]) -> u64 {
+        (data.len() + std::mem::size_of::<Self>() + ARC_COUNTS) as u64
+    }
+
+    fn lens(&self) -> (usize, usize) {
+        match *self.data {
+            [ex, rk, ..] => (usize::from(ex), usize::from(rk)),
+            _ => (0, 0),
+        }
+    }
+
+    /// Where the content header payload starts and where the body starts.
+    fn bounds(&self) -> (usize, usize) {
+        let (ex, rk) = self.lens();
+        let start = 2 + ex + rk;
+        let body_len = self
+            .data
+            .get(start + 4..start + HEADER_FIXED)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_be_bytes);
+        let body = usize::try_from(body_len)
+            .ok()
+            .and_then(|n| self.data.len().checked_sub(n))
+            .unwrap_or(self.data.len());
+        (start.min(body), body)
+    }
+
+    fn text(&self, from: usize, len: usize) -> &str {
+        self.data
+            .get(from..from + len)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    pub fn exchange(&self) -> &str {
+        let (ex, _) = self.lens();
+        self.text(2, ex)
+    }
+
+    pub fn routing_key(&self) -> &str {
+        let (ex, rk) = self.lens();
+        self.text(2 + ex, rk)
+    }
+
+    /// The pre-encoded content header payload (class, weight, size, properties).
+    pub fn header_payload(&self) -> &[u8] {
+        let (h, b) = self.bounds();
+        &self.data[h..b]
+    }
+
+    pub fn body(&self) -> &[u8] {
+        let (_, b) = self.bounds();
+        &self.data[b..]
+    }
+
+    /// The decoded properties (allocates: for the paths that need all of them).
+    pub fn properties(&self) -> AMQPProperties {
+        self.header_payload()
+            .get(HEADER_FIXED..)
+            .and_then(|p| amq_protocol::protocol::basic::parse_properties(p).ok())
+            .map(|(_, props)| props)
+            .unwrap_or_default()
+    }
+
+    /// The headers property, decoded only when there is one.
+    pub fn headers(&self) -> Option<amq_protocol::types::FieldTable> {
+        self.property(crate::codec::prop::HEADERS)?;
+        self.properties().headers().clone()
+    }
+
+    fn property(&self, flag: u16) -> Option<&[u8]> {
+        crate::codec::header_property(self.header_payload(), flag)
     }
 
     /// delivery-mode 2.
     pub fn persistent(&self) -> bool {
-        *self.properties.delivery_mode() == Some(2)
+        self.property(crate::codec::prop::DELIVERY_MODE) == Some(&[2])
     }
 
     pub fn priority(&self) -> u8 {
-        self.properties.priority().unwrap_or(0)
+        self.property(crate::codec::prop::PRIORITY)
+            .and_then(|p| p.first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Per-message TTL from the `expiration` property, milliseconds (None if absent or not a
+    /// number).
+    pub fn expiration_ms(&self) -> Option<u64> {
+        let e = self.property(crate::codec::prop::EXPIRATION)?;
+        std::str::from_utf8(e).ok()?.parse::<u64>().ok()
     }
 }
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.memory.release(Self::accounted(
-            &self.header_payload,
-            &self.body,
-            self.body_shared,
-        ));
+        self.memory.release(Self::accounted(&self.data));
     }
 }
 
@@ -420,5 +532,120 @@ impl QueueInfo {
         // Wake the actor; with a full mailbox it is busy and sees the flag after this turn.
         self.try_send(QueueCmd::Kick);
         true
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+    use amq_protocol::types::{AMQPValue, FieldTable};
+
+    fn props() -> AMQPProperties {
+        let mut h = FieldTable::default();
+        h.insert("k".into(), AMQPValue::LongString("v".into()));
+        AMQPProperties::default()
+            .with_content_type("text/plain".into())
+            .with_headers(h)
+            .with_delivery_mode(2)
+            .with_priority(7)
+            .with_correlation_id("c".into())
+            .with_reply_to("r".into())
+            .with_expiration("1500".into())
+            .with_message_id("m".into())
+            .with_timestamp(42)
+            .with_type("t".into())
+            .with_cluster_id("cl".into())
+            .with_user_id("guest".into())
+            .with_app_id("a".into())
+    }
+
+    #[test]
+    fn a_message_keeps_its_parts_in_one_buffer_and_reads_them_back() {
+        let memory = Memory::leaked();
+        for (ex, rk, p, body) in [
+            ("", "q", AMQPProperties::default(), &b""[..]),
+            ("amq.topic", "a.b.c", props(), &b"hello"[..]),
+            ("x", &"k".repeat(255)[..], props(), &[9u8; 70_000][..]),
+        ] {
+            let m = Message::new(
+                memory,
+                ex.into(),
+                rk.into(),
+                p.clone(),
+                body.to_vec().into(),
+            )
+            .expect("message");
+            assert_eq!(m.exchange(), ex);
+            assert_eq!(m.routing_key(), rk);
+            assert_eq!(m.body(), body);
+            assert_eq!(m.properties(), p);
+            let header =
+                crate::codec::encode_content_header_payload(body.len() as u64, &p).expect("header");
+            assert_eq!(m.header_payload(), &header[..]);
+            assert_eq!(m.persistent(), p.delivery_mode() == &Some(2));
+            assert_eq!(m.priority(), p.priority().unwrap_or(0));
+            assert_eq!(m.expiration_ms(), p.expiration().as_ref().map(|_| 1500));
+            assert_eq!(m.headers(), p.headers().clone());
+            // From its parts (a record, a page file, the cluster's wire): the same message.
+            let back = Message::from_parts(memory, ex, rk, m.header_payload(), m.body())
+                .expect("from parts");
+            assert_eq!(back.data, m.data);
+            // A copy with other headers keeps everything else.
+            let mut h = FieldTable::default();
+            h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(1));
+            let c = m.with_headers(h.clone()).expect("copy");
+            assert_eq!(c.properties(), p.clone().with_headers(h));
+            assert_eq!((c.exchange(), c.routing_key(), c.body()), (ex, rk, body));
+        }
+        assert_eq!(memory.used(), 0, "every message released its charge");
+    }
+
+    #[test]
+    fn a_queued_message_is_small() {
+        // The struct in its Arc: 40 bytes; everything else is in its one buffer.
+        assert_eq!(std::mem::size_of::<Message>(), 24);
+        let m = Message::new(
+            Memory::leaked(),
+            "".into(),
+            "bench".into(),
+            AMQPProperties::default(),
+            vec![0u8; 16].into(),
+        )
+        .expect("message");
+        // 2 lengths, the routing key, 14 bytes of content header, the body.
+        assert_eq!(m.data.len(), 2 + 5 + 14 + 16);
+    }
+
+    #[test]
+    fn every_truncated_or_inconsistent_header_is_refused() {
+        let memory = Memory::leaked();
+        let body = b"body";
+        let header = crate::codec::encode_content_header_payload(body.len() as u64, &props())
+            .expect("header");
+        for cut in 0..header.len() {
+            assert!(
+                Message::from_parts(memory, "", "q", &header[..cut], body).is_err(),
+                "header cut at {cut} accepted"
+            );
+        }
+        let mut longer = header.clone();
+        longer.push(0);
+        assert!(Message::from_parts(memory, "", "q", &longer, body).is_err());
+        // Another body size than the body's.
+        assert!(Message::from_parts(memory, "", "q", &header, b"bod").is_err());
+        // Another class.
+        let mut class = header.clone();
+        class[1] = 50;
+        assert!(Message::from_parts(memory, "", "q", &class, body).is_err());
+        // A flag the basic class does not have.
+        let mut flag = header.clone();
+        flag[13] |= 1;
+        assert!(Message::from_parts(memory, "", "q", &flag, body).is_err());
+        // An exchange or routing key longer than a short string.
+        let long = "x".repeat(256);
+        assert!(Message::from_parts(memory, &long, "q", &header, body).is_err());
+        assert!(Message::from_parts(memory, "", &long, &header, body).is_err());
+        assert!(Message::from_parts(memory, "", "q", &header, body).is_ok());
+        assert_eq!(memory.used(), 0);
     }
 }

@@ -22,16 +22,16 @@
 //! The file I/O is behind [`PageIo`] (files in `crate::paging`, memory in the tests).
 
 use super::Message;
+use crate::intmap::IntMap;
 use crate::memory::Memory;
 use crate::store::record::{self, Enqueue, Record};
-use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::error;
 
-/// A ready message held in memory.
+/// A ready message held in memory, as the queue takes it in and out of the list.
 #[derive(Debug)]
 pub struct Entry {
     pub id: u64,
@@ -48,43 +48,106 @@ pub struct Loc {
     pub len: u32,
 }
 
-/// The index entry of a paged-out message.
-#[derive(Debug)]
-struct Paged {
-    id: u64,
-    redelivered: bool,
-    expires_at: Option<Instant>,
-    body_len: u64,
+/// What the list keeps of a paged-out message besides its slot.
+#[derive(Debug, Clone, Copy)]
+struct PagedAt {
     loc: Loc,
+    body_len: u64,
 }
 
+/// One message in the list: 24 bytes, so that a long backlog costs little more than its
+/// messages (an [`Entry`] is 40).
 #[derive(Debug)]
-enum Slot {
-    Mem(Entry),
-    Paged(Paged),
+struct Slot {
+    id: u64,
+    /// [`REDELIVERED`] and the expiry deadline ([`pack_expiry`]).
+    meta: u64,
+    /// None: paged out; its record is at `Ready::paged_at[id]`.
+    msg: Option<Arc<Message>>,
+}
+
+/// The redelivered flag in [`Slot::meta`]; the other bits are the expiry.
+const REDELIVERED: u64 = 1 << 63;
+/// Expiry offsets are nanoseconds from a process-wide instant, within +-2^61 (73 years).
+const EXPIRY_BIAS: i128 = 1 << 61;
+
+fn expiry_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// An expiry deadline as 62 bits: 0 for none, else its offset from [`expiry_base`] in
+/// nanoseconds (exact, so the deadline read back is the one stored).
+fn pack_expiry(t: Option<Instant>) -> u64 {
+    let Some(t) = t else {
+        return 0;
+    };
+    let base = expiry_base();
+    let off = match t.checked_duration_since(base) {
+        Some(d) => d.as_nanos() as i128,
+        None => -(base.duration_since(t).as_nanos() as i128),
+    };
+    (off.clamp(-EXPIRY_BIAS, EXPIRY_BIAS - 1) + EXPIRY_BIAS + 1) as u64
+}
+
+fn unpack_expiry(v: u64) -> Option<Instant> {
+    if v == 0 {
+        return None;
+    }
+    let off = i128::from(v) - 1 - EXPIRY_BIAS;
+    let base = expiry_base();
+    if off >= 0 {
+        base.checked_add(Duration::from_nanos(off as u64))
+    } else {
+        base.checked_sub(Duration::from_nanos((-off) as u64))
+    }
 }
 
 impl Slot {
-    fn id(&self) -> u64 {
-        match self {
-            Slot::Mem(e) => e.id,
-            Slot::Paged(p) => p.id,
+    fn new(e: Entry) -> Self {
+        let flag = if e.redelivered { REDELIVERED } else { 0 };
+        Slot {
+            id: e.id,
+            meta: flag | pack_expiry(e.expires_at),
+            msg: Some(e.msg),
         }
+    }
+    fn redelivered(&self) -> bool {
+        self.meta & REDELIVERED != 0
     }
     fn expires_at(&self) -> Option<Instant> {
-        match self {
-            Slot::Mem(e) => e.expires_at,
-            Slot::Paged(p) => p.expires_at,
-        }
-    }
-    fn body_len(&self) -> u64 {
-        match self {
-            Slot::Mem(e) => e.msg.body.len() as u64,
-            Slot::Paged(p) => p.body_len,
-        }
+        unpack_expiry(self.meta & !REDELIVERED)
     }
     fn is_paged(&self) -> bool {
-        matches!(self, Slot::Paged(_))
+        self.msg.is_none()
+    }
+    /// The entry of an in-memory slot.
+    fn into_entry(self) -> Option<Entry> {
+        let (redelivered, expires_at) = (self.redelivered(), self.expires_at());
+        self.msg.map(|msg| Entry {
+            id: self.id,
+            msg,
+            redelivered,
+            expires_at,
+        })
+    }
+}
+
+/// Body bytes of a slot (a paged one's from its location entry).
+fn body_len(paged_at: &IntMap<u64, PagedAt>, s: &Slot) -> u64 {
+    match &s.msg {
+        Some(m) => m.body().len() as u64,
+        None => paged_at.get(&s.id).map_or(0, |p| p.body_len),
+    }
+}
+
+/// A level's list keeps at most about twice what it holds once it held much more (a drained
+/// backlog gives its memory back).
+const SHRINK_ABOVE: usize = 4096;
+
+fn shrink(q: &mut VecDeque<Slot>) {
+    if q.capacity() > SHRINK_ABOVE && q.len() < q.capacity() / 8 {
+        q.shrink_to(q.len() * 2);
     }
 }
 
@@ -207,6 +270,8 @@ pub struct Ready {
     levels: Vec<VecDeque<Slot>>,
     /// Paged slots per level.
     paged: Vec<usize>,
+    /// Where each paged message's record is, by id.
+    paged_at: IntMap<u64, PagedAt>,
     /// Ready messages (in memory and paged).
     pub len: usize,
     /// Their body bytes.
@@ -226,6 +291,7 @@ impl Ready {
         Self {
             levels: (0..n).map(|_| VecDeque::new()).collect(),
             paged: vec![0; n],
+            paged_at: IntMap::default(),
             len: 0,
             bytes: 0,
             paged_len: 0,
@@ -240,43 +306,54 @@ impl Ready {
     }
 
     fn level_of(&self, msg: &Message) -> usize {
+        if self.levels.len() == 1 {
+            return 0;
+        }
         (msg.priority() as usize).min(self.levels.len() - 1)
     }
 
     pub fn push_back(&mut self, e: Entry) {
         let l = self.level_of(&e.msg);
         self.len += 1;
-        self.bytes += e.msg.body.len() as u64;
-        self.levels[l].push_back(Slot::Mem(e));
+        self.bytes += e.msg.body().len() as u64;
+        self.levels[l].push_back(Slot::new(e));
     }
 
     /// Puts a requeued entry back at its original position (by id).
     pub fn requeue(&mut self, e: Entry) {
         let l = self.level_of(&e.msg);
         self.len += 1;
-        self.bytes += e.msg.body.len() as u64;
+        self.bytes += e.msg.body().len() as u64;
         let q = &mut self.levels[l];
-        let pos = q.partition_point(|x| x.id() < e.id);
-        q.insert(pos, Slot::Mem(e));
+        let pos = q.partition_point(|x| x.id < e.id);
+        q.insert(pos, Slot::new(e));
     }
 
     /// Accounts for a slot that left level `l`; a paged one frees its record.
     fn forget(&mut self, l: usize, s: &Slot) {
         self.len -= 1;
-        self.bytes -= s.body_len();
-        if let Slot::Paged(p) = s {
-            self.paged[l] -= 1;
-            self.paged_len -= 1;
+        if let Some(m) = &s.msg {
+            self.bytes -= m.body().len() as u64;
+            return;
+        }
+        self.paged[l] -= 1;
+        self.paged_len -= 1;
+        if let Some(p) = self.paged_at.remove(&s.id) {
+            self.bytes -= p.body_len;
             self.paged_bytes -= p.body_len;
             if let Some(pager) = self.pager.as_mut() {
                 pager.release(p.loc);
             }
+        }
+        if self.paged_len == 0 && self.paged_at.capacity() > SHRINK_ABOVE {
+            self.paged_at = IntMap::default();
         }
     }
 
     fn pop_slot(&mut self, l: usize) -> Option<Slot> {
         let s = self.levels[l].pop_front()?;
         self.forget(l, &s);
+        shrink(&mut self.levels[l]);
         Some(s)
     }
 
@@ -288,7 +365,7 @@ impl Ready {
                 self.page_in(l);
                 continue;
             }
-            if let Some(Slot::Mem(e)) = self.pop_slot(l) {
+            if let Some(e) = self.pop_slot(l).and_then(Slot::into_entry) {
                 return Some(e);
             }
         }
@@ -332,10 +409,11 @@ impl Ready {
     pub fn remove_id(&mut self, id: u64) -> bool {
         for l in 0..self.levels.len() {
             let q = &mut self.levels[l];
-            let pos = q.partition_point(|x| x.id() < id);
-            if q.get(pos).is_some_and(|s| s.id() == id) {
+            let pos = q.partition_point(|x| x.id < id);
+            if q.get(pos).is_some_and(|s| s.id == id) {
                 if let Some(s) = q.remove(pos) {
                     self.forget(l, &s);
+                    shrink(&mut self.levels[l]);
                     return true;
                 }
             }
@@ -343,17 +421,24 @@ impl Ready {
         false
     }
 
-    /// Empties the list (purge); returns the ids, in no particular order.
+    /// Empties the list (purge); returns the ids, in no particular order. The list's memory
+    /// goes with them.
     pub fn drain_ids(&mut self) -> Vec<u64> {
         let mut ids = Vec::with_capacity(self.len);
         for l in 0..self.levels.len() {
-            let slots: Vec<Slot> = self.levels[l].drain(..).collect();
+            let slots = std::mem::take(&mut self.levels[l]);
             for s in slots {
-                ids.push(s.id());
+                ids.push(s.id);
                 self.forget(l, &s);
             }
         }
+        self.paged_at = IntMap::default();
         ids
+    }
+
+    /// Slots the list has room for without growing (memory held: 24 bytes each).
+    pub fn capacity(&self) -> usize {
+        self.levels.iter().map(VecDeque::capacity).sum()
     }
 
     /// Ids of paged messages lost to read errors since the last call (to settle in the log).
@@ -370,37 +455,39 @@ impl Ready {
     /// at most `run_bytes`); slots that cannot be read are dropped into `lost`. Always takes
     /// at least the head slot out of the paged state.
     fn page_in(&mut self, l: usize) {
-        let Some(pager) = self.pager.as_mut() else {
-            // Cannot happen (nothing is paged without a pager), but never loop on it.
+        let q = &self.levels[l];
+        let first = match q.front() {
+            Some(s) if s.is_paged() => self.paged_at.get(&s.id).map(|p| p.loc),
+            _ => return,
+        };
+        let (Some(pager), Some(first)) = (self.pager.as_mut(), first) else {
+            // Cannot happen (nothing is paged without a pager and a location), but never loop
+            // on it.
             if let Some(s) = self.levels[l].pop_front() {
-                self.lost.push(s.id());
+                self.lost.push(s.id);
                 self.forget(l, &s);
             }
             return;
         };
-        let q = &self.levels[l];
-        let Some(Slot::Paged(first)) = q.front() else {
-            return;
-        };
-        let first = first.loc;
         let mut n = 0;
         let mut total = 0u64;
         for s in q.iter() {
-            match s {
-                Slot::Paged(p)
-                    if p.loc.seg == first.seg
-                        && p.loc.off == first.off + total
-                        && n < pager.limits.head_count
-                        && (n == 0 || total + u64::from(p.loc.len) <= pager.limits.run_bytes) =>
-                {
-                    n += 1;
-                    total += u64::from(p.loc.len);
-                }
-                _ => break,
+            let Some(p) = s.msg.is_none().then(|| self.paged_at.get(&s.id)).flatten() else {
+                break;
+            };
+            if p.loc.seg == first.seg
+                && p.loc.off == first.off + total
+                && n < pager.limits.head_count
+                && (n == 0 || total + u64::from(p.loc.len) <= pager.limits.run_bytes)
+            {
+                n += 1;
+                total += u64::from(p.loc.len);
+            } else {
+                break;
             }
         }
         let buf = match pager.io.read(first.seg, first.off, total as usize) {
-            Ok(v) if v.len() as u64 == total => Some(Bytes::from(v)),
+            Ok(v) if v.len() as u64 == total => Some(v),
             Ok(v) => {
                 error!(queue = %pager.label, segment = first.seg, wanted = total, got = v.len(), "short read of a page file");
                 None
@@ -414,13 +501,13 @@ impl Ready {
         let mut back = Vec::with_capacity(n);
         let mut rel = 0usize;
         let mut lost = 0usize;
-        for s in run {
-            let Slot::Paged(p) = s else {
+        for mut s in run {
+            let Some(p) = self.paged_at.remove(&s.id) else {
                 back.push(s);
                 continue;
             };
             let msg = buf
-                .as_ref()
+                .as_deref()
                 .and_then(|b| decode_message(pager.memory, b, rel, p.loc.len as usize));
             rel += p.loc.len as usize;
             self.paged[l] -= 1;
@@ -428,16 +515,14 @@ impl Ready {
             self.paged_bytes -= p.body_len;
             pager.release(p.loc);
             match msg {
-                Some(m) => back.push(Slot::Mem(Entry {
-                    id: p.id,
-                    msg: Arc::new(m),
-                    redelivered: p.redelivered,
-                    expires_at: p.expires_at,
-                })),
+                Some(m) => {
+                    s.msg = Some(Arc::new(m));
+                    back.push(s);
+                }
                 None => {
                     self.len -= 1;
                     self.bytes -= p.body_len;
-                    self.lost.push(p.id);
+                    self.lost.push(s.id);
                     lost += 1;
                 }
             }
@@ -474,7 +559,7 @@ impl Ready {
                 if w >= lim.head_count || wbytes >= lim.head_bytes {
                     break;
                 }
-                wbytes += s.body_len();
+                wbytes += body_len(&self.paged_at, s);
                 mem_in_window += usize::from(!s.is_paged());
                 w += 1;
             }
@@ -510,9 +595,9 @@ impl Ready {
                 let mut members: Vec<(usize, u32)> = Vec::new();
                 let mut full = false;
                 while i < q.len() && buf.len() < lim.chunk_bytes {
-                    if let Slot::Mem(e) = &q[i] {
+                    if let Some(m) = &q[i].msg {
                         let before = buf.len();
-                        record::encode(&enqueue_record(e), &mut buf);
+                        record::encode(&enqueue_record(q[i].id, m), &mut buf);
                         let fits = seg_size + buf.len() as u64 <= lim.segment_bytes;
                         if !fits && (seg_size > 0 || !members.is_empty()) {
                             buf.truncate(before);
@@ -540,21 +625,16 @@ impl Ready {
                 let mut off = seg_size;
                 for (idx, len) in &members {
                     let slot = &mut q[*idx];
-                    if let Slot::Mem(e) = slot {
-                        let p = Paged {
-                            id: e.id,
-                            redelivered: e.redelivered,
-                            expires_at: e.expires_at,
-                            body_len: e.msg.body.len() as u64,
-                            loc: Loc {
-                                seg,
-                                off,
-                                len: *len,
-                            },
+                    if let Some(m) = slot.msg.take() {
+                        let body_len = m.body().len() as u64;
+                        let loc = Loc {
+                            seg,
+                            off,
+                            len: *len,
                         };
+                        self.paged_at.insert(slot.id, PagedAt { loc, body_len });
                         self.paged_len += 1;
-                        self.paged_bytes += p.body_len;
-                        *slot = Slot::Paged(p);
+                        self.paged_bytes += body_len;
                     }
                     off += u64::from(*len);
                 }
@@ -569,47 +649,34 @@ impl Ready {
 }
 
 fn popped(s: Slot) -> Popped {
-    match s {
-        Slot::Mem(e) => Popped {
-            id: e.id,
-            msg: Some(e.msg),
-        },
-        Slot::Paged(p) => Popped {
-            id: p.id,
-            msg: None,
-        },
+    Popped {
+        id: s.id,
+        msg: s.msg,
     }
 }
 
 /// The page record of a message: a store enqueue record (the index keeps id order, the
 /// redelivered flag and the expiry, so the record's copies of them are not used).
-fn enqueue_record(e: &Entry) -> Record<'_> {
+fn enqueue_record(id: u64, m: &Message) -> Record<'_> {
     Record::Enqueue(Enqueue {
         queue: "",
-        id: e.id,
-        redelivered: e.redelivered,
+        id,
+        redelivered: false,
         expires_at_ms: None,
-        exchange: e.msg.exchange.as_str(),
-        routing_key: e.msg.routing_key.as_str(),
-        header: &e.msg.header_payload,
-        body: &e.msg.body,
+        exchange: m.exchange(),
+        routing_key: m.routing_key(),
+        header: m.header_payload(),
+        body: m.body(),
     })
 }
 
-/// The message in the record at `buf[rel..rel + len]`, charged to `memory`; its body shares
-/// `buf`.
-fn decode_message(memory: &'static Memory, buf: &Bytes, rel: usize, len: usize) -> Option<Message> {
+/// The message in the record at `buf[rel..rel + len]`, charged to `memory`.
+fn decode_message(memory: &'static Memory, buf: &[u8], rel: usize, len: usize) -> Option<Message> {
     let frame = buf.get(rel..rel.checked_add(len)?)?;
     let Record::Enqueue(e) = record::decode_framed(frame)? else {
         return None;
     };
-    crate::store::message_from_parts(
-        memory,
-        e.exchange,
-        e.routing_key,
-        e.header,
-        buf.slice_ref(e.body),
-    )
+    Message::from_parts(memory, e.exchange, e.routing_key, e.header, e.body).ok()
 }
 
 #[path = "ready_copy.rs"]
@@ -724,13 +791,110 @@ mod tests {
     }
 
     #[test]
-    fn a_paged_message_costs_a_small_index_entry() {
-        // docs/storage.md promises about 70 bytes per paged message.
-        assert!(
-            std::mem::size_of::<Slot>() <= 72,
-            "{}",
-            std::mem::size_of::<Slot>()
+    fn a_slot_is_small() {
+        // A queued message costs its slot (24 bytes), its Arc'd struct and its buffer; a
+        // paged one its slot and its location entry (docs/storage.md: about 70 bytes).
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
+        assert!(std::mem::size_of::<Slot>() + std::mem::size_of::<(u64, PagedAt)>() <= 72);
+    }
+
+    #[test]
+    fn an_expiry_is_packed_exactly() {
+        let now = Instant::now();
+        for t in [
+            None,
+            Some(now),
+            Some(now + Duration::from_nanos(1)),
+            Some(now + Duration::from_secs(86_400 * 365 * 20)),
+            now.checked_sub(Duration::from_secs(3)),
+        ] {
+            for redelivered in [false, true] {
+                let e = Entry {
+                    id: 9,
+                    msg: msg(9, 0, 1),
+                    redelivered,
+                    expires_at: t,
+                };
+                let back = Slot::new(e).into_entry().expect("in memory");
+                assert_eq!(
+                    (back.id, back.redelivered, back.expires_at),
+                    (9, redelivered, t)
+                );
+            }
+        }
+    }
+
+    fn counted_entry(memory: &'static Memory, id: u64) -> Entry {
+        let m = Message::new(
+            memory,
+            "".into(),
+            "q".into(),
+            AMQPProperties::default(),
+            vec![b'x'; 16].into(),
+        )
+        .expect("message");
+        Entry {
+            id,
+            msg: Arc::new(m),
+            redelivered: false,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_drained_purged_or_deleted_backlog_gives_its_memory_back() {
+        let memory = Memory::leaked();
+        let start = memory.used();
+        let n = 20_000u64;
+        // Drained by consumers (some of it paged out meanwhile).
+        let (mut r, disk) = paged_ready(
+            None,
+            PagerLimits {
+                head_count: 100,
+                ..limits()
+            },
         );
+        let (mut r2, _) = paged_ready(None, limits());
+        for id in 1..=n {
+            r.push_back(counted_entry(memory, id));
+        }
+        assert!(memory.used() > start + n * 16);
+        let full = r.capacity();
+        assert!(full >= n as usize);
+        r.pager.as_mut().expect("pager").memory = memory;
+        r.page_out(200 * 1024, Instant::now());
+        assert!(r.paged_len > 0);
+        let mut got = 0;
+        while let Some(e) = r.pop_front() {
+            assert_eq!(e.id, got + 1);
+            got += 1;
+        }
+        assert_eq!(got, n);
+        assert_eq!(
+            memory.used(),
+            start,
+            "drained: the account is back at its start"
+        );
+        assert!(
+            r.capacity() < full / 8,
+            "the list kept {} slots",
+            r.capacity()
+        );
+        assert_eq!(files(&disk), 0);
+        // Purged.
+        for id in 1..=n {
+            r.push_back(counted_entry(memory, id));
+        }
+        assert_eq!(r.drain_ids().len(), n as usize);
+        assert_eq!(memory.used(), start, "purged");
+        assert_eq!(r.capacity(), 0);
+        // Deleted (the queue drops its list).
+        for id in 1..=n {
+            r2.push_back(counted_entry(memory, id));
+        }
+        r2.page_out(100 * 1024, Instant::now());
+        drop(r2);
+        assert_eq!(memory.used(), start, "deleted");
     }
 
     #[test]
@@ -759,11 +923,15 @@ mod tests {
             let e = r.pop_front().expect("message");
             assert_eq!(e.id, id);
             assert_eq!(e.redelivered, id % 3 == 0);
-            assert!(e.msg.body.starts_with(format!("m{id}:").as_bytes()));
-            assert_eq!(e.msg.body.len(), 100);
-            assert_eq!(e.msg.routing_key.as_str(), format!("rk{id}"));
+            assert!(e.msg.body().starts_with(format!("m{id}:").as_bytes()));
+            assert_eq!(e.msg.body().len(), 100);
+            assert_eq!(e.msg.routing_key(), format!("rk{id}"));
             assert_eq!(
-                e.msg.properties.content_type().as_ref().map(|c| c.as_str()),
+                e.msg
+                    .properties()
+                    .content_type()
+                    .as_ref()
+                    .map(|c| c.as_str()),
                 Some("text/plain")
             );
         }
@@ -950,7 +1118,7 @@ mod tests {
         // With one: read back to be dead-lettered.
         let c = r.pop_expired(0, now, true).expect("3 expired");
         assert_eq!(c.id, 3);
-        assert!(c.msg.expect("read back").body.starts_with(b"m3:"));
+        assert!(c.msg.expect("read back").body().starts_with(b"m3:"));
         assert!(r.pop_expired(0, now, true).is_none());
         assert_eq!(r.next_expiry(), Some(t0 + Duration::from_millis(40)));
         let oldest = r.pop_oldest(false).expect("oldest");
@@ -990,7 +1158,7 @@ mod tests {
 
     /// What a consumer sees of a message.
     fn seen(id: u64, m: Option<&Arc<Message>>) -> (u64, Option<Vec<u8>>) {
-        (id, m.map(|m| m.body.to_vec()))
+        (id, m.map(|m| m.body().to_vec()))
     }
 
     proptest! {
@@ -1049,7 +1217,7 @@ mod tests {
                         let b = plain.pop_oldest(true);
                         prop_assert_eq!(a.as_ref().map(|p| p.id), b.as_ref().map(|p| p.id));
                         if let (Some(Some(ma)), Some(Some(mb))) = (a.map(|p| p.msg), b.map(|p| p.msg)) {
-                            prop_assert_eq!(&ma.body, &mb.body);
+                            prop_assert_eq!(ma.body(), mb.body());
                         }
                     }
                     Op::Expire(t, load) => {
@@ -1060,7 +1228,7 @@ mod tests {
                                 let b = plain.pop_expired(l, now, true);
                                 prop_assert_eq!(a.as_ref().map(|p| p.id), b.as_ref().map(|p| p.id));
                                 if let (Some(Some(ma)), Some(Some(mb))) = (a.as_ref().map(|p| &p.msg), b.as_ref().map(|p| &p.msg)) {
-                                    prop_assert_eq!(&ma.body, &mb.body);
+                                    prop_assert_eq!(ma.body(), mb.body());
                                 }
                                 if a.is_none() {
                                     break;

@@ -21,45 +21,44 @@ impl Ready {
     pub fn copy_range(&mut self, after: u64, up_to: u64, limit: usize) -> Vec<Copied> {
         let mut picked: Vec<(u64, usize, usize)> = Vec::new();
         for (l, q) in self.levels.iter().enumerate() {
-            let start = q.partition_point(|s| s.id() <= after);
+            let start = q.partition_point(|s| s.id <= after);
             picked.extend(
                 q.range(start..)
-                    .take_while(|s| s.id() <= up_to)
+                    .take_while(|s| s.id <= up_to)
                     .take(limit)
                     .enumerate()
-                    .map(|(i, s)| (s.id(), l, start + i)),
+                    .map(|(i, s)| (s.id, l, start + i)),
             );
         }
         picked.sort_unstable_by_key(|p| p.0);
         picked.truncate(limit);
         let mut out = Vec::with_capacity(picked.len());
         for (_, l, i) in picked {
-            match &self.levels[l][i] {
-                Slot::Mem(e) => out.push(Copied {
-                    id: e.id,
-                    msg: e.msg.clone(),
-                    expires_at: e.expires_at,
+            let s = &self.levels[l][i];
+            if let Some(msg) = &s.msg {
+                out.push(Copied {
+                    id: s.id,
+                    msg: msg.clone(),
+                    expires_at: s.expires_at(),
+                });
+                continue;
+            }
+            let (Some(pager), Some(p)) = (self.pager.as_mut(), self.paged_at.get(&s.id)) else {
+                continue;
+            };
+            let msg = pager
+                .io
+                .read(p.loc.seg, p.loc.off, p.loc.len as usize)
+                .ok()
+                .and_then(|b| decode_message(pager.memory, &b, 0, b.len()));
+            match msg {
+                Some(m) => out.push(Copied {
+                    id: s.id,
+                    msg: Arc::new(m),
+                    expires_at: s.expires_at(),
                 }),
-                Slot::Paged(p) => {
-                    let Some(pager) = self.pager.as_mut() else {
-                        continue;
-                    };
-                    let buf = pager
-                        .io
-                        .read(p.loc.seg, p.loc.off, p.loc.len as usize)
-                        .ok()
-                        .map(Bytes::from);
-                    let msg = buf.and_then(|b| decode_message(pager.memory, &b, 0, b.len()));
-                    match msg {
-                        Some(m) => out.push(Copied {
-                            id: p.id,
-                            msg: Arc::new(m),
-                            expires_at: p.expires_at,
-                        }),
-                        None => {
-                            error!(queue = %pager.label, id = p.id, "a paged message could not be read for a mirror's synchronisation; left out");
-                        }
-                    }
+                None => {
+                    error!(queue = %pager.label, id = s.id, "a paged message could not be read for a mirror's synchronisation; left out");
                 }
             }
         }
@@ -94,7 +93,7 @@ mod tests {
             (11..=25).collect::<Vec<_>>()
         );
         for c in first.iter().chain(&next) {
-            assert!(c.msg.body.starts_with(format!("m{}:", c.id).as_bytes()));
+            assert!(c.msg.body().starts_with(format!("m{}:", c.id).as_bytes()));
         }
         assert!(r.copy_range(30, u64::MAX, 10).is_empty());
         // Copying changed nothing: the queue still pops every message in its order.

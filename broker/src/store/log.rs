@@ -143,10 +143,10 @@ impl DiskLog {
             id,
             redelivered: false,
             expires_at_ms: ttl_ms.map(|t| now_ms().saturating_add(t)),
-            exchange: msg.exchange.as_str(),
-            routing_key: msg.routing_key.as_str(),
-            header: &msg.header_payload,
-            body: &msg.body,
+            exchange: msg.exchange(),
+            routing_key: msg.routing_key(),
+            header: msg.header_payload(),
+            body: msg.body(),
         });
         let note = Note {
             queue: self.key.clone(),
@@ -392,7 +392,7 @@ mod tests {
         let store = Store::open(dir.path(), &crate::memory::UNIT_TESTS).expect("reopen");
         let (log, rec, _rx) = store.attach("/", "q");
         assert_eq!(log.base, 0);
-        let got: Vec<(u64, &[u8])> = rec.iter().map(|r| (r.id, &r.msg.body[..])).collect();
+        let got: Vec<(u64, &[u8])> = rec.iter().map(|r| (r.id, r.msg.body())).collect();
         assert_eq!(got, vec![(3, &b"c"[..])]);
         store.close();
     }

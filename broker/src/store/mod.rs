@@ -50,7 +50,7 @@ use bytes::Bytes;
 
 /// Builds a message back from its stored parts (exchange, routing key, pre-encoded content
 /// header payload, body), as the store and the queue page files keep them, charged to
-/// `memory` (the node's account). None if the header does not parse.
+/// `memory` (the node's account). None if the header is not valid for the body.
 pub fn message_from_parts(
     memory: &'static crate::memory::Memory,
     exchange: &str,
@@ -58,10 +58,7 @@ pub fn message_from_parts(
     header: &[u8],
     body: Bytes,
 ) -> Option<Message> {
-    // class (2), weight (2), body size (8), then the property flags and values.
-    let props_bytes = header.get(12..)?;
-    let (_, props) = amq_protocol::protocol::basic::parse_properties(props_bytes).ok()?;
-    Message::new(memory, exchange.into(), routing_key.into(), props, body).ok()
+    Message::from_parts(memory, exchange, routing_key, header, &body).ok()
 }
 
 /// What the store tells a durable queue about its enqueues, on the queue's own channel (see

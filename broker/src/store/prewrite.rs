@@ -205,7 +205,7 @@ mod tests {
         let (_log, recovered, _rx) = store.attach("/", "q");
         let ids: Vec<u64> = recovered.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![1, 2]);
-        assert_eq!(&recovered[1].msg.body[..], b"m1");
+        assert_eq!(recovered[1].msg.body(), b"m1");
         let len = |s| std::fs::metadata(seg_path(&dir, s)).expect("stat").len();
         assert_eq!(len(1), one_len);
         assert_eq!(len(2), record::MAGIC.len() as u64);

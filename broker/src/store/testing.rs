@@ -46,8 +46,8 @@ pub(super) fn enq_bytes(id: u64, m: &Message) -> Vec<u8> {
             expires_at_ms: None,
             exchange: "",
             routing_key: "q",
-            header: &m.header_payload,
-            body: &m.body,
+            header: m.header_payload(),
+            body: m.body(),
         }),
         &mut out,
     );

@@ -81,12 +81,7 @@ async fn publish_message(
     let msg = crate::queue::Message::new(v.node().memory, exchange.into(), rk.into(), props, body)
         .map_err(|e| ApiError::bad(e.to_string()))?;
     let mut targets = Vec::new();
-    v.route(
-        exchange,
-        rk,
-        msg.properties.headers().as_ref(),
-        &mut targets,
-    );
+    v.route(exchange, rk, msg.headers().as_ref(), &mut targets);
     if targets.is_empty() {
         // Mandatory: nothing took it.
         return Ok(false);
@@ -171,7 +166,7 @@ pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
             break;
         };
         ids.push(g.msg_id);
-        let full = &g.msg.body[..];
+        let full = g.msg.body();
         let shown = match truncate {
             Some(t) if (t as usize) < full.len() => &full[..t as usize],
             _ => full,
@@ -183,10 +178,10 @@ pub(super) async fn get(shared: &BrokerShared, r: &Req, vh: &str, name: &str) ->
         out.push(json!({
             "payload_bytes": full.len(),
             "redelivered": g.redelivered,
-            "exchange": g.msg.exchange.as_str(),
-            "routing_key": g.msg.routing_key.as_str(),
+            "exchange": g.msg.exchange(),
+            "routing_key": g.msg.routing_key(),
             "message_count": g.remaining,
-            "properties": conv::properties(&g.msg.properties),
+            "properties": conv::properties(&g.msg.properties()),
             "payload": payload,
             "payload_encoding": enc,
         }));
@@ -250,7 +245,7 @@ pub(super) async fn aliveness(shared: &BrokerShared, r: &Req, vh: &str) -> R {
     let body = Bytes::from_static(b"test_message");
     publish_message(&v, "", name, Default::default(), body.clone()).await?;
     match tokio::time::timeout(Duration::from_secs(5), q.get(true)).await {
-        Ok(Some(g)) if g.msg.body == body => ok(json!({"status": "ok"})),
+        Ok(Some(g)) if g.msg.body() == &body[..] => ok(json!({"status": "ok"})),
         _ => Err(ApiError::Unavailable("aliveness test failed".into())),
     }
 }
