@@ -315,11 +315,13 @@ impl Remote {
                 next.forward(cmd).await;
                 continue;
             }
+            // Publishes go on to the master without flow control (see `crate::queue::flow`).
+            cmd.publish_taken();
             match cmd {
-                QueueCmd::Publish { msg, confirm } => {
+                QueueCmd::Publish { msg, confirm, .. } => {
                     self.publish_or_hold(master, &queue, vec![(msg, confirm)], &mut held);
                 }
-                QueueCmd::PublishBatch(items) => {
+                QueueCmd::PublishBatch(items, _) => {
                     self.publish_or_hold(master, &queue, items, &mut held)
                 }
                 QueueCmd::Consume { spec, reply } => {
@@ -653,7 +655,7 @@ impl Remote {
     ) {
         if let Some(next) = successor.get() {
             for (_, items) in held.drain(..) {
-                next.forward(QueueCmd::PublishBatch(items)).await;
+                next.forward(QueueCmd::PublishBatch(items, None)).await;
             }
             return;
         }

@@ -288,7 +288,7 @@ impl Serve {
                     }
                 }
                 if let Some(q) = q {
-                    q.publish(batch).await;
+                    q.publish(batch, None).await;
                 }
             }
             ToMaster::Consume {

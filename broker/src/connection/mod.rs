@@ -93,6 +93,7 @@ pub async fn serve<S>(
         stats: s.stats.clone(),
         opened: Default::default(),
         events: s.events_tx.clone(),
+        conn_shared: s.conn_shared.clone(),
     });
     shared.registry.add(entry.clone());
     if !shared.registry.running() {
@@ -127,14 +128,22 @@ pub async fn serve<S>(
                 Err(_) => alarms_live = false,
             }
         }
-        // Reads are paused only for an open connection blocked by an alarm; a closing one
-        // must still see close-ok.
-        let paused = throttle.is_blocked() && state.state() == State::Open;
+        // Reads are paused only for an open connection blocked by an alarm, or by a queue
+        // whose consumers cannot keep up (flow, `crate::queue::flow`); a closing one must
+        // still see close-ok.
+        // A connection whose own output is backed up (its client does not read what it is
+        // sent) is not held back by flow: a client that publishes and consumes on one
+        // connection and blocks in a write would never read again, and its queues would never
+        // see it drain.
+        let backed_up = s.out.len() - written >= OUT_HIGH_WATER
+            || s.conn_shared.pending.load(Ordering::Relaxed) >= crate::queue::CONN_PENDING_LIMIT;
+        let flow = !backed_up && s.conn_shared.flow.is_blocked();
+        let paused = (throttle.is_blocked() || flow) && state.state() == State::Open;
         if paused != state.recv_monitor_paused() {
             if paused {
                 debug!(
                     conn_id,
-                    "publisher blocked by a resource alarm; socket no longer read"
+                    flow, "publisher blocked by a resource alarm or flow; socket no longer read"
                 );
                 state.pause_recv_monitor();
             } else {
@@ -230,6 +239,8 @@ pub async fn serve<S>(
                     state.note_sent(Instant::now());
                 }
             },
+            // Flow released: read again.
+            _ = s.conn_shared.flow.until_released(), if flow => {}
             r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await }, if !paused && !stalled => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {

@@ -38,6 +38,8 @@ pub struct ConnEntry {
     pub opened: Mutex<Option<ConnOpened>>,
     /// The connection's event channel (forced close, inspection).
     pub events: ClientTx,
+    /// What the connection shares with queues (its flow state: blocked by a queue).
+    pub conn_shared: Arc<crate::queue::ConnShared>,
 }
 
 /// Live connections and the application switch (stop_app / start_app).

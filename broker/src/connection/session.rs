@@ -86,7 +86,7 @@ impl Session {
     /// Hands queued publishes to their queues, in publish order per queue.
     pub async fn flush_publishes(&mut self) {
         for (q, items) in std::mem::take(&mut self.pending_publishes) {
-            q.publish(items).await;
+            q.publish(items, Some(&self.conn_shared)).await;
         }
     }
 

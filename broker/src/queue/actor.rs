@@ -124,7 +124,7 @@ impl QueueActor {
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
                 // The queue is deleted: the core acks them, as publishes to a deleted queue.
-                cmd @ (QueueCmd::Publish { .. } | QueueCmd::PublishBatch(_)) => {
+                cmd @ (QueueCmd::Publish { .. } | QueueCmd::PublishBatch(..)) => {
                     self.core.command(cmd, Instant::now())
                 }
                 QueueCmd::Consume { reply, .. } => {

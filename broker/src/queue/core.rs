@@ -13,6 +13,7 @@
 use super::activity::ConsumerUse;
 use super::args::Overflow;
 use super::confirm::ConfirmTracker;
+use super::flow::FlowGate;
 use super::ready::Pager;
 use super::ready::{Entry, Ready};
 use super::*;
@@ -109,6 +110,8 @@ pub struct QueueCore {
     deleted: bool,
     /// Page-out stopped at its per-turn limit with more to do.
     page_more: bool,
+    /// Publishers blocked while the consumers cannot keep up (see [`super::flow`]).
+    flow: FlowGate,
     /// The node started paging: page out once even if memory is already back below the
     /// threshold (the queue that crossed it may have paged its own messages first).
     paging_started: bool,
@@ -151,6 +154,7 @@ impl QueueCore {
             deleted: false,
             page_more: false,
             paging_started: false,
+            flow: FlowGate::default(),
         }
     }
 
@@ -230,7 +234,49 @@ impl QueueCore {
             self.delete_now();
             return;
         }
+        self.update_flow();
         self.publish_counts();
+    }
+
+    /// Closes or opens the flow gate on what the consumers can take now (see [`super::flow`]).
+    fn update_flow(&mut self) {
+        let backlog = self.ready.len;
+        if backlog < super::flow::BACKLOG_LOW && !self.flow.is_closed() {
+            return;
+        }
+        let mut ready = false;
+        let mut held = false;
+        for c in &self.consumers {
+            if !c.flow_active
+                || (!c.spec.no_ack && c.spec.prefetch > 0 && c.unacked >= c.spec.prefetch as u32)
+            {
+                continue;
+            }
+            if c.spec.conn.pending.load(Ordering::Relaxed) >= CONN_PENDING_LIMIT {
+                held = true;
+            } else {
+                ready = true;
+            }
+            if self.args.single_active_consumer {
+                break;
+            }
+        }
+        self.flow.update(backlog, ready, held);
+    }
+
+    /// `n` messages from `from` were taken in: its credit back, and blocked if the queue is
+    /// delivery-bound (looked at after each command, so that a publisher is held back as soon
+    /// as the backlog crosses the mark, not a whole mailbox later).
+    fn publisher_flow(&mut self, from: Option<Arc<ConnShared>>, n: usize) {
+        let Some(from) = from else { return };
+        from.flow.taken(n);
+        self.update_flow();
+        self.flow.on_publish(Some(&from));
+    }
+
+    /// How many publishing connections this queue blocks now.
+    pub fn blocked_publishers(&self) -> usize {
+        self.flow.blocked()
     }
 
     /// The error for a command that reached a queue that is gone.
@@ -310,11 +356,16 @@ impl QueueCore {
             self.last_busy = now;
         }
         match cmd {
-            QueueCmd::Publish { msg, confirm } => self.publish(msg, confirm, now),
-            QueueCmd::PublishBatch(items) => {
+            QueueCmd::Publish { msg, confirm, from } => {
+                self.publish(msg, confirm, now);
+                self.publisher_flow(from, 1);
+            }
+            QueueCmd::PublishBatch(items, from) => {
+                let n = items.len();
                 for (msg, confirm) in items {
                     self.publish(msg, confirm, now);
                 }
+                self.publisher_flow(from, n);
             }
             QueueCmd::Consume { spec, reply } => {
                 let r = self.consume(spec, now);
@@ -895,6 +946,7 @@ impl QueueCore {
             });
         }
         self.confirms.queue_deleted();
+        self.flow.open();
         self.log.delete();
         self.effects.push(Effect::Deleted);
         self.publish_counts();

@@ -51,6 +51,7 @@ fn publish(c: &mut QueueCore, body: &str, confirm: Option<ConfirmTicket>, now: I
         QueueCmd::Publish {
             msg: msg(body),
             confirm,
+            from: None,
         },
         now,
     );
@@ -643,7 +644,7 @@ async fn the_actor_acts_on_its_deadlines_under_a_paused_clock() {
             },
         ))
         .expect("declare");
-    ttl.publish(vec![(msg("m"), None)]).await;
+    ttl.publish(vec![(msg("m"), None)], None).await;
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(ttl.message_count(), 1);
     tokio::time::sleep(Duration::from_secs(59)).await;

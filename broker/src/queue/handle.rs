@@ -33,24 +33,43 @@ pub struct ConsumerRef {
     pub tag: Arc<str>,
 }
 
+impl QueueCmd {
+    /// A publish command leaves the sending connection's credit (see [`super::flow`]): taken
+    /// in by a queue, forwarded to another node, or dropped.
+    pub(crate) fn publish_taken(&self) {
+        match self {
+            QueueCmd::Publish { from: Some(f), .. } => f.flow.taken(1),
+            QueueCmd::PublishBatch(items, Some(f)) => f.flow.taken(items.len()),
+            _ => {}
+        }
+    }
+}
+
 impl QueueInfo {
     /// Publishes messages to the queue, in order; each confirm (if any) is sent once the
     /// queue has the message safely (see `confirm.rs`). Waits for room in the mailbox:
-    /// back-pressure to publishers.
-    pub async fn publish(&self, mut items: Vec<PublishItem>) {
+    /// back-pressure to publishers. `from`: the publishing connection, which a queue whose
+    /// consumers cannot keep up blocks (see [`super::flow`]); None for publishes that must
+    /// not be held back (forwarded from another node, the management API).
+    pub async fn publish(&self, mut items: Vec<PublishItem>, from: Option<&Arc<ConnShared>>) {
+        if let Some(f) = from {
+            f.flow.sent(items.len());
+        }
+        let from = from.cloned();
         let cmd = if items.len() == 1 {
             match items.pop() {
-                Some((msg, confirm)) => QueueCmd::Publish { msg, confirm },
+                Some((msg, confirm)) => QueueCmd::Publish { msg, confirm, from },
                 None => return,
             }
         } else {
-            QueueCmd::PublishBatch(items)
+            QueueCmd::PublishBatch(items, from)
         };
         if let Err(e) = self.tx.send(cmd).await {
             // Gone between routing and sending: confirmed, as a publish to a deleted queue.
+            e.0.publish_taken();
             let tickets: Vec<ConfirmTicket> = match e.0 {
                 QueueCmd::Publish { confirm, .. } => confirm.into_iter().collect(),
-                QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
+                QueueCmd::PublishBatch(v, _) => v.into_iter().filter_map(|(_, c)| c).collect(),
                 _ => Vec::new(),
             };
             if !tickets.is_empty() {
@@ -68,9 +87,10 @@ impl QueueInfo {
     /// callers see the queue gone).
     pub(crate) async fn forward(&self, cmd: QueueCmd) {
         if let Err(e) = self.tx.send(cmd).await {
+            e.0.publish_taken();
             let tickets: Vec<ConfirmTicket> = match e.0 {
                 QueueCmd::Publish { confirm, .. } => confirm.into_iter().collect(),
-                QueueCmd::PublishBatch(v) => v.into_iter().filter_map(|(_, c)| c).collect(),
+                QueueCmd::PublishBatch(v, _) => v.into_iter().filter_map(|(_, c)| c).collect(),
                 _ => Vec::new(),
             };
             for t in tickets {
@@ -82,7 +102,11 @@ impl QueueInfo {
     /// Publishes without waiting (from queue actors: one queue never waits on another); a
     /// full mailbox gets the publish from a task of its own.
     pub fn publish_detached(self: &Arc<Self>, msg: Arc<Message>) {
-        let cmd = QueueCmd::Publish { msg, confirm: None };
+        let cmd = QueueCmd::Publish {
+            msg,
+            confirm: None,
+            from: None,
+        };
         if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
             let q = self.clone();
             tokio::spawn(async move {

@@ -8,6 +8,7 @@ pub mod args;
 pub mod confirm;
 pub mod core;
 pub mod deadletter;
+pub mod flow;
 pub mod handle;
 pub mod ready;
 
@@ -250,6 +251,8 @@ pub struct ConnShared {
     /// Set by a queue that skipped this connection for back-pressure; the connection kicks its
     /// queues when it has drained.
     pub starved: AtomicBool,
+    /// Queues that block this connection's reading while they are delivery-bound.
+    pub flow: flow::PublisherFlow,
 }
 
 /// A delivery on its way to a connection.
@@ -360,12 +363,14 @@ pub struct GetResult {
 /// typed API in `handle.rs` sends them).
 #[derive(Debug)]
 pub(crate) enum QueueCmd {
+    /// `from`: the publishing connection, which the queue may block (see [`flow`]).
     Publish {
         msg: Arc<Message>,
         confirm: Option<ConfirmTicket>,
+        from: Option<Arc<ConnShared>>,
     },
     /// Publishes decoded from one socket read, in order.
-    PublishBatch(Vec<PublishItem>),
+    PublishBatch(Vec<PublishItem>, Option<Arc<ConnShared>>),
     Consume {
         spec: ConsumerSpec,
         reply: oneshot::Sender<Result<(), ChannelError>>,

@@ -27,6 +27,18 @@ impl Raw {
         }
     }
 
+    /// A TCP connection whose receive buffer is `size` bytes (no autotuning): a client that
+    /// stops reading holds back little in its kernel.
+    pub async fn connect_with_recv_buffer(addr: std::net::SocketAddr, size: u32) -> Self {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        Raw {
+            sock: sock.connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+            server_properties: None,
+        }
+    }
+
     /// Protocol header through connection.open-ok as guest on "/", no client properties.
     pub async fn handshake(&mut self, heartbeat: u16) {
         self.handshake_with(FieldTable::default(), heartbeat).await;

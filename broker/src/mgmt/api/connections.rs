@@ -110,7 +110,12 @@ fn connection(shared: &BrokerShared, e: &ConnEntry) -> Value {
         "name": e.name,
         "node": shared.config.node_name,
         "type": "network",
-        "state": if opened.is_some() { "running" } else { "starting" },
+        // RabbitMQ's states: "flow" while a queue holds the publisher back.
+        "state": match opened {
+            None => "starting",
+            Some(_) if e.conn_shared.flow.is_blocked() => "flow",
+            Some(_) => "running",
+        },
         "protocol": "AMQP 0-9-1",
         "auth_mechanism": o.auth_mechanism,
         "user": o.user,

@@ -98,7 +98,7 @@ async fn publish_message(
             generation: 0,
             seq: seq as u64,
         };
-        q.publish(vec![(msg.clone(), Some(ticket))]).await;
+        q.publish(vec![(msg.clone(), Some(ticket))], None).await;
     }
     drop(events);
     let mut acked = 0;
