@@ -209,23 +209,56 @@ pub struct Conn {
     pub inbuf: InBuf,
     /// Negotiated frame size (whole frame, 0 = unlimited).
     pub frame_max: u32,
+    /// Negotiated heartbeat interval, seconds (0 = off).
+    pub heartbeat: u16,
     out: Vec<u8>,
+}
+
+/// How a connection is opened beyond its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// Heartbeat interval asked for in tune-ok, seconds (0 = off; the server's offer caps it).
+    pub heartbeat: u16,
+    /// Read buffer size; it grows to two frames when `None`. A fixed size is for connections
+    /// that only carry small method frames (the reconnect storm's idle consumers).
+    pub read_buf: Option<usize>,
+}
+
+impl Default for ConnectOptions {
+    /// Heartbeats off (runs are short and a missed heartbeat under full load would end them), a
+    /// read buffer of two frames.
+    fn default() -> Self {
+        Self {
+            heartbeat: 0,
+            read_buf: None,
+        }
+    }
 }
 
 /// Opens a connection and channel 1. `name` is sent as the `connection_name` client property.
 pub async fn connect(ep: &Endpoint, name: &str) -> Result<Conn, ConnError> {
-    tokio::time::timeout(SETUP_TIMEOUT, connect_inner(ep, name))
+    connect_with(ep, name, ConnectOptions::default()).await
+}
+
+/// [`connect`] with heartbeats or a read buffer size of the caller's choice.
+pub async fn connect_with(
+    ep: &Endpoint,
+    name: &str,
+    opts: ConnectOptions,
+) -> Result<Conn, ConnError> {
+    tokio::time::timeout(SETUP_TIMEOUT, connect_inner(ep, name, opts))
         .await
         .map_err(|_| ConnError::Timeout("connection setup"))?
 }
 
-async fn connect_inner(ep: &Endpoint, name: &str) -> Result<Conn, ConnError> {
+async fn connect_inner(ep: &Endpoint, name: &str, opts: ConnectOptions) -> Result<Conn, ConnError> {
     let stream = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
     stream.set_nodelay(true)?;
     let mut c = Conn {
         stream,
-        inbuf: InBuf::with_capacity(MIN_READ_BUF),
+        inbuf: InBuf::with_capacity(opts.read_buf.unwrap_or(MIN_READ_BUF)),
         frame_max: WANTED_FRAME_MAX,
+        heartbeat: 0,
         out: Vec::with_capacity(4096),
     };
     c.stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
@@ -282,15 +315,22 @@ async fn connect_inner(ep: &Endpoint, name: &str) -> Result<Conn, ConnError> {
         0 => WANTED_FRAME_MAX,
         n => n.min(WANTED_FRAME_MAX),
     };
-    c.inbuf
-        .reserve_total(MIN_READ_BUF.max(2 * c.frame_max as usize));
-    // Heartbeats off: runs are short and a missed heartbeat under full load would end them.
+    if opts.read_buf.is_none() {
+        c.inbuf
+            .reserve_total(MIN_READ_BUF.max(2 * c.frame_max as usize));
+    }
+    let heartbeat = match (opts.heartbeat, tune.heartbeat) {
+        (0, _) => 0,
+        (h, 0) => h,
+        (h, offer) => h.min(offer),
+    };
+    c.heartbeat = heartbeat;
     c.send(
         0,
         AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
             channel_max: tune.channel_max,
             frame_max: c.frame_max,
-            heartbeat: 0,
+            heartbeat,
         })),
     )
     .await?;

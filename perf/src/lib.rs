@@ -18,6 +18,8 @@
 //! - [`stats`]: counters and histograms shared with the reporter.
 //! - [`cpu`]: CPU time and RSS from `/proc`.
 //! - [`report`]: progress lines, text and JSON summary.
+//! - [`storm`]: the reconnect storm (`warren-storm`): idle consumers behind warren-lb, all reset
+//!   at once, timed until they consume again.
 //!
 //! [`run`] is the entry point; `main.rs` only parses arguments and prints.
 
@@ -31,6 +33,7 @@ pub mod ids;
 pub mod producer;
 pub mod report;
 pub mod stats;
+pub mod storm;
 
 use std::{sync::Arc, time::Duration};
 
