@@ -9,6 +9,12 @@ use warren_broker::config::{Config, DiskFreeLimit, MemoryWatermark, ServerIdenti
 use warren_broker::proxy_protocol::Cidr;
 use warren_broker::Broker;
 
+/// jemalloc rather than the system allocator: with its background thread (started in `main`)
+/// the memory of a drained or deleted backlog goes back to the system after its decay time
+/// (glibc's malloc kept the RSS of a deleted queue at its peak). See docs/benchmarks.md.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Lightweight AMQP 0-9-1 broker, wire compatible with RabbitMQ clients.
 #[derive(Debug, Parser)]
 #[command(name = "warren-broker", version)]
@@ -216,6 +222,11 @@ fn merge(cli: Cli, mut cfg: Config) -> Config {
 }
 
 fn main() -> std::process::ExitCode {
+    // A background thread purges freed pages after their decay time even when the broker is
+    // idle (without it, only allocation activity does).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("warren-broker: cannot start the allocator's background thread: {e}");
+    }
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
