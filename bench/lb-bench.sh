@@ -32,6 +32,12 @@
 #                      disturbed by other work on the machine; use with `setsid -w bench/lb-bench.sh`
 #   PIN=1              proxies on CPU 1, load tools and backends on CPU 0 (default: no pinning;
 #                      proxies, iperf3, the echo backend and the load tool then share both cores)
+#   TESTS="iperf cps latency idle"  which tests run; add "amqp" for the AMQP round trip through
+#                      each proxy to a warren-broker (warren-perf, one confirm in flight per
+#                      producer: 1 KiB transient publishes, AMQP_PRODUCERS producers, auto-ack consumer)
+#   AMQP_PRODUCERS="1 32"  producer counts of the amqp test (one connection and one confirm each)
+#   LB_BASE=path       an earlier warren-lb binary, measured as variant "base" (default runtime),
+#                      e.g. LB_VARIANTS="base default": before and after in the same run
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +52,10 @@ LB_VARIANTS=${LB_VARIANTS:-default 1 rules}
 ROUNDS=${ROUNDS:-1}
 HAPROXY_SPLICE=${HAPROXY_SPLICE:-0}
 PIN=${PIN:-0}
+TESTS=${TESTS:-iperf cps latency idle}
+AMQP_PRODUCERS=${AMQP_PRODUCERS:-1 32}
+LB_BASE=${LB_BASE:-}
+has_test() { [[ " $TESTS " == *" $1 "* ]]; }
 LATENCY1_DURATION=$((DURATION / 2 > 3 ? DURATION / 2 : 3))
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -105,7 +115,9 @@ LB_OK=1
 LB_WHY=""
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     log "building release binaries in $TARGET_DIR"
-    if ! CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p warren-lb -p warren-tcpbench \
+    EXTRA_PKGS=()
+    has_test amqp && EXTRA_PKGS=(-p warren-broker -p warren-perf)
+    if ! CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p warren-lb -p warren-tcpbench "${EXTRA_PKGS[@]}" \
         --manifest-path "$ROOT/Cargo.toml" >"$RESULTS/raw/build.log" 2>&1; then
         LB_OK=0
         LB_WHY="warren-lb does not build (see $RESULTS/raw/build.log)"
@@ -175,17 +187,30 @@ IPERF_BACKEND=127.0.0.1:$IPERF_PORT
     >"$WORK/echo.out" 2>"$RESULTS/raw/echo-server.log" &
 PIDS+=($!)
 ECHO_BACKEND=$(wait_line "$WORK/echo.out" 'listening addr=(\S+)' 5) || die "echo-server did not start"
-log "backends: iperf3 $IPERF_BACKEND, echo $ECHO_BACKEND"
+log "backends: iperf3 $IPERF_BACKEND, echo $ECHO_BACKEND${AMQP_BACKEND:+, warren-broker $AMQP_BACKEND}"
 
-# Targets: name -> iperf address, echo address, proxy pids (for CPU and RSS).
+AMQP_BACKEND=""
+PERF=$BIN/warren-perf
+if has_test amqp; then
+    [[ -x $BIN/warren-broker && -x $PERF ]] || die "the amqp test needs $BIN/warren-broker and $PERF"
+    "${P_TOOL[@]}" env RUST_LOG=info "$BIN/warren-broker" --amqp 127.0.0.1:0 --mgmt 127.0.0.1:0 \
+        --prometheus 127.0.0.1:0 --data-dir "$WORK/broker-data" >/dev/null 2>"$RESULTS/raw/broker.log" &
+    PIDS+=($!)
+    AMQP_BACKEND=$(wait_line "$RESULTS/raw/broker.log" 'listening proto=amqp addr=([0-9.:]+)' 10) ||
+        die "warren-broker did not start (see $RESULTS/raw/broker.log)"
+fi
+
+# Targets: name -> iperf, echo and AMQP addresses, proxy pids (for CPU and RSS).
 NAMES=(direct)
-declare -A IPERF_ADDR=([direct]=$IPERF_BACKEND) ECHO_ADDR=([direct]=$ECHO_BACKEND)
-declare -A IPERF_PID=([direct]="") ECHO_PID=([direct]="") LABEL=([direct]="direct")
+declare -A IPERF_ADDR=([direct]=$IPERF_BACKEND) ECHO_ADDR=([direct]=$ECHO_BACKEND) AMQP_ADDR=([direct]=$AMQP_BACKEND)
+declare -A IPERF_PID=([direct]="") ECHO_PID=([direct]="") AMQP_PID=([direct]="") LABEL=([direct]="direct")
 
 # ---------------------------------------------------------------- HAProxy
 HP_IPERF=$(free_port)
 HP_ECHO=$(free_port)
 while [[ $HP_ECHO == "$HP_IPERF" ]]; do HP_ECHO=$(free_port); done
+HP_AMQP=$(free_port)
+while [[ $HP_AMQP == "$HP_IPERF" || $HP_AMQP == "$HP_ECHO" ]]; do HP_AMQP=$(free_port); done
 SPLICE=""
 [[ $HAPROXY_SPLICE == 1 ]] && SPLICE="  option splice-auto"
 cat >"$WORK/haproxy.cfg" <<EOF
@@ -215,16 +240,30 @@ frontend fe_echo
 backend be_echo
   server echo $ECHO_BACKEND
 EOF
+if [[ -n $AMQP_BACKEND ]]; then
+    cat >>"$WORK/haproxy.cfg" <<EOF
+
+frontend fe_amqp
+  bind 127.0.0.1:$HP_AMQP
+  default_backend be_amqp
+
+backend be_amqp
+  server amqp $AMQP_BACKEND
+EOF
+fi
 cp "$WORK/haproxy.cfg" "$RESULTS/haproxy.cfg"
 "${P_PROXY[@]}" haproxy -f "$WORK/haproxy.cfg" -db >"$RESULTS/raw/haproxy.log" 2>&1 &
 HP_PID=$!
 PIDS+=("$HP_PID")
-if wait_port "$HP_IPERF" && wait_port "$HP_ECHO"; then
+if wait_port "$HP_IPERF" && wait_port "$HP_ECHO" && { [[ -z $AMQP_BACKEND ]] || wait_port "$HP_AMQP"; }; then
     NAMES+=(haproxy)
     IPERF_ADDR[haproxy]=127.0.0.1:$HP_IPERF
     ECHO_ADDR[haproxy]=127.0.0.1:$HP_ECHO
     IPERF_PID[haproxy]=$HP_PID
     ECHO_PID[haproxy]=$HP_PID
+    AMQP_PID[haproxy]=$HP_PID
+    AMQP_ADDR[haproxy]=""
+    [[ -n $AMQP_BACKEND ]] && AMQP_ADDR[haproxy]=127.0.0.1:$HP_AMQP
     LABEL[haproxy]="haproxy"
     log "haproxy (pid $HP_PID): iperf ${IPERF_ADDR[haproxy]}, echo ${ECHO_ADDR[haproxy]}"
 else
@@ -244,6 +283,7 @@ LB_PID=""
 LB_ADDR=""
 variant_name() { # default -> warren-lb, 1 -> warren-lb-1t, 1-nosplice -> warren-lb-1t-nosplice
     [[ $1 == rules ]] && { echo warren-lb-rules; return; }
+    [[ $1 == base ]] && { echo warren-lb-base; return; }
     local t=${1%%-*} rest=""
     [[ $1 == *-* ]] && rest=-${1#*-}
     if [[ $t == default ]]; then echo "warren-lb$rest"; else echo "warren-lb-${t}t$rest"; fi
@@ -285,8 +325,13 @@ enabled = false
 EOF
 }
 start_lb() { # log-name backend variant; sets LB_PID and LB_ADDR
-    local name=$1 backend=$2 threads=${3%%-*} args=() envs=()
+    local name=$1 backend=$2 threads=${3%%-*} args=() envs=() bin=$LB
     args=(--listen 127.0.0.1:0 --backend "$backend")
+    if [[ $3 == base ]]; then
+        [[ -x $LB_BASE ]] || { log "variant base needs LB_BASE=<warren-lb binary>"; return 1; }
+        bin=$LB_BASE
+        threads=default
+    fi
     if [[ $3 == rules ]]; then
         threads=default
         rules_config "$RESULTS/raw/$name.toml" "$backend"
@@ -303,7 +348,7 @@ start_lb() { # log-name backend variant; sets LB_PID and LB_ADDR
     if [[ $threads != default ]]; then
         if [[ $LB_THREADS_HOW == --threads ]]; then args+=(--threads "$threads"); else envs=(TOKIO_WORKER_THREADS="$threads"); fi
     fi
-    "${P_PROXY[@]}" env "${envs[@]}" RUST_LOG=info "$LB" "${args[@]}" >/dev/null 2>"$RESULTS/raw/$name.log" &
+    "${P_PROXY[@]}" env "${envs[@]}" RUST_LOG=info "$bin" "${args[@]}" >/dev/null 2>"$RESULTS/raw/$name.log" &
     LB_PID=$!
     PIDS+=("$LB_PID")
     LB_ADDR=$(wait_line "$RESULTS/raw/$name.log" 'listening listener=[^ ]+ addr=([0-9.:]+)' 5 'listener=admin')
@@ -318,6 +363,12 @@ if ((LB_OK)); then
             IPERF_ADDR[$name]=${a#* }
             ECHO_PID[$name]=${b%% *}
             ECHO_ADDR[$name]=${b#* }
+            AMQP_PID[$name]=""
+            AMQP_ADDR[$name]=""
+            if [[ -n $AMQP_BACKEND && $v != rules ]] && start_lb "$name-amqp" "$AMQP_BACKEND" "$v"; then
+                AMQP_PID[$name]=$LB_PID
+                AMQP_ADDR[$name]=$LB_ADDR
+            fi
             LABEL[$name]=$name
             log "$name (variant $v, threads via ${LB_THREADS_HOW:-default}): iperf ${IPERF_ADDR[$name]} (pid ${IPERF_PID[$name]}), echo ${ECHO_ADDR[$name]} (pid ${ECHO_PID[$name]})"
         else
@@ -444,6 +495,24 @@ idle_test() {
     fi
 }
 
+amqp_test() { # name producers key-prefix: one confirm in flight per producer, 1 KiB transient
+    local n=$1 x=$2 k=$3 out=$RESULTS/raw/r$ROUND-$1-amqp-x$2.json addr=${AMQP_ADDR[$1]}
+    [[ -n $addr ]] || return 0
+    timeout $((DURATION + 60)) "${P_TOOL[@]}" "$PERF" --uri "amqp://guest:guest@$addr/%2f" \
+        -x "$x" -y 1 -s 1024 -c 1 -a -z "$DURATION" -u "lb-bench-$n-x$x-r$ROUND" \
+        --json-out "$out" >"$RESULTS/raw/r$ROUND-$n-amqp-x$x.log" 2>&1 || true
+    if jq -e .confirm_latency_us.p50 "$out" >/dev/null 2>&1; then
+        put "$n" "${k}msgs" "$(jq -r '.confirmed_rate | floor' "$out")"
+        WORK_DONE=$(jq -r '.confirmed' "$out")
+        WORK_SCALE=1
+        put "$n" "${k}p50_us" "$(jq -r '.confirm_latency_us.p50 * 10 | round / 10' "$out")"
+        put "$n" "${k}p99_us" "$(jq -r '.confirm_latency_us.p99 * 10 | round / 10' "$out")"
+        log "$n amqp, $x producer(s): $(jq -r '"\(.confirmed_rate | floor) confirmed/s, confirm p50 \(.confirm_latency_us.p50)us p99 \(.confirm_latency_us.p99)us"' "$out")"
+    else
+        log "$n amqp ($x producers) failed: $(tail -n 2 "$RESULTS/raw/r$ROUND-$n-amqp-x$x.log")"
+    fi
+}
+
 UPTIME_START=$(uptime)
 log "start: $UPTIME_START"
 T_START=$(date +%s)
@@ -452,15 +521,30 @@ T_START=$(date +%s)
 # ROUNDS > 1 repeats the sequence and reports each figure's median.
 for ROUND in $(seq 1 "$ROUNDS"); do
     log "round $ROUND of $ROUNDS, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
-    for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
+    if has_test iperf; then
+        for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P1 iperf_test "$n" 1; done
+        for n in "${NAMES[@]}"; do with_cpu "${IPERF_PID[$n]}" "$n" iperf_P8 iperf_test "$n" 8; done
+    fi
     # the rules variant is measured with iperf3 only (its cost on the copy path)
-    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
-    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency1 latency_test "$n" 1 "$LATENCY1_DURATION" l1_; done
-    for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n" "$LATENCY_CONNECTIONS" "$DURATION" ""; done
+    if has_test cps; then
+        for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" cps cps_test "$n"; done
+    fi
+    if has_test latency; then
+        for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency1 latency_test "$n" 1 "$LATENCY1_DURATION" l1_; done
+        for n in "${NAMES[@]}"; do [[ $n == warren-lb-rules ]] || with_cpu "${ECHO_PID[$n]}" "$n" latency latency_test "$n" "$LATENCY_CONNECTIONS" "$DURATION" ""; done
+    fi
+    if has_test amqp; then
+        for x in $AMQP_PRODUCERS; do
+            for n in "${NAMES[@]}"; do
+                [[ -n ${AMQP_ADDR[$n]:-} ]] && with_cpu "${AMQP_PID[$n]}" "$n" "amqp$x" amqp_test "$n" "$x" "amqp${x}_"
+            done
+        done
+    fi
 done
 ROUND=1
-for n in "${NAMES[@]}"; do [[ $n == direct || $n == warren-lb-rules ]] || idle_test "$n"; done
+if has_test idle; then
+    for n in "${NAMES[@]}"; do [[ $n == direct || $n == warren-lb-rules ]] || idle_test "$n"; done
+fi
 for k in "${!MV[@]}"; do
     # shellcheck disable=SC2086 # word splitting of the value list is intended
     M[$k]=$(median ${MV[$k]})
@@ -502,6 +586,16 @@ ROWS=(
     "latency1_proxy_cpu_us_per|proxy CPU us per request, 1 conn|"
     "latency_proxy_cpu_us_per|proxy CPU us per request, ${LATENCY_CONNECTIONS} conns|"
 )
+if has_test amqp; then
+    for x in $AMQP_PRODUCERS; do
+        ROWS+=(
+            "amqp${x}_msgs|AMQP confirm-1, ${x} producer(s), msg/s|"
+            "amqp${x}_p50_us|AMQP confirm-1, ${x} prod., p50 us|<= 1x"
+            "amqp${x}_p99_us|AMQP confirm-1, ${x} prod., p99 us|"
+            "amqp${x}_proxy_cpu_us_per|proxy CPU us per msg, ${x} producer(s)|"
+        )
+    done
+fi
 val() { echo "${M["$1 $2"]:--}"; }
 num() { # readable figure: integers from 100 up, else 3 significant digits
     [[ $1 == - ]] && { echo -; return; }
