@@ -175,7 +175,7 @@ impl Broker {
         // A witness votes in the cluster and serves no clients.
         let amqp_cfg = if cfg.witness { &[][..] } else { &cfg.amqp[..] };
         for a in amqp_cfg {
-            let l = match TcpListener::bind(a).await {
+            let l = match connection::listener(*a) {
                 Ok(l) => l,
                 // A host without IPv6 loopback must still start with the default listeners.
                 Err(e)
@@ -202,9 +202,8 @@ impl Broker {
         let mut amqps_addrs = Vec::new();
         let amqps_cfg = if cfg.witness { &[][..] } else { &cfg.amqps[..] };
         for a in amqps_cfg {
-            let l = TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Bind { addr: *a, source })?;
+            let l =
+                connection::listener(*a).map_err(|source| StartError::Bind { addr: *a, source })?;
             let addr = l
                 .local_addr()
                 .map_err(|source| StartError::Bind { addr: *a, source })?;

@@ -27,6 +27,28 @@ use tracing::{debug, field, warn, Span};
 
 /// Stop taking queue events while this much output is waiting for the socket.
 const OUT_HIGH_WATER: usize = 1 << 20;
+/// Free space a connection's first reads get. Each read that fills what it was given doubles
+/// it, up to [`READ_CHUNK_MAX`]: an idle consumer (most connections of a big fleet) keeps a
+/// few KiB, a publisher reaches full-size reads after four.
+const READ_CHUNK_MIN: usize = 4 * 1024;
+const READ_CHUNK_MAX: usize = 64 * 1024;
+/// Pending connections the kernel queues for a listener: a whole fleet reconnecting at once
+/// (a load balancer reset every connection) must not have SYNs dropped, which clients only
+/// retry after a second or more.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a client listener (AMQP, AMQPS) with [`ACCEPT_BACKLOG`] (the kernel caps it at
+/// `net.core.somaxconn`); otherwise as `TcpListener::bind` (SO_REUSEADDR).
+pub fn listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(ACCEPT_BACKLOG)
+}
 /// Events handled per wake-up before going back to the socket.
 const EVENT_BATCH: usize = 512;
 
@@ -102,7 +124,8 @@ pub async fn serve<S>(
         return;
     }
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK_MIN);
+    let mut read_chunk = READ_CHUNK_MIN;
     let mut header_done = false;
     let mut closing_for_shutdown = false;
     // The open vhost's deletion token, once the connection is open (see Vhost::deleted).
@@ -241,9 +264,12 @@ pub async fn serve<S>(
             },
             // Flow released: read again.
             _ = s.conn_shared.flow.until_released(), if flow => {}
-            r = async { rbuf.reserve(64 * 1024); rd.read_buf(&mut rbuf).await }, if !paused && !stalled => match r {
+            r = async { rbuf.reserve(read_chunk); rd.read_buf(&mut rbuf).await }, if !paused && !stalled => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if n >= read_chunk && read_chunk < READ_CHUNK_MAX {
+                        read_chunk *= 2;
+                    }
                     crate::stats::bump(&s.stats.recv_oct, n as u64);
                     crate::stats::bump(&s.stats.recv_cnt, 1);
                     let now = Instant::now();

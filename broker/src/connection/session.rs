@@ -18,6 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// Initial capacity of a connection's output buffer (a handshake's frames fit).
+const OUT_INITIAL: usize = 4 * 1024;
+
 /// Per-connection broker state.
 pub struct Session {
     pub conn_id: u64,
@@ -58,7 +61,8 @@ impl Session {
             exclusive_queues: Vec::new(),
             next_generation: 1,
             frame_max,
-            out: Vec::with_capacity(64 * 1024),
+            // Grows with what a busy connection writes; an idle one keeps this.
+            out: Vec::with_capacity(OUT_INITIAL),
             confirm_dirty: Vec::new(),
             pending_publishes: Vec::new(),
             stats: Arc::default(),
