@@ -34,6 +34,7 @@
 #   RESULTS=dir           where JSON goes (default $CARGO_TARGET_DIR/storm-bench/<UTC time>)
 #   CARGO_TARGET_DIR      where the release binaries are built (default target/)
 #   SKIP_BUILD=1          use the binaries already built
+#   WARREN_BIN, LB_BIN, STORM_BIN   binaries to run instead of the release build's
 #   WARREN_ARGS="..."     extra warren-broker arguments
 #   LB_THREADS            warren-lb worker threads (default: its own, one per CPU)
 #   STOP_SYSTEM_RABBITMQ=1  stop a running system rabbitmq-server service first (default 1)
@@ -97,11 +98,12 @@ mkdir -p "$RESULTS"
 
 # ---------------------------------------------------------------- build
 build_release warren-broker warren-lb
-STORM=$BIN/warren-storm
-LB=$BIN/warren-lb
+STORM=${STORM_BIN:-$BIN/warren-storm}
+LB=${LB_BIN:-$BIN/warren-lb}
+WARREN_BIN=${WARREN_BIN:-$BIN/warren-broker}
 [[ -x $STORM ]] || die "$STORM missing (build it or unset SKIP_BUILD)"
 [[ -x $LB ]] || die "$LB missing (build it or unset SKIP_BUILD)"
-if [[ $WARREN_OK == 1 && ! -x $BIN/warren-broker ]]; then
+if [[ $WARREN_OK == 1 && ! -x $WARREN_BIN ]]; then
     WARREN_OK=0
     WARREN_WHY="binary missing"
 fi
@@ -184,10 +186,11 @@ start_warren() {
     return 0
 }
 
+WARREN_PID=""
 [[ " $BROKERS " == *" rabbitmq "* ]] && start_rabbitmq
 if [[ " $BROKERS " == *" warren "* ]]; then
     # The address line is logged at info.
-    [[ $WARREN_OK == 1 ]] && RUST_LOG=info start_warren WARREN "$BIN/warren-broker"
+    [[ $WARREN_OK == 1 ]] && RUST_LOG=info start_warren WARREN "$WARREN_BIN"
 else
     WARREN_OK=0
     WARREN_WHY="not selected"
