@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use support::http::http;
-use support::raw::Raw;
+use support::raw::{publish_frames, Raw};
 use tokio::io::AsyncReadExt;
 
 /// Messages the tests whose publishers are never held back send in all.
@@ -41,7 +41,7 @@ fn publisher(
         while sent.load(Ordering::Relaxed) < total {
             let mut frames = Vec::with_capacity(BATCH * 3);
             for _ in 0..BATCH {
-                frames.extend(publish_frames(queue, &body));
+                frames.extend(publish_frames(1, queue, &body));
             }
             r.send_all(&frames).await;
             sent.fetch_add(BATCH, Ordering::Relaxed);
@@ -49,29 +49,6 @@ fn publisher(
         // Keep the connection until the test ends.
         std::future::pending::<()>().await;
     })
-}
-
-fn publish_frames(queue: &str, body: &[u8]) -> [AMQPFrame; 3] {
-    [
-        AMQPFrame::Method(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: "".into(),
-                routing_key: queue.into(),
-                mandatory: false,
-                immediate: false,
-            })),
-        ),
-        AMQPFrame::Header(
-            1,
-            amq_protocol::frame::AMQPContentHeader {
-                class_id: 60,
-                body_size: body.len() as u64,
-                properties: Default::default(),
-            },
-        ),
-        AMQPFrame::Body(1, body.to_vec()),
-    ]
 }
 
 /// basic.consume on channel 1 of `r`, waiting for consume-ok.
@@ -93,6 +70,16 @@ async fn consume(r: &mut Raw, queue: &str, no_ack: bool) {
         Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_)))) => {}
         other => panic!("expected consume-ok, got {other:?}"),
     }
+}
+
+/// An auto-ack consumer of `queue` on a raw connection with a 64 KiB receive buffer: once its
+/// client stops reading, little waits in its kernel and the queue's deliveries wait on it.
+async fn auto_ack_consumer(b: &support::TestBroker, queue: &str) -> Raw {
+    let mut r = Raw::connect_with_recv_buffer(b.addr, 64 * 1024).await;
+    r.handshake(0).await;
+    r.open_channel(1).await;
+    consume(&mut r, queue, true).await;
+    r
 }
 
 fn ready(b: &support::TestBroker, queue: &str) -> u32 {
@@ -147,10 +134,7 @@ async fn a_publisher_faster_than_its_consumer_can_take_is_held_back_not_queued()
     declare(&b, "f").await;
     // An auto-ack consumer whose client stops reading: what it can take is what its socket
     // takes, and the queue's deliveries wait on its connection.
-    let mut consumer = Raw::connect_with_recv_buffer(b.addr, 64 * 1024).await;
-    consumer.handshake(0).await;
-    consumer.open_channel(1).await;
-    consume(&mut consumer, "f", true).await;
+    let mut consumer = auto_ack_consumer(&b, "f").await;
     let sent = Arc::new(AtomicUsize::new(0));
     // Publishing without end: the loopback socket buffers (the broker's receive buffer grows
     // to tens of MiB) absorb a lot before the publisher feels anything.
@@ -288,14 +272,11 @@ async fn a_client_that_publishes_to_its_own_consumer_without_reading_is_not_dead
     // stuck in a write: the broker must keep reading it, or neither side would move again.
     let b = start().await;
     declare(&b, "own").await;
-    let mut r = Raw::connect_with_recv_buffer(b.addr, 64 * 1024).await;
-    r.handshake(0).await;
-    r.open_channel(1).await;
-    consume(&mut r, "own", true).await;
+    let mut r = auto_ack_consumer(&b, "own").await;
     let body = [7u8; 16];
     let mut frames = Vec::with_capacity(TOTAL * 3);
     for _ in 0..TOTAL {
-        frames.extend(publish_frames("own", &body));
+        frames.extend(publish_frames(1, "own", &body));
     }
     tokio::time::timeout(Duration::from_secs(30), r.send_all(&frames))
         .await

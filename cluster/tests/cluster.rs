@@ -119,6 +119,21 @@ async fn check_version_conflicts_apply_nothing() {
     b.shutdown().await;
 }
 
+/// Nodes a, b and c (`a@tag`...) in `dirs`, b and c joined through a.
+async fn three(
+    tag: &str,
+    dirs: &[tempfile::TempDir],
+) -> (
+    warren_cluster::Cluster,
+    warren_cluster::Cluster,
+    warren_cluster::Cluster,
+) {
+    let a = start(&format!("a@{tag}"), dirs[0].path(), &[]).await;
+    let b = start(&format!("b@{tag}"), dirs[1].path(), &[&a]).await;
+    let c = start(&format!("c@{tag}"), dirs[2].path(), &[&a]).await;
+    (a, b, c)
+}
+
 /// The node among `nodes` that leads, once all agree on one.
 async fn leader_of<'a>(nodes: &[&'a warren_cluster::Cluster]) -> &'a warren_cluster::Cluster {
     let mut found = None;
@@ -140,9 +155,7 @@ async fn leader_of<'a>(nodes: &[&'a warren_cluster::Cluster]) -> &'a warren_clus
 async fn leader_killed_new_leader_keeps_every_committed_op() {
     init_tracing();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = start("a@lk", dirs[0].path(), &[]).await;
-    let b = start("b@lk", dirs[1].path(), &[&a]).await;
-    let c = start("c@lk", dirs[2].path(), &[&a]).await;
+    let (a, b, c) = three("lk", &dirs).await;
     let all = [&a, &b, &c];
     let old = leader_of(&all).await;
     let others: Vec<_> = all
@@ -245,9 +258,7 @@ async fn a_dead_leader_is_replaced_before_its_lease_runs_out() {
 async fn a_new_leader_decides_on_a_state_with_its_predecessors_last_entry() {
     init_tracing();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = start("a@cs", dirs[0].path(), &[]).await;
-    let b = start("b@cs", dirs[1].path(), &[&a]).await;
-    let c = start("c@cs", dirs[2].path(), &[&a]).await;
+    let (a, b, c) = three("cs", &dirs).await;
     let all = [&a, &b, &c];
     let old = leader_of(&all).await;
     let old_id = old.node_id();
@@ -284,9 +295,7 @@ async fn a_new_leader_decides_on_a_state_with_its_predecessors_last_entry() {
 async fn restarted_node_catches_up_from_the_log() {
     init_tracing();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = start("a@rl", dirs[0].path(), &[]).await;
-    let b = start("b@rl", dirs[1].path(), &[&a]).await;
-    let c = start("c@rl", dirs[2].path(), &[&a]).await;
+    let (a, b, c) = three("rl", &dirs).await;
     a.propose(vec![put("early", json!(1))]).await.unwrap();
     until(Duration::from_secs(5), "c has early", || {
         get(&c, "early").is_some()
@@ -439,9 +448,7 @@ async fn witness_counts_for_quorum() {
 async fn cut_off_node_loses_quorum_and_catches_up_when_healed() {
     init_tracing();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = start("a@cq", dirs[0].path(), &[]).await;
-    let b = start("b@cq", dirs[1].path(), &[&a]).await;
-    let c = start("c@cq", dirs[2].path(), &[&a]).await;
+    let (a, b, c) = three("cq", &dirs).await;
     let mut events = c.peer_events();
     for n in [&a, &b, &c] {
         until(Duration::from_secs(5), "quorum", || n.has_quorum()).await;

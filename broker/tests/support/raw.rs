@@ -116,27 +116,7 @@ impl Raw {
 
     /// basic.publish to the default exchange, method + header + body in one write.
     pub async fn publish(&mut self, ch: u16, queue: &str, body: &[u8]) {
-        self.send_all(&[
-            AMQPFrame::Method(
-                ch,
-                AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                    exchange: "".into(),
-                    routing_key: queue.into(),
-                    mandatory: false,
-                    immediate: false,
-                })),
-            ),
-            AMQPFrame::Header(
-                ch,
-                AMQPContentHeader {
-                    class_id: 60,
-                    body_size: body.len() as u64,
-                    properties: AMQPProperties::default(),
-                },
-            ),
-            AMQPFrame::Body(ch, body.to_vec()),
-        ])
-        .await;
+        self.send_all(&publish_frames(ch, queue, body)).await;
     }
 
     pub async fn open_channel(&mut self, ch: u16) {
@@ -194,4 +174,28 @@ impl Raw {
             }
         }
     }
+}
+
+/// The frames of a basic.publish to the default exchange (method, header, body).
+pub fn publish_frames(ch: u16, queue: &str, body: &[u8]) -> [AMQPFrame; 3] {
+    [
+        AMQPFrame::Method(
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "".into(),
+                routing_key: queue.into(),
+                mandatory: false,
+                immediate: false,
+            })),
+        ),
+        AMQPFrame::Header(
+            ch,
+            AMQPContentHeader {
+                class_id: 60,
+                body_size: body.len() as u64,
+                properties: AMQPProperties::default(),
+            },
+        ),
+        AMQPFrame::Body(ch, body.to_vec()),
+    ]
 }
