@@ -11,8 +11,8 @@
 //! - [`class`]: one handler file per AMQP class, dispatched from a single `match`.
 //! - [`exchange`]: pure routing (direct, fanout, topic, headers).
 //! - [`queue`]: one queue: its typed API (`handle.rs`), sans-io core (`core.rs`: messages,
-//!   consumers, acks, TTL, overflow), dead-lettering, confirms (`confirm.rs`) and the actor
-//!   shell (`actor.rs`).
+//!   consumers, acks, TTL, overflow), dead-lettering, confirms (`confirm.rs`), flow control of
+//!   publishers (`flow.rs`) and the actor shell (`actor.rs`).
 //! - [`vhost`]: registry of exchanges and queues, the routing snapshot.
 //! - [`auth`]: users, vhosts, permissions, RabbitMQ password hashes, the failed-login limit.
 //! - [`definitions`]: the mutable definitions API (vhosts, users, permissions, policies),
