@@ -53,6 +53,55 @@ apply_bench_nice() {
 cpu_model() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1; }
 mem_gib() { awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo; }
 
+# start_rabbitmq_node PREFIX: a RabbitMQ node of the script's own (Debian's rabbitmq-server, no
+# plugins, temp dirs under $WORK, free loopback ports, an epmd of its own started once), named
+# PREFIX-<pid>@localhost. Sets RABBIT_NODE, RABBIT_PID (beam), RABBIT_ADDR, RABBIT_URI,
+# RABBIT_VERSION and EPMD_PORT; adds what it starts to PIDS. Needs WORK, PIDS, RABBIT_SBIN and
+# STOP_SYSTEM_RABBITMQ (1: stop a running system rabbitmq-server service first).
+start_rabbitmq_node() {
+    if [[ $STOP_SYSTEM_RABBITMQ == 1 ]] && pgrep -f 'beam.*rabbit@' >/dev/null 2>&1; then
+        log "stopping the system rabbitmq-server service"
+        service rabbitmq-server stop >/dev/null 2>&1 || true
+    fi
+    local port dist dir i
+    port=$(free_port)
+    dist=$(free_port)
+    dir=$WORK/rabbitmq
+    rm -rf "$dir"
+    mkdir -p "$dir/mnesia" "$dir/log"
+    echo '[].' >"$dir/enabled_plugins"
+    if [[ -z ${EPMD_PORT:-} ]]; then
+        EPMD_PORT=$(free_port)
+        epmd -port "$EPMD_PORT" -address 127.0.0.1 >"$WORK/epmd.out" 2>&1 &
+        PIDS+=($!)
+        wait_listen "$EPMD_PORT" 50 || true
+    fi
+    RABBIT_NODE="$1-$$@localhost"
+    log "starting RabbitMQ node $RABBIT_NODE on 127.0.0.1:$port (no plugins)"
+    RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$port \
+        RABBITMQ_NODENAME=$RABBIT_NODE RABBITMQ_DIST_PORT=$dist \
+        RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins RABBITMQ_PID_FILE=$dir/pid \
+        RABBITMQ_CONFIG_FILE=$dir/rabbitmq RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+        ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT \
+        "$RABBIT_SBIN/rabbitmq-server" >"$WORK/rabbitmq.out" 2>&1 &
+    PIDS+=($!)
+    for ((i = 0; i < 120; i++)); do
+        if ss -ltn "sport = :$port" | grep -q LISTEN && [[ -s $dir/pid ]]; then
+            RABBIT_PID=$(cat "$dir/pid")
+            RABBIT_ADDR="127.0.0.1:$port"
+            RABBIT_URI="amqp://guest:guest@$RABBIT_ADDR/%2f"
+            RABBIT_VERSION=$(sed -n 's/.*RabbitMQ \([0-9][0-9.]*\).*/\1/p' "$WORK/rabbitmq.out" | head -1)
+            log "RabbitMQ ${RABBIT_VERSION:-?} up, beam pid $RABBIT_PID"
+            return 0
+        fi
+        sleep 0.5
+    done
+    tail -30 "$WORK/rabbitmq.out" >&2
+    die "RabbitMQ did not start"
+}
+
 # Builds the release binaries of warren-perf and the given packages (unless SKIP_BUILD is set).
 # If they do not build, the run measures RabbitMQ only: WARREN_OK=0 and WARREN_WHY say so; a
 # warren-perf that does not build ends the run. Needs ROOT and WORK.

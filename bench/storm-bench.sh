@@ -109,46 +109,7 @@ if [[ $WARREN_OK == 1 && ! -x $WARREN_BIN ]]; then
 fi
 
 # ---------------------------------------------------------------- RabbitMQ
-start_rabbitmq() {
-    if [[ $STOP_SYSTEM_RABBITMQ == 1 ]] && pgrep -f 'beam.*rabbit@' >/dev/null 2>&1; then
-        log "stopping the system rabbitmq-server service"
-        service rabbitmq-server stop >/dev/null 2>&1 || true
-    fi
-    local port dist dir
-    port=$(free_port)
-    dist=$(free_port)
-    dir=$WORK/rabbitmq
-    mkdir -p "$dir/mnesia" "$dir/log"
-    echo '[].' >"$dir/enabled_plugins"
-    EPMD_PORT=$(free_port)
-    epmd -port "$EPMD_PORT" -address 127.0.0.1 >"$WORK/epmd.out" 2>&1 &
-    PIDS+=($!)
-    wait_listen "$EPMD_PORT" 50 || true
-    local i
-    RABBIT_NODE="storm-$$@localhost"
-    log "starting RabbitMQ node $RABBIT_NODE on 127.0.0.1:$port (no plugins)"
-    RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log \
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$port \
-        RABBITMQ_NODENAME=$RABBIT_NODE RABBITMQ_DIST_PORT=$dist \
-        RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins RABBITMQ_PID_FILE=$dir/pid \
-        RABBITMQ_CONFIG_FILE=$dir/rabbitmq RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config \
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
-        ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT \
-        "$RABBIT_SBIN/rabbitmq-server" >"$WORK/rabbitmq.out" 2>&1 &
-    PIDS+=($!)
-    for ((i = 0; i < 120; i++)); do
-        if ss -ltn "sport = :$port" | grep -q LISTEN && [[ -s $dir/pid ]]; then
-            RABBIT_PID=$(cat "$dir/pid")
-            RABBIT_ADDR="127.0.0.1:$port"
-            RABBIT_VERSION=$(sed -n 's/.*RabbitMQ \([0-9][0-9.]*\).*/\1/p' "$WORK/rabbitmq.out" | head -1)
-            log "RabbitMQ ${RABBIT_VERSION:-?} up, beam pid $RABBIT_PID"
-            return 0
-        fi
-        sleep 0.5
-    done
-    tail -30 "$WORK/rabbitmq.out" >&2
-    die "RabbitMQ did not start"
-}
+start_rabbitmq() { start_rabbitmq_node storm; }
 
 # ---------------------------------------------------------------- warren-broker
 # start_warren LABEL BINARY: sets <LABEL>_ADDR and <LABEL>_PID, or clears <LABEL>_OK and says why.
