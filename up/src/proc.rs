@@ -119,6 +119,8 @@ pub async fn wait_listening(
             return Ok(found);
         }
         if !alive(p.pid) {
+            // Read again: what it wrote after the read above and before it exited is there now.
+            let text = read_from(&p.log, p.log_start);
             return Err(format!("exited before listening:\n{}", tail(&text, 20)));
         }
         if Instant::now() >= end {
