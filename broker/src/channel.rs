@@ -9,7 +9,6 @@
 
 pub use crate::queue::Settle;
 use crate::queue::{Delivery, QueueHandle};
-use amq_protocol::protocol::basic::AMQPProperties;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -121,7 +120,8 @@ pub struct HeldPublish {
     pub exchange: String,
     pub routing_key: String,
     pub mandatory: bool,
-    pub properties: AMQPProperties,
+    /// Content header payload (class, weight, body size, properties), as received.
+    pub header: Vec<u8>,
     pub body: Bytes,
 }
 

@@ -44,14 +44,13 @@ pub fn check_protocol_header(buf: &[u8]) -> HeaderCheck {
     }
 }
 
-/// Decodes one frame from the start of `buf`.
-///
-/// Returns the frame and the number of bytes it used, `Ok(None)` if more bytes are needed.
-pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(AMQPFrame, usize)>, CodecError> {
-    if buf.is_empty() {
+/// Checks the frame at the start of `buf` from its 7-byte header and its end octet, without
+/// parsing it: returns its type and its length (header and end octet included), `Ok(None)`
+/// while incomplete. The size is checked against `frame_max` before anything is allocated.
+pub fn frame_extent(buf: &[u8], frame_max: u32) -> Result<Option<(u8, usize)>, CodecError> {
+    let Some(&frame_type) = buf.first() else {
         return Ok(None);
-    }
-    let frame_type = buf[0];
+    };
     match frame_type {
         constants::FRAME_METHOD
         | constants::FRAME_HEADER
@@ -78,6 +77,17 @@ pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(AMQPFrame, usize)>, 
     if end != constants::FRAME_END {
         return Err(CodecError::BadFrameEnd(end));
     }
+    Ok(Some((frame_type, total)))
+}
+
+/// Decodes one frame from the start of `buf`.
+///
+/// Returns the frame and the number of bytes it used, `Ok(None)` if more bytes are needed.
+pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(AMQPFrame, usize)>, CodecError> {
+    let Some((frame_type, total)) = frame_extent(buf, frame_max)? else {
+        return Ok(None);
+    };
+    let size = total - FRAME_OVERHEAD;
     let raw = &buf[..total];
     if frame_type == constants::FRAME_BODY {
         let channel = u16::from_be_bytes([buf[1], buf[2]]);
@@ -173,7 +183,7 @@ pub mod prop {
 /// the timestamp's eight bytes; stops early when `f` returns true. Returns where the walk
 /// stopped, or None when the payload is malformed (too short, a value beyond the end, a flag
 /// the basic class does not have).
-fn walk_properties<'a>(
+pub(crate) fn walk_properties<'a>(
     payload: &'a [u8],
     mut f: impl FnMut(u16, &'a [u8]) -> bool,
 ) -> Option<usize> {

@@ -4,6 +4,8 @@
 //! - [`config`]: CLI/TOML configuration (same key names as the flags).
 //! - [`error`]: soft ([`error::ChannelError`]) vs hard ([`error::ConnectionError`]) AMQP errors.
 //! - [`codec`]: pure frame decode/encode on byte slices (amq-protocol underneath).
+//! - [`inbound`]: the read path's decoder: publishes and content headers decoded by hand,
+//!   properties kept encoded.
 //! - [`connection`]: `state.rs` is the sans-io connection state machine, `mod.rs` the async shell
 //!   that owns the socket, `session.rs` the per-connection broker context, `registry.rs` the
 //!   live connections the management API lists.
@@ -48,6 +50,7 @@ pub mod connection;
 pub mod definitions;
 pub mod error;
 pub mod exchange;
+pub mod inbound;
 pub mod intmap;
 pub mod memory;
 pub mod mgmt;

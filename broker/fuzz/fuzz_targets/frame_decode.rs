@@ -1,5 +1,6 @@
 //! Arbitrary bytes through the frame decoder (`tests/support/drive.rs`): never panics, never
-//! reports more bytes used than it was given, and every decoded frame re-encodes.
+//! reports more bytes used than it was given, every decoded frame re-encodes, and the read
+//! path's decoder (`inbound.rs`) agrees with the full one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -4,11 +4,12 @@
 use super::enc;
 use super::queue::{resolve_name, REPLY_TO};
 use crate::channel::{ChannelConsumer, HeldAck, HeldPublish, Settle, UnackedDelivery};
+use crate::codec::{self, prop};
 use crate::connection::session::{PermKind, Session};
 use crate::error::{AmqpError, ChannelError, ConnectionError};
 use crate::queue::{ConfirmTicket, ConsumerRef, ConsumerSpec, Delivery, Message, QueueHandle};
 use crate::vhost::ReplyTarget;
-use amq_protocol::protocol::basic::{self, AMQPProperties};
+use amq_protocol::protocol::basic;
 use amq_protocol::protocol::AMQPClass;
 
 use bytes::Bytes;
@@ -373,15 +374,17 @@ pub async fn publish(
     s: &mut Session,
     ch: u16,
     p: basic::Publish,
-    properties: AMQPProperties,
+    header: Vec<u8>,
     body: Bytes,
 ) -> Result<(), AmqpError> {
     if p.immediate {
         return Err(ConnectionError::not_implemented("immediate=true").into());
     }
     s.check_perm(PermKind::Write, "exchange", p.exchange.as_str())?;
-    if let Some(uid) = properties.user_id() {
-        if uid.as_str() != s.user {
+    // Short strings of a received header are UTF-8 (checked by the decoder).
+    let text = |flag| codec::header_property(&header, flag).map(String::from_utf8_lossy);
+    if let Some(uid) = text(prop::USER_ID) {
+        if uid != s.user.as_str() {
             return Err(ChannelError::precondition_failed(format!(
                 "user_id property set to '{}' but authenticated user was '{}'",
                 uid, s.user
@@ -389,8 +392,8 @@ pub async fn publish(
             .into());
         }
     }
-    if let Some(exp) = properties.expiration() {
-        if exp.as_str().parse::<u64>().is_err() {
+    if let Some(exp) = text(prop::EXPIRATION) {
+        if exp.parse::<u64>().is_err() {
             return Err(ChannelError::precondition_failed(format!(
                 "invalid expiration '{exp}': no_integer"
             ))
@@ -402,7 +405,7 @@ pub async fn publish(
             exchange: p.exchange.to_string(),
             routing_key: p.routing_key.to_string(),
             mandatory: p.mandatory,
-            properties,
+            header,
             body,
         });
         return Ok(());
@@ -413,20 +416,21 @@ pub async fn publish(
         p.exchange.as_str(),
         p.routing_key.as_str(),
         p.mandatory,
-        properties,
+        header,
         body,
     )
     .await
 }
 
-/// Routes a publish and hands it to its queues (also used by tx.commit).
+/// Routes a publish and hands it to its queues (also used by tx.commit). `header` is a
+/// content header payload checked by [`crate::inbound`], announcing `body`'s size.
 pub async fn route_and_enqueue(
     s: &mut Session,
     ch: u16,
     exchange: &str,
     routing_key: &str,
     mandatory: bool,
-    mut properties: AMQPProperties,
+    mut header: Vec<u8>,
     body: Bytes,
 ) -> Result<(), AmqpError> {
     let vhost = s.vhost()?;
@@ -437,11 +441,7 @@ pub async fn route_and_enqueue(
         exchange
     };
     // Direct reply-to: the requester publishes with reply_to = the pseudo queue.
-    if properties
-        .reply_to()
-        .as_ref()
-        .is_some_and(|r| r.as_str() == REPLY_TO)
-    {
+    if codec::header_property(&header, prop::REPLY_TO) == Some(REPLY_TO.as_bytes()) {
         let token = s
             .channels
             .get(&ch)
@@ -449,7 +449,10 @@ pub async fn route_and_enqueue(
             .ok_or_else(|| {
                 ChannelError::precondition_failed("fast reply consumer does not exist")
             })?;
-        properties = properties.with_reply_to(format!("{REPLY_TO}.{token}").into());
+        let properties =
+            Message::decode_properties(&header).with_reply_to(format!("{REPLY_TO}.{token}").into());
+        header = crate::inbound::with_properties(&header, &properties)
+            .map_err(|e| AmqpError::Connection(e.into()))?;
     }
     let seq = s
         .channels
@@ -457,14 +460,8 @@ pub async fn route_and_enqueue(
         .and_then(|c| c.confirms.as_mut())
         .map(|c| c.take_seq());
     let msg = Arc::new(
-        Message::new(
-            s.shared.node.memory,
-            exchange.into(),
-            routing_key.into(),
-            properties,
-            body,
-        )
-        .map_err(|e| AmqpError::Connection(e.into()))?,
+        Message::received(s.shared.node.memory, exchange, routing_key, &header, &body)
+            .map_err(|e| AmqpError::Connection(e.into()))?,
     );
     // The responder publishes to the default exchange with the generated name.
     if exchange.is_empty() {

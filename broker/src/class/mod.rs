@@ -18,7 +18,7 @@ pub async fn dispatch(s: &mut Session, ch: u16, cmd: Command) -> Result<(), Amqp
     match cmd {
         Command::Publish(p) => {
             let p = *p;
-            basic::publish(s, ch, p.publish, p.properties, p.body)
+            basic::publish(s, ch, p.publish, p.header, p.body)
                 .await
                 .map_err(|e| e.with_method(60, 40))
         }

@@ -35,7 +35,7 @@ pub async fn handle(s: &mut Session, ch: u16, m: tx::AMQPMethod) -> Result<(), A
                     &p.exchange,
                     &p.routing_key,
                     p.mandatory,
-                    p.properties,
+                    p.header,
                     p.body,
                 )
                 .await?;

@@ -10,6 +10,7 @@ pub mod throttle;
 
 use crate::codec::{self, HeaderCheck};
 use crate::error::ConnectionError;
+use crate::inbound::Inbound;
 use crate::memory::Memory;
 use crate::BrokerShared;
 use bytes::{Buf, BytesMut};
@@ -396,15 +397,14 @@ fn decode_all(
             rbuf.clear();
             return false;
         }
-        match codec::decode(rbuf, state.frame_max()) {
+        match crate::inbound::decode(rbuf, state.frame_max()) {
             Ok(Some((frame, n))) => {
                 rbuf.advance(n);
                 let content = matches!(
                     frame,
-                    amq_protocol::frame::AMQPFrame::Header(..)
-                        | amq_protocol::frame::AMQPFrame::Body(..)
+                    Inbound::Header(..) | Inbound::Frame(amq_protocol::frame::AMQPFrame::Body(..))
                 );
-                state.handle_input(frame, now);
+                state.handle_inbound(frame, now);
                 if content
                     && state.state() == State::Open
                     && throttle.on_publish(memory.at_watermark())

@@ -2,7 +2,9 @@
 //!
 //! It owns the handshake (start, tune, open), heartbeats, channel numbering, frame ordering and
 //! content assembly. It never touches a socket or reads the clock: frames and `now` come in
-//! through [`ConnectionState::handle_input`], frames and effects go out through
+//! through [`ConnectionState::handle_inbound`] (the read path's frames, content headers still
+//! encoded) or [`ConnectionState::handle_input`] (decoded frames), frames and effects go out
+//! through
 //! [`ConnectionState::poll_output`], and the shell asks [`ConnectionState::poll_timeout`] when to
 //! call [`ConnectionState::handle_timeout`].
 
@@ -10,9 +12,10 @@ use crate::auth::{AuthDb, AuthError};
 use crate::codec::HeaderCheck;
 use crate::config::ServerIdentity;
 use crate::error::{ChannelError, ConnectionError};
+use crate::inbound::{self, Inbound};
 use crate::intmap::IntMap;
 use amq_protocol::frame::AMQPFrame;
-use amq_protocol::protocol::basic::{self, AMQPProperties};
+use amq_protocol::protocol::basic;
 use amq_protocol::protocol::{channel, connection, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use bytes::{Bytes, BytesMut};
@@ -58,7 +61,9 @@ pub enum Command {
 #[derive(Debug)]
 pub struct PublishCommand {
     pub publish: basic::Publish,
-    pub properties: AMQPProperties,
+    /// The content header payload as received (class, weight 0, body size, properties; see
+    /// [`crate::inbound`]): what the message keeps and deliveries send.
+    pub header: Vec<u8>,
     pub body: Bytes,
     size: u64,
     buf: BytesMut,
@@ -516,16 +521,27 @@ impl ConnectionState {
 
     /// Feeds one decoded frame.
     pub fn handle_input(&mut self, frame: AMQPFrame, now: Instant) {
+        self.handle_inbound(Inbound::Frame(frame), now);
+    }
+
+    /// Feeds one frame from the read path ([`crate::inbound::decode`]).
+    pub fn handle_inbound(&mut self, input: Inbound, now: Instant) {
         self.last_recv = now;
         let r = match self.state {
             State::AwaitingProtocolHeader => {
                 Err(ConnectionError::frame_error("expected protocol header"))
             }
-            State::StartSent => self.on_start_ok(frame, now),
-            State::TuneSent => self.on_tune_or_open(frame, now),
-            State::Open => self.on_open(frame),
+            State::StartSent => self.on_start_ok(input.into_frame(), now),
+            State::TuneSent => self.on_tune_or_open(input.into_frame(), now),
+            State::Open => match input {
+                Inbound::Header(0, _) => Err(ConnectionError::unexpected_frame(
+                    "content frame on channel 0",
+                )),
+                Inbound::Header(ch, payload) => self.on_header(ch, payload),
+                Inbound::Frame(frame) => self.on_open(frame),
+            },
             State::Closing => {
-                if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = frame {
+                if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = input.into_frame() {
                     match m {
                         connection::AMQPMethod::CloseOk(_) => {
                             self.close_kind = CloseKind::ByServer;
@@ -718,7 +734,11 @@ impl ConnectionState {
                 ConnectionError::unexpected_frame("content frame on channel 0"),
             ),
             AMQPFrame::Method(ch, m) => self.on_channel_method(ch, m),
-            AMQPFrame::Header(ch, h) => self.on_header(ch, h),
+            AMQPFrame::Header(ch, h) => {
+                let payload = inbound::header_payload(&h)
+                    .map_err(|e| ConnectionError::syntax_error(format!("content header: {e}")))?;
+                self.on_header(ch, payload)
+            }
             AMQPFrame::Body(ch, b) => self.on_body(ch, b),
         }
     }
@@ -819,7 +839,7 @@ impl ConnectionState {
                         ch,
                         Chan::AwaitHeader(Box::new(PublishCommand {
                             publish: p,
-                            properties: AMQPProperties::default(),
+                            header: Vec::new(),
                             body: Bytes::new(),
                             size: 0,
                             buf: BytesMut::new(),
@@ -836,11 +856,7 @@ impl ConnectionState {
         }
     }
 
-    fn on_header(
-        &mut self,
-        ch: u16,
-        h: amq_protocol::frame::AMQPContentHeader,
-    ) -> Result<(), ConnectionError> {
+    fn on_header(&mut self, ch: u16, header: Vec<u8>) -> Result<(), ConnectionError> {
         let Some(slot) = self.channels.get_mut(&ch) else {
             return Err(ConnectionError::channel_error("expected 'channel.open'"));
         };
@@ -856,26 +872,27 @@ impl ConnectionState {
         let Chan::AwaitHeader(mut cmd) = std::mem::replace(slot, Chan::Open) else {
             return Ok(());
         };
-        if h.class_id != 60 {
+        let class_id = inbound::class_id(&header);
+        if class_id != 60 {
             return Err(ConnectionError::unexpected_frame(format!(
-                "content header for class {} on a basic.publish",
-                h.class_id
+                "content header for class {class_id} on a basic.publish"
             )));
         }
-        if h.body_size > self.cfg.max_message_size {
+        let body_size = inbound::body_size(&header);
+        if body_size > self.cfg.max_message_size {
             self.emit_soft(
                 ch,
                 ChannelError::precondition_failed(format!(
                     "message size {} is larger than configured max size {}",
-                    h.body_size, self.cfg.max_message_size
+                    body_size, self.cfg.max_message_size
                 ))
                 .with_method(60, 40),
             );
             return Ok(());
         }
-        cmd.properties = h.properties;
-        cmd.size = h.body_size;
-        if h.body_size == 0 {
+        cmd.header = header;
+        cmd.size = body_size;
+        if body_size == 0 {
             self.out
                 .push_back(Output::Effect(Effect::Command(ch, Command::Publish(cmd))));
         } else if let Some(slot) = self.channels.get_mut(&ch) {
@@ -952,6 +969,7 @@ fn close_ok() -> AMQPClass {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use amq_protocol::protocol::basic::AMQPProperties;
 
     fn machine() -> (ConnectionState, Instant) {
         let now = Instant::now();

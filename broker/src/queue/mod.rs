@@ -82,6 +82,19 @@ impl Message {
         )
     }
 
+    /// A message as a client published it: `header` is the content header payload the read
+    /// path checked ([`crate::inbound`]), announcing `body`'s size.
+    pub fn received(
+        memory: &'static Memory,
+        exchange: &str,
+        routing_key: &str,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<Self, crate::error::CodecError> {
+        debug_assert_eq!(crate::inbound::body_size(header), body.len() as u64);
+        Self::build(memory, exchange, routing_key, header, body)
+    }
+
     /// A message from its stored or transmitted parts (the store's records, page files, the
     /// cluster's wire): `header` is a content header payload, checked (class basic, the body's
     /// size, properties that decode and fill it exactly).
@@ -201,7 +214,12 @@ impl Message {
 
     /// The decoded properties (allocates: for the paths that need all of them).
     pub fn properties(&self) -> AMQPProperties {
-        self.header_payload()
+        Self::decode_properties(self.header_payload())
+    }
+
+    /// The properties of a content header payload (defaults if it does not decode).
+    pub fn decode_properties(header: &[u8]) -> AMQPProperties {
+        header
             .get(HEADER_FIXED..)
             .and_then(|p| amq_protocol::protocol::basic::parse_properties(p).ok())
             .map(|(_, props)| props)

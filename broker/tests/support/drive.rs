@@ -11,6 +11,7 @@ use warren_broker::codec::{self, HeaderCheck};
 use warren_broker::config::Config;
 use warren_broker::connection::state::{ConnectionState, Output, StateConfig};
 use warren_broker::error::CodecError;
+use warren_broker::inbound;
 
 /// A state machine for a loopback client of a default broker (guest/guest on "/").
 pub fn machine(now: tokio::time::Instant) -> ConnectionState {
@@ -57,10 +58,10 @@ pub fn session(data: &[u8]) -> Vec<AMQPFrame> {
         data.len()
     };
     while off < data.len() {
-        match codec::decode(&data[off..], st.frame_max()) {
+        match inbound::decode(&data[off..], st.frame_max()) {
             Ok(Some((f, n))) => {
                 off += n;
-                st.handle_input(f, now);
+                st.handle_inbound(f, now);
             }
             Ok(None) => break,
             Err(CodecError::TooDeep {
@@ -85,12 +86,17 @@ pub fn session(data: &[u8]) -> Vec<AMQPFrame> {
     sent
 }
 
-/// Decodes `data` frame by frame: never reports more bytes than it was given, and every
-/// decoded frame encodes again.
+/// Decodes `data` frame by frame: never reports more bytes than it was given, every decoded
+/// frame encodes again, and the read path's decoder ([`inbound::decode`]) gives the same
+/// frames, lengths and errors as the full codec.
 pub fn frames(data: &[u8]) {
     let mut off = 0;
     while off < data.len() {
-        match codec::decode(&data[off..], 131072) {
+        let full = codec::decode(&data[off..], 131072);
+        let fast =
+            inbound::decode(&data[off..], 131072).map(|r| r.map(|(f, n)| (f.into_frame(), n)));
+        assert_eq!(fast, full, "read path and codec disagree at byte {off}");
+        match full {
             Ok(Some((frame, n))) => {
                 assert!(
                     n > 0 && off + n <= data.len(),
