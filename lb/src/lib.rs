@@ -12,6 +12,7 @@
 //! - `listener::state`: `ListenerState` (settings snapshot, backend pool, connection registry,
 //!   fault rules): what health checks, fault injection and the admin API read.
 //! - `listener_set`: listeners added, stopped, started again and removed at run time.
+//! - `dormant`: a future polled only when its own waker fired (a connection's rare orders).
 //! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
 //! - `chaos::plan`: pure fault decisions (seeded RNG streams, triggers, cuts, pacing).
 //! - `chaos::amqp`: the pure incremental AMQP frame scanner behind `on_amqp`.
@@ -44,6 +45,7 @@ pub mod backend;
 pub mod chaos;
 pub mod cli;
 pub mod config;
+pub mod dormant;
 pub mod events;
 pub mod listener;
 pub mod listener_set;

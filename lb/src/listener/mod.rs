@@ -30,6 +30,7 @@ use crate::config::{
     validate_backends, CloseStyle, FaultKind, FaultRule, InFlight, ListenerConfig, ProxyProtocol,
     ValidationError,
 };
+use crate::dormant::Dormant;
 use crate::events::Event;
 use crate::metrics as m;
 use crate::proxy::{Duplex, Ended};
@@ -252,9 +253,11 @@ impl ListenerState {
                 async move {
                     let _active = ActiveGuard(&me.active);
                     tokio::select! {
+                        biased;
                         _ = me.serve(tcp, peer, id, seq) => {}
-                        // End of drain: dropping closes both sockets.
-                        _ = hard.cancelled() => tracing::debug!("closed at end of shutdown drain"),
+                        // End of drain: dropping closes both sockets. Dormant: the shared token
+                        // is not polled on each wake-up of the copy.
+                        _ = Dormant::new(hard.cancelled()) => tracing::debug!("closed at end of shutdown drain"),
                     }
                 }
                 .instrument(span),
@@ -321,7 +324,18 @@ impl ListenerState {
         );
         let cmd = loop {
             let due = duplex.chaos().next_deadline();
-            tokio::select! {
+            // The orders a connection may get, polled only when one of them woke the task
+            // (see `dormant`): a wake-up for data polls the copy alone.
+            let control = Dormant::new(async {
+                tokio::select! {
+                    cmd = next_cmd(&mut ctl_rx) => Control::Order(cmd),
+                    r = rules_rx.changed() => Control::Rules(r.is_ok()),
+                    _ = chaos::inject::sleep_until_opt(due) => Control::Timer,
+                    _ = backend.drain_expired.cancelled() => Control::DrainExpired,
+                }
+            });
+            let control = tokio::select! {
+                biased;
                 ended = &mut duplex => match ended {
                     Ended::Done => {
                         tracing::debug!("closed by peers");
@@ -336,9 +350,14 @@ impl ListenerState {
                     }
                     Ended::Fault(cmd) => break cmd,
                 },
-                cmd = next_cmd(&mut ctl_rx) => {
+                c = control => c,
+            };
+            match control {
+                Control::Order(cmd) => {
                     if rules_rx.has_changed().unwrap_or(false) {
-                        let applied = duplex.chaos_mut().update(&rules_rx.borrow_and_update(), Instant::now());
+                        let applied = duplex
+                            .chaos_mut()
+                            .update(&rules_rx.borrow_and_update(), Instant::now());
                         chaos::inject::announce(self, id, &backend.addr, applied);
                     }
                     // A listener-wide rule tick applies only where the rule applies (toxicity).
@@ -347,21 +366,24 @@ impl ListenerState {
                         _ => break cmd,
                     }
                 }
-                r = rules_rx.changed() => {
-                    if r.is_err() {
-                        // The listener is gone; its connections live on without rule changes.
-                        rules_rx = watch::channel(Arc::new(Vec::new())).1;
-                        continue;
-                    }
-                    let applied = duplex.chaos_mut().update(&rules_rx.borrow_and_update(), Instant::now());
+                Control::Rules(false) => {
+                    // The listener is gone; its connections live on without rule changes.
+                    rules_rx = watch::channel(Arc::new(Vec::new())).1;
+                }
+                Control::Rules(true) => {
+                    let applied = duplex
+                        .chaos_mut()
+                        .update(&rules_rx.borrow_and_update(), Instant::now());
                     chaos::inject::announce(self, id, &backend.addr, applied);
                 }
-                _ = chaos::inject::sleep_until_opt(due) => {
+                Control::Timer => {
                     if let Some(cmd) = duplex.chaos_mut().on_timer(Instant::now()) {
                         break cmd;
                     }
                 }
-                _ = backend.drain_expired.cancelled() => break CloseCmd::plain(CloseStyle::Fin, "drain_timeout", "drain_timeout"),
+                Control::DrainExpired => {
+                    break CloseCmd::plain(CloseStyle::Fin, "drain_timeout", "drain_timeout")
+                }
             }
         };
         if cmd.in_flight == InFlight::Flush && cmd.kind.is_some() {
@@ -425,6 +447,18 @@ impl ListenerState {
         }
         None
     }
+}
+
+/// What woke a connection task besides its copy.
+enum Control {
+    /// An order from the admin API or a listener-wide rule.
+    Order(CloseCmd),
+    /// The fault rules changed (`false`: the listener is gone).
+    Rules(bool),
+    /// A time trigger of the connection's fault plan is due.
+    Timer,
+    /// The connection's backend was deregistered and its drain timed out.
+    DrainExpired,
 }
 
 /// The next order sent to this connection (each order is returned once).
