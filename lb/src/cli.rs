@@ -70,7 +70,8 @@ pub struct Cli {
     /// `Authorization: Bearer <token>` or basic auth with the token as password.
     #[arg(long, value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
-    /// Worker threads (overrides [runtime] threads; default one per CPU).
+    /// Connection threads (overrides [runtime] threads; default one per CPU). A new connection
+    /// stays on the first thread until that one is busy (see `workers`).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Never use splice(2); always copy through buffers (overrides [runtime] splice).

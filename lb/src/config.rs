@@ -138,7 +138,9 @@ pub struct ChaosConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads of the tokio runtime; absent = one per CPU.
+    /// Connection threads, each the one worker of a runtime of its own (the first also accepts,
+    /// checks health and serves the admin API); absent = one per CPU in the binary. A new
+    /// connection goes to the first thread that is not busy (see `workers`).
     pub threads: Option<usize>,
     /// Zero-copy splice(2) for bulk plain-TCP transfers; absent = on.
     pub splice: Option<bool>,

@@ -31,6 +31,7 @@
 //! - `admin::toxiproxy`: Toxiproxy's JSON (proxies, toxics, errors) mapped to listeners and
 //!   fault rules (pure); `admin::toxiproxy_api` serves it on the admin port.
 //! - `events`: the event ring buffer and broadcast.
+//! - `workers`: connection threads and where a new connection goes.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `shutdown`: graceful drain and signal handling.
 //!
@@ -56,6 +57,7 @@ pub mod shutdown;
 pub mod splice;
 pub mod stream;
 pub mod tls;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -191,6 +193,7 @@ impl Lb {
             next_conn: Arc::new(AtomicU64::new(0)),
             splice: config.runtime.splice.unwrap_or(true),
             seed: config.chaos.seed.unwrap_or_else(rand::random),
+            workers: start_workers(config.runtime.threads),
         };
         tracing::info!(seed = rt.seed, "chaos seed (replay with --seed)");
         let mut snaps = Vec::new();
@@ -250,6 +253,24 @@ impl Lb {
             admin: admin.map(|(t, _)| t),
         })
     }
+}
+
+/// Connection threads for `[runtime] threads` (the accepting runtime counts as one; unset: no
+/// threads of its own, see `workers`).
+fn start_workers(threads: Option<usize>) -> Option<Arc<workers::Workers>> {
+    let n = threads?;
+    match workers::Workers::start(n) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, threads = n, "cannot start connection threads; every connection runs on the accepting thread");
+            None
+        }
+    }
+}
+
+/// The binary's default for `[runtime] threads`: one connection thread per CPU.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn bind_tcp(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), LbError> {

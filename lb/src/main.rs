@@ -132,11 +132,17 @@ fn say(line: &str) {
 }
 
 fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(t) = cfg.runtime.threads {
-        builder.worker_threads(t.max(1));
-    }
-    let rt = builder
+    let mut cfg = cfg;
+    // Connection threads (see warren_lb::workers): this runtime is the first of them, and the
+    // library starts the others.
+    cfg.runtime.threads = Some(
+        cfg.runtime
+            .threads
+            .unwrap_or_else(warren_lb::default_threads)
+            .max(1),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the runtime")?;

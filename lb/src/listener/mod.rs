@@ -37,6 +37,7 @@ use crate::proxy::{Duplex, Ended};
 use crate::proxy_protocol;
 use crate::stream::{BackendStream, ClientStream};
 use crate::tls::TlsError;
+use crate::workers::Place;
 
 pub mod state;
 
@@ -249,9 +250,16 @@ impl ListenerState {
             let span = tracing::debug_span!("conn", listener = %self.name, conn_id = id, peer = %peer, backend = tracing::field::Empty);
             let me = self.clone();
             let hard = self.rt.hard.clone();
-            self.rt.tracker.spawn(
+            let conn = move |tcp: std::io::Result<TcpStream>| {
                 async move {
                     let _active = ActiveGuard(&me.active);
+                    let tcp = match tcp {
+                        Ok(tcp) => tcp,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot move the accepted socket to its thread");
+                            return;
+                        }
+                    };
                     tokio::select! {
                         biased;
                         _ = me.serve(tcp, peer, id, seq) => {}
@@ -260,8 +268,21 @@ impl ListenerState {
                         _ = Dormant::new(hard.cancelled()) => tracing::debug!("closed at end of shutdown drain"),
                     }
                 }
-                .instrument(span),
-            );
+                .instrument(span)
+            };
+            match self.rt.workers.as_ref().map(|w| (w, w.place())) {
+                Some((w, Place::Thread(i))) => {
+                    // Registered with that thread's runtime, on the thread that serves it.
+                    let std = tcp.into_std();
+                    self.rt.tracker.spawn_on(
+                        async move { conn(std.and_then(TcpStream::from_std)).await },
+                        w.handle(i),
+                    );
+                }
+                _ => {
+                    self.rt.tracker.spawn(conn(Ok(tcp)));
+                }
+            }
         }
         tracing::debug!(listener = %self.name, "stopped accepting");
     }

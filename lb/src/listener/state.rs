@@ -42,6 +42,8 @@ pub struct Rt {
     pub next_conn: Arc<AtomicU64>,
     /// `[runtime] splice`.
     pub splice: bool,
+    /// Connection threads besides the accepting runtime (`[runtime] threads` > 1), see `workers`.
+    pub workers: Option<Arc<crate::workers::Workers>>,
     /// The chaos seed of this run (`[chaos] seed`, `--seed`, or drawn at start and logged).
     pub seed: u64,
 }
