@@ -8,8 +8,9 @@
 # Measures for each proxy and for a direct connection (reference): iperf3 bulk throughput with one
 # and with 8 streams, short connections per second, request/response latency on kept-alive
 # connections, and the proxy's resident memory holding ~10,000 idle proxied connections.
-# warren-lb runs twice: with its default runtime (one worker per CPU) and with one worker thread,
-# the fair match for HAProxy's nbthread 1. Prints a table with warren/HAProxy ratios and writes
+# warren-lb runs twice: with its default (one connection thread per CPU; a new connection stays on
+# the first thread until that one is busy) and with one thread, the fair match for HAProxy's
+# nbthread 1. Prints a table with warren/HAProxy ratios and writes
 # JSON under $RESULTS. Everything it starts is stopped on exit.
 #
 # Environment (all optional):
@@ -21,8 +22,8 @@
 #   RESULTS=dir        where JSON goes (default $CARGO_TARGET_DIR/lb-bench/<UTC time>)
 #   CARGO_TARGET_DIR   where the release binaries are built (default target/)
 #   SKIP_BUILD=1       use the binaries already built
-#   LB_VARIANTS="default 1 rules"  warren-lb variants: "default" (one worker per CPU) or a
-#                      worker-thread count, optionally with "-nosplice" (buffered copy only), e.g.
+#   LB_VARIANTS="default 1 rules"  warren-lb variants: "default" (one thread per CPU) or a
+#                      thread count (--threads), optionally with "-nosplice" (buffered copy only), e.g.
 #                      "1 1-nosplice"; "rules" is the default runtime with fault rules configured
 #                      that never fire (a generated config), measured with iperf3 only and
 #                      reported against the no-rules warren-lb (cost of idle chaos rules)
@@ -36,7 +37,7 @@
 #                      each proxy to a warren-broker (warren-perf, one confirm in flight per
 #                      producer: 1 KiB transient publishes, AMQP_PRODUCERS producers, auto-ack consumer)
 #   AMQP_PRODUCERS="1 32"  producer counts of the amqp test (one connection and one confirm each)
-#   LB_BASE=path       an earlier warren-lb binary, measured as variant "base" (default runtime),
+#   LB_BASE=path       an earlier warren-lb binary, measured as variant "base" (its default),
 #                      e.g. LB_VARIANTS="base default": before and after in the same run
 set -euo pipefail
 
