@@ -109,11 +109,7 @@ async fn shutdown_stops_accepting_and_waits_for_live_connections() {
     let mut live = connect_echo(addr, b"hi").await;
     let stopping = tokio::spawn(lb.stop());
     // Accepting stops: wait until the listening socket is gone.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "listener closed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_not_listening(addr).await;
     roundtrip(&mut live, b"still draining").await;
     assert!(!stopping.is_finished(), "run waits for the live connection");
     drop(live);

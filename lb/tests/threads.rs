@@ -109,11 +109,7 @@ async fn a_connection_on_another_thread_is_served_reset_and_drained() {
     make_the_accepting_thread_busy().await;
     let mut live = connect_echo(addr, b"spilled again").await;
     let stopping = tokio::spawn(lb.stop());
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_ok() {
-        assert!(Instant::now() < deadline, "listener closed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_not_listening(addr).await;
     roundtrip(&mut live, b"still draining").await;
     assert!(!stopping.is_finished(), "run waits for the live connection");
     drop(live);

@@ -481,6 +481,18 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Waits until nothing listens on `addr` any more (a stopping listener); panics after `WAIT`.
+pub async fn until_not_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener on {addr} closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `cond` every 10ms until true; panics after `WAIT`. For states that have no event.
 pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
