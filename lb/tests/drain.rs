@@ -106,17 +106,8 @@ async fn shutdown_stops_accepting_and_waits_for_live_connections() {
     cfg.drain_timeout = Duration::from_secs(60);
     let lb = start(config(vec![cfg])).await;
     let addr = lb.addr("sd");
-    let mut live = connect_echo(addr, b"hi").await;
-    let stopping = tokio::spawn(lb.stop());
-    // Accepting stops: wait until the listening socket is gone.
-    until_not_listening(addr).await;
-    roundtrip(&mut live, b"still draining").await;
-    assert!(!stopping.is_finished(), "run waits for the live connection");
-    drop(live);
-    tokio::time::timeout(WAIT, stopping)
-        .await
-        .expect("run returns once drained")
-        .unwrap();
+    let live = connect_echo(addr, b"hi").await;
+    stop_draining(lb, addr, live).await;
 }
 
 #[tokio::test]

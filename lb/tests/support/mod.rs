@@ -481,6 +481,20 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Stops `lb` while `live` (connected through `addr`) is open: the listener closes, `live` is
+/// still served, and the stop waits for it, returning once it is dropped.
+pub async fn stop_draining(lb: Running, addr: SocketAddr, mut live: TcpStream) {
+    let stopping = tokio::spawn(lb.stop());
+    until_not_listening(addr).await;
+    roundtrip(&mut live, b"still draining").await;
+    assert!(!stopping.is_finished(), "run waits for the live connection");
+    drop(live);
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("run returns once drained")
+        .unwrap();
+}
+
 /// Waits until nothing listens on `addr` any more (a stopping listener); panics after `WAIT`.
 pub async fn until_not_listening(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + WAIT;
