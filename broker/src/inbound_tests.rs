@@ -19,7 +19,8 @@ fn frame_bytes(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
 fn agree(buf: &[u8]) -> Result<Option<(AMQPFrame, usize)>, CodecError> {
     let full = codec::decode(buf, 131072);
     let fast = decode(buf, 131072).map(|r| r.map(|(f, n)| (f.into_frame(), n)));
-    assert_eq!(fast, full, "frame {buf:?}");
+    // Compared as printed: a damaged table may hold a NaN, not equal to itself.
+    assert_eq!(format!("{fast:?}"), format!("{full:?}"), "frame {buf:?}");
     full
 }
 
