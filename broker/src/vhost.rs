@@ -19,12 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 impl crate::queue::QueueHost for Vhost {
     fn route_message(&self, msg: &crate::queue::Message, out: &mut Vec<QueueHandle>) {
-        self.route(
-            msg.exchange(),
-            msg.routing_key(),
-            msg.headers().as_ref(),
-            out,
-        );
+        self.route(msg, out);
     }
 
     fn remove_queue(&self, q: &QueueHandle) {
@@ -794,17 +789,12 @@ impl Vhost {
 
     // === routing ===
 
-    /// Resolves a publish to the set of queues (deduplicated), following exchange-to-exchange
-    /// bindings and alternate exchanges. Returns false if `exchange` does not exist.
-    pub fn route(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        headers: Option<&FieldTable>,
-        out: &mut Vec<QueueHandle>,
-    ) -> bool {
+    /// Resolves a message to the set of queues (deduplicated) from its exchange and routing
+    /// key, following exchange-to-exchange bindings and alternate exchanges. Returns false if
+    /// its exchange does not exist.
+    pub fn route(&self, msg: &crate::queue::Message, out: &mut Vec<QueueHandle>) -> bool {
         let topo = self.snapshot();
-        route_in(&topo, exchange, routing_key, headers, out)
+        route_in(&topo, msg, out)
     }
 
     // === direct reply-to ===
@@ -840,14 +830,10 @@ fn remove_bindings_to(t: &mut Topology, dest: &Destination) {
     }
 }
 
-/// Routing over a snapshot (see [`Vhost::route`]).
-pub fn route_in(
-    topo: &Topology,
-    exchange: &str,
-    routing_key: &str,
-    headers: Option<&FieldTable>,
-    out: &mut Vec<QueueHandle>,
-) -> bool {
+/// Routing over a snapshot (see [`Vhost::route`]). The message's headers are decoded only
+/// when a headers exchange is on its way, once.
+pub fn route_in(topo: &Topology, msg: &crate::queue::Message, out: &mut Vec<QueueHandle>) -> bool {
+    let (exchange, routing_key) = (msg.exchange(), msg.routing_key());
     if exchange.is_empty() {
         if let Some(q) = topo.queues.get(routing_key) {
             out.push(q.clone());
@@ -860,9 +846,14 @@ pub fn route_in(
     let mut visited: Vec<&str> = vec![&root.name];
     let mut stack: Vec<&Exchange> = vec![root];
     let mut dests = Vec::new();
+    let mut headers: Option<Option<FieldTable>> = None;
     while let Some(ex) = stack.pop() {
         dests.clear();
-        ex.route(routing_key, headers, &mut dests);
+        let h = match ex.kind {
+            ExchangeKind::Headers => headers.get_or_insert_with(|| msg.headers()).as_ref(),
+            _ => None,
+        };
+        ex.route(routing_key, h, &mut dests);
         if dests.is_empty() {
             if let Some(ae) = ex.alternate() {
                 if let Some(a) = topo.exchanges.get(ae) {

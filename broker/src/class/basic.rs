@@ -511,13 +511,7 @@ pub async fn route_and_enqueue(
                 _ => {}
             }
         }
-        crate::vhost::route_in(
-            &topo,
-            exchange,
-            routing_key,
-            msg.headers().as_ref(),
-            &mut targets,
-        );
+        crate::vhost::route_in(&topo, &msg, &mut targets);
         if let Some(x) = topo.exchanges.get(exchange) {
             x.stats.published(targets.len());
         }

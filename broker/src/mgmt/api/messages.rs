@@ -81,7 +81,7 @@ async fn publish_message(
     let msg = crate::queue::Message::new(v.node().memory, exchange.into(), rk.into(), props, body)
         .map_err(|e| ApiError::bad(e.to_string()))?;
     let mut targets = Vec::new();
-    v.route(exchange, rk, msg.headers().as_ref(), &mut targets);
+    v.route(&msg, &mut targets);
     if targets.is_empty() {
         // Mandatory: nothing took it.
         return Ok(false);
