@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shell helpers shared by bench/broker-bench.sh and bench/cluster-bench.sh (sourced, not run).
+# Shell helpers shared by bench/broker-bench.sh, cluster-bench.sh, memory-bench.sh and storm-bench.sh
+# (sourced, not run).
 # The sourcing script sets BENCH_NAME (the prefix of its log lines) first.
 
 log() { printf '[%s %s] %s\n' "${BENCH_NAME:-bench}" "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -100,6 +101,27 @@ start_rabbitmq_node() {
     done
     tail -30 "$WORK/rabbitmq.out" >&2
     die "RabbitMQ did not start"
+}
+
+# Stops the RabbitMQ node start_rabbitmq_node started, if it still runs.
+stop_rabbitmq_node() {
+    if [[ -n ${RABBIT_NODE:-} && -n ${RABBIT_PID:-} ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
+        log "stopping RabbitMQ node $RABBIT_NODE"
+        ERL_EPMD_PORT=$EPMD_PORT timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+    fi
+    RABBIT_PID=""
+}
+
+# The end of a run (EXIT trap): stops the RabbitMQ node, then every process in PIDS (TERM, KILL
+# half a second later), and removes $WORK.
+stop_everything() {
+    local pid
+    stop_rabbitmq_node
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
 }
 
 # Builds the release binaries of warren-perf and the given packages (unless SKIP_BUILD is set).

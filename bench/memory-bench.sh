@@ -56,23 +56,7 @@ PIDS=()
 RABBIT_NODE=""
 RABBIT_PID=""
 EPMD_PORT=""
-stop_rabbitmq() {
-    if [[ -n $RABBIT_NODE && -n $RABBIT_PID ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
-        log "stopping RabbitMQ node $RABBIT_NODE"
-        ERL_EPMD_PORT=$EPMD_PORT timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
-    fi
-    RABBIT_PID=""
-}
-cleanup() {
-    local pid
-    stop_rabbitmq
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap stop_everything EXIT
 trap 'exit 130' INT TERM
 
 mkdir -p "$RESULTS"
@@ -199,7 +183,7 @@ measure() { # broker binary
             (if $qmem != null and $depth > 0 then ($qmem / $depth | round) else null end)}' \
         >"$RESULTS/$b.json"
     if [[ $b == rabbitmq ]]; then
-        stop_rabbitmq
+        stop_rabbitmq_node
     else
         kill -TERM "$PID" 2>/dev/null || true
         wait "$PID" 2>/dev/null || true

@@ -79,19 +79,7 @@ PIDS=()
 RABBIT_NODE=""
 RABBIT_PID=""
 EPMD_PORT=""
-cleanup() {
-    local pid
-    if [[ -n $RABBIT_NODE && -n $RABBIT_PID ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
-        log "stopping RabbitMQ node $RABBIT_NODE"
-        ERL_EPMD_PORT=$EPMD_PORT timeout 30 "$RABBIT_SBIN/rabbitmqctl" -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
-    fi
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap stop_everything EXIT
 trap 'exit 130' INT TERM
 
 mkdir -p "$RESULTS"
