@@ -13,7 +13,8 @@
 //!   fault rules): what health checks, fault injection and the admin API read.
 //! - `listener_set`: listeners added, stopped, started again and removed at run time.
 //! - `dormant`: a future polled only when its own waker fired (a connection's rare orders).
-//! - `proxy`: bidirectional copy with half-close, idle timeout and close styles.
+//! - `proxy`: bidirectional copy with half-close, idle timeout and close styles; `spare` the
+//!   copy buffers it keeps per thread between reads.
 //! - `chaos::plan`: pure fault decisions (seeded RNG streams, triggers, cuts, pacing).
 //! - `chaos::amqp`: the pure incremental AMQP frame scanner behind `on_amqp`.
 //! - `chaos::inject`: the I/O side of faults (`every` ticker, close styles, fault events).
@@ -54,6 +55,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod shutdown;
+pub mod spare;
 pub mod splice;
 pub mod stream;
 pub mod tls;
