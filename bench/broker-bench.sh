@@ -70,15 +70,7 @@ source "$ROOT/bench/lib.sh"
 require_tools jq ss timeout python3
 
 # ---------------------------------------------------------------- cleanup: stop what we started
-WORK=$(mktemp -d /tmp/broker-bench.XXXXXX)
-PIDS=()
-RABBIT_NODE=""
-RABBIT_PID=""
-# RabbitMQ's node registers with an epmd of this run's own, on a free port, so the run neither
-# depends on nor stops an epmd that other RabbitMQ nodes on the machine use.
-EPMD_PORT=""
-trap stop_everything EXIT
-trap 'exit 130' INT TERM
+begin_run broker-bench
 
 mkdir -p "$RESULTS"
 

@@ -103,6 +103,20 @@ start_rabbitmq_node() {
     die "RabbitMQ did not start"
 }
 
+# The start of a run named NAME: a work dir of its own ($WORK), no process started yet (PIDS), no
+# RabbitMQ node yet, and stop_everything at exit. RabbitMQ's node will register with an epmd of
+# the run's own, on a free port, so the run neither depends on nor stops an epmd that other
+# RabbitMQ nodes on the machine use.
+begin_run() {
+    WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+    PIDS=()
+    RABBIT_NODE=""
+    RABBIT_PID=""
+    EPMD_PORT=""
+    trap stop_everything EXIT
+    trap 'exit 130' INT TERM
+}
+
 # Stops the RabbitMQ node start_rabbitmq_node started, if it still runs.
 stop_rabbitmq_node() {
     if [[ -n ${RABBIT_NODE:-} && -n ${RABBIT_PID:-} ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then

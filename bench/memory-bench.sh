@@ -51,13 +51,7 @@ source "$ROOT/bench/lib.sh"
 
 require_tools jq ss timeout python3 curl
 
-WORK=$(mktemp -d /tmp/memory-bench.XXXXXX)
-PIDS=()
-RABBIT_NODE=""
-RABBIT_PID=""
-EPMD_PORT=""
-trap stop_everything EXIT
-trap 'exit 130' INT TERM
+begin_run memory-bench
 
 mkdir -p "$RESULTS"
 build_release warren-broker

@@ -74,13 +74,7 @@ if (($(ulimit -n) < need_fds)); then
 fi
 
 # ---------------------------------------------------------------- cleanup: stop what we started
-WORK=$(mktemp -d /tmp/storm-bench.XXXXXX)
-PIDS=()
-RABBIT_NODE=""
-RABBIT_PID=""
-EPMD_PORT=""
-trap stop_everything EXIT
-trap 'exit 130' INT TERM
+begin_run storm-bench
 
 mkdir -p "$RESULTS"
 
