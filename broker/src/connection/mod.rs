@@ -400,10 +400,7 @@ fn decode_all(
         match crate::inbound::decode(rbuf, state.frame_max()) {
             Ok(Some((frame, n))) => {
                 rbuf.advance(n);
-                let content = matches!(
-                    frame,
-                    Inbound::Header(..) | Inbound::Frame(amq_protocol::frame::AMQPFrame::Body(..))
-                );
+                let content = matches!(frame, Inbound::Header(..) | Inbound::Body(..));
                 state.handle_inbound(frame, now);
                 if content
                     && state.state() == State::Open

@@ -521,7 +521,7 @@ impl ConnectionState {
 
     /// Feeds one decoded frame.
     pub fn handle_input(&mut self, frame: AMQPFrame, now: Instant) {
-        self.handle_inbound(Inbound::Frame(frame), now);
+        self.handle_inbound(Inbound::from_frame(frame), now);
     }
 
     /// Feeds one frame from the read path ([`crate::inbound::decode`]).
@@ -534,11 +534,13 @@ impl ConnectionState {
             State::StartSent => self.on_start_ok(input.into_frame(), now),
             State::TuneSent => self.on_tune_or_open(input.into_frame(), now),
             State::Open => match input {
-                Inbound::Header(0, _) => Err(ConnectionError::unexpected_frame(
-                    "content frame on channel 0",
-                )),
+                Inbound::Header(0, _) | Inbound::Body(0, _) => Err(
+                    ConnectionError::unexpected_frame("content frame on channel 0"),
+                ),
                 Inbound::Header(ch, payload) => self.on_header(ch, payload),
-                Inbound::Frame(frame) => self.on_open(frame),
+                Inbound::Body(ch, data) => self.on_body(ch, data),
+                Inbound::Method(ch, m) => self.on_method(ch, m),
+                Inbound::Other(frame) => self.on_open(*frame),
             },
             State::Closing => {
                 if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = input.into_frame() {
@@ -724,22 +726,28 @@ impl ConnectionState {
             AMQPFrame::InvalidHeartbeat(ch) => Err(ConnectionError::frame_error(format!(
                 "heartbeat frame on channel {ch}"
             ))),
-            AMQPFrame::Method(0, AMQPClass::Connection(m)) => self.on_connection_method(m),
-            // RabbitMQ's words for a channel (or other class) method on channel 0.
-            AMQPFrame::Method(0, m) => Err(ConnectionError::channel_error(
-                "unexpected method in connection state running",
-            )
-            .with_method(m.get_amqp_class_id(), m.get_amqp_method_id())),
             AMQPFrame::Header(0, _) | AMQPFrame::Body(0, _) => Err(
                 ConnectionError::unexpected_frame("content frame on channel 0"),
             ),
-            AMQPFrame::Method(ch, m) => self.on_channel_method(ch, m),
+            AMQPFrame::Method(ch, m) => self.on_method(ch, m),
             AMQPFrame::Header(ch, h) => {
                 let payload = inbound::header_payload(&h)
                     .map_err(|e| ConnectionError::syntax_error(format!("content header: {e}")))?;
                 self.on_header(ch, payload)
             }
             AMQPFrame::Body(ch, b) => self.on_body(ch, b),
+        }
+    }
+
+    fn on_method(&mut self, ch: u16, m: AMQPClass) -> Result<(), ConnectionError> {
+        match (ch, m) {
+            (0, AMQPClass::Connection(m)) => self.on_connection_method(m),
+            // RabbitMQ's words for a channel (or other class) method on channel 0.
+            (0, m) => Err(ConnectionError::channel_error(
+                "unexpected method in connection state running",
+            )
+            .with_method(m.get_amqp_class_id(), m.get_amqp_method_id())),
+            (ch, m) => self.on_channel_method(ch, m),
         }
     }
 
