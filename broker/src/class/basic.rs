@@ -433,7 +433,11 @@ pub async fn route_and_enqueue(
     mut header: Vec<u8>,
     body: Bytes,
 ) -> Result<(), AmqpError> {
-    let vhost = s.vhost()?;
+    // Borrowed, not cloned: every publish would otherwise count the vhost's `Arc` up and down.
+    let vhost = s
+        .vhost
+        .as_deref()
+        .ok_or_else(|| ChannelError::access_refused("connection not open"))?;
     // RabbitMQ accepts "amq.default" as a name for the default exchange.
     let exchange = if exchange == "amq.default" {
         ""
@@ -542,8 +546,14 @@ pub async fn route_and_enqueue(
         }
         _ => None,
     };
+    // The last queue takes the message (and the ticket) itself: no count up and down for it.
+    let mut targets = targets.into_iter();
+    let last = targets.next_back();
     for q in targets {
         s.queue_publish(q, msg.clone(), ticket.clone());
+    }
+    if let Some(q) = last {
+        s.queue_publish(q, msg, ticket);
     }
     Ok(())
 }
