@@ -30,11 +30,11 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// The backlog (ready messages) at which a delivery-bound queue starts blocking publishers.
-pub const BACKLOG_HIGH: usize = 8192;
+pub const BACKLOG_HIGH: usize = 4096;
 /// The backlog below which it releases them.
 pub const BACKLOG_LOW: usize = BACKLOG_HIGH / 2;
 /// Published messages a connection may have in queue mailboxes, not yet taken in.
-pub const CREDIT: usize = 8192;
+pub const CREDIT: usize = 4096;
 
 /// A connection's flow state, shared with the queues it publishes to.
 #[derive(Debug, Default)]

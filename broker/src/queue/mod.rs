@@ -27,7 +27,7 @@ pub use handle::{ConsumerRef, Settle};
 /// Capacity of a queue's command channel.
 pub const QUEUE_MAILBOX: usize = 8192;
 /// A queue stops delivering to a connection that has this many deliveries not yet encoded.
-pub const CONN_PENDING_LIMIT: usize = 8192;
+pub const CONN_PENDING_LIMIT: usize = 4096;
 
 /// A published message. Shared (`Arc`) by every queue it is routed to; stored once.
 ///
