@@ -100,6 +100,31 @@ async fn content_header_without_publish_is_505() {
     b.shutdown().await;
 }
 
+/// A content header or body frame on channel 0 of an open connection is connection.close 505, as
+/// RabbitMQ answers (`unexpected_frame`); the channel's own content state plays no part.
+#[tokio::test]
+async fn content_frames_on_channel_0_are_505() {
+    let b = support::start().await;
+    let header = AMQPFrame::Header(
+        0,
+        amq_protocol::frame::AMQPContentHeader {
+            class_id: 60,
+            body_size: 1,
+            properties: Default::default(),
+        },
+    );
+    for frame in [header, AMQPFrame::Body(0, vec![7])] {
+        let mut r = Raw::connect(b.addr).await;
+        r.handshake(0).await;
+        r.open_channel(1).await;
+        r.send(frame.clone()).await;
+        let (code, text) = r.expect_connection_close().await;
+        assert_eq!(code, 505, "{frame:?}: {text}");
+        assert!(text.contains("channel 0"), "{frame:?}: {text}");
+    }
+    b.shutdown().await;
+}
+
 /// RabbitMQ 3.10 limits how many channels are open, not their numbers: any of 1..=65535 opens
 /// while fewer than channel_max are open (closing ones count); one more is connection.close 530
 /// with RabbitMQ's text and no class/method.

@@ -533,15 +533,7 @@ impl ConnectionState {
             }
             State::StartSent => self.on_start_ok(input.into_frame(), now),
             State::TuneSent => self.on_tune_or_open(input.into_frame(), now),
-            State::Open => match input {
-                Inbound::Header(0, _) | Inbound::Body(0, _) => Err(
-                    ConnectionError::unexpected_frame("content frame on channel 0"),
-                ),
-                Inbound::Header(ch, payload) => self.on_header(ch, payload),
-                Inbound::Body(ch, data) => self.on_body(ch, data),
-                Inbound::Method(ch, m) => self.on_method(ch, m),
-                Inbound::Other(frame) => self.on_open(*frame),
-            },
+            State::Open => self.on_open(input),
             State::Closing => {
                 if let AMQPFrame::Method(0, AMQPClass::Connection(m)) = input.into_frame() {
                     match m {
@@ -717,7 +709,19 @@ impl ConnectionState {
         }
     }
 
-    fn on_open(&mut self, frame: AMQPFrame) -> Result<(), ConnectionError> {
+    /// A frame in an open connection.
+    fn on_open(&mut self, input: Inbound) -> Result<(), ConnectionError> {
+        let frame = match input {
+            Inbound::Header(0, _) | Inbound::Body(0, _) => {
+                return Err(ConnectionError::unexpected_frame(
+                    "content frame on channel 0",
+                ))
+            }
+            Inbound::Header(ch, payload) => return self.on_header(ch, payload),
+            Inbound::Body(ch, data) => return self.on_body(ch, data),
+            Inbound::Method(ch, m) => return self.on_method(ch, m),
+            Inbound::Other(frame) => *frame,
+        };
         match frame {
             AMQPFrame::Heartbeat => Ok(()),
             AMQPFrame::ProtocolHeader(_) => Err(ConnectionError::unexpected_frame(
@@ -726,16 +730,17 @@ impl ConnectionState {
             AMQPFrame::InvalidHeartbeat(ch) => Err(ConnectionError::frame_error(format!(
                 "heartbeat frame on channel {ch}"
             ))),
-            AMQPFrame::Header(0, _) | AMQPFrame::Body(0, _) => Err(
-                ConnectionError::unexpected_frame("content frame on channel 0"),
-            ),
-            AMQPFrame::Method(ch, m) => self.on_method(ch, m),
+            // A content header decoded in full (`handle_input`): encoded as the read path
+            // gives it, then handled as one.
             AMQPFrame::Header(ch, h) => {
                 let payload = inbound::header_payload(&h)
                     .map_err(|e| ConnectionError::syntax_error(format!("content header: {e}")))?;
-                self.on_header(ch, payload)
+                self.on_open(Inbound::Header(ch, payload))
             }
-            AMQPFrame::Body(ch, b) => self.on_body(ch, b),
+            // Never boxed by `Inbound::from_frame`; handled as their own variants.
+            f @ (AMQPFrame::Method(..) | AMQPFrame::Body(..)) => {
+                self.on_open(Inbound::from_frame(f))
+            }
         }
     }
 
