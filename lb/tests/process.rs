@@ -8,11 +8,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -297,11 +295,7 @@ async fn sigterm_drains_live_connections_then_exits_0() {
     p.signal("-TERM");
     p.line("shutting down").await;
     // New connections are refused once the listener is closed...
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(addrs["amqp"]).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "listener closed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_not_listening(addrs["amqp"]).await;
     // ...the live one is still served, and the process waits for it.
     roundtrip(&mut live, b"draining").await;
     assert!(
