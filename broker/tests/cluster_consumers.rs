@@ -1,6 +1,7 @@
 //! Consumers of a mirrored queue whose master dies (real broker processes on loopback): as
 //! RabbitMQ's, they consume on from the promoted mirror through their own node without
-//! noticing, unless they asked for basic.cancel with `x-cancel-on-ha-failover`.
+//! noticing, unless they asked for basic.cancel with `x-cancel-on-ha-failover`; one whose
+//! channel closed while it waited for the promotion stays gone.
 
 mod support;
 
@@ -174,5 +175,92 @@ async fn consumers_go_on_after_a_failover_unless_they_asked_to_be_cancelled() {
     assert!(
         from_b > 0 && from_c > 0,
         "both plain consumers consume on (b {from_b}, c {from_c})"
+    );
+}
+
+/// A consumer waits on its own node for the promotion of its queue (the master died); its
+/// channel closes before the promotion comes. The new master must not take it on: it would
+/// be a consumer of a closed channel, taking messages its node can only give back, for as
+/// long as the connection lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_channel_closed_while_it_waited_for_the_promotion_is_not_taken_on() {
+    let root = tempfile::tempdir().expect("tmp");
+    let secret = secret_file(root.path(), "cookie-cw");
+    let a = start("a@cw", &root.path().join("a"), &secret, None).await;
+    let b = start("b@cw", &root.path().join("b"), &secret, Some(&a.cluster())).await;
+    let c = start("c@cw", &root.path().join("c"), &secret, Some(&a.cluster())).await;
+    voters(&a, 3).await;
+    a.put(
+        "/api/policies/%2F/ha-all",
+        json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    )
+    .await;
+    let (_ca, cha) = channel_on(&a).await;
+    support::declare_durable(&cha, "work").await;
+    eventually("b and c in sync", || async {
+        queue_info(&a, "work").await["synchronised_slave_nodes"] == json!(["b@cw", "c@cw"])
+    })
+    .await;
+    cha.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for i in 0..10 {
+        assert!(publish_confirmed(&cha, "", "work", format!("m{i}").as_bytes(), true).await);
+    }
+    // A consumer on c (prefetch 1) that has its first message.
+    let (cc, chc) = channel_on(&c).await;
+    chc.basic_qos(1, Default::default()).await.expect("qos");
+    let mut on_c = consume(&chc, "on-c", false).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), on_c.next())
+        .await
+        .expect("a delivery in time")
+        .expect("delivery")
+        .expect("ok");
+    assert_eq!(first.data, b"m0");
+
+    // b frozen and a killed: c alone is no majority, so no promotion can happen until b
+    // thaws; c parks its consumer (a's link is gone at once, b's after the failure detection).
+    b.proc.signal("STOP");
+    a.proc.kill9().await;
+    eventually("c sees a and b down", || async {
+        names(&c.get("/api/nodes").await)
+            .iter()
+            .filter(|(n, running)| n != "c@cw" && !running)
+            .count()
+            == 2
+    })
+    .await;
+    chc.close(200, "bye".into()).await.expect("channel close");
+    drop(on_c);
+    b.proc.signal("CONT");
+    eventually("a mirror promoted", || async {
+        let n = queue_info(&c, "work").await["node"].clone();
+        n == "b@cw" || n == "c@cw"
+    })
+    .await;
+    let master = queue_info(&c, "work").await["node"].clone();
+    let new_master = if master == "b@cw" { &b } else { &c };
+    eventually("the promotion logged by the new master", || async {
+        new_master.proc.logged("promoted to master")
+    })
+    .await;
+    // c has the promotion (read from c above): this is when it hands its parked consumers
+    // on. Watched for 2 s: no consumer on the new master; then all ten messages are ready.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let q = queue_info(new_master, "work").await;
+        assert_eq!(q["consumers"], 0, "a consumer of a closed channel: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = cc.create_channel().await.expect("channel");
+    let mut got = Vec::new();
+    while let Some(body) = support::get_body(&ch, "work").await {
+        got.push(String::from_utf8(body).expect("utf8"));
+    }
+    got.sort_by_key(|s| s[1..].parse::<u32>().expect("number"));
+    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        got, want,
+        "every message ready once, none held by a ghost consumer"
     );
 }

@@ -11,7 +11,8 @@
 //! - [`status`]: read-only views for the management API and metrics (who is up, quorum,
 //!   the queues mastered and mirrored here) and this node's `node/<name>` record.
 //! - [`wire`], [`remote`], [`serve`]: queue operations between nodes (a proxy here, the
-//!   master's side there) for queues whose master is another node.
+//!   master's side there) for queues whose master is another node; [`parked`]: the consumers
+//!   whose queue's master died, waiting for its promotion.
 //! - [`controller`]: placements: mirrors, the in-sync set, promotions.
 //! - [`replicate`], [`mirror`], [`mirror_wire`]: the stream from a master to its mirrors and
 //!   the mirrors' copies; synchronisation. [`mirror_copy`]: one copy, in memory and (durable
@@ -25,6 +26,7 @@ pub mod locator;
 pub mod mirror;
 pub mod mirror_copy;
 pub mod mirror_wire;
+pub mod parked;
 pub mod remote;
 pub mod replicate;
 pub mod serve;

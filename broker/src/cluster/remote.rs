@@ -7,16 +7,19 @@
 //! here. Message ids are the master's; a client's ack goes back to the master with them.
 //!
 //! When the link to a master goes down, what waits on it is answered at once: publishes still
-//! unconfirmed get basic.nack (the master may not have them), requests fail, and consumers get
-//! basic.cancel (their unacked messages are requeued by the master, which saw the same link go).
+//! unconfirmed get basic.nack (the master may not have them), requests fail, consumers with
+//! `x-cancel-on-ha-failover` get basic.cancel and the others wait for the queue's promotion
+//! ([`super::parked`]); their unacked messages come back from the promoted copy.
 
+use super::parked::Parked;
 use super::wire::{
     FromMaster, QueueRef, RemoteConsumer, Reply, ToMaster, WireDelivery, WireMsg, FROM_MASTER,
     TO_MASTER,
 };
 use crate::error::ChannelError;
 use crate::queue::{
-    ClientEvent, ConfirmTicket, ConsumerSpec, Delivery, GetResult, Message, QueueCmd, QueueHandle,
+    ClientEvent, ConfirmTicket, ConsumerRef, ConsumerSpec, Delivery, GetResult, Message, QueueCmd,
+    QueueHandle,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -36,7 +39,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a proxy holding publishes for a promotion looks whether it can pass them on.
 const HELD_CHECK: Duration = Duration::from_millis(50);
 
-type ConsumerKey = (u64, u16, u64, Arc<str>);
+/// A consumer as its cancel names it: connection, channel, channel generation, tag.
+pub type ConsumerKey = (u64, u16, u64, Arc<str>);
+
+fn key_of(spec: &ConsumerSpec) -> ConsumerKey {
+    (
+        spec.conn_id,
+        spec.channel,
+        spec.generation,
+        spec.tag.clone(),
+    )
+}
 
 struct RemoteConsumerState {
     master: NodeId,
@@ -56,7 +69,7 @@ pub struct Remote {
     down: Mutex<std::collections::HashSet<NodeId>>,
     /// Consumers whose master died, waiting for its queue's promotion to consume on (those
     /// without x-cancel-on-ha-failover); cancelled if none comes within `park_for`.
-    parked: Mutex<Vec<(Instant, RemoteConsumerState)>>,
+    parked: Parked<RemoteConsumerState>,
     park_for: Duration,
     /// Every running proxy (by address) and, once it is replaced, its successor: what its
     /// holders still send it goes there.
@@ -128,7 +141,7 @@ impl Remote {
             replies: Mutex::default(),
             consumers: Mutex::default(),
             down: Mutex::default(),
-            parked: Mutex::default(),
+            parked: Parked::default(),
             park_for,
             successors: Mutex::default(),
         });
@@ -310,6 +323,18 @@ impl Remote {
                 self.release_held(&successor, master, &queue, &mut held)
                     .await;
             }
+            // A cancelled consumer that waits for a promotion (or is being handed to the new
+            // master) stays cancelled.
+            if let QueueCmd::Cancel {
+                conn_id,
+                channel,
+                generation,
+                tag,
+            } = &cmd
+            {
+                self.parked
+                    .cancel(&(*conn_id, *channel, *generation, tag.clone()));
+            }
             // Retired (the master moved): the queue that took this one's place serves it.
             if let Some(next) = successor.get() {
                 next.forward(cmd).await;
@@ -325,12 +350,7 @@ impl Remote {
                     self.publish_or_hold(master, &queue, items, &mut held)
                 }
                 QueueCmd::Consume { spec, reply } => {
-                    let key: ConsumerKey = (
-                        spec.conn_id,
-                        spec.channel,
-                        spec.generation,
-                        spec.tag.clone(),
-                    );
+                    let key = key_of(&spec);
                     let msg = ToMaster::Consume {
                         queue: queue.clone(),
                         req: 0,
@@ -573,7 +593,7 @@ impl Remote {
 
     /// The proxy `old` was replaced by `new` (its master moved): what still reaches `old`
     /// goes to `new`, and the consumers parked when the old master died consume on there.
-    pub fn replaced(&self, old: &QueueHandle, new: &QueueHandle) {
+    pub fn replaced(self: &Arc<Self>, old: &QueueHandle, new: &QueueHandle) {
         let cell = self
             .successors
             .lock()
@@ -584,28 +604,45 @@ impl Remote {
         }
         // Wakes the old proxy: what it holds goes to its successor now.
         old.kick();
-        let resume: Vec<RemoteConsumerState> = {
-            let mut parked = self.parked.lock();
-            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *parked)
-                .into_iter()
-                .partition(|(_, c)| Arc::ptr_eq(&c.queue, old));
-            *parked = rest;
-            mine.into_iter().map(|(_, c)| c).collect()
-        };
+        let resume = self.parked.hand_on(Arc::as_ptr(old) as usize);
         debug!(queue = %new.name, consumers = resume.len(), "proxy replaced; parked consumers consume on");
         let deadline = tokio::time::Instant::now() + self.park_for;
-        for c in resume {
+        for (key, c) in resume {
             let new = new.clone();
+            let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 // The new master may apply its promotion a moment after this node: until then
                 // it answers as its old proxy would, unreachable.
                 loop {
+                    let Some(me) = me.upgrade() else { return };
+                    if !me.parked.wanted(&key) {
+                        return; // cancelled while it waited
+                    }
                     match new.consume(c.spec.clone()).await {
-                        Ok(()) => return,
+                        Ok(()) => {
+                            if !me.parked.handed(&key) {
+                                // Cancelled while the new master took it on: its cancel may
+                                // have reached the new master first.
+                                new.cancel(ConsumerRef {
+                                    conn_id: key.0,
+                                    channel: key.1,
+                                    generation: key.2,
+                                    tag: key.3,
+                                })
+                                .await;
+                            }
+                            return;
+                        }
                         Err(e) if is_unreachable(&e) && tokio::time::Instant::now() < deadline => {
+                            drop(me);
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                        Err(_) => return cancelled(&c.spec),
+                        Err(_) => {
+                            if me.parked.handed(&key) {
+                                cancelled(&c.spec);
+                            }
+                            return;
+                        }
                     }
                 }
             });
@@ -615,14 +652,7 @@ impl Remote {
     /// Parked consumers whose queue was not promoted in time are cancelled.
     fn expire_parked(&self) {
         let now = Instant::now();
-        let gone: Vec<RemoteConsumerState> = {
-            let mut parked = self.parked.lock();
-            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *parked)
-                .into_iter()
-                .partition(|(since, _)| now.duration_since(*since) >= self.park_for);
-            *parked = keep;
-            old.into_iter().map(|(_, c)| c).collect()
-        };
+        let gone = self.parked.expired(now, self.park_for);
         for c in gone {
             cancelled(&c.spec);
         }
@@ -839,7 +869,9 @@ impl Remote {
             if c.spec.cancel_on_ha_failover {
                 cancelled(&c.spec);
             } else {
-                self.parked.lock().push((now, c));
+                let key = key_of(&c.spec);
+                self.parked
+                    .park(key, Arc::as_ptr(&c.queue) as usize, c, now);
             }
         }
     }

@@ -103,14 +103,20 @@ impl BrokerProc {
         let _ = self.child.wait().await;
     }
 
-    /// SIGTERM, then asserts a clean exit (status 0) within 20 s.
-    pub async fn term(mut self) {
+    /// Sends the signal `kill` calls `sig` (`TERM`, `STOP`, `CONT`): SIGSTOP freezes the
+    /// process (its sockets stay open, nothing is answered), SIGCONT thaws it.
+    pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("pid");
         let st = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([format!("-{sig}"), pid.to_string()])
             .status()
             .expect("kill");
-        assert!(st.success());
+        assert!(st.success(), "kill -{sig} {pid}");
+    }
+
+    /// SIGTERM, then asserts a clean exit (status 0) within 20 s.
+    pub async fn term(mut self) {
+        self.signal("TERM");
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("exit in time")
