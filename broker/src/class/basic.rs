@@ -5,7 +5,7 @@ use super::enc;
 use super::queue::{resolve_name, REPLY_TO};
 use crate::channel::{ChannelConsumer, HeldAck, HeldPublish, Settle, UnackedDelivery};
 use crate::codec::{self, prop};
-use crate::connection::session::{PermKind, Session};
+use crate::connection::session::{open_vhost, PermKind, Session};
 use crate::error::{AmqpError, ChannelError, ConnectionError};
 use crate::queue::{ConfirmTicket, ConsumerRef, ConsumerSpec, Delivery, Message, QueueHandle};
 use crate::vhost::ReplyTarget;
@@ -434,10 +434,7 @@ pub async fn route_and_enqueue(
     body: Bytes,
 ) -> Result<(), AmqpError> {
     // Borrowed, not cloned: every publish would otherwise count the vhost's `Arc` up and down.
-    let vhost = s
-        .vhost
-        .as_deref()
-        .ok_or_else(|| ChannelError::access_refused("connection not open"))?;
+    let vhost = open_vhost(&s.vhost)?;
     // RabbitMQ accepts "amq.default" as a name for the default exchange.
     let exchange = if exchange == "amq.default" {
         ""

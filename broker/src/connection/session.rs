@@ -158,10 +158,9 @@ impl Session {
         }
     }
 
+    /// The connection's vhost, a reference of its own (see [`open_vhost`] to borrow it).
     pub fn vhost(&self) -> Result<Arc<Vhost>, ChannelError> {
-        self.vhost
-            .clone()
-            .ok_or_else(|| ChannelError::access_refused("connection not open"))
+        open_vhost(&self.vhost).cloned()
     }
 
     /// RabbitMQ permission check; `what` is "queue" or "exchange".
@@ -507,4 +506,12 @@ pub async fn requeue_held(held: VecDeque<Delivery>) {
     for (q, ids) in by_queue {
         q.settle(ids, Settle::Requeue).await;
     }
+}
+
+/// A session's vhost borrowed from its field (`&s.vhost`), so the rest of the session stays free to
+/// borrow mutably; refused while the connection is not open.
+pub fn open_vhost(vhost: &Option<Arc<Vhost>>) -> Result<&Arc<Vhost>, ChannelError> {
+    vhost
+        .as_ref()
+        .ok_or_else(|| ChannelError::access_refused("connection not open"))
 }
