@@ -146,10 +146,11 @@ pub async fn handle(s: &mut Session, ch: u16, m: queue::AMQPMethod) -> Result<()
                 c.last_queue = Some(name.clone());
             }
             if !d.nowait {
-                enc(s.method(
-                    ch,
-                    declare_ok(&name, handle.message_count(), handle.consumer_count()),
-                ))?;
+                // Counted by the queue after this connection's publishes so far, as RabbitMQ's
+                // queue process counts them: a publisher that had its confirms sees them.
+                s.flush_publishes().await;
+                let (messages, consumers) = handle.stat().await;
+                enc(s.method(ch, declare_ok(&name, messages, consumers)))?;
             }
             Ok(())
         }

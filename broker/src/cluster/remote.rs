@@ -282,6 +282,7 @@ impl Remote {
                             ToMaster::Stat {
                                 queue: queue.clone(),
                                 req,
+                                exact: false,
                             },
                         )
                         .await
@@ -510,6 +511,28 @@ impl Remote {
                             _ => None,
                         };
                         let _ = reply.send(got);
+                    });
+                }
+                QueueCmd::Stat { reply } => {
+                    let me = self.clone();
+                    let queue = queue.clone();
+                    let handle = weak_handle.clone();
+                    tokio::spawn(async move {
+                        let req = me.id();
+                        let exact = ToMaster::Stat {
+                            queue,
+                            req,
+                            exact: true,
+                        };
+                        let counts = match me.request(master, req, exact).await {
+                            Some(Reply::Stat(Some(counts))) => counts,
+                            // Out of reach: the counts last refreshed.
+                            _ => handle
+                                .upgrade()
+                                .map(|h| (h.message_count(), h.consumer_count()))
+                                .unwrap_or_default(),
+                        };
+                        let _ = reply.send(counts);
                     });
                 }
                 QueueCmd::Purge { reply } => {

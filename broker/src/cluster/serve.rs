@@ -486,10 +486,12 @@ impl Serve {
                     q.kick();
                 }
             }
-            ToMaster::Stat { queue, req } => {
-                let stat = self
-                    .queue(&queue)
-                    .map(|q| (q.message_count(), q.consumer_count()));
+            ToMaster::Stat { queue, req, exact } => {
+                let stat = match self.queue(&queue) {
+                    Some(q) if exact => Some(q.stat().await),
+                    Some(q) => Some((q.message_count(), q.consumer_count())),
+                    None => None,
+                };
                 self.reply(from, req, Reply::Stat(stat));
             }
             ToMaster::Sync { queue, req, cancel } => {

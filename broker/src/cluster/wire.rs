@@ -104,10 +104,13 @@ pub enum ToMaster {
     Kick {
         queue: QueueRef,
     },
-    /// The queue's counts (answered with [`Reply::Stat`]).
+    /// The queue's counts (answered with [`Reply::Stat`]): `exact`, as the queue has them
+    /// after every request sent before this one (a declare-ok's counts); otherwise the counts
+    /// it last published (the proxies' periodic refresh, which must not queue up behind work).
     Stat {
         queue: QueueRef,
         req: u64,
+        exact: bool,
     },
     /// `sync_queue` (or `cancel_sync_queue` with `cancel`), answered with [`Reply::Done`].
     Sync {
@@ -313,10 +316,11 @@ impl ToMaster {
                 w.u8(11);
                 w.queue(queue);
             }
-            ToMaster::Stat { queue, req } => {
+            ToMaster::Stat { queue, req, exact } => {
                 w.u8(12);
                 w.queue(queue);
                 w.u64(*req);
+                w.bool(*exact);
             }
             ToMaster::Sync { queue, req, cancel } => {
                 w.u8(13);
@@ -398,6 +402,7 @@ impl ToMaster {
             12 => ToMaster::Stat {
                 queue: r.queue()?,
                 req: r.u64()?,
+                exact: r.bool()?,
             },
             13 => ToMaster::Sync {
                 queue: r.queue()?,
@@ -688,7 +693,11 @@ mod tests {
                 if_empty: false,
             },
             ToMaster::Touch { queue: q() },
-            ToMaster::Stat { queue: q(), req: 4 },
+            ToMaster::Stat {
+                queue: q(),
+                req: 4,
+                exact: true,
+            },
             ToMaster::Sync {
                 queue: q(),
                 req: 5,

@@ -409,6 +409,9 @@ impl QueueCore {
                 self.publish_counts();
                 let _ = reply.send(r);
             }
+            QueueCmd::Stat { reply } => {
+                let _ = reply.send((self.ready.len as u32, self.consumers.len() as u32));
+            }
             QueueCmd::Purge { reply } => {
                 let ids = self.ready.drain_ids();
                 self.settle(&ids);

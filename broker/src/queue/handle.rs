@@ -175,6 +175,19 @@ impl QueueInfo {
     }
 
     /// Removes every ready message; the number removed, None if the queue is gone.
+    /// The ready messages and consumers as the queue has them after every command sent to it
+    /// before (RabbitMQ's queue.declare-ok counts come from the queue process the same way);
+    /// the counts it last published if it is gone.
+    pub async fn stat(&self) -> (u32, u32) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(QueueCmd::Stat { reply }).await.is_ok() {
+            if let Ok(counts) = rx.await {
+                return counts;
+            }
+        }
+        (self.message_count(), self.consumer_count())
+    }
+
     pub async fn purge(&self) -> Option<u32> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(QueueCmd::Purge { reply }).await.ok()?;

@@ -425,6 +425,10 @@ pub(crate) enum QueueCmd {
     Purge {
         reply: oneshot::Sender<u32>,
     },
+    /// The ready messages and consumers, after every command before this one.
+    Stat {
+        reply: oneshot::Sender<(u32, u32)>,
+    },
     Delete {
         if_unused: bool,
         if_empty: bool,
