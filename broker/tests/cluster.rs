@@ -100,18 +100,11 @@ async fn definitions_made_on_any_node_hold_on_every_node_and_survive_a_kill() {
                 publish_confirmed(&ch, "", "capped-1", format!("m{i}").as_bytes(), false).await
             );
         }
-        let q = ch
-            .queue_declare(
-                "capped-1".into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .expect("passive");
-        assert_eq!(q.message_count(), 3, "b's policy caps a's queue");
+        assert_eq!(
+            ready_on(&ch, "capped-1").await,
+            3,
+            "b's policy caps a's queue"
+        );
         let _ = conn.close(200, "bye".into()).await;
     }
 

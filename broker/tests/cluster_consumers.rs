@@ -10,6 +10,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::Duration;
 use support::cluster::*;
 
@@ -38,25 +39,31 @@ async fn next_body(c: &mut lapin::Consumer) -> Option<String> {
     Some(String::from_utf8(d.data).expect("utf8"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumers_go_on_after_a_failover_unless_they_asked_to_be_cancelled() {
-    let root = tempfile::tempdir().expect("tmp");
-    let secret = secret_file(root.path(), "cookie-cf");
-    let a = start("a@cf", &root.path().join("a"), &secret, None).await;
-    let b = start("b@cf", &root.path().join("b"), &secret, Some(&a.cluster())).await;
-    let c = start("c@cf", &root.path().join("c"), &secret, Some(&a.cluster())).await;
-    voters(&a, 3).await;
+/// Nodes `a@{tag}`, `b@{tag}` and `c@{tag}`, `ha-all`, and the durable queue "work" mastered on
+/// a and in sync on b and c; a connection to a and its channel.
+async fn ha_work_queue(
+    root: &Path,
+    tag: &str,
+) -> (Node, Node, Node, lapin::Connection, lapin::Channel) {
+    let (a, b, c) = trio(root, tag).await;
     a.put(
         "/api/policies/%2F/ha-all",
         json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
     )
     .await;
-    let (_ca, cha) = channel_on(&a).await;
+    let (ca, cha) = channel_on(&a).await;
     support::declare_durable(&cha, "work").await;
     eventually("b and c in sync", || async {
-        queue_info(&a, "work").await["synchronised_slave_nodes"] == json!(["b@cf", "c@cf"])
+        queue_info(&a, "work").await["synchronised_slave_nodes"] == json!([b.name, c.name])
     })
     .await;
+    (a, b, c, ca, cha)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_go_on_after_a_failover_unless_they_asked_to_be_cancelled() {
+    let root = tempfile::tempdir().expect("tmp");
+    let (a, b, c, _ca, _cha) = ha_work_queue(root.path(), "cf").await;
 
     // On b (the node that will master the queue next) a plain consumer and one that asked
     // to be cancelled; on c a plain one. Each on its own channel, prefetch 1.
@@ -185,22 +192,7 @@ async fn consumers_go_on_after_a_failover_unless_they_asked_to_be_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_channel_closed_while_it_waited_for_the_promotion_is_not_taken_on() {
     let root = tempfile::tempdir().expect("tmp");
-    let secret = secret_file(root.path(), "cookie-cw");
-    let a = start("a@cw", &root.path().join("a"), &secret, None).await;
-    let b = start("b@cw", &root.path().join("b"), &secret, Some(&a.cluster())).await;
-    let c = start("c@cw", &root.path().join("c"), &secret, Some(&a.cluster())).await;
-    voters(&a, 3).await;
-    a.put(
-        "/api/policies/%2F/ha-all",
-        json!({"pattern": "", "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
-    )
-    .await;
-    let (_ca, cha) = channel_on(&a).await;
-    support::declare_durable(&cha, "work").await;
-    eventually("b and c in sync", || async {
-        queue_info(&a, "work").await["synchronised_slave_nodes"] == json!(["b@cw", "c@cw"])
-    })
-    .await;
+    let (a, b, c, _ca, cha) = ha_work_queue(root.path(), "cw").await;
     cha.confirm_select(Default::default())
         .await
         .expect("confirms");

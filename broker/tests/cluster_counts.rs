@@ -42,17 +42,7 @@ async fn a_declare_ok_counts_what_was_confirmed_and_consumed_before_it_on_any_no
         support::next(&mut consumer).await;
     }
     for ch in [&cha, &chb] {
-        let q = ch
-            .queue_declare(
-                "counted".into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .expect("passive");
-        assert_eq!((q.message_count(), q.consumer_count()), (0, 1));
+        let counts = passive_counts(ch, "counted").await.expect("passive");
+        assert_eq!(counts, (0, 1));
     }
 }

@@ -193,6 +193,13 @@ pub async fn ready_on(ch: &lapin::Channel, queue: &str) -> u32 {
 /// Ready messages of `queue` by a passive declare (an error, the queue missing included,
 /// closes the channel).
 pub async fn passive_count(ch: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
+    passive_counts(ch, queue)
+        .await
+        .map(|(messages, _)| messages)
+}
+
+/// Ready messages and consumers of `queue` by a passive declare (its declare-ok's counts).
+pub async fn passive_counts(ch: &lapin::Channel, queue: &str) -> Result<(u32, u32), lapin::Error> {
     ch.queue_declare(
         queue.into(),
         lapin::options::QueueDeclareOptions {
@@ -202,7 +209,7 @@ pub async fn passive_count(ch: &lapin::Channel, queue: &str) -> Result<u32, lapi
         Default::default(),
     )
     .await
-    .map(|q| q.message_count())
+    .map(|q| (q.message_count(), q.consumer_count()))
 }
 
 /// Publishes one message (persistent or not) on a channel in confirm mode and waits for its
@@ -326,6 +333,21 @@ pub fn dump_logs(nodes: &[&Node]) {
             .collect();
         eprintln!("--- {}:\n{}", n.name, lines.join("\n"));
     }
+}
+
+/// Three nodes `a@tag`, `b@tag` and `c@tag` (b and c joined a), once all three are voters.
+pub async fn trio(root: &Path, tag: &str) -> (Node, Node, Node) {
+    let secret = secret_file(root, &format!("cookie-{tag}"));
+    let a = start(&format!("a@{tag}"), &root.join("a"), &secret, None).await;
+    let mut joined = Vec::new();
+    for n in ["b", "c"] {
+        let name = format!("{n}@{tag}");
+        joined.push(start(&name, &root.join(n), &secret, Some(&a.cluster())).await);
+    }
+    voters(&a, 3).await;
+    let c = joined.pop().expect("c");
+    let b = joined.pop().expect("b");
+    (a, b, c)
 }
 
 /// Two nodes `a@tag` and `b@tag` and a witness `w@tag` (the seed's pair with a third voter,
